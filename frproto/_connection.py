@@ -1,0 +1,372 @@
+"""The sans-I/O connection: bytes in, events out; messages in, bytes out.
+
+``Connection`` never touches a socket, a clock or a file. The I/O layer (for Trio,
+``frproto.trio_io``) feeds it what it reads with :meth:`Connection.receive_data`, pulls
+events with :meth:`Connection.next_event` until it gets :data:`NEED_DATA`, and writes
+what :meth:`Connection.send` and :meth:`Connection.send_chunk` return.
+
+Parsing is lazy, one event per ``next_event`` call (h11, not h2's eager list), so the
+state never moves past an event the caller has not seen.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Final, final
+
+from ._buffer import ReceiveBuffer
+from ._chunks import (
+    COMPRESSION_FLAGS,
+    check_outgoing,
+    chunk_digest,
+    compress,
+    decode_chunk,
+    encode_chunk_header,
+    zero_digest,
+)
+from ._codec import KNOWN_TAGS, check_envelope, decode_body
+from ._enums import (
+    ChunkFlags,
+    Compression,
+    MessageTag,
+    RecoveryType,
+    Role,
+)
+from ._errors import (
+    FrameTooLarge,
+    FrprotoError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TruncatedFrame,
+    UnexpectedMessage,
+)
+from ._limits import ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
+from ._messages import (
+    Bytes,
+    Chunk,
+    DiskInfo,
+    Error,
+    Message,
+    NegotiateResponse,
+)
+from ._session import SessionTracker
+from ._state import IllegalTransition, State, next_state
+from ._wire import ENVELOPE
+
+_ZEROS = bytes(MAX_CHUNK_DATA)
+
+
+@final
+class NeedData:
+    """Sentinel type: :meth:`Connection.next_event` needs more bytes to go on."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`Connection.next_event` when more bytes are needed.
+NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """Event: the peer closed its side cleanly, between frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownMessage:
+    """Event: a message with an ignorable tag this version does not know (skipped)."""
+
+    tag: int
+    body: bytes
+
+
+#: What :meth:`Connection.next_event` can return.
+Event = Message | ConnectionClosed | UnknownMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """Limits and options of one connection.
+
+    Attributes:
+        max_chunk_data: largest chunk accepted (at most ``MAX_CHUNK_DATA``).
+        max_control_body: largest control message body accepted.
+        verify_digests: check every received chunk against its digest (leave on; only
+            benchmarks of the framing alone turn it off).
+    """
+
+    max_chunk_data: int = MAX_CHUNK_DATA
+    max_control_body: int = MAX_CONTROL_BODY
+    verify_digests: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_chunk_data <= MAX_CHUNK_DATA:
+            raise ValueError(f"max_chunk_data must be 1-{MAX_CHUNK_DATA}")
+        if not 0 < self.max_control_body <= MAX_CONTROL_BODY:
+            raise ValueError(f"max_control_body must be 1-{MAX_CONTROL_BODY}")
+
+
+class Connection:
+    """One end of a frproto conversation, without I/O.
+
+    Args:
+        our_role: ``Role.PRIMARY`` for the side that sends replication data,
+            ``Role.RECOVERY`` for a recovery server, node or broker.
+        config: limits; the defaults are the protocol's maxima.
+    """
+
+    def __init__(self, our_role: Role, config: ConnectionConfig | None = None) -> None:
+        self.our_role = our_role
+        self.their_role = Role.RECOVERY if our_role is Role.PRIMARY else Role.PRIMARY
+        self.config = config or ConnectionConfig()
+        self._state = State.IDLE
+        self._buffer = ReceiveBuffer()
+        self._eof = False
+        self._negotiated: NegotiateResponse | None = None
+        self._session = SessionTracker()
+
+    # -- what the connection knows -----------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Where the conversation is (see ``frproto._state``)."""
+        return self._state
+
+    @property
+    def negotiated(self) -> NegotiateResponse | None:
+        """The NegotiateResponse, once sent or received."""
+        return self._negotiated
+
+    @property
+    def recovery_type(self) -> RecoveryType | None:
+        """What the recovery side said it is, once negotiated."""
+        return self._negotiated.recovery_type if self._negotiated else None
+
+    @property
+    def compression(self) -> Compression:
+        """The negotiated compression (NONE before negotiation)."""
+        return self._negotiated.compression if self._negotiated else Compression.NONE
+
+    @property
+    def vmid(self) -> uuid.UUID | None:
+        """The VM whose relationship is open on this connection, if any."""
+        return self._session.vmid
+
+    @property
+    def disks(self) -> tuple[DiskInfo, ...]:
+        """The open relationship's disks, as the recovery server reported them."""
+        return self._session.disks
+
+    @property
+    def aggregate_digest(self) -> bytes:
+        """Aggregate digest of the chunks of the current IR or batch (for IREnd/BatchEnd)."""
+        return self._session.aggregate_digest
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks in the current IR or batch so far (for IREnd/BatchEnd)."""
+        return self._session.chunk_count
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive_data(self, data: Bytes) -> None:
+        """Add bytes read from the peer; ``b""`` means the peer closed its side.
+
+        The object is kept, not copied, when possible: do not modify it until
+        :meth:`next_event` has returned NEED_DATA (chunk events may hold views of it).
+        """
+        if self._eof:
+            raise LocalProtocolError("receive_data after end of stream")
+        if len(data) == 0:
+            self._eof = True
+        else:
+            self._buffer.feed(data)
+
+    def frame_size(self, envelope: Bytes) -> int:
+        """Check an envelope and return its frame's total size (envelope + body).
+
+        For I/O layers that read whole frames before handing them over: call it on the
+        first 8 bytes, so a hostile length is refused before the body is buffered.
+
+        Raises:
+            RemoteProtocolError: reserved not zero, unknown critical tag, or too large.
+        """
+        try:
+            reserved, tag, length = ENVELOPE.unpack_from(envelope)
+            self._check_envelope(reserved, tag, length)
+        except RemoteProtocolError:
+            self._state = State.ERROR
+            raise
+        return ENVELOPE_SIZE + int(length)
+
+    def _check_envelope(self, reserved: int, tag: int, length: int) -> None:
+        check_envelope(
+            reserved,
+            tag,
+            length,
+            max_chunk_data=self.config.max_chunk_data,
+            max_control_body=self.config.max_control_body,
+        )
+
+    def next_event(self) -> Event | NeedData:
+        """Parse and return the next event, or NEED_DATA.
+
+        Returns a :class:`Message`, :class:`ConnectionClosed` (the peer ended the stream
+        between frames), :class:`UnknownMessage`, or :data:`NEED_DATA`.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol; its ``error`` is the Error
+                message to send back before closing. The connection is then in ERROR
+                and will raise again. Any other exception is a bug in frproto.
+        """
+        if self._state is State.ERROR:
+            raise UnexpectedMessage("the peer already broke the protocol on this connection")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self._state = State.ERROR
+            raise
+
+    def _next_event(self) -> Event | NeedData:
+        buffer = self._buffer
+        envelope = buffer.peek_envelope()
+        if envelope is None:
+            if not self._eof:
+                return NEED_DATA
+            if len(buffer):
+                raise TruncatedFrame(f"stream ended inside an envelope ({len(buffer)} bytes)")
+            if self._state is not State.CLOSED:
+                self._state = State.CLOSED
+            return ConnectionClosed()
+        reserved, tag, length = envelope
+        self._check_envelope(reserved, tag, length)
+        total = ENVELOPE_SIZE + length
+        if len(buffer) < total:
+            if self._eof:
+                raise TruncatedFrame(f"stream ended inside a frame of {total} bytes")
+            return NEED_DATA
+        if tag == MessageTag.CHUNK:
+            return self._receive_chunk(buffer.take_view(total)[ENVELOPE_SIZE:])
+        body = buffer.take_bytes(total)[ENVELOPE_SIZE:]
+        if tag not in KNOWN_TAGS:
+            return UnknownMessage(tag, body)
+        message_tag = MessageTag(tag)
+        new_state = self._transition(self.their_role, message_tag)
+        message = decode_body(message_tag, body)
+        self._session.check(message)
+        self._commit(new_state, message)
+        return message
+
+    def _receive_chunk(self, body: memoryview) -> Chunk:
+        new_state = self._transition(self.their_role, MessageTag.CHUNK)
+        chunk = decode_chunk(
+            body, max_data=self.config.max_chunk_data, verify=self.config.verify_digests
+        )
+        self._session.check_chunk(chunk.disk_index, chunk.offset, chunk.length)
+        self._session.add_chunk(chunk.digest)
+        self._state = new_state
+        return chunk
+
+    def _transition(self, sender: Role, tag: MessageTag) -> State:
+        try:
+            return next_state(self._state, sender, tag, self.recovery_type)
+        except IllegalTransition as exc:
+            if sender is self.our_role:
+                raise LocalProtocolError(f"cannot send: {exc}") from None
+            raise UnexpectedMessage(str(exc)) from None
+
+    def _commit(self, new_state: State, message: Message) -> None:
+        self._session.apply(message)
+        if isinstance(message, NegotiateResponse):
+            self._negotiated = message
+            if not message.ok:
+                new_state = State.MUST_CLOSE
+        self._state = new_state
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """Bytes to write for ``message``.
+
+        Raises:
+            LocalProtocolError: the message is not allowed now, or does not fit what the
+                connection knows (wrong VM, chunk out of range, counts or digest wrong).
+        """
+        if isinstance(message, Chunk):
+            data = memoryview(_ZEROS)[: message.length] if message.is_zero else message.data
+            pieces = self._send_chunk(
+                message.disk_index, message.offset, data, message.digest, compress_data=False
+            )
+            return b"".join(pieces)
+        if self._state is State.ERROR and not isinstance(message, Error):
+            raise LocalProtocolError("only an Error may be sent after a protocol violation")
+        new_state = self._transition(self.our_role, message.TAG)
+        try:
+            self._session.check(message)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"cannot send {type(message).__name__}: {exc}") from exc
+        body = message.encode_body()
+        if len(body) > MAX_CONTROL_BODY:
+            raise LocalProtocolError(f"{type(message).__name__} body of {len(body)} bytes")
+        self._commit(new_state, message)
+        return ENVELOPE.pack(0, message.TAG, len(body)) + body
+
+    def send_error(self, error: FrprotoError | Error) -> bytes:
+        """Bytes of an Error message reporting ``error`` (allowed even in ERROR)."""
+        return self.send(error if isinstance(error, Error) else error.to_message())
+
+    def send_chunk(
+        self,
+        disk_index: int,
+        offset: int,
+        data: Bytes,
+        *,
+        digest: bytes | None = None,
+        compress_data: bool = True,
+    ) -> list[Bytes]:
+        """Frame one chunk of the current IR or batch, passing the payload through.
+
+        Returns ``[header, payload]`` (or just ``[header]`` for an all-zero range). When
+        the data is sent uncompressed, ``payload`` *is* ``data``, the same object,
+        uncopied: write both pieces in order.
+
+        Args:
+            digest: XXH3-128 of ``data`` if the caller has it already (digest once).
+            compress_data: use the negotiated compression when it makes the data smaller.
+        """
+        return self._send_chunk(disk_index, offset, data, digest, compress_data=compress_data)
+
+    def _send_chunk(
+        self,
+        disk_index: int,
+        offset: int,
+        data: Bytes,
+        digest: bytes | None,
+        *,
+        compress_data: bool,
+    ) -> list[Bytes]:
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if digest is None:
+            digest = chunk_digest(data)
+        new_state = self._transition(self.our_role, MessageTag.CHUNK)
+        try:
+            check_outgoing(disk_index, offset, length, digest)
+            if length > self.config.max_chunk_data:
+                raise FrameTooLarge(f"chunk of {length} bytes over {self.config.max_chunk_data}")
+            self._session.check_chunk(disk_index, offset, length)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"cannot send chunk: {exc}") from exc
+        flags = ChunkFlags.NONE
+        payload: Bytes = data
+        if digest == zero_digest(length) and memoryview(_ZEROS)[:length] == data:
+            flags, payload = ChunkFlags.ZERO, b""
+        elif compress_data and self.compression is not Compression.NONE:
+            packed = compress(data, self.compression)
+            if packed is not None:
+                flags, payload = COMPRESSION_FLAGS[self.compression], packed
+        self._session.add_chunk(digest)
+        self._state = new_state
+        header = encode_chunk_header(disk_index, offset, length, flags, digest, len(payload))
+        return [header, payload] if flags is not ChunkFlags.ZERO else [header]

@@ -1,0 +1,186 @@
+"""What a connection remembers about the open relationship, IR or batch.
+
+The state table (``_state``) says which message may come next; this module checks that
+the message fits what came before it: the VMID of the open relationship, chunk bounds
+against the disks the recovery server reported, chunk counts and the aggregate digest of
+an IR or batch, and the range of a digest map. It raises the ``RemoteProtocolError``
+subclass that names the fault; the connection turns that into a ``LocalProtocolError``
+when the message is our own.
+
+Because both ends run these checks, a recovery server never sees (and so never writes)
+a chunk outside a disk, or a batch whose chunks were not all received and verified.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from ._chunks import AggregateDigest
+from ._enums import AckKind
+from ._errors import ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
+from ._limits import MAX_DIGESTS
+from ._messages import (
+    Ack,
+    BatchBegin,
+    BatchEnd,
+    DigestMap,
+    DigestMapRequest,
+    DiskInfo,
+    IRBegin,
+    IREnd,
+    Message,
+    RelationshipAccepted,
+    RelationshipCreate,
+    RelationshipOpen,
+)
+
+
+class SessionTracker:
+    """Relationship, transfer and digest-map bookkeeping for one connection."""
+
+    __slots__ = (
+        "_aggregate",
+        "_declared_chunks",
+        "_digest_request",
+        "_pending_vmid",
+        "_sequence",
+        "disks",
+        "vmid",
+    )
+
+    def __init__(self) -> None:
+        #: The VM whose relationship is open (after RelationshipAccepted).
+        self.vmid: uuid.UUID | None = None
+        #: Its disks, as the recovery server reported them.
+        self.disks: tuple[DiskInfo, ...] = ()
+        self._pending_vmid: uuid.UUID | None = None
+        self._aggregate = AggregateDigest()
+        self._declared_chunks: int | None = None
+        self._sequence = 0
+        self._digest_request: DigestMapRequest | None = None
+
+    @property
+    def aggregate_digest(self) -> bytes:
+        """Aggregate digest of the chunks of the current IR or batch so far."""
+        return self._aggregate.digest()
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks of the current IR or batch so far."""
+        return self._aggregate.count
+
+    def _require_vm(self, vmid: uuid.UUID, what: str) -> None:
+        if vmid != self.vmid:
+            raise UnexpectedMessage(
+                f"{what} for VM {vmid}, but the open relationship is {self.vmid}"
+            )
+
+    def check(self, message: Message) -> None:
+        """Check ``message`` against what came before; raises without changing anything."""
+        if isinstance(message, (IRBegin, BatchBegin, DigestMapRequest)):
+            self._require_vm(message.vmid, type(message).__name__)
+        if isinstance(message, IRBegin):
+            if message.start_disk > len(self.disks) or (
+                message.start_disk < len(self.disks)
+                and message.start_offset > self.disks[message.start_disk].size
+            ):
+                raise ChunkOutOfRange("IRBegin resumes past the end of the disks")
+        elif isinstance(message, RelationshipAccepted):
+            if message.vmid != self._pending_vmid:
+                raise UnexpectedMessage(
+                    f"RelationshipAccepted for {message.vmid}, requested {self._pending_vmid}"
+                )
+        elif isinstance(message, (IREnd, BatchEnd)):
+            self._require_vm(message.vmid, type(message).__name__)
+            if message.sequence != self._sequence:
+                raise UnexpectedMessage(
+                    f"{type(message).__name__} for sequence {message.sequence}, "
+                    f"begun as {self._sequence}"
+                )
+            if message.chunk_count != self._aggregate.count:
+                raise CountMismatch(
+                    f"{type(message).__name__} says {message.chunk_count} chunks, "
+                    f"{self._aggregate.count} were sent"
+                )
+            if message.aggregate_digest != self._aggregate.digest():
+                raise DigestMismatch(f"{type(message).__name__}: aggregate digest mismatch")
+        elif isinstance(message, Ack):
+            self._require_vm(message.vmid, "Ack")
+            want = (
+                AckKind.BATCH_APPLIED if self._declared_chunks is not None else AckKind.IR_COMPLETE
+            )
+            if message.kind is not want or message.sequence != self._sequence:
+                raise UnexpectedMessage(
+                    f"Ack {message.kind.name} {message.sequence}, expected {want.name} "
+                    f"{self._sequence}"
+                )
+        elif isinstance(message, DigestMapRequest):
+            self._check_digest_request(message)
+        elif isinstance(message, DigestMap):
+            self._check_digest_map(message)
+
+    def check_chunk(self, disk_index: int, offset: int, length: int) -> None:
+        """Check one chunk of the current IR or batch before it is used."""
+        if disk_index >= len(self.disks):
+            raise ChunkOutOfRange(f"chunk for disk {disk_index}; the VM has {len(self.disks)}")
+        if offset + length > self.disks[disk_index].size:
+            raise ChunkOutOfRange(
+                f"chunk {offset}+{length} runs past the end of disk {disk_index} "
+                f"({self.disks[disk_index].size} bytes)"
+            )
+        if self._declared_chunks is not None and self._aggregate.count >= self._declared_chunks:
+            raise CountMismatch(f"more chunks than the {self._declared_chunks} declared")
+
+    def add_chunk(self, digest: bytes) -> None:
+        """Account for a chunk that passed :meth:`check_chunk`."""
+        self._aggregate.add(digest)
+
+    def apply(self, message: Message) -> None:
+        """Record ``message`` (after it passed :meth:`check` and the state table)."""
+        if isinstance(message, (RelationshipCreate, RelationshipOpen)):
+            self._pending_vmid = message.vmid
+            self.vmid = None
+            self.disks = ()
+        elif isinstance(message, RelationshipAccepted):
+            self.vmid = message.vmid
+            self.disks = message.disks
+        elif isinstance(message, IRBegin):
+            self._start(message.sequence, None)
+        elif isinstance(message, BatchBegin):
+            self._start(message.sequence, message.chunk_count)
+        elif isinstance(message, DigestMapRequest):
+            self._digest_request = message
+        elif isinstance(message, DigestMap):
+            self._digest_request = None
+
+    def _start(self, sequence: int, declared: int | None) -> None:
+        self._aggregate = AggregateDigest()
+        self._declared_chunks = declared
+        self._sequence = sequence
+
+    def _check_digest_request(self, request: DigestMapRequest) -> None:
+        if request.disk_index >= len(self.disks):
+            raise ChunkOutOfRange(f"digest map of disk {request.disk_index}; no such disk")
+        if request.offset >= self.disks[request.disk_index].size:
+            raise ChunkOutOfRange("digest map range starts past the end of the disk")
+
+    def expected_blocks(self, request: DigestMapRequest) -> int:
+        """How many digests answer ``request`` (the range is cut at the disk's end)."""
+        left = self.disks[request.disk_index].size - request.offset
+        return min(request.block_count, -(-left // request.block_size), MAX_DIGESTS)
+
+    def _check_digest_map(self, answer: DigestMap) -> None:
+        request = self._digest_request
+        assert request is not None  # the state table only allows DigestMap after a request
+        if (answer.vmid, answer.disk_index, answer.block_size, answer.offset) != (
+            request.vmid,
+            request.disk_index,
+            request.block_size,
+            request.offset,
+        ):
+            raise UnexpectedMessage("DigestMap does not answer the DigestMapRequest")
+        if answer.block_count != self.expected_blocks(request):
+            raise CountMismatch(
+                f"DigestMap has {answer.block_count} digests, expected "
+                f"{self.expected_blocks(request)}"
+            )

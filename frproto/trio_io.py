@@ -1,0 +1,179 @@
+"""The one I/O module of frproto: a framed reader/writer over any Trio stream.
+
+Everything else in frproto is sans-I/O; this module connects a :class:`Connection` to a
+``trio.abc.Stream`` (TCP, ``trio.SSLStream``, a memory stream in tests). broker/ and
+node/ use it for every connection.
+
+Reading: :class:`FramedStream` reads the 8-byte envelope first and asks the connection
+to check it (:meth:`Connection.frame_size`), so a hostile length is refused before any
+of the body is read. It then reads exactly one frame into a fresh ``bytearray`` and
+hands that whole frame to the connection, which keeps it as a view: the payload of a
+chunk is copied once (out of Trio's receive bytes into the frame) and never again.
+Bytes read past the end of a frame stay in a view of the received object, consumed by
+moving an offset; the tail is never re-sliced into a new object.
+
+Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
+as two ``send_all`` calls so the payload buffer is never concatenated.
+
+On a protocol violation by the peer, :meth:`FramedStream.next_event` sends the Error the
+violation calls for (best effort, bounded in time), closes the stream and re-raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+
+from ._connection import NEED_DATA, Connection, Event
+from ._errors import FrprotoError, RemoteProtocolError
+from ._limits import ENVELOPE_SIZE
+from ._messages import Bytes, Error, Message
+
+#: Bytes asked of the stream per read. 64 KiB: larger reads make trio.SSLStream (and
+#: CPython's SSLObject.read) allocate that much per TLS record (see perf-baselines).
+DEFAULT_RECEIVE_SIZE = 64 * 1024
+#: How long we try to deliver an Error before closing after a violation.
+ERROR_SEND_TIMEOUT = 2.0
+
+
+class FramedStream:
+    """A :class:`Connection` driven over a Trio stream.
+
+    Args:
+        stream: the transport (already connected; TLS handshake may be lazy).
+        connection: the sans-I/O state for this conversation.
+        receive_size: bytes requested per ``receive_some``.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: Connection,
+        *,
+        receive_size: int = DEFAULT_RECEIVE_SIZE,
+    ) -> None:
+        self.stream = stream
+        self.connection = connection
+        self._receive_size = receive_size
+        self._pending: memoryview = memoryview(b"")
+        self._pending_pos = 0
+        self._send_lock = trio.Lock()
+        self._eof = False
+
+    async def next_event(self) -> Event:
+        """The next event from the peer (reading as much as needed).
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol; the Error was sent (if
+                possible) and the stream closed.
+            trio.BrokenResourceError: the transport failed.
+        """
+        try:
+            while True:
+                event = self.connection.next_event()
+                if event is not NEED_DATA:
+                    return event  # type: ignore[return-value]
+                await self._read_frame()
+        except RemoteProtocolError as exc:
+            await self._report_and_close(exc.error)
+            raise
+
+    async def expect(self, *kinds: type[Message]) -> Message:
+        """The next event, which must be one of ``kinds``; an Error raises its exception.
+
+        Raises:
+            FrprotoError: the peer answered with an Error (mapped to its class), or sent
+                something else (``UnexpectedMessage``), or broke the protocol.
+        """
+        event = await self.next_event()
+        if isinstance(event, kinds):
+            return event
+        if isinstance(event, Error):
+            from ._errors import error_from_message
+
+            raise error_from_message(event)
+        from ._errors import UnexpectedMessage
+
+        names = "/".join(k.__name__ for k in kinds)
+        raise UnexpectedMessage(f"expected {names}, got {type(event).__name__}")
+
+    async def _read_frame(self) -> None:
+        envelope = bytearray(ENVELOPE_SIZE)
+        got = await self._fill(memoryview(envelope))
+        if got < ENVELOPE_SIZE:
+            # End of stream: give what we have; the connection decides clean or truncated.
+            if got:
+                self.connection.receive_data(envelope[:got])
+            self.connection.receive_data(b"")
+            return
+        total = self.connection.frame_size(envelope)
+        frame = bytearray(total)
+        frame[:ENVELOPE_SIZE] = envelope
+        got = await self._fill(memoryview(frame)[ENVELOPE_SIZE:])
+        if got < total - ENVELOPE_SIZE:
+            self.connection.receive_data(memoryview(frame)[: ENVELOPE_SIZE + got])
+            self.connection.receive_data(b"")
+            return
+        self.connection.receive_data(frame)
+
+    async def _fill(self, target: memoryview) -> int:
+        """Fill ``target`` from leftover bytes, then the stream; returns bytes filled."""
+        filled = 0
+        want = len(target)
+        while filled < want:
+            available = len(self._pending) - self._pending_pos
+            if not available:
+                if self._eof:
+                    return filled
+                data = await self.stream.receive_some(self._receive_size)
+                if not data:
+                    self._eof = True
+                    return filled
+                self._pending, self._pending_pos = memoryview(data), 0
+                available = len(data)
+            take = min(available, want - filled)
+            start = self._pending_pos
+            target[filled : filled + take] = self._pending[start : start + take]
+            self._pending_pos += take
+            filled += take
+        return filled
+
+    async def send(self, message: Message) -> None:
+        """Send a control message (or a Chunk, joined: prefer :meth:`send_chunk`)."""
+        data = self.connection.send(message)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send_chunk(
+        self,
+        disk_index: int,
+        offset: int,
+        data: Bytes,
+        *,
+        digest: bytes | None = None,
+        compress_data: bool = True,
+    ) -> None:
+        """Send one chunk of the current IR or batch; ``data`` is written, not copied."""
+        pieces = self.connection.send_chunk(
+            disk_index, offset, data, digest=digest, compress_data=compress_data
+        )
+        async with self._send_lock:
+            for piece in pieces:
+                await self.stream.send_all(piece)
+
+    async def send_error(self, error: FrprotoError | Error) -> None:
+        """Report ``error`` to the peer."""
+        await self.send(error if isinstance(error, Error) else error.to_message())
+
+    async def _report_and_close(self, error: Error) -> None:
+        with trio.move_on_after(ERROR_SEND_TIMEOUT):
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, FrprotoError
+            ):
+                await self.send_error(error)
+        await trio.aclose_forcefully(self.stream)
+
+    async def aclose(self) -> None:
+        """Close the stream."""
+        await self.stream.aclose()
