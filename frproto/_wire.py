@@ -24,7 +24,7 @@ schema below documents the layout, but the decoder takes the fixed header with
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from construct import (
     Bytes,
@@ -43,7 +43,7 @@ from construct import (
 from ._enums import MessageTag
 
 #: Any Construct schema (construct-typing makes Construct generic).
-Schema = Construct[Any, Any]
+Schema: TypeAlias = "Construct[Any, Any]"
 
 # -- The TLV envelope -------------------------------------------------------------------
 

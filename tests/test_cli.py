@@ -1,0 +1,59 @@
+"""The frctl command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import frproto as fp
+
+
+def frctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "frctl.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_runs_the_exchange_over_loopback() -> None:
+    result = frctl("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "recovery_type=CLUSTERING_BROKER" in out
+    assert "existing=DELETED" in out
+    assert "Error(code=VM_NOT_HERE" in out
+    assert "replica_equals_primary: True" in out
+    assert out.rstrip().endswith("demo OK")
+
+
+def test_version_json() -> None:
+    result = frctl("version", "--json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["protocol"] == "1.0"
+
+
+def test_decode_prints_the_message() -> None:
+    frame = fp.encode_frame(fp.Keepalive(7)).hex()
+    result = frctl("protocol", "decode", "--json", frame)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"type": "Keepalive", "token": 7}
+    piped = frctl("protocol", "decode", "-", stdin=frame + "\n")
+    assert piped.stdout.strip() == "Keepalive(token=7)"
+
+
+def test_decode_reports_a_malformed_frame_on_stderr() -> None:
+    truncated = fp.encode_frame(fp.Keepalive(7))[:-1].hex()
+    result = frctl("protocol", "decode", truncated)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "TruncatedFrame (TRUNCATED)" in result.stderr
+    assert frctl("protocol", "decode", "zz").returncode == 1
+
+
+def test_usage_error_exits_2() -> None:
+    assert frctl("no-such-command").returncode == 2
