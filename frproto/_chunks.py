@@ -40,6 +40,7 @@ _COMPRESSION_FLAG: Final = {
     Compression.ZSTD: ChunkFlags.ZSTD,
     Compression.LZ4: ChunkFlags.LZ4,
 }
+_NO_FLAGS: Final = ChunkFlags.NONE
 _ZSTD_LEVEL: Final = 1  # zstd -1/1 is the only level near the TLS link's speed here
 
 
@@ -127,8 +128,8 @@ def decode_chunk(body: memoryview, *, max_data: int, verify: bool = True) -> Chu
         raise TruncatedFrame(f"chunk body of {len(body)} bytes, header needs {CHUNK_HEADER_SIZE}")
     disk_index, raw_flags, offset, length, digest = CHUNK_HEADER.unpack_from(body)
     payload = body[CHUNK_HEADER_SIZE:]
-    if raw_flags & ~KNOWN_CHUNK_FLAGS:
-        raise BadValue(f"unknown chunk flag bits {raw_flags & ~KNOWN_CHUNK_FLAGS:#06x}")
+    if raw_flags & ~int(KNOWN_CHUNK_FLAGS):
+        raise BadValue(f"unknown chunk flag bits {raw_flags & ~int(KNOWN_CHUNK_FLAGS):#06x}")
     if raw_flags & (raw_flags - 1):
         raise BadValue(f"chunk flags {raw_flags:#06x} combine exclusive flags")
     if length == 0:
@@ -151,7 +152,8 @@ def decode_chunk(body: memoryview, *, max_data: int, verify: bool = True) -> Chu
         data = _decompress(payload, ChunkFlags(raw_flags), length)
     if verify and _digest(data) != digest:
         raise DigestMismatch(f"chunk at disk {disk_index} offset {offset}: digest mismatch")
-    return Chunk(disk_index, offset, length, digest, data, ChunkFlags(raw_flags))
+    flags = _NO_FLAGS if raw_flags == 0 else ChunkFlags(raw_flags)  # skip the enum call
+    return Chunk(disk_index, offset, length, digest, data, flags)
 
 
 def _decompress(payload: memoryview, flags: ChunkFlags, length: int) -> bytes:

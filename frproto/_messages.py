@@ -288,6 +288,8 @@ class QueryRecoveryServer(Message):
         sizes = tuple(c.disk_sizes)
         if len(sizes) > MAX_DISKS:
             raise BadValue(f"{len(sizes)} disks, the limit is {MAX_DISKS}")
+        if not all(s < 1 << 63 for s in sizes):
+            raise BadValue("disk size out of range")
         return cls(check_vmid(c.vmid), check_vm_name(c.vm_name), sizes)
 
 
@@ -369,7 +371,8 @@ class Error(Message):
         if len(c.text) > MAX_ERROR_TEXT:
             raise BadValue(f"error text over {MAX_ERROR_TEXT} bytes")
         # The text is for people: replace bad UTF-8 rather than fail the whole report.
-        return cls(c.code, c.text.decode("utf-8", errors="replace"))
+        # (Replacement characters can grow the text past the limit: cut it again.)
+        return cls.with_text(c.code, c.text.decode("utf-8", errors="replace"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,11 @@ class SessionTracker:
                     f"{type(message).__name__} says {message.chunk_count} chunks, "
                     f"{self._aggregate.count} were sent"
                 )
+            if self._declared_chunks is not None and message.chunk_count != self._declared_chunks:
+                raise CountMismatch(
+                    f"BatchEnd after {message.chunk_count} chunks, BatchBegin declared "
+                    f"{self._declared_chunks}"
+                )
             if message.aggregate_digest != self._aggregate.digest():
                 raise DigestMismatch(f"{type(message).__name__}: aggregate digest mismatch")
         elif isinstance(message, Ack):
