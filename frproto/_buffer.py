@@ -48,7 +48,11 @@ class ReceiveBuffer:
             view = view.cast("B")
         if not len(view):
             return
-        if not len(self):
+        if self._view is not None:
+            pending = len(self._view) - self._view_pos
+        else:
+            pending = len(self._acc) - self._acc_pos
+        if not pending:  # (len(self), inlined: this runs once per frame)
             self._view, self._view_pos = view, 0
             self._acc.clear()
             self._acc_pos = 0
@@ -65,10 +69,13 @@ class ReceiveBuffer:
 
     def peek_envelope(self) -> tuple[int, int, int] | None:
         """(reserved, tag, length) of the next frame, or None with fewer than 8 bytes."""
-        if len(self) < ENVELOPE_SIZE:
+        view = self._view
+        if view is not None:  # (len(self), inlined: this runs once per frame)
+            if len(view) - self._view_pos < ENVELOPE_SIZE:
+                return None
+            return ENVELOPE.unpack_from(view, self._view_pos)
+        if len(self._acc) - self._acc_pos < ENVELOPE_SIZE:
             return None
-        if self._view is not None:
-            return ENVELOPE.unpack_from(self._view, self._view_pos)
         return ENVELOPE.unpack_from(self._acc, self._acc_pos)
 
     def take_bytes(self, size: int) -> bytes:

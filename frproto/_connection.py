@@ -55,6 +55,7 @@ from ._state import IllegalTransition, State, next_state
 from ._wire import ENVELOPE
 
 _ZEROS = bytes(MAX_CHUNK_DATA)
+_CHUNK_TAG: Final = int(MessageTag.CHUNK)  # a plain int compares faster than the IntEnum
 
 
 @final
@@ -247,7 +248,7 @@ class Connection:
             if self._eof:
                 raise TruncatedFrame(f"stream ended inside a frame of {total} bytes")
             return NEED_DATA
-        if tag == MessageTag.CHUNK:
+        if tag == _CHUNK_TAG:
             return self._receive_chunk(buffer.take_view(total)[ENVELOPE_SIZE:])
         body = buffer.take_bytes(total)[ENVELOPE_SIZE:]
         if tag not in KNOWN_TAGS:
@@ -260,7 +261,7 @@ class Connection:
         return message
 
     def _receive_chunk(self, body: memoryview) -> Chunk:
-        new_state = self._transition(self.their_role, MessageTag.CHUNK)
+        new_state = self._chunk_transition(self.their_role)
         chunk = decode_chunk(
             body, max_data=self.config.max_chunk_data, verify=self.config.verify_digests
         )
@@ -276,6 +277,14 @@ class Connection:
             if sender is self.our_role:
                 raise LocalProtocolError(f"cannot send: {exc}") from None
             raise UnexpectedMessage(str(exc)) from None
+
+    def _chunk_transition(self, sender: Role) -> State:
+        # Hot path: in IR and BATCH a primary's Chunk keeps the state, and no guard applies
+        # to Chunk (the table says so); anything else goes through the table.
+        state = self._state
+        if (state is State.BATCH or state is State.IR) and sender is Role.PRIMARY:
+            return state
+        return self._transition(sender, MessageTag.CHUNK)
 
     def _commit(self, new_state: State, message: Message) -> None:
         self._session.apply(message)
@@ -350,7 +359,7 @@ class Connection:
         length = len(data) if not isinstance(data, memoryview) else data.nbytes
         if digest is None:
             digest = chunk_digest(data)
-        new_state = self._transition(self.our_role, MessageTag.CHUNK)
+        new_state = self._chunk_transition(self.our_role)
         try:
             check_outgoing(disk_index, offset, length, digest)
             if length > self.config.max_chunk_data:
