@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 import ssl
 import uuid
+from functools import partial
 
 import pytest
 import trio
