@@ -80,6 +80,7 @@ from ._errors import (
     UnknownVM,
     VMDeleted,
     VMNotHere,
+    closes_connection,
     error_class_for,
     error_from_message,
 )
@@ -222,6 +223,7 @@ __all__ = [
     "VersionVerdict",
     "answer_negotiation",
     "chunk_digest",
+    "closes_connection",
     "decode_frame",
     "describe",
     "encode_frame",

@@ -166,7 +166,9 @@ def _decompress(payload: memoryview, flags: ChunkFlags, length: int) -> bytes:
             declared = zstandard.frame_content_size(payload)
             if declared not in (-1, length):
                 raise BadCompressedData(f"zstd frame declares {declared} bytes, not {length}")
-            out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=length)
+            out = zstandard.ZstdDecompressor().decompress(
+                payload, max_output_size=length, allow_extra_data=False
+            )
         else:
             out = lz4.block.decompress(payload, uncompressed_size=length)
     except (zstandard.ZstdError, lz4.block.LZ4BlockError, ValueError, MemoryError) as exc:

@@ -51,7 +51,7 @@ from ._messages import (
     NegotiateResponse,
 )
 from ._session import SessionTracker
-from ._state import IllegalTransition, State, next_state
+from ._state import IllegalTransition, State, error_outcome, next_state
 from ._wire import ENVELOPE
 
 _ZEROS = bytes(MAX_CHUNK_DATA)
@@ -256,6 +256,8 @@ class Connection:
         message_tag = MessageTag(tag)
         new_state = self._transition(self.their_role, message_tag)
         message = decode_body(message_tag, body)
+        if isinstance(message, Error):
+            new_state = error_outcome(self._state, self.their_role, message.code)
         self._session.check(message)
         self._commit(new_state, message)
         return message
@@ -270,9 +272,9 @@ class Connection:
         self._state = new_state
         return chunk
 
-    def _transition(self, sender: Role, tag: MessageTag) -> State:
+    def _transition(self, sender: Role, tag: MessageTag, error_code: int | None = None) -> State:
         try:
-            return next_state(self._state, sender, tag, self.recovery_type)
+            return next_state(self._state, sender, tag, self.recovery_type, error_code=error_code)
         except IllegalTransition as exc:
             if sender is self.our_role:
                 raise LocalProtocolError(f"cannot send: {exc}") from None
@@ -311,7 +313,8 @@ class Connection:
             return b"".join(pieces)
         if self._state is State.ERROR and not isinstance(message, Error):
             raise LocalProtocolError("only an Error may be sent after a protocol violation")
-        new_state = self._transition(self.our_role, message.TAG)
+        code = message.code if isinstance(message, Error) else None
+        new_state = self._transition(self.our_role, message.TAG, code)
         try:
             self._session.check(message)
         except RemoteProtocolError as exc:

@@ -146,3 +146,9 @@ class ChunkFlags(enum.IntFlag):
 
 #: All chunk flag bits defined in version 1.
 KNOWN_CHUNK_FLAGS = ChunkFlags.ZERO | ChunkFlags.ZSTD | ChunkFlags.LZ4
+
+
+#: The offer bit of each compression type (what a NegotiateResponse may choose).
+COMPRESSION_OFFER_BIT = {Compression.ZSTD: CompressionSet.ZSTD, Compression.LZ4: CompressionSet.LZ4}
+#: The offer bit of each encryption level.
+ENCRYPTION_OFFER_BIT = {Encryption.NONE: EncryptionSet.NONE, Encryption.TLS13: EncryptionSet.TLS13}

@@ -261,6 +261,15 @@ class NoSpace(ReplicationError):
     code = ErrorCode.NO_SPACE
 
 
+def closes_connection(code: int) -> bool:
+    """Whether an Error with ``code`` ends the conversation even where a refusal may come.
+
+    Protocol violations (100 and up, including codes this version does not know) and
+    PROTOCOL_MISMATCH close the connection; other codes are refusals of one request.
+    """
+    return code >= 100 or code == ErrorCode.PROTOCOL_MISMATCH
+
+
 def _leaf_classes() -> dict[ErrorCode, type[FrprotoError]]:
     table: dict[ErrorCode, type[FrprotoError]] = {}
     stack: list[type[FrprotoError]] = [FrprotoError]

@@ -273,7 +273,7 @@ class QueryRecoveryServer(Message):
         check_vm_name(self.vm_name.encode())
         if len(self.disk_sizes) > MAX_DISKS:
             raise BadValue(f"{len(self.disk_sizes)} disks, the limit is {MAX_DISKS}")
-        if not all(0 <= s < 1 << 63 for s in self.disk_sizes):
+        if not all(0 < s < 1 << 63 for s in self.disk_sizes):
             raise BadValue("disk size out of range")
 
     def _to_fields(self) -> dict[str, Any]:
@@ -288,7 +288,7 @@ class QueryRecoveryServer(Message):
         sizes = tuple(c.disk_sizes)
         if len(sizes) > MAX_DISKS:
             raise BadValue(f"{len(sizes)} disks, the limit is {MAX_DISKS}")
-        if not all(s < 1 << 63 for s in sizes):
+        if not all(0 < s < 1 << 63 for s in sizes):
             raise BadValue("disk size out of range")
         return cls(check_vmid(c.vmid), check_vm_name(c.vm_name), sizes)
 

@@ -14,20 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._enums import (
+    COMPRESSION_OFFER_BIT,
+    ENCRYPTION_OFFER_BIT,
     AuthType,
     Compression,
-    CompressionSet,
     Encryption,
-    EncryptionSet,
     RecoveryType,
     VersionVerdict,
 )
 from ._errors import ErrorCode
 from ._limits import PROTOCOL_VERSION
 from ._messages import NegotiateRequest, NegotiateResponse
-
-_OFFER_BIT = {Compression.ZSTD: CompressionSet.ZSTD, Compression.LZ4: CompressionSet.LZ4}
-_ENCRYPTION_BIT = {Encryption.NONE: EncryptionSet.NONE, Encryption.TLS13: EncryptionSet.TLS13}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +65,13 @@ def answer_negotiation(request: NegotiateRequest, policy: ServerPolicy) -> Negot
         )
     elif request.auth_type not in policy.auth_types:
         status = ErrorCode.NOT_AUTHORIZED
-    elif not request.encryption & _ENCRYPTION_BIT[policy.encryption]:
+    elif not request.encryption & ENCRYPTION_OFFER_BIT[policy.encryption]:
         status = ErrorCode.NOT_SUPPORTED
     else:
         status = ErrorCode.OK
-        offered = [c for c in policy.compression if request.compression & _OFFER_BIT.get(c, 0)]
+        offered = [
+            c for c in policy.compression if request.compression & COMPRESSION_OFFER_BIT.get(c, 0)
+        ]
         compression = offered[0] if offered else Compression.NONE
     return NegotiateResponse(
         status=status,

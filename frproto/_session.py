@@ -16,8 +16,8 @@ from __future__ import annotations
 import uuid
 
 from ._chunks import AggregateDigest
-from ._enums import AckKind
-from ._errors import ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
+from ._enums import COMPRESSION_OFFER_BIT, ENCRYPTION_OFFER_BIT, AckKind, Compression
+from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
 from ._limits import MAX_DIGESTS
 from ._messages import (
     Ack,
@@ -29,6 +29,10 @@ from ._messages import (
     IRBegin,
     IREnd,
     Message,
+    NegotiateRequest,
+    NegotiateResponse,
+    QueryRecoveryServer,
+    QueryRecoveryServerResponse,
     RelationshipAccepted,
     RelationshipCreate,
     RelationshipOpen,
@@ -42,7 +46,9 @@ class SessionTracker:
         "_aggregate",
         "_declared_chunks",
         "_digest_request",
+        "_offer",
         "_pending_vmid",
+        "_query",
         "_sequence",
         "disks",
         "vmid",
@@ -58,6 +64,8 @@ class SessionTracker:
         self._declared_chunks: int | None = None
         self._sequence = 0
         self._digest_request: DigestMapRequest | None = None
+        self._offer: NegotiateRequest | None = None
+        self._query: QueryRecoveryServer | None = None
 
     @property
     def aggregate_digest(self) -> bytes:
@@ -85,6 +93,14 @@ class SessionTracker:
                 and message.start_offset > self.disks[message.start_disk].size
             ):
                 raise ChunkOutOfRange("IRBegin resumes past the end of the disks")
+        elif isinstance(message, NegotiateResponse):
+            self._check_negotiated(message)
+        elif isinstance(message, QueryRecoveryServerResponse):
+            assert self._query is not None  # the state table allows it only after a query
+            if message.vmid != self._query.vmid:
+                raise UnexpectedMessage(
+                    f"QueryRecoveryServerResponse for {message.vmid}, asked {self._query.vmid}"
+                )
         elif isinstance(message, RelationshipAccepted):
             if message.vmid != self._pending_vmid:
                 raise UnexpectedMessage(
@@ -142,7 +158,11 @@ class SessionTracker:
 
     def apply(self, message: Message) -> None:
         """Record ``message`` (after it passed :meth:`check` and the state table)."""
-        if isinstance(message, (RelationshipCreate, RelationshipOpen)):
+        if isinstance(message, NegotiateRequest):
+            self._offer = message
+        elif isinstance(message, QueryRecoveryServer):
+            self._query = message
+        elif isinstance(message, (RelationshipCreate, RelationshipOpen)):
             self._pending_vmid = message.vmid
             self.vmid = None
             self.disks = ()
@@ -162,6 +182,25 @@ class SessionTracker:
         self._aggregate = AggregateDigest()
         self._declared_chunks = declared
         self._sequence = sequence
+
+    def _check_negotiated(self, answer: NegotiateResponse) -> None:
+        """A compatible answer must choose only among what the primary offered."""
+        offer = self._offer
+        assert offer is not None  # the state table allows a response only after the request
+        if not answer.ok:
+            return
+        if answer.version[0] != offer.version[0] or answer.version[1] > offer.version[1]:
+            raise BadValue(
+                f"version {answer.version} marked compatible with an offer of {offer.version}"
+            )
+        if answer.compression is not Compression.NONE and not (
+            offer.compression & COMPRESSION_OFFER_BIT[answer.compression]
+        ):
+            raise BadValue(f"compression {answer.compression.name} was not offered")
+        if not offer.encryption & ENCRYPTION_OFFER_BIT[answer.encryption]:
+            raise BadValue(f"encryption {answer.encryption.name} was not offered")
+        if answer.auth_type is not offer.auth_type:
+            raise BadValue(f"auth type {answer.auth_type.name}, {offer.auth_type.name} asked")
 
     def _check_digest_request(self, request: DigestMapRequest) -> None:
         if request.disk_index >= len(self.disks):

@@ -24,10 +24,12 @@ The conversation::
     SESSION --DigestMapRequest(P)--> DIGESTS --DigestMap(R)--> SESSION
 
 An Error from the recovery side in a state that awaits its answer (QUERYING, OPENING,
-IR_ENDING, BATCH_ENDING, DIGESTS) is a refusal: the connection goes back to where the
-request started (READY or SESSION) and may carry on. An Error anywhere else, from
-either side, leads to MUST_CLOSE. Keepalive may come from either side in any state
-between READY and the end of a session, and changes nothing.
+IR_ENDING, BATCH_ENDING, DIGESTS) is a refusal, unless its code is one that closes the
+connection (a protocol violation, 100 and up, or PROTOCOL_MISMATCH): the connection goes
+back to READY (a refused query or open) or SESSION (a refused IR end, batch end or
+digest map) and may carry on. Any other Error, from either side, leads to MUST_CLOSE.
+Keepalive may come from either side in any state between READY and the end of a
+session, and changes nothing.
 
 Guards, which depend on what the negotiation said: QueryRecoveryServer only to a
 clustering broker; relationship messages only to a stand-alone server or cluster node.
@@ -42,6 +44,7 @@ import enum
 from typing import Final
 
 from ._enums import MessageTag, RecoveryType, Role
+from ._errors import closes_connection
 
 T = MessageTag
 P = Role.PRIMARY
@@ -130,10 +133,25 @@ class IllegalTransition(Exception):
     """Internal: a message not allowed here. The connection turns it into the right error."""
 
 
+def error_outcome(state: State, sender: Role, code: int) -> State:
+    """The state after ``sender`` sends an Error with ``code`` in ``state`` (legal there)."""
+    if sender is R and state in REFUSAL_RETURNS and not closes_connection(code):
+        return REFUSAL_RETURNS[state]
+    return S.MUST_CLOSE
+
+
 def next_state(
-    state: State, sender: Role, tag: MessageTag, recovery_type: RecoveryType | None
+    state: State,
+    sender: Role,
+    tag: MessageTag,
+    recovery_type: RecoveryType | None,
+    *,
+    error_code: int | None = None,
 ) -> State:
     """The state after ``sender`` sends a message with ``tag`` in ``state``.
+
+    For an Error, ``error_code`` decides refusal or close (see :func:`error_outcome`);
+    ``None`` (the code is not decoded yet) answers as for a refusal code.
 
     Raises:
         IllegalTransition: the table (or a guard) does not allow it.
@@ -141,9 +159,7 @@ def next_state(
     if tag is T.ERROR:
         if state in (S.CLOSED, S.MUST_CLOSE):
             raise IllegalTransition(f"no Error may be sent in {state.name}")
-        if sender is R and state in REFUSAL_RETURNS:
-            return REFUSAL_RETURNS[state]
-        return S.MUST_CLOSE
+        return error_outcome(state, sender, 0 if error_code is None else error_code)
     if tag is T.KEEPALIVE:
         if state in KEEPALIVE_STATES:
             return state

@@ -16,6 +16,7 @@ from ._limits import MAX_DISK_ID, MAX_FQDN, MAX_NAME
 
 _FORBIDDEN_IN_NAME = frozenset("/\\\x00")
 _DISK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+_SERVER_NAME_CHARS = re.compile(r"[A-Za-z0-9.:-]+\Z")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
@@ -49,7 +50,7 @@ def check_vm_name(raw: bytes) -> str:
     name = _decode_utf8(raw, "VM name")
     if _FORBIDDEN_IN_NAME.intersection(name) or name in (".", ".."):
         raise BadName(f"VM name {name!r} holds a path separator, NUL or is a dot name")
-    if any(ord(ch) < 0x20 for ch in name):
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in name):
         raise BadName(f"VM name {name!r} holds a control character")
     return name
 
@@ -69,6 +70,9 @@ def check_server_name(raw: bytes) -> str:
     if not 1 <= len(raw) <= MAX_FQDN:
         raise BadName(f"server name must be 1-{MAX_FQDN} bytes, got {len(raw)}")
     text = _decode_utf8(raw, "server name")
+    if not _SERVER_NAME_CHARS.match(text):
+        # Also keeps out IPv6 zone ids ("fe80::1%eth0"), which may hold any byte.
+        raise BadName(f"server name {text!r} holds characters outside [A-Za-z0-9.:-]")
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -197,7 +197,7 @@ def query_recovery_servers() -> st.SearchStrategy[fp.QueryRecoveryServer]:
         fp.QueryRecoveryServer,
         vmid=vmids(),
         vm_name=vm_names(),
-        disk_sizes=st.lists(st.integers(0, MAX_DISK_SIZE), max_size=12).map(tuple)
+        disk_sizes=st.lists(st.integers(1, MAX_DISK_SIZE), max_size=12).map(tuple)
         | st.just(MAX_DISKS).map(lambda n: (1,) * n),
     )
 

@@ -709,3 +709,50 @@ def test_answer_negotiation_examples() -> None:
     newer = fp.ServerPolicy(fp.RecoveryType.STANDALONE, "s", version=(1, 4))
     assert fp.answer_negotiation(fp.NegotiateRequest(version=(1, 2)), newer).version == (1, 2)
     assert fp.answer_negotiation(fp.NegotiateRequest(version=(1, 9)), newer).version == (1, 4)
+
+
+# -- Error codes that close even where a refusal may come ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "closes"),
+    [
+        (fp.ErrorCode.BUSY, False),
+        (fp.ErrorCode.VM_NOT_HERE, False),
+        (fp.ErrorCode.PROTOCOL_MISMATCH, True),
+        (fp.ErrorCode.BAD_VALUE, True),
+        (fp.ErrorCode.DIGEST_MISMATCH, True),
+        (150, True),  # a future protocol-violation code
+        (50, False),  # a future refusal code
+    ],
+)
+def test_error_code_decides_refusal_or_close_on_both_sides(code: int, closes: bool) -> None:
+    primary = fp.Connection(fp.Role.PRIMARY)
+    recovery = fp.Connection(fp.Role.RECOVERY)
+
+    def deliver(sender: fp.Connection, receiver: fp.Connection, message: fp.Message) -> None:
+        receiver.receive_data(sender.send(message))
+        assert receiver.next_event() == message
+
+    deliver(primary, recovery, fp.NegotiateRequest())
+    policy = fp.ServerPolicy(fp.RecoveryType.STANDALONE, "r1.example.com")
+    deliver(recovery, primary, fp.answer_negotiation(fp.NegotiateRequest(), policy))
+    vmid = uuid.UUID("5b3a1f6e-2c4d-4e8f-9a0b-1c2d3e4f5a6b")
+    deliver(primary, recovery, fp.RelationshipOpen(vmid))
+    assert primary.state is recovery.state is fp.State.OPENING
+    deliver(recovery, primary, fp.Error(code, "no"))
+    expected = fp.State.MUST_CLOSE if closes else fp.State.READY
+    assert primary.state is recovery.state is expected
+    assert fp.closes_connection(code) is closes
+
+
+@pytest.mark.parametrize("name", ["web\x7f01", "web\x8501", "web\x9f"])
+def test_vm_name_with_del_or_c1_control_is_refused(name: str) -> None:
+    with pytest.raises(fp.LocalProtocolError, match="control character"):
+        fp.QueryRecoveryServer(uuid.UUID("5b3a1f6e-2c4d-4e8f-9a0b-1c2d3e4f5a6b"), name)
+
+
+@pytest.mark.parametrize("name", ["fe80::1%eth0", "r1.example.com/x", "r1 .example.com"])
+def test_server_name_outside_the_charset_is_refused(name: str) -> None:
+    with pytest.raises(fp.LocalProtocolError, match="server name"):
+        fp.NegotiateResponse(server_name=name)

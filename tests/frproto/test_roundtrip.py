@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -86,6 +87,14 @@ def test_pair_negotiate_request(rng: random.Random, message: fp.NegotiateRequest
 @given(st.randoms(use_true_random=False), fs.negotiate_responses())
 def test_pair_negotiate_response(rng: random.Random, message: fp.NegotiateResponse) -> None:
     pair = _fresh(rng).walk_to(State.NEGOTIATING)
+    if message.verdict is fp.VersionVerdict.COMPATIBLE:
+        # A compatible answer may only choose among what the pair's default offer holds.
+        message = replace(
+            message,
+            version=fp.PROTOCOL_VERSION,
+            encryption=fp.Encryption.TLS13,
+            auth_type=fp.AuthType.CERTIFICATE,
+        )
     pair.send(Role.RECOVERY, message)
     assert pair.primary.negotiated == pair.recovery.negotiated == message
     assert state_of(pair) is (State.READY if message.ok else State.MUST_CLOSE)
@@ -107,7 +116,7 @@ def test_pair_query(
     pair = _fresh(rng).walk_to(State.READY, recovery_type=fp.RecoveryType.CLUSTERING_BROKER)
     pair.send(Role.PRIMARY, query)
     assert state_of(pair) is State.QUERYING
-    pair.send(Role.RECOVERY, response)
+    pair.send(Role.RECOVERY, replace(response, vmid=query.vmid))
     assert state_of(pair) is State.READY
 
 
@@ -133,7 +142,10 @@ def test_pair_fatal_error(rng: random.Random, error: fp.Error, state: State, rol
 def test_pair_refusal_error(rng: random.Random, error: fp.Error, state: State) -> None:
     pair = _fresh(rng).walk_to(state)
     pair.send(Role.RECOVERY, error)
-    assert state_of(pair) is (State.READY if state is State.OPENING else State.SESSION)
+    if fp.closes_connection(error.code):  # a protocol-violation code closes even here
+        assert state_of(pair) is State.MUST_CLOSE
+    else:
+        assert state_of(pair) is (State.READY if state is State.OPENING else State.SESSION)
 
 
 @settings(max_examples=40)

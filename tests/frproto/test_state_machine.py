@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -123,7 +124,8 @@ class Conversation(RuleBasedStateMachine):
         self.send(P, query)
         self.state = State.QUERYING
         self.same_state()
-        self.send(R, response)
+        # The broker answers about the VM asked for (the primary checks that).
+        self.send(R, replace(response, vmid=query.vmid))
         self.state = State.READY
 
     # -- relationships ---------------------------------------------------------------------
@@ -190,8 +192,8 @@ class Conversation(RuleBasedStateMachine):
             State.BATCH_ENDING,
             State.DIGESTS,
         )
-        if refusal:
-            return
+        if refusal and not fp.closes_connection(error.code):
+            return  # a refusal, not fatal: the refuse rule covers it
         self.send(role, error)
         self.state = State.MUST_CLOSE
 

@@ -190,10 +190,18 @@ def negotiate_request_body(
 
 
 def negotiate_response_body(
-    recovery_type: int = 1, server_name: bytes = b"recovery.example.net", verdict: int = 1
+    recovery_type: int = 1,
+    server_name: bytes = b"recovery.example.net",
+    verdict: int = 1,
+    *,
+    version: tuple[int, int] = (1, 0),
+    compression: int = 0,
+    encryption: int = 1,
+    auth: int = 2,
 ) -> bytes:
     # status, verdict, version major/minor, recovery type, compression, encryption, auth
-    fixed = u16(0) + u8(verdict) + u8(1) + u8(0) + u8(recovery_type) + u8(0) + u8(1) + u8(2)
+    fixed = u16(0) + u8(verdict) + u8(version[0]) + u8(version[1]) + u8(recovery_type)
+    fixed += u8(compression) + u8(encryption) + u8(auth)
     return fixed + text8(server_name)
 
 
@@ -295,7 +303,7 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
         (
             "rich",
             "A non-ASCII VM name and disk sizes including 0 and 2**63-1.",
-            QueryRecoveryServer(VMID_B, UNICODE_NAME, (0, 1 << 30, (1 << 63) - 1)),
+            QueryRecoveryServer(VMID_B, UNICODE_NAME, (1, 1 << 30, (1 << 63) - 1)),
         ),
         (
             "max_name",
@@ -724,6 +732,41 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
     ],
     frproto.BadValue: [
         ec(
+            "negotiated_compression_not_offered",
+            "A compatible NegotiateResponse choosing LZ4 when the primary offered only ZSTD.",
+            P,
+            [send(NegotiateRequest(compression=CompressionSet.ZSTD))],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(compression=2)),
+        ),
+        ec(
+            "negotiated_major_differs",
+            "A NegotiateResponse marking version 2.0 compatible with an offer of 1.0.",
+            P,
+            [send(NegotiateRequest())],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(2, 0))),
+        ),
+        ec(
+            "negotiated_minor_above_offer",
+            "A NegotiateResponse choosing minor version 5 when 1.0 was offered.",
+            P,
+            [send(NegotiateRequest())],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(1, 5))),
+        ),
+        ec(
+            "negotiated_encryption_not_offered",
+            "A NegotiateResponse choosing encryption NONE when only TLS13 was offered.",
+            P,
+            [send(NegotiateRequest())],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(encryption=0)),
+        ),
+        ec(
+            "negotiated_auth_type_differs",
+            "A NegotiateResponse with auth type INTEGRATED to a CERTIFICATE request.",
+            P,
+            [send(NegotiateRequest())],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(auth=1)),
+        ),
+        ec(
             "recovery_type_9",
             "A NegotiateResponse with recovery_type 9.",
             P,
@@ -930,6 +973,13 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
     ],
     frproto.BadName: [
+        ec(
+            "server_name_ipv6_zone_nul",
+            "A NegotiateResponse whose server name is an IPv6 literal with a zone id holding NUL.",
+            P,
+            [send(NegotiateRequest())],
+            frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(server_name=b"fe80::1%\0")),
+        ),
         ec("vm_name_slash", "A VM name with '/'.", R, r_ready(), create_with_name(b"web/01")),
         ec(
             "vm_name_backslash",
@@ -1009,6 +1059,15 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
     ],
     frproto.UnexpectedMessage: [
+        ec(
+            "query_answer_for_another_vm",
+            "A QueryRecoveryServerResponse about a VM other than the one asked for.",
+            P,
+            [*handshake(P, RecoveryType.CLUSTERING_BROKER), send(QueryRecoveryServer(VMID, "vm"))],
+            frproto.encode_frame(
+                QueryRecoveryServerResponse(VMID_B, "r1.example.com", 7443, ExistingVM.NEW)
+            ),
+        ),
         ec(
             "query_before_negotiate",
             "A QueryRecoveryServer as the first frame.",
@@ -1161,6 +1220,13 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
     ],
     frproto.BadCompressedData: [
+        ec(
+            "zstd_trailing_bytes",
+            "A zstd frame of 128 bytes followed by two stray bytes, in a chunk of length 128.",
+            R,
+            r_batch(),
+            chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A128 + b"\0\0", ChunkFlags.ZSTD),
+        ),
         ec(
             "zstd_garbage",
             "A zstd chunk whose payload is not a zstd frame.",
