@@ -21,7 +21,7 @@ Quick look::
 from __future__ import annotations
 
 from ._chunks import AggregateDigest, chunk_digest, zero_digest
-from ._codec import decode_frame, encode_frame
+from ._codec import MESSAGE_CLASSES, decode_frame, encode_frame
 from ._connection import (
     NEED_DATA,
     Connection,
@@ -103,28 +103,29 @@ from ._limits import (
     PROTOCOL_VERSION,
 )
 from ._messages import (
-    MESSAGE_CLASSES,
-    Ack,
-    BatchBegin,
-    BatchEnd,
-    Chunk,
-    DigestMap,
-    DigestMapRequest,
     DiskInfo,
     Error,
-    IRBegin,
-    IREnd,
     Keepalive,
     Message,
     NegotiateRequest,
     NegotiateResponse,
     QueryRecoveryServer,
     QueryRecoveryServerResponse,
+)
+from ._negotiation import ServerPolicy, answer_negotiation
+from ._replication import (
+    Ack,
+    BatchBegin,
+    BatchEnd,
+    Chunk,
+    DigestMap,
+    DigestMapRequest,
+    IRBegin,
+    IREnd,
     RelationshipAccepted,
     RelationshipCreate,
     RelationshipOpen,
 )
-from ._negotiation import ServerPolicy, answer_negotiation
 from ._state import State
 
 __version__ = "0.1.0"

@@ -30,7 +30,8 @@ from ._errors import (
     TruncatedFrame,
 )
 from ._limits import CHUNK_HEADER_SIZE, DIGEST_SIZE, MAX_CHUNK_DATA
-from ._messages import Bytes, Chunk
+from ._messages import Bytes
+from ._replication import Chunk
 from ._wire import CHUNK_FRAME_HEADER, CHUNK_HEADER
 
 _digest = xxhash.xxh3_128_digest

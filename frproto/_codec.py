@@ -13,10 +13,56 @@ from ._chunks import decode_chunk
 from ._enums import IGNORABLE_TAG_BIT, MessageTag
 from ._errors import FrameTooLarge, ReservedNotZero, TrailingBytes, TruncatedFrame, UnknownTag
 from ._limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
-from ._messages import MESSAGE_CLASSES, Bytes, Chunk, Message
+from ._messages import (
+    Bytes,
+    Error,
+    Keepalive,
+    Message,
+    NegotiateRequest,
+    NegotiateResponse,
+    QueryRecoveryServer,
+    QueryRecoveryServerResponse,
+)
+from ._replication import (
+    Ack,
+    BatchBegin,
+    BatchEnd,
+    Chunk,
+    DigestMap,
+    DigestMapRequest,
+    IRBegin,
+    IREnd,
+    RelationshipAccepted,
+    RelationshipCreate,
+    RelationshipOpen,
+)
 from ._wire import ENVELOPE
 
 KNOWN_TAGS: Final = frozenset(int(t) for t in MessageTag)
+
+#: Every message class by tag.
+MESSAGE_CLASSES: Final[dict[MessageTag, type[Message]]] = {
+    cls.TAG: cls
+    for cls in (
+        NegotiateRequest,
+        NegotiateResponse,
+        QueryRecoveryServer,
+        QueryRecoveryServerResponse,
+        Error,
+        Keepalive,
+        RelationshipCreate,
+        RelationshipOpen,
+        RelationshipAccepted,
+        IRBegin,
+        IREnd,
+        BatchBegin,
+        Chunk,
+        BatchEnd,
+        Ack,
+        DigestMapRequest,
+        DigestMap,
+    )
+}
 
 
 def check_envelope(

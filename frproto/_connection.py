@@ -42,14 +42,8 @@ from ._errors import (
     UnexpectedMessage,
 )
 from ._limits import ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
-from ._messages import (
-    Bytes,
-    Chunk,
-    DiskInfo,
-    Error,
-    Message,
-    NegotiateResponse,
-)
+from ._messages import Bytes, DiskInfo, Error, Message, NegotiateResponse
+from ._replication import Chunk
 from ._session import SessionTracker
 from ._state import IllegalTransition, State, error_outcome, next_state
 from ._wire import ENVELOPE

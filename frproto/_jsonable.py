@@ -13,9 +13,11 @@ import uuid
 from dataclasses import fields
 from typing import Any
 
+from ._codec import MESSAGE_CLASSES
 from ._enums import ChunkFlags, MessageTag
 from ._errors import ErrorCode
-from ._messages import MESSAGE_CLASSES, Chunk, DiskInfo, Message
+from ._messages import DiskInfo, Message
+from ._replication import Chunk
 
 _BY_NAME: dict[str, type[Message]] = {cls.__name__: cls for cls in MESSAGE_CLASSES.values()}
 

@@ -20,19 +20,21 @@ from ._enums import COMPRESSION_OFFER_BIT, ENCRYPTION_OFFER_BIT, AckKind, Compre
 from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
 from ._limits import MAX_DIGESTS
 from ._messages import (
-    Ack,
-    BatchBegin,
-    BatchEnd,
-    DigestMap,
-    DigestMapRequest,
     DiskInfo,
-    IRBegin,
-    IREnd,
     Message,
     NegotiateRequest,
     NegotiateResponse,
     QueryRecoveryServer,
     QueryRecoveryServerResponse,
+)
+from ._replication import (
+    Ack,
+    BatchBegin,
+    BatchEnd,
+    DigestMap,
+    DigestMapRequest,
+    IRBegin,
+    IREnd,
     RelationshipAccepted,
     RelationshipCreate,
     RelationshipOpen,
