@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import ssl
 import uuid
-from functools import partial
 
 import pytest
 import trio
@@ -53,7 +52,7 @@ async def _open_session(primary: FramedStream, recovery: FramedStream) -> None:
 
 
 async def _transfer_batch(
-    primary: FramedStream, recovery: FramedStream, blocks: list[bytes]
+    primary: FramedStream, recovery: FramedStream, blocks: list[bytes], *, compress: bool = False
 ) -> list[fp.Chunk]:
     """Send one batch of ``blocks`` and return the chunks the recovery side received."""
     received: list[fp.Chunk] = []
@@ -62,7 +61,7 @@ async def _transfer_batch(
         await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
         offset = 0
         for block in blocks:
-            await primary.send_chunk(0, offset, block, compress_data=False)
+            await primary.send_chunk(0, offset, block, compress_data=compress)
             offset += len(block)
         conn = primary.connection
         await primary.send(fp.BatchEnd(VM, 1, conn.chunk_count, conn.aggregate_digest))
@@ -188,66 +187,35 @@ async def test_mutual_tls_over_loopback_tcp(ca: trustme.CA) -> None:
     ca.issue_cert("primary.example.com").configure_cert(client_ctx)
 
     blocks = [os.urandom(1024 * 1024) for _ in range(4)] + [bytes(1024 * 1024)]
-    received: list[fp.Chunk] = []
-    peer_names: list[str] = []
-
-    async def handler(stream: trio.SocketStream) -> None:
-        tls = trio.SSLStream(stream, server_ctx, server_side=True)
-        await tls.do_handshake()
-        cert = tls.getpeercert()
-        assert cert is not None
-        peer_names.extend(v for k, v in cert["subjectAltName"] if k == "DNS")
-        recovery = FramedStream(tls, fp.Connection(fp.Role.RECOVERY))
-        request = await recovery.expect(fp.NegotiateRequest)
-        assert isinstance(request, fp.NegotiateRequest)
-        policy = fp.ServerPolicy(fp.RecoveryType.STANDALONE, "r1.example.com")
-        await recovery.send(fp.answer_negotiation(request, policy))
-        await recovery.expect(fp.RelationshipCreate)
-        await recovery.send(fp.RelationshipAccepted(VM, (DISK,)))
-        await recovery.expect(fp.BatchBegin)
-        for _ in blocks:
-            chunk = await recovery.expect(fp.Chunk)
-            assert isinstance(chunk, fp.Chunk)
-            received.append(
-                fp.Chunk(
-                    chunk.disk_index,
-                    chunk.offset,
-                    chunk.length,
-                    chunk.digest,
-                    bytes(chunk.data),
-                    chunk.flags,
-                )
-            )
-        end = await recovery.expect(fp.BatchEnd)
-        assert isinstance(end, fp.BatchEnd)
-        await recovery.send(fp.Ack(VM, fp.AckKind.BATCH_APPLIED, end.sequence))
-        await tls.aclose()
-
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.2"))
-            port = listeners[0].socket.getsockname()[1]
-            tcp = await trio.open_tcp_stream("127.0.0.2", port, local_address="127.0.0.3")
-            tls = trio.SSLStream(tcp, client_ctx, server_hostname="r1.example.com")
-            primary = FramedStream(tls, fp.Connection(fp.Role.PRIMARY))
-            await primary.send(fp.NegotiateRequest())
-            answer = await primary.expect(fp.NegotiateResponse)
-            assert isinstance(answer, fp.NegotiateResponse)
-            assert answer.ok
-            await primary.send(fp.RelationshipCreate(VM, "web01", (DISK,)))
-            await primary.expect(fp.RelationshipAccepted)
-            total = sum(map(len, blocks))
-            await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), total))
-            for index, block in enumerate(blocks):
-                await primary.send_chunk(0, index * len(block), block)
-            conn = primary.connection
-            await primary.send(fp.BatchEnd(VM, 1, conn.chunk_count, conn.aggregate_digest))
-            ack = await primary.expect(fp.Ack)
-            assert isinstance(ack, fp.Ack)
-            await tls.aclose()
-            nursery.cancel_scope.cancel()
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.2")
+        port = listeners[0].socket.getsockname()[1]
+        accepted: list[trio.SocketStream] = []
 
-    assert peer_names == ["primary.example.com"]
+        async def accept() -> None:
+            stream = await listeners[0].accept()
+            assert isinstance(stream, trio.SocketStream)
+            accepted.append(stream)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            tcp = await trio.open_tcp_stream("127.0.0.2", port, local_address="127.0.0.3")
+        server = trio.SSLStream(accepted[0], server_ctx, server_side=True)
+        client = trio.SSLStream(tcp, client_ctx, server_hostname="r1.example.com")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+        cert = server.getpeercert()
+        assert cert is not None
+        assert [v for k, v in cert["subjectAltName"] if k == "DNS"] == ["primary.example.com"]
+        assert client.version() == "TLSv1.3"
+        primary, recovery = _pair(client, server)
+        await _open_session(primary, recovery)
+        received = await _transfer_batch(primary, recovery, blocks, compress=True)
+        await client.aclose()
+        await server.aclose()
+        await listeners[0].aclose()
+
     assert len(received) == len(blocks)
     for chunk, block in zip(received, blocks, strict=True):
         assert (bytes(chunk.length) if chunk.is_zero else bytes(chunk.data)) == block
