@@ -44,7 +44,8 @@ class ReceiveBuffer:
     def feed(self, data: Bytes) -> None:
         """Add received bytes (the object is referenced, not copied, when possible)."""
         view = memoryview(data)
-        if view.ndim != 1 or view.format not in ("B", "b", "c"):
+        kind = type(data)
+        if kind is not bytes and kind is not bytearray and (view.ndim != 1 or view.format != "B"):
             view = view.cast("B")
         if not len(view):
             return
@@ -92,8 +93,8 @@ class ReceiveBuffer:
             self._acc_pos = 0
         return out
 
-    def take_view(self, size: int) -> memoryview:
-        """Consume ``size`` bytes and return them as a view, without copying."""
+    def take_view(self, size: int, skip: int = 0) -> memoryview:
+        """Consume ``size`` bytes; return all but the first ``skip`` as a view, uncopied."""
         if self._view is None:
             # Hand the accumulator over as the view; the next piece starts a new one.
             self._view, self._view_pos = memoryview(self._acc), self._acc_pos
@@ -101,7 +102,7 @@ class ReceiveBuffer:
             self._acc_pos = 0
         start = self._view_pos
         self._view_pos += size
-        return self._view[start : self._view_pos]
+        return self._view[start + skip : self._view_pos]
 
     def take_all(self) -> bytes:
         """Consume and return everything (what is left at end of stream)."""

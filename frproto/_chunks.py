@@ -42,6 +42,8 @@ _COMPRESSION_FLAG: Final = {
     Compression.LZ4: ChunkFlags.LZ4,
 }
 _NO_FLAGS: Final = ChunkFlags.NONE
+# int(): on Python 3.11, ~ of an IntFlag keeps only the defined bits (so it would be 0).
+_KNOWN_FLAG_BITS: Final = int(KNOWN_CHUNK_FLAGS)
 _ZSTD_LEVEL: Final = 1  # zstd -1/1 is the only level near the TLS link's speed here
 
 
@@ -116,7 +118,7 @@ def check_outgoing(disk_index: int, offset: int, length: int, digest: bytes) -> 
         raise BadValue(f"digest must be {DIGEST_SIZE} bytes")
 
 
-def decode_chunk(body: memoryview, *, max_data: int, verify: bool = True) -> Chunk:
+def decode_chunk(body: memoryview, max_data: int = MAX_CHUNK_DATA, verify: bool = True) -> Chunk:
     """Check and decode a Chunk body; the payload stays a slice of ``body``.
 
     Raises:
@@ -129,8 +131,13 @@ def decode_chunk(body: memoryview, *, max_data: int, verify: bool = True) -> Chu
         raise TruncatedFrame(f"chunk body of {len(body)} bytes, header needs {CHUNK_HEADER_SIZE}")
     disk_index, raw_flags, offset, length, digest = CHUNK_HEADER.unpack_from(body)
     payload = body[CHUNK_HEADER_SIZE:]
-    if raw_flags & ~int(KNOWN_CHUNK_FLAGS):
-        raise BadValue(f"unknown chunk flag bits {raw_flags & ~int(KNOWN_CHUNK_FLAGS):#06x}")
+    if not raw_flags and len(payload) == length and 0 < length <= max_data:
+        # The common case, plain data, with every check of the general path below.
+        if verify and _digest(payload) != digest:
+            raise DigestMismatch(f"chunk at disk {disk_index} offset {offset}: digest mismatch")
+        return Chunk(disk_index, offset, length, digest, payload, _NO_FLAGS)
+    if raw_flags & ~_KNOWN_FLAG_BITS:
+        raise BadValue(f"unknown chunk flag bits {raw_flags & ~_KNOWN_FLAG_BITS:#06x}")
     if raw_flags & (raw_flags - 1):
         raise BadValue(f"chunk flags {raw_flags:#06x} combine exclusive flags")
     if length == 0:

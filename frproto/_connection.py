@@ -41,7 +41,7 @@ from ._errors import (
     TruncatedFrame,
     UnexpectedMessage,
 )
-from ._limits import ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
+from ._limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 from ._messages import Bytes, DiskInfo, Error, Message, NegotiateResponse
 from ._replication import Chunk
 from ._session import SessionTracker
@@ -50,6 +50,8 @@ from ._wire import ENVELOPE
 
 _ZEROS = bytes(MAX_CHUNK_DATA)
 _CHUNK_TAG: Final = int(MessageTag.CHUNK)  # a plain int compares faster than the IntEnum
+_ZERO: Final = ChunkFlags.ZERO
+_NONE: Final = ChunkFlags.NONE
 
 
 @final
@@ -121,6 +123,11 @@ class Connection:
         self._eof = False
         self._negotiated: NegotiateResponse | None = None
         self._session = SessionTracker()
+        # Copies of the config for the per-chunk path (attribute reads cost there).
+        self._max_chunk_data = self.config.max_chunk_data
+        self._max_chunk_body = CHUNK_HEADER_SIZE + self.config.max_chunk_data
+        self._verify = self.config.verify_digests
+        self._compression = Compression.NONE
 
     # -- what the connection knows -----------------------------------------------------------
 
@@ -142,7 +149,7 @@ class Connection:
     @property
     def compression(self) -> Compression:
         """The negotiated compression (NONE before negotiation)."""
-        return self._negotiated.compression if self._negotiated else Compression.NONE
+        return self._compression
 
     @property
     def vmid(self) -> uuid.UUID | None:
@@ -236,14 +243,15 @@ class Connection:
                 self._state = State.CLOSED
             return ConnectionClosed()
         reserved, tag, length = envelope
-        self._check_envelope(reserved, tag, length)
+        if tag != _CHUNK_TAG or reserved or length > self._max_chunk_body:
+            self._check_envelope(reserved, tag, length)  # (a good Chunk envelope passes)
         total = ENVELOPE_SIZE + length
         if len(buffer) < total:
             if self._eof:
                 raise TruncatedFrame(f"stream ended inside a frame of {total} bytes")
             return NEED_DATA
         if tag == _CHUNK_TAG:
-            return self._receive_chunk(buffer.take_view(total)[ENVELOPE_SIZE:])
+            return self._receive_chunk(buffer.take_view(total, ENVELOPE_SIZE))
         body = buffer.take_bytes(total)[ENVELOPE_SIZE:]
         if tag not in KNOWN_TAGS:
             return UnknownMessage(tag, body)
@@ -257,12 +265,13 @@ class Connection:
         return message
 
     def _receive_chunk(self, body: memoryview) -> Chunk:
-        new_state = self._chunk_transition(self.their_role)
-        chunk = decode_chunk(
-            body, max_data=self.config.max_chunk_data, verify=self.config.verify_digests
-        )
-        self._session.check_chunk(chunk.disk_index, chunk.offset, chunk.length)
-        self._session.add_chunk(chunk.digest)
+        new_state = self._state
+        if self.their_role is not Role.PRIMARY or not (
+            new_state is State.BATCH or new_state is State.IR
+        ):
+            new_state = self._transition(self.their_role, MessageTag.CHUNK)
+        chunk = decode_chunk(body, self._max_chunk_data, self._verify)
+        self._session.accept_chunk(chunk.disk_index, chunk.offset, chunk.length, chunk.digest)
         self._state = new_state
         return chunk
 
@@ -286,7 +295,9 @@ class Connection:
         self._session.apply(message)
         if isinstance(message, NegotiateResponse):
             self._negotiated = message
-            if not message.ok:
+            if message.ok:
+                self._compression = message.compression
+            else:
                 new_state = State.MUST_CLOSE
         self._state = new_state
 
@@ -353,26 +364,25 @@ class Connection:
         *,
         compress_data: bool,
     ) -> list[Bytes]:
-        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
         if digest is None:
             digest = chunk_digest(data)
         new_state = self._chunk_transition(self.our_role)
         try:
             check_outgoing(disk_index, offset, length, digest)
-            if length > self.config.max_chunk_data:
-                raise FrameTooLarge(f"chunk of {length} bytes over {self.config.max_chunk_data}")
-            self._session.check_chunk(disk_index, offset, length)
+            if length > self._max_chunk_data:
+                raise FrameTooLarge(f"chunk of {length} bytes over {self._max_chunk_data}")
+            self._session.accept_chunk(disk_index, offset, length, digest)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot send chunk: {exc}") from exc
-        flags = ChunkFlags.NONE
-        payload: Bytes = data
-        if digest == zero_digest(length) and memoryview(_ZEROS)[:length] == data:
-            flags, payload = ChunkFlags.ZERO, b""
-        elif compress_data and self.compression is not Compression.NONE:
-            packed = compress(data, self.compression)
-            if packed is not None:
-                flags, payload = COMPRESSION_FLAGS[self.compression], packed
-        self._session.add_chunk(digest)
         self._state = new_state
-        header = encode_chunk_header(disk_index, offset, length, flags, digest, len(payload))
-        return [header, payload] if flags is not ChunkFlags.ZERO else [header]
+        if digest == zero_digest(length) and memoryview(_ZEROS)[:length] == data:
+            return [encode_chunk_header(disk_index, offset, length, _ZERO, digest, 0)]
+        compression = self._compression
+        if compress_data and compression is not Compression.NONE:
+            packed = compress(data, compression)
+            if packed is not None:
+                flags = COMPRESSION_FLAGS[compression]
+                header = encode_chunk_header(disk_index, offset, length, flags, digest, len(packed))
+                return [header, packed]
+        return [encode_chunk_header(disk_index, offset, length, _NONE, digest, length), data]

@@ -142,8 +142,8 @@ class SessionTracker:
         elif isinstance(message, DigestMap):
             self._check_digest_map(message)
 
-    def check_chunk(self, disk_index: int, offset: int, length: int) -> None:
-        """Check one chunk of the current IR or batch before it is used."""
+    def accept_chunk(self, disk_index: int, offset: int, length: int, digest: bytes) -> None:
+        """Check one chunk of the current IR or batch before it is used, then count it."""
         if disk_index >= len(self.disks):
             raise ChunkOutOfRange(f"chunk for disk {disk_index}; the VM has {len(self.disks)}")
         if offset + length > self.disks[disk_index].size:
@@ -153,9 +153,6 @@ class SessionTracker:
             )
         if self._declared_chunks is not None and self._aggregate.count >= self._declared_chunks:
             raise CountMismatch(f"more chunks than the {self._declared_chunks} declared")
-
-    def add_chunk(self, digest: bytes) -> None:
-        """Account for a chunk that passed :meth:`check_chunk`."""
         self._aggregate.add(digest)
 
     def apply(self, message: Message) -> None:
