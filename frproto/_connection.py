@@ -265,11 +265,7 @@ class Connection:
         return message
 
     def _receive_chunk(self, body: memoryview) -> Chunk:
-        new_state = self._state
-        if self.their_role is not Role.PRIMARY or not (
-            new_state is State.BATCH or new_state is State.IR
-        ):
-            new_state = self._transition(self.their_role, MessageTag.CHUNK)
+        new_state = self._chunk_transition(self.their_role)
         chunk = decode_chunk(body, self._max_chunk_data, self._verify)
         self._session.accept_chunk(chunk.disk_index, chunk.offset, chunk.length, chunk.digest)
         self._state = new_state
@@ -312,8 +308,8 @@ class Connection:
         """
         if isinstance(message, Chunk):
             data = memoryview(_ZEROS)[: message.length] if message.is_zero else message.data
-            pieces = self._send_chunk(
-                message.disk_index, message.offset, data, message.digest, compress_data=False
+            pieces = self.send_chunk(
+                message.disk_index, message.offset, data, digest=message.digest, compress_data=False
             )
             return b"".join(pieces)
         if self._state is State.ERROR and not isinstance(message, Error):
@@ -353,17 +349,6 @@ class Connection:
             digest: XXH3-128 of ``data`` if the caller has it already (digest once).
             compress_data: use the negotiated compression when it makes the data smaller.
         """
-        return self._send_chunk(disk_index, offset, data, digest, compress_data=compress_data)
-
-    def _send_chunk(
-        self,
-        disk_index: int,
-        offset: int,
-        data: Bytes,
-        digest: bytes | None,
-        *,
-        compress_data: bool,
-    ) -> list[Bytes]:
         length = data.nbytes if isinstance(data, memoryview) else len(data)
         if digest is None:
             digest = chunk_digest(data)
