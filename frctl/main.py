@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import frproto
 
+from .node_commands import register as register_node_commands
+
 
 def _cmd_version(args: argparse.Namespace) -> int:
     major, minor = frproto.PROTOCOL_VERSION
@@ -53,6 +55,147 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(verbose=not args.quiet)
 
 
+# -- frctl cert: the private CA and host certificates (node/certs.py) -------------------
+
+
+def _positive_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"days must be at least 1, not {days}")
+    return days
+
+
+def _cmd_cert_ca_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node.certs import CertError, create_ca, describe_cert
+
+    try:
+        files = create_ca(Path(args.dir), name=args.name, days=args.days, overwrite=args.force)
+        info = describe_cert(files.cert)
+    except (CertError, OSError) as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {files.key}")
+    print(f"wrote {files.cert}")
+    print(f"CA fingerprint (sha256): {info.fingerprint_sha256}", file=sys.stderr)
+    print(
+        f"keep {files.key} secret and backed up: losing it means re-issuing every host "
+        "certificate; copy only ca.pem to hosts",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_cert_issue(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from node.certs import CA_CERT, CertError, issue_host_cert
+
+    ca_dir, out_dir = Path(args.ca), Path(args.out)
+    try:
+        ca_pem = (ca_dir / CA_CERT).read_bytes()
+        copy = out_dir / CA_CERT
+        ca_copy_existed = copy.is_file() and copy.read_bytes() == ca_pem
+    except OSError:
+        ca_copy_existed = False  # issue_host_cert reports the missing CA
+    try:
+        files = issue_host_cert(
+            ca_dir,
+            out_dir,
+            args.name,
+            extra_names=args.san or (),
+            ip_addresses=args.ip or (),
+            days=args.days,
+            overwrite=args.force,
+        )
+    except (CertError, OSError) as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {files.key}")
+    print(f"wrote {files.cert}")
+    if not ca_copy_existed:
+        print(f"wrote {files.ca}")
+    return 0
+
+
+def _cmd_cert_show(args: argparse.Namespace) -> int:
+    import datetime as dt
+    from pathlib import Path
+
+    from node.certs import CertError, describe_cert
+
+    try:
+        info = describe_cert(Path(args.file))
+    except CertError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info.to_dict()))
+        return 0
+    now = dt.datetime.now(dt.UTC)
+    if now > info.not_after:
+        state = "EXPIRED"
+    elif now < info.not_before:
+        state = "NOT YET VALID"
+    else:
+        state = f"valid, {(info.not_after - now).days} days left"
+    rows = [
+        ("subject CN", info.subject_cn or "-"),
+        ("issuer CN", info.issuer_cn or "-"),
+        ("DNS names", ", ".join(info.dns_names) or "-"),
+        ("IP addresses", ", ".join(info.ip_addresses) or "-"),
+        ("not before", info.not_before.isoformat()),
+        ("not after", f"{info.not_after.isoformat()} ({state})"),
+        ("CA", "yes" if info.is_ca else "no"),
+        ("ext key usage", ", ".join(info.ext_key_usages) or "-"),
+        ("serial", f"{info.serial:x}"),
+        ("sha256", info.fingerprint_sha256),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<14} {value}")
+    return 0
+
+
+def _add_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cert = sub.add_parser("cert", help="create the CA, issue and inspect host certificates")
+    csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+
+    ca = csub.add_parser("ca", help="the private certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    create = ca_sub.add_parser("create", help="create ca.pem and ca-key.pem in DIR")
+    create.add_argument("--dir", required=True, help="directory for ca.pem and ca-key.pem")
+    create.add_argument("--name", default="frrep CA", help="the CA's common name")
+    create.add_argument("--days", type=_positive_days, default=3650, help="validity (3650)")
+    create.add_argument("--force", action="store_true", help="overwrite existing files")
+    create.set_defaults(func=_cmd_cert_ca_create)
+
+    issue = csub.add_parser(
+        "issue", help="issue NAME.pem and NAME-key.pem (EKU server+client) signed by the CA"
+    )
+    issue.add_argument("name", metavar="NAME", help="the host's DNS name (first SAN, CN)")
+    issue.add_argument("--ca", required=True, help="directory holding ca.pem and ca-key.pem")
+    issue.add_argument("--out", required=True, help="directory for the host's files")
+    issue.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="extra DNS name, e.g. the broker's CAP name (repeatable)",
+    )
+    issue.add_argument("--ip", action="append", metavar="ADDR", help="IP address SAN (repeatable)")
+    issue.add_argument("--days", type=_positive_days, default=825, help="validity (825)")
+    issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.set_defaults(func=_cmd_cert_issue)
+
+    show = csub.add_parser("show", help="describe a certificate file")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=_cmd_cert_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
@@ -75,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("hex")
     decode.add_argument("--json", action="store_true", help="print the message as JSON")
     decode.set_defaults(func=_cmd_decode)
+
+    _add_cert_parser(sub)
+    register_node_commands(sub)
     return parser
 
 

@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 from ._messages import Bytes, DiskInfo, Error, Message, NegotiateResponse
-from ._replication import Chunk
+from ._replication import Chunk, DigestMapRequest
 from ._session import SessionTracker
 from ._state import IllegalTransition, State, error_outcome, next_state
 from ._wire import ENVELOPE
@@ -165,6 +165,11 @@ class Connection:
     def aggregate_digest(self) -> bytes:
         """Aggregate digest of the chunks of the current IR or batch (for IREnd/BatchEnd)."""
         return self._session.aggregate_digest
+
+    def digest_map_size(self, request: DigestMapRequest) -> int:
+        """How many digests the DigestMap answering ``request`` must hold (the range is
+        cut at the disk's end); for the recovery side building its answer."""
+        return self._session.expected_blocks(request)
 
     @property
     def chunk_count(self) -> int:

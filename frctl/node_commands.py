@@ -1,0 +1,207 @@
+"""frctl subcommands of the host agent: ``server``, ``primary`` and ``replication``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+#: Health values that make ``replication status --check`` exit with 3.
+_UNHEALTHY = {"warning", "critical"}
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def parse_frequency(text: str) -> float:
+    """``30s``, ``5m``, ``15m``, ``1h`` or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a frequency: {text!r} (use 30s, 5m, 15m...)")
+    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the frequency must be positive")
+    return value
+
+
+def _cmd_server_run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, load_recovery_server_config
+    from node.recovery_server import RecoveryServer
+
+    _logging(args.log_level)
+    try:
+        config = load_recovery_server_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    trio.run(RecoveryServer(config).serve)
+    return 0
+
+
+def _primary_config(args: argparse.Namespace) -> Any:
+    from node.config import load_primary_config
+
+    return load_primary_config(Path(args.config))
+
+
+def _cmd_primary_run(args: argparse.Namespace) -> int:
+    from node.primary.service import run_primary
+
+    _logging(args.log_level)
+    trio.run(run_primary, _primary_config(args))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from node.primary.state import PrimaryStateStore
+
+    return PrimaryStateStore(_primary_config(args).state_dir)
+
+
+def _cmd_enable(args: argparse.Namespace) -> int:
+    from node.primary.state import VMReplicationState
+
+    disks = []
+    for spec in args.disk:
+        disk_id, _, path = spec.partition("=")
+        image = Path(path)
+        if not disk_id or not path or not image.is_file():
+            print(f"frctl: --disk {spec!r}: use ID=PATH to an existing image", file=sys.stderr)
+            return 1
+        disks.append(
+            {"disk_id": disk_id, "path": str(image.resolve()), "size": image.stat().st_size}
+        )
+    host, _, port = args.server.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"frctl: --server {args.server!r}: use HOST:PORT", file=sys.stderr)
+        return 1
+    state = VMReplicationState(
+        vmid=str(uuid.UUID(args.vmid)),
+        name=args.name,
+        disks=disks,
+        block_size=args.block_size,
+        recovery_host=host,
+        recovery_port=int(port),
+        server_name=args.server_name or host,
+        frequency_s=args.frequency,
+        paused=False,
+        ir_state="NOT_STARTED",
+        ir_cursor=[0, 0],
+        sequence=0,
+        last_replicated_at=None,
+        last_cycle_started_at=None,
+        pending_bytes=0,
+        health="initial replication",
+        broker=None,
+    )
+    _store(args).save(state)
+    print(f"replication/{args.name} enabled")
+    return 0
+
+
+def _set_paused(args: argparse.Namespace, paused: bool) -> int:
+    store = _store(args)
+    state = store.load(str(uuid.UUID(args.vmid)))
+    state.paused = paused
+    store.save(state)
+    print(f"replication/{state.name} {'paused' if paused else 'resumed'}")
+    return 0
+
+
+def _cmd_disable(args: argparse.Namespace) -> int:
+    store = _store(args)
+    vmid = str(uuid.UUID(args.vmid))
+    name = store.load(vmid).name
+    store.delete(vmid)
+    print(f"replication/{name} disabled")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = []
+    for state in sorted(_store(args).all(), key=lambda s: s.name):
+        lag = None if state.last_replicated_at is None else now - state.last_replicated_at
+        rows.append(
+            {
+                "vmid": state.vmid,
+                "name": state.name,
+                "state": "paused" if state.paused else state.health,
+                "ir": state.ir_state,
+                "sequence": state.sequence,
+                "last_replicated_at": state.last_replicated_at,
+                "lag_seconds": None if lag is None else round(lag, 1),
+                "pending_bytes": state.pending_bytes,
+                "recovery_server": f"{state.recovery_host}:{state.recovery_port}",
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'VM':<20} {'STATE':<20} {'SEQ':>6} {'LAG':>8} {'PENDING':>12}  SERVER")
+        for r in rows:
+            lag = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.0f}s"
+            print(
+                f"{r['name']:<20} {r['state']:<20} {r['sequence']:>6} {lag:>8} "
+                f"{r['pending_bytes']:>12}  {r['recovery_server']}"
+            )
+    if args.check and any(r["state"] in _UNHEALTHY for r in rows):
+        return 3
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the host agent's subcommands to frctl's subparsers."""
+    server = sub.add_parser("server", help="the recovery server")
+    ssub = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
+    run = ssub.add_parser("run", help="run a recovery server from a config file")
+    run.add_argument("--config", required=True, help="recovery server TOML file")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    run.set_defaults(func=_cmd_server_run)
+
+    primary = sub.add_parser("primary", help="the primary replicator service")
+    psub = primary.add_subparsers(dest="primary_command", required=True, metavar="ACTION")
+    prun = psub.add_parser("run", help="replicate every enabled VM until stopped")
+    prun.add_argument("--config", required=True, help="primary TOML file")
+    prun.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    prun.set_defaults(func=_cmd_primary_run)
+
+    rep = sub.add_parser("replication", help="enable, inspect and control VM replication")
+    rsub = rep.add_subparsers(dest="replication_command", required=True, metavar="ACTION")
+    enable = rsub.add_parser("enable", help="enable replication of a VM")
+    enable.add_argument("--config", required=True, help="primary TOML file")
+    enable.add_argument("--vmid", required=True)
+    enable.add_argument("--name", required=True)
+    enable.add_argument("--disk", action="append", required=True, metavar="ID=PATH")
+    enable.add_argument("--server", required=True, metavar="HOST:PORT")
+    enable.add_argument("--server-name", help="TLS name of the server (default: HOST)")
+    enable.add_argument("--frequency", type=parse_frequency, default=300.0, help="30s, 5m, 15m...")
+    enable.add_argument("--block-size", type=int, default=65536)
+    enable.set_defaults(func=_cmd_enable)
+    status = rsub.add_parser("status", help="health and lag of each VM")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--check", action="store_true", help="exit 3 if any VM is unhealthy")
+    status.set_defaults(func=_cmd_status)
+    for name, func in (
+        ("pause", lambda a: _set_paused(a, True)),
+        ("resume", lambda a: _set_paused(a, False)),
+        ("disable", _cmd_disable),
+    ):
+        action = rsub.add_parser(name, help=f"{name} replication of a VM")
+        action.add_argument("--config", required=True)
+        action.add_argument("vmid")
+        action.set_defaults(func=func)

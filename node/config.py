@@ -1,0 +1,184 @@
+"""The recovery server's configuration file (TOML).
+
+Example::
+
+    [server]
+    name = "r1.example.com"      # this host's name: SNI, certificates, negotiation
+    listen = "127.0.0.2"         # address to listen on
+    port = 7443
+    recovery_points = 24         # recovery points kept per replica
+
+    [tls]                        # paths are relative to this file
+    cert = "certs/r1.example.com.pem"
+    key = "certs/r1.example.com-key.pem"
+    ca = "certs/ca.pem"
+
+    [[authorization]]
+    primary = "*.primary.example.com"   # exact host name or *.domain
+    storage = "replicas"
+    trust_group = "site-a"
+
+    # [any_primary]                     # explicit: any primary with a certificate from our CA
+    # storage = "replicas"
+    # trust_group = "default"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .authz import Authorization, AuthorizationEntry
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or wrong; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """Certificate, key and CA of this host."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryServerConfig:
+    """Everything a recovery server needs to start."""
+
+    name: str
+    listen: str
+    port: int
+    tls: TLSFiles
+    authorization: Authorization
+    recovery_points: int = 24
+
+
+def _table(data: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: missing [{key}] table")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table")
+    try:
+        return AuthorizationEntry(
+            primary=_str(item, "primary", where) if "primary" in item else "*.any",
+            storage=base / _str(item, "storage", where),
+            trust_group=_str(item, "trust_group", where),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
+    """Read and check a recovery server configuration file.
+
+    Raises:
+        ConfigError: with the file and the key that is wrong.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base = path.parent
+    server = _table(data, "server", path)
+    tls = _table(data, "tls", path)
+    port = server.get("port", 7443)
+    points = server.get("recovery_points", 24)
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        raise ConfigError(f"{path}: [server] port must be 0-65535 (0: any free port)")
+    if not isinstance(points, int) or not 1 <= points <= 10_000:
+        raise ConfigError(f"{path}: [server] recovery_points must be 1-10000")
+    entries = data.get("authorization", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: [[authorization]] must be an array of tables")
+    any_table = data.get("any_primary")
+    any_entry = None
+    if any_table is not None:
+        any_entry = _entry(dict(any_table, primary="*.any"), base, f"{path} [any_primary]")
+    return RecoveryServerConfig(
+        name=_str(server, "name", f"{path} [server]"),
+        listen=str(server.get("listen", "0.0.0.0")),
+        port=port,
+        tls=TLSFiles(
+            cert=base / _str(tls, "cert", f"{path} [tls]"),
+            key=base / _str(tls, "key", f"{path} [tls]"),
+            ca=base / _str(tls, "ca", f"{path} [tls]"),
+        ),
+        authorization=Authorization(
+            entries=tuple(
+                _entry(item, base, f"{path} [[authorization]] #{i + 1}")
+                for i, item in enumerate(entries)
+            ),
+            any_primary=any_entry,
+        ),
+        recovery_points=points,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryConfig:
+    """A primary server: its name, where replication state lives, its TLS files.
+
+    Example::
+
+        [primary]
+        name = "p1.example.com"
+        state_dir = "state"          # relative to this file
+        # local_address = "127.0.0.3"  # source address for connections (tests)
+
+        [tls]
+        cert = "certs/p1.example.com.pem"
+        key = "certs/p1.example.com-key.pem"
+        ca = "certs/ca.pem"
+    """
+
+    name: str
+    state_dir: Path
+    tls: TLSFiles
+    local_address: str | None = None
+
+
+def load_primary_config(path: Path) -> PrimaryConfig:
+    """Read and check a primary configuration file.
+
+    Raises:
+        ConfigError: with the file and the key that is wrong.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base = path.parent
+    primary = _table(data, "primary", path)
+    tls = _table(data, "tls", path)
+    local = primary.get("local_address")
+    return PrimaryConfig(
+        name=_str(primary, "name", f"{path} [primary]"),
+        state_dir=base / _str(primary, "state_dir", f"{path} [primary]"),
+        tls=TLSFiles(
+            cert=base / _str(tls, "cert", f"{path} [tls]"),
+            key=base / _str(tls, "key", f"{path} [tls]"),
+            ca=base / _str(tls, "ca", f"{path} [tls]"),
+        ),
+        local_address=str(local) if local else None,
+    )

@@ -1,0 +1,430 @@
+"""The pending log: captured cycles the recovery server has not acknowledged yet.
+
+Each cycle's changed blocks are copied here at capture time (a consistent point), so the
+VM may run on while the cycle waits to be sent: when the recovery server is unreachable,
+cycles pile up here (on disk, not in memory) until it returns. The log is bounded
+(``max_bytes``); a cycle that would pass the bound is refused whole, and the log is
+marked *overflowed* (persisted): the changes since the last acknowledged cycle are then
+no longer all here, and replication must resynchronize (compare digests) rather than go
+on. Never a silent full IR, never a gap.
+
+Layout: one file per cycle in the log's directory, ``<sequence, 20 digits>.cycle``,
+written as a temporary file, fsynced and renamed into place, so a cycle is in the log
+whole or not at all; ``OVERFLOWED`` exists while the log is overflowed. Leftover
+temporary files (a crash during an append) are removed on open.
+
+Cycle file format (integers big-endian)::
+
+    header   32 bytes
+        magic           4s   b"FRPL"
+        version         u16  1
+        reserved        u16  0
+        sequence        u64
+        captured_at_ms  u64
+        checksum        u64  XXH3-64 of the 24 bytes above
+    records, one per chunk
+        disk_index      u32
+        length          u32  bytes of data
+        offset          u64  byte offset in the disk
+        checksum        u64  XXH3-64 of the 16 bytes above and the data, seeded with
+                             the previous record's checksum (the first: the header's)
+        data            length bytes
+    trailer  40 bytes, at the end of the file
+        magic           4s   b"FRPE"
+        reserved        u32  0
+        chunk_count     u64
+        nbytes          u64  data bytes of all records
+        last_checksum   u64  the last record's checksum (the header's if none)
+        checksum        u64  XXH3-64 of the 32 bytes above, seeded with the header's
+
+The chained checksums make a torn, truncated, reordered or foreign record detectable;
+:meth:`PendingLog.read_cycle` raises :class:`PendingLogCorrupt` on any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import xxhash
+
+from .state import fsync_dir
+
+_MAGIC: Final = b"FRPL"
+_END_MAGIC: Final = b"FRPE"
+_VERSION: Final = 1
+_HEADER: Final = struct.Struct(">4sHHQQQ")
+_RECORD: Final = struct.Struct(">IIQQ")
+_TRAILER: Final = struct.Struct(">4sIQQQQ")
+_RECORD_FIELDS: Final = 16  # bytes of a record header covered by its checksum
+_TRAILER_FIELDS: Final = 32
+_NAME: Final = re.compile(r"^(\d{20})\.cycle$")
+_OVERFLOW_MARK: Final = "OVERFLOWED"
+_MAX_CHUNK: Final = 0xFFFFFFFF
+
+#: Framing bytes of a cycle with no chunk (header and trailer).
+CYCLE_OVERHEAD: Final = _HEADER.size + _TRAILER.size
+#: Framing bytes per chunk.
+RECORD_OVERHEAD: Final = _RECORD.size
+
+
+class PendingLogError(Exception):
+    """Base of the pending log's errors."""
+
+
+class PendingLogFull(PendingLogError):
+    """The cycle would pass the log's bound (or the log is already overflowed): nothing
+    of it was kept, and the log is marked overflowed. Resynchronize."""
+
+
+class PendingLogCorrupt(PendingLogError):
+    """A cycle file is torn or damaged: its data cannot be trusted. Resynchronize."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCycle:
+    """One cycle in the log.
+
+    Attributes:
+        sequence: the delta batch sequence it will be sent as.
+        captured_at_ms: when it was captured (ms since the epoch).
+        nbytes: data bytes of its chunks (0 when not intact).
+        chunk_count: number of chunks (0 when not intact).
+        intact: False when the file's header or trailer does not check (found when the
+            log was opened); :meth:`PendingLog.read_cycle` raises PendingLogCorrupt.
+        file_bytes: size of its file, framing included (counts against the bound).
+    """
+
+    sequence: int
+    captured_at_ms: int
+    nbytes: int
+    chunk_count: int
+    intact: bool = True
+    file_bytes: int = 0
+
+
+class PendingLog:
+    """A bounded on-disk log of unacknowledged cycles in ``directory`` (created if needed).
+
+    Args:
+        directory: the log's own directory.
+        max_bytes: bound on the total size of the cycle files, framing included.
+
+    Synchronous; run :meth:`append_cycle` and :meth:`read_cycle` in a worker thread from
+    Trio code. Thread-safe: the metadata is guarded by a lock that is never held during
+    a cycle's data I/O, so :meth:`cycles`, :attr:`size_bytes` and :meth:`drop_through`
+    stay cheap while an append runs in another thread (one append at a time).
+    """
+
+    def __init__(self, directory: Path, *, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._cycles: dict[int, PendingCycle] = {}
+        self._appending = False
+        for entry in self.directory.iterdir():
+            if entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                continue
+            match = _NAME.match(entry.name)
+            if match:
+                sequence = int(match.group(1))
+                self._cycles[sequence] = _inspect(entry, sequence)
+        self._overflowed = (self.directory / _OVERFLOW_MARK).exists()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        """Total size of the cycle files (what the bound limits)."""
+        with self._lock:
+            return sum(c.file_bytes for c in self._cycles.values())
+
+    @property
+    def overflowed(self) -> bool:
+        """True once a cycle was refused for the bound, until :meth:`clear_overflow`."""
+        return self._overflowed
+
+    def clear_overflow(self) -> None:
+        """Forget the overflow (after a resynchronization); durable."""
+        with self._lock:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / _OVERFLOW_MARK).unlink()
+            fsync_dir(self.directory)
+            self._overflowed = False
+
+    def clear(self) -> None:
+        """Drop every cycle (e.g. after a resynchronization made them moot)."""
+        with self._lock:
+            self._drop(list(self._cycles))
+
+    def cycles(self) -> list[PendingCycle]:
+        """The cycles in the log, oldest (lowest sequence) first."""
+        with self._lock:
+            return [self._cycles[s] for s in sorted(self._cycles)]
+
+    def path_of(self, sequence: int) -> Path:
+        """The file of a cycle."""
+        return self.directory / f"{sequence:020d}.cycle"
+
+    # -- append -----------------------------------------------------------------------------
+
+    def append_cycle(
+        self,
+        sequence: int,
+        captured_at_ms: int,
+        chunks: Iterable[tuple[int, int, bytes | memoryview]],
+    ) -> int:
+        """Write one cycle, durably, as a whole.
+
+        Each chunk's data is written before the next chunk is taken from ``chunks``, so
+        the chunks may be views of a buffer the producer reuses.
+
+        Args:
+            sequence: the batch sequence; larger than every cycle already in the log.
+            captured_at_ms: capture time, ms since the epoch.
+            chunks: ``(disk_index, offset, data)``.
+
+        Returns:
+            The size of the cycle's file (framing included).
+
+        Raises:
+            PendingLogFull: the cycle would pass ``max_bytes``, or the log is already
+                overflowed; nothing of the cycle is kept and the log is (now) marked
+                overflowed, durably.
+            ValueError: a sequence not above the log's last, or a bad chunk; nothing kept.
+            OSError: from the file system; nothing kept.
+        """
+        with self._lock:
+            if self._overflowed:
+                raise PendingLogFull("the pending log is overflowed: resynchronize")
+            if self._appending:
+                raise RuntimeError("another append_cycle is in progress")
+            last = max(self._cycles, default=-1)
+            if sequence <= last:
+                raise ValueError(f"sequence {sequence} is not above the log's last ({last})")
+            if sequence < 0 or captured_at_ms < 0:
+                raise ValueError("sequence and captured_at_ms must not be negative")
+            budget = self.max_bytes - sum(c.file_bytes for c in self._cycles.values())
+            self._appending = True
+        # The long write runs without the lock, so that cycles(), size_bytes and
+        # drop_through() stay quick meanwhile (a drop only frees room).
+        try:
+            path = self.path_of(sequence)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    written, count, nbytes = self._write(
+                        fd, sequence, captured_at_ms, chunks, budget
+                    )
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if isinstance(exc, PendingLogFull):
+                    with self._lock:
+                        self._mark_overflowed()
+                raise
+            fsync_dir(self.directory)
+            with self._lock:
+                self._cycles[sequence] = PendingCycle(
+                    sequence, captured_at_ms, nbytes, count, True, written
+                )
+            return written
+        finally:
+            with self._lock:
+                self._appending = False
+
+    def _write(
+        self,
+        fd: int,
+        sequence: int,
+        captured_at_ms: int,
+        chunks: Iterable[tuple[int, int, bytes | memoryview]],
+        budget: int,
+    ) -> tuple[int, int, int]:
+        head = _HEADER.pack(_MAGIC, _VERSION, 0, sequence, captured_at_ms, 0)[:24]
+        seed = xxhash.xxh3_64_intdigest(head)
+        header = head + seed.to_bytes(8, "big")
+        first_seed = seed
+        written = _write_all(fd, [header])
+        count = nbytes = 0
+        for disk_index, offset, data in chunks:
+            length = len(data)
+            if not 0 <= disk_index <= 0xFFFFFFFF or offset < 0 or length > _MAX_CHUNK:
+                raise ValueError(f"bad chunk: disk {disk_index} offset {offset} len {length}")
+            if written + _RECORD.size + length + _TRAILER.size > budget:
+                raise PendingLogFull(
+                    f"cycle {sequence} would pass the pending log's bound of "
+                    f"{self.max_bytes} bytes: resynchronize"
+                )
+            fields = _RECORD.pack(disk_index, length, offset, 0)[:_RECORD_FIELDS]
+            hasher = xxhash.xxh3_64(fields, seed=seed)
+            hasher.update(data)
+            seed = hasher.intdigest()
+            written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data])
+            count += 1
+            nbytes += length
+        if written + _TRAILER.size > budget:
+            raise PendingLogFull(f"cycle {sequence} would pass the pending log's bound")
+        body = _TRAILER.pack(_END_MAGIC, 0, count, nbytes, seed, 0)[:_TRAILER_FIELDS]
+        check = xxhash.xxh3_64_intdigest(body, seed=first_seed)
+        written += _write_all(fd, [body + check.to_bytes(8, "big")])
+        return written, count, nbytes
+
+    def _mark_overflowed(self) -> None:
+        mark = self.directory / _OVERFLOW_MARK
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.directory)
+        self._overflowed = True
+
+    # -- read -------------------------------------------------------------------------------
+
+    def read_cycle(self, sequence: int) -> Iterator[tuple[int, int, bytes]]:
+        """The chunks of one cycle, in the order they were appended, each verified.
+
+        The header and trailer are checked before the first chunk is yielded; each record
+        is checked before it is yielded, and the chain is checked at the end.
+
+        Raises:
+            KeyError: no such cycle in the log.
+            PendingLogCorrupt: torn or damaged file.
+        """
+        with self._lock:
+            if sequence not in self._cycles:
+                raise KeyError(f"no cycle {sequence} in the pending log")
+        return self._read(self.path_of(sequence), sequence)
+
+    def _read(self, path: Path, sequence: int) -> Iterator[tuple[int, int, bytes]]:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+        except FileNotFoundError as exc:
+            raise PendingLogCorrupt(f"{path.name}: the cycle file vanished") from exc
+        try:
+            file_size = os.fstat(f.fileno()).st_size
+            _seq, _at, seed = _check_header(f.read(_HEADER.size), path, sequence)
+            count, nbytes, last = _read_trailer(f, file_size, seed, path)
+            f.seek(_HEADER.size)
+            end = file_size - _TRAILER.size
+            pos = _HEADER.size
+            total = 0
+            for index in range(count):
+                raw = f.read(_RECORD.size)
+                if len(raw) != _RECORD.size or pos + _RECORD.size > end:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
+                disk_index, length, offset, checksum = _RECORD.unpack(raw)
+                pos += _RECORD.size + length
+                if pos > end:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")
+                data = f.read(length)
+                hasher = xxhash.xxh3_64(raw[:_RECORD_FIELDS], seed=seed)
+                hasher.update(data)
+                seed = hasher.intdigest()
+                if len(data) != length or seed != checksum:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} checksum mismatch")
+                total += length
+                yield disk_index, offset, data
+            if pos != end or seed != last or total != nbytes:
+                raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
+        finally:
+            f.close()
+
+    # -- drop -------------------------------------------------------------------------------
+
+    def drop_through(self, sequence: int) -> None:
+        """Remove every cycle up to and including ``sequence`` (it was acknowledged)."""
+        with self._lock:
+            self._drop([s for s in self._cycles if s <= sequence])
+
+    def _drop(self, sequences: list[int]) -> None:
+        if not sequences:
+            return
+        for s in sequences:
+            with contextlib.suppress(FileNotFoundError):
+                self.path_of(s).unlink()
+            del self._cycles[s]
+        fsync_dir(self.directory)
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> int:
+    """``writev`` every byte of ``parts``; returns the byte count."""
+    views = [memoryview(p).cast("B") for p in parts]
+    written = total = sum(len(v) for v in views)
+    done = os.writev(fd, views)
+    while done < total:
+        skip = done
+        rest = []
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            rest.append(v[skip:])
+            skip = 0
+        views = rest
+        total -= done
+        done = os.writev(fd, views)
+    return written
+
+
+def _check_header(raw: bytes, path: Path, sequence: int) -> tuple[int, int, int]:
+    if len(raw) != _HEADER.size:
+        raise PendingLogCorrupt(f"{path.name}: header is torn")
+    magic, version, _reserved, seq, captured_at_ms, checksum = _HEADER.unpack(raw)
+    if magic != _MAGIC or version != _VERSION:
+        raise PendingLogCorrupt(f"{path.name}: not a pending cycle file")
+    if xxhash.xxh3_64_intdigest(raw[:24]) != checksum or seq != sequence:
+        raise PendingLogCorrupt(f"{path.name}: header checksum or sequence mismatch")
+    return seq, captured_at_ms, checksum
+
+
+def _read_trailer(f: BinaryIO, file_size: int, seed: int, path: Path) -> tuple[int, int, int]:
+    """Check the trailer; returns ``(chunk_count, nbytes, last_checksum)``."""
+    if file_size < _HEADER.size + _TRAILER.size:
+        raise PendingLogCorrupt(f"{path.name}: no trailer (torn)")
+    f.seek(file_size - _TRAILER.size)
+    raw = f.read(_TRAILER.size)
+    if len(raw) != _TRAILER.size:
+        raise PendingLogCorrupt(f"{path.name}: trailer is torn")
+    magic, _reserved, count, nbytes, last, checksum = _TRAILER.unpack(raw)
+    if magic != _END_MAGIC or xxhash.xxh3_64_intdigest(raw[:_TRAILER_FIELDS], seed=seed) != (
+        checksum
+    ):
+        raise PendingLogCorrupt(f"{path.name}: trailer missing or damaged (torn file)")
+    if count * _RECORD.size + nbytes != file_size - _HEADER.size - _TRAILER.size:
+        raise PendingLogCorrupt(f"{path.name}: trailer does not match the file size")
+    return count, nbytes, last
+
+
+def _inspect(path: Path, sequence: int) -> PendingCycle:
+    """Metadata of a cycle file found on open (not intact if header or trailer is bad)."""
+    try:
+        file_size = path.stat().st_size
+    except OSError:
+        return PendingCycle(sequence, 0, 0, 0, False, 0)
+    captured_at_ms = 0
+    try:
+        with open(path, "rb") as f:
+            _seq, captured_at_ms, seed = _check_header(f.read(_HEADER.size), path, sequence)
+            count, nbytes, _last = _read_trailer(f, file_size, seed, path)
+    except (OSError, PendingLogCorrupt):
+        return PendingCycle(sequence, captured_at_ms, 0, 0, False, file_size)
+    return PendingCycle(sequence, captured_at_ms, nbytes, count, True, file_size)

@@ -1,0 +1,55 @@
+"""The primary service: one :class:`VMReplicator` per enabled VM, started as VMs appear.
+
+``frctl primary run`` runs this; ``frctl replication enable`` only writes a VM's state
+file, which the running service picks up within ``POLL_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from node.config import PrimaryConfig
+from node.tls import client_context
+
+from .replicator import VMReplicator
+from .state import PrimaryStateStore
+
+log = logging.getLogger("frrep.primary")
+
+#: How often the service looks for newly enabled (or disabled) VMs.
+POLL_SECONDS = 2.0
+
+
+async def run_primary(
+    config: PrimaryConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Replicate every enabled VM until cancelled."""
+    store = PrimaryStateStore(config.state_dir)
+    ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
+    running: dict[str, trio.CancelScope] = {}
+
+    async def replicate(replicator: VMReplicator, scope: trio.CancelScope) -> None:
+        with scope:
+            await replicator.run()
+        running.pop(replicator.state.vmid, None)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            states = {s.vmid: s for s in store.all()}
+            for vmid, state in states.items():
+                if vmid not in running:
+                    log.info("replicating %s (%s)", state.name, vmid)
+                    scope = trio.CancelScope()
+                    running[vmid] = scope
+                    replicator = VMReplicator(
+                        state, store, ssl_context, local_address=config.local_address
+                    )
+                    nursery.start_soon(replicate, replicator, scope)
+            for vmid in [v for v in running if v not in states]:
+                log.info("replication of %s disabled", vmid)
+                running.pop(vmid).cancel()
+            await trio.sleep(POLL_SECONDS)

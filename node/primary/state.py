@@ -1,0 +1,312 @@
+"""Persisted per-VM state of the primary server, one atomic JSON file per VM.
+
+Layout under the store's root (the primary's ``state_dir``)::
+
+    <root>/<vmid>/state.json     this module (VMReplicationState, JSON, one object)
+    <root>/<vmid>/...            whatever else the replicator keeps per VM (digest maps,
+                                 the pending log); :meth:`PrimaryStateStore.delete`
+                                 removes it with the state
+
+``<vmid>`` is always the canonical lower-case form of the VM's GUID, so nothing taken from
+a user or the wire becomes a path unchecked.
+
+Every write is atomic and durable: a temporary file in the same directory, ``fsync``,
+``rename`` over the old file, ``fsync`` of the directory (:func:`write_file_atomic`, used
+by the other modules of this package too). A crash leaves either the old or the new file,
+never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger("frrep.primary")
+
+Buffer = bytes | bytearray | memoryview
+
+#: Values of :attr:`VMReplicationState.ir_state`.
+IR_STATES: Final[tuple[str, ...]] = ("NOT_STARTED", "IN_PROGRESS", "COMPLETE")
+
+#: Name of a VM's state file inside its directory.
+STATE_FILE: Final = "state.json"
+
+#: Version of the JSON document; a file with another version is refused.
+STATE_FORMAT: Final = 1
+
+
+class StateCorrupt(ValueError):
+    """A state file exists but cannot be read as a :class:`VMReplicationState`."""
+
+
+# --------------------------------------------------------------------------------------
+# atomic files
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, parts: Buffer | Sequence[Buffer]) -> int:
+    """Atomically replace ``path`` with the concatenation of ``parts``.
+
+    A unique temporary file beside ``path`` is written (without joining the parts, so a
+    large buffer is not copied), fsynced, renamed over ``path``, and the directory is
+    fsynced. On any error the temporary file is removed and ``path`` is unchanged.
+
+    Returns:
+        The number of bytes written.
+    """
+    if isinstance(parts, bytes | bytearray | memoryview):
+        parts = (parts,)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    total = 0
+    try:
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    total += written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return total
+
+
+def canonical_vmid(vmid: str) -> str:
+    """The canonical (lower-case, hyphenated) form of a VMID; ValueError if not a GUID."""
+    try:
+        return str(uuid.UUID(vmid))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a VMID (GUID): {vmid!r}") from exc
+
+
+# --------------------------------------------------------------------------------------
+# the state
+
+
+@dataclass
+class VMReplicationState:
+    """Everything the primary remembers about one replicated VM.
+
+    Attributes:
+        vmid: the VM's GUID, canonical string form.
+        name: the VM's display name.
+        disks: one ``{"disk_id": str, "path": str, "size": int}`` per disk, in order; the
+            index in this list is the protocol's disk index.
+        block_size: change-tracking block size in bytes.
+        recovery_host / recovery_port: where the replica lives (or the broker's CAP).
+        server_name: the TLS name (SNI) of the recovery server.
+        frequency_s: seconds between replication cycles.
+        paused: replication paused by the administrator.
+        ir_state: ``"NOT_STARTED"``, ``"IN_PROGRESS"`` or ``"COMPLETE"``.
+        ir_cursor: ``[disk_index, offset]`` where a resumed IR goes on.
+        sequence: the last delta batch the recovery server acknowledged (0 after IR).
+        last_replicated_at: wall-clock time (``time.time()``) of the last ack, if any.
+        last_cycle_started_at: wall-clock time the last cycle started, if any.
+        pending_bytes: bytes in the pending log (not yet acknowledged).
+        health: shown by status (``"initial replication"``, ``"normal"``, ``"warning"``,
+            ``"critical"``...).
+        broker: the clustering broker's address when the target was found through one,
+            so a "VM not here" answer can be followed; None for a stand-alone server.
+    """
+
+    vmid: str
+    name: str
+    disks: list[dict[str, Any]]
+    block_size: int = 65536
+    recovery_host: str = ""
+    recovery_port: int = 0
+    server_name: str = ""
+    frequency_s: float = 300.0
+    paused: bool = False
+    ir_state: str = "NOT_STARTED"
+    ir_cursor: list[int] = field(default_factory=lambda: [0, 0])
+    sequence: int = 0
+    last_replicated_at: float | None = None
+    last_cycle_started_at: float | None = None
+    pending_bytes: int = 0
+    health: str = "initial replication"
+    broker: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError when a field has an impossible value."""
+        if canonical_vmid(self.vmid) != self.vmid:
+            raise ValueError(f"vmid {self.vmid!r} is not in canonical form")
+        if self.block_size <= 0 or self.block_size % 512:
+            raise ValueError(f"block_size {self.block_size} is not a positive multiple of 512")
+        for disk in self.disks:
+            if not isinstance(disk, dict):
+                raise ValueError("a disk entry is not an object")
+            if not isinstance(disk.get("disk_id"), str) or not isinstance(disk.get("path"), str):
+                raise ValueError("a disk entry needs string 'disk_id' and 'path'")
+            size = disk.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError("a disk entry needs a non-negative integer 'size'")
+        if self.ir_state not in IR_STATES:
+            raise ValueError(f"ir_state {self.ir_state!r} is not one of {IR_STATES}")
+        if len(self.ir_cursor) != 2 or any(v < 0 for v in self.ir_cursor):
+            raise ValueError("ir_cursor is not [disk_index, offset]")
+        if self.sequence < 0 or self.pending_bytes < 0:
+            raise ValueError("sequence and pending_bytes must not be negative")
+        if not math.isfinite(self.frequency_s) or self.frequency_s <= 0:
+            raise ValueError("frequency_s must be a positive number of seconds")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (with its ``format`` version)."""
+        doc = asdict(self)
+        doc["format"] = STATE_FORMAT
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> VMReplicationState:
+        """Parse and check a document made by :meth:`to_json`.
+
+        Fields missing from an older file take their defaults; unknown keys are ignored.
+
+        Raises:
+            StateCorrupt: not an object, wrong format, wrong types or impossible values.
+        """
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            raise StateCorrupt("not a primary state document of a known format")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in doc:
+                kwargs[f.name] = doc[f.name]
+        try:
+            state = cls(**kwargs)
+            _check_types(state)
+            state.validate()
+        except (TypeError, ValueError) as exc:
+            raise StateCorrupt(f"bad primary state: {exc}") from exc
+        return state
+
+
+_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "vmid": (str,),
+    "name": (str,),
+    "disks": (list,),
+    "block_size": (int,),
+    "recovery_host": (str,),
+    "recovery_port": (int,),
+    "server_name": (str,),
+    "frequency_s": (int, float),
+    "paused": (bool,),
+    "ir_state": (str,),
+    "ir_cursor": (list,),
+    "sequence": (int,),
+    "last_replicated_at": (int, float, type(None)),
+    "last_cycle_started_at": (int, float, type(None)),
+    "pending_bytes": (int,),
+    "health": (str,),
+    "broker": (str, type(None)),
+}
+
+
+def _check_types(state: VMReplicationState) -> None:
+    for name, kinds in _TYPES.items():
+        value = getattr(state, name)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"field {name!r} has the wrong type")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in state.ir_cursor):
+        raise TypeError("ir_cursor is not two integers")
+
+
+class PrimaryStateStore:
+    """The per-VM states of one primary server, under ``root``.
+
+    Synchronous and cheap (one small file per call); safe to call from Trio code directly
+    or through ``trio.to_thread``. Two processes saving the same VM at once do not corrupt
+    it: the last rename wins.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def vm_dir(self, vmid: str) -> Path:
+        """The directory of one VM (its state file and the replicator's files)."""
+        return self.root / canonical_vmid(vmid)
+
+    def save(self, state: VMReplicationState) -> None:
+        """Atomically and durably write ``state`` (ValueError if it does not validate)."""
+        state.validate()
+        directory = self.vm_dir(state.vmid)
+        directory.mkdir(parents=True, exist_ok=True)
+        raw = json.dumps(state.to_json(), indent=1, sort_keys=True).encode() + b"\n"
+        write_file_atomic(directory / STATE_FILE, raw)
+
+    def load(self, vmid: str) -> VMReplicationState:
+        """Read one VM's state.
+
+        Raises:
+            FileNotFoundError: no such VM (never enabled, or disabled).
+            StateCorrupt: the file is unreadable.
+        """
+        path = self.vm_dir(vmid) / STATE_FILE
+        raw = path.read_bytes()
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise StateCorrupt(f"{path}: not JSON: {exc}") from exc
+        state = VMReplicationState.from_json(doc)
+        if state.vmid != canonical_vmid(vmid):
+            raise StateCorrupt(f"{path}: holds the state of {state.vmid}")
+        return state
+
+    def exists(self, vmid: str) -> bool:
+        """Whether a state is saved for ``vmid``."""
+        return (self.vm_dir(vmid) / STATE_FILE).is_file()
+
+    def all(self) -> list[VMReplicationState]:
+        """Every saved state, sorted by VMID. An unreadable one is logged and skipped."""
+        states = []
+        for entry in sorted(self.root.iterdir()):
+            try:
+                vmid = canonical_vmid(entry.name)
+            except ValueError:
+                continue
+            if vmid != entry.name or not (entry / STATE_FILE).is_file():
+                continue
+            try:
+                states.append(self.load(vmid))
+            except (OSError, StateCorrupt) as exc:
+                log.warning("skipping the state of %s: %s", vmid, exc)
+        return states
+
+    def delete(self, vmid: str, *, purge: bool = True) -> None:
+        """Forget a VM: its state file first (durably), then, with ``purge``, everything
+        else in its directory. A VM that is not there is not an error."""
+        directory = self.vm_dir(vmid)
+        try:
+            (directory / STATE_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            fsync_dir(directory)
+        if purge and directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            fsync_dir(self.root)

@@ -1,0 +1,386 @@
+"""The stand-alone recovery server: mutual TLS, authorization, and the replication session.
+
+One Trio task per connection. A connection is refused before the protocol starts if the
+TLS handshake fails (no certificate, wrong CA, expired...). A client that speaks frproto
+without TLS gets the protocol's NOT_AUTHORIZED Error in plain text, then the connection
+closes: it is told why instead of seeing a TLS alert it cannot read. After the handshake
+the peer's certificate names are matched against the authorization entries; a primary
+that matches none gets a NegotiateResponse with status NOT_AUTHORIZED.
+
+The session (per connection, see ``docs/protocol.md`` for the conversation):
+
+* RelationshipCreate makes the replica (bound to the primary's trust group);
+  RelationshipOpen carries one on. A VM this server does not hold gets VM_NOT_HERE (a
+  primary that talks to a broker asks it again), a deleted one VM_DELETED, a primary of
+  another trust group NOT_AUTHORIZED. A VM open on another connection gets BUSY.
+* IR chunks are written straight into the sparse images; progress is made durable every
+  ``IR_CHECKPOINT_BYTES`` and at IREnd, so a restarted server tells the primary where to
+  resume (RelationshipAccepted.resume_disk/resume_offset). IR chunks must come in
+  ascending (disk, offset) order for the resume point to advance.
+* A delta batch is journaled as its chunks arrive (frproto has already checked each
+  chunk's digest and bounds), then applied whole at BatchEnd and only then acknowledged.
+  A batch already applied is acknowledged again without being applied; a gap is refused
+  with OUT_OF_SEQUENCE at BatchEnd (refusing earlier would have to close the connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import frproto as fp
+from frproto.trio_io import FramedStream
+from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
+
+from .authz import Grant
+from .config import RecoveryServerConfig
+from .tls import TLSFailure, peer_names, server_context, tls_handshake_server
+
+log = logging.getLogger("frrep.recovery")
+
+#: IR progress is made durable at least this often (and at IREnd).
+IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
+#: Time allowed for the TLS handshake and the NegotiateRequest.
+HANDSHAKE_TIMEOUT = 15.0
+_TLS_HANDSHAKE_RECORD = 0x16
+
+
+class _Replay(trio.abc.Stream):
+    """A stream that first returns bytes already read from ``inner`` (after a peek)."""
+
+    def __init__(self, inner: trio.abc.Stream, head: bytes) -> None:
+        self._inner = inner
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._head:
+            head, self._head = self._head, b""
+            return head
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class RecoveryServer:
+    """A stand-alone recovery server.
+
+    Args:
+        config: listen address, name, TLS files, authorization, recovery points.
+        ssl_context: overrides the context built from ``config.tls`` (tests).
+        recovery_type: what negotiation answers (a cluster node answers CLUSTER_NODE).
+    """
+
+    def __init__(
+        self,
+        config: RecoveryServerConfig,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        recovery_type: fp.RecoveryType = fp.RecoveryType.STANDALONE,
+    ) -> None:
+        self.config = config
+        self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        self._policy = fp.ServerPolicy(recovery_type, config.name)
+        self._stores: dict[Path, ReplicaStore] = {}
+        self._busy: set[uuid.UUID] = set()
+
+    async def store_for(self, storage: Path) -> ReplicaStore:
+        """The replica store at ``storage``, opened (and recovered) on first use."""
+        store = self._stores.get(storage)
+        if store is None:
+            store = ReplicaStore(storage, keep_points=self.config.recovery_points)
+            for line in await trio.to_thread.run_sync(store.recover):
+                log.info("recovery at %s: %s", storage, line)
+            self._stores[storage] = store
+        return store
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Recover every configured store, listen, and serve until cancelled."""
+        locations = {e.storage for e in self.config.authorization.entries}
+        if self.config.authorization.any_primary is not None:
+            locations.add(self.config.authorization.any_primary.storage)
+        for storage in sorted(locations):
+            await self.store_for(storage)
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
+        log.info(
+            "recovery server %s listening on %s:%d",
+            self.config.name,
+            self.config.listen,
+            listeners[0].socket.getsockname()[1],
+        )
+        task_status.started(listeners)
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to its end (never raises for a peer's misbehaviour)."""
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            log.info("connection ended: %s", exc or type(exc).__name__)
+        except fp.RemoteProtocolError as exc:
+            log.warning("protocol violation by peer: %s (%s)", exc, type(exc).code.name)
+        except fp.FrprotoError as exc:
+            log.warning("connection closed: %s", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, raw: trio.abc.Stream) -> None:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            head = await raw.receive_some(1)
+            if not head:
+                return
+            if head[0] != _TLS_HANDSHAKE_RECORD:
+                await self._refuse_plaintext(raw)
+                return
+            try:
+                tls = await tls_handshake_server(
+                    _Replay(raw, bytes(head)), self._ssl, timeout=HANDSHAKE_TIMEOUT
+                )
+            except TLSFailure as exc:
+                log.warning("TLS handshake refused: %s", exc)
+                return
+            names = peer_names(tls)
+            conn = FramedStream(tls, fp.Connection(fp.Role.RECOVERY))
+            request = await conn.expect(fp.NegotiateRequest)
+            assert isinstance(request, fp.NegotiateRequest)
+            try:
+                grant = self.config.authorization.authorize(names)
+            except fp.NotAuthorized as exc:
+                log.warning("%s", exc)
+                refusal = fp.answer_negotiation(request, self._policy)
+                await conn.send(_with_status(refusal, fp.ErrorCode.NOT_AUTHORIZED))
+                return
+            answer = fp.answer_negotiation(request, self._policy)
+            await conn.send(answer)
+            if not answer.ok:
+                return
+        log.info(
+            "primary %s connected (trust group %s)", grant.identity.name, grant.identity.trust_group
+        )
+        session = _Session(self, conn, grant, await self.store_for(grant.storage))
+        try:
+            await session.run()
+        finally:
+            session.release()
+
+    async def _refuse_plaintext(self, raw: trio.abc.Stream) -> None:
+        log.warning("refused a connection without TLS")
+        conn = fp.Connection(fp.Role.RECOVERY)
+        error = fp.NotAuthorized("this recovery server requires mutual TLS with certificates")
+        await raw.send_all(conn.send_error(error))
+
+
+def _with_status(response: fp.NegotiateResponse, status: fp.ErrorCode) -> fp.NegotiateResponse:
+    from dataclasses import replace
+
+    return replace(response, status=status)
+
+
+class _Session:
+    """The replication session of one authorized connection."""
+
+    def __init__(
+        self, server: RecoveryServer, conn: FramedStream, grant: Grant, store: ReplicaStore
+    ) -> None:
+        self.server = server
+        self.conn = conn
+        self.grant = grant
+        self.store = store
+        self.replica: Replica | None = None
+        self.batch: BatchWriter | None = None
+        self.batch_refusal: fp.FrprotoError | None = None
+        self.ir_unsynced = 0
+        self.ir_cursor = (0, 0)
+
+    def release(self) -> None:
+        if self.batch is not None:
+            self.batch.abort()
+            self.batch = None
+        if self.replica is not None:
+            self.server._busy.discard(self.replica.vmid)
+
+    async def run(self) -> None:
+        handlers: dict[type[Any], Callable[[Any], Any]] = {
+            fp.RelationshipCreate: self.on_create,
+            fp.RelationshipOpen: self.on_open,
+            fp.IRBegin: self.on_ir_begin,
+            fp.IREnd: self.on_ir_end,
+            fp.BatchBegin: self.on_batch_begin,
+            fp.BatchEnd: self.on_batch_end,
+            fp.DigestMapRequest: self.on_digest_request,
+        }
+        while True:
+            event = await self.conn.next_event()
+            if isinstance(event, fp.Chunk):
+                self.on_chunk(event)  # inline: page-cache writes, the hot path
+                continue
+            if isinstance(event, (fp.ConnectionClosed, fp.Error)):
+                return
+            handler = handlers.get(type(event))
+            if handler is None:
+                continue  # Keepalive, UnknownMessage
+            try:
+                await handler(event)
+            except fp.ReplicationError as exc:
+                log.info("refused %s: %s", type(event).__name__, exc)
+                await self.conn.send_error(exc)
+                if self.conn.connection.state is fp.State.MUST_CLOSE:
+                    return
+
+    # -- relationships -------------------------------------------------------------------
+
+    def _take(self, replica: Replica) -> None:
+        if self.replica is not None:
+            self.server._busy.discard(self.replica.vmid)
+            self.replica = None
+        if replica.vmid in self.server._busy:
+            raise fp.Busy(f"VM {replica.vmid} is being replicated on another connection")
+        self.server._busy.add(replica.vmid)
+        self.replica = replica
+
+    async def _accept(self, replica: Replica) -> None:
+        self._take(replica)
+        disk, offset = replica.ir_cursor
+        await self.conn.send(
+            fp.RelationshipAccepted(
+                replica.vmid,
+                replica.disks,
+                generation=replica.generation,
+                ir_state=replica.ir_state,
+                applied_sequence=replica.applied_sequence,
+                resume_disk=disk,
+                resume_offset=offset,
+            )
+        )
+
+    def _check_deleted(self, vmid: uuid.UUID) -> None:
+        if self.store.is_deleted(vmid):
+            raise fp.VMDeleted(f"the replica of {vmid} was deleted by an administrator")
+
+    async def on_create(self, msg: fp.RelationshipCreate) -> None:
+        self._check_deleted(msg.vmid)
+        identity = self.grant.identity
+        if self.store.exists(msg.vmid):
+            replica = self.store.open(msg.vmid)
+            self.server.config.authorization.check_binding(
+                identity, replica.trust_group, f"the replica of {msg.vmid}"
+            )
+            if replica.disks != msg.disks:
+                raise fp.AlreadyExists(f"a replica of {msg.vmid} with other disks exists")
+            await self._accept(replica)  # a primary resending its create after a restart
+            return
+        replica = await trio.to_thread.run_sync(
+            partial(
+                self.store.create,
+                msg.vmid,
+                name=msg.vm_name,
+                config=msg.config,
+                disks=msg.disks,
+                primary=identity.name,
+                trust_group=identity.trust_group,
+            )
+        )
+        log.info("created replica %s (%s) for %s", msg.vmid, msg.vm_name, identity.name)
+        await self._accept(replica)
+
+    async def on_open(self, msg: fp.RelationshipOpen) -> None:
+        self._check_deleted(msg.vmid)
+        if not self.store.exists(msg.vmid):
+            raise fp.VMNotHere(f"{self.server.config.name} does not hold VM {msg.vmid}")
+        replica = self.store.open(msg.vmid)
+        self.server.config.authorization.check_binding(
+            self.grant.identity, replica.trust_group, f"the replica of {msg.vmid}"
+        )
+        await self._accept(replica)
+
+    # -- initial replication --------------------------------------------------------------
+
+    def _current(self) -> Replica:
+        assert self.replica is not None  # frproto only allows these inside a session
+        return self.replica
+
+    async def on_ir_begin(self, msg: fp.IRBegin) -> None:
+        replica = self._current()
+        await trio.to_thread.run_sync(replica.begin_ir, msg.sequence)
+        self.ir_unsynced = 0
+        self.ir_cursor = (msg.start_disk, msg.start_offset)
+
+    def on_chunk(self, chunk: fp.Chunk) -> None:
+        data = None if chunk.is_zero else chunk.data
+        if self.batch is not None:
+            if self.batch_refusal is None:
+                self.batch.add(chunk.disk_index, chunk.offset, data, length=chunk.length)
+            return
+        if self.batch_refusal is not None:
+            return  # draining a refused (or already applied) batch
+        replica = self._current()
+        replica.write_ir_chunk(chunk.disk_index, chunk.offset, data, length=chunk.length)
+        end = (chunk.disk_index, chunk.offset + chunk.length)
+        self.ir_cursor = max(self.ir_cursor, end)
+        self.ir_unsynced += chunk.length
+        if self.ir_unsynced >= IR_CHECKPOINT_BYTES:
+            # A synchronous checkpoint keeps the order simple; it runs once per 256 MiB.
+            replica.checkpoint_ir(*self.ir_cursor)
+            self.ir_unsynced = 0
+
+    async def on_ir_end(self, msg: fp.IREnd) -> None:
+        replica = self._current()
+        await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
+        log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
+        await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.IR_COMPLETE, msg.sequence))
+
+    # -- delta batches --------------------------------------------------------------------
+
+    async def on_batch_begin(self, msg: fp.BatchBegin) -> None:
+        replica = self._current()
+        self.batch_refusal = None
+        try:
+            self.batch = replica.begin_batch(msg.sequence, msg.base_sequence, msg.captured_at_ms)
+        except AlreadyApplied:
+            self.batch_refusal = _AlreadyApplied(f"batch {msg.sequence} already applied")
+        except fp.ReplicationError as exc:
+            self.batch_refusal = exc  # told at BatchEnd, where a refusal keeps the connection
+
+    async def on_batch_end(self, msg: fp.BatchEnd) -> None:
+        replica = self._current()
+        refusal, self.batch_refusal = self.batch_refusal, None
+        batch, self.batch = self.batch, None
+        if isinstance(refusal, _AlreadyApplied):
+            log.info("batch %d of %s was already applied: ack again", msg.sequence, replica.vmid)
+        elif refusal is not None:
+            raise refusal
+        else:
+            assert batch is not None
+            try:
+                await trio.to_thread.run_sync(batch.commit)
+            except BaseException:
+                batch.abort()
+                raise
+        await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.BATCH_APPLIED, msg.sequence))
+
+    async def on_digest_request(self, msg: fp.DigestMapRequest) -> None:
+        replica = self._current()
+        count = self.conn.connection.digest_map_size(msg)
+        digests = await trio.to_thread.run_sync(
+            replica.digests, msg.disk_index, msg.offset, msg.block_size, count
+        )
+        await self.conn.send(
+            fp.DigestMap(msg.vmid, msg.disk_index, msg.block_size, msg.offset, digests)
+        )
+
+
+class _AlreadyApplied(fp.FrprotoError):
+    """Internal marker: the batch being received was applied before (re-ack it)."""

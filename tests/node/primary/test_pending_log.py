@@ -1,0 +1,164 @@
+"""PendingLog: append/read/drop, the bound and overflow, torn files."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from node.primary.pending_log import (
+    CYCLE_OVERHEAD,
+    RECORD_OVERHEAD,
+    PendingCycle,
+    PendingLog,
+    PendingLogCorrupt,
+    PendingLogFull,
+)
+
+Chunk = tuple[int, int, bytes]
+
+
+def _chunks(seed: int, n: int = 5, size: int = 4096) -> list[Chunk]:
+    rng = random.Random(seed)
+    return [(rng.randrange(3), rng.randrange(1 << 30), rng.randbytes(size)) for _ in range(n)]
+
+
+def test_append_read_drop(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path / "p", max_bytes=1 << 20)
+    assert log.cycles() == []
+    assert log.size_bytes == 0
+    a, b = _chunks(1), _chunks(2, n=3, size=100)
+    written = log.append_cycle(1, 1000, a)
+    assert written == CYCLE_OVERHEAD + 5 * (RECORD_OVERHEAD + 4096)
+    log.append_cycle(2, 2000, iter([(d, o, memoryview(x)) for d, o, x in b]))
+    log.append_cycle(3, 3000, [])  # an empty cycle is allowed
+    assert [(c.sequence, c.captured_at_ms, c.nbytes, c.chunk_count) for c in log.cycles()] == [
+        (1, 1000, 5 * 4096, 5),
+        (2, 2000, 300, 3),
+        (3, 3000, 0, 0),
+    ]
+    assert list(log.read_cycle(1)) == a
+    assert list(log.read_cycle(2)) == b
+    assert log.size_bytes == sum(c.file_bytes for c in log.cycles())
+    with pytest.raises(ValueError, match="not above"):
+        log.append_cycle(3, 0, [])  # not above the last
+    log.drop_through(2)
+    assert [c.sequence for c in log.cycles()] == [3]
+    with pytest.raises(KeyError):
+        log.read_cycle(1)
+    # reopen: the same cycles
+    again = PendingLog(tmp_path / "p", max_bytes=1 << 20)
+    assert again.cycles() == log.cycles()
+    assert list(again.read_cycle(3)) == []
+
+
+def test_chunks_from_a_reused_buffer(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    buf = bytearray(16)
+
+    def produce() -> object:
+        for i in range(3):
+            buf[:] = bytes([i]) * 16
+            yield 0, i * 16, memoryview(buf)
+
+    log.append_cycle(1, 0, produce())  # type: ignore[arg-type]
+    assert [d for _, _, d in log.read_cycle(1)] == [bytes([i]) * 16 for i in range(3)]
+
+
+def test_bound_refuses_whole_cycle_and_overflow_persists(tmp_path: Path) -> None:
+    one = CYCLE_OVERHEAD + 2 * (RECORD_OVERHEAD + 4096)
+    log = PendingLog(tmp_path, max_bytes=2 * one + 10)
+    log.append_cycle(1, 0, _chunks(1, n=2))
+    log.append_cycle(2, 0, _chunks(2, n=2))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(PendingLogFull):
+        log.append_cycle(3, 0, _chunks(3, n=2))
+    assert log.overflowed
+    assert [c.sequence for c in log.cycles()] == [1, 2]
+    assert log.size_bytes <= log.max_bytes
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "OVERFLOWED"])  # nothing of 3
+    # refused while overflowed, even if it would fit now
+    log.drop_through(2)
+    with pytest.raises(PendingLogFull):
+        log.append_cycle(3, 0, [])
+    reopened = PendingLog(tmp_path, max_bytes=2 * one + 10)
+    assert reopened.overflowed
+    reopened.clear_overflow()
+    assert not PendingLog(tmp_path, max_bytes=1).overflowed
+    reopened.append_cycle(3, 0, _chunks(3, n=2))
+    assert reopened.cycles()[0].sequence == 3
+    reopened.clear()
+    assert reopened.cycles() == []
+    assert reopened.size_bytes == 0
+
+
+def test_failing_producer_keeps_nothing(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+
+    def produce() -> object:
+        yield 0, 0, b"x" * 10
+        raise OSError("read failed")
+
+    with pytest.raises(OSError, match="read failed"):
+        log.append_cycle(1, 0, produce())  # type: ignore[arg-type]
+    assert log.cycles() == []
+    assert os.listdir(tmp_path) == []
+    assert not log.overflowed
+
+
+def test_leftover_temp_file_removed_on_open(tmp_path: Path) -> None:
+    (tmp_path / f"{7:020d}.cycle.tmp").write_bytes(b"half a cycle")
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    assert log.cycles() == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cut", [CYCLE_OVERHEAD // 2, 32 + 10, 32 + 24 + 100, -1])
+def test_torn_tail_detected(tmp_path: Path, cut: int) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    log.append_cycle(1, 0, _chunks(1))
+    path = log.path_of(1)
+    size = path.stat().st_size
+    os.truncate(path, size + cut if cut < 0 else cut)
+    with pytest.raises(PendingLogCorrupt):
+        list(log.read_cycle(1))  # detected by the open log
+    reopened = PendingLog(tmp_path, max_bytes=1 << 20)
+    (cycle,) = reopened.cycles()
+    assert cycle == PendingCycle(1, cycle.captured_at_ms, 0, 0, False, path.stat().st_size)
+    with pytest.raises(PendingLogCorrupt):
+        list(reopened.read_cycle(1))
+    reopened.drop_through(1)
+    assert reopened.cycles() == []
+
+
+@pytest.mark.parametrize("where", [40, 32 + 24 + 5000, -10])
+def test_flipped_byte_detected(tmp_path: Path, where: int) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    log.append_cycle(1, 0, _chunks(1))
+    path = log.path_of(1)
+    raw = bytearray(path.read_bytes())
+    raw[where] ^= 1
+    path.write_bytes(raw)
+    with pytest.raises(PendingLogCorrupt):
+        list(log.read_cycle(1))
+
+
+def test_log_usable_while_an_append_runs(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    log.append_cycle(1, 0, _chunks(1, n=1))
+    seen: list[list[int]] = []
+
+    def produce() -> object:
+        yield 0, 0, b"a" * 10
+        seen.append([c.sequence for c in log.cycles()])  # no deadlock: lock not held
+        log.drop_through(1)  # the ack of cycle 1 arrives meanwhile
+        with pytest.raises(RuntimeError, match="in progress"):
+            log.append_cycle(3, 0, [])
+        yield 0, 10, b"b" * 10
+
+    log.append_cycle(2, 0, produce())  # type: ignore[arg-type]
+    assert seen == [[1]]
+    assert [c.sequence for c in log.cycles()] == [2]
+    assert [d for _, _, d in log.read_cycle(2)] == [b"a" * 10, b"b" * 10]

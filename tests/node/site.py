@@ -1,0 +1,158 @@
+"""A test site on loopback: a CA, host certificates, a recovery server process, a primary.
+
+Distinct 127.x addresses stand in for distinct hosts: the recovery server listens on
+127.0.0.2 and the primary connects from 127.0.0.3.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.certs import create_ca, issue_host_cert
+from node.primary.replicator import VMReplicator
+from node.primary.state import PrimaryStateStore, VMReplicationState
+from node.storage.layout import ReplicaLayout
+from node.tls import client_context
+
+SERVER_HOST = "127.0.0.2"
+PRIMARY_HOST = "127.0.0.3"
+SERVER_NAME = "r1.example.com"
+PRIMARY_NAME = "p1.primary.example.com"
+_LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    """A running ``frctl server run`` process."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Ask it to stop (SIGINT), SIGKILL if it does not."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Site:
+    """Certificates, configs and directories of one loopback test site."""
+
+    root: Path
+    storage: Path = field(init=False)
+    certs: Path = field(init=False)
+    server_config: Path = field(init=False)
+    state_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.certs = self.root / "certs"
+        self.storage = self.root / "replicas"
+        self.state_dir = self.root / "primary-state"
+        self.server_config = self.root / "server.toml"
+        create_ca(self.certs)
+        issue_host_cert(self.certs, self.certs, SERVER_NAME, ip_addresses=[SERVER_HOST])
+        issue_host_cert(self.certs, self.certs, PRIMARY_NAME, ip_addresses=[PRIMARY_HOST])
+        self.write_server_config()
+
+    def write_server_config(
+        self, *, port: int = 0, primary: str = "*.primary.example.com", trust_group: str = "site-a"
+    ) -> None:
+        self.server_config.write_text(
+            f"""
+[server]
+name = "{SERVER_NAME}"
+listen = "{SERVER_HOST}"
+port = {port}
+recovery_points = 4
+
+[tls]
+cert = "certs/{SERVER_NAME}.pem"
+key = "certs/{SERVER_NAME}-key.pem"
+ca = "certs/ca.pem"
+
+[[authorization]]
+primary = "{primary}"
+storage = "replicas"
+trust_group = "{trust_group}"
+"""
+        )
+
+    def start_server(self, *, port: int = 0, timeout: float = 20.0) -> ServerProcess:
+        """Start the recovery server process (on ``port``, 0 = any) and wait until it listens."""
+        self.write_server_config(port=port)
+        log = self.root / f"server-{time.monotonic_ns()}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "frctl.main",
+                    "server",
+                    "run",
+                    "--config",
+                    str(self.server_config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _LISTENING.search(log.read_text(errors="replace"))
+            if match:
+                return ServerProcess(proc, log, int(match.group(1)))
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()}")
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+
+    def client_context(self, name: str = PRIMARY_NAME):  # type: ignore[no-untyped-def]
+        return client_context(
+            self.certs / f"{name}.pem", self.certs / f"{name}-key.pem", self.certs / "ca.pem"
+        )
+
+    def replicator(
+        self, vmid: uuid.UUID, name: str, images: list[Path], port: int, *, block_size: int = 65536
+    ) -> VMReplicator:
+        """A replicator for a VM whose disks are ``images``, to the server at ``port``."""
+        store = PrimaryStateStore(self.state_dir)
+        state = VMReplicationState(
+            vmid=str(vmid),
+            name=name,
+            disks=[
+                {"disk_id": f"disk{i}", "path": str(p), "size": p.stat().st_size}
+                for i, p in enumerate(images)
+            ],
+            block_size=block_size,
+            recovery_host=SERVER_HOST,
+            recovery_port=port,
+            server_name=SERVER_NAME,
+            frequency_s=1.0,
+        )
+        store.save(state)
+        return VMReplicator(state, store, self.client_context(), local_address=PRIMARY_HOST)
+
+    def replica_image(self, vmid: uuid.UUID, disk_index: int) -> Path:
+        """The replica's image file of one disk on the recovery server."""
+        return ReplicaLayout(self.storage, vmid).image(f"disk{disk_index}")

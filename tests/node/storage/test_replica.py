@@ -1,0 +1,492 @@
+"""Unit tests of the replica storage engine (real files in tmp_path)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import pytest
+import xxhash
+
+import frproto
+from frproto import DiskInfo, IRState
+from node.storage import AlreadyApplied, RecoveryPoint, Replica, ReplicaStore, StorageFaults
+from node.storage import journal as jn
+from node.storage.layout import check_inside
+from tests.node.storage import workload as wl
+
+MiB = 1 << 20
+
+
+def make(store: ReplicaStore, vmid: UUID | None = None) -> Replica:
+    return store.create(
+        vmid or wl.VMID,
+        name="vm-1",
+        config=b"<config/>",
+        disks=wl.DISKS,
+        primary="primary.example.com",
+        trust_group="tg",
+    )
+
+
+def do_ir(replica: Replica, seed: int = 7) -> None:
+    replica.begin_ir(wl.IR_SEQUENCE)
+    for c in wl.ir_chunks(seed):
+        replica.write_ir_chunk(c.disk_index, c.offset, c.data, length=c.length)
+    replica.complete_ir(wl.IR_SEQUENCE)
+
+
+def images(replica: Replica) -> tuple[bytes, ...]:
+    return tuple(replica.image_path(i).read_bytes() for i in range(len(replica.disks)))
+
+
+def apply_batch(replica: Replica, seed: int, seq: int) -> None:
+    w = replica.begin_batch(seq, seq - 1, wl.captured_at(seq))
+    for r in wl.batch(seed, seq):
+        w.add(r.disk_index, r.offset, r.data, length=r.length)
+    w.commit()
+
+
+def ir_state(replica: Replica) -> IRState:
+    """The state, unnarrowed (mypy keeps a property narrowed after an assert)."""
+    return replica.ir_state
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ReplicaStore]:
+    s = ReplicaStore(tmp_path / "root", keep_points=4)
+    yield s
+    s.close()
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def test_create_open_exists_delete_tombstone(store: ReplicaStore, tmp_path: Path) -> None:
+    assert not store.exists(wl.VMID)
+    with pytest.raises(frproto.UnknownVM):
+        store.open(wl.VMID)
+    r = make(store)
+    assert store.exists(wl.VMID)
+    assert store.vmids() == [wl.VMID]
+    assert r.name == "vm-1"
+    assert r.primary == "primary.example.com"
+    assert r.trust_group == "tg"
+    assert r.disks == wl.DISKS
+    assert r.generation == 1
+    assert r.ir_state == IRState.NOT_STARTED
+    assert r.applied_sequence == 0
+    assert r.config_blob() == b"<config/>"
+    assert store.open(wl.VMID) is r
+    with pytest.raises(frproto.AlreadyExists):
+        make(store)
+    for i, d in enumerate(wl.DISKS):
+        st = os.stat(r.image_path(i))
+        assert st.st_size == d.size
+        assert st.st_blocks == 0  # sparse: nothing written
+    # a fresh store object reads the same durable state
+    store.close()
+    again = ReplicaStore(store.root)
+    r2 = again.open(wl.VMID)
+    assert r2.disks == wl.DISKS
+    assert r2.config_blob() == b"<config/>"
+    again.delete(wl.VMID)
+    assert not again.exists(wl.VMID)
+    assert again.is_deleted(wl.VMID)
+    assert again.vmids() == []
+    assert not (store.root / str(wl.VMID)).exists()
+    with pytest.raises(frproto.UnknownVM, match="deleted"):
+        again.open(wl.VMID)
+    with pytest.raises(frproto.UnknownVM):
+        again.delete(wl.VMID)
+    # re-creating (an administrator re-enabling replication) clears the tombstone
+    make(again)
+    assert again.exists(wl.VMID)
+    assert not again.is_deleted(wl.VMID)
+    again.close()
+
+
+def test_create_refuses_bad_disks(store: ReplicaStore) -> None:
+    with pytest.raises(frproto.BadValue):
+        store.create(
+            uuid4(),
+            name="x",
+            config=b"",
+            disks=[DiskInfo("a", 10), DiskInfo("a", 10)],
+            primary="p",
+            trust_group="t",
+        )
+    with pytest.raises(frproto.BadName):
+        store.create(
+            uuid4(),
+            name="x",
+            config=b"",
+            disks=[DiskInfo("../x", 10)],
+            primary="p",
+            trust_group="t",
+        )
+    assert store.vmids() == []
+
+
+def test_recover_removes_leftovers(store: ReplicaStore) -> None:
+    r = make(store)
+    do_ir(r)
+    (store.root / ".staging" / "half-made").mkdir()
+    (r.image_path(0).parent.parent / "state.json.tmp").write_bytes(b"junk")
+    (r.image_path(0).parent.parent / "undo" / f"{99:020d}.undo").write_bytes(b"junk")
+    log = store.recover()
+    assert any("half-made" in line for line in log)
+    assert not (r.image_path(0).parent.parent / "state.json.tmp").exists()
+    assert os.listdir(r.image_path(0).parent.parent / "undo") == []
+
+
+# -- path escape -----------------------------------------------------------------------
+
+
+def test_symlinked_vm_dir_is_refused(store: ReplicaStore, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    other = ReplicaStore(outside)
+    make(other)
+    other.close()
+    vmid = wl.VMID
+    os.symlink(outside / str(vmid), store.root / str(vmid))
+    with pytest.raises(frproto.InternalError, match="symlink"):
+        store.open(vmid)
+    with pytest.raises(frproto.InternalError):
+        store.exists(vmid)
+    with pytest.raises(frproto.InternalError):
+        make(store)
+    assert store.vmids() == []
+
+
+def test_symlinked_image_is_refused(store: ReplicaStore, tmp_path: Path) -> None:
+    r = make(store)
+    path = r.image_path(1)
+    store.close()
+    target = tmp_path / "elsewhere.img"
+    target.write_bytes(bytes(wl.DISKS[1].size))
+    path.unlink()
+    os.symlink(target, path)
+    with pytest.raises(frproto.InternalError):
+        ReplicaStore(store.root).open(wl.VMID)
+
+
+def test_check_inside(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    assert check_inside(root, root / "a" / "b") == root / "a" / "b"
+    with pytest.raises(frproto.InternalError):
+        check_inside(root, root.parent / "x")
+    with pytest.raises(frproto.InternalError):
+        check_inside(root, root / ".." / "x")
+
+
+# -- IR --------------------------------------------------------------------------------
+
+
+def test_ir_write_checkpoint_complete_and_sparse(store: ReplicaStore) -> None:
+    r = make(store)
+    with pytest.raises(frproto.OutOfSequence):
+        r.write_ir_chunk(0, 0, b"x")
+    r.begin_ir(1)
+    assert r.ir_state == IRState.IN_PROGRESS
+    assert r.ir_sequence == 1
+    # only zero ranges on disk 0: the image must stay sparse
+    for off in range(0, MiB, 64 * 1024):
+        r.write_ir_chunk(0, off, None, length=64 * 1024)
+    r.write_ir_chunk(1, 4096, b"a" * 4096)
+    with pytest.raises(frproto.ChunkOutOfRange):
+        r.write_ir_chunk(1, wl.DISKS[1].size - 10, b"b" * 11)
+    with pytest.raises(frproto.ChunkOutOfRange):
+        r.write_ir_chunk(2, 0, b"b")
+    r.checkpoint_ir(1, 8192)
+    assert r.ir_cursor == (1, 8192)
+    with pytest.raises(frproto.OutOfSequence):
+        r.begin_batch(2, 1, 0)
+    with pytest.raises(frproto.OutOfSequence):
+        r.complete_ir(5)
+    r.complete_ir(1)
+    assert ir_state(r) == IRState.COMPLETE
+    assert r.applied_sequence == 1
+    assert [p.sequence for p in r.recovery_points()] == [1]
+    assert os.stat(r.image_path(0)).st_blocks == 0
+    assert os.stat(r.image_path(1)).st_blocks * 512 <= 64 * 1024
+    assert r.read(1, 4000, 200) == bytes(96) + b"a" * 104
+    with pytest.raises(frproto.AlreadyExists):
+        r.begin_ir(1)
+    store.close()
+    r2 = ReplicaStore(store.root).open(wl.VMID)
+    assert r2.ir_state == IRState.COMPLETE
+    assert r2.applied_sequence == 1
+
+
+def test_ir_resume_keeps_cursor_and_zeroes_old_data(store: ReplicaStore) -> None:
+    r = make(store)
+    r.begin_ir(3)
+    r.write_ir_chunk(0, 0, b"\xff" * 65536)
+    r.write_ir_chunk(0, 65536, b"\xee" * 65536)
+    r.checkpoint_ir(0, 65536)
+    store.close()
+    # restart: the cursor survived, and a resumed zero range overwrites old data
+    s2 = ReplicaStore(store.root)
+    r2 = s2.open(wl.VMID)
+    assert r2.ir_state == IRState.IN_PROGRESS
+    assert r2.ir_cursor == (0, 65536)
+    assert any("in progress" in line for line in s2.recover())
+    r2.begin_ir(3)
+    assert r2.ir_cursor == (0, 65536)
+    r2.write_ir_chunk(0, 65536, None, length=65536)
+    r2.complete_ir(3)
+    assert r2.read(0, 0, 131072) == b"\xff" * 65536 + bytes(65536)
+    s2.close()
+
+
+def test_ir_restart_with_new_sequence_resets_cursor(store: ReplicaStore) -> None:
+    r = make(store)
+    r.begin_ir(1)
+    r.write_ir_chunk(0, 0, b"x" * 100)
+    r.checkpoint_ir(0, 100)
+    r.begin_ir(2)
+    assert r.ir_cursor == (0, 0)
+    assert r.ir_sequence == 2
+
+
+# -- batches ---------------------------------------------------------------------------
+
+
+def test_batches_apply_across_two_disks(store: ReplicaStore) -> None:
+    seed = 11
+    r = make(store)
+    do_ir(r, seed)
+    oracle = wl.Oracle(seed)
+    assert images(r) == oracle.at(1)
+    for seq in range(2, 9):
+        apply_batch(r, seed, seq)
+        assert r.applied_sequence == seq
+        assert images(r) == oracle.at(seq)
+    assert os.listdir(r.image_path(0).parent.parent / "journal") == []
+
+
+def test_already_applied_and_out_of_sequence(store: ReplicaStore) -> None:
+    r = make(store)
+    do_ir(r)
+    apply_batch(r, 1, 2)
+    with pytest.raises(AlreadyApplied) as info:
+        r.begin_batch(2, 1, 0)
+    assert info.value.applied_sequence == 2
+    with pytest.raises(AlreadyApplied):
+        r.begin_batch(1, 0, 0)
+    with pytest.raises(frproto.OutOfSequence):
+        r.begin_batch(4, 3, 0)  # gap: 3 never arrived
+    w = r.begin_batch(3, 2, 0)
+    with pytest.raises(frproto.ChunkOutOfRange):
+        w.add(0, MiB - 1, b"xy")
+    # a refused range aborts the batch: nothing applied, journal gone
+    with pytest.raises(frproto.InternalError):
+        w.commit()
+    assert r.applied_sequence == 2
+    assert os.listdir(r.image_path(0).parent.parent / "journal") == []
+
+
+def test_abort_and_superseded_batch(store: ReplicaStore) -> None:
+    r = make(store)
+    do_ir(r)
+    before = images(r)
+    w = r.begin_batch(2, 1, 0)
+    w.add(0, 0, b"z" * 5000)
+    w.abort()
+    w.abort()
+    assert images(r) == before
+    assert r.applied_sequence == 1
+    w1 = r.begin_batch(2, 1, 0)
+    w1.add(0, 0, b"z" * 5000)
+    w2 = r.begin_batch(2, 1, 0)  # a resend after a dropped connection supersedes w1
+    with pytest.raises(frproto.InternalError):
+        w1.commit()
+    w2.add(1, 10, b"q" * 10)
+    w2.commit()
+    assert r.read(1, 10, 10) == b"q" * 10
+    assert r.read(0, 0, 4) == before[0][:4]
+
+
+def test_recovery_points_kept_pruned_and_readable(store: ReplicaStore) -> None:
+    seed = 5
+    r = make(store)
+    do_ir(r, seed)
+    oracle = wl.Oracle(seed)
+    undo_dir = r.image_path(0).parent.parent / "undo"
+    for seq in range(2, 12):
+        apply_batch(r, seed, seq)
+        points = r.recovery_points()
+        want = list(range(max(1, seq - 3), seq + 1))
+        assert [p.sequence for p in points] == want
+        assert sorted(os.listdir(undo_dir)) == [f"{s:020d}.undo" for s in want[1:]]
+        assert all(isinstance(p, RecoveryPoint) for p in points)
+        assert points[-1].captured_at_ms == wl.captured_at(seq)
+        for p in points:
+            for i, d in enumerate(wl.DISKS):
+                assert r.read(i, 0, d.size, at_sequence=p.sequence) == oracle.at(p.sequence)[i]
+        # partial, unaligned reads of an old point
+        old = points[0].sequence
+        assert r.read(1, 777, 70000, at_sequence=old) == oracle.at(old)[1][777:70777]
+    with pytest.raises(frproto.OutOfSequence):
+        r.read(0, 0, 10, at_sequence=2)
+    # a restarted store reads old points from the undo files alone
+    store.close()
+    s2 = ReplicaStore(store.root, keep_points=4)
+    r2 = s2.open(wl.VMID)
+    for p in r2.recovery_points():
+        assert r2.read(0, 0, MiB, at_sequence=p.sequence) == oracle.at(p.sequence)[0]
+    s2.close()
+
+
+def test_digests(store: ReplicaStore) -> None:
+    r = make(store)
+    do_ir(r, 3)
+    apply_batch(r, 3, 2)
+    img = images(r)
+    for disk, block in ((0, 4096), (1, 65536), (1, 100_000)):
+        size = wl.DISKS[disk].size
+        count = -(-size // block)
+        got = r.digests(disk, 0, block, count + 3)
+        want = b"".join(
+            xxhash.xxh3_128_digest(img[disk][o : o + block]) for o in range(0, size, block)
+        )
+        assert got == want
+    assert r.digests(0, 8192, 4096, 2) == b"".join(
+        xxhash.xxh3_128_digest(img[0][o : o + 4096]) for o in (8192, 12288)
+    )
+    assert r.digests(0, MiB, 4096, 5) == b""
+
+
+# -- faults ----------------------------------------------------------------------------
+
+
+def _enospc_on(match: str, after: int = 0) -> StorageFaults:
+    calls = [0]
+
+    def before_write(path: Path, nbytes: int) -> None:
+        if match in str(path):
+            calls[0] += 1
+            if calls[0] > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    return StorageFaults(before_write=before_write)
+
+
+@pytest.mark.parametrize(
+    ("where", "after"),
+    [(".jrnl", 3), (".jrnl", 0), (".undo", 2), (".img", 0), (".img", 3), ("state.json", 0)],
+)
+def test_enospc_leaves_replica_at_last_point(tmp_path: Path, where: str, after: int) -> None:
+    seed = 9
+    root = tmp_path / "root"
+    with ReplicaStore(root, keep_points=4) as s:
+        r = make(s)
+        do_ir(r, seed)
+        apply_batch(r, seed, 2)
+    oracle = wl.Oracle(seed)
+    faults = _enospc_on(where, after)
+    with ReplicaStore(root, keep_points=4, faults=faults) as s:
+        r = s.open(wl.VMID)
+        with pytest.raises(frproto.NoSpace, match=r"\w+ .*No space"):
+            apply_batch(r, seed, 3)
+        assert r.applied_sequence == 2
+        assert images(r) == oracle.at(2)
+        vm_dir = r.image_path(0).parent.parent
+        assert os.listdir(vm_dir / "journal") == []
+        assert sorted(os.listdir(vm_dir / "undo")) == [f"{2:020d}.undo"]
+        assert r.read(0, 0, MiB, at_sequence=1) == oracle.at(1)[0]
+        faults.before_write = None
+    # and the same batch goes through once there is space again
+    with ReplicaStore(root, keep_points=4) as s:
+        assert s.recover() == []
+        r = s.open(wl.VMID)
+        apply_batch(r, seed, 3)
+        assert images(r) == oracle.at(3)
+
+
+def test_eio_maps_to_internal_error(tmp_path: Path) -> None:
+    def before_sync(path: Path) -> None:
+        if path.name.endswith(".jrnl"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    with ReplicaStore(tmp_path / "r", faults=StorageFaults(before_sync=before_sync)) as s:
+        r = make(s)
+        do_ir(r)
+        w = r.begin_batch(2, 1, 0)
+        w.add(0, 0, b"x" * 10)
+        with pytest.raises(frproto.InternalError, match=r"commit journal .*jrnl"):
+            w.commit()
+        assert r.applied_sequence == 1
+
+
+def test_failed_rollback_is_finished_by_recover(tmp_path: Path) -> None:
+    """Images fail after the first write and keep failing: the rollback cannot run, the
+    committed journal stays, and recover() rolls the batch forward."""
+    seed = 4
+    root = tmp_path / "root"
+    faults = _enospc_on(".img", after=1000)
+    with ReplicaStore(root, keep_points=3, faults=faults) as s:
+        r = make(s)
+        do_ir(r, seed)
+        calls = [0]
+
+        def fail_after_first_apply(path: Path, nbytes: int) -> None:
+            if path.suffix == ".img":
+                calls[0] += 1
+                if calls[0] > len(wl.batch(seed, 2)) + 1:  # reservations, then one write
+                    raise OSError(errno.EIO, "Input/output error", str(path))
+
+        faults.before_write = fail_after_first_apply
+        w = r.begin_batch(2, 1, 0)
+        for x in wl.batch(seed, 2):
+            w.add(x.disk_index, x.offset, x.data, length=x.length)
+        with pytest.raises(frproto.InternalError):
+            w.commit()
+        assert r.applied_sequence == 1
+    with ReplicaStore(root, keep_points=3) as s:
+        log = s.recover()
+        assert any("re-applied committed batch 2" in line for line in log)
+        r = s.open(wl.VMID)
+        assert r.applied_sequence == 2
+        oracle = wl.Oracle(seed)
+        assert images(r) == oracle.at(2)
+        assert r.read(1, 0, wl.DISKS[1].size, at_sequence=1) == oracle.at(1)[1]
+
+
+# -- journal format --------------------------------------------------------------------
+
+
+def test_torn_journal_is_uncommitted(store: ReplicaStore) -> None:
+    """Every truncation of a committed journal reads as not committed."""
+    r = make(store)
+    do_ir(r)
+    path = r.image_path(0).parent.parent / "journal" / "probe.jrnl"
+    from node.storage.fileio import FileIO
+
+    w = jn.FileWriter(FileIO(None), path, jn.JOURNAL_MAGIC, 2, 1, 0)
+    w.add_data(0, 0, b"a" * 300)
+    w.add_zero(1, 512, 4096)
+    w.add_data(1, 0, b"b" * 10)
+    w.end()
+    w.close()
+    raw = path.read_bytes()
+    full = jn.read_file(path, expect_magic=jn.JOURNAL_MAGIC)
+    assert full.complete
+    assert len(full.records) == 3
+    rng = random.Random(1)
+    for cut in range(len(raw)):
+        path.write_bytes(raw[:cut])
+        assert not jn.read_file(path, expect_magic=jn.JOURNAL_MAGIC).complete
+    for _ in range(300):
+        flipped = bytearray(raw)
+        pos = rng.randrange(len(raw))
+        flipped[pos] ^= 1 << rng.randrange(8)
+        path.write_bytes(flipped)
+        assert not jn.read_file(path, expect_magic=jn.JOURNAL_MAGIC).complete, pos
+    path.unlink()
