@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import frproto
 
 from .node_commands import register as register_node_commands
+from .oob_commands import register as register_oob_commands
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cert_parser(sub)
     register_node_commands(sub)
+    register_oob_commands(sub)
     return parser
 
 

@@ -37,6 +37,15 @@ def parse_frequency(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    from node.config import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_server_run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, load_recovery_server_config
     from node.recovery_server import RecoveryServer
@@ -106,6 +115,7 @@ def _cmd_enable(args: argparse.Namespace) -> int:
         pending_bytes=0,
         health="initial replication",
         broker=None,
+        bandwidth_bps=args.bandwidth,
     )
     _store(args).save(state)
     print(f"replication/{args.name} enabled")
@@ -190,6 +200,9 @@ def register(sub: Any) -> None:
     enable.add_argument("--server-name", help="TLS name of the server (default: HOST)")
     enable.add_argument("--frequency", type=parse_frequency, default=300.0, help="30s, 5m, 15m...")
     enable.add_argument("--block-size", type=int, default=65536)
+    enable.add_argument(
+        "--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G; K/M/G = 10^3..)"
+    )
     enable.set_defaults(func=_cmd_enable)
     status = rsub.add_parser("status", help="health and lag of each VM")
     status.add_argument("--config", required=True)

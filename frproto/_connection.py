@@ -366,7 +366,8 @@ class Connection:
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot send chunk: {exc}") from exc
         self._state = new_state
-        if digest == zero_digest(length) and memoryview(_ZEROS)[:length] == data:
+        # startswith is a memcmp; comparing memoryviews goes element by element (2 ms/MiB).
+        if digest == zero_digest(length) and _ZEROS.startswith(data):
             return [encode_chunk_header(disk_index, offset, length, _ZERO, digest, 0)]
         compression = self._compression
         if compress_data and compression is not Compression.NONE:

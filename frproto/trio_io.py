@@ -35,6 +35,11 @@ from ._messages import Bytes, Error, Message
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 #: How long we try to deliver an Error before closing after a violation.
 ERROR_SEND_TIMEOUT = 2.0
+#: After reporting an error, how long (and how many bytes) we read and discard what the
+#: peer is still sending before closing. Closing with unread bytes makes the kernel send a
+#: TCP reset, and the peer would lose our Error before reading it (a "lingering close").
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 * 1024 * 1024
 
 
 class FramedStream:
@@ -172,8 +177,25 @@ class FramedStream:
                 trio.BrokenResourceError, trio.ClosedResourceError, FrprotoError
             ):
                 await self.send_error(error)
-        await trio.aclose_forcefully(self.stream)
+        await linger_and_close(self.stream)
 
     async def aclose(self) -> None:
         """Close the stream."""
         await self.stream.aclose()
+
+
+async def linger_and_close(stream: trio.abc.Stream) -> None:
+    """Read and discard what the peer still sends (bounded), then close the stream.
+
+    Used after sending a final Error: the peer may be in the middle of a batch, and
+    closing with its bytes unread would reset the connection before it reads the Error.
+    """
+    with trio.move_on_after(LINGER_SECONDS):
+        drained = 0
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(DEFAULT_RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+    await trio.aclose_forcefully(stream)

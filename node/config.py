@@ -144,6 +144,10 @@ class PrimaryConfig:
         state_dir = "state"          # relative to this file
         # local_address = "127.0.0.3"  # source address for connections (tests)
 
+        [bandwidth]                  # optional: for all VMs of this host together
+        host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
+        schedule = [["08:00", "18:00", "50M"]]   # office hours: less
+
         [tls]
         cert = "certs/p1.example.com.pem"
         key = "certs/p1.example.com-key.pem"
@@ -154,6 +158,11 @@ class PrimaryConfig:
     state_dir: Path
     tls: TLSFiles
     local_address: str | None = None
+    #: Host-wide bandwidth limit in bytes per second (None: none), shared by all VMs.
+    bandwidth_bps: float | None = None
+    #: Time-of-day rules ``(start "HH:MM", end "HH:MM", bytes_per_s or None)``; outside
+    #: them ``bandwidth_bps`` applies.
+    bandwidth_schedule: tuple[tuple[str, str, float | None], ...] = ()
 
 
 def load_primary_config(path: Path) -> PrimaryConfig:
@@ -172,6 +181,17 @@ def load_primary_config(path: Path) -> PrimaryConfig:
     primary = _table(data, "primary", path)
     tls = _table(data, "tls", path)
     local = primary.get("local_address")
+    bandwidth = data.get("bandwidth", {})
+    if not isinstance(bandwidth, dict):
+        raise ConfigError(f"{path}: [bandwidth] must be a table")
+    try:
+        host_rate = parse_rate(bandwidth["host"]) if "host" in bandwidth else None
+        schedule = tuple(
+            (str(start), str(end), parse_rate(rate) if rate not in (None, "", "none") else None)
+            for start, end, rate in bandwidth.get("schedule", [])
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [bandwidth]: {exc}") from None
     return PrimaryConfig(
         name=_str(primary, "name", f"{path} [primary]"),
         state_dir=base / _str(primary, "state_dir", f"{path} [primary]"),
@@ -181,4 +201,16 @@ def load_primary_config(path: Path) -> PrimaryConfig:
             ca=base / _str(tls, "ca", f"{path} [tls]"),
         ),
         local_address=str(local) if local else None,
+        bandwidth_bps=host_rate,
+        bandwidth_schedule=schedule,
     )
+
+
+def parse_rate(text: object) -> float:
+    """Bytes per second from ``"200M"``, ``"1.5G"``, ``"500K"`` or a plain number."""
+    raw = str(text).strip().upper().removesuffix("B/S").removesuffix("/S")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(raw[-1:], 1.0)
+    value = float(raw[:-1] if scale != 1.0 else raw)
+    if not value > 0:
+        raise ValueError(f"a rate must be positive, not {text!r}")
+    return value * scale

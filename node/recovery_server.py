@@ -36,8 +36,8 @@ from typing import Any
 import trio
 
 import frproto as fp
-from frproto.trio_io import FramedStream
-from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
+from frproto.trio_io import FramedStream, linger_and_close
+from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
 
 from .authz import Grant
 from .config import RecoveryServerConfig
@@ -50,6 +50,8 @@ IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
 #: Time allowed for the TLS handshake and the NegotiateRequest.
 HANDSHAKE_TIMEOUT = 15.0
 _TLS_HANDSHAKE_RECORD = 0x16
+#: Bytes asked of the TCP socket per read when TLS refills its input (see _Replay).
+TRANSPORT_RECEIVE_SIZE = 1024 * 1024
 
 
 class _Replay(trio.abc.Stream):
@@ -63,7 +65,11 @@ class _Replay(trio.abc.Stream):
         if self._head:
             head, self._head = self._head, b""
             return head
-        return await self._inner.receive_some(max_bytes)
+        # Performance: trio.SSLStream refills with receive_some() (no size), which trio's
+        # SocketStream serves 64 KiB at a time; reading up to TRANSPORT_RECEIVE_SIZE per
+        # call cuts the socket reads and trio round trips of a bulk IR (perf-baselines,
+        # "BigRecv"). Only the size of the raw read changes, never the bytes delivered.
+        return await self._inner.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)
@@ -82,6 +88,7 @@ class RecoveryServer:
         config: listen address, name, TLS files, authorization, recovery points.
         ssl_context: overrides the context built from ``config.tls`` (tests).
         recovery_type: what negotiation answers (a cluster node answers CLUSTER_NODE).
+        faults: storage fault injection (tests: a full disk, a failing write).
     """
 
     def __init__(
@@ -90,8 +97,10 @@ class RecoveryServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         recovery_type: fp.RecoveryType = fp.RecoveryType.STANDALONE,
+        faults: StorageFaults | None = None,
     ) -> None:
         self.config = config
+        self._faults = faults
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._policy = fp.ServerPolicy(recovery_type, config.name)
         self._stores: dict[Path, ReplicaStore] = {}
@@ -101,7 +110,9 @@ class RecoveryServer:
         """The replica store at ``storage``, opened (and recovered) on first use."""
         store = self._stores.get(storage)
         if store is None:
-            store = ReplicaStore(storage, keep_points=self.config.recovery_points)
+            store = ReplicaStore(
+                storage, keep_points=self.config.recovery_points, faults=self._faults
+            )
             for line in await trio.to_thread.run_sync(store.recover):
                 log.info("recovery at %s: %s", storage, line)
             self._stores[storage] = store
@@ -181,6 +192,7 @@ class RecoveryServer:
         conn = fp.Connection(fp.Role.RECOVERY)
         error = fp.NotAuthorized("this recovery server requires mutual TLS with certificates")
         await raw.send_all(conn.send_error(error))
+        await linger_and_close(raw)
 
 
 def _with_status(response: fp.NegotiateResponse, status: fp.ErrorCode) -> fp.NegotiateResponse:
@@ -238,6 +250,7 @@ class _Session:
                 log.info("refused %s: %s", type(event).__name__, exc)
                 await self.conn.send_error(exc)
                 if self.conn.connection.state is fp.State.MUST_CLOSE:
+                    await linger_and_close(self.conn.stream)
                     return
 
     # -- relationships -------------------------------------------------------------------

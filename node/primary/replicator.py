@@ -38,11 +38,12 @@ import trio
 import xxhash
 
 import frproto as fp
+from node.tls import TLSFailure
 
-from .bandwidth import BandwidthLimiter
+from .bandwidth import BandwidthLimiter, combined
 from .client import RecoveryClient
 from .digest_map import DigestMap
-from .pending_log import PendingLog, PendingLogCorrupt, PendingLogFull
+from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .scan import read_blocks, scan_changes
 from .state import STATE_FILE, PrimaryStateStore, VMReplicationState
 from .tracker import ChangeTracker
@@ -68,7 +69,8 @@ class VMReplicator:
         store: where states are persisted.
         ssl_context: client TLS context (our certificate, the CA).
         tracker: the embedding tool's change tracker; None means scan for changes.
-        limiter: bandwidth limit for this relationship (and host), if any.
+        limiter: the host's bandwidth limit (shared by its VMs), if any; the VM's own
+            limit comes from ``state.bandwidth_bps``.
         before_capture / after_capture: hooks around the capture window.
         pending_bytes: bound of the pending log.
     """
@@ -83,6 +85,9 @@ class VMReplicator:
     pending_bytes: int = DEFAULT_PENDING_BYTES
     local_address: str | None = None
     config_blob: bytes = b""
+    #: Test seam: transforms a chunk's data *after* its digest was taken (corruption in
+    #: flight). Never set in production.
+    chunk_fault: Callable[[bytes], bytes] | None = None
     _maps: list[DigestMap] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,8 @@ class VMReplicator:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending = PendingLog(self.dir / "pending", max_bytes=self.pending_bytes)
         self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
+        self._own_rate: float | None = None
+        self._own: BandwidthLimiter | None = None
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -114,6 +121,16 @@ class VMReplicator:
         size = int(self.state.disks[disk_index]["size"])
         return DigestMap(size, self.state.block_size)
 
+    def _limiter(self) -> BandwidthLimiter | None:
+        """This relationship's limit (from its state) combined with the host's, if any."""
+        rate = self.state.bandwidth_bps
+        if rate != self._own_rate:  # (re)built when the state's limit changes
+            self._own_rate = rate
+            self._own = BandwidthLimiter(rate) if rate else None
+        if self._own is None:
+            return self.limiter
+        return combined([self._own, self.limiter])
+
     def _save(self) -> None:
         if not (self.dir / STATE_FILE).exists():
             return  # disabled meanwhile (enable writes the state first): do not bring it back
@@ -133,6 +150,7 @@ class VMReplicator:
                 log.info("replication of %s was disabled", self.state.name)
                 return
             self.state.paused, self.state.frequency_s = fresh.paused, fresh.frequency_s
+            self.state.bandwidth_bps = fresh.bandwidth_bps
             if self.state.paused:
                 await trio.sleep(min(self.state.frequency_s, 5.0))
                 continue
@@ -145,7 +163,13 @@ class VMReplicator:
                 self.state.health = "critical"
                 self._save()
                 return
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError, fp.FrprotoError) as exc:
+            except (
+                OSError,
+                TLSFailure,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                fp.FrprotoError,
+            ) as exc:
                 log.warning(
                     "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
                 )
@@ -206,11 +230,25 @@ class VMReplicator:
                 f"acknowledged {self.state.sequence}: it needs a resynchronization"
             )
         for pending in self.pending.cycles():
-            await self._send_cycle(client, pending.sequence, pending.captured_at_ms)
+            await self._send_cycle(client, pending)
 
     async def _initial_replication(
         self, client: RecoveryClient, accepted: fp.RelationshipAccepted
     ) -> None:
+        from node.oob import is_exported  # out-of-band IR (node/oob.py, docs/oob-ir.md)
+
+        if is_exported(self.dir):
+            # The IR travels as a file: never send IR data; wait for the import.
+            if accepted.ir_state is not fp.IRState.COMPLETE:
+                log.info("%s: waiting for the out-of-band import of its IR", self.state.name)
+                raise fp.Busy(f"{self.state.name}: waiting for the out-of-band import of its IR")
+            self._maps = [self._load_map(i) for i in range(len(self.state.disks))]  # exported
+            self.state.ir_state = "COMPLETE"
+            self.state.sequence = 0
+            self.state.last_replicated_at = time.time()
+            self._save()
+            log.info("IR of %s complete (imported out of band)", self.state.name)
+            return
         start = (0, 0)
         if accepted.ir_state is fp.IRState.IN_PROGRESS:
             start = (accepted.resume_disk, accepted.resume_offset)
@@ -230,7 +268,9 @@ class VMReplicator:
                 dmap.set((offset + i) // block, xxhash.xxh3_128_digest(data[i : i + block]))
 
         if start[0] < len(self.images):
-            await client.send_ir(self.vmid, self.images, start=start, on_block=on_block)
+            await client.send_ir(
+                self.vmid, self.images, start=start, on_block=on_block, limiter=self._limiter()
+            )
         if start != (0, 0):
             self._rebuild_maps_before(start)
         for index, dmap in enumerate(maps):
@@ -265,6 +305,7 @@ class VMReplicator:
             cycles = self.pending.cycles()
             sequence = (cycles[-1].sequence if cycles else self.state.sequence) + 1
             block = self.state.block_size
+            captured: list[tuple[int, int, bytes]] = []
 
             def chunks() -> Any:
                 for disk_index, blocks in sorted(changed.items()):
@@ -272,7 +313,7 @@ class VMReplicator:
                     for b, offset, data in read_blocks(
                         self.images[disk_index], block, blocks, size
                     ):
-                        del b
+                        captured.append((disk_index, b, xxhash.xxh3_128_digest(data)))
                         yield disk_index, offset, data
 
             try:
@@ -285,6 +326,12 @@ class VMReplicator:
                 raise ReplicationHalted(
                     "the pending log passed its bound: a resynchronization is needed"
                 ) from None
+            # The maps now describe what was *captured* (durable in the pending log), so
+            # the next scan finds only what changed since, not this cycle again.
+            for disk_index, b, digest in captured:
+                self._maps[disk_index].set(b, digest)
+            for index in {d for d, _, _ in captured}:
+                self._maps[index].save(self._map_path(index))
         finally:
             if self.after_capture is not None:
                 self.after_capture()
@@ -300,32 +347,26 @@ class VMReplicator:
                 changed[disk_index] = blocks
         return changed
 
-    async def _send_cycle(self, client: RecoveryClient, sequence: int, captured_at_ms: int) -> None:
-        block = self.state.block_size
-        sent: list[tuple[int, int, bytes]] = []
-        records = list(self.pending.read_cycle(sequence))
+    async def _send_cycle(self, client: RecoveryClient, pending: PendingCycle) -> None:
+        sequence = pending.sequence
 
         def chunks() -> Any:
-            for disk_index, offset, data in records:
+            # Streamed from the pending log: a large cycle never sits in memory whole.
+            for disk_index, offset, data in self.pending.read_cycle(sequence):
                 digest = xxhash.xxh3_128_digest(data)
-                sent.append((disk_index, offset // block, digest))
-                yield disk_index, offset, data, digest
+                fault = self.chunk_fault
+                yield disk_index, offset, data if fault is None else fault(data), digest
 
-        total = sum(len(data) for _, _, data in records)
-        if self.limiter is not None:
-            await trio.sleep(self.limiter.reserve(total))
+        total = pending.nbytes
         await client.send_batch(
             self.vmid,
             sequence,
             chunks(),
-            chunk_count=len(records),
+            chunk_count=pending.chunk_count,
             total_bytes=total,
-            captured_at_ms=captured_at_ms,
+            captured_at_ms=pending.captured_at_ms,
+            limiter=self._limiter(),
         )
-        for disk_index, b, digest in sent:
-            self._maps[disk_index].set(b, digest)
-        for index in {d for d, _, _ in sent}:
-            self._maps[index].save(self._map_path(index))
         self.pending.drop_through(sequence)
         self.state.sequence = sequence
         self.state.last_replicated_at = time.time()
@@ -334,6 +375,6 @@ class VMReplicator:
             "%s: batch %d applied (%d chunks, %d bytes)",
             self.state.name,
             sequence,
-            len(records),
+            pending.chunk_count,
             total,
         )

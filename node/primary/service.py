@@ -14,6 +14,7 @@ import trio
 from node.config import PrimaryConfig
 from node.tls import client_context
 
+from .bandwidth import BandwidthLimiter, BandwidthSchedule
 from .replicator import VMReplicator
 from .state import PrimaryStateStore
 
@@ -30,6 +31,10 @@ async def run_primary(
     store = PrimaryStateStore(config.state_dir)
     ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
     running: dict[str, trio.CancelScope] = {}
+    host_limit: BandwidthLimiter | None = None
+    if config.bandwidth_bps or config.bandwidth_schedule:
+        schedule = BandwidthSchedule(config.bandwidth_schedule, default=config.bandwidth_bps)
+        host_limit = BandwidthLimiter(config.bandwidth_bps, schedule=schedule)
 
     async def replicate(replicator: VMReplicator, scope: trio.CancelScope) -> None:
         with scope:
@@ -46,7 +51,11 @@ async def run_primary(
                     scope = trio.CancelScope()
                     running[vmid] = scope
                     replicator = VMReplicator(
-                        state, store, ssl_context, local_address=config.local_address
+                        state,
+                        store,
+                        ssl_context,
+                        limiter=host_limit,  # one bucket shared by every VM of this host
+                        local_address=config.local_address,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

@@ -130,6 +130,8 @@ class VMReplicationState:
         pending_bytes: bytes in the pending log (not yet acknowledged).
         health: shown by status (``"initial replication"``, ``"normal"``, ``"warning"``,
             ``"critical"``...).
+        bandwidth_bps: bandwidth limit of this relationship in bytes per second (None:
+            no limit of its own; the host's limit still applies).
         broker: the clustering broker's address when the target was found through one,
             so a "VM not here" answer can be followed; None for a stand-alone server.
     """
@@ -151,6 +153,7 @@ class VMReplicationState:
     pending_bytes: int = 0
     health: str = "initial replication"
     broker: str | None = None
+    bandwidth_bps: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""

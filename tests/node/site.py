@@ -37,6 +37,15 @@ class ServerProcess:
     log: Path
     port: int
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> bool:
+        """True once ``text`` appears in the server's log (it logs asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text(errors="replace"):
+                return True
+            time.sleep(0.05)
+        return False
+
     def kill(self) -> None:
         """SIGKILL, and wait for it."""
         if self.proc.poll() is None:
@@ -96,9 +105,13 @@ trust_group = "{trust_group}"
 """
         )
 
-    def start_server(self, *, port: int = 0, timeout: float = 20.0) -> ServerProcess:
-        """Start the recovery server process (on ``port``, 0 = any) and wait until it listens."""
-        self.write_server_config(port=port)
+    def start_server(self, *, port: int | None = None, timeout: float = 20.0) -> ServerProcess:
+        """Start the recovery server process and wait until it listens.
+
+        ``port`` rewrites the config for that port (to restart on the same one); None keeps
+        the config as it is (port 0: any free port)."""
+        if port is not None:
+            self.write_server_config(port=port)
         log = self.root / f"server-{time.monotonic_ns()}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -126,6 +139,24 @@ trust_group = "{trust_group}"
             time.sleep(0.05)
         proc.kill()
         raise RuntimeError(f"server did not start: {log.read_text()}")
+
+    def write_primary_config(self) -> Path:
+        """The primary's TOML file (state in ``state_dir``, source address 127.0.0.3)."""
+        path = self.root / "primary.toml"
+        path.write_text(
+            f"""
+[primary]
+name = "{PRIMARY_NAME}"
+state_dir = "{self.state_dir.name}"
+local_address = "{PRIMARY_HOST}"
+
+[tls]
+cert = "certs/{PRIMARY_NAME}.pem"
+key = "certs/{PRIMARY_NAME}-key.pem"
+ca = "certs/ca.pem"
+"""
+        )
+        return path
 
     def client_context(self, name: str = PRIMARY_NAME):  # type: ignore[no-untyped-def]
         return client_context(

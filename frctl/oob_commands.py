@@ -1,0 +1,186 @@
+"""frctl subcommands of the out-of-band initial replication: ``frctl ir export|import``
+(``node/oob.py``, ``docs/oob-ir.md``).
+
+Progress goes to stderr (one line rewritten with ``\\r`` on a terminal, a line every 10%
+otherwise); the result is one line on stdout, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+MIB = 1024 * 1024
+
+
+class ProgressLine:
+    """``progress(done, total)`` printed to ``stream`` without flooding it."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_step = -1
+        self._last_time = 0.0
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else done * 100 // total
+        now = time.monotonic()
+        line = f"{self.label}: {percent:3d}% ({done // MIB} of {total // MIB} MiB)"
+        if self.tty:
+            if percent != self._last_step and (now - self._last_time >= 0.1 or done == total):
+                self.stream.write(f"\r{line}")
+                self.stream.flush()
+                self._last_step, self._last_time, self._shown = percent, now, True
+            return
+        step = percent // 10
+        if step != self._last_step:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_step = step
+
+    def finish(self) -> None:
+        """End the rewritten line on a terminal."""
+        if self.tty and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fail(message: object) -> int:
+    print(f"frctl: {message}", file=sys.stderr)
+    return 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.config import ConfigError, load_primary_config
+    from node.oob import OOBError, export_ir
+    from node.primary.state import PrimaryStateStore, StateCorrupt
+
+    try:
+        config = load_primary_config(Path(args.config))
+        vmid = str(uuid.UUID(args.vmid))
+    except (ConfigError, ValueError) as exc:
+        return _fail(exc)
+    store = PrimaryStateStore(config.state_dir)
+    try:
+        state = store.load(vmid)
+    except FileNotFoundError:
+        return _fail(
+            f"VM {vmid} is not enabled for replication on this primary "
+            "(frctl replication enable first)"
+        )
+    except StateCorrupt as exc:
+        return _fail(exc)
+    blob = b""
+    if args.vm_config is not None:
+        try:
+            blob = Path(args.vm_config).read_bytes()
+        except OSError as exc:
+            return _fail(f"--vm-config: {exc}")
+    progress = ProgressLine(f"exporting {state.name}")
+    try:
+        result = export_ir(state, config.state_dir, Path(args.out), config=blob, progress=progress)
+    except (OOBError, OSError, fp.FrprotoError) as exc:
+        progress.finish()
+        return _fail(exc)
+    progress.finish()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"exported {result.name} ({result.vmid}) to {result.path}: {result.disks} disks, "
+            f"{result.total_bytes} bytes ({result.zero_bytes} zero), {result.chunk_count} "
+            f"chunks, {result.file_bytes} bytes of file, aggregate {result.aggregate_digest}"
+        )
+    return 0
+
+
+def _storage_locations(config: Any) -> list[Path]:
+    auth = config.authorization
+    locations = [e.storage for e in auth.entries]
+    if auth.any_primary is not None:
+        locations.append(auth.any_primary.storage)
+    return list(dict.fromkeys(locations))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.config import ConfigError, load_recovery_server_config
+    from node.oob import OOBError, import_ir, read_header
+    from node.storage import ReplicaStore
+
+    path = Path(args.file)
+    try:
+        config = load_recovery_server_config(Path(args.config))
+        header = read_header(path)
+    except (ConfigError, OSError, OOBError, fp.FrprotoError) as exc:
+        return _fail(exc)
+    tried = []
+    for storage in _storage_locations(config):
+        tried.append(str(storage))
+        if not storage.is_dir():
+            continue
+        with ReplicaStore(storage, keep_points=config.recovery_points) as store:
+            if not store.exists(header.vmid):
+                continue
+            progress = ProgressLine(f"importing {header.name}")
+            try:
+                result = import_ir(store, path, progress=progress)
+            except (OOBError, OSError, fp.FrprotoError) as exc:
+                progress.finish()
+                return _fail(f"{path}: {type(exc).__name__}: {exc}")
+            progress.finish()
+        if args.json:
+            print(json.dumps(result.to_json()))
+        else:
+            print(
+                f"imported {result.name} ({result.vmid}) into {result.storage}: "
+                f"{result.total_bytes} bytes ({result.zero_bytes} zero), "
+                f"{result.chunk_count} chunks, IR complete at sequence {result.sequence}"
+            )
+        return 0
+    return _fail(
+        f"no relationship for VM {header.vmid} ({header.name}) in any storage location of "
+        f"{args.config} ({', '.join(tried) or 'none configured'}): let the primary connect "
+        "once so it creates the relationship, then import"
+    )
+
+
+def register(sub: Any) -> None:
+    """Add ``frctl ir`` to frctl's subparsers."""
+    ir = sub.add_parser("ir", help="out-of-band initial replication (export / import a file)")
+    isub = ir.add_subparsers(dest="ir_command", required=True, metavar="ACTION")
+
+    export = isub.add_parser(
+        "export",
+        help="export an enabled VM's disks to a file (on the primary)",
+        description="Export the disks of a VM enabled with 'frctl replication enable' "
+        "to FILE. Pause its replication (or stop the primary service) first, and keep the "
+        "images unchanged while this runs (a paused VM or a snapshot).",
+    )
+    export.add_argument("--config", required=True, help="primary TOML file")
+    export.add_argument("vmid")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    export.add_argument("--vm-config", metavar="FILE", help="the VM's config blob to carry")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(func=_cmd_export)
+
+    imp = isub.add_parser(
+        "import",
+        help="import an exported file into its relationship (on the recovery server)",
+        description="Import FILE into the replica it belongs to, found in the storage "
+        "locations of the server's authorization entries. The relationship must exist "
+        "(the primary's first connection creates it). Run this while the recovery server "
+        "is not serving the VM (stop it, import, start it again).",
+    )
+    imp.add_argument("--config", required=True, help="recovery server TOML file")
+    imp.add_argument("file")
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    imp.set_defaults(func=_cmd_import)
