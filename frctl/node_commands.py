@@ -140,6 +140,58 @@ def _cmd_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ir_percent(state: Any) -> float:
+    if state.ir_state == "COMPLETE":
+        return 100.0
+    total = state.ir_bytes_total or sum(int(d["size"]) for d in state.disks)
+    return round(100.0 * state.ir_bytes_done / total, 1) if total else 0.0
+
+
+def _cmd_wait(args: argparse.Namespace) -> int:
+    """Show progress until the VM's IR is complete and nothing is pending (or time runs out)."""
+    store = _store(args)
+    vmid = str(uuid.UUID(args.vmid))
+    deadline = time.monotonic() + args.timeout
+    tty = sys.stderr.isatty()
+    shown = -1.0
+    while True:
+        state = store.load(vmid)
+        percent = _ir_percent(state)
+        done = state.ir_state == "COMPLETE" and state.pending_bytes == 0
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "message_type": "status",
+                        "vmid": vmid,
+                        "ir_percent": percent,
+                        "sequence": state.sequence,
+                        "pending_bytes": state.pending_bytes,
+                    }
+                )
+            )
+        elif tty or percent - shown >= 10 or done:
+            bar = "#" * int(percent // 5)
+            end = "\r" if tty and not done else "\n"
+            print(
+                f"{state.name}: IR [{bar:<20}] {percent:5.1f}%  sequence {state.sequence}"
+                f"  pending {state.pending_bytes} B",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+            shown = percent
+        if done:
+            print(f"replication/{state.name} in sync at sequence {state.sequence}")
+            return 0
+        if state.health == "critical" or time.monotonic() > deadline:
+            if tty:
+                print(file=sys.stderr)
+            print(f"frctl: replication/{state.name} not in sync ({state.health})", file=sys.stderr)
+            return 3
+        time.sleep(args.interval)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     rows = []
@@ -151,6 +203,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "name": state.name,
                 "state": "paused" if state.paused else state.health,
                 "ir": state.ir_state,
+                "ir_percent": _ir_percent(state),
                 "sequence": state.sequence,
                 "last_replicated_at": state.last_replicated_at,
                 "lag_seconds": None if lag is None else round(lag, 1),
@@ -161,11 +214,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'VM':<20} {'STATE':<20} {'SEQ':>6} {'LAG':>8} {'PENDING':>12}  SERVER")
+        print(f"{'VM':<20} {'STATE':<20} {'IR':>6} {'SEQ':>6} {'LAG':>8} {'PENDING':>12}  SERVER")
         for r in rows:
             lag = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.0f}s"
             print(
-                f"{r['name']:<20} {r['state']:<20} {r['sequence']:>6} {lag:>8} "
+                f"{r['name']:<20} {r['state']:<20} {r['ir_percent']:>5.0f}% {r['sequence']:>6} "
+                f"{lag:>8} "
                 f"{r['pending_bytes']:>12}  {r['recovery_server']}"
             )
     if args.check and any(r["state"] in _UNHEALTHY for r in rows):
@@ -209,6 +263,13 @@ def register(sub: Any) -> None:
     status.add_argument("--json", action="store_true")
     status.add_argument("--check", action="store_true", help="exit 3 if any VM is unhealthy")
     status.set_defaults(func=_cmd_status)
+    wait = rsub.add_parser("wait", help="show IR progress until the VM is in sync")
+    wait.add_argument("--config", required=True)
+    wait.add_argument("vmid")
+    wait.add_argument("--timeout", type=float, default=3600.0, help="seconds (exit 3 after)")
+    wait.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    wait.add_argument("--json", action="store_true", help="JSON lines, one per poll")
+    wait.set_defaults(func=_cmd_wait)
     for name, func in (
         ("pause", lambda a: _set_paused(a, True)),
         ("resume", lambda a: _set_paused(a, False)),

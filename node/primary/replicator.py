@@ -41,7 +41,7 @@ import frproto as fp
 from node.tls import TLSFailure
 
 from .bandwidth import BandwidthLimiter, combined
-from .client import RecoveryClient
+from .client import IRProgress, RecoveryClient
 from .digest_map import DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .scan import read_blocks, scan_changes
@@ -52,6 +52,8 @@ log = logging.getLogger("frrep.primary")
 
 #: Default bound of a VM's pending log.
 DEFAULT_PENDING_BYTES = 4 * 1024 * 1024 * 1024
+#: How often IR progress is written to the VM's state file (seconds).
+IR_PROGRESS_SECONDS = 0.5
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
 
@@ -267,15 +269,31 @@ class VMReplicator:
             for i in range(0, len(data), block):
                 dmap.set((offset + i) // block, xxhash.xxh3_128_digest(data[i : i + block]))
 
+        last_saved = [time.monotonic()]
+
+        def on_progress(progress: IRProgress) -> None:
+            # Persisted now and then for `frctl replication status` / `wait` to show.
+            self.state.ir_bytes_done = progress.bytes_done
+            self.state.ir_bytes_total = progress.bytes_total
+            if time.monotonic() - last_saved[0] >= IR_PROGRESS_SECONDS:
+                last_saved[0] = time.monotonic()
+                self._save()
+
         if start[0] < len(self.images):
             await client.send_ir(
-                self.vmid, self.images, start=start, on_block=on_block, limiter=self._limiter()
+                self.vmid,
+                self.images,
+                start=start,
+                on_block=on_block,
+                on_progress=on_progress,
+                limiter=self._limiter(),
             )
         if start != (0, 0):
             self._rebuild_maps_before(start)
         for index, dmap in enumerate(maps):
             dmap.save(self._map_path(index))
         self.state.ir_state = "COMPLETE"
+        self.state.ir_bytes_done = self.state.ir_bytes_total = sum(d.size for d in self.disks)
         self.state.sequence = 0
         self.state.last_replicated_at = time.time()
         self._save()

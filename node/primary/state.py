@@ -124,6 +124,7 @@ class VMReplicationState:
         paused: replication paused by the administrator.
         ir_state: ``"NOT_STARTED"``, ``"IN_PROGRESS"`` or ``"COMPLETE"``.
         ir_cursor: ``[disk_index, offset]`` where a resumed IR goes on.
+        ir_bytes_done / ir_bytes_total: progress of the initial replication, for status.
         sequence: the last delta batch the recovery server acknowledged (0 after IR).
         last_replicated_at: wall-clock time (``time.time()``) of the last ack, if any.
         last_cycle_started_at: wall-clock time the last cycle started, if any.
@@ -147,6 +148,8 @@ class VMReplicationState:
     paused: bool = False
     ir_state: str = "NOT_STARTED"
     ir_cursor: list[int] = field(default_factory=lambda: [0, 0])
+    ir_bytes_done: int = 0
+    ir_bytes_total: int = 0
     sequence: int = 0
     last_replicated_at: float | None = None
     last_cycle_started_at: float | None = None
