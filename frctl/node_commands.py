@@ -227,6 +227,83 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stores(args: argparse.Namespace) -> list[Path]:
+    from node.config import load_recovery_server_config
+
+    config = load_recovery_server_config(Path(args.config))
+    places = {e.storage for e in config.authorization.entries}
+    if config.authorization.any_primary is not None:
+        places.add(config.authorization.any_primary.storage)
+    return sorted(places)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _cmd_replica_list(args: argparse.Namespace) -> int:
+    from node.storage import ReplicaStore
+
+    rows = []
+    for place in _stores(args):
+        with ReplicaStore(place) as store:
+            for vmid in store.vmids():
+                replica = store.open(vmid)
+                points = replica.recovery_points()
+                rows.append(
+                    {
+                        "vmid": str(vmid),
+                        "name": replica.name,
+                        "ir": replica.ir_state.name,
+                        "applied_sequence": replica.applied_sequence,
+                        "recovery_points": len(points),
+                        "latest_point_at": _iso(points[-1].applied_at) if points else None,
+                        "primary": replica.primary,
+                        "trust_group": replica.trust_group,
+                        "storage": str(place),
+                    }
+                )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'VM':<20} {'IR':<12} {'SEQ':>6} {'POINTS':>6}  {'PRIMARY':<28} TRUST GROUP")
+    for r in rows:
+        print(
+            f"{r['name']:<20} {r['ir']:<12} {r['applied_sequence']:>6} "
+            f"{r['recovery_points']:>6}  {r['primary']:<28} {r['trust_group']}"
+        )
+    return 0
+
+
+def _cmd_replica_points(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.storage import ReplicaStore
+
+    vmid = uuid.UUID(args.vmid)
+    for place in _stores(args):
+        with ReplicaStore(place) as store:
+            if not store.exists(vmid):
+                continue
+            points = store.open(vmid).recovery_points()
+            rows = [
+                {
+                    "sequence": p.sequence,
+                    "captured_at": _iso(p.captured_at_ms / 1000) if p.captured_at_ms else None,
+                    "applied_at": _iso(p.applied_at),
+                }
+                for p in points
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'SEQUENCE':>8}  {'CAPTURED (primary)':<22} APPLIED (here)")
+                for r in rows:
+                    print(f"{r['sequence']:>8}  {r['captured_at'] or '-':<22} {r['applied_at']}")
+            return 0
+    print(f"frctl: {fp.UnknownVM(f'no replica of {vmid} here').message}", file=sys.stderr)
+    return 4
+
+
 def register(sub: Any) -> None:
     """Add the host agent's subcommands to frctl's subparsers."""
     server = sub.add_parser("server", help="the recovery server")
@@ -235,6 +312,18 @@ def register(sub: Any) -> None:
     run.add_argument("--config", required=True, help="recovery server TOML file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_cmd_server_run)
+
+    replica = sub.add_parser("replica", help="replicas held by this recovery server")
+    rsub_ = replica.add_subparsers(dest="replica_command", required=True, metavar="ACTION")
+    rlist = rsub_.add_parser("list", help="every replica, its sequence and recovery points")
+    rlist.add_argument("--config", required=True, help="recovery server TOML file")
+    rlist.add_argument("--json", action="store_true")
+    rlist.set_defaults(func=_cmd_replica_list)
+    rpoints = rsub_.add_parser("points", help="the recovery points kept for a VM")
+    rpoints.add_argument("--config", required=True, help="recovery server TOML file")
+    rpoints.add_argument("vmid")
+    rpoints.add_argument("--json", action="store_true")
+    rpoints.set_defaults(func=_cmd_replica_points)
 
     primary = sub.add_parser("primary", help="the primary replicator service")
     psub = primary.add_subparsers(dest="primary_command", required=True, metavar="ACTION")

@@ -82,6 +82,22 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         assert "web01" in table
         assert "100%" in table
 
+        # The recovery server's side: the replica and its recovery points.
+        server_config = str(site.server_config)
+        replicas = json.loads(frctl("replica", "list", "--config", server_config, "--json").stdout)
+        assert [(r["name"], r["ir"], r["applied_sequence"]) for r in replicas] == [
+            ("web01", "COMPLETE", 0)
+        ]
+        assert replicas[0]["primary"] == "p1.primary.example.com"
+        assert replicas[0]["trust_group"] == "site-a"
+        points = json.loads(
+            frctl("replica", "points", "--config", server_config, vmid, "--json").stdout
+        )
+        assert [p["sequence"] for p in points] == [0]
+        unknown = frctl("replica", "points", "--config", server_config, str(uuid.uuid4()))
+        assert unknown.returncode == 4
+        assert "no replica" in unknown.stderr
+
         assert frctl("replication", "pause", "--config", config, vmid).stdout.strip() == (
             "replication/web01 paused"
         )
