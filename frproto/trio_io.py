@@ -10,7 +10,9 @@ of the body is read. It then reads exactly one frame into a fresh ``bytearray`` 
 hands that whole frame to the connection, which keeps it as a view: the payload of a
 chunk is copied once (out of Trio's receive bytes into the frame) and never again.
 Bytes read past the end of a frame stay in a view of the received object, consumed by
-moving an offset; the tail is never re-sliced into a new object.
+moving an offset; the tail is never re-sliced into a new object. A stream that has a
+``receive_into(memoryview) -> int`` method (duck typed, e.g. node.biotls.BioTLSStream)
+is read straight into the frame instead, with no intermediate object at all.
 
 Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
 as two ``send_all`` calls so the payload buffer is never concatenated.
@@ -22,6 +24,7 @@ violation calls for (best effort, bounded in time), closes the stream and re-rai
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -65,6 +68,11 @@ class FramedStream:
         self._pending_pos = 0
         self._send_lock = trio.Lock()
         self._eof = False
+        # Duck typing: a stream with ``receive_into(memoryview) -> int`` (node.biotls's
+        # BioTLSStream) decrypts straight into our frame buffers.
+        self._receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
+            stream, "receive_into", None
+        )
 
     async def next_event(self) -> Event:
         """The next event from the peer (reading as much as needed).
@@ -131,6 +139,14 @@ class FramedStream:
             if not available:
                 if self._eof:
                     return filled
+                if self._receive_into is not None:
+                    # Straight into the frame: no intermediate bytes object per read.
+                    got = await self._receive_into(target[filled:])
+                    if not got:
+                        self._eof = True
+                        return filled
+                    filled += got
+                    continue
                 data = await self.stream.receive_some(self._receive_size)
                 if not data:
                     self._eof = True

@@ -65,7 +65,7 @@ class _Replay(trio.abc.Stream):
         if self._head:
             head, self._head = self._head, b""
             return head
-        # Performance: trio.SSLStream refills with receive_some() (no size), which trio's
+        # Performance: a TLS stream may refill with receive_some() (no size), which trio's
         # SocketStream serves 64 KiB at a time; reading up to TRANSPORT_RECEIVE_SIZE per
         # call cuts the socket reads and trio round trips of a bulk IR (perf-baselines,
         # "BigRecv"). Only the size of the raw read changes, never the bytes delivered.

@@ -7,7 +7,9 @@ loaded. :func:`server_context` and :func:`client_context` build the
 the handshake on a Trio stream under a deadline and turn every failure into one
 exception, :class:`TLSFailure`, whose message says what went wrong (expired certificate,
 unknown CA, name mismatch, no client certificate, old TLS version, timeout) and whose
-``__cause__`` is the :mod:`ssl` error.
+``__cause__`` is the :mod:`ssl` error. The TLS stream is :class:`node.biotls.BioTLSStream`
+(not ``trio.SSLStream``): same interface plus ``receive_into``, which frproto's
+FramedStream uses to decrypt bulk data straight into its frames (perf-baselines, BioTLS).
 
 .. warning:: **The TLS 1.3 trap** (CPython issue #110197). A TLS 1.3 client finishes its
    handshake *before* the server has judged the client's certificate: the server's
@@ -28,7 +30,6 @@ the caller maps :func:`peer_names` to an authorization entry.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import ssl
@@ -38,7 +39,10 @@ from typing import Any
 
 import trio
 
+from .biotls import BioTLSStream
+
 __all__ = [
+    "BioTLSStream",
     "ConnectFailure",
     "TLSConfigError",
     "TLSFailure",
@@ -49,10 +53,6 @@ __all__ = [
     "tls_connect",
     "tls_handshake_server",
 ]
-
-
-#: How long we try to deliver the alert of a failed handshake before closing.
-_ALERT_TIMEOUT = 0.5
 
 
 class TLSFailure(Exception):
@@ -141,7 +141,9 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
 # -- peers -----------------------------------------------------------------------------
 
 
-def peer_names(connection: trio.SSLStream[Any] | ssl.SSLObject | ssl.SSLSocket) -> tuple[str, ...]:
+def peer_names(
+    connection: BioTLSStream[Any] | trio.SSLStream[Any] | ssl.SSLObject | ssl.SSLSocket,
+) -> tuple[str, ...]:
     """The verified peer certificate's DNS names, then its IP addresses (compressed form).
 
     Empty if the peer sent no certificate (possible only with ``require_client_cert=False``)
@@ -228,26 +230,8 @@ def _peer_label(stream: trio.abc.Stream) -> str:
     return "peer"
 
 
-async def _send_alert(ssl_stream: trio.SSLStream[Any]) -> None:
-    """Send the TLS alert OpenSSL wrote when the handshake failed, best effort.
-
-    Trio marks the stream broken as soon as OpenSSL raises, leaving the alert it generated
-    (``unknown ca``, ``certificate expired``, ``certificate required``, ``protocol
-    version``...) unsent in the stream's outgoing buffer (a private attribute), so the
-    peer would only see the connection drop. We send it ourselves so the peer's error says
-    why. If Trio's internals change, this quietly does nothing (the tests will notice).
-    """
-    outgoing = getattr(ssl_stream, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
-        return
-    data = outgoing.read()
-    with trio.move_on_after(_ALERT_TIMEOUT):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await ssl_stream.transport_stream.send_all(data)
-
-
 async def _handshake(
-    ssl_stream: trio.SSLStream[Any], deadline: float, what: str, timeout: float
+    ssl_stream: BioTLSStream[Any], deadline: float, what: str, timeout: float
 ) -> None:
     try:
         with trio.fail_at(deadline):
@@ -256,7 +240,8 @@ async def _handshake(
         await trio.aclose_forcefully(ssl_stream)
         raise TLSFailure(f"TLS handshake {what}: timed out after {timeout:g} s") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-        await _send_alert(ssl_stream)
+        # BioTLSStream has already sent the alert OpenSSL wrote (unknown ca, certificate
+        # expired, certificate required, protocol version...), so the peer learns why.
         await trio.aclose_forcefully(ssl_stream)
         cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
         raise TLSFailure(f"TLS handshake {what} failed: {describe_tls_error(exc)}") from cause
@@ -267,15 +252,15 @@ async def _handshake(
 
 async def tls_handshake_server(
     stream: trio.abc.Stream, ctx: ssl.SSLContext, *, timeout: float = 10.0
-) -> trio.SSLStream[trio.abc.Stream]:
+) -> BioTLSStream[trio.abc.Stream]:
     """Wrap an accepted stream in TLS (server side) and run the handshake.
 
-    Returns the :class:`trio.SSLStream` once the client's certificate has been verified
-    (in TLS 1.3 the server does learn the verdict during the handshake). On failure the
-    stream is closed and :class:`TLSFailure` is raised.
+    Returns the :class:`~node.biotls.BioTLSStream` once the client's certificate has been
+    verified (in TLS 1.3 the server does learn the verdict during the handshake). On
+    failure the alert is sent, the stream is closed and :class:`TLSFailure` is raised.
     """
     label = _peer_label(stream)
-    ssl_stream = trio.SSLStream(stream, ctx, server_side=True)
+    ssl_stream = BioTLSStream(stream, ctx, server_side=True)
     await _handshake(ssl_stream, trio.current_time() + timeout, f"with {label}", timeout)
     return ssl_stream
 
@@ -288,7 +273,7 @@ async def tls_connect(
     server_name: str,
     local_address: str | None = None,
     timeout: float = 10.0,
-) -> trio.SSLStream[trio.SocketStream]:
+) -> BioTLSStream[trio.SocketStream]:
     """Connect to ``host:port`` over TCP and run the TLS handshake as a client.
 
     ``server_name`` is sent as SNI and checked against the server certificate's subject
@@ -312,7 +297,7 @@ async def tls_connect(
     except OSError as exc:
         raise ConnectFailure(f"connecting to {target}: {_ssl_reason(exc)}") from exc
     try:
-        ssl_stream = trio.SSLStream(tcp, ctx, server_hostname=server_name)
+        ssl_stream = BioTLSStream(tcp, ctx, server_hostname=server_name)
     except (ValueError, ssl.SSLError) as exc:
         await trio.aclose_forcefully(tcp)
         raise TLSFailure(f"TLS to {target}: {exc}") from exc

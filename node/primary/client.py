@@ -20,7 +20,7 @@ import trio
 
 import frproto as fp
 from frproto.trio_io import FramedStream
-from node.tls import tls_connect
+from node.tls import BioTLSStream, tls_connect
 
 from .bandwidth import BandwidthLimiter
 
@@ -39,7 +39,7 @@ BatchChunk = tuple[int, int, bytes | bytearray | memoryview, bytes]
 SEND_LOWAT = 1024 * 1024
 
 
-def _raise_notsent_lowat(stream: trio.SSLStream[trio.SocketStream]) -> None:
+def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
     """Performance only: raise TCP_NOTSENT_LOWAT on the connection's socket (if any)."""
     transport = stream.transport_stream
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):

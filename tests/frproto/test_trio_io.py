@@ -38,6 +38,26 @@ class TrickleStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+class IntoStream(TrickleStream):
+    """A stream with ``receive_into`` (like node.biotls.BioTLSStream), at most ``size`` bytes
+    per call; FramedStream must read frames through it, not through ``receive_some``."""
+
+    def __init__(self, inner: trio.abc.Stream, size: int) -> None:
+        super().__init__(inner, size)
+        self.into_calls = 0
+        self.some_calls = 0
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        self.into_calls += 1
+        data = await self.inner.receive_some(min(self.size, len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self.some_calls += 1  # (linger_and_close drains with receive_some)
+        return await super().receive_some(max_bytes)
+
+
 async def _open_session(primary: FramedStream, recovery: FramedStream) -> None:
     await primary.send(fp.NegotiateRequest())
     request = await recovery.expect(fp.NegotiateRequest)
@@ -114,6 +134,25 @@ async def test_batch_over_memory_streams(trickle: int | None) -> None:
     got = await _transfer_batch(primary, recovery, blocks)
     assert [bytes(c.data) if not c.is_zero else bytes(c.length) for c in got] == blocks
     assert [c.offset for c in got] == [sum(map(len, blocks[:i])) for i in range(len(blocks))]
+
+
+@pytest.mark.parametrize("size", [7, 4096, 1 << 20])
+async def test_batch_through_receive_into(size: int) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    recv_side = IntoStream(b, size)
+    primary, recovery = _pair(a, recv_side)
+    await _open_session(primary, recovery)
+    blocks = [os.urandom(65536), bytes(65536), os.urandom(12345), os.urandom(1)]
+    got = await _transfer_batch(primary, recovery, blocks)
+    assert [bytes(c.data) if not c.is_zero else bytes(c.length) for c in got] == blocks
+    assert recv_side.into_calls > 0
+    assert recv_side.some_calls == 0
+    # End of stream mid-frame through receive_into is a truncated frame, as with receive_some.
+    frame = primary.connection.send(fp.Keepalive())
+    await a.send_all(frame[:-1])
+    await a.aclose()
+    with pytest.raises(fp.TruncatedFrame):
+        await recovery.next_event()
 
 
 async def test_hostile_length_is_refused_reported_and_closed() -> None:

@@ -1,0 +1,333 @@
+"""A TLS stream for Trio built on ``ssl.SSLObject`` and two ``ssl.MemoryBIO`` (bulk-friendly).
+
+:class:`BioTLSStream` is a :class:`trio.abc.Stream` like :class:`trio.SSLStream`, plus
+:meth:`BioTLSStream.receive_into`, which decrypts straight into the caller's buffer.
+
+Why not ``trio.SSLStream``: OpenSSL returns at most one TLS record (16 KiB) per
+``SSL_read``, and ``SSLStream.receive_some`` pays a full ``await``, a conflict check and a
+fresh ``bytes`` object for each record; it also refills from its transport 64 KiB at a
+time. perf-baselines ("BioTLS") measured about 2x the receive throughput for a wrapper
+that refills the incoming BIO with large transport reads and drains *every* record
+already buffered into the caller's buffer before awaiting again. This is that wrapper.
+
+Behaviour, as ``SSLStream`` with ``https_compatible=False``:
+
+* one sender and one receiver at a time (:class:`trio.BusyResourceError` otherwise);
+  sending and receiving may run concurrently; bytes for the transport (records, alerts,
+  post-handshake replies) are flushed under one lock, in the order OpenSSL made them;
+* the handshake runs on the first send or receive if :meth:`do_handshake` was not called;
+  if it fails, the alert OpenSSL wrote (``unknown ca``, ``certificate required``...) is
+  sent to the peer, best effort and bounded in time, before the error is raised;
+* TLS failures raise :class:`trio.BrokenResourceError` whose ``__cause__`` is the
+  :class:`ssl.SSLError`; the peer's ``close_notify`` is end of stream (``b""`` / 0), a
+  transport EOF without it is a :class:`trio.BrokenResourceError` (truncation);
+* :meth:`aclose` sends ``close_notify`` (best effort, not waiting for the reply), then
+  closes the transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import ssl
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
+
+import trio
+
+__all__ = ["BioTLSStream"]
+
+T_Stream = TypeVar("T_Stream", bound=trio.abc.Stream)
+
+#: Bytes asked of the transport per refill of the incoming BIO: large reads mean few
+#: socket reads and Trio round trips per MiB (perf-baselines, "BigRecv").
+TRANSPORT_RECEIVE_SIZE = 1024 * 1024
+#: Plaintext encrypted per flush of ``send_all``: bounds the ciphertext held in memory.
+SEND_PIECE = 1024 * 1024
+#: ``receive_some()`` without ``max_bytes`` returns at most this much.
+DEFAULT_MAX_BYTES = 64 * 1024
+#: How long we try to deliver the alert of a failed handshake.
+ALERT_TIMEOUT = 0.5
+
+
+class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
+    """TLS over ``transport_stream`` with an ``ssl.SSLObject`` on two memory BIOs.
+
+    Args:
+        transport_stream: the connected byte stream (TCP, a memory stream in tests).
+        ssl_context: the context; a server context with ``server_side=True``.
+        server_side: run the server side of the handshake.
+        server_hostname: the name sent as SNI and checked (client side).
+        receive_size: bytes asked of the transport per refill.
+
+    Raises:
+        ValueError, ssl.SSLError: from ``SSLContext.wrap_bio`` (e.g. a client context
+            that checks host names, without ``server_hostname``).
+    """
+
+    def __init__(
+        self,
+        transport_stream: T_Stream,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        receive_size: int = TRANSPORT_RECEIVE_SIZE,
+    ) -> None:
+        self.transport_stream: T_Stream = transport_stream
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = ssl_context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        # SSLObject.read(n, buffer) fills buffer and returns a count (typeshed says bytes).
+        self._read_into = cast("Callable[[int, memoryview], int]", self._ssl.read)
+        self._receive_size = receive_size
+        self._flush_lock = trio.Lock()  # one task writes to the transport at a time
+        self._handshake_lock = trio.Lock()
+        self._handshake_done = False
+        self._sending = False
+        self._receiving = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._eof = False
+
+    # -- information -------------------------------------------------------------------
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The underlying :class:`ssl.SSLObject` (for inspection only)."""
+        return self._ssl
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        """The peer's certificate, as :meth:`ssl.SSLObject.getpeercert` (after the handshake)."""
+        return self._ssl.getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        """The negotiated protocol version, e.g. ``"TLSv1.3"``."""
+        return self._ssl.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """The negotiated cipher suite, as :meth:`ssl.SSLObject.cipher`."""
+        return self._ssl.cipher()
+
+    # -- state -------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this TLS stream is closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("this TLS stream is broken") from self._broken
+
+    def _transport_failed(
+        self, exc: BaseException
+    ) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        """The error to raise after the transport raised ``exc`` (marks the stream broken,
+        unless we closed it ourselves meanwhile)."""
+        if self._closed:
+            return trio.ClosedResourceError("this TLS stream was closed")
+        self._broken = exc
+        return trio.BrokenResourceError(f"TLS transport failed: {exc!r}")
+
+    def _tls_failed(self, exc: ssl.SSLError) -> trio.BrokenResourceError:
+        self._broken = exc
+        return trio.BrokenResourceError(f"TLS failed: {exc}")
+
+    # -- transport ---------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        """Send everything OpenSSL has written to the outgoing BIO (in order)."""
+        async with self._flush_lock:
+            data = self._outgoing.read()
+            if not data:
+                return
+            try:
+                await self.transport_stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._transport_failed(exc) from exc
+            except trio.Cancelled as exc:
+                # Part of a record may have gone out: the stream cannot be used again.
+                self._broken = exc
+                raise
+
+    async def _refill(self) -> None:
+        """Read once from the transport into the incoming BIO (EOF is written as EOF)."""
+        try:
+            data = await self.transport_stream.receive_some(self._receive_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._transport_failed(exc) from exc
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (once; later calls return at once).
+
+        Raises:
+            trio.BrokenResourceError: the handshake failed; ``__cause__`` is the
+                :class:`ssl.SSLError` (the alert was sent to the peer, best effort) or the
+                transport's error.
+            trio.ClosedResourceError: the stream was closed.
+        """
+        self._check_usable()
+        async with self._handshake_lock:
+            self._check_usable()
+            if self._handshake_done:
+                return
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                except ssl.SSLError as exc:
+                    await self._send_alert()
+                    raise self._tls_failed(exc) from exc
+                await self._flush()
+                if done:
+                    self._handshake_done = True
+                    return
+                await self._refill()
+
+    async def _send_alert(self) -> None:
+        """Deliver the alert OpenSSL wrote for a failed handshake: shielded, bounded."""
+        data = self._outgoing.read()
+        if not data:
+            return
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(ALERT_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await self.transport_stream.send_all(data)
+
+    async def _ensure_handshake(self) -> None:
+        if not self._handshake_done:
+            await self.do_handshake()
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and send it (in pieces of at most ``SEND_PIECE``)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            await self._ensure_handshake()
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            for start in range(0, len(view), SEND_PIECE):
+                try:
+                    self._ssl.write(view[start : start + SEND_PIECE])
+                except ssl.SSLError as exc:
+                    raise self._tls_failed(exc) from exc
+                await self._flush()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the transport might accept data (see :class:`trio.abc.SendStream`)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            try:
+                await self.transport_stream.wait_send_all_might_not_block()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._transport_failed(exc) from exc
+        finally:
+            self._sending = False
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Decrypt into ``buffer``; returns the bytes written, 0 at end of stream.
+
+        Waits for the transport only when nothing is decrypted yet, and then drains every
+        record already received (up to ``len(buffer)``) before returning: one call can fill
+        a 1 MiB frame with no ``await`` per 16 KiB record. ``buffer`` must be writable and
+        non-empty.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            await self._ensure_handshake()
+            want = len(buffer)
+            if want <= 0:
+                raise ValueError("receive_into needs a non-empty buffer")
+            read = self._read_into
+            filled = 0
+            waited = False
+            while True:
+                try:
+                    while filled < want:
+                        got = read(want - filled, buffer[filled:])
+                        if not got:  # the peer's close_notify
+                            self._eof = True
+                            break
+                        filled += got
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    self._eof = True  # close_notify: end of stream
+                except ssl.SSLError as exc:
+                    raise self._tls_failed(exc) from exc
+                if self._outgoing.pending:
+                    await self._flush()  # a post-handshake reply (e.g. to a KeyUpdate)
+                    waited = True
+                if filled or self._eof:
+                    break
+                await self._refill()
+                waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return filled
+        finally:
+            self._receiving = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Up to ``max_bytes`` (default 64 KiB) of plaintext; ``b""`` at end of stream."""
+        if max_bytes is None:
+            size = DEFAULT_MAX_BYTES
+        else:
+            size = operator.index(max_bytes)
+            if size < 1:
+                raise ValueError("max_bytes must be >= 1")
+        buffer = bytearray(size)
+        got = await self.receive_into(memoryview(buffer))
+        del buffer[got:]
+        return buffer
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send ``close_notify`` (best effort, if nothing else is sending), close the transport."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshake_done and self._broken is None and not self._flush_lock.locked():
+                with contextlib.suppress(ssl.SSLError):
+                    self._ssl.unwrap()  # writes close_notify; raises WantRead (no reply yet)
+                data = self._outgoing.read()
+                if data:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self.transport_stream.send_all(data)
+        finally:
+            await self.transport_stream.aclose()

@@ -1,0 +1,150 @@
+"""node.biotls.BioTLSStream over Trio memory streams: the generic stream checks, receive_into,
+end of stream and truncation, handshake refusals with their alert."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from node.biotls import BioTLSStream
+
+SERVER_NAME = "r1.example.com"
+
+
+@pytest.fixture(scope="module")
+def contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts: TLS 1.3, mutual authentication, one trustme CA."""
+    ca = trustme.CA()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.verify_mode = ssl.CERT_REQUIRED
+    ca.configure_trust(server)
+    ca.issue_cert(SERVER_NAME).configure_cert(server)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    ca.configure_trust(client)
+    ca.issue_cert("p1.example.com").configure_cert(client)
+    return server, client
+
+
+Pair = tuple[BioTLSStream[trio.abc.Stream], BioTLSStream[trio.abc.Stream]]
+
+
+def _wrap(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> Pair:
+    """(client, server) BioTLSStreams over an in-memory transport pair (no handshake yet)."""
+    raw_client, raw_server = trio.testing.memory_stream_pair()
+    server_ctx, client_ctx = contexts
+    client: BioTLSStream[trio.abc.Stream] = BioTLSStream(
+        raw_client, client_ctx, server_hostname=SERVER_NAME
+    )
+    server: BioTLSStream[trio.abc.Stream] = BioTLSStream(raw_server, server_ctx, server_side=True)
+    return client, server
+
+
+async def _handshaken(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> Pair:
+    client, server = _wrap(contexts)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_check_two_way_stream(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    async def maker() -> Pair:
+        return await _handshaken(contexts)
+
+    async def flipped() -> Pair:
+        client, server = await _handshaken(contexts)
+        return server, client
+
+    await trio.testing.check_two_way_stream(maker, None)
+    await trio.testing.check_two_way_stream(flipped, None)
+
+
+async def test_lazy_handshake(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Without do_handshake, the first send or receive runs it."""
+    client, server = _wrap(contexts)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"hello")
+        assert await server.receive_some(10) == b"hello"
+    assert client.version() == "TLSv1.3"
+    names = [v for k, v in server.getpeercert()["subjectAltName"] if k == "DNS"]
+    assert names == ["p1.example.com"]
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_receive_into_drains_every_buffered_record(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """512 KiB sent in 32 records arrives with one receive_into (one transport read)."""
+    client, server = await _handshaken(contexts)
+    payload = bytes(range(256)) * 2048  # 512 KiB
+    await client.send_all(payload)
+    buffer = bytearray(len(payload) + 10)
+    got = await server.receive_into(memoryview(buffer))
+    assert got == len(payload)
+    assert buffer[:got] == payload
+    # A small buffer takes part of a record; the rest stays for the next call.
+    await client.send_all(b"abcdef")
+    small = bytearray(4)
+    assert await server.receive_into(memoryview(small)) == 4
+    assert small == b"abcd"
+    assert await server.receive_some(100) == b"ef"
+    await client.aclose()
+    assert await server.receive_into(memoryview(buffer)) == 0  # close_notify: clean EOF
+    assert await server.receive_some() == b""
+    await server.aclose()
+
+
+async def test_transport_eof_without_close_notify_is_broken(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    client, server = await _handshaken(contexts)
+    await client.send_all(b"data")
+    await client.transport_stream.aclose()  # truncation: no close_notify
+    assert await server.receive_some(100) == b"data"
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await server.receive_some(100)
+    assert isinstance(info.value.__cause__, ssl.SSLError)
+    await server.aclose()
+
+
+async def test_refused_client_gets_the_alert(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A client certificate from another CA: the server fails its handshake and sends the
+    alert; the client (TLS 1.3: handshake done) reads it at its first receive."""
+    server_ctx, _ = contexts
+    stranger = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    stranger.minimum_version = ssl.TLSVersion.TLSv1_3
+    stranger.check_hostname = False
+    stranger.verify_mode = ssl.CERT_NONE
+    trustme.CA().issue_cert("p1.example.com").configure_cert(stranger)
+    client, server = _wrap((server_ctx, stranger))
+    errors: list[BaseException] = []
+
+    async def server_side() -> None:
+        try:
+            await server.do_handshake()
+        except trio.BrokenResourceError as exc:
+            errors.append(exc)
+        await server.aclose()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server_side)
+            await client.do_handshake()
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await client.receive_some(100)
+    assert isinstance(errors[0].__cause__, ssl.SSLCertVerificationError)
+    cause = info.value.__cause__
+    assert isinstance(cause, ssl.SSLError)
+    assert cause.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")
+    await client.aclose()
