@@ -54,6 +54,8 @@ KIND_ZERO: Final = 2
 KIND_END: Final = 3
 _MASK64: Final = (1 << 64) - 1
 _READ_PIECE: Final = 1 << 22
+#: Parts per ``writev`` of a buffered writer (Linux's IOV_MAX is 1024).
+_MAX_PARTS: Final = 1000
 
 
 class Record(NamedTuple):
@@ -86,13 +88,26 @@ def _header_bytes(magic: bytes, sequence: int, base_sequence: int, captured_at_m
 
 
 class FileWriter:
-    """Appends records to a new journal or undo file, through :class:`FileIO`.
+    """Appends records to a journal or undo file, through :class:`FileIO`.
 
     Raises ``OSError`` (the caller maps it). The descriptor stays open until
     :meth:`close`; :meth:`sync` makes everything appended so far durable.
+
+    ``reuse=True`` writes over an existing file (a spare journal or undo file renamed to
+    ``path``) instead of creating a new one: overwriting blocks that are already
+    allocated avoids the file system's block allocation, which costs several times the
+    write itself, and the file is not truncated, which would free those blocks. Whatever
+    the old file held past the new records is never taken for records: the new header's
+    checksum differs (it covers the sequence), so no old record continues the new chain.
+
+    ``buffered=True`` queues records and writes them with one ``writev`` per
+    :data:`_MAX_PARTS` parts, at :meth:`flush`, :meth:`end` or :meth:`sync`: the caller
+    promises not to change a payload buffer until then (the undo capture reads into a
+    large buffer and flushes before reusing it). Without it every record is written at
+    once, so the caller may reuse its buffer as soon as :meth:`add_data` returns.
     """
 
-    __slots__ = ("_chain", "_pos", "fd", "io", "path", "records")
+    __slots__ = ("_buffered", "_chain", "_pending", "_pos", "fd", "io", "path", "records")
 
     def __init__(
         self,
@@ -102,11 +117,18 @@ class FileWriter:
         sequence: int,
         base_sequence: int,
         captured_at_ms: int,
+        *,
+        reuse: bool = False,
+        buffered: bool = False,
     ) -> None:
         self.io = io
         self.path = path
         self.records: list[Record] = []
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._buffered = buffered
+        self._pending: list[Buffer] = []
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not reuse:
+            flags |= os.O_CREAT | os.O_TRUNC
         self.fd = os.open(path, flags, 0o600)
         try:
             header = _header_bytes(magic, sequence, base_sequence, captured_at_ms)
@@ -126,11 +148,25 @@ class FileWriter:
             h.update(data)
         checksum = h.intdigest()
         header = head[:16] + checksum.to_bytes(8, "big")
-        self.io.writev(self.fd, [header] if data is None else [header, data], self.path)
+        if self._buffered:
+            self._pending.append(header)
+            if data is not None:
+                self._pending.append(data)
+            if len(self._pending) >= _MAX_PARTS:
+                self.flush()
+        else:
+            self.io.writev(self.fd, [header] if data is None else [header, data], self.path)
         self._chain = checksum
         if kind != KIND_END:
             self.records.append(Record(kind, disk_index, offset, length, self._pos + RECORD.size))
         self._pos += RECORD.size + (len(data) if data is not None else 0)
+
+    def flush(self) -> None:
+        """Write the queued records (``buffered=True``); the caller may then reuse its
+        buffers."""
+        if self._pending:
+            parts, self._pending = self._pending, []
+            self.io.writev(self.fd, parts, self.path)
 
     def add_data(self, disk_index: int, offset: int, data: Buffer) -> None:
         self._append(KIND_DATA, disk_index, offset, len(data), data)
@@ -141,9 +177,18 @@ class FileWriter:
     def end(self) -> None:
         """Append the END record (the commit record of a journal)."""
         self._append(KIND_END, 0, len(self.records), 0, None)
+        self.flush()
+
+    @property
+    def size(self) -> int:
+        """Bytes of header and records appended so far."""
+        return self._pos
 
     def sync(self) -> None:
-        self.io.fsync(self.fd, self.path)
+        # fdatasync: the records are data; it still writes the size and the block
+        # allocation when the file grew, which is all a reader needs.
+        self.flush()
+        self.io.fdatasync(self.fd, self.path)
 
     def close(self) -> None:
         if self.fd >= 0:

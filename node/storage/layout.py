@@ -9,6 +9,8 @@
         disks/<disk_id>.img        one sparse image per disk, exactly the disk size
         journal/<seq>.jrnl         redo journal of the delta batch being committed
         undo/<seq>.undo            what batch <seq> overwrote: recovery-point data
+        spare/<n>.spare            finished journal/undo files kept for reuse (a cache:
+                                   removed when the replica is opened)
       .tombstones/<vmid>           a deleted replica (JSON: when it was deleted)
       .staging/<vmid>.<nonce>/     a replica being created (renamed to <vmid>/ when durable)
       .trash/<vmid>.<nonce>/       a replica being deleted (removed after the rename)
@@ -48,6 +50,8 @@ CONFIG_FILE: Final = "config.bin"
 DISKS_DIR: Final = "disks"
 JOURNAL_DIR: Final = "journal"
 UNDO_DIR: Final = "undo"
+SPARE_DIR: Final = "spare"
+SPARE_SUFFIX: Final = ".spare"
 TOMBSTONES_DIR: Final = ".tombstones"
 STAGING_DIR: Final = ".staging"
 TRASH_DIR: Final = ".trash"
@@ -135,6 +139,10 @@ class ReplicaLayout:
     @property
     def undo_dir(self) -> Path:
         return self.dir / UNDO_DIR
+
+    @property
+    def spare_dir(self) -> Path:
+        return self.dir / SPARE_DIR
 
     def image(self, disk_id: str) -> Path:
         check_disk_id(disk_id)

@@ -56,6 +56,11 @@ from .journal import (
 from .points import RecoveryPoint, needed_undo, overlay, prune
 
 STATE_FORMAT: Final = 1
+#: Spare journal/undo files kept for reuse per replica: a commit frees one journal and,
+#: once the point list is full, one undo file, and the next batch takes one of each.
+_MAX_SPARES: Final = 2
+#: Read/write window of the undo capture and of applying a journal.
+_WINDOW: Final = 8 << 20
 _SEEK_DATA: Final = getattr(os, "SEEK_DATA", 3)
 
 
@@ -171,7 +176,12 @@ class Replica:
         self._active: BatchWriter | None = None
         self._needs_recovery = False
         self._closed = False
+        # Spare journal/undo files (see _recycle), largest last. Only files this instance
+        # recycled count: whatever spare/ holds when the replica is opened is removed.
+        self._spares: list[tuple[int, Path]] = []
+        self._spare_serial = 0
         try:
+            self._clear_spares()
             for path in self._paths:
                 with mapped("open image", path):
                     self._fds.append(os.open(path, open_flags(write=True)))
@@ -266,9 +276,69 @@ class Replica:
             )
 
     def _sync_images(self, indices: set[int] | range) -> None:
+        # fdatasync, not fsync: an image never changes size after create, so the only
+        # metadata fsync adds is the modification time, which nothing relies on; the
+        # block allocation of newly written ranges is still made durable.
         for i in sorted(indices):
             with mapped("fsync image", self._paths[i]):
-                self._io.fsync(self._fds[i], self._paths[i])
+                self._io.fdatasync(self._fds[i], self._paths[i])
+
+    # -- spare files ----------------------------------------------------------------------
+    # A finished journal (after its batch is applied) and an undo file that no kept point
+    # needs are renamed into spare/ instead of being unlinked, and the next batch renames
+    # one back as its journal or undo file and writes over it. On this machine (ext4)
+    # that is the largest single saving of a commit: unlinking a 100 MiB file costs
+    # ~30 ms (freeing its extents, and discards at the next journal commit), and writing
+    # a new file costs block allocation (~0.5 GB/s against several GB/s for overwriting
+    # allocated blocks). A spare is a cache, never recovery data: nothing reads it, and
+    # the replica's open (after any crash) removes every spare, so a name that a crash
+    # left pointing at a file also in use elsewhere can never be reused.
+    def _clear_spares(self) -> None:
+        spare_dir = self._lay.checked(self._lay.spare_dir)
+        with mapped("list spare files", spare_dir):
+            try:
+                names = os.listdir(spare_dir)
+            except FileNotFoundError:
+                return
+            for name in names:
+                self._io.unlink(self._lay.checked(spare_dir / name))
+
+    def _take_spare(self, dest: Path, need: int) -> bool:
+        """Rename the spare that best fits ``need`` bytes (the smallest one at least that
+        big, else the largest) to ``dest``; False if there is none."""
+        if not self._spares:
+            return False
+        index = next(
+            (i for i, (size, _) in enumerate(self._spares) if size >= need),
+            len(self._spares) - 1,
+        )
+        _, path = self._spares.pop(index)
+        try:
+            self._io.rename(path, dest)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._io.unlink(path)
+            return False
+        return True
+
+    def _recycle(self, path: Path) -> None:
+        """Keep a journal or undo file that is no longer needed as a spare (or unlink it
+        when there are enough). Raises ``OSError``."""
+        try:
+            size = os.stat(path, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return
+        if len(self._spares) >= _MAX_SPARES:
+            self._io.unlink(path)
+            return
+        spare_dir = self._lay.checked(self._lay.spare_dir)
+        with contextlib.suppress(FileExistsError):
+            spare_dir.mkdir()
+        self._spare_serial += 1
+        spare = spare_dir / f"{self._spare_serial}{lay.SPARE_SUFFIX}"
+        self._io.rename(path, spare)
+        self._spares.append((size, spare))
+        self._spares.sort(key=lambda item: item[0])
 
     def _ensure_recovered(self) -> None:
         if self._needs_recovery:
@@ -335,6 +405,12 @@ class Replica:
                 self._check_range(disk_index, offset, len(data))
                 path = self._paths[disk_index]
                 with mapped("write image", path):
+                    # Allocate the chunk's blocks (posix_fallocate) before writing it: on
+                    # ext4 that measured ~10% faster for a 1 GiB IR of 1 MiB chunks than
+                    # letting the writes into the holes allocate (0.65 against 0.72 s
+                    # median). Only chunks with data are reserved, so zero chunks stay
+                    # holes and the image stays sparse.
+                    self._io.reserve(self._fds[disk_index], offset, len(data), path)
                     self._io.pwrite(self._fds[disk_index], data, offset, path)
                 self._dirty.add(disk_index)
             self._io.crash("ir_chunk_written")
@@ -407,8 +483,16 @@ class Replica:
             path = self._lay.checked(self._lay.journal(sequence))
             try:
                 with mapped("create journal", path):
+                    # The batch's size is not known yet: take the largest spare.
+                    reuse = self._take_spare(path, 1 << 62)
                     writer = FileWriter(
-                        self._io, path, JOURNAL_MAGIC, sequence, base_sequence, captured_at_ms
+                        self._io,
+                        path,
+                        JOURNAL_MAGIC,
+                        sequence,
+                        base_sequence,
+                        captured_at_ms,
+                        reuse=reuse,
                     )
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -422,30 +506,45 @@ class Replica:
         """Capture what ``records`` will overwrite into ``undo/<sequence>.undo`` (durable,
         with its END record). The images must not have been touched by the batch."""
         path = self._lay.checked(self._lay.undo(sequence))
+        need = sum(RECORD.size + r.length for r in records) + 2 * RECORD.size
         with mapped("write undo", path):
-            undo = FileWriter(self._io, path, UNDO_MAGIC, sequence, base, captured)
+            reuse = self._take_spare(path, FILE_HEADER.size + need)
+            # buffered: the ranges are read into one large window and written with one
+            # writev per window instead of two small writes per range.
+            undo = FileWriter(
+                self._io, path, UNDO_MAGIC, sequence, base, captured, reuse=reuse, buffered=True
+            )
             try:
                 # Allocating the file in one go is several times faster than growing it
-                # write by write; the zeros past the END record are never read.
-                need = sum(RECORD.size + r.length for r in records) + 2 * RECORD.size
+                # write by write; the zeros past the END record are never read. (On a
+                # reused spare that is already big enough this allocates nothing.)
                 self._io.reserve(undo.fd, 0, FILE_HEADER.size + need, path)
-                buf = bytearray()
+                window = bytearray(min(_WINDOW, max((r.length for r in records), default=0)))
+                fill = 0
                 for rec in records:
                     fd = self._fds[rec.disk_index]
                     if _is_hole(fd, rec.offset, rec.length):
                         undo.add_zero(rec.disk_index, rec.offset, rec.length)
                         continue
-                    if len(buf) < rec.length:
-                        buf = bytearray(rec.length)
-                    view = memoryview(buf)[: rec.length]
+                    if fill + rec.length > len(window):
+                        undo.flush()  # the queued records point into the window
+                        fill = 0
+                    buf, start = window, fill
+                    if rec.length > len(buf):
+                        buf, start = bytearray(rec.length), 0  # a range above _WINDOW
+                    else:
+                        fill += rec.length
+                    view = memoryview(buf)[start : start + rec.length]
                     got = os.preadv(fd, [view], rec.offset)
                     if got != rec.length:
                         path_ = self._paths[rec.disk_index]
                         raise OSError(errno.EIO, "short read of image", str(path_))
-                    if buf.startswith(_zeros(rec.length)):
+                    if buf.startswith(_zeros(rec.length), start):
                         undo.add_zero(rec.disk_index, rec.offset, rec.length)
                     else:
                         undo.add_data(rec.disk_index, rec.offset, view)
+                    if buf is not window:
+                        undo.flush()
                 undo.end()
                 undo.sync()
             finally:
@@ -459,14 +558,31 @@ class Replica:
         """Write ``records`` (read from ``src_fd``) into the images and
         fsync the touched images. Returns the touched disk indices."""
         touched: set[int] = set()
+        # The payloads follow each other in the source file, so they are read in windows
+        # of up to _WINDOW bytes with one preadv and written with one pwrite each: on
+        # this machine that is faster than a copy_file_range per range, which the kernel
+        # runs page by page (64 KiB ranges: ~33 us each).
+        data_end = max((r.data_pos + r.length for r in records if r.kind == KIND_DATA), default=0)
+        window = bytearray(min(_WINDOW, data_end))
+        view = memoryview(window)
+        win_start = win_end = 0
         for i, rec in enumerate(records):
             path = self._paths[rec.disk_index]
             fd = self._fds[rec.disk_index]
             with mapped("apply to image", path):
-                if rec.kind == KIND_DATA:
+                if rec.kind != KIND_DATA:
+                    self._io.write_zeros(fd, rec.offset, rec.length, path)
+                elif rec.length > len(window):
                     self._io.copy_range(src_fd, rec.data_pos, fd, rec.offset, rec.length, path)
                 else:
-                    self._io.write_zeros(fd, rec.offset, rec.length, path)
+                    if not win_start <= rec.data_pos <= rec.data_pos + rec.length <= win_end:
+                        want = min(len(window), data_end - rec.data_pos)
+                        got = os.preadv(src_fd, [view[:want]], rec.data_pos)
+                        if got < rec.length:
+                            raise OSError(errno.EIO, "short read", str(src_path))
+                        win_start, win_end = rec.data_pos, rec.data_pos + got
+                    lo = rec.data_pos - win_start
+                    self._io.pwrite(fd, view[lo : lo + rec.length], rec.offset, path)
             touched.add(rec.disk_index)
             if i == 0:
                 self._io.crash(crash_name)
@@ -495,7 +611,7 @@ class Replica:
             self._undo_index.pop(seq, None)
             path = self._lay.undo(seq)
             with mapped("remove undo", path):
-                self._io.unlink(path)
+                self._recycle(path)
 
     def _commit(self, batch: BatchWriter) -> None:
         io = self._io
@@ -531,11 +647,13 @@ class Replica:
             self._roll_back(batch)
             raise
         io.crash("batch_state_written")
-        # 5. cleanup (failures here leave only files recover() removes)
+        # 5. cleanup (failures here leave only files recover() removes). The journal
+        # leaves journal/ by a rename into spare/ rather than an unlink: either way its
+        # name is gone, which is all recover() looks at.
         journal.close()
         try:
             with mapped("remove journal", journal.path):
-                io.unlink(journal.path)
+                self._recycle(journal.path)
             io.crash("batch_journal_removed")
             self._drop_undo(obsolete)
         except frproto.ReplicationError:
@@ -599,6 +717,13 @@ class Replica:
                 continue
             with mapped("read journal", path):
                 contents = read_file(path, expect_magic=JOURNAL_MAGIC)
+            if contents.complete and contents.sequence <= st.applied_sequence:
+                # A reused spare (see _recycle) whose new header never reached the disk
+                # (power loss before the commit's fdatasync) still holds a whole journal
+                # of an older, applied batch. The commit record of batch ``seq`` is only
+                # durable together with its own header, so this batch never committed.
+                contents.complete = False
+                contents.problem = f"stale journal of batch {contents.sequence}"
             if not contents.complete:
                 with mapped("discard journal", path):
                     io.unlink(path)

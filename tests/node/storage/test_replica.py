@@ -490,3 +490,77 @@ def test_torn_journal_is_uncommitted(store: ReplicaStore) -> None:
         path.write_bytes(flipped)
         assert not jn.read_file(path, expect_magic=jn.JOURNAL_MAGIC).complete, pos
     path.unlink()
+
+
+# -- write-path optimisations: sparse IR, spare journal/undo files ------------------------
+
+
+def test_ir_reserves_data_chunks_but_zero_chunks_stay_holes(store: ReplicaStore) -> None:
+    """IR data chunks are allocated (posix_fallocate) before they are written; zero chunks
+    on a fresh image must still cost nothing: every one of them stays a hole."""
+    seed = 11
+    r = make(store)
+    do_ir(r, seed)
+    chunks = wl.ir_chunks(seed)
+    for index in range(len(wl.DISKS)):
+        fd = os.open(r.image_path(index), os.O_RDONLY)
+        try:
+            for c in chunks:
+                if c.disk_index != index or c.data is not None:
+                    continue
+                try:
+                    nxt = os.lseek(fd, c.offset, os.SEEK_DATA)
+                except OSError as exc:  # ENXIO: no data after offset
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    nxt = wl.DISKS[index].size
+                assert nxt >= c.offset + c.length, (index, c.offset)
+        finally:
+            os.close(fd)
+        data = sum(c.length for c in chunks if c.disk_index == index and c.data is not None)
+        assert os.stat(r.image_path(index)).st_blocks * 512 <= data + 64 * 1024
+    assert images(r) == wl.ir_image(seed)
+
+
+def test_spare_files_are_reused_and_stale_content_never_counts(tmp_path: Path) -> None:
+    """Applied journals and pruned undo files become spares (at most two) that later
+    batches write over; what a spare held before never reads as part of a new journal,
+    and spares are removed when the replica is opened again."""
+    seed = 12
+    root = tmp_path / "root"
+    oracle = wl.Oracle(seed)
+    with ReplicaStore(root, keep_points=2) as s:
+        r = make(s)
+        do_ir(r, seed)
+        vm_dir = r.image_path(0).parent.parent
+        for seq in range(2, 7):
+            apply_batch(r, seed, seq)
+            spares = os.listdir(vm_dir / "spare")
+            assert 1 <= len(spares) <= 2
+            assert os.listdir(vm_dir / "journal") == []
+            assert sorted(os.listdir(vm_dir / "undo")) == [f"{seq:020d}.undo"]
+            assert r.read(0, 0, MiB, at_sequence=seq - 1) == oracle.at(seq - 1)[0]
+        assert images(r) == oracle.at(6)
+        # a new batch takes a spare (full of an older batch's complete records) as its
+        # journal; a copy taken before the commit record must read as not committed
+        before = len(os.listdir(vm_dir / "spare"))
+        w = r.begin_batch(7, 6, wl.captured_at(7))
+        assert len(os.listdir(vm_dir / "spare")) == before - 1
+        ranges = wl.batch(seed, 7)
+        w.add(ranges[0].disk_index, ranges[0].offset, ranges[0].data, length=ranges[0].length)
+        jpath = vm_dir / "journal" / f"{7:020d}.jrnl"
+        assert os.stat(jpath).st_size > jn.FILE_HEADER.size + jn.RECORD.size  # stale tail
+        torn = jpath.read_bytes()
+        assert not jn.read_file(jpath, expect_magic=jn.JOURNAL_MAGIC).complete
+        w.abort()
+        jpath.write_bytes(torn)
+    with ReplicaStore(root, keep_points=2) as s:
+        log = s.recover()
+        assert any("discarded uncommitted batch 7" in line for line in log)
+        r = s.open(wl.VMID)
+        assert os.listdir(vm_dir / "spare") == []
+        assert r.applied_sequence == 6
+        assert images(r) == oracle.at(6)
+        assert r.read(1, 0, wl.DISKS[1].size, at_sequence=5) == oracle.at(5)[1]
+        apply_batch(r, seed, 7)
+        assert images(r) == oracle.at(7)
