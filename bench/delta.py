@@ -58,7 +58,6 @@ from ir import (
     MIB,
     BenchSite,
     CycleResult,
-    ServerProcess,
     make_image,
     proc_cpu,
     read_through,
@@ -68,6 +67,7 @@ from ir import (
 
 from node.primary.replicator import VMReplicator
 from node.primary.tracker import ChangeTracker
+from node.testing import ServerProcess
 
 RSYNC_HOST = "127.0.0.4"
 CHANGED = 0.10

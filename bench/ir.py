@@ -36,10 +36,8 @@ import argparse
 import json
 import os
 import random
-import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -58,6 +56,7 @@ from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
 from node.storage.layout import ReplicaLayout
+from node.testing import ServerProcess, start_server_process
 from node.tls import client_context
 
 MIB = 1 << 20
@@ -68,7 +67,6 @@ SERVER_NAME = "r1.example.com"
 PRIMARY_NAME = "p1.primary.example.com"
 BLOCK = 64 * 1024
 GOAL = 0.8
-_LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -155,25 +153,6 @@ def proc_cpu(pid: int, *, children: bool = False) -> float:
 # -- the site: certificates, the recovery server process, replicators -------------------
 
 
-@dataclass
-class ServerProcess:
-    """A running ``frctl server run`` process."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-    port: int
-
-    def stop(self) -> None:
-        """SIGINT, then SIGKILL if it does not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 class BenchSite:
     """A loopback site like tests/node/site.py: a CA, host certificates, a server config."""
 
@@ -212,25 +191,7 @@ trust_group = "bench"
 
     def start_server(self, *, timeout: float = 30.0) -> ServerProcess:
         """Start ``frctl server run`` and wait until it listens."""
-        log = self.root / f"server-{time.monotonic_ns()}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "frctl.main", "server", "run", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = _LISTENING.search(log.read_text(errors="replace"))
-            if match:
-                return ServerProcess(proc, log, int(match.group(1)))
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()}")
-            time.sleep(0.05)
-        proc.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()}")
+        return start_server_process(self.config, self.root, timeout=timeout)
 
     def replicator(
         self,

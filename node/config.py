@@ -85,21 +85,31 @@ def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _tls_files(data: dict[str, Any], path: Path) -> TLSFiles:
+    """The [tls] table: certificate, key and CA, relative to the config file."""
+    tls = _table(data, "tls", path)
+    where = f"{path} [tls]"
+    return TLSFiles(*(path.parent / _str(tls, key, where) for key in ("cert", "key", "ca")))
+
+
 def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     """Read and check a recovery server configuration file.
 
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = _read_toml(path)
     base = path.parent
     server = _table(data, "server", path)
-    tls = _table(data, "tls", path)
     port = server.get("port", 7443)
     points = server.get("recovery_points", 24)
     if not isinstance(port, int) or not 0 <= port < 65536:
@@ -117,11 +127,7 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
         name=_str(server, "name", f"{path} [server]"),
         listen=str(server.get("listen", "0.0.0.0")),
         port=port,
-        tls=TLSFiles(
-            cert=base / _str(tls, "cert", f"{path} [tls]"),
-            key=base / _str(tls, "key", f"{path} [tls]"),
-            ca=base / _str(tls, "ca", f"{path} [tls]"),
-        ),
+        tls=_tls_files(data, path),
         authorization=Authorization(
             entries=tuple(
                 _entry(item, base, f"{path} [[authorization]] #{i + 1}")
@@ -171,15 +177,9 @@ def load_primary_config(path: Path) -> PrimaryConfig:
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = _read_toml(path)
     base = path.parent
     primary = _table(data, "primary", path)
-    tls = _table(data, "tls", path)
     local = primary.get("local_address")
     bandwidth = data.get("bandwidth", {})
     if not isinstance(bandwidth, dict):
@@ -195,11 +195,7 @@ def load_primary_config(path: Path) -> PrimaryConfig:
     return PrimaryConfig(
         name=_str(primary, "name", f"{path} [primary]"),
         state_dir=base / _str(primary, "state_dir", f"{path} [primary]"),
-        tls=TLSFiles(
-            cert=base / _str(tls, "cert", f"{path} [tls]"),
-            key=base / _str(tls, "key", f"{path} [tls]"),
-            ca=base / _str(tls, "ca", f"{path} [tls]"),
-        ),
+        tls=_tls_files(data, path),
         local_address=str(local) if local else None,
         bandwidth_bps=host_rate,
         bandwidth_schedule=schedule,

@@ -29,6 +29,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,6 @@ class RecoveryServer:
 
 
 def _with_status(response: fp.NegotiateResponse, status: fp.ErrorCode) -> fp.NegotiateResponse:
-    from dataclasses import replace
-
     return replace(response, status=status)
 
 

@@ -6,12 +6,6 @@ Distinct 127.x addresses stand in for distinct hosts: the recovery server listen
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,46 +14,13 @@ from node.certs import create_ca, issue_host_cert
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.storage.layout import ReplicaLayout
+from node.testing import ServerProcess, start_server_process
 from node.tls import client_context
 
 SERVER_HOST = "127.0.0.2"
 PRIMARY_HOST = "127.0.0.3"
 SERVER_NAME = "r1.example.com"
 PRIMARY_NAME = "p1.primary.example.com"
-_LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
-
-
-@dataclass
-class ServerProcess:
-    """A running ``frctl server run`` process."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-    port: int
-
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> bool:
-        """True once ``text`` appears in the server's log (it logs asynchronously)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log.read_text(errors="replace"):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def kill(self) -> None:
-        """SIGKILL, and wait for it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Ask it to stop (SIGINT), SIGKILL if it does not."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @dataclass
@@ -112,33 +73,7 @@ trust_group = "{trust_group}"
         the config as it is (port 0: any free port)."""
         if port is not None:
             self.write_server_config(port=port)
-        log = self.root / f"server-{time.monotonic_ns()}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "frctl.main",
-                    "server",
-                    "run",
-                    "--config",
-                    str(self.server_config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = _LISTENING.search(log.read_text(errors="replace"))
-            if match:
-                return ServerProcess(proc, log, int(match.group(1)))
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()}")
-            time.sleep(0.05)
-        proc.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()}")
+        return start_server_process(self.server_config, self.root, timeout=timeout)
 
     def write_primary_config(self) -> Path:
         """The primary's TOML file (state in ``state_dir``, source address 127.0.0.3)."""

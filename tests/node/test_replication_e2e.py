@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from .site import ServerProcess, Site
+from node.testing import ServerProcess
+
+from .site import Site
 
 MIB = 1024 * 1024
 
