@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/ir.py [--size-mib N] [--rounds N]
+    .venv/bin/python bench/ir.py [--size-mib N] [--rounds N] [--compression zstd|lz4|none]
 
 What is timed (see bench/README.md for the conventions):
 
@@ -51,7 +51,10 @@ from typing import Any
 
 import trio
 
+from frproto import CompressionSet
 from node.certs import create_ca, issue_host_cert
+from node.config import parse_compression
+from node.primary.client import NO_COMPRESSION
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
@@ -327,13 +330,16 @@ def timed_cycle(replicator: VMReplicator, server: ServerProcess) -> CycleResult:
     return CycleResult(seconds, cpu, proc_cpu(server.proc.pid) - server_cpu0)
 
 
-def ir_round(site: BenchSite, image: Path) -> CycleResult:
+def ir_round(
+    site: BenchSite, image: Path, compression: CompressionSet = NO_COMPRESSION
+) -> CycleResult:
     """One IR of ``image`` to a fresh server with empty storage; checked, then removed."""
     site.clear_storage()
     server = site.start_server()
     try:
         vmid = uuid.uuid4()
         replicator = site.replicator(vmid, image, server.port)
+        replicator.compression = compression
         result = timed_cycle(replicator, server)
         if replicator.state.ir_state != "COMPLETE":
             raise RuntimeError("the IR did not complete")
@@ -351,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024, help="image size (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch directory parent")
+    parser.add_argument(
+        "--compression",
+        default="none",
+        help="offer zstd, lz4 or none (default) to the server, as [primary] compression",
+    )
     args = parser.parse_args(argv)
     size = args.size_mib * MIB
+    compression = parse_compression(args.compression, "--compression")
 
     root = Path(tempfile.mkdtemp(prefix="frrep-bench-ir-", dir=args.tmp))
     try:
@@ -380,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 if step == "pipe":
                     pipes.append(tls_pipe(site, image))
                 else:
-                    irs.append(ir_round(site, image))
+                    irs.append(ir_round(site, image, compression))
             print(
                 f"     round {r + 1}: baseline {size / pipes[-1].seconds / 1e9:.3f} GB/s, "
                 f"IR {size / irs[-1].seconds / 1e9:.3f} GB/s"
@@ -441,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "cipher": pipes[0].cipher,
         "page_cache": "source read once before timing (hot)",
         "rounds": args.rounds,
+        "compression": args.compression,
     }
     print(json.dumps(result, sort_keys=False))
     return 0

@@ -68,6 +68,8 @@ class FramedStream:
         self._pending_pos = 0
         self._send_lock = trio.Lock()
         self._eof = False
+        #: Bytes of chunk frames sent so far (headers and payloads, after compression).
+        self.chunk_bytes_sent = 0
         # Duck typing: a stream with ``receive_into(memoryview) -> int`` (node.biotls's
         # BioTLSStream) decrypts straight into our frame buffers.
         self._receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
@@ -182,6 +184,7 @@ class FramedStream:
         async with self._send_lock:
             for piece in pieces:
                 await self.stream.send_all(piece)
+                self.chunk_bytes_sent += len(piece)
 
     async def send_error(self, error: FrprotoError | Error) -> None:
         """Report ``error`` to the peer."""

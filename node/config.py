@@ -30,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from frproto import CompressionSet
+
 from .authz import Authorization, AuthorizationEntry
+
+#: No compression offered.
+OFFER_NONE = CompressionSet(0)
 
 
 class ConfigError(Exception):
@@ -149,6 +154,7 @@ class PrimaryConfig:
         name = "p1.example.com"
         state_dir = "state"          # relative to this file
         # local_address = "127.0.0.3"  # source address for connections (tests)
+        # compression = "zstd"         # offer "zstd", "lz4", "zstd,lz4" or "none" (default)
 
         [bandwidth]                  # optional: for all VMs of this host together
         host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
@@ -169,6 +175,8 @@ class PrimaryConfig:
     #: Time-of-day rules ``(start "HH:MM", end "HH:MM", bytes_per_s or None)``; outside
     #: them ``bandwidth_bps`` applies.
     bandwidth_schedule: tuple[tuple[str, str, float | None], ...] = ()
+    #: Compression methods offered to recovery servers (none by default).
+    compression: CompressionSet = OFFER_NONE
 
 
 def load_primary_config(path: Path) -> PrimaryConfig:
@@ -199,7 +207,20 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         local_address=str(local) if local else None,
         bandwidth_bps=host_rate,
         bandwidth_schedule=schedule,
+        compression=parse_compression(primary.get("compression", "none"), path),
     )
+
+
+def parse_compression(text: object, path: Path | str = "config") -> CompressionSet:
+    """The methods of ``"zstd"``, ``"lz4"``, ``"zstd,lz4"`` or ``"none"``."""
+    offered = OFFER_NONE
+    for word in str(text).lower().replace(" ", "").split(","):
+        if word in ("", "none"):
+            continue
+        if word not in ("zstd", "lz4"):
+            raise ConfigError(f"{path}: [primary] compression: {word!r} is not zstd, lz4 or none")
+        offered |= CompressionSet[word.upper()]
+    return offered
 
 
 def parse_rate(text: object) -> float:

@@ -41,7 +41,7 @@ import frproto as fp
 from node.tls import TLSFailure
 
 from .bandwidth import BandwidthLimiter, combined
-from .client import IRProgress, RecoveryClient
+from .client import NO_COMPRESSION, IRProgress, RecoveryClient
 from .digest_map import DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .scan import read_blocks, scan_changes
@@ -75,6 +75,8 @@ class VMReplicator:
             limit comes from ``state.bandwidth_bps``.
         before_capture / after_capture: hooks around the capture window.
         pending_bytes: bound of the pending log.
+        compression: the methods offered at negotiation (none by default: on loopback
+            and fast links compressing costs more than it saves; bench/ir.py measures it).
     """
 
     state: VMReplicationState
@@ -87,6 +89,8 @@ class VMReplicator:
     pending_bytes: int = DEFAULT_PENDING_BYTES
     local_address: str | None = None
     config_blob: bytes = b""
+    #: Compression methods offered at negotiation; the server picks one (or none).
+    compression: fp.CompressionSet = NO_COMPRESSION
     #: Test seam: transforms a chunk's data *after* its digest was taken (corruption in
     #: flight). Never set in production.
     chunk_fault: Callable[[bytes], bytes] | None = None
@@ -100,6 +104,9 @@ class VMReplicator:
         self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
         self._own_rate: float | None = None
         self._own: BandwidthLimiter | None = None
+        #: What the last session negotiated and how many chunk bytes it put on the wire.
+        self.last_compression = fp.Compression.NONE
+        self.last_chunk_bytes_sent = 0
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -205,10 +212,13 @@ class VMReplicator:
             server_name=self.state.server_name,
             ssl_context=self.ssl_context,
             local_address=self.local_address,
+            compression=self.compression,
         )
         try:
             await self._session(client)
         finally:
+            self.last_compression = client.negotiated.compression
+            self.last_chunk_bytes_sent = client.conn.chunk_bytes_sent
             await client.aclose()
         self._update_health()
         self._save()

@@ -56,6 +56,7 @@ async def run_primary(
                         ssl_context,
                         limiter=host_limit,  # one bucket shared by every VM of this host
                         local_address=config.local_address,
+                        compression=config.compression,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import frproto as fp
 from node.testing import ServerProcess
 
 from .site import Site
@@ -72,6 +73,44 @@ async def test_several_vms_replicate_cycle_by_cycle(site: Site, server: ServerPr
     # A replica is sparse where the primary had zeros (IR never wrote them).
     replica = site.replica_image(vms[0][0], 0)
     assert replica.stat().st_blocks * 512 < replica.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        (fp.CompressionSet(0), fp.Compression.NONE),
+        (fp.CompressionSet.ZSTD, fp.Compression.ZSTD),
+        (fp.CompressionSet.LZ4, fp.Compression.LZ4),
+    ],
+)
+async def test_compression_as_negotiated(
+    site: Site, server: ServerProcess, offered: fp.CompressionSet, expected: fp.Compression
+) -> None:
+    """Text-like disks go compressed when compression is offered; the replica is exact."""
+    rng = random.Random(11)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    text = b"".join(b"%08d GET /index.html 200 OK\n" % i for i in range(2 * MIB // 32 + 1))
+    image = site.root / "text.img"
+    image.write_bytes(text[: 2 * MIB] + text[: 2 * MIB])
+    replicator = site.replicator(vmid, "texty", [image], server.port)
+    replicator.compression = offered
+    with trio.fail_after(60):
+        await replicator.cycle()  # IR
+        assert replicator.last_compression is expected
+        ir_sent = replicator.last_chunk_bytes_sent
+        scribble_text = text[: 5 * 65536]
+        with image.open("r+b") as f:
+            f.seek(MIB)
+            f.write(scribble_text)
+        await replicator.cycle()  # one batch
+        batch_sent = replicator.last_chunk_bytes_sent
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+    if expected is fp.Compression.NONE:
+        assert ir_sent >= 4 * MIB
+        assert batch_sent >= len(scribble_text)
+    else:  # log-like text compresses several times over with either method
+        assert ir_sent < MIB
+        assert batch_sent < len(scribble_text) // 2
 
 
 async def test_primary_restart_resumes_without_new_ir(site: Site, server: ServerProcess) -> None:
@@ -160,3 +199,13 @@ def test_rates_parse() -> None:
     assert parse_rate(1000) == 1000
     with pytest.raises(ValueError, match="positive"):
         parse_rate("0")
+
+
+def test_compression_setting_parses() -> None:
+    from node.config import ConfigError, parse_compression
+
+    assert parse_compression("none") == fp.CompressionSet(0)
+    assert parse_compression("zstd") == fp.CompressionSet.ZSTD
+    assert parse_compression("LZ4, zstd") == fp.CompressionSet.ZSTD | fp.CompressionSet.LZ4
+    with pytest.raises(ConfigError, match="'gzip' is not zstd"):
+        parse_compression("gzip")
