@@ -1,0 +1,79 @@
+"""A short slice of each benchmark, so the scripts keep working between full runs.
+
+The full runs are commands of their own (bench/README.md). These run each script the same
+way on a tiny input and check the contract of its last line (one JSON object with name,
+value, unit, baseline, baseline_value and ratio); ir.py and delta.py also compare the
+replica with the image themselves and fail if it differs. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, *args: str, tmp: Path, timeout: float = 100.0) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("name", "value", "unit", "baseline", "baseline_value", "ratio"):
+        assert key in result, key
+    assert result["name"] == Path(script).stem
+    assert result["value"] > 0
+    assert result["baseline_value"] > 0
+    assert not list(tmp.iterdir()), "the benchmark left scratch data behind"
+    return result
+
+
+def test_frame_slice(tmp_path: Path) -> None:
+    result = run_bench(
+        "frame.py", "--rounds", "2", "--buffers", "4", "--control-seconds", "0.05", tmp=tmp_path
+    )
+    assert result["unit"] == "GB/s"
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_ir_slice(tmp_path: Path, compression: str) -> None:
+    result = run_bench(
+        "ir.py",
+        "--size-mib",
+        "16",
+        "--rounds",
+        "1",
+        "--compression",
+        compression,
+        "--tmp",
+        str(tmp_path),
+        tmp=tmp_path,
+    )
+    assert result["image_bytes"] == 16 * 1024 * 1024
+    assert result["compression"] == compression
+
+
+@pytest.mark.skipif(
+    shutil.which("rsync") is None and not os.environ.get("CI"),
+    reason="rsync missing: scripts/bootstrap installs it as root (never skipped in CI)",
+)
+def test_delta_slice(tmp_path: Path) -> None:
+    result = run_bench(
+        "delta.py", "--size-mib", "16", "--rounds", "1", "--tmp", str(tmp_path), tmp=tmp_path
+    )
+    assert result["changed_bytes"] > 0
+    assert result["scan_value"] > 0
