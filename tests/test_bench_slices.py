@@ -65,6 +65,13 @@ def test_ir_slice(tmp_path: Path, compression: str) -> None:
     )
     assert result["image_bytes"] == 16 * 1024 * 1024
     assert result["compression"] == compression
+    # A quarter of the image is zeros (sent as flags), half is text-like: compressed,
+    # the chunk frames carry far less than the 3/4 of non-zero bytes.
+    share = result["wire_bytes"] / result["image_bytes"]
+    if compression == "none":
+        assert 0.75 <= share < 0.76
+    else:
+        assert share < 0.6
 
 
 @pytest.mark.skipif(
