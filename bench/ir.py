@@ -53,8 +53,7 @@ import trio
 
 from frproto import CompressionSet
 from node.certs import create_ca, issue_host_cert
-from node.config import parse_compression
-from node.primary.client import NO_COMPRESSION
+from node.config import NO_COMPRESSION, parse_compression
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
@@ -409,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     base = gb / statistics.median(p.seconds for p in pipes)
     value = gb / statistics.median(i.seconds for i in irs)
     payload = (size - kinds["zero"]) / 1e9
-    wire = float(statistics.median(i.wire_bytes for i in irs)) / 1e9
 
     def med(values: Any) -> float:
         return float(statistics.median(values))
+
+    wire = med(i.wire_bytes for i in irs) / 1e9
 
     cpu = {
         "ir_primary_cpu_s_per_gb": med(i.primary_cpu for i in irs) / gb,

@@ -34,8 +34,10 @@ from frproto import CompressionSet
 
 from .authz import Authorization, AuthorizationEntry
 
-#: No compression offered.
-OFFER_NONE = CompressionSet(0)
+#: Offer no compression by default: on links faster than about 0.5 GB/s (measured in
+#: perf-baselines, and by bench/ir.py --compression) compressing costs more time than it
+#: saves.
+NO_COMPRESSION = CompressionSet(0)
 
 
 class ConfigError(Exception):
@@ -176,7 +178,7 @@ class PrimaryConfig:
     #: them ``bandwidth_bps`` applies.
     bandwidth_schedule: tuple[tuple[str, str, float | None], ...] = ()
     #: Compression methods offered to recovery servers (none by default).
-    compression: CompressionSet = OFFER_NONE
+    compression: CompressionSet = NO_COMPRESSION
 
 
 def load_primary_config(path: Path) -> PrimaryConfig:
@@ -213,7 +215,7 @@ def load_primary_config(path: Path) -> PrimaryConfig:
 
 def parse_compression(text: object, path: Path | str = "config") -> CompressionSet:
     """The methods of ``"zstd"``, ``"lz4"``, ``"zstd,lz4"`` or ``"none"``."""
-    offered = OFFER_NONE
+    offered = NO_COMPRESSION
     for word in str(text).lower().replace(" ", "").split(","):
         if word in ("", "none"):
             continue

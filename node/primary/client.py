@@ -20,15 +20,13 @@ import trio
 
 import frproto as fp
 from frproto.trio_io import FramedStream
+from node.config import NO_COMPRESSION
 from node.tls import BioTLSStream, tls_connect
 
 from .bandwidth import BandwidthLimiter
 
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
-#: Offer no compression by default: on links faster than about 0.5 GB/s (measured in
-#: perf-baselines) compressing costs more time than it saves.
-NO_COMPRESSION = fp.CompressionSet(0)
 #: One chunk of a delta batch: (disk index, offset, data, XXH3-128 digest of data).
 BatchChunk = tuple[int, int, bytes | bytearray | memoryview, bytes]
 

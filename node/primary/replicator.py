@@ -38,10 +38,11 @@ import trio
 import xxhash
 
 import frproto as fp
+from node.config import NO_COMPRESSION
 from node.tls import TLSFailure
 
 from .bandwidth import BandwidthLimiter, combined
-from .client import NO_COMPRESSION, IRProgress, RecoveryClient
+from .client import IRProgress, RecoveryClient
 from .digest_map import DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .scan import read_blocks, scan_changes
