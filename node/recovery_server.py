@@ -42,6 +42,7 @@ from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, Sto
 
 from .authz import Grant
 from .config import RecoveryServerConfig
+from .ir_writes import IRWriteQueue
 from .tls import TLSFailure, peer_names, server_context, tls_handshake_server
 
 log = logging.getLogger("frrep.recovery")
@@ -215,6 +216,7 @@ class _Session:
         self.batch_refusal: fp.FrprotoError | None = None
         self.ir_unsynced = 0
         self.ir_cursor = (0, 0)
+        self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
 
     def release(self) -> None:
         if self.batch is not None:
@@ -233,10 +235,23 @@ class _Session:
             fp.BatchEnd: self.on_batch_end,
             fp.DigestMapRequest: self.on_digest_request,
         }
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self.ir_writes = IRWriteQueue(nursery)
+            try:
+                await self._serve(handlers)
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            # Re-raised bare once the queued writes are done, so that the caller sees
+            # the peer's or the transport's error, not an ExceptionGroup.
+            raise failure
+
+    async def _serve(self, handlers: dict[type[Any], Callable[[Any], Any]]) -> None:
         while True:
             event = await self.conn.next_event()
             if isinstance(event, fp.Chunk):
-                self.on_chunk(event)  # inline: page-cache writes, the hot path
+                await self.on_chunk(event)  # the hot path
                 continue
             if isinstance(event, (fp.ConnectionClosed, fp.Error)):
                 return
@@ -330,7 +345,7 @@ class _Session:
         self.ir_unsynced = 0
         self.ir_cursor = (msg.start_disk, msg.start_offset)
 
-    def on_chunk(self, chunk: fp.Chunk) -> None:
+    async def on_chunk(self, chunk: fp.Chunk) -> None:
         data = None if chunk.is_zero else chunk.data
         if self.batch is not None:
             if self.batch_refusal is None:
@@ -339,17 +354,23 @@ class _Session:
         if self.batch_refusal is not None:
             return  # draining a refused (or already applied) batch
         replica = self._current()
-        replica.write_ir_chunk(chunk.disk_index, chunk.offset, data, length=chunk.length)
+        if data is None:
+            replica.write_ir_chunk(chunk.disk_index, chunk.offset, None, length=chunk.length)
+        else:
+            await self.ir_writes.write(replica, chunk.disk_index, chunk.offset, data)
         end = (chunk.disk_index, chunk.offset + chunk.length)
         self.ir_cursor = max(self.ir_cursor, end)
         self.ir_unsynced += chunk.length
         if self.ir_unsynced >= IR_CHECKPOINT_BYTES:
-            # A synchronous checkpoint keeps the order simple; it runs once per 256 MiB.
+            # The cursor may only cover chunks that are on disk: drain the queued writes
+            # first. A synchronous checkpoint keeps the order simple (once per 256 MiB).
+            await self.ir_writes.drain()
             replica.checkpoint_ir(*self.ir_cursor)
             self.ir_unsynced = 0
 
     async def on_ir_end(self, msg: fp.IREnd) -> None:
         replica = self._current()
+        await self.ir_writes.drain()
         await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
         log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.IR_COMPLETE, msg.sequence))
