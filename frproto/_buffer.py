@@ -81,10 +81,13 @@ class ReceiveBuffer:
 
     def take_bytes(self, size: int) -> bytes:
         """Consume ``size`` bytes and return a copy (for small control frames)."""
-        if self._view is not None:
+        view = self._view
+        if view is not None:
             start = self._view_pos
             self._view_pos += size
-            return bytes(self._view[start : self._view_pos])
+            if self._view_pos == len(view):
+                self._view, self._view_pos = None, 0
+            return bytes(view[start : start + size])
         start = self._acc_pos
         self._acc_pos += size
         out = bytes(self._acc[start : self._acc_pos])
@@ -100,9 +103,14 @@ class ReceiveBuffer:
             self._view, self._view_pos = memoryview(self._acc), self._acc_pos
             self._acc = bytearray()
             self._acc_pos = 0
+        view = self._view
         start = self._view_pos
         self._view_pos += size
-        return self._view[start + skip : self._view_pos]
+        if self._view_pos == len(view):
+            # Let go of a fully consumed piece: its owner may then reuse it once the
+            # returned view is gone (frproto.trio_io reuses its frame buffers).
+            self._view, self._view_pos = None, 0
+        return view[start + skip : start + size]
 
     def take_all(self) -> bytes:
         """Consume and return everything (what is left at end of stream)."""

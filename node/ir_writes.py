@@ -42,18 +42,25 @@ class IRWriteQueue:
         self._buffers: list[mmap.mmap] = []
         self._error: fp.FrprotoError | None = None
 
-    async def write(self, replica: Replica, disk_index: int, offset: int, data: Buffer) -> None:
-        """Queue one chunk's data (copied: ``data`` may be reused once this returns)."""
+    async def write(
+        self, replica: Replica, disk_index: int, offset: int, data: Buffer | None, *, length: int
+    ) -> None:
+        """Queue one chunk (``data`` is copied: it may be reused once this returns).
+        ``data=None`` is a zero chunk of ``length`` bytes; it goes through the queue too,
+        because the replica's lock may be held by a write in flight."""
         await self._slots.acquire()
         try:
             self._raise_error()  # after acquiring: a write that just failed is seen
-            buf = self._buffer(len(data))
-            view = memoryview(buf)[: len(data)]
-            view[:] = data
+            if data is None:
+                buf, view = None, None
+            else:
+                buf = self._buffer(len(data))
+                view = memoryview(buf)[: len(data)]
+                view[:] = data
         except BaseException:
             self._slots.release()
             raise
-        self._nursery.start_soon(self._write, replica, disk_index, offset, buf, view)
+        self._nursery.start_soon(self._write, replica, disk_index, offset, length, buf, view)
 
     async def drain(self) -> None:
         """Wait until every queued write is done; raise the first one's error, if any."""
@@ -78,16 +85,25 @@ class IRWriteQueue:
         return mmap.mmap(-1, max(size, mmap.PAGESIZE))
 
     async def _write(
-        self, replica: Replica, disk_index: int, offset: int, buf: mmap.mmap, view: memoryview
+        self,
+        replica: Replica,
+        disk_index: int,
+        offset: int,
+        length: int,
+        buf: mmap.mmap | None,
+        view: memoryview | None,
     ) -> None:
         try:
             await trio.to_thread.run_sync(
-                partial(replica.write_ir_chunk, disk_index, offset, view, aligned=True)
+                partial(
+                    replica.write_ir_chunk, disk_index, offset, view, length=length, aligned=True
+                )
             )
         except fp.FrprotoError as exc:
             if self._error is None:
                 self._error = exc
         finally:
-            view.release()
-            self._buffers.append(buf)
+            if view is not None and buf is not None:
+                view.release()
+                self._buffers.append(buf)
             self._slots.release()

@@ -41,6 +41,7 @@ from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
 
 from .authz import Grant
+from .biotls import transport_receive_into
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
 from .tls import TLSFailure, peer_names, server_context, tls_handshake_server
@@ -62,6 +63,7 @@ class _Replay(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, head: bytes) -> None:
         self._inner = inner
         self._head = head
+        self._inner_receive_into = transport_receive_into(inner)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._head:
@@ -72,6 +74,19 @@ class _Replay(trio.abc.Stream):
         # call cuts the socket reads and trio round trips of a bulk IR (perf-baselines,
         # "BigRecv"). Only the size of the raw read changes, never the bytes delivered.
         return await self._inner.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Read into ``buffer`` (see ``node.biotls.transport_receive_into``)."""
+        if self._head:
+            n = min(len(self._head), len(buffer))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        if self._inner_receive_into is None:
+            data = await self.receive_some(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        return await self._inner_receive_into(buffer)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)
@@ -252,6 +267,7 @@ class _Session:
             event = await self.conn.next_event()
             if isinstance(event, fp.Chunk):
                 await self.on_chunk(event)  # the hot path
+                del event  # its data views the frame buffer, which the next frame reuses
                 continue
             if isinstance(event, (fp.ConnectionClosed, fp.Error)):
                 return
@@ -354,10 +370,9 @@ class _Session:
         if self.batch_refusal is not None:
             return  # draining a refused (or already applied) batch
         replica = self._current()
-        if data is None:
-            replica.write_ir_chunk(chunk.disk_index, chunk.offset, None, length=chunk.length)
-        else:
-            await self.ir_writes.write(replica, chunk.disk_index, chunk.offset, data)
+        await self.ir_writes.write(
+            replica, chunk.disk_index, chunk.offset, data, length=chunk.length
+        )
         end = (chunk.disk_index, chunk.offset + chunk.length)
         self.ir_cursor = max(self.ir_cursor, end)
         self.ir_unsynced += chunk.length

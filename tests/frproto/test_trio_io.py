@@ -259,3 +259,40 @@ async def test_mutual_tls_over_loopback_tcp(ca: trustme.CA) -> None:
     for chunk, block in zip(received, blocks, strict=True):
         assert (bytes(chunk.length) if chunk.is_zero else bytes(chunk.data)) == block
     assert received[-1].is_zero  # the zero block travelled as a flag, without data
+
+
+@pytest.mark.parametrize("into", [False, True])
+async def test_chunk_data_held_across_frames_is_never_overwritten(into: bool) -> None:
+    # Big frames are read into a reused buffer: only once no view of it is left.
+    a, b = trio.testing.memory_stream_pair()
+    primary, recovery = _pair(a, IntoStream(b, 1 << 20) if into else b)
+    await _open_session(primary, recovery)
+    blocks = [os.urandom(256 * 1024) for _ in range(6)]
+    held: list[fp.Chunk] = []
+    addresses: list[int] = []
+
+    async def send() -> None:
+        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
+        for i, block in enumerate(blocks):
+            await primary.send_chunk(0, i * len(block), block)
+
+    async def receive() -> None:
+        await recovery.expect(fp.BatchBegin)
+        for i in range(len(blocks)):
+            chunk = await recovery.expect(fp.Chunk)
+            assert isinstance(chunk, fp.Chunk)
+            view = memoryview(chunk.data)
+            addresses.append(id(view.obj))
+            del view
+            if i < 3:
+                held.append(chunk)  # kept: its buffer must not be reused
+            del chunk
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        nursery.start_soon(receive)
+    assert [bytes(c.data) for c in held] == blocks[:3]
+    # The first three frames each got a buffer of their own; once the events were
+    # dropped (chunks 3, 4, 5), one buffer served them all.
+    assert len(set(addresses[:3])) == 3
+    assert addresses[3] == addresses[4] == addresses[5]

@@ -32,10 +32,10 @@ async def test_queued_writes_land_exactly_and_stay_sparse(tmp_path: Path) -> Non
         queue = IRWriteQueue(nursery, depth=3)
         for c in chunks:
             if c.data is None:
-                replica.write_ir_chunk(c.disk_index, c.offset, None, length=c.length)
+                await queue.write(replica, c.disk_index, c.offset, None, length=c.length)
             else:
                 buf = bytearray(c.data)
-                await queue.write(replica, c.disk_index, c.offset, memoryview(buf))
+                await queue.write(replica, c.disk_index, c.offset, memoryview(buf), length=c.length)
                 buf[:] = b"\x00" * len(buf)  # the queue copied it: reusing it is safe
         await queue.drain()
     replica.complete_ir(wl.IR_SEQUENCE)
@@ -58,7 +58,7 @@ async def test_aligned_chunks_go_through_o_direct(tmp_path: Path) -> None:
     data = os.urandom(MiB)
     async with trio.open_nursery() as nursery:
         queue = IRWriteQueue(nursery)
-        await queue.write(replica, 0, 0, data)
+        await queue.write(replica, 0, 0, data, length=len(data))
         await queue.drain()
     if not replica._direct_ok:
         pytest.skip("this file system refuses O_DIRECT; the buffered path was used")
@@ -78,15 +78,16 @@ async def test_a_failed_write_is_reported_by_drain_and_the_next_write(tmp_path: 
     data = os.urandom(64 * 1024)
     async with trio.open_nursery() as nursery:
         queue = IRWriteQueue(nursery, depth=1)
-        await queue.write(replica, 0, 0, data)
+        await queue.write(replica, 0, 0, data, length=len(data))
         await queue.drain()
         full = True
-        await queue.write(replica, 0, 64 * 1024, data)
+        await queue.write(replica, 0, 64 * 1024, data, length=len(data))
         with pytest.raises(frproto.NoSpace):
             await queue.drain()
-        await queue.write(replica, 0, 128 * 1024, data)  # the error was reported once
+        # The error was reported once: the next write is queued, and fails too.
+        await queue.write(replica, 0, 128 * 1024, data, length=len(data))
         with pytest.raises(frproto.NoSpace):
-            await queue.write(replica, 0, 192 * 1024, data)
+            await queue.write(replica, 0, 192 * 1024, data, length=len(data))
     # Nothing was checkpointed: a restarted IR starts over, the error changed no state.
     assert replica.ir_state is IRState.IN_PROGRESS
     assert replica.ir_cursor == (0, 0)
