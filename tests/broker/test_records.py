@@ -1,0 +1,98 @@
+"""The store records: round trips, and malformed records refused, not guessed at."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from broker.records import (
+    ElectionRecord,
+    Keys,
+    NodeAdmin,
+    NodeRecord,
+    PlacementCursor,
+    RecordError,
+    Settings,
+    VMRecord,
+    VMState,
+)
+
+
+def test_round_trips() -> None:
+    vmid = str(uuid.uuid4())
+    records = [
+        NodeRecord("n1.example.com", "127.0.0.11", 7000, capacity_bytes=10, used_bytes=3),
+        NodeAdmin(draining=True, labels={"maintenance": "true"}),
+        VMRecord(vmid, "n1.example.com", "/srv/replicas", trust_group="tg", size_bytes=5),
+        VMRecord(vmid, "n2.example.com", "/srv", state=VMState.MIGRATING, deleted=True),
+        Settings(placement_policy="least-loaded", recovery_points=3),
+        ElectionRecord("n1.example.com", "cap.example.com", "127.0.0.10", 7000, 1.5),
+        PlacementCursor("n3.example.com", 42),
+    ]
+    for r in records:
+        assert type(r).from_json(r.to_json()) == r  # type: ignore[attr-defined]
+
+
+def test_unknown_fields_are_ignored_missing_ones_refused() -> None:
+    raw = b'{"name":"n1","address":"127.0.0.1","port":1,"future":"x"}'
+    assert NodeRecord.from_json(raw).name == "n1"
+    with pytest.raises(RecordError, match="missing"):
+        NodeRecord.from_json(b'{"name":"n1"}')
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"name":"n1","address":"a","port":"7000"}',
+        b'{"name":"n1","address":"a","port":true}',
+    ],
+)
+def test_malformed_node_records(raw: bytes) -> None:
+    with pytest.raises(RecordError):
+        NodeRecord.from_json(raw)
+
+
+def test_vm_record_needs_a_uuid_and_a_known_state() -> None:
+    with pytest.raises(RecordError):
+        VMRecord.from_json(b'{"vmid":"../etc","owner":"n1","storage":"/s"}')
+    with pytest.raises(RecordError):
+        VMRecord.from_json(
+            b'{"vmid":"%s","owner":"n1","storage":"/s","state":"odd"}' % str(uuid.uuid4()).encode()
+        )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        b'{"placement_policy":"fastest"}',
+        b'{"auth_type":"password"}',
+        b'{"port":70000}',
+        b'{"recovery_points":0}',
+        b'{"placement_rules":["no-colon"]}',
+        b'{"authorization":["x"]}',
+    ],
+)
+def test_settings_no_node_could_apply_are_refused(settings: bytes) -> None:
+    with pytest.raises(RecordError):
+        Settings.from_json(settings)
+
+
+def test_settings_changes_name_what_differs() -> None:
+    a = Settings()
+    b = Settings(recovery_points=5, placement_policy="random")
+    assert a.changes(b) == {
+        "recovery_points": (24, 5),
+        "placement_policy": ("round-robin", "random"),
+    }
+
+
+def test_keys_live_under_the_prefix() -> None:
+    k = Keys("/c1/")
+    vmid = uuid.uuid4()
+    assert k.vm(vmid) == f"/c1/vms/{vmid}"
+    assert k.node("n1") == "/c1/nodes/n1"
+    assert k.election == "/c1/broker"
+    assert all(x.startswith("/c1/") for x in (k.settings, k.placement, k.admin("n"), k.node_admin))
