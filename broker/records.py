@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, TypeVar
@@ -225,6 +226,10 @@ class VMRecord:
     #: An administrator deleted the replica: a primary asking again gets "deleted" and must
     #: stop, not seed a new replica.
     deleted: bool = False
+    #: The replica lives on storage every node sees: moving it is an ownership change.
+    shared: bool = False
+    #: The node the replica is being moved to (set by the broker; the owner does the move).
+    migrate_to: str = ""
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -248,12 +253,17 @@ class VMRecord:
                 size_bytes=_typed(d.get("size_bytes", 0), int, "size_bytes"),
                 state=state,
                 deleted=_typed(d.get("deleted", False), bool, "deleted"),
+                shared=_typed(d.get("shared", False), bool, "shared"),
+                migrate_to=_typed(d.get("migrate_to", ""), str, "migrate_to"),
             )
         except KeyError as exc:
             raise RecordError(f"VM record: missing {exc}") from None
         except ValueError as exc:
             raise RecordError(f"VM record: {exc}") from None
 
+
+#: A placement rule's name in the settings: ``module:attribute`` or an entry-point name.
+_RULE_NAME: Final = re.compile(r"[A-Za-z0-9_.]+:[A-Za-z0-9_.]+|[A-Za-z0-9_-]+")
 
 #: Placement policies by setting name (see broker/placement.py).
 PLACEMENT_POLICIES: Final = ("round-robin", "random", "least-loaded", "capacity-aware")
@@ -270,7 +280,8 @@ class Settings:
     authorization: list[dict[str, Any]] = field(default_factory=list)
     default_storage: str = ""
     placement_policy: str = "round-robin"
-    #: Extra placement rules: import paths ``module:attribute``, run before each placement.
+    #: Extra placement rules, run before each placement: import paths ``module:attribute``
+    #: or names of the ``frrep.placement_rules`` entry points (e.g. ``"maintenance"``).
     placement_rules: list[str] = field(default_factory=list)
     recovery_points: int = 24
 
@@ -317,8 +328,10 @@ class Settings:
             if not isinstance(entry, dict):
                 raise RecordError(f"authorization entry {entry!r} is not a table")
         for rule in self.placement_rules:
-            if not isinstance(rule, str) or ":" not in rule:
-                raise RecordError(f"placement rule {rule!r}: expected 'module:attribute'")
+            if not isinstance(rule, str) or not _RULE_NAME.fullmatch(rule):
+                raise RecordError(
+                    f"placement rule {rule!r}: expected 'module:attribute' or an entry-point name"
+                )
 
     def changes(self, other: Settings) -> dict[str, tuple[Any, Any]]:
         """``{name: (self's value, other's value)}`` for every setting that differs."""

@@ -28,8 +28,7 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,62 +39,19 @@ import frproto as fp
 from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
 
+from .accept import accept
 from .authz import Grant
-from .biotls import transport_receive_into
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
-from .tls import TLSFailure, peer_names, server_context, tls_handshake_server
+from .tls import server_context
 
 log = logging.getLogger("frrep.recovery")
 
+#: ``await check(vmid)``: raises a ReplicationError when this node must not serve the VM.
+OwnershipCheck = Callable[[uuid.UUID], Awaitable[None]]
+
 #: IR progress is made durable at least this often (and at IREnd).
 IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
-#: Time allowed for the TLS handshake and the NegotiateRequest.
-HANDSHAKE_TIMEOUT = 15.0
-_TLS_HANDSHAKE_RECORD = 0x16
-#: Bytes asked of the TCP socket per read when TLS refills its input (see _Replay).
-TRANSPORT_RECEIVE_SIZE = 1024 * 1024
-
-
-class _Replay(trio.abc.Stream):
-    """A stream that first returns bytes already read from ``inner`` (after a peek)."""
-
-    def __init__(self, inner: trio.abc.Stream, head: bytes) -> None:
-        self._inner = inner
-        self._head = head
-        self._inner_receive_into = transport_receive_into(inner)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._head:
-            head, self._head = self._head, b""
-            return head
-        # Performance: a TLS stream may refill with receive_some() (no size), which trio's
-        # SocketStream serves 64 KiB at a time; reading up to TRANSPORT_RECEIVE_SIZE per
-        # call cuts the socket reads and trio round trips of a bulk IR (perf-baselines,
-        # "BigRecv"). Only the size of the raw read changes, never the bytes delivered.
-        return await self._inner.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
-
-    async def receive_into(self, buffer: memoryview) -> int:
-        """Read into ``buffer`` (see ``node.biotls.transport_receive_into``)."""
-        if self._head:
-            n = min(len(self._head), len(buffer))
-            buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        if self._inner_receive_into is None:
-            data = await self.receive_some(len(buffer))
-            buffer[: len(data)] = data
-            return len(data)
-        return await self._inner_receive_into(buffer)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class RecoveryServer:
@@ -106,6 +62,8 @@ class RecoveryServer:
         ssl_context: overrides the context built from ``config.tls`` (tests).
         recovery_type: what negotiation answers (a cluster node answers CLUSTER_NODE).
         faults: storage fault injection (tests: a full disk, a failing write).
+        ownership: a cluster node's check that it owns a VM (raises VMNotHere,
+            VMDeleted...), awaited before a relationship is created or carried on.
     """
 
     def __init__(
@@ -115,13 +73,32 @@ class RecoveryServer:
         ssl_context: ssl.SSLContext | None = None,
         recovery_type: fp.RecoveryType = fp.RecoveryType.STANDALONE,
         faults: StorageFaults | None = None,
+        ownership: OwnershipCheck | None = None,
     ) -> None:
         self.config = config
+        self._ownership = ownership
         self._faults = faults
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._policy = fp.ServerPolicy(recovery_type, config.name)
         self._stores: dict[Path, ReplicaStore] = {}
         self._busy: set[uuid.UUID] = set()
+
+    def hold(self, vmid: uuid.UUID) -> bool:
+        """Take a VM for a maintenance task (a migration): False if a session has it. While
+        held, a primary's RelationshipOpen/Create for it gets BUSY."""
+        if vmid in self._busy:
+            return False
+        self._busy.add(vmid)
+        return True
+
+    def release(self, vmid: uuid.UUID) -> None:
+        """Give back a VM taken with :meth:`hold`."""
+        self._busy.discard(vmid)
+
+    async def check_owner(self, vmid: uuid.UUID) -> None:
+        """Refuse a VM this node does not own (stand-alone servers own what they hold)."""
+        if self._ownership is not None:
+            await self._ownership(vmid)
 
     async def store_for(self, storage: Path) -> ReplicaStore:
         """The replica store at ``storage``, opened (and recovered) on first use."""
@@ -166,54 +143,18 @@ class RecoveryServer:
             await trio.aclose_forcefully(stream)
 
     async def _handle(self, raw: trio.abc.Stream) -> None:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            head = await raw.receive_some(1)
-            if not head:
-                return
-            if head[0] != _TLS_HANDSHAKE_RECORD:
-                await self._refuse_plaintext(raw)
-                return
-            try:
-                tls = await tls_handshake_server(
-                    _Replay(raw, bytes(head)), self._ssl, timeout=HANDSHAKE_TIMEOUT
-                )
-            except TLSFailure as exc:
-                log.warning("TLS handshake refused: %s", exc)
-                return
-            names = peer_names(tls)
-            conn = FramedStream(tls, fp.Connection(fp.Role.RECOVERY))
-            request = await conn.expect(fp.NegotiateRequest)
-            assert isinstance(request, fp.NegotiateRequest)
-            try:
-                grant = self.config.authorization.authorize(names)
-            except fp.NotAuthorized as exc:
-                log.warning("%s", exc)
-                refusal = fp.answer_negotiation(request, self._policy)
-                await conn.send(_with_status(refusal, fp.ErrorCode.NOT_AUTHORIZED))
-                return
-            answer = fp.answer_negotiation(request, self._policy)
-            await conn.send(answer)
-            if not answer.ok:
-                return
+        accepted = await accept(raw, self._ssl, self._policy, self.config.authorization.authorize)
+        if accepted is None:
+            return
+        grant = accepted.grant
         log.info(
             "primary %s connected (trust group %s)", grant.identity.name, grant.identity.trust_group
         )
-        session = _Session(self, conn, grant, await self.store_for(grant.storage))
+        session = _Session(self, accepted.conn, grant, await self.store_for(grant.storage))
         try:
             await session.run()
         finally:
             session.release()
-
-    async def _refuse_plaintext(self, raw: trio.abc.Stream) -> None:
-        log.warning("refused a connection without TLS")
-        conn = fp.Connection(fp.Role.RECOVERY)
-        error = fp.NotAuthorized("this recovery server requires mutual TLS with certificates")
-        await raw.send_all(conn.send_error(error))
-        await linger_and_close(raw)
-
-
-def _with_status(response: fp.NegotiateResponse, status: fp.ErrorCode) -> fp.NegotiateResponse:
-    return replace(response, status=status)
 
 
 class _Session:
@@ -314,6 +255,7 @@ class _Session:
             raise fp.VMDeleted(f"the replica of {vmid} was deleted by an administrator")
 
     async def on_create(self, msg: fp.RelationshipCreate) -> None:
+        await self.server.check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         identity = self.grant.identity
         if self.store.exists(msg.vmid):
@@ -340,6 +282,7 @@ class _Session:
         await self._accept(replica)
 
     async def on_open(self, msg: fp.RelationshipOpen) -> None:
+        await self.server.check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         if not self.store.exists(msg.vmid):
             raise fp.VMNotHere(f"{self.server.config.name} does not hold VM {msg.vmid}")

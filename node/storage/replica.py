@@ -1230,6 +1230,25 @@ class ReplicaStore:
         self._open[vmid] = replica
         return replica
 
+    def set_keep_points(self, keep_points: int) -> None:
+        """Keep ``keep_points`` recovery points from now on (open replicas prune to it at
+        their next batch)."""
+        if keep_points < 1:
+            raise ValueError("keep_points must be at least 1")
+        with self._lock:
+            self.keep_points = keep_points
+            for replica in self._open.values():
+                with replica._lock:
+                    replica._keep = keep_points
+
+    def forget(self, vmid: UUID) -> None:
+        """Close the replica if it is open; the next :meth:`open` reads it from disk again
+        (another node may have written it meanwhile: shared storage changed hands)."""
+        with self._lock:
+            replica = self._open.pop(vmid, None)
+            if replica is not None:
+                replica.close()
+
     def delete(self, vmid: UUID) -> None:
         """Remove the replica, leaving a tombstone (``is_deleted`` is then True)."""
         with self._lock:

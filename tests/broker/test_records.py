@@ -71,7 +71,8 @@ def test_vm_record_needs_a_uuid_and_a_known_state() -> None:
         b'{"auth_type":"password"}',
         b'{"port":70000}',
         b'{"recovery_points":0}',
-        b'{"placement_rules":["no-colon"]}',
+        b'{"placement_rules":["../evil"]}',
+        b'{"placement_rules":["a:b:c"]}',
         b'{"authorization":["x"]}',
     ],
 )
@@ -96,3 +97,8 @@ def test_keys_live_under_the_prefix() -> None:
     assert k.node("n1") == "/c1/nodes/n1"
     assert k.election == "/c1/broker"
     assert all(x.startswith("/c1/") for x in (k.settings, k.placement, k.admin("n"), k.node_admin))
+
+
+def test_placement_rules_by_import_path_or_entry_point_name() -> None:
+    s = Settings(placement_rules=["maintenance", "broker.rules.spread:SpreadTrustGroup"])
+    assert Settings.from_json(s.to_json()) == s
