@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import frproto
 
+from .cluster_commands import register as register_cluster_commands
 from .node_commands import register as register_node_commands
 from .oob_commands import register as register_oob_commands
 
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cert_parser(sub)
     register_node_commands(sub)
     register_oob_commands(sub)
+    register_cluster_commands(sub)
     return parser
 
 

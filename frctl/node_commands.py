@@ -126,6 +126,11 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
     store = _store(args)
     state = store.load(str(uuid.UUID(args.vmid)))
     state.paused = paused
+    if not paused and state.halted is not None:
+        # A person looked at why it halted: the running service tries again. A replica
+        # deleted in the cluster halts again (only disable + enable seeds a new one).
+        print(f"replication/{state.name} was halted: {state.halted}", file=sys.stderr)
+        state.halted = None
     store.save(state)
     print(f"replication/{state.name} {'paused' if paused else 'resumed'}")
     return 0
@@ -192,11 +197,24 @@ def _cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def _target(state: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+    """The broker and the recovery node of a VM (JSON objects or None), and the text of
+    status's SERVER column."""
+    if state.broker is None:
+        return None, None, f"{state.recovery_host}:{state.recovery_port}"
+    broker = {"name": state.broker, "host": state.broker_host, "port": state.broker_port}
+    if not state.node_name:
+        return broker, None, f"(no node yet) via broker {state.broker}"
+    node = {"name": state.node_name, "address": state.node_address, "port": state.node_port}
+    return broker, node, f"{state.node_name}:{state.node_port} via broker {state.broker}"
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     rows = []
     for state in sorted(_store(args).all(), key=lambda s: s.name):
         lag = None if state.last_replicated_at is None else now - state.last_replicated_at
+        broker, node, server = _target(state)
         rows.append(
             {
                 "vmid": state.vmid,
@@ -209,6 +227,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "lag_seconds": None if lag is None else round(lag, 1),
                 "pending_bytes": state.pending_bytes,
                 "recovery_server": f"{state.recovery_host}:{state.recovery_port}",
+                # Through a clustering broker: which one, and the node holding it now.
+                "broker": broker,
+                "recovery_node": node,
+                "server": server,
+                "halted": state.halted,
             }
         )
     if args.json:
@@ -220,8 +243,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(
                 f"{r['name']:<20} {r['state']:<20} {r['ir_percent']:>5.0f}% {r['sequence']:>6} "
                 f"{lag:>8} "
-                f"{r['pending_bytes']:>12}  {r['recovery_server']}"
+                f"{r['pending_bytes']:>12}  {r['server']}"
             )
+            if r["halted"]:
+                print(f"{'':<20} halted: {r['halted']}")
     if args.check and any(r["state"] in _UNHEALTHY for r in rows):
         return 3
     return 0
@@ -339,15 +364,23 @@ def register(sub: Any) -> None:
     enable.add_argument("--vmid", required=True)
     enable.add_argument("--name", required=True)
     enable.add_argument("--disk", action="append", required=True, metavar="ID=PATH")
-    enable.add_argument("--server", required=True, metavar="HOST:PORT")
-    enable.add_argument("--server-name", help="TLS name of the server (default: HOST)")
+    enable.add_argument(
+        "--server",
+        required=True,
+        metavar="HOST:PORT",
+        help="recovery server, or a recovery cluster's CAP (its broker is found by "
+        "negotiation); names resolve through the config's [hosts] table, then DNS",
+    )
+    enable.add_argument("--server-name", help="TLS name of the server or CAP (default: HOST)")
     enable.add_argument("--frequency", type=parse_frequency, default=300.0, help="30s, 5m, 15m...")
     enable.add_argument("--block-size", type=int, default=65536)
     enable.add_argument(
         "--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G; K/M/G = 10^3..)"
     )
     enable.set_defaults(func=_cmd_enable)
-    status = rsub.add_parser("status", help="health and lag of each VM")
+    status = rsub.add_parser(
+        "status", help="health and lag of each VM, and its broker and recovery node"
+    )
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true")
     status.add_argument("--check", action="store_true", help="exit 3 if any VM is unhealthy")

@@ -25,8 +25,10 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,15 @@ class PrimaryConfig:
         cert = "certs/p1.example.com.pem"
         key = "certs/p1.example.com-key.pem"
         ca = "certs/ca.pem"
+
+        [hosts]                      # optional: like /etc/hosts, looked up before DNS
+        "n1.example.com" = "10.0.0.11"
+        "cap.example.com" = "10.0.0.10"
+
+    ``[hosts]`` maps host names to IP addresses for every name this primary connects to:
+    the configured recovery server or CAP, and the recovery nodes a clustering broker
+    names (``docs/primary-and-broker.md``). A name that is not in the table is resolved
+    through DNS.
     """
 
     name: str
@@ -179,6 +190,9 @@ class PrimaryConfig:
     bandwidth_schedule: tuple[tuple[str, str, float | None], ...] = ()
     #: Compression methods offered to recovery servers (none by default).
     compression: CompressionSet = NO_COMPRESSION
+    #: Static name -> IP address table (``[hosts]``), consulted before DNS. Names are
+    #: lower case without a trailing dot (see :func:`normalize_host_name`).
+    hosts: Mapping[str, str] = field(default_factory=dict)
 
 
 def load_primary_config(path: Path) -> PrimaryConfig:
@@ -210,7 +224,38 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         bandwidth_bps=host_rate,
         bandwidth_schedule=schedule,
         compression=parse_compression(primary.get("compression", "none"), path),
+        hosts=parse_hosts(data.get("hosts", {}), path),
     )
+
+
+def normalize_host_name(name: str) -> str:
+    """A host name as looked up in a ``[hosts]`` table: lower case, no trailing dot."""
+    return name.strip().lower().rstrip(".")
+
+
+def parse_hosts(table: object, path: Path | str = "config") -> dict[str, str]:
+    """The ``[hosts]`` table: host name -> IP address literal (v4 or v6).
+
+    Raises:
+        ConfigError: not a table, an empty name, or a value that is not an IP address.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(f'{path}: [hosts] must be a table of "name" = "address"')
+    hosts: dict[str, str] = {}
+    for name, address in table.items():
+        if isinstance(address, dict):  # n1.example.com = ... without quotes: nested tables
+            raise ConfigError(f'{path}: [hosts]: quote dotted names: "{name}.…" = "address"')
+        key = normalize_host_name(str(name))
+        if not key:
+            raise ConfigError(f"{path}: [hosts]: an empty host name")
+        try:
+            # Only literals: the table replaces DNS, it does not alias one name to another.
+            hosts[key] = str(ipaddress.ip_address(str(address)))
+        except ValueError:
+            raise ConfigError(
+                f"{path}: [hosts] {name!r}: {address!r} is not an IP address"
+            ) from None
+    return hosts
 
 
 def parse_compression(text: object, path: Path | str = "config") -> CompressionSet:

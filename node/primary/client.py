@@ -2,7 +2,8 @@
 
 Thin and typed: connect over mutual TLS and negotiate; create or open a relationship;
 send an IR from image files (resuming where the recovery server says); send a delta
-batch from ``(disk, offset, data, digest)`` chunks; ask for digest maps. Refusals come
+batch from ``(disk, offset, data, digest)`` chunks; ask for digest maps; ask a clustering
+broker where a VM's replica lives (:meth:`RecoveryClient.query`). Refusals come
 back as frproto exceptions (``VMNotHere``, ``NotAuthorized``, ``OutOfSequence``...).
 """
 
@@ -113,6 +114,29 @@ class RecoveryClient:
     async def aclose(self) -> None:
         """Close the connection."""
         await trio.aclose_forcefully(self.conn.stream)
+
+    @property
+    def peer_address(self) -> str | None:
+        """The IP address this connection reached (None if not a socket)."""
+        stream = self.conn.stream
+        transport = getattr(stream, "transport_stream", None)
+        if isinstance(transport, trio.SocketStream):
+            with contextlib.suppress(OSError):
+                return str(transport.socket.getpeername()[0])
+        return None
+
+    async def query(
+        self, vmid: uuid.UUID, *, name: str, disk_sizes: tuple[int, ...]
+    ) -> fp.QueryRecoveryServerResponse:
+        """Ask a clustering broker which recovery node holds (or will hold) the VM.
+
+        Only on a connection that negotiated ``CLUSTERING_BROKER`` (frproto refuses it
+        otherwise). A refusal by the broker raises its frproto exception.
+        """
+        await self.conn.send(fp.QueryRecoveryServer(vmid, name, disk_sizes))
+        answer = await self.conn.expect(fp.QueryRecoveryServerResponse)
+        assert isinstance(answer, fp.QueryRecoveryServerResponse)
+        return answer
 
     async def open(
         self,

@@ -18,6 +18,17 @@ A cycle:
    the bound is reached. Past the bound the log is marked overflowed: replication needs a
    resynchronization (a later issue), never a silent full IR.
 
+**A clustering broker.** The configured target may be a recovery cluster's CAP: when it
+negotiates as ``CLUSTERING_BROKER`` the replicator remembers the broker (in the VM's
+state), asks it which recovery node holds the VM (``QueryRecoveryServer``), and
+replicates to that node over a new connection whose TLS name is the node's FQDN. Later
+cycles go straight to the remembered node; a node that answers ``VM_NOT_HERE`` (the
+replica moved) sends the replicator back to the broker, at most ``MAX_REQUERIES`` times
+per cycle. A replica that an administrator deleted in the cluster halts replication
+(:class:`ReplicationHalted`): never a new replica without a person. Node names are
+resolved through the primary's ``[hosts]`` table, then DNS (``node.primary.resolve``).
+``docs/primary-and-broker.md`` describes it for operators.
+
 State (sequence, IR progress, health) is persisted after every step, so a restarted
 primary resumes without a new IR.
 """
@@ -29,7 +40,7 @@ import math
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +54,9 @@ from node.tls import TLSFailure
 
 from .bandwidth import BandwidthLimiter, combined
 from .client import IRProgress, RecoveryClient
-from .digest_map import DigestMap
+from .digest_map import DIGEST_SIZE, DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
+from .resolve import resolve_host
 from .scan import read_blocks, scan_changes
 from .state import STATE_FILE, PrimaryStateStore, VMReplicationState
 from .tracker import ChangeTracker
@@ -57,6 +69,12 @@ DEFAULT_PENDING_BYTES = 4 * 1024 * 1024 * 1024
 IR_PROGRESS_SECONDS = 0.5
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
+#: How often one cycle asks the broker again after a node said "VM not here" (or could
+#: not be reached) before the cycle fails and the normal retry with backoff takes over.
+#: Bounded so that a broker and a node that disagree cannot keep a cycle spinning.
+MAX_REQUERIES = 3
+#: A peer that cannot be reached (or stopped answering): retryable.
+_UNREACHABLE = (OSError, TLSFailure, trio.BrokenResourceError, trio.TooSlowError)
 
 
 class ReplicationHalted(Exception):
@@ -78,6 +96,8 @@ class VMReplicator:
         pending_bytes: bound of the pending log.
         compression: the methods offered at negotiation (none by default: on loopback
             and fast links compressing costs more than it saves; bench/ir.py measures it).
+        hosts: static host name -> IP address table, consulted before DNS for every
+            name connected to (the configured target, the nodes a broker names).
     """
 
     state: VMReplicationState
@@ -95,6 +115,8 @@ class VMReplicator:
     #: Test seam: transforms a chunk's data *after* its digest was taken (corruption in
     #: flight). Never set in production.
     chunk_fault: Callable[[bytes], bytes] | None = None
+    #: Name -> IP address table (the primary config's ``[hosts]``), used before DNS.
+    hosts: Mapping[str, str] = field(default_factory=dict)
     _maps: list[DigestMap] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -171,15 +193,10 @@ class VMReplicator:
             except (ReplicationHalted, PendingLogCorrupt) as exc:
                 log.error("replication of %s halted: %s", self.state.name, exc)
                 self.state.health = "critical"
+                self.state.halted = str(exc)  # shown by status; the service waits for a person
                 self._save()
                 return
-            except (
-                OSError,
-                TLSFailure,
-                trio.BrokenResourceError,
-                trio.TooSlowError,
-                fp.FrprotoError,
-            ) as exc:
+            except (*_UNREACHABLE, fp.FrprotoError) as exc:
                 log.warning(
                     "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
                 )
@@ -203,26 +220,175 @@ class VMReplicator:
             self.state.health = "normal"
 
     async def cycle(self) -> None:
-        """One cycle: capture (after IR), connect, IR if needed, send every pending cycle."""
+        """One cycle: capture (after IR), connect, IR if needed, send every pending cycle.
+
+        With a clustering broker, a node that answers "VM not here" sends the cycle back
+        to the broker and on to the node it names now (at most ``MAX_REQUERIES`` times).
+
+        Raises:
+            ReplicationHalted: only a person can decide how to go on (also recorded in
+                ``state.halted``).
+            OSError, TLSFailure, trio errors, frproto.FrprotoError: this cycle failed;
+                a later one may succeed (nothing unacknowledged is dropped).
+        """
         self.state.last_cycle_started_at = time.time()
-        if self.state.ir_state == "COMPLETE":
-            await self.capture()
-        client = await RecoveryClient.connect(
-            self.state.recovery_host,
-            self.state.recovery_port,
-            server_name=self.state.server_name,
+        try:
+            if self.state.ir_state == "COMPLETE":
+                await self.capture()
+            client = await self._connect()
+            try:
+                requeries = 0
+                while True:
+                    try:
+                        await self._session(client)
+                        break
+                    except fp.VMNotHere as exc:
+                        if self.state.broker is None or requeries >= MAX_REQUERIES:
+                            raise
+                        requeries += 1
+                        log.info("%s: %s; asking the broker again", self.state.name, exc)
+                    self._note_session(client)
+                    await client.aclose()
+                    client = await self._discover()
+            finally:
+                self._note_session(client)
+                await client.aclose()
+        except ReplicationHalted as exc:
+            self.state.halted = str(exc)
+            self.state.health = "critical"
+            self._save()
+            raise
+        self.state.halted = None
+        self._update_health()
+        self._save()
+
+    def _note_session(self, client: RecoveryClient) -> None:
+        self.last_compression = client.negotiated.compression
+        self.last_chunk_bytes_sent = client.conn.chunk_bytes_sent
+
+    # -- where to replicate: the configured target, a broker, the node it names -----------
+
+    async def _dial(self, host: str, port: int, server_name: str) -> RecoveryClient:
+        """Resolve ``host`` (``[hosts]`` table, then DNS), connect and negotiate with SNI
+        ``server_name``."""
+        address = await resolve_host(host, port, self.hosts)
+        return await RecoveryClient.connect(
+            address,
+            port,
+            server_name=server_name,
             ssl_context=self.ssl_context,
             local_address=self.local_address,
             compression=self.compression,
         )
+
+    async def _connect(self) -> RecoveryClient:
+        """This cycle's connection: the remembered node, else the configured target."""
+        s = self.state
+        # During an IR the broker is asked every cycle: a Create sent to a node that no
+        # longer holds the VM would seed a second replica there instead of being refused.
+        if s.broker is None or not s.node_name or s.ir_state != "COMPLETE":
+            return await self._discover()
         try:
-            await self._session(client)
+            return await self._connect_node()
+        except _UNREACHABLE as exc:
+            # The node may be down and the cluster may have moved the replica elsewhere:
+            # the broker knows. If it still names the same node, this cycle fails.
+            log.warning(
+                "%s: recovery node %s unreachable (%s); asking the broker %s",
+                s.name,
+                s.node_name,
+                exc,
+                s.broker,
+            )
+            before = (s.node_name.lower(), s.node_port)
+            client = await self._discover()
+            if (s.node_name.lower(), s.node_port) == before:
+                await client.aclose()
+                raise
+            return client
+
+    async def _discover(self) -> RecoveryClient:
+        """Connect to the configured target. A clustering broker there is remembered and
+        asked for the VM's node, and the connection to that node is returned; any other
+        recovery server is replicated to directly."""
+        s = self.state
+        client = await self._dial(s.recovery_host, s.recovery_port, s.server_name)
+        if not client.is_broker:
+            if s.broker is not None:
+                log.warning(
+                    "%s: %s answers as %s, no longer as a clustering broker; replicating "
+                    "to it directly",
+                    s.name,
+                    s.server_name,
+                    client.negotiated.recovery_type.name,
+                )
+                s.broker, s.broker_host, s.broker_port = None, "", 0
+                s.node_name, s.node_address, s.node_port = "", "", 0
+                self._save()
+            return client
+        if s.broker is None:
+            log.info("%s: %s is a clustering broker", s.name, s.server_name)
+        s.broker, s.broker_host, s.broker_port = s.server_name, s.recovery_host, s.recovery_port
+        try:
+            await self._ask_broker(client)
         finally:
-            self.last_compression = client.negotiated.compression
-            self.last_chunk_bytes_sent = client.conn.chunk_bytes_sent
-            await client.aclose()
-        self._update_health()
+            await client.aclose()  # the protocol: a new connection to the named node
+        return await self._connect_node()
+
+    async def _ask_broker(self, client: RecoveryClient) -> None:
+        """Ask the broker where the VM lives; remember the node it names."""
+        s = self.state
+        answer = await client.query(
+            self.vmid, name=s.name, disk_sizes=tuple(d.size for d in self.disks)
+        )
+        if answer.existing is fp.ExistingVM.DELETED:
+            s.node_name, s.node_address, s.node_port = "", "", 0
+            self._save()
+            raise ReplicationHalted(
+                f"an administrator deleted the replica of VM {s.name} ({s.vmid}) in the "
+                f"recovery cluster (broker {s.broker}); replication stopped and will not "
+                f"seed a new replica on its own: a person must decide (to replicate the "
+                f"VM again from scratch, disable and enable its replication)"
+            )
+        if answer.existing is fp.ExistingVM.NEW and s.ir_state == "COMPLETE":
+            # Our IR completed, yet the cluster knows no replica: replicating on would
+            # need a new full IR, which is never started silently.
+            raise ReplicationHalted(
+                f"the recovery cluster (broker {s.broker}) holds no replica of VM {s.name} "
+                f"({s.vmid}) although its initial replication completed"
+                f"{f' on {s.node_name}' if s.node_name else ''}; a person must decide (to "
+                f"replicate the VM again from scratch, disable and enable its replication)"
+            )
+        before = s.node_name
+        if before and (before.lower(), s.node_port) != (answer.server_name.lower(), answer.port):
+            log.warning("vm %s moved: %s -> %s", s.name, before, answer.server_name)
+        elif before:
+            log.info("%s: the broker still names %s", s.name, before)
+        else:
+            log.info(
+                "%s: the broker names %s:%d (%s)",
+                s.name,
+                answer.server_name,
+                answer.port,
+                answer.existing.name,
+            )
+        if (before, s.node_port) != (answer.server_name, answer.port):
+            s.node_address = ""
+        s.node_name, s.node_port = answer.server_name, answer.port
         self._save()
+
+    async def _connect_node(self) -> RecoveryClient:
+        """Connect to the remembered recovery node, its FQDN as the TLS name."""
+        s = self.state
+        client = await self._dial(s.node_name, s.node_port, s.node_name)
+        if client.is_broker:
+            await client.aclose()
+            raise fp.FrprotoError(f"{s.node_name} answered as a clustering broker, not a node")
+        address = client.peer_address
+        if address is not None and address != s.node_address:
+            s.node_address = address
+            self._save()
+        return client
 
     async def _session(self, client: RecoveryClient) -> None:
         try:
@@ -234,7 +400,16 @@ class VMReplicator:
                 create=self.state.ir_state != "COMPLETE",
             )
         except fp.VMDeleted as exc:
-            raise ReplicationHalted(str(exc)) from exc
+            where = (
+                f" in the recovery cluster (broker {self.state.broker})"
+                if self.state.broker
+                else ""
+            )
+            raise ReplicationHalted(
+                f"{exc}{where}; replication stopped and will not seed a new replica on its "
+                f"own: a person must decide (to replicate the VM again from scratch, disable "
+                f"and enable its replication)"
+            ) from exc
         if self.state.ir_state != "COMPLETE":
             await self._initial_replication(client, accepted)
         elif accepted.applied_sequence < self.state.sequence:
@@ -300,7 +475,7 @@ class VMReplicator:
                 limiter=self._limiter(),
             )
         if start != (0, 0):
-            self._rebuild_maps_before(start)
+            await self._maps_from_replica(client, start)
         for index, dmap in enumerate(maps):
             dmap.save(self._map_path(index))
         self.state.ir_state = "COMPLETE"
@@ -310,16 +485,23 @@ class VMReplicator:
         self._save()
         log.info("IR of %s complete", self.state.name)
 
-    def _rebuild_maps_before(self, start: tuple[int, int]) -> None:
-        """Digest what a resumed IR did not send this time (it was sent before)."""
+    async def _maps_from_replica(self, client: RecoveryClient, start: tuple[int, int]) -> None:
+        """Fill the digest maps for what an earlier, interrupted IR sent, from the replica.
+
+        Digesting our images instead would be wrong: they may have changed since those
+        blocks were sent, and the map would then claim content the replica never got
+        (a kill mid-IR, writes, and the replica silently diverged)."""
         block = self.state.block_size
-        for disk_index, path in enumerate(self.images):
+        for disk_index in range(min(start[0] + 1, len(self.images))):
             end = self.disks[disk_index].size if disk_index < start[0] else start[1]
-            if disk_index > start[0] or end == 0:
-                continue
-            blocks = list(range(math.ceil(end / block)))
-            for b, _, data in read_blocks(path, block, blocks, self.disks[disk_index].size):
-                self._maps[disk_index].set(b, xxhash.xxh3_128_digest(data))
+            blocks = math.ceil(end / block)
+            dmap = self._maps[disk_index]
+            for first in range(0, blocks, fp.MAX_DIGESTS):
+                count = min(fp.MAX_DIGESTS, blocks - first)
+                answer = await client.digest_map(self.vmid, disk_index, block, first * block, count)
+                digests = answer.digests
+                for i in range(len(digests) // DIGEST_SIZE):
+                    dmap.set(first + i, digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
 
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""

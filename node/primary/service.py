@@ -1,7 +1,9 @@
 """The primary service: one :class:`VMReplicator` per enabled VM, started as VMs appear.
 
 ``frctl primary run`` runs this; ``frctl replication enable`` only writes a VM's state
-file, which the running service picks up within ``POLL_SECONDS``.
+file, which the running service picks up within ``POLL_SECONDS``. A VM whose replication
+halted (``state.halted``: e.g. its replica was deleted in the recovery cluster) is not
+restarted until a person clears it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ async def run_primary(
         while True:
             states = {s.vmid: s for s in store.all()}
             for vmid, state in states.items():
-                if vmid not in running:
+                # A halted VM waits for a person (``frctl replication resume`` clears it,
+                # disable + enable starts over); restarting it would only halt it again.
+                if vmid not in running and state.halted is None:
                     log.info("replicating %s (%s)", state.name, vmid)
                     scope = trio.CancelScope()
                     running[vmid] = scope
@@ -57,6 +61,7 @@ async def run_primary(
                         limiter=host_limit,  # one bucket shared by every VM of this host
                         local_address=config.local_address,
                         compression=config.compression,
+                        hosts=config.hosts,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

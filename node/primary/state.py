@@ -133,8 +133,18 @@ class VMReplicationState:
             ``"critical"``...).
         bandwidth_bps: bandwidth limit of this relationship in bytes per second (None:
             no limit of its own; the host's limit still applies).
-        broker: the clustering broker's address when the target was found through one,
-            so a "VM not here" answer can be followed; None for a stand-alone server.
+        broker: the clustering broker's CAP name (its TLS name) once the configured
+            target answered the negotiation as a clustering broker; None for a
+            stand-alone server. Remembered so that a "VM not here" answer is followed
+            by asking the broker again (``docs/primary-and-broker.md``).
+        broker_host / broker_port: where that broker was reached (the configured
+            address: the CAP moves with the broker, the address stays).
+        node_name / node_address / node_port: the recovery node that holds the replica
+            now, as the broker named it (FQDN, also the TLS name) and the address it
+            resolved to when last reached; empty until a broker named one. Later cycles
+            go straight to it.
+        halted: why replication stopped and waits for a person (e.g. an administrator
+            deleted the replica in the cluster); None while it runs.
     """
 
     vmid: str
@@ -157,6 +167,12 @@ class VMReplicationState:
     health: str = "initial replication"
     broker: str | None = None
     bandwidth_bps: float | None = None
+    broker_host: str = ""
+    broker_port: int = 0
+    node_name: str = ""
+    node_address: str = ""
+    node_port: int = 0
+    halted: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -180,6 +196,9 @@ class VMReplicationState:
             raise ValueError("sequence and pending_bytes must not be negative")
         if not math.isfinite(self.frequency_s) or self.frequency_s <= 0:
             raise ValueError("frequency_s must be a positive number of seconds")
+        for port in (self.recovery_port, self.broker_port, self.node_port):
+            if not 0 <= port <= 0xFFFF:
+                raise ValueError(f"port {port} is not 0-65535")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document (with its ``format`` version)."""
@@ -229,6 +248,12 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "pending_bytes": (int,),
     "health": (str,),
     "broker": (str, type(None)),
+    "broker_host": (str,),
+    "broker_port": (int,),
+    "node_name": (str,),
+    "node_address": (str,),
+    "node_port": (int,),
+    "halted": (str, type(None)),
 }
 
 

@@ -209,3 +209,34 @@ def test_compression_setting_parses() -> None:
     assert parse_compression("LZ4, zstd") == fp.CompressionSet.ZSTD | fp.CompressionSet.LZ4
     with pytest.raises(ConfigError, match="'gzip' is not zstd"):
         parse_compression("gzip")
+
+
+async def test_an_ir_whose_ack_was_lost_takes_its_map_from_the_replica(
+    site: Site, server: ServerProcess
+) -> None:
+    # The primary was killed after the server completed the IR, before it recorded the
+    # ack; meanwhile the VM wrote. The next cycle must learn what the replica holds (its
+    # digests), not digest the changed images: those writes must still be sent.
+    rng = random.Random(12)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()
+        state = first.store.load(str(vmid))
+        state.ir_state = "IN_PROGRESS"  # as if the ack had not been recorded
+        first.store.save(state)
+        scribble(image, rng, writes=6)
+        from node.primary.replicator import VMReplicator
+
+        again = VMReplicator(
+            first.store.load(str(vmid)),
+            first.store,
+            site.client_context(),
+            local_address=first.local_address,
+        )
+        await again.cycle()  # finds the IR complete at the server: no data sent
+        assert again.state.ir_state == "COMPLETE"
+        assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()
+        await again.cycle()  # the scan sends what changed since the IR
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
