@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,12 @@ from .tls import server_context
 
 log = logging.getLogger("frrep.recovery")
 
-#: ``await check(vmid)``: raises a ReplicationError when this node must not serve the VM.
-OwnershipCheck = Callable[[uuid.UUID], Awaitable[None]]
+#: ``await check(vmid, grant)``: raises a ReplicationError when this node must not serve
+#: the VM to that peer; may return another grant to use for this VM (a cluster node copying
+#: a replica in gets the grant of the VM's own primary: its trust group and storage).
+OwnershipCheck = Callable[[uuid.UUID, Grant], Awaitable[Grant | None]]
+#: Certificate names to a grant (raises NotAuthorized).
+Authorizer = Callable[[Sequence[str]], Grant]
 
 #: IR progress is made durable at least this often (and at IREnd).
 IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
@@ -64,6 +68,8 @@ class RecoveryServer:
         faults: storage fault injection (tests: a full disk, a failing write).
         ownership: a cluster node's check that it owns a VM (raises VMNotHere,
             VMDeleted...), awaited before a relationship is created or carried on.
+        authorize: replaces ``config.authorization.authorize`` (a cluster node also
+            admits its peer nodes).
     """
 
     def __init__(
@@ -74,9 +80,11 @@ class RecoveryServer:
         recovery_type: fp.RecoveryType = fp.RecoveryType.STANDALONE,
         faults: StorageFaults | None = None,
         ownership: OwnershipCheck | None = None,
+        authorize: Authorizer | None = None,
     ) -> None:
         self.config = config
         self._ownership = ownership
+        self._authorize = authorize
         self._faults = faults
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._policy = fp.ServerPolicy(recovery_type, config.name)
@@ -95,10 +103,12 @@ class RecoveryServer:
         """Give back a VM taken with :meth:`hold`."""
         self._busy.discard(vmid)
 
-    async def check_owner(self, vmid: uuid.UUID) -> None:
-        """Refuse a VM this node does not own (stand-alone servers own what they hold)."""
+    async def check_owner(self, vmid: uuid.UUID, grant: Grant) -> Grant | None:
+        """Refuse a VM this node does not own (stand-alone servers own what they hold);
+        a grant to use instead of ``grant`` for this VM, or None."""
         if self._ownership is not None:
-            await self._ownership(vmid)
+            return await self._ownership(vmid, grant)
+        return None
 
     async def store_for(self, storage: Path) -> ReplicaStore:
         """The replica store at ``storage``, opened (and recovered) on first use."""
@@ -143,7 +153,8 @@ class RecoveryServer:
             await trio.aclose_forcefully(stream)
 
     async def _handle(self, raw: trio.abc.Stream) -> None:
-        accepted = await accept(raw, self._ssl, self._policy, self.config.authorization.authorize)
+        authorize = self._authorize or self.config.authorization.authorize
+        accepted = await accept(raw, self._ssl, self._policy, authorize)
         if accepted is None:
             return
         grant = accepted.grant
@@ -166,6 +177,7 @@ class _Session:
         self.server = server
         self.conn = conn
         self.grant = grant
+        self.connection_grant = grant  # what the certificate was granted; grant may differ per VM
         self.store = store
         self.replica: Replica | None = None
         self.batch: BatchWriter | None = None
@@ -254,8 +266,15 @@ class _Session:
         if self.store.is_deleted(vmid):
             raise fp.VMDeleted(f"the replica of {vmid} was deleted by an administrator")
 
+    async def _check_owner(self, vmid: uuid.UUID) -> None:
+        override = await self.server.check_owner(vmid, self.connection_grant)
+        grant = override or self.connection_grant
+        if grant != self.grant:
+            self.grant = grant
+            self.store = await self.server.store_for(grant.storage)
+
     async def on_create(self, msg: fp.RelationshipCreate) -> None:
-        await self.server.check_owner(msg.vmid)
+        await self._check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         identity = self.grant.identity
         if self.store.exists(msg.vmid):
@@ -282,7 +301,7 @@ class _Session:
         await self._accept(replica)
 
     async def on_open(self, msg: fp.RelationshipOpen) -> None:
-        await self.server.check_owner(msg.vmid)
+        await self._check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         if not self.store.exists(msg.vmid):
             raise fp.VMNotHere(f"{self.server.config.name} does not hold VM {msg.vmid}")

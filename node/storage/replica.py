@@ -1249,8 +1249,10 @@ class ReplicaStore:
             if replica is not None:
                 replica.close()
 
-    def delete(self, vmid: UUID) -> None:
-        """Remove the replica, leaving a tombstone (``is_deleted`` is then True)."""
+    def delete(self, vmid: UUID, *, tombstone: bool = True) -> None:
+        """Remove the replica, leaving a tombstone (``is_deleted`` is then True).
+        ``tombstone=False`` removes it without one: the replica moved to another node, it
+        was not deleted."""
         with self._lock:
             lo = self._layout(vmid)
             if not self.exists(vmid):
@@ -1262,8 +1264,9 @@ class ReplicaStore:
             trash = self.root / lay.TRASH_DIR / f"{vmid}.{uuid.uuid4().hex}"
             tomb = lay.tombstone_path(self.root, vmid)
             with mapped("delete replica", lo.dir):
-                doc = json.dumps({"vmid": str(vmid), "deleted_at": time.time()}).encode()
-                io.write_file_durably(tomb, doc)
+                if tombstone:
+                    doc = json.dumps({"vmid": str(vmid), "deleted_at": time.time()}).encode()
+                    io.write_file_durably(tomb, doc)
                 io.rename(lo.dir, trash)
                 io.fsync_dir(self.root)
                 io.fsync_dir(trash.parent)

@@ -1,0 +1,250 @@
+"""The active clustering broker: listens at the CAP and answers QueryRecoveryServer.
+
+Only the node that holds the election runs it (``node/cluster/agent.py`` starts it in the
+term's scope and the term's end cancels it). It answers a negotiation as
+``CLUSTERING_BROKER`` under the CAP's name and then takes only QueryRecoveryServer:
+
+* a VM the cluster holds: its owner's name and port, ``existing = EXISTING``;
+* a VM an administrator deleted: ``existing = DELETED`` (the primary stops);
+* a new VM: placed (``broker/placement.py``), recorded as a cluster resource with owner and
+  storage, and its node returned with ``existing = NEW``.
+
+Every write goes through :func:`broker.election.fenced_txn`: a deposed broker writes
+nothing. Tracking (nodes that went down, nodes being drained) runs beside it
+(``broker/tracking.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import frproto as fp
+from broker.authorization import authorization_from_settings
+from broker.cluster_view import ClusterView, read_cluster, read_settings
+from broker.election import Term, fenced_txn
+from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
+from broker.placement import load_rules as load_placement_rules
+from broker.records import ElectionRecord, Keys, RecordError, VMRecord
+from broker.store import ClusterStore, Compare, Put
+from node.accept import accept
+from node.authz import Grant
+
+from .tracking import Tracker
+
+log = logging.getLogger("frrep.broker")
+
+#: Attempts at a compare-and-swap placement before giving up (another write raced it).
+PLACE_ATTEMPTS = 8
+
+
+class Broker:
+    """The broker of one term.
+
+    Args:
+        store: the cluster store.
+        keys: the cluster's keys.
+        term: the election this broker holds (its writes are fenced by it).
+        cap: where to listen (the election record names the CAP).
+        ssl_context: a server context whose certificate names the CAP.
+        rng: randomness for the ``random`` policy (tests seed it).
+    """
+
+    def __init__(
+        self,
+        store: ClusterStore,
+        keys: Keys,
+        term: Term,
+        cap: ElectionRecord,
+        ssl_context: ssl.SSLContext,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.term = term
+        self.cap = cap
+        self._ssl = ssl_context
+        self._rng = rng or random.Random()
+        self._policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, cap.cap_name)
+        self.tracker = Tracker(store, keys, term, self.choose_node)
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen at the CAP and track the cluster until cancelled."""
+        listeners = await trio.open_tcp_listeners(self.cap.cap_port, host=self.cap.cap_address)
+        log.info(
+            "broker (term %d) listening at the CAP %s (%s:%d)",
+            self.term.token,
+            self.cap.cap_name,
+            self.cap.cap_address,
+            self.cap.cap_port,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.tracker.run)
+            task_status.started(listeners)
+            await trio.serve_listeners(self.handle, listeners)
+
+    # -- connections ----------------------------------------------------------------------
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one primary's connection (never raises for a peer's misbehaviour)."""
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            log.info("connection ended: %s", exc or type(exc).__name__)
+        except fp.FrprotoError as exc:
+            log.warning("connection closed: %s", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, raw: trio.abc.Stream) -> None:
+        # The settings are read before the handshake: authorize() must not await.
+        settings = await read_settings(self.store, self.keys)
+        try:
+            auth = authorization_from_settings(settings.authorization, Path())
+        except RecordError as exc:
+            log.error("the cluster's authorization entries are unusable: %s", exc)
+            return
+
+        def authorize(names: Sequence[str]) -> Grant:
+            if not settings.recovery_enabled:
+                raise fp.NotAuthorized("recovery is disabled in this cluster")
+            return auth.authorize(names)
+
+        accepted = await accept(raw, self._ssl, self._policy, authorize, what="this broker")
+        if accepted is None:
+            return
+        conn, grant = accepted.conn, accepted.grant
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, (fp.ConnectionClosed, fp.Error)):
+                return
+            if not isinstance(event, fp.QueryRecoveryServer):
+                continue  # Keepalive; frproto refuses anything else at a broker
+            try:
+                answer = await self.locate(event, grant)
+            except fp.ReplicationError as exc:
+                log.info("query for %s refused: %s", event.vmid, exc)
+                await conn.send_error(exc)
+                continue
+            await conn.send(answer)
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def locate(
+        self, query: fp.QueryRecoveryServer, grant: Grant
+    ) -> fp.QueryRecoveryServerResponse:
+        """Where ``query``'s VM lives, placing it first if the cluster does not hold it."""
+        vmid = str(query.vmid)
+        for _ in range(PLACE_ATTEMPTS):
+            view = await read_cluster(self.store, self.keys)
+            vm = view.vms.get(vmid)
+            if vm is None:
+                placed = await self._place_new(view, query, grant)
+                if placed is None:
+                    continue  # raced: read again
+                return self._answer(query.vmid, view, placed, fp.ExistingVM.NEW)
+            if vm.deleted:
+                log.info("VM %s was deleted by an administrator: told the primary", vmid)
+                return fp.QueryRecoveryServerResponse(
+                    query.vmid, self.cap.cap_name, self.cap.cap_port, fp.ExistingVM.DELETED
+                )
+            if vm.trust_group and vm.trust_group != grant.identity.trust_group:
+                raise fp.NotAuthorized(
+                    f"VM {vmid} is bound to trust group {vm.trust_group!r}; primary "
+                    f"{grant.identity.name} is in {grant.identity.trust_group!r}"
+                )
+            if vm.owner in view.nodes:
+                return self._answer(query.vmid, view, vm.owner, fp.ExistingVM.EXISTING)
+            moved = await self.tracker.rehome(view, vm)
+            if moved is None:
+                raise fp.Busy(
+                    f"the node holding VM {vmid} ({vm.owner}) is down and its storage is "
+                    "not shared: the replica is back when the node is"
+                )
+        raise fp.Busy(f"placing VM {vmid}: too many concurrent changes, try again")
+
+    def _answer(
+        self, vmid: uuid.UUID, view: ClusterView, node: str, existing: fp.ExistingVM
+    ) -> fp.QueryRecoveryServerResponse:
+        # ``node`` is in the view: placed from it, or checked to be up in it.
+        return fp.QueryRecoveryServerResponse(vmid, node, view.nodes[node].record.port, existing)
+
+    def choose_node(
+        self,
+        view: ClusterView,
+        vm: VMRecord,
+        *,
+        exclude: Sequence[str] = (),
+        shared_only: bool = False,
+    ) -> str:
+        """A node for ``vm`` under the current policy and rules (for tracking's moves)."""
+        request = PlacementRequest(vm.vmid, vm.size_bytes, vm.trust_group, vm.primary)
+        nodes = [
+            n
+            for n in view.nodes.values()
+            if n.name not in exclude and (not shared_only or n.record.shared_storage)
+        ]
+        others = [v for v in view.vms.values() if v.vmid != vm.vmid]
+        ctx = PlacementContext(nodes=nodes, vms=others, cursor=view.cursor)
+        rules = load_placement_rules(view.settings.placement_rules)
+        return place(
+            request, ctx, policy=view.settings.placement_policy, rules=rules, rng=self._rng
+        ).node
+
+    async def _place_new(
+        self, view: ClusterView, query: fp.QueryRecoveryServer, grant: Grant
+    ) -> str | None:
+        request = PlacementRequest(
+            vmid=str(query.vmid),
+            size_bytes=sum(query.disk_sizes),
+            trust_group=grant.identity.trust_group,
+            primary=grant.identity.name,
+        )
+        ctx = PlacementContext(
+            nodes=list(view.nodes.values()), vms=list(view.vms.values()), cursor=view.cursor
+        )
+        try:
+            rules = load_placement_rules(view.settings.placement_rules)
+            placement = place(
+                request, ctx, policy=view.settings.placement_policy, rules=rules, rng=self._rng
+            )
+        except NoCapacity as exc:
+            raise fp.NoSpace(str(exc)) from None
+        except PlacementError as exc:
+            raise fp.InternalError(f"placement failed: {exc}") from None
+        node = view.nodes[placement.node].record
+        vm = VMRecord(
+            vmid=request.vmid,
+            owner=node.name,
+            storage=str(grant.storage),
+            primary=grant.identity.name,
+            trust_group=grant.identity.trust_group,
+            name=query.vm_name,
+            size_bytes=request.size_bytes,
+            shared=node.shared_storage,
+        )
+        key = self.keys.vm(request.vmid)
+        result = await fenced_txn(
+            self.store,
+            self.keys,
+            self.term,
+            [
+                Compare.create_revision(key, "==", 0),
+                Compare.mod_revision(self.keys.placement, "==", view.cursor_revision),
+            ],
+            [Put(key, vm.to_json()), Put(self.keys.placement, placement.cursor.to_json())],
+        )
+        if not result.succeeded:
+            return None
+        log.info(
+            "placed VM %s (%s) on %s: %s", request.vmid, query.vm_name, node.name, placement.reason
+        )
+        return node.name

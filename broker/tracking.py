@@ -1,0 +1,114 @@
+"""Where the broker keeps replicas where they can be reached: re-homing and draining.
+
+* A node that stops renewing its lease disappears from the store: it is down. Its
+  replicas on shared storage are re-homed at once (an ownership change: the new owner
+  opens the same files). Replicas on a down node's local storage wait for it.
+* A node an administrator drains (``NodeAdmin.draining``) takes nothing new; each of its
+  replicas gets a target node (``VMRecord.migrate_to``), and the owner moves it
+  (``node/cluster/migration.py``): an ownership change on shared storage, a copy over the
+  chunk stream otherwise.
+
+Tracking reconciles on every change of the nodes and at least every
+:data:`RECONCILE_SECONDS`, so a missed watch event only delays it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+import trio
+
+from broker.cluster_view import ClusterView, read_cluster
+from broker.election import Term, fenced_txn
+from broker.placement import PlacementError
+from broker.records import Keys, VMRecord
+from broker.store import ClusterStore, Compare, Put, StoreError
+
+log = logging.getLogger("frrep.broker")
+
+RECONCILE_SECONDS = 1.0
+
+#: ``choose(view, vm, exclude=..., shared_only=...) -> node name`` (the broker's placement).
+Chooser = Callable[..., str]
+
+
+class Tracker:
+    """Re-homes replicas of down nodes and plans the moves off draining nodes."""
+
+    def __init__(self, store: ClusterStore, keys: Keys, term: Term, choose: Chooser) -> None:
+        self.store = store
+        self.keys = keys
+        self.term = term
+        self.choose = choose
+
+    async def run(self) -> None:
+        """Reconcile now, on every node change, and every RECONCILE_SECONDS."""
+        while True:
+            try:
+                view = await read_cluster(self.store, self.keys)
+                await self.reconcile(view)
+                await self._wait_for_change(view.revision + 1)
+            except StoreError as exc:
+                log.warning("tracking: %s", exc)
+                await trio.sleep(RECONCILE_SECONDS)
+
+    async def _wait_for_change(self, since: int) -> None:
+        with trio.move_on_after(RECONCILE_SECONDS):
+            async with self.store.watch(self.keys.prefix, start_revision=since) as events:
+                async for event in events:
+                    key = event.kv.key
+                    if key.startswith((self.keys.nodes, self.keys.node_admin)):
+                        return
+
+    async def reconcile(self, view: ClusterView) -> None:
+        """One pass: re-home what must be, plan the moves off draining nodes."""
+        for vm in list(view.vms.values()):
+            if vm.deleted:
+                continue
+            if vm.owner not in view.nodes:
+                if vm.shared:
+                    await self.rehome(view, vm)
+                continue
+            owner = view.nodes[vm.owner]
+            if owner.admin.draining and not vm.migrate_to:
+                await self._plan_move(view, vm)
+
+    async def rehome(self, view: ClusterView, vm: VMRecord) -> str | None:
+        """Give a down node's shared-storage replica to another node (None: not shared,
+        or no node can take it, or the record changed meanwhile)."""
+        if not vm.shared:
+            return None
+        try:
+            target = self.choose(view, vm, exclude=[vm.owner], shared_only=True)
+        except PlacementError as exc:
+            log.warning("cannot re-home VM %s from %s: %s", vm.vmid, vm.owner, exc)
+            return None
+        moved = replace(vm, owner=target, migrate_to="")
+        if await self._swap(view, vm, moved):
+            log.info(
+                "node %s is down: VM %s (%s) re-homed to %s", vm.owner, vm.vmid, vm.name, target
+            )
+            return target
+        return None
+
+    async def _plan_move(self, view: ClusterView, vm: VMRecord) -> None:
+        try:
+            target = self.choose(view, vm, exclude=[vm.owner], shared_only=vm.shared)
+        except PlacementError as exc:
+            log.warning("draining %s: no node can take VM %s: %s", vm.owner, vm.vmid, exc)
+            return
+        if await self._swap(view, vm, replace(vm, migrate_to=target)):
+            log.info("draining %s: VM %s (%s) to move to %s", vm.owner, vm.vmid, vm.name, target)
+
+    async def _swap(self, view: ClusterView, old: VMRecord, new: VMRecord) -> bool:
+        key = self.keys.vm(old.vmid)
+        result = await fenced_txn(
+            self.store,
+            self.keys,
+            self.term,
+            [Compare.mod_revision(key, "==", view.vm_revisions[old.vmid])],
+            [Put(key, new.to_json())],
+        )
+        return result.succeeded

@@ -1,0 +1,312 @@
+"""The node agent: a recovery node in a cluster, and a broker candidate.
+
+Every recovery node runs one (``frctl node run --config node.toml``). It
+
+* serves replication like a stand-alone recovery server, but answers negotiation as a
+  ``CLUSTER_NODE`` and serves only the VMs the cluster store says it owns (anything else
+  gets VM_NOT_HERE, so the primary asks the broker again);
+* announces itself in the store under a lease (a node that stops renewing is down);
+* watches the cluster settings and applies a change within seconds, logging what changed;
+* campaigns for the broker's election and, while it holds it, runs the broker at the CAP
+  (``broker/service.py``), running the ``cap_up``/``cap_down`` hooks around it;
+* moves the replicas the broker asks it to move (``migration.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+import trio
+
+import frproto as fp
+from broker.authorization import authorization_from_settings
+from broker.cluster_view import read_settings
+from broker.election import Election, Term
+from broker.records import ElectionRecord, Keys, NodeRecord, RecordError, Settings, VMRecord
+from broker.service import Broker
+from broker.store import ClusterStore, EventKind, LeaseExpired, StoreError, open_store
+from node.authz import Grant
+from node.config import RecoveryServerConfig
+from node.identity import PrimaryIdentity
+from node.recovery_server import RecoveryServer
+from node.tls import server_context
+
+from .config import ClusterNodeConfig
+from .migration import Migrator
+
+log = logging.getLogger("frrep.node")
+
+#: The trust group given to a peer node's connection (never a primary's: trust groups in
+#: authorization entries cannot contain ':').
+PEER_TRUST_GROUP = "cluster:node"
+
+
+class ClusterNode:
+    """One recovery node of a cluster (see the module docstring).
+
+    Args:
+        config: the node's configuration.
+        ssl_context: overrides the server context built from ``config.tls`` (tests).
+        rng: randomness for the broker's ``random`` placement (tests seed it).
+    """
+
+    def __init__(
+        self,
+        config: ClusterNodeConfig,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        self._rng = rng
+        self.settings = Settings()
+        self.port = 0
+        self._store: ClusterStore | None = None
+        self._server: RecoveryServer | None = None
+        #: Each owned VM's record revision when this node last confirmed it owned it.
+        self._confirmed: dict[uuid.UUID, int] = {}
+        #: The cluster's nodes (refreshed with every keepalive): peers we admit.
+        self._peers: set[str] = set()
+
+    @property
+    def store(self) -> ClusterStore:
+        """The cluster store (open while :meth:`run` runs)."""
+        assert self._store is not None, "the node is not running"
+        return self._store
+
+    @property
+    def server(self) -> RecoveryServer:
+        """The node's recovery server (made by :meth:`run`)."""
+        assert self._server is not None, "the node is not running"
+        return self._server
+
+    def _server_config(self, settings: Settings) -> RecoveryServerConfig:
+        return RecoveryServerConfig(
+            name=self.config.name,
+            listen=self.config.listen,
+            port=self.config.port,
+            tls=self.config.tls,
+            authorization=authorization_from_settings(settings.authorization, self.config.storage),
+            recovery_points=settings.recovery_points,
+        )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until cancelled; ``task_status.started(port)`` once it serves."""
+        async with open_store(self.config.store_url) as store:
+            self._store = store
+            settings = await read_settings(store, self.keys)
+            self.settings = settings
+            self._server = RecoveryServer(
+                self._server_config(settings),
+                ssl_context=self._ssl,
+                recovery_type=fp.RecoveryType.CLUSTER_NODE,
+                ownership=self._check_owner,
+                authorize=self._authorize,
+            )
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(self.server.serve)
+                self.port = listeners[0].socket.getsockname()[1]
+                await nursery.start(self._announce)
+                nursery.start_soon(self._watch_settings)
+                record = ElectionRecord(
+                    holder=self.config.name,
+                    cap_name=self.config.cap_name,
+                    cap_address=self.config.cap_address,
+                    cap_port=self.config.cap_port,
+                )
+                election = Election(store, self.keys, record, ttl=self.config.lease_ttl)
+                nursery.start_soon(election.run, self._lead)
+                migrator = Migrator(self, store, self.keys)
+                nursery.start_soon(migrator.run)
+                log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
+                task_status.started(self.port)
+
+    # -- membership -------------------------------------------------------------------------
+
+    def node_record(self) -> NodeRecord:
+        """What this node announces."""
+        return NodeRecord(
+            name=self.config.name,
+            address=self.config.listen,
+            port=self.port,
+            capacity_bytes=self.config.capacity_bytes,
+            storage=str(self.config.storage),
+            shared_storage=self.config.shared_storage,
+        )
+
+    async def _announce(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep this node's record alive under a lease; announce again if it expired."""
+        ttl = self.config.lease_ttl
+        started = False
+        while True:
+            try:
+                lease = await self.store.grant_lease(ttl)
+                await self.store.put(
+                    self.keys.node(self.config.name), self.node_record().to_json(), lease=lease
+                )
+            except StoreError as exc:
+                log.warning("announcing %s: %s; retrying", self.config.name, exc)
+                await trio.sleep(ttl / 4)
+                continue
+            if not started:
+                task_status.started()
+                started = True
+            while True:
+                await trio.sleep(ttl / 4)
+                try:
+                    await self.store.keepalive(lease)
+                    kvs, _ = await self.store.range(self.keys.nodes)
+                    self._peers = {kv.key.removeprefix(self.keys.nodes) for kv in kvs}
+                except LeaseExpired:
+                    log.warning("%s: lease expired: announcing again", self.config.name)
+                    break
+                except StoreError as exc:
+                    log.warning("%s: keepalive: %s", self.config.name, exc)
+
+    # -- settings -------------------------------------------------------------------------
+
+    async def _watch_settings(self) -> None:
+        since = 0
+        while True:
+            try:
+                current = await self.store.get(self.keys.settings)
+                since = (current.mod_revision + 1) if current is not None else 0
+                if current is not None:
+                    self._apply(current.value)
+                async with self.store.watch(self.keys.settings, start_revision=since) as events:
+                    async for event in events:
+                        if event.kind is EventKind.PUT:
+                            self._apply(event.kv.value)
+            except StoreError as exc:
+                log.warning("watching the settings: %s", exc)
+                await trio.sleep(0.5)
+
+    def _apply(self, raw: bytes) -> None:
+        try:
+            new = Settings.from_json(raw)
+            config = self._server_config(new)
+        except RecordError as exc:
+            log.error("settings not applied (kept the previous ones): %s", exc)
+            return
+        changes = self.settings.changes(new)
+        if not changes:
+            return
+        self.settings = new
+        server = self.server
+        server.config = replace(config, port=server.config.port)
+        for store in server._stores.values():
+            store.set_keep_points(new.recovery_points)
+        for name, (old, value) in sorted(changes.items()):
+            log.info("%s: setting %s changed: %r -> %r", self.config.name, name, old, value)
+
+    # -- ownership ------------------------------------------------------------------------
+
+    async def vm_record(self, vmid: uuid.UUID) -> tuple[VMRecord, int] | None:
+        """The VM's record and its revision (None when the cluster has none)."""
+        kv = await self.store.get(self.keys.vm(vmid))
+        if kv is None:
+            return None
+        return VMRecord.from_json(kv.value), kv.mod_revision
+
+    def _authorize(self, names: Sequence[str]) -> Grant:
+        """The settings' authorization entries, and the cluster's own nodes (a node copies
+        a replica to another, or completes an out-of-band IR, with its node certificate)."""
+        try:
+            return self.server.config.authorization.authorize(names)
+        except fp.NotAuthorized:
+            peer = next((n for n in names if n in self._peers and n != self.config.name), None)
+            if peer is None:
+                raise
+            return Grant(PrimaryIdentity(peer, PEER_TRUST_GROUP), self.config.storage)
+
+    async def _check_owner(self, vmid: uuid.UUID, grant: Grant) -> Grant | None:
+        try:
+            found = await self.vm_record(vmid)
+        except StoreError as exc:
+            raise fp.Busy(f"{self.config.name} cannot read the cluster store: {exc}") from None
+        me = self.config.name
+        if found is None:
+            raise fp.VMNotHere(f"{me} does not hold VM {vmid}: the cluster has no record of it")
+        vm, revision = found
+        if vm.deleted:
+            raise fp.VMDeleted(f"the replica of {vmid} was deleted by an administrator")
+        if grant.identity.trust_group == PEER_TRUST_GROUP:
+            # A peer node: the owner copying the replica to us (we are its target), or a
+            # node completing an out-of-band IR for a VM we own. It writes as the VM's own
+            # primary: the replica stays bound to that primary's trust group.
+            copying_in = vm.migrate_to == me and vm.owner == grant.identity.name
+            if not (copying_in or vm.owner == me):
+                raise fp.NotAuthorized(f"node {grant.identity.name} may not write VM {vmid} here")
+            identity = PrimaryIdentity(vm.primary, vm.trust_group)
+            return Grant(identity, self.config.storage / vm.storage)
+        if vm.owner != me:
+            self.forget(vmid)
+            raise fp.VMNotHere(f"{me} does not hold VM {vmid} (it is on {vm.owner})")
+        if self._confirmed.get(vmid) != revision:
+            # The record changed since we last served this VM (a move away and back, a
+            # re-home): what we have open may be stale; read the replica from disk again.
+            self.forget(vmid)
+            self._confirmed[vmid] = revision
+        return None
+
+    async def remove_local_replica(self, vm: VMRecord) -> None:
+        """Remove a replica that moved to another node (no tombstone: not deleted)."""
+        store = await self.server.store_for(self.config.storage / vm.storage)
+        vmid = uuid.UUID(vm.vmid)
+        if store.exists(vmid):
+            await trio.to_thread.run_sync(partial(store.delete, vmid, tombstone=False))
+
+    def forget(self, vmid: uuid.UUID) -> None:
+        """Drop any open handle on the VM's replica (its files may change hands)."""
+        for store in self.server._stores.values():
+            store.forget(vmid)
+
+    # -- the broker -----------------------------------------------------------------------
+
+    async def _lead(self, term: Term) -> None:
+        """Run the broker at the CAP for as long as this node holds the election."""
+        started = time.monotonic()
+        if self.config.cap_up:
+            await self._hook("cap_up", self.config.cap_up)
+        try:
+            broker = Broker(self.store, self.keys, term, term.record, self._ssl, rng=self._rng)
+            while True:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(broker.serve)
+                        log.info(
+                            "%s: broker serving at the CAP %s (%s:%d), %.2f s after the election",
+                            self.config.name,
+                            self.config.cap_name,
+                            self.config.cap_address,
+                            self.config.cap_port,
+                            time.monotonic() - started,
+                        )
+                except OSError as exc:
+                    # The address may still be held for a moment (the previous broker's
+                    # node, a hook that has not run yet): try again within the term.
+                    log.warning("binding the CAP: %s; retrying", exc)
+                    await trio.sleep(0.1)
+        finally:
+            if self.config.cap_down:
+                with trio.CancelScope(shield=True):
+                    await self._hook("cap_down", self.config.cap_down)
+
+    async def _hook(self, what: str, command: str) -> None:
+        result = await trio.run_process(
+            command, shell=True, check=False, capture_stdout=True, capture_stderr=True
+        )
+        if result.returncode:
+            log.error("%s hook %r failed (%d): %s", what, command, result.returncode, result.stderr)
+        else:
+            log.info("%s hook ran: %s", what, command)

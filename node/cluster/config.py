@@ -1,0 +1,123 @@
+"""A cluster node's configuration file.
+
+Example::
+
+    [node]
+    name = "n1.example.com"       # the node's FQDN: its certificate names it
+    listen = "127.0.0.11"         # its own address (a distinct 127.x per node on one host)
+    port = 7443
+    storage = "storage"           # replica storage root, relative to this file
+    shared_storage = false        # true: every node sees the same storage root
+    capacity = "100G"             # bytes offered to replicas (0: not limited)
+
+    [cluster]
+    store = "sqlite:///var/lib/frrep/cluster.db"   # or etcd://10.0.0.1:2379,10.0.0.2:2379
+    cap_name = "cap.example.com"  # the broker's name: every node's certificate names it too
+    cap_address = "127.0.0.10"    # the broker's own address, taken by the elected node
+    cap_port = 7443
+    lease_ttl = 2.0               # seconds: how fast a dead node is noticed
+    # cap_up = "ip addr add 10.0.0.10/24 dev eth0"    # run when this node becomes broker
+    # cap_down = "ip addr del 10.0.0.10/24 dev eth0"  # run when it stops being broker
+
+    [tls]
+    cert = "certs/n1.example.com.pem"
+    key = "certs/n1.example.com-key.pem"
+    ca = "certs/ca.pem"
+
+A ``sqlite://`` store path may be relative to the file (``sqlite://cluster.db``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, TLSFiles, _read_toml, _str, _table, _tls_files, parse_rate
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterNodeConfig:
+    """Everything a cluster node needs to start."""
+
+    name: str
+    listen: str
+    port: int
+    storage: Path
+    shared_storage: bool
+    capacity_bytes: int
+    store_url: str
+    prefix: str
+    cap_name: str
+    cap_address: str
+    cap_port: int
+    lease_ttl: float
+    tls: TLSFiles
+    cap_up: str = ""
+    cap_down: str = ""
+
+
+def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
+        raise ConfigError(f"{where}: '{key}' must be 0-65535")
+    return value
+
+
+def _store_url(raw: str, base: Path, where: str) -> str:
+    if raw.startswith("sqlite://"):
+        path = raw.removeprefix("sqlite://")
+        query = ""
+        if "?" in path:
+            path, query = path.split("?", 1)
+            query = "?" + query
+        if not path:
+            raise ConfigError(f"{where}: 'store' names no SQLite file")
+        return f"sqlite://{(base / path).resolve()}{query}"
+    if raw.startswith(("etcd://", "etcd+https://")):
+        return raw
+    raise ConfigError(f"{where}: 'store' must be a sqlite:// or etcd:// URL")
+
+
+def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
+    """Read and check a cluster node's configuration file.
+
+    Raises:
+        ConfigError: with the file and the key that is wrong.
+    """
+    data = _read_toml(path)
+    base = path.parent
+    node = _table(data, "node", path)
+    cluster = _table(data, "cluster", path)
+    wn, wc = f"{path} [node]", f"{path} [cluster]"
+    ttl = cluster.get("lease_ttl", 2.0)
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0.2 <= ttl <= 60:
+        raise ConfigError(f"{wc}: 'lease_ttl' must be 0.2-60 seconds")
+    shared = node.get("shared_storage", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{wn}: 'shared_storage' must be true or false")
+    raw_capacity = node.get("capacity", 0)
+    try:
+        capacity = 0 if raw_capacity in (0, "0") else int(parse_rate(raw_capacity))
+    except ValueError as exc:
+        raise ConfigError(f"{wn}: 'capacity': {exc}") from None
+    prefix = cluster.get("prefix", "/frrep/")
+    if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ConfigError(f"{wc}: 'prefix' must start and end with '/'")
+    return ClusterNodeConfig(
+        name=_str(node, "name", wn),
+        listen=_str(node, "listen", wn),
+        port=_port(node, "port", wn, 7443),
+        storage=base / _str(node, "storage", wn),
+        shared_storage=shared,
+        capacity_bytes=capacity,
+        store_url=_store_url(_str(cluster, "store", wc), base, wc),
+        prefix=prefix,
+        cap_name=_str(cluster, "cap_name", wc),
+        cap_address=_str(cluster, "cap_address", wc),
+        cap_port=_port(cluster, "cap_port", wc, 7443),
+        lease_ttl=float(ttl),
+        tls=_tls_files(data, path),
+        cap_up=str(cluster.get("cap_up", "")),
+        cap_down=str(cluster.get("cap_down", "")),
+    )

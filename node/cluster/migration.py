@@ -1,0 +1,111 @@
+"""Where a node moves its replicas to another node, when the broker asks.
+
+The broker sets ``VMRecord.migrate_to`` (an administrator's move, or draining); the owner
+node carries it out, because it is the one that can stop replication to the VM for the
+moment of the switch: it *holds* the VM on its recovery server (a primary's session for
+it gets BUSY meanwhile, and retries), then
+
+* shared storage (both nodes see the same files): ownership changes in the store (a
+  compare-and-swap on the VM record) and the node drops its open handle;
+* local storage: the replica is copied to the target over the protocol's verified chunk
+  stream (``transfer.py``), then ownership changes, then the local copy is removed.
+
+The primary then gets VM_NOT_HERE from the old node, asks the broker, and carries on at the
+new one: at most one cycle late, nothing lost (its pending log is only dropped on an ack).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from broker.records import Keys, NodeRecord, RecordError, VMRecord
+from broker.store import ClusterStore, Compare, Put, StoreError
+
+if TYPE_CHECKING:
+    from .agent import ClusterNode
+
+log = logging.getLogger("frrep.node")
+
+#: How often the node looks for moves it must make (also woken by changes).
+POLL_SECONDS = 0.5
+#: How long a move waits for the VM's replication session to finish.
+HOLD_TIMEOUT = 30.0
+
+
+class Migrator:
+    """Carries out the moves of this node's replicas."""
+
+    def __init__(self, node: ClusterNode, store: ClusterStore, keys: Keys) -> None:
+        self.node = node
+        self.store = store
+        self.keys = keys
+
+    async def run(self) -> None:
+        """Look for moves (on changes and every POLL_SECONDS) and make them, one at a time."""
+        while True:
+            try:
+                for vm, revision in await self._pending():
+                    await self.move(vm, revision)
+                with trio.move_on_after(POLL_SECONDS):
+                    _, rev = await self.store.range(self.keys.vms)
+                    async with self.store.watch(self.keys.vms, start_revision=rev + 1) as events:
+                        async for _event in events:
+                            break
+            except StoreError as exc:
+                log.warning("migrations: %s", exc)
+                await trio.sleep(POLL_SECONDS)
+
+    async def _pending(self) -> list[tuple[VMRecord, int]]:
+        kvs, _ = await self.store.range(self.keys.vms)
+        out = []
+        for kv in kvs:
+            try:
+                vm = VMRecord.from_json(kv.value)
+            except RecordError:
+                continue
+            if vm.owner == self.node.config.name and vm.migrate_to and not vm.deleted:
+                out.append((vm, kv.mod_revision))
+        return out
+
+    async def move(self, vm: VMRecord, revision: int) -> bool:
+        """Move one replica to ``vm.migrate_to``; True when ownership switched."""
+        vmid = uuid.UUID(vm.vmid)
+        target_kv = await self.store.get(self.keys.node(vm.migrate_to))
+        if target_kv is None:
+            log.warning("move of %s: target %s is not up; waiting", vm.vmid, vm.migrate_to)
+            return False
+        target = NodeRecord.from_json(target_kv.value)
+        server = self.node.server
+        with trio.move_on_after(HOLD_TIMEOUT) as waited:
+            while not server.hold(vmid):
+                await trio.sleep(0.05)
+        if waited.cancelled_caught:
+            log.warning("move of %s: its replication session did not end; later", vm.vmid)
+            return False
+        try:
+            shared = vm.shared and target.shared_storage and self.node.config.shared_storage
+            if not shared:
+                from .transfer import send_replica  # local storage: copy it first
+
+                await send_replica(self.node, vm, target)
+            moved = replace(vm, owner=target.name, migrate_to="", shared=shared)
+            key = self.keys.vm(vm.vmid)
+            result = await self.store.txn(
+                [Compare.mod_revision(key, "==", revision)], [Put(key, moved.to_json())], []
+            )
+            if not result.succeeded:
+                log.warning("move of %s: its record changed meanwhile; not switched", vm.vmid)
+                return False
+            self.node.forget(vmid)
+            if not shared:
+                await self.node.remove_local_replica(vm)
+            how = "ownership change (shared storage)" if shared else "copied (local storage)"
+            log.info("VM %s (%s) moved %s -> %s: %s", vm.vmid, vm.name, vm.owner, target.name, how)
+            return True
+        finally:
+            server.release(vmid)
