@@ -269,6 +269,32 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return _run(args, job)
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from node.cluster.config import load_cluster_node_config
+    from node.cluster.oob_import import import_through_cluster
+    from node.config import ConfigError
+    from node.oob import OOBError
+
+    try:
+        config = load_cluster_node_config(Path(args.config))
+        result = trio.run(import_through_cluster, config, Path(args.file))
+    except (ConfigError, OOBError, OSError) as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # frproto and store errors: the owner refused, the file lied
+        print(f"frctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"imported {args.file}: IR of {result.vmid} completed by {result.node} "
+            f"({result.data_bytes} data bytes, {result.zero_bytes} zero, {result.chunks} chunks, "
+            f"{result.seconds:.2f} s)"
+        )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add ``node`` and ``cluster`` to frctl's subcommands."""
     node = sub.add_parser("node", help="a recovery node of a cluster")
@@ -319,6 +345,14 @@ def register(sub: Any) -> None:
     label.add_argument("node")
     label.add_argument("labels", nargs="+")
     label.set_defaults(func=_cmd_label)
+
+    imp = csub.add_parser(
+        "import", help="out-of-band IR: send an export file to the node that owns its VM"
+    )
+    imp.add_argument("--config", required=True, help="this node's configuration (TOML)")
+    imp.add_argument("file", help="the file made by 'frctl ir export' at the primary")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=_cmd_import)
 
     delete = csub.add_parser("delete", help="delete a replica VM (its primary stops)")
     common(delete)

@@ -248,3 +248,41 @@ ca = "certs/ca.pem"
             return answer
         finally:
             await client.aclose()
+
+
+def replica_path(site: ClusterSite, i: int, vmid: uuid.UUID, disk: int = 0) -> Path:
+    """Where node ``i`` keeps disk ``disk`` of the replica of ``vmid``."""
+    from node.storage.layout import ReplicaLayout
+
+    return ReplicaLayout(site.storage(i) / "replicas", vmid).image(f"disk{disk}")
+
+
+def primary_replicator(site: ClusterSite, vmid: uuid.UUID, images: list[Path]) -> object:
+    """A VMReplicator of the test primary, configured with the CAP as its server."""
+    from node.primary.replicator import VMReplicator
+    from node.primary.state import PrimaryStateStore, VMReplicationState
+
+    store = PrimaryStateStore(site.root / "primary-state")
+    state = VMReplicationState(
+        vmid=str(vmid),
+        name=f"vm-{vmid.hex[:6]}",
+        disks=[
+            {"disk_id": f"disk{i}", "path": str(p), "size": p.stat().st_size}
+            for i, p in enumerate(images)
+        ],
+        block_size=65536,
+        recovery_host=CAP_ADDRESS,
+        recovery_port=site.cap_port,
+        server_name=CAP_NAME,
+        frequency_s=0.2,
+    )
+    store.save(state)
+    hosts = {node_name(i): node_address(i) for i in range(1, site.nodes + 1)}
+    hosts[CAP_NAME] = CAP_ADDRESS
+    return VMReplicator(
+        state,
+        store,
+        site.primary_context(),  # type: ignore[arg-type]
+        local_address=PRIMARY_ADDRESS,
+        hosts=hosts,
+    )

@@ -110,3 +110,42 @@ def test_existing_and_deleted_vms(cluster: ClusterSite) -> None:
         assert answer.existing is fp.ExistingVM.DELETED
 
     trio.run(deleted)
+
+
+def test_a_setting_changed_at_one_node_reaches_every_node(cluster: ClusterSite) -> None:
+    cluster.start_all()
+    cluster.authorize_primary()
+    time.sleep(0.5)
+    from frctl.main import main
+
+    # Set through node 3's configuration (any node's config names the cluster store).
+    assert (
+        main(["cluster", "settings", "--config", str(cluster.config_path(3)), "recovery_points=7"])
+        == 0
+    )
+    changed = time.monotonic()
+    deadline = changed + 10
+    pending = set(cluster.running)
+    while pending:
+        assert time.monotonic() < deadline, f"nodes {pending} did not apply the setting"
+        for i in list(pending):
+            if "setting recovery_points changed: 24 -> 7" in cluster.running[i].text():
+                pending.discard(i)
+        time.sleep(0.05)
+    print(
+        f"recovery_points=7 applied by all {cluster.nodes} nodes "
+        f"within {time.monotonic() - changed:.2f} s"
+    )
+    # A value no node could apply is refused at the command, and nothing changes.
+    assert (
+        main(
+            [
+                "cluster",
+                "settings",
+                "--config",
+                str(cluster.config_path(1)),
+                "placement_policy=fastest",
+            ]
+        )
+        == 1
+    )
