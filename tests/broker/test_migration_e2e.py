@@ -187,3 +187,41 @@ def test_out_of_band_ir_is_completed_by_the_vms_node(tmp_path: Path) -> None:
         assert frctl(args) == 1  # a second import is refused: the IR is complete
     finally:
         site.stop_all()
+
+
+def test_draining_a_node_moves_its_replicas_away_and_places_nothing_on_it(
+    tmp_path: Path,
+) -> None:
+    site = ClusterSite(tmp_path, nodes=3)
+    try:
+        site.start_all()
+        site.authorize_primary(placement_policy="round-robin")
+        rng = random.Random(11)
+        vms = []
+        for n in range(3):  # round-robin: one VM on each node
+            image = make_image(site.root / f"disk{n}.img", rng)
+            replicator: Any = primary_replicator(site, uuid.uuid4(), [image])
+            trio.run(cycle_until_done, replicator)
+            vms.append((replicator, image))
+        drained = node_name(2)
+        where = ["--store", site.store_url, "--prefix", site.prefix]
+        assert frctl(["cluster", "drain", *where, drained]) == 0
+        deadline = time.monotonic() + 30
+        while any(owner(site, uuid.UUID(r.state.vmid)).owner == drained for r, _ in vms):
+            assert time.monotonic() < deadline, "the drained node kept its replica"
+            time.sleep(0.2)
+        for replicator, image in vms:
+            scribble(image, rng)
+            trio.run(cycle_until_done, replicator)
+            vmid = uuid.UUID(replicator.state.vmid)
+            now = owner(site, vmid).owner
+            assert now != drained
+            assert replica_path(site, index(now), vmid).read_bytes() == image.read_bytes()
+
+        async def place_more() -> list[str]:
+            return [(await site.query(uuid.uuid4())).server_name for _ in range(6)]
+
+        assert drained not in trio.run(place_more)
+        assert frctl(["cluster", "drain", *where, "--undo", drained]) == 0
+    finally:
+        site.stop_all()
