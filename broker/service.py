@@ -20,7 +20,7 @@ import logging
 import random
 import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ from broker.cluster_view import ClusterView, read_cluster, read_settings
 from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
 from broker.placement import load_rules as load_placement_rules
-from broker.records import ElectionRecord, Keys, RecordError, VMRecord
+from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
 from broker.store import ClusterStore, Compare, Put
+from frproto.trio_io import FramedStream
 from node.accept import accept
 from node.authz import Grant
 
@@ -76,8 +77,18 @@ class Broker:
         self._policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, cap.cap_name)
         self.tracker = Tracker(store, keys, term, self.choose_node)
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen at the CAP and track the cluster until cancelled."""
+    async def serve(
+        self, *, listen: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen at the CAP and track the cluster until cancelled. ``listen=False``: the
+        CAP has no address of its own (its name resolves to the broker node's address,
+        whose listener answers for it by SNI): only track."""
+        if not listen:
+            log.info("broker (term %d) answering for %s by SNI", self.term.token, self.cap.cap_name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.tracker.run)
+                task_status.started([])
+            return
         listeners = await trio.open_tcp_listeners(self.cap.cap_port, host=self.cap.cap_address)
         log.info(
             "broker (term %d) listening at the CAP %s (%s:%d)",
@@ -104,24 +115,38 @@ class Broker:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, raw: trio.abc.Stream) -> None:
-        # The settings are read before the handshake: authorize() must not await.
-        settings = await read_settings(self.store, self.keys)
-        try:
-            auth = authorization_from_settings(settings.authorization, Path())
-        except RecordError as exc:
-            log.error("the cluster's authorization entries are unusable: %s", exc)
-            return
+    @property
+    def policy(self) -> fp.ServerPolicy:
+        """What the broker answers a negotiation with."""
+        return self._policy
+
+    @staticmethod
+    def authorizer(settings: Settings) -> Callable[[Sequence[str]], Grant]:
+        """The primaries ``settings`` admit (raises RecordError if the entries are bad)."""
+        auth = authorization_from_settings(settings.authorization, Path())
 
         def authorize(names: Sequence[str]) -> Grant:
             if not settings.recovery_enabled:
                 raise fp.NotAuthorized("recovery is disabled in this cluster")
             return auth.authorize(names)
 
+        return authorize
+
+    async def _handle(self, raw: trio.abc.Stream) -> None:
+        # The settings are read before the handshake: authorize() must not await.
+        settings = await read_settings(self.store, self.keys)
+        try:
+            authorize = self.authorizer(settings)
+        except RecordError as exc:
+            log.error("the cluster's authorization entries are unusable: %s", exc)
+            return
         accepted = await accept(raw, self._ssl, self._policy, authorize, what="this broker")
         if accepted is None:
             return
-        conn, grant = accepted.conn, accepted.grant
+        await self.serve_queries(accepted.conn, accepted.grant)
+
+    async def serve_queries(self, conn: FramedStream, grant: Grant) -> None:
+        """Answer QueryRecoveryServer on a negotiated connection until it closes."""
         while True:
             event = await conn.next_event()
             if isinstance(event, (fp.ConnectionClosed, fp.Error)):

@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -21,7 +21,7 @@ import frproto as fp
 from frproto.trio_io import FramedStream, linger_and_close
 
 from .biotls import transport_receive_into
-from .tls import TLSFailure, peer_names, tls_handshake_server
+from .tls import TLSFailure, peer_names, requested_name, tls_handshake_server
 
 log = logging.getLogger("frrep.accept")
 
@@ -83,6 +83,12 @@ class Accepted(Generic[G]):
     grant: G
     names: Sequence[str]  #: the peer certificate's names
     request: fp.NegotiateRequest
+    requested_name: str | None = None  #: the name the client asked for (SNI)
+
+
+#: Chooses, from the name the client asked for (SNI), what answers: the policy and the
+#: authorization to apply (a cluster node's listener also answers for the CAP).
+Router = Callable[[str | None], tuple[fp.ServerPolicy, Callable[[Sequence[str]], Any]]]
 
 
 async def accept(
@@ -92,10 +98,13 @@ async def accept(
     authorize: Callable[[Sequence[str]], G],
     *,
     what: str = "this recovery server",
+    route: Router | None = None,
 ) -> Accepted[G] | None:
     """Handshake and negotiate on ``raw``; None when the connection was refused (and
     answered as it should be). ``authorize`` maps certificate names to a grant or raises
-    :class:`frproto.NotAuthorized`."""
+    a :class:`frproto.ReplicationError` (its code becomes the negotiation's status).
+    ``route``, if given, replaces ``policy`` and ``authorize`` by what it returns for the
+    name the client asked for."""
     with trio.fail_after(HANDSHAKE_TIMEOUT):
         head = await raw.receive_some(1)
         if not head:
@@ -115,18 +124,21 @@ async def accept(
             log.warning("TLS handshake refused: %s", exc)
             return None
         names = peer_names(tls)
+        sni = requested_name(tls)
+        if route is not None:
+            policy, authorize = route(sni)
         framed = FramedStream(tls, fp.Connection(fp.Role.RECOVERY))
         request = await framed.expect(fp.NegotiateRequest)
         assert isinstance(request, fp.NegotiateRequest)
         try:
             grant = authorize(names)
-        except fp.NotAuthorized as exc:
+        except fp.ReplicationError as exc:
             log.warning("%s", exc)
             refusal = fp.answer_negotiation(request, policy)
-            await framed.send(replace(refusal, status=fp.ErrorCode.NOT_AUTHORIZED))
+            await framed.send(replace(refusal, status=type(exc).code))
             return None
         answer = fp.answer_negotiation(request, policy)
         await framed.send(answer)
         if not answer.ok:
             return None
-    return Accepted(framed, grant, names, request)
+    return Accepted(framed, grant, names, request, sni)

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -39,7 +39,7 @@ import frproto as fp
 from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
 
-from .accept import accept
+from .accept import Accepted, accept
 from .authz import Grant
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
@@ -53,6 +53,21 @@ log = logging.getLogger("frrep.recovery")
 OwnershipCheck = Callable[[uuid.UUID, Grant], Awaitable[Grant | None]]
 #: Certificate names to a grant (raises NotAuthorized).
 Authorizer = Callable[[Sequence[str]], Grant]
+
+
+class CapRoute(Protocol):
+    """A cluster node's listener also answering for the CAP's name (told apart by SNI),
+    so that the broker and the node can share one address and port (a CAP moved by DNS)."""
+
+    def answers(self, requested_name: str | None) -> tuple[fp.ServerPolicy, Authorizer] | None:
+        """The broker's policy and authorization for a connection asking for
+        ``requested_name``, or None when it is not the CAP's name."""
+        ...
+
+    async def serve(self, accepted: Accepted[Any]) -> None:
+        """Serve a negotiated connection that asked for the CAP."""
+        ...
+
 
 #: IR progress is made durable at least this often (and at IREnd).
 IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
@@ -70,6 +85,7 @@ class RecoveryServer:
             VMDeleted...), awaited before a relationship is created or carried on.
         authorize: replaces ``config.authorization.authorize`` (a cluster node also
             admits its peer nodes).
+        cap: a cluster node's route for connections that ask for the CAP's name.
     """
 
     def __init__(
@@ -81,8 +97,10 @@ class RecoveryServer:
         faults: StorageFaults | None = None,
         ownership: OwnershipCheck | None = None,
         authorize: Authorizer | None = None,
+        cap: CapRoute | None = None,
     ) -> None:
         self.config = config
+        self._cap = cap
         self._ownership = ownership
         self._authorize = authorize
         self._faults = faults
@@ -154,8 +172,17 @@ class RecoveryServer:
 
     async def _handle(self, raw: trio.abc.Stream) -> None:
         authorize = self._authorize or self.config.authorization.authorize
-        accepted = await accept(raw, self._ssl, self._policy, authorize)
+        cap = self._cap
+
+        def route(name: str | None) -> tuple[fp.ServerPolicy, Authorizer]:
+            answer = cap.answers(name) if cap is not None else None
+            return answer or (self._policy, authorize)
+
+        accepted = await accept(raw, self._ssl, self._policy, authorize, route=route)
         if accepted is None:
+            return
+        if cap is not None and cap.answers(accepted.requested_name) is not None:
+            await cap.serve(accepted)
             return
         grant = accepted.grant
         log.info(

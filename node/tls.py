@@ -119,8 +119,24 @@ def server_context(
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     ctx.num_tickets = 0
+    ctx.sni_callback = _remember_sni
     _load(ctx, cert, key, ca)
     return ctx
+
+
+_SNI_ATTRIBUTE = "frrep_requested_name"
+
+
+def _remember_sni(conn: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    # The name the client asked for (SNI): a cluster node's listener tells the CAP's name
+    # (the broker) from its own with it, so both may share one address and port.
+    setattr(conn, _SNI_ATTRIBUTE, server_name)
+
+
+def requested_name(stream: BioTLSStream[Any]) -> str | None:
+    """The server name the client sent (SNI) in the handshake on ``stream``, if any."""
+    name = getattr(stream.ssl_object, _SNI_ATTRIBUTE, None)
+    return name.lower().rstrip(".") if isinstance(name, str) else None
 
 
 def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

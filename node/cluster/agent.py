@@ -19,7 +19,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -33,6 +33,7 @@ from broker.election import Election, Term
 from broker.records import ElectionRecord, Keys, NodeRecord, RecordError, Settings, VMRecord
 from broker.service import Broker
 from broker.store import ClusterStore, EventKind, LeaseExpired, StoreError, open_store
+from node.accept import Accepted
 from node.authz import Grant
 from node.config import RecoveryServerConfig
 from node.identity import PrimaryIdentity
@@ -77,6 +78,8 @@ class ClusterNode:
         self._confirmed: dict[uuid.UUID, int] = {}
         #: The cluster's nodes (refreshed with every keepalive): peers we admit.
         self._peers: set[str] = set()
+        #: The broker, while this node holds the election.
+        self.broker: Broker | None = None
 
     @property
     def store(self) -> ClusterStore:
@@ -112,6 +115,7 @@ class ClusterNode:
                 recovery_type=fp.RecoveryType.CLUSTER_NODE,
                 ownership=self._check_owner,
                 authorize=self._authorize,
+                cap=self,
             )
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(self.server.serve)
@@ -121,8 +125,10 @@ class ClusterNode:
                 record = ElectionRecord(
                     holder=self.config.name,
                     cap_name=self.config.cap_name,
-                    cap_address=self.config.cap_address,
-                    cap_port=self.config.cap_port,
+                    # No CAP address of its own: the CAP's name resolves to the broker's
+                    # node (DNS), whose listener answers for it (SNI).
+                    cap_address=self.config.cap_address or self.config.listen,
+                    cap_port=self.config.cap_port if self.config.cap_address else self.port,
                 )
                 election = Election(store, self.keys, record, ttl=self.config.lease_ttl)
                 nursery.start_soon(election.run, self._lead)
@@ -273,6 +279,31 @@ class ClusterNode:
 
     # -- the broker -----------------------------------------------------------------------
 
+    def answers(
+        self, requested_name: str | None
+    ) -> tuple[fp.ServerPolicy, Callable[[Sequence[str]], Grant]] | None:
+        """For connections to this node's listener that ask for the CAP's name (SNI):
+        the broker's answer if this node runs it, else a refusal with BUSY (the primary
+        asks the CAP again and finds the broker where it is now)."""
+        if requested_name != self.config.cap_name.lower().rstrip("."):
+            return None
+        policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, self.config.cap_name)
+        broker = self.broker
+        if broker is None:
+
+            def refuse(names: Sequence[str]) -> Grant:
+                raise fp.Busy(f"{self.config.name} does not run the broker now; ask again")
+
+            return policy, refuse
+        return broker.policy, Broker.authorizer(self.settings)
+
+    async def serve(self, accepted: Accepted[Any]) -> None:
+        """Answer queries on a connection that asked for the CAP at this node's address."""
+        broker = self.broker
+        if broker is None:
+            return
+        await broker.serve_queries(accepted.conn, accepted.grant)
+
     async def _lead(self, term: Term) -> None:
         """Run the broker at the CAP for as long as this node holds the election."""
         started = time.monotonic()
@@ -280,16 +311,18 @@ class ClusterNode:
             await self._hook("cap_up", self.config.cap_up)
         try:
             broker = Broker(self.store, self.keys, term, term.record, self._ssl, rng=self._rng)
+            self.broker = broker
             while True:
                 try:
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(broker.serve)
+                        own_address = bool(self.config.cap_address)
+                        await nursery.start(partial(broker.serve, listen=own_address))
                         log.info(
                             "%s: broker serving at the CAP %s (%s:%d), %.2f s after the election",
                             self.config.name,
                             self.config.cap_name,
-                            self.config.cap_address,
-                            self.config.cap_port,
+                            term.record.cap_address,
+                            term.record.cap_port,
                             time.monotonic() - started,
                         )
                 except OSError as exc:
@@ -298,6 +331,7 @@ class ClusterNode:
                     log.warning("binding the CAP: %s; retrying", exc)
                     await trio.sleep(0.1)
         finally:
+            self.broker = None
             if self.config.cap_down:
                 with trio.CancelScope(shield=True):
                     await self._hook("cap_down", self.config.cap_down)

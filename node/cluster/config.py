@@ -13,7 +13,9 @@ Example::
     [cluster]
     store = "sqlite:///var/lib/frrep/cluster.db"   # or etcd://10.0.0.1:2379,10.0.0.2:2379
     cap_name = "cap.example.com"  # the broker's name: every node's certificate names it too
-    cap_address = "127.0.0.10"    # the broker's own address, taken by the elected node
+    cap_address = "127.0.0.10"    # the broker's own address, taken by the elected node;
+                                  # "" = none: cap_name resolves (DNS) to the broker's node,
+                                  # whose listener answers for it by SNI (cap_up updates DNS)
     cap_port = 7443
     lease_ttl = 2.0               # seconds: how fast a dead node is noticed
     # cap_up = "ip addr add 10.0.0.10/24 dev eth0"    # run when this node becomes broker
@@ -114,7 +116,7 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         store_url=_store_url(_str(cluster, "store", wc), base, wc),
         prefix=prefix,
         cap_name=_str(cluster, "cap_name", wc),
-        cap_address=_str(cluster, "cap_address", wc),
+        cap_address=str(cluster.get("cap_address", "")),
         cap_port=_port(cluster, "cap_port", wc, 7443),
         lease_ttl=float(ttl),
         tls=_tls_files(data, path),

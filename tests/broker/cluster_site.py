@@ -87,6 +87,9 @@ class ClusterSite:
     shared_storage: bool = False
     lease_ttl: float = 1.0
     cap_port: int = 0
+    #: No CAP address of its own: the broker's node answers for the CAP's name by SNI
+    #: (a deployment that moves the CAP with DNS).
+    dns_cap: bool = False
     running: dict[int, NodeProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,7 +139,7 @@ shared_storage = {"true" if self.shared_storage else "false"}
 store = "{self.store_url}"
 prefix = "{self.prefix}"
 cap_name = "{CAP_NAME}"
-cap_address = "{CAP_ADDRESS}"
+cap_address = "{"" if self.dns_cap else CAP_ADDRESS}"
 cap_port = {self.cap_port}
 lease_ttl = {self.lease_ttl}
 
@@ -221,6 +224,14 @@ ca = "certs/ca.pem"
             **extra,  # type: ignore[arg-type]
         )
         trio.run(self.set_settings, settings)
+        # Nodes already running apply it within moments (they log it): wait, so that the
+        # test's first connection does not race the settings watch.
+        deadline = time.monotonic() + 10
+        for node in self.running.values():
+            while "setting authorization changed" not in node.text():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node.name} did not apply the settings")
+                time.sleep(0.02)
         return settings
 
     def primary_context(self) -> object:
@@ -230,12 +241,20 @@ ca = "certs/ca.pem"
         )
 
     async def query(
-        self, vmid: uuid.UUID, *, name: str = "vm", sizes: tuple[int, ...] = (1 << 20,)
+        self,
+        vmid: uuid.UUID,
+        *,
+        name: str = "vm",
+        sizes: tuple[int, ...] = (1 << 20,),
+        at: tuple[str, int] | None = None,
     ) -> fp.QueryRecoveryServerResponse:
-        """Ask the broker at the CAP where ``vmid`` lives (as the test primary)."""
+        """Ask the broker at the CAP where ``vmid`` lives (as the test primary); ``at``:
+        connect to that address and port instead of the CAP's own, still asking for the
+        CAP's name (SNI)."""
+        host, port = at or (CAP_ADDRESS, self.cap_port)
         client = await RecoveryClient.connect(
-            CAP_ADDRESS,
-            self.cap_port,
+            host,
+            port,
             server_name=CAP_NAME,
             ssl_context=self.primary_context(),  # type: ignore[arg-type]
             local_address=PRIMARY_ADDRESS,

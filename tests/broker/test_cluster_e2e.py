@@ -149,3 +149,42 @@ def test_a_setting_changed_at_one_node_reaches_every_node(cluster: ClusterSite) 
         )
         == 1
     )
+
+
+def test_a_nodes_listener_answers_for_the_cap_by_sni(cluster: ClusterSite) -> None:
+    # Broker and node listeners may share an address and port: the name the client asks
+    # for (SNI) tells the CAP's from the node's.
+    cluster.authorize_primary()  # before the nodes start: they read it at once
+    cluster.start_all()
+    broker = cluster.broker_node()
+    other = next(n for n in cluster.running.values() if n is not broker)
+
+    async def run() -> None:
+        at_broker = (f"127.0.0.{10 + broker.index}", broker.port)
+        answer = await cluster.query(uuid.uuid4(), at=at_broker)
+        assert answer.existing is fp.ExistingVM.NEW
+        with pytest.raises(fp.Busy, match="refused the negotiation"):
+            await cluster.query(uuid.uuid4(), at=(f"127.0.0.{10 + other.index}", other.port))
+
+    trio.run(run)
+
+
+def test_a_cap_moved_by_dns_follows_the_broker(tmp_path: Path) -> None:
+    # No CAP address at all: the CAP's name resolves to whichever node runs the broker
+    # (a cap_up hook would update DNS); the election record says where it is.
+    site = ClusterSite(tmp_path, nodes=3, dns_cap=True)
+    try:
+        site.authorize_primary()
+        site.start_all()
+        broker = site.broker_node()
+
+        async def ask(node_index: int, port: int) -> fp.ExistingVM:
+            answer = await site.query(uuid.uuid4(), at=(f"127.0.0.{10 + node_index}", port))
+            return answer.existing
+
+        assert trio.run(ask, broker.index, broker.port) is fp.ExistingVM.NEW
+        broker.kill()
+        survivor = site.broker_node(timeout=10)
+        assert trio.run(ask, survivor.index, survivor.port) is fp.ExistingVM.NEW
+    finally:
+        site.stop_all()
