@@ -20,14 +20,16 @@ def frctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
     )
 
 
-def test_demo_runs_the_exchange_over_loopback() -> None:
+def test_demo_runs_the_embedded_cluster() -> None:
     result = frctl("demo")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "recovery_type=CLUSTERING_BROKER" in out
-    assert "existing=DELETED" in out
-    assert "Error(code=VM_NOT_HERE" in out
-    assert "replica_equals_primary: True" in out
+    assert "broker elected" in out
+    assert out.count("the primary found a broker at the CAP; placed on") == 3
+    assert "followed its replica" in out  # the migrated replica, and the re-homed ones
+    assert "took the election and the CAP" in out
+    assert "re-homed to" in out
+    assert out.count("equals the primary disk, block for block") == 3
     assert out.rstrip().endswith("demo OK")
 
 

@@ -1,0 +1,312 @@
+"""A whole cluster on one machine (loopback): a CA, node certificates and configs, node
+processes, and a primary's view of it. The demo runs on it, and so do the cluster tests.
+
+Each node is a real ``frctl node run`` process on its own address (127.0.0.11, .12, ...);
+the CAP has an address of its own (127.0.0.10) that whichever node holds the election
+binds (or none: ``dns_cap``). The store is a SQLite file in the site (the embedded
+default), or an etcd URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import trio
+
+import frproto as fp
+from broker.records import Keys, Settings
+from broker.store import open_store
+from node.certs import create_ca, issue_host_cert
+from node.primary.client import RecoveryClient
+from node.primary.replicator import VMReplicator
+from node.tls import client_context
+
+REPO = Path(__file__).resolve().parents[2]  # where ``frctl.main`` is importable from
+CAP_NAME = "cap.example.com"
+CAP_ADDRESS = "127.0.0.10"
+PRIMARY_NAME = "p1.primary.example.com"
+PRIMARY_ADDRESS = "127.0.0.3"
+_UP = re.compile(r"node \S+ up at \S+:(\d+)")
+_BROKER = re.compile(r"broker serving at the CAP .*, ([0-9.]+) s after the election")
+
+
+def node_name(i: int) -> str:
+    """The FQDN of node ``i`` (1-based)."""
+    return f"n{i}.example.com"
+
+
+def node_address(i: int) -> str:
+    """The loopback address of node ``i``."""
+    return f"127.0.0.{10 + i}"
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now (for the CAP, which every node must agree on)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NodeProcess:
+    """One running node agent."""
+
+    index: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+    @property
+    def name(self) -> str:
+        return node_name(self.index)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9, and reap."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@dataclass
+class ClusterSite:
+    """Certificates, configs and node processes of one loopback cluster under ``root``."""
+
+    root: Path
+    nodes: int = 4
+    store_url: str = ""
+    prefix: str = field(default_factory=lambda: f"/c-{uuid.uuid4().hex[:8]}/")
+    shared_storage: bool = False
+    lease_ttl: float = 1.0
+    cap_port: int = 0
+    #: No CAP address of its own: the broker's node answers for the CAP's name by SNI
+    #: (a deployment that moves the CAP with DNS).
+    dns_cap: bool = False
+    running: dict[int, NodeProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.certs = self.root / "certs"
+        create_ca(self.certs)
+        for i in range(1, self.nodes + 1):
+            issue_host_cert(
+                self.certs,
+                self.certs,
+                node_name(i),
+                extra_names=[CAP_NAME],
+                ip_addresses=[node_address(i), CAP_ADDRESS],
+            )
+        issue_host_cert(self.certs, self.certs, PRIMARY_NAME, ip_addresses=[PRIMARY_ADDRESS])
+        if not self.store_url:
+            self.store_url = f"sqlite://{self.root / 'cluster.db'}"
+        if not self.cap_port:
+            self.cap_port = free_port(CAP_ADDRESS)
+        self.shared = self.root / "shared-storage"
+        for i in range(1, self.nodes + 1):
+            self.write_config(i)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def storage(self, i: int) -> Path:
+        """Node ``i``'s storage root."""
+        return self.shared if self.shared_storage else self.root / f"storage-{i}"
+
+    def config_path(self, i: int) -> Path:
+        return self.root / f"node{i}.toml"
+
+    def write_config(self, i: int) -> None:
+        name = node_name(i)
+        storage = self.storage(i)
+        self.config_path(i).write_text(
+            f"""
+[node]
+name = "{name}"
+listen = "{node_address(i)}"
+port = 0
+storage = "{storage}"
+shared_storage = {"true" if self.shared_storage else "false"}
+
+[cluster]
+store = "{self.store_url}"
+prefix = "{self.prefix}"
+cap_name = "{CAP_NAME}"
+cap_address = "{"" if self.dns_cap else CAP_ADDRESS}"
+cap_port = {self.cap_port}
+lease_ttl = {self.lease_ttl}
+
+[tls]
+cert = "certs/{name}.pem"
+key = "certs/{name}-key.pem"
+ca = "certs/ca.pem"
+"""
+        )
+
+    def start(self, i: int, *, timeout: float = 20.0) -> NodeProcess:
+        """Start node ``i`` and wait until it serves."""
+        log = self.root / f"node{i}-{time.monotonic_ns()}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "frctl.main",
+                    "node",
+                    "run",
+                    "--config",
+                    str(self.config_path(i)),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _UP.search(log.read_text(errors="replace"))
+            if match:
+                node = NodeProcess(i, proc, log, int(match.group(1)))
+                self.running[i] = node
+                return node
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {i} exited: {log.read_text()}")
+            time.sleep(0.05)
+        proc.kill()
+        raise RuntimeError(f"node {i} did not start: {log.read_text()}")
+
+    def start_all(self) -> None:
+        for i in range(1, self.nodes + 1):
+            self.start(i)
+
+    def stop_all(self) -> None:
+        for node in list(self.running.values()):
+            node.kill()
+        self.running.clear()
+
+    def broker_node(self, *, timeout: float = 10.0) -> NodeProcess:
+        """The running node that serves the broker now (waits for one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node in self.running.values():
+                if node.proc.poll() is None and _BROKER.search(node.text()):
+                    holder = trio.run(self.holder)
+                    if holder == node.name:
+                        return node
+            time.sleep(0.05)
+        raise RuntimeError("no broker elected")
+
+    async def holder(self) -> str | None:
+        from broker.election import current_holder
+
+        async with open_store(self.store_url) as store:
+            record = await current_holder(store, self.keys)
+        return None if record is None else record.holder
+
+    async def set_settings(self, settings: Settings) -> None:
+        async with open_store(self.store_url) as store:
+            await store.put(self.keys.settings, settings.to_json())
+
+    def authorize_primary(self, **extra: object) -> Settings:
+        """Settings admitting the test primary (trust group tg), plus ``extra``."""
+        settings = Settings(
+            authorization=[
+                {"primary": "*.primary.example.com", "storage": "replicas", "trust_group": "tg"}
+            ],
+            **extra,  # type: ignore[arg-type]
+        )
+        trio.run(self.set_settings, settings)
+        # Nodes already running apply it within moments (they log it): wait, so that the
+        # test's first connection does not race the settings watch.
+        deadline = time.monotonic() + 10
+        for node in self.running.values():
+            while "setting authorization changed" not in node.text():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node.name} did not apply the settings")
+                time.sleep(0.02)
+        return settings
+
+    def primary_context(self) -> ssl.SSLContext:
+        """The test primary's client TLS context."""
+        certs = self.certs
+        return client_context(
+            certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
+        )
+
+    async def query(
+        self,
+        vmid: uuid.UUID,
+        *,
+        name: str = "vm",
+        sizes: tuple[int, ...] = (1 << 20,),
+        at: tuple[str, int] | None = None,
+    ) -> fp.QueryRecoveryServerResponse:
+        """Ask the broker at the CAP where ``vmid`` lives (as the test primary); ``at``:
+        connect to that address and port instead of the CAP's own, still asking for the
+        CAP's name (SNI)."""
+        host, port = at or (CAP_ADDRESS, self.cap_port)
+        client = await RecoveryClient.connect(
+            host,
+            port,
+            server_name=CAP_NAME,
+            ssl_context=self.primary_context(),
+            local_address=PRIMARY_ADDRESS,
+        )
+        try:
+            if client.negotiated.recovery_type is not fp.RecoveryType.CLUSTERING_BROKER:
+                raise fp.UnexpectedMessage(f"{host}:{port} is not a clustering broker")
+            await client.conn.send(fp.QueryRecoveryServer(vmid, name, sizes))
+            answer = await client.conn.expect(fp.QueryRecoveryServerResponse)
+            return cast("fp.QueryRecoveryServerResponse", answer)
+        finally:
+            await client.aclose()
+
+
+def replica_path(site: ClusterSite, i: int, vmid: uuid.UUID, disk: int = 0) -> Path:
+    """Where node ``i`` keeps disk ``disk`` of the replica of ``vmid``."""
+    from node.storage.layout import ReplicaLayout
+
+    return ReplicaLayout(site.storage(i) / "replicas", vmid).image(f"disk{disk}")
+
+
+def primary_replicator(site: ClusterSite, vmid: uuid.UUID, images: list[Path]) -> VMReplicator:
+    """A VMReplicator of the test primary, configured with the CAP as its server."""
+    from node.primary.state import PrimaryStateStore, VMReplicationState
+
+    store = PrimaryStateStore(site.root / "primary-state")
+    state = VMReplicationState(
+        vmid=str(vmid),
+        name=f"vm-{vmid.hex[:6]}",
+        disks=[
+            {"disk_id": f"disk{i}", "path": str(p), "size": p.stat().st_size}
+            for i, p in enumerate(images)
+        ],
+        block_size=65536,
+        recovery_host=CAP_ADDRESS,
+        recovery_port=site.cap_port,
+        server_name=CAP_NAME,
+        frequency_s=0.2,
+    )
+    store.save(state)
+    hosts = {node_name(i): node_address(i) for i in range(1, site.nodes + 1)}
+    hosts[CAP_NAME] = CAP_ADDRESS
+    return VMReplicator(
+        state,
+        store,
+        site.primary_context(),
+        local_address=PRIMARY_ADDRESS,
+        hosts=hosts,
+    )
