@@ -28,7 +28,8 @@ import trio
 
 import frproto as fp
 from broker.authorization import authorization_from_settings
-from broker.cluster_view import ClusterView, read_cluster, read_settings
+from broker.cluster_cache import ClusterCache
+from broker.cluster_view import ClusterView
 from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
 from broker.placement import load_rules as load_placement_rules
@@ -76,6 +77,7 @@ class Broker:
         self._rng = rng or random.Random()
         self._policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, cap.cap_name)
         self.tracker = Tracker(store, keys, term, self.choose_node)
+        self.cache = ClusterCache(store, keys)
 
     async def serve(
         self, *, listen: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -83,22 +85,23 @@ class Broker:
         """Listen at the CAP and track the cluster until cancelled. ``listen=False``: the
         CAP has no address of its own (its name resolves to the broker node's address,
         whose listener answers for it by SNI): only track."""
-        if not listen:
-            log.info("broker (term %d) answering for %s by SNI", self.term.token, self.cap.cap_name)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.tracker.run)
-                task_status.started([])
-            return
-        listeners = await trio.open_tcp_listeners(self.cap.cap_port, host=self.cap.cap_address)
-        log.info(
-            "broker (term %d) listening at the CAP %s (%s:%d)",
-            self.term.token,
-            self.cap.cap_name,
-            self.cap.cap_address,
-            self.cap.cap_port,
-        )
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.cache.run)
             nursery.start_soon(self.tracker.run)
+            if not listen:
+                log.info(
+                    "broker (term %d) answering for %s by SNI", self.term.token, self.cap.cap_name
+                )
+                task_status.started([])
+                return
+            listeners = await trio.open_tcp_listeners(self.cap.cap_port, host=self.cap.cap_address)
+            log.info(
+                "broker (term %d) listening at the CAP %s (%s:%d)",
+                self.term.token,
+                self.cap.cap_name,
+                self.cap.cap_address,
+                self.cap.cap_port,
+            )
             task_status.started(listeners)
             await trio.serve_listeners(self.handle, listeners)
 
@@ -133,10 +136,9 @@ class Broker:
         return authorize
 
     async def _handle(self, raw: trio.abc.Stream) -> None:
-        # The settings are read before the handshake: authorize() must not await.
-        settings = await read_settings(self.store, self.keys)
+        # The settings as of now (authorize() runs inside the handshake: it cannot await).
         try:
-            authorize = self.authorizer(settings)
+            authorize = self.authorizer(self.cache.settings)
         except RecordError as exc:
             log.error("the cluster's authorization entries are unusable: %s", exc)
             return
@@ -169,12 +171,19 @@ class Broker:
         """Where ``query``'s VM lives, placing it first if the cluster does not hold it."""
         vmid = str(query.vmid)
         for _ in range(PLACE_ATTEMPTS):
-            view = await read_cluster(self.store, self.keys)
-            vm = view.vms.get(vmid)
+            # The VM's own record is read from the store (one key): an answer about an
+            # existing VM is never staler than the store. The rest comes from the copy.
+            kv = await self.store.get(self.keys.vm(vmid))
+            vm = None if kv is None else VMRecord.from_json(kv.value)
+            if vm is not None and kv is not None:
+                self.cache.put_vm(vm, kv.mod_revision)
+            view = self.cache.view()
             if vm is None:
                 placed = await self._place_new(view, query, grant)
-                if placed is None:
-                    continue  # raced: read again
+                if isinstance(placed, int):
+                    # Raced with another write: catch up with the store, then again.
+                    await self.cache.wait_for(placed)
+                    continue
                 return self._answer(query.vmid, view, placed, fp.ExistingVM.NEW)
             if vm.deleted:
                 log.info("VM %s was deleted by an administrator: told the primary", vmid)
@@ -189,6 +198,9 @@ class Broker:
             if vm.owner in view.nodes:
                 return self._answer(query.vmid, view, vm.owner, fp.ExistingVM.EXISTING)
             moved = await self.tracker.rehome(view, vm)
+            if moved is None and vm.shared:
+                await self.cache.wait_for(await self.store.revision())
+                continue
             if moved is None:
                 raise fp.Busy(
                     f"the node holding VM {vmid} ({vm.owner}) is down and its storage is "
@@ -226,7 +238,9 @@ class Broker:
 
     async def _place_new(
         self, view: ClusterView, query: fp.QueryRecoveryServer, grant: Grant
-    ) -> str | None:
+    ) -> str | int:
+        """Place a new VM: the node's name, or the store's revision when the
+        compare-and-swap lost a race (the copy is behind it)."""
         request = PlacementRequest(
             vmid=str(query.vmid),
             size_bytes=sum(query.disk_sizes),
@@ -268,7 +282,9 @@ class Broker:
             [Put(key, vm.to_json()), Put(self.keys.placement, placement.cursor.to_json())],
         )
         if not result.succeeded:
-            return None
+            return result.revision
+        self.cache.put_vm(vm, result.revision)
+        self.cache.put_cursor(placement.cursor, result.revision)
         log.info(
             "placed VM %s (%s) on %s: %s", request.vmid, query.vm_name, node.name, placement.reason
         )

@@ -23,7 +23,7 @@ import trio
 from broker.cluster_view import ClusterView, read_cluster
 from broker.election import Term, fenced_txn
 from broker.placement import PlacementError
-from broker.records import Keys, VMRecord
+from broker.records import Keys, PlacementCursor, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
 
 log = logging.getLogger("frrep.broker")
@@ -63,17 +63,24 @@ class Tracker:
                         return
 
     async def reconcile(self, view: ClusterView) -> None:
-        """One pass: re-home what must be, plan the moves off draining nodes."""
+        """One pass: re-home what must be, plan the moves off draining nodes.
+
+        ``view`` is this pass's own read: after each decision it is updated as if the
+        replica were already on its new node, and the cursor advanced, so that the next
+        decision spreads over the nodes instead of sending everything to one."""
         for vm in list(view.vms.values()):
             if vm.deleted:
                 continue
+            target: str | None = None
             if vm.owner not in view.nodes:
                 if vm.shared:
-                    await self.rehome(view, vm)
-                continue
-            owner = view.nodes[vm.owner]
-            if owner.admin.draining and not vm.migrate_to:
-                await self._plan_move(view, vm)
+                    target = await self.rehome(view, vm)
+            elif view.nodes[vm.owner].admin.draining and not vm.migrate_to:
+                target = await self._plan_move(view, vm)
+            if target is not None:
+                view.vms[vm.vmid] = replace(vm, owner=target)
+                cursor = PlacementCursor(last_node=target, placed=view.cursor.placed + 1)
+                view = replace(view, cursor=cursor)
 
     async def rehome(self, view: ClusterView, vm: VMRecord) -> str | None:
         """Give a down node's shared-storage replica to another node (None: not shared,
@@ -93,14 +100,16 @@ class Tracker:
             return target
         return None
 
-    async def _plan_move(self, view: ClusterView, vm: VMRecord) -> None:
+    async def _plan_move(self, view: ClusterView, vm: VMRecord) -> str | None:
         try:
             target = self.choose(view, vm, exclude=[vm.owner], shared_only=vm.shared)
         except PlacementError as exc:
             log.warning("draining %s: no node can take VM %s: %s", vm.owner, vm.vmid, exc)
-            return
+            return None
         if await self._swap(view, vm, replace(vm, migrate_to=target)):
             log.info("draining %s: VM %s (%s) to move to %s", vm.owner, vm.vmid, vm.name, target)
+            return target
+        return None
 
     async def _swap(self, view: ClusterView, old: VMRecord, new: VMRecord) -> bool:
         key = self.keys.vm(old.vmid)

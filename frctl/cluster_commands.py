@@ -75,7 +75,9 @@ def _parse_value(text: str) -> Any:
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
+    from broker.authorization import authorization_from_settings
     from broker.cluster_view import read_settings
+    from broker.placement import PlacementError, load_rules
     from broker.records import Keys, Settings
     from broker.store import ClusterStore, Compare, Put
 
@@ -103,6 +105,13 @@ def _cmd_settings(args: argparse.Namespace) -> int:
                     return 1
                 updates[name] = _parse_value(raw)
             new = Settings.from_json(json.dumps({**asdict(current), **updates}))
+            # What a node would refuse to apply is refused here, before anything is written.
+            authorization_from_settings(new.authorization, Path("/"))
+            try:
+                load_rules(new.placement_rules)
+            except PlacementError as exc:
+                print(f"frctl: {exc}", file=sys.stderr)
+                return 1
             revision = 0 if kv is None else kv.mod_revision
             result = await store.txn(
                 [Compare.mod_revision(keys.settings, "==", revision)],
@@ -205,12 +214,16 @@ async def _update_vm(store: Any, keys: Any, vmid: str, change: Any) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from broker.records import Keys
+    from broker.records import Keys, VMRecord
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         if await store.get(keys.node(args.node)) is None:
             print(f"frctl: node {args.node} is not up", file=sys.stderr)
+            return 1
+        kv = await store.get(keys.vm(args.vmid))
+        if kv is not None and VMRecord.from_json(kv.value).owner == args.node:
+            print(f"frctl: VM {args.vmid} is already on {args.node}", file=sys.stderr)
             return 1
         rc = await _update_vm(store, keys, args.vmid, lambda vm: replace(vm, migrate_to=args.node))
         if rc == 0:

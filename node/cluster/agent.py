@@ -107,7 +107,12 @@ class ClusterNode:
         """Run the node until cancelled; ``task_status.started(port)`` once it serves."""
         async with open_store(self.config.store_url) as store:
             self._store = store
-            settings = await read_settings(store, self.keys)
+            try:
+                settings = await read_settings(store, self.keys)
+                self._server_config(settings)
+            except RecordError as exc:
+                log.error("the cluster's settings are unusable (%s): starting with defaults", exc)
+                settings = Settings()
             self.settings = settings
             self._server = RecoveryServer(
                 self._server_config(settings),
@@ -230,7 +235,7 @@ class ClusterNode:
         try:
             return self.server.config.authorization.authorize(names)
         except fp.NotAuthorized:
-            peer = next((n for n in names if n in self._peers and n != self.config.name), None)
+            peer = next((n for n in names if n in self._peers), None)
             if peer is None:
                 raise
             return Grant(PrimaryIdentity(peer, PEER_TRUST_GROUP), self.config.storage)

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+import frproto as fp
 from broker.records import Keys, NodeRecord, RecordError, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
+from node.tls import TLSFailure
 
 if TYPE_CHECKING:
     from .agent import ClusterNode
@@ -33,6 +35,8 @@ log = logging.getLogger("frrep.node")
 
 #: How often the node looks for moves it must make (also woken by changes).
 POLL_SECONDS = 0.5
+#: Pause after a failed move before the next attempt.
+RETRY_SECONDS = 2.0
 #: How long a move waits for the VM's replication session to finish.
 HOLD_TIMEOUT = 30.0
 
@@ -50,7 +54,7 @@ class Migrator:
         while True:
             try:
                 for vm, revision in await self._pending():
-                    await self.move(vm, revision)
+                    await self._try_move(vm, revision)
                 with trio.move_on_after(POLL_SECONDS):
                     _, rev = await self.store.range(self.keys.vms)
                     async with self.store.watch(self.keys.vms, start_revision=rev + 1) as events:
@@ -59,6 +63,17 @@ class Migrator:
             except StoreError as exc:
                 log.warning("migrations: %s", exc)
                 await trio.sleep(POLL_SECONDS)
+
+    async def _try_move(self, vm: VMRecord, revision: int) -> None:
+        """One move; a failure (target unreachable or refusing, no complete replica
+        yet...) is logged and the move is tried again at a later pass."""
+        try:
+            await self.move(vm, revision)
+        except (fp.FrprotoError, OSError, TLSFailure, RecordError) as exc:
+            log.warning(
+                "move of %s to %s failed: %s; trying again later", vm.vmid, vm.migrate_to, exc
+            )
+            await trio.sleep(RETRY_SECONDS)
 
     async def _pending(self) -> list[tuple[VMRecord, int]]:
         kvs, _ = await self.store.range(self.keys.vms)

@@ -136,7 +136,10 @@ def test_a_setting_changed_at_one_node_reaches_every_node(cluster: ClusterSite) 
         f"recovery_points=7 applied by all {cluster.nodes} nodes "
         f"within {time.monotonic() - changed:.2f} s"
     )
-    # A value no node could apply is refused at the command, and nothing changes.
+    # What no node could apply is refused at the command, and nothing changes.
+    config = ["--config", str(cluster.config_path(1))]
+    assert main(["cluster", "settings", *config, 'authorization=[{"primary": "x"}]']) == 1
+    assert main(["cluster", "settings", *config, 'placement_rules=["no-such-rule"]']) == 1
     assert (
         main(
             [

@@ -1,0 +1,153 @@
+"""The broker's in-memory copy of the cluster's records, kept current by a watch.
+
+A query must not read thousands of VM records from the store: the broker loads them once
+when its term starts, then applies every change the store reports (a watch from the
+loaded revision), and its own writes as soon as they succeed. Answers for existing VMs
+come from here in microseconds. Nothing is decided on the copy alone: every write the
+broker makes compares revisions in a fenced transaction, so a copy that is a moment
+behind only costs a retry (:meth:`ClusterCache.wait_for` the store's revision first).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from broker.cluster_view import ClusterView
+from broker.records import (
+    Keys,
+    NodeAdmin,
+    NodeRecord,
+    NodeState,
+    NodeView,
+    PlacementCursor,
+    RecordError,
+    Settings,
+    VMRecord,
+)
+from broker.store import ClusterStore, EventKind, KeyValue, StoreError
+
+log = logging.getLogger("frrep.broker")
+
+
+class ClusterCache:
+    """Nodes, administrators' decisions, VMs, cursor and settings, as of :attr:`revision`."""
+
+    def __init__(self, store: ClusterStore, keys: Keys) -> None:
+        self.store = store
+        self.keys = keys
+        self.revision = 0
+        self.nodes: dict[str, NodeRecord] = {}
+        self.admin: dict[str, NodeAdmin] = {}
+        self.vms: dict[str, VMRecord] = {}
+        self.vm_revisions: dict[str, int] = {}
+        self.cursor = PlacementCursor()
+        self.cursor_revision = 0
+        self.settings = Settings()
+        self._changed = trio.Condition()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Load everything, then follow the store's changes until cancelled."""
+        started = False
+        while True:
+            try:
+                await self._load()
+                if not started:
+                    task_status.started()
+                    started = True
+                async with self.store.watch(
+                    self.keys.prefix, start_revision=self.revision + 1
+                ) as events:
+                    async for event in events:
+                        self._apply(event.kv, deleted=event.kind is EventKind.DELETE)
+                        await self._advance(event.revision)
+            except StoreError as exc:  # a broken watch, a compacted revision: load again
+                log.warning("cluster cache: %s; reloading", exc)
+                await trio.sleep(0.2)
+
+    async def _load(self) -> None:
+        kvs, revision = await self.store.range(self.keys.prefix)
+        self.nodes.clear()
+        self.admin.clear()
+        self.vms.clear()
+        self.vm_revisions.clear()
+        self.cursor, self.cursor_revision, self.settings = PlacementCursor(), 0, Settings()
+        for kv in kvs:
+            self._apply(kv, deleted=False)
+        await self._advance(revision)
+
+    async def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, revision: int, *, timeout: float = 2.0) -> None:
+        """Return once the copy has caught up with ``revision`` (or after ``timeout``)."""
+        with trio.move_on_after(timeout):
+            async with self._changed:
+                while self.revision < revision:
+                    await self._changed.wait()
+
+    def put_vm(self, vm: VMRecord, revision: int) -> None:
+        """Our own write succeeded at ``revision``: apply it now (the watch repeats it)."""
+        self.vms[vm.vmid] = vm
+        self.vm_revisions[vm.vmid] = revision
+
+    def put_cursor(self, cursor: PlacementCursor, revision: int) -> None:
+        """Our own write of the cursor succeeded at ``revision``."""
+        self.cursor, self.cursor_revision = cursor, revision
+
+    def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
+        k, key = self.keys, kv.key
+        try:
+            if key.startswith(k.nodes):
+                name = key.removeprefix(k.nodes)
+                if deleted:
+                    self.nodes.pop(name, None)
+                else:
+                    self.nodes[name] = NodeRecord.from_json(kv.value)
+            elif key.startswith(k.node_admin):
+                name = key.removeprefix(k.node_admin)
+                if deleted:
+                    self.admin.pop(name, None)
+                else:
+                    self.admin[name] = NodeAdmin.from_json(kv.value)
+            elif key.startswith(k.vms):
+                vmid = key.removeprefix(k.vms)
+                if deleted:
+                    self.vms.pop(vmid, None)
+                    self.vm_revisions.pop(vmid, None)
+                else:
+                    self.vms[vmid] = VMRecord.from_json(kv.value)
+                    self.vm_revisions[vmid] = kv.mod_revision
+            elif key == k.placement:
+                if deleted:
+                    self.cursor, self.cursor_revision = PlacementCursor(), 0
+                else:
+                    self.cursor = PlacementCursor.from_json(kv.value)
+                    self.cursor_revision = kv.mod_revision
+            elif key == k.settings:
+                self.settings = Settings() if deleted else Settings.from_json(kv.value)
+        except RecordError as exc:
+            log.warning("ignoring %s: %s", key, exc)
+
+    def view(self) -> ClusterView:
+        """The copy as a :class:`ClusterView` (shares the VM tables: do not modify)."""
+        nodes = {}
+        for name, record in self.nodes.items():
+            admin = self.admin.get(name, NodeAdmin())
+            state = NodeState.DRAINING if admin.draining else NodeState.UP
+            nodes[name] = NodeView(record, admin, state)
+        return ClusterView(
+            revision=self.revision,
+            nodes=nodes,
+            admin=self.admin,
+            vms=self.vms,
+            vm_revisions=self.vm_revisions,
+            cursor=self.cursor,
+            cursor_revision=self.cursor_revision,
+            settings=self.settings,
+        )
