@@ -43,9 +43,13 @@ class ClusterCache:
         self.admin: dict[str, NodeAdmin] = {}
         self.vms: dict[str, VMRecord] = {}
         self.vm_revisions: dict[str, int] = {}
+        #: ``{owner: [VM count, bytes]}`` of live VMs, kept as records change.
+        self.owned: dict[str, list[int]] = {}
         self.cursor = PlacementCursor()
         self.cursor_revision = 0
         self.settings = Settings()
+        #: Counts changes of the node and node-admin records (tracking waits for them).
+        self.membership_changes = 0
         self._changed = trio.Condition()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,6 +77,7 @@ class ClusterCache:
         self.admin.clear()
         self.vms.clear()
         self.vm_revisions.clear()
+        self.owned.clear()
         self.cursor, self.cursor_revision, self.settings = PlacementCursor(), 0, Settings()
         for kv in kvs:
             self._apply(kv, deleted=False)
@@ -91,10 +96,30 @@ class ClusterCache:
                 while self.revision < revision:
                     await self._changed.wait()
 
+    async def wait_membership_change(self, seen: int, *, timeout: float) -> None:
+        """Return once :attr:`membership_changes` passed ``seen`` (or after ``timeout``)."""
+        with trio.move_on_after(timeout):
+            async with self._changed:
+                while self.membership_changes == seen:
+                    await self._changed.wait()
+
     def put_vm(self, vm: VMRecord, revision: int) -> None:
         """Our own write succeeded at ``revision``: apply it now (the watch repeats it)."""
-        self.vms[vm.vmid] = vm
+        self._set_vm(vm.vmid, vm)
         self.vm_revisions[vm.vmid] = revision
+
+    def _set_vm(self, vmid: str, vm: VMRecord | None) -> None:
+        old = self.vms.pop(vmid, None)
+        if old is not None and not old.deleted:
+            count = self.owned[old.owner]
+            count[0] -= 1
+            count[1] -= old.size_bytes
+        if vm is not None:
+            self.vms[vmid] = vm
+            if not vm.deleted:
+                count = self.owned.setdefault(vm.owner, [0, 0])
+                count[0] += 1
+                count[1] += vm.size_bytes
 
     def put_cursor(self, cursor: PlacementCursor, revision: int) -> None:
         """Our own write of the cursor succeeded at ``revision``."""
@@ -103,6 +128,8 @@ class ClusterCache:
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
         k, key = self.keys, kv.key
         try:
+            if key.startswith((k.nodes, k.node_admin)):
+                self.membership_changes += 1
             if key.startswith(k.nodes):
                 name = key.removeprefix(k.nodes)
                 if deleted:
@@ -118,10 +145,10 @@ class ClusterCache:
             elif key.startswith(k.vms):
                 vmid = key.removeprefix(k.vms)
                 if deleted:
-                    self.vms.pop(vmid, None)
+                    self._set_vm(vmid, None)
                     self.vm_revisions.pop(vmid, None)
                 else:
-                    self.vms[vmid] = VMRecord.from_json(kv.value)
+                    self._set_vm(vmid, VMRecord.from_json(kv.value))
                     self.vm_revisions[vmid] = kv.mod_revision
             elif key == k.placement:
                 if deleted:
@@ -150,4 +177,5 @@ class ClusterCache:
             cursor=self.cursor,
             cursor_revision=self.cursor_revision,
             settings=self.settings,
+            owned={owner: (c[0], c[1]) for owner, c in self.owned.items()},
         )

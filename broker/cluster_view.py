@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker.records import (
@@ -33,6 +34,8 @@ class ClusterView:
     cursor: PlacementCursor
     cursor_revision: int  #: 0 when the cursor was never written
     settings: Settings
+    #: ``{owner: (VM count, bytes)}`` of live VMs, when the reader keeps it (the cache).
+    owned: Mapping[str, tuple[int, int]] | None = None
 
     def owned_by(self, node: str) -> list[VMRecord]:
         """The live (not deleted) VMs a node owns."""

@@ -37,7 +37,7 @@ import importlib
 import importlib.metadata
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Final, Protocol, TypeGuard
@@ -131,6 +131,10 @@ class PlacementContext:
     #: is gone, the record only remembers that the primary must stop).
     vms: Sequence[VMRecord]
     cursor: PlacementCursor
+    #: Optional: ``{owner: (VM count, bytes)}`` of the non-deleted VMs, kept up to date by
+    #: the caller (the broker's copy of the cluster), so that the loads need not be
+    #: summed over every VM record at each placement.
+    owned: Mapping[str, tuple[int, int]] | None = None
 
     # cached_property writes straight into __dict__, so it works on a frozen dataclass;
     # rules and policies ask for loads many times per placement and the VM list is big.
@@ -139,11 +143,15 @@ class PlacementContext:
         """:class:`NodeLoad` of every node in :attr:`nodes`, by name."""
         counts: dict[str, int] = {}
         booked: dict[str, int] = {}
-        for vm in self.vms:
-            if vm.deleted:
-                continue
-            counts[vm.owner] = counts.get(vm.owner, 0) + 1
-            booked[vm.owner] = booked.get(vm.owner, 0) + vm.size_bytes
+        if self.owned is not None:
+            for owner, (count, size) in self.owned.items():
+                counts[owner], booked[owner] = count, size
+        else:
+            for vm in self.vms:
+                if vm.deleted:
+                    continue
+                counts[vm.owner] = counts.get(vm.owner, 0) + 1
+                booked[vm.owner] = booked.get(vm.owner, 0) + vm.size_bytes
         return {
             n.name: NodeLoad(
                 vms=counts.get(n.name, 0),

@@ -76,8 +76,8 @@ class Broker:
         self._ssl = ssl_context
         self._rng = rng or random.Random()
         self._policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, cap.cap_name)
-        self.tracker = Tracker(store, keys, term, self.choose_node)
         self.cache = ClusterCache(store, keys)
+        self.tracker = Tracker(store, keys, term, self.choose_node, self.cache)
 
     async def serve(
         self, *, listen: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -171,13 +171,11 @@ class Broker:
         """Where ``query``'s VM lives, placing it first if the cluster does not hold it."""
         vmid = str(query.vmid)
         for _ in range(PLACE_ATTEMPTS):
-            # The VM's own record is read from the store (one key): an answer about an
-            # existing VM is never staler than the store. The rest comes from the copy.
-            kv = await self.store.get(self.keys.vm(vmid))
-            vm = None if kv is None else VMRecord.from_json(kv.value)
-            if vm is not None and kv is not None:
-                self.cache.put_vm(vm, kv.mod_revision)
+            # From the in-memory copy: it is behind the store by the watch's latency at
+            # most, and a stale answer costs one round trip, never data: the node checks
+            # ownership and deletion in the store itself (VM_NOT_HERE / VM_DELETED).
             view = self.cache.view()
+            vm = view.vms.get(vmid)
             if vm is None:
                 placed = await self._place_new(view, query, grant)
                 if isinstance(placed, int):
@@ -248,7 +246,10 @@ class Broker:
             primary=grant.identity.name,
         )
         ctx = PlacementContext(
-            nodes=list(view.nodes.values()), vms=list(view.vms.values()), cursor=view.cursor
+            nodes=list(view.nodes.values()),
+            vms=list(view.vms.values()),
+            cursor=view.cursor,
+            owned=view.owned,
         )
         try:
             rules = load_placement_rules(view.settings.placement_rules)

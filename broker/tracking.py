@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import trio
 
+from broker.cluster_cache import ClusterCache
 from broker.cluster_view import ClusterView, read_cluster
 from broker.election import Term, fenced_txn
 from broker.placement import PlacementError
@@ -37,30 +38,36 @@ Chooser = Callable[..., str]
 class Tracker:
     """Re-homes replicas of down nodes and plans the moves off draining nodes."""
 
-    def __init__(self, store: ClusterStore, keys: Keys, term: Term, choose: Chooser) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        keys: Keys,
+        term: Term,
+        choose: Chooser,
+        cache: ClusterCache | None = None,
+    ) -> None:
         self.store = store
         self.keys = keys
         self.term = term
         self.choose = choose
+        self.cache = cache
 
     async def run(self) -> None:
-        """Reconcile now, on every node change, and every RECONCILE_SECONDS."""
+        """Reconcile on every change of the broker's copy of the cluster, and at least
+        every RECONCILE_SECONDS. Reads no store: a pass over 8,000 VMs in memory takes a
+        few milliseconds, where reading them would stall the broker's queries."""
         while True:
             try:
-                view = await read_cluster(self.store, self.keys)
-                await self.reconcile(view)
-                await self._wait_for_change(view.revision + 1)
+                if self.cache is not None:
+                    seen = self.cache.membership_changes
+                    await self.reconcile(self.cache.view())
+                    await self.cache.wait_membership_change(seen, timeout=RECONCILE_SECONDS)
+                else:
+                    await self.reconcile(await read_cluster(self.store, self.keys))
+                    await trio.sleep(RECONCILE_SECONDS)
             except StoreError as exc:
                 log.warning("tracking: %s", exc)
                 await trio.sleep(RECONCILE_SECONDS)
-
-    async def _wait_for_change(self, since: int) -> None:
-        with trio.move_on_after(RECONCILE_SECONDS):
-            async with self.store.watch(self.keys.prefix, start_revision=since) as events:
-                async for event in events:
-                    key = event.kv.key
-                    if key.startswith((self.keys.nodes, self.keys.node_admin)):
-                        return
 
     async def reconcile(self, view: ClusterView) -> None:
         """One pass: re-home what must be, plan the moves off draining nodes.
@@ -68,8 +75,12 @@ class Tracker:
         ``view`` is this pass's own read: after each decision it is updated as if the
         replica were already on its new node, and the cursor advanced, so that the next
         decision spreads over the nodes instead of sending everything to one."""
+        fine = {n for n, node in view.nodes.items() if not node.admin.draining}
+        if all(vm.owner in fine or vm.deleted or vm.migrate_to for vm in view.vms.values()):
+            return  # the usual case, in about a millisecond for 8,000 VMs
+        view = replace(view, vms=dict(view.vms))  # ours to change (it may be the cache's)
         for vm in list(view.vms.values()):
-            if vm.deleted:
+            if vm.deleted or vm.owner in fine:
                 continue
             target: str | None = None
             if vm.owner not in view.nodes:

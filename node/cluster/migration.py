@@ -25,7 +25,7 @@ import trio
 
 import frproto as fp
 from broker.records import Keys, NodeRecord, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, Put, StoreError
+from broker.store import ClusterStore, Compare, EventKind, KeyValue, Put, StoreError
 from node.tls import TLSFailure
 
 if TYPE_CHECKING:
@@ -33,8 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("frrep.node")
 
-#: How often the node looks for moves it must make (also woken by changes).
-POLL_SECONDS = 0.5
+#: How often the node scans every VM record for moves it must make (it also follows the
+#: changes as they come).
+FULL_SCAN_SECONDS = 5.0
+#: How "no move asked" reads in a stored VM record (records are compact, sorted JSON).
+_NO_MOVE = b'"migrate_to":""'
 #: Pause after a failed move before the next attempt.
 RETRY_SECONDS = 2.0
 #: How long a move waits for the VM's replication session to finish.
@@ -50,19 +53,43 @@ class Migrator:
         self.keys = keys
 
     async def run(self) -> None:
-        """Look for moves (on changes and every POLL_SECONDS) and make them, one at a time."""
+        """Make the moves asked of this node, one at a time: those found by a full scan
+        (at start, then every FULL_SCAN_SECONDS: a failed move is retried there), and
+        those the watch of the VM records reports as they are asked."""
         while True:
             try:
-                for vm, revision in await self._pending():
-                    await self._try_move(vm, revision)
-                with trio.move_on_after(POLL_SECONDS):
-                    _, rev = await self.store.range(self.keys.vms)
-                    async with self.store.watch(self.keys.vms, start_revision=rev + 1) as events:
-                        async for _event in events:
-                            break
+                kvs, revision = await self.store.range(self.keys.vms)
+                for vm, mod in self._mine(kvs):
+                    await self._try_move(vm, mod)
+                with trio.move_on_after(FULL_SCAN_SECONDS):
+                    async with self.store.watch(
+                        self.keys.vms, start_revision=revision + 1
+                    ) as events:
+                        async for event in events:
+                            if event.kind is EventKind.PUT:
+                                for vm, mod in self._mine([event.kv]):
+                                    await self._try_move(vm, mod)
             except StoreError as exc:
                 log.warning("migrations: %s", exc)
-                await trio.sleep(POLL_SECONDS)
+                await trio.sleep(RETRY_SECONDS)
+
+    def _mine(self, kvs: list[KeyValue]) -> list[tuple[VMRecord, int]]:
+        """The records among ``kvs`` that ask this node to move a replica."""
+        me = self.node.config.name.encode()
+        out = []
+        for kv in kvs:
+            # Most records name another owner and no move: skip them unparsed (a node's
+            # agent shares its event loop with the broker, whose queries must not wait
+            # for thousands of JSON records).
+            if _NO_MOVE in kv.value or me not in kv.value:
+                continue
+            try:
+                vm = VMRecord.from_json(kv.value)
+            except RecordError:
+                continue
+            if vm.owner == self.node.config.name and vm.migrate_to and not vm.deleted:
+                out.append((vm, kv.mod_revision))
+        return out
 
     async def _try_move(self, vm: VMRecord, revision: int) -> None:
         """One move; a failure (target unreachable or refusing, no complete replica
@@ -74,18 +101,6 @@ class Migrator:
                 "move of %s to %s failed: %s; trying again later", vm.vmid, vm.migrate_to, exc
             )
             await trio.sleep(RETRY_SECONDS)
-
-    async def _pending(self) -> list[tuple[VMRecord, int]]:
-        kvs, _ = await self.store.range(self.keys.vms)
-        out = []
-        for kv in kvs:
-            try:
-                vm = VMRecord.from_json(kv.value)
-            except RecordError:
-                continue
-            if vm.owner == self.node.config.name and vm.migrate_to and not vm.deleted:
-                out.append((vm, kv.mod_revision))
-        return out
 
     async def move(self, vm: VMRecord, revision: int) -> bool:
         """Move one replica to ``vm.migrate_to``; True when ownership switched."""
