@@ -55,17 +55,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def fill(site: ClusterSite, rng: random.Random) -> list[uuid.UUID]:
-    """64 nodes (one is the real agent, started later), 8,000 VMs, the settings."""
+async def fill(
+    site: ClusterSite, rng: random.Random, nodes: int = NODES, vms: int = VMS
+) -> list[uuid.UUID]:
+    """``nodes`` nodes (one is the real agent, started later) and ``vms`` VM records."""
     vmids = []
     async with open_store(site.store_url) as store:
         keys: Keys = site.keys
-        for i in range(2, NODES + 1):
+        for i in range(2, nodes + 1):
             node = NodeRecord(f"f{i}.example.com", f"127.0.1.{i}", 7443, capacity_bytes=0)
             await store.put(keys.node(node.name), node.to_json())
-        for n in range(VMS):
+        for n in range(vms):
             vmid = uuid.UUID(int=rng.getrandbits(128), version=4)
-            owner = f"f{2 + n % (NODES - 1)}.example.com"
+            owner = f"f{2 + n % (nodes - 1)}.example.com"
             vm = VMRecord(
                 str(vmid),
                 owner,
@@ -123,12 +125,14 @@ async def store_gets(site: ClusterSite, vmids: list[uuid.UUID], count: int) -> l
     return times
 
 
-def run_backend(name: str, root: Path, store_url: str, existing: int, new: int) -> dict[str, Any]:
+def run_backend(
+    name: str, root: Path, store_url: str, existing: int, new: int, nodes: int, vms: int
+) -> dict[str, Any]:
     rng = random.Random(8)
     site = ClusterSite(root, nodes=1, store_url=store_url)
     try:
         t = time.perf_counter()
-        vmids = trio.run(fill, site, rng)
+        vmids = trio.run(fill, site, rng, nodes, vms)
         filled = time.perf_counter() - t
         site.authorize_primary(placement_policy="least-loaded")
         site.start(1)
@@ -170,22 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=200, help="queries that place a VM")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch directory parent")
     parser.add_argument("--no-etcd", action="store_true", help="SQLite only")
+    parser.add_argument("--nodes", type=int, default=NODES, help="registered nodes (64)")
+    parser.add_argument("--vms", type=int, default=VMS, help="VM records (8000)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="frrep-bench-broker-", dir=args.tmp))
     results = []
     print(
-        f"broker: {NODES} nodes, {VMS} VMs; {args.existing} queries for existing VMs and "
+        f"broker: {args.nodes} nodes, {args.vms} VMs; {args.existing} queries for existing VMs and "
         f"{args.new} that place a new one, shuffled, on one mTLS connection to the CAP"
     )
     try:
-        results.append(run_backend("sqlite", root / "sqlite", "", args.existing, args.new))
+        size = (args.nodes, args.vms)
+        results.append(run_backend("sqlite", root / "sqlite", "", args.existing, args.new, *size))
         if not args.no_etcd:
             if find_etcd() is None:
                 print("broker: no etcd binary (install the dev extra)", file=sys.stderr)
                 return 2
             with etcd_cluster(1) as etcd:
                 results.append(
-                    run_backend("etcd", root / "etcd", etcd.url, args.existing, args.new)
+                    run_backend("etcd", root / "etcd", etcd.url, args.existing, args.new, *size)
                 )
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -204,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_ms": slow["p99_ms"],
                 "goal_p99_ms": 5.0,
                 "slower_store": slow["store"],
-                "nodes": NODES,
-                "vms": VMS,
+                "nodes": args.nodes,
+                "vms": args.vms,
                 "median_qps": statistics.median(r["qps"] for r in results),
                 "stores": results,
             }

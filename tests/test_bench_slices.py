@@ -84,3 +84,23 @@ def test_delta_slice(tmp_path: Path) -> None:
     )
     assert result["changed_bytes"] > 0
     assert result["scan_value"] > 0
+
+
+def test_broker_slice(tmp_path: Path) -> None:
+    # Both stores (etcd from the dev extra: never skipped), a small cluster.
+    result = run_bench(
+        "broker.py",
+        "--nodes", "8", "--vms", "200", "--existing", "60", "--new", "6",
+        "--tmp", str(tmp_path),
+        tmp=tmp_path,
+    )  # fmt: skip
+    assert [s["store"] for s in result["stores"]] == ["sqlite", "etcd"]
+    assert result["p99_ms"] >= result["p50_ms"] > 0
+
+
+def test_failover_slice(tmp_path: Path) -> None:
+    result = run_bench(
+        "failover.py", "--rounds", "1", "--no-etcd", "--tmp", str(tmp_path), tmp=tmp_path
+    )
+    assert result["stores"][0]["store"] == "sqlite"
+    assert 0 < result["value"] < 30
