@@ -7,7 +7,8 @@ In ``Settings.authorization`` each entry is a table like a recovery server's
     {"primary": "*", "storage": "any", "trust_group": "open"}   # any authenticated primary
 
 ``storage`` is relative to the node's storage root (or absolute, for a path every node
-sees). ``"*"`` is the explicit "any authenticated primary" option.
+sees); without it the ``default_storage`` setting applies. ``"*"`` is the explicit "any
+authenticated primary" option.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from node.authz import Authorization, AuthorizationEntry
 from .records import RecordError
 
 
-def authorization_from_settings(entries: Sequence[dict[str, Any]], root: Path) -> Authorization:
-    """Build the :class:`Authorization` of a node whose storage root is ``root``.
+def authorization_from_settings(
+    entries: Sequence[dict[str, Any]], root: Path, default_storage: str = ""
+) -> Authorization:
+    """Build the :class:`Authorization` of a node whose storage root is ``root``. An
+    entry without ``storage`` uses ``default_storage`` (the setting of that name).
 
     Raises:
         RecordError: an entry is malformed (named by its position).
@@ -33,10 +37,12 @@ def authorization_from_settings(entries: Sequence[dict[str, Any]], root: Path) -
         where = f"authorization entry #{i + 1}"
         try:
             primary = item["primary"]
-            storage = item["storage"]
+            storage = item.get("storage") or default_storage
             group = item["trust_group"]
         except KeyError as exc:
             raise RecordError(f"{where}: missing {exc}") from None
+        if not storage:
+            raise RecordError(f"{where}: no storage, and no default_storage is set")
         if not all(isinstance(v, str) and v for v in (primary, storage, group)):
             raise RecordError(f"{where}: primary, storage and trust_group must be text")
         if ":" in group:

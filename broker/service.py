@@ -34,7 +34,7 @@ from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
 from broker.placement import load_rules as load_placement_rules
 from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
-from broker.store import ClusterStore, Compare, Put
+from broker.store import ClusterStore, Compare, Put, StoreError
 from frproto.trio_io import FramedStream
 from node.accept import accept
 from node.authz import Grant
@@ -115,6 +115,10 @@ class Broker:
             log.info("connection ended: %s", exc or type(exc).__name__)
         except fp.FrprotoError as exc:
             log.warning("connection closed: %s", exc)
+        except Exception:
+            # One connection must never take the broker down (its listener shares the
+            # node agent's nursery): log it whole and close this connection only.
+            log.exception("broker connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -126,7 +130,7 @@ class Broker:
     @staticmethod
     def authorizer(settings: Settings) -> Callable[[Sequence[str]], Grant]:
         """The primaries ``settings`` admit (raises RecordError if the entries are bad)."""
-        auth = authorization_from_settings(settings.authorization, Path())
+        auth = authorization_from_settings(settings.authorization, Path(), settings.default_storage)
 
         def authorize(names: Sequence[str]) -> Grant:
             if not settings.recovery_enabled:
@@ -156,7 +160,10 @@ class Broker:
             if not isinstance(event, fp.QueryRecoveryServer):
                 continue  # Keepalive; frproto refuses anything else at a broker
             try:
-                answer = await self.locate(event, grant)
+                try:
+                    answer = await self.locate(event, grant)
+                except StoreError as exc:
+                    raise fp.Busy(f"the cluster store is unavailable: {exc}") from exc
             except fp.ReplicationError as exc:
                 log.info("query for %s refused: %s", event.vmid, exc)
                 await conn.send_error(exc)

@@ -106,7 +106,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
                 updates[name] = _parse_value(raw)
             new = Settings.from_json(json.dumps({**asdict(current), **updates}))
             # What a node would refuse to apply is refused here, before anything is written.
-            authorization_from_settings(new.authorization, Path("/"))
+            authorization_from_settings(new.authorization, Path("/"), new.default_storage)
             try:
                 load_rules(new.placement_rules)
             except PlacementError as exc:

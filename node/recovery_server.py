@@ -167,6 +167,10 @@ class RecoveryServer:
             log.warning("protocol violation by peer: %s (%s)", exc, type(exc).code.name)
         except fp.FrprotoError as exc:
             log.warning("connection closed: %s", exc)
+        except Exception:
+            # A failure nobody foresaw ends this connection, never the server (nor, on a
+            # cluster node, the agent that shares its nursery): logged whole.
+            log.exception("connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 

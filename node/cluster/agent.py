@@ -14,6 +14,7 @@ Every recovery node runs one (``frctl node run --config node.toml``). It
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -80,6 +81,9 @@ class ClusterNode:
         self._peers: set[str] = set()
         #: The broker, while this node holds the election.
         self.broker: Broker | None = None
+        self._lease = 0
+        self._nursery: trio.Nursery
+        self._serve_scope: trio.CancelScope
 
     @property
     def store(self) -> ClusterStore:
@@ -97,9 +101,11 @@ class ClusterNode:
         return RecoveryServerConfig(
             name=self.config.name,
             listen=self.config.listen,
-            port=self.config.port,
+            port=settings.port or self.config.port,  # the cluster's port, if it sets one
             tls=self.config.tls,
-            authorization=authorization_from_settings(settings.authorization, self.config.storage),
+            authorization=authorization_from_settings(
+                settings.authorization, self.config.storage, settings.default_storage
+            ),
             recovery_points=settings.recovery_points,
         )
 
@@ -123,8 +129,8 @@ class ClusterNode:
                 cap=self,
             )
             async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(self.server.serve)
-                self.port = listeners[0].socket.getsockname()[1]
+                self._nursery = nursery
+                self.port = await nursery.start(self._serve)
                 await nursery.start(self._announce)
                 nursery.start_soon(self._watch_settings)
                 record = ElectionRecord(
@@ -141,6 +147,38 @@ class ClusterNode:
                 nursery.start_soon(migrator.run)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
+
+    async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The recovery server's listener, in a cancel scope of its own: a change of the
+        ``port`` setting cancels it and starts it again on the new port."""
+        with trio.CancelScope() as scope:
+            self._serve_scope = scope
+            async with trio.open_nursery() as inner:
+                listeners = await inner.start(self.server.serve)
+                task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def _rebind(self, port: int) -> None:
+        """Move the replication listener to ``port`` (the setting changed) and announce
+        it; if the port cannot be had, stay on the old one."""
+        old = self.port
+        self._serve_scope.cancel()
+        self.server.config = replace(self.server.config, port=port)
+        try:
+            self.port = await self._nursery.start(self._serve)
+        except OSError as exc:
+            log.error(
+                "%s: cannot listen on port %d (%s): staying on %d", self.config.name, port, exc, old
+            )
+            self.server.config = replace(self.server.config, port=old)
+            self.port = await self._nursery.start(self._serve)
+        if self._lease:
+            with contextlib.suppress(StoreError):
+                await self.store.put(
+                    self.keys.node(self.config.name),
+                    self.node_record().to_json(),
+                    lease=self._lease,
+                )
+        log.info("%s: now listening on %s:%d", self.config.name, self.config.listen, self.port)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -162,6 +200,7 @@ class ClusterNode:
         while True:
             try:
                 lease = await self.store.grant_lease(ttl)
+                self._lease = lease
                 await self.store.put(
                     self.keys.node(self.config.name), self.node_record().to_json(), lease=lease
                 )
@@ -215,6 +254,8 @@ class ClusterNode:
         self.settings = new
         server = self.server
         server.config = replace(config, port=server.config.port)
+        if "port" in changes and new.port and new.port != self.port:
+            self._nursery.start_soon(self._rebind, new.port)
         for store in server._stores.values():
             store.set_keep_points(new.recovery_points)
         for name, (old, value) in sorted(changes.items()):
@@ -241,6 +282,8 @@ class ClusterNode:
             return Grant(PrimaryIdentity(peer, PEER_TRUST_GROUP), self.config.storage)
 
     async def _check_owner(self, vmid: uuid.UUID, grant: Grant) -> Grant | None:
+        if not self.settings.recovery_enabled and grant.identity.trust_group != PEER_TRUST_GROUP:
+            raise fp.NotAuthorized(f"recovery is disabled in this cluster ({self.config.name})")
         try:
             found = await self.vm_record(vmid)
         except StoreError as exc:

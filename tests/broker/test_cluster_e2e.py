@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import frproto as fp
+from node.cluster.local import free_port
 from tests.broker.cluster_site import ClusterSite, node_name
 
 
@@ -193,3 +194,33 @@ def test_a_cap_moved_by_dns_follows_the_broker(tmp_path: Path) -> None:
         assert trio.run(ask, survivor.index, survivor.port) is fp.ExistingVM.NEW
     finally:
         site.stop_all()
+
+
+def test_the_port_setting_moves_every_nodes_listener(cluster: ClusterSite) -> None:
+    import socket
+
+    from broker.records import NodeRecord
+    from broker.store import open_store
+    from frctl.main import main
+
+    cluster.authorize_primary()
+    cluster.start_all()
+    port = free_port("127.0.0.11")  # free on every 127.x: the nodes bind distinct addresses
+    assert (
+        main(["cluster", "settings", "--config", str(cluster.config_path(1)), f"port={port}"]) == 0
+    )
+
+    async def ports() -> set[int]:
+        async with open_store(cluster.store_url) as store:
+            kvs, _ = await store.range(cluster.keys.nodes)
+        return {NodeRecord.from_json(kv.value).port for kv in kvs}
+
+    deadline = time.monotonic() + 10
+    while trio.run(ports) != {port}:
+        assert time.monotonic() < deadline, "the nodes did not move to the new port"
+        time.sleep(0.1)
+    for i in cluster.running:
+        with socket.create_connection((f"127.0.0.{10 + i}", port), timeout=5):
+            pass  # listening there now
+    answer = trio.run(cluster.query, uuid.uuid4())
+    assert answer.port == port

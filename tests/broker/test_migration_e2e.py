@@ -67,7 +67,9 @@ async def cycle_until_done(replicator: Any, *, timeout: float = 30.0) -> None:
                 return
             except ReplicationHalted:
                 raise
-            except (fp.Busy, fp.VMNotHere, OSError) as exc:
+            except (fp.Busy, fp.VMNotHere, OSError, trio.BrokenResourceError) as exc:
+                # A connection cut by a node or a broker that died mid-answer is
+                # retryable too: the primary's service retries every failed cycle.
                 print(f"cycle retried: {type(exc).__name__}: {exc}")
                 await trio.sleep(0.2)
 
