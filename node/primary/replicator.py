@@ -418,6 +418,10 @@ class VMReplicator:
                 f"acknowledged {self.state.sequence}: it needs a resynchronization"
             )
         for pending in self.pending.cycles():
+            if pending.sequence <= self.state.sequence:
+                # Acknowledged, then the primary stopped before dropping it.
+                self.pending.drop_through(pending.sequence)
+                continue
             await self._send_cycle(client, pending)
 
     async def _initial_replication(
@@ -514,7 +518,7 @@ class VMReplicator:
             if not any(changed.values()):
                 return
             cycles = self.pending.cycles()
-            sequence = (cycles[-1].sequence if cycles else self.state.sequence) + 1
+            sequence = max(cycles[-1].sequence if cycles else 0, self.state.sequence) + 1
             block = self.state.block_size
             captured: list[tuple[int, int, bytes]] = []
 
@@ -578,9 +582,15 @@ class VMReplicator:
             captured_at_ms=pending.captured_at_ms,
             limiter=self._limiter(),
         )
-        self.pending.drop_through(sequence)
+        # The acknowledged sequence is recorded *before* the cycle leaves the pending log:
+        # killed in between, the primary finds a cycle it already had acknowledged (it is
+        # dropped unsent, see _session). The other order could let a restarted primary
+        # number new changes with a sequence the replica already applied, and the
+        # replica would acknowledge them without applying them.
         self.state.sequence = sequence
         self.state.last_replicated_at = time.time()
+        self._save()
+        self.pending.drop_through(sequence)
         self._save()
         log.info(
             "%s: batch %d applied (%d chunks, %d bytes)",

@@ -7,6 +7,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -239,4 +240,72 @@ async def test_an_ir_whose_ack_was_lost_takes_its_map_from_the_replica(
         assert again.state.ir_state == "COMPLETE"
         assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()
         await again.cycle()  # the scan sends what changed since the IR
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+async def test_a_cycle_acknowledged_but_not_yet_dropped_is_not_sent_again(
+    site: Site, server: ServerProcess
+) -> None:
+    # The primary is killed after recording batch 1's ack, before dropping it from its
+    # pending log. Restarted, it must drop that cycle unsent and number the next changes
+    # 2: numbered 1 again, the replica would acknowledge them without applying them.
+    rng = random.Random(13)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        scribble(image, rng, writes=5)
+        first.pending.drop_through = lambda sequence: None  # type: ignore[method-assign]
+        await first.cycle()  # batch 1: acknowledged and recorded, still in the log
+        assert first.state.sequence == 1
+        assert [c.sequence for c in first.pending.cycles()] == [1]
+        from node.primary.replicator import VMReplicator
+
+        again = VMReplicator(
+            first.store.load(str(vmid)),
+            first.store,
+            site.client_context(),
+            local_address=first.local_address,
+        )
+        scribble(image, rng, writes=5)
+        await again.cycle()
+    assert again.state.sequence == 2
+    assert not again.pending.cycles()
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+async def test_a_primary_killed_before_recording_an_ack_never_reuses_its_sequence(
+    site: Site, server: ServerProcess
+) -> None:
+    # Killed (here: its state write fails) right after batch 1 was acknowledged, before
+    # the ack is recorded. Restarted, it must not number new changes 1: the replica holds
+    # batch 1 and would acknowledge a different batch 1 without applying it.
+    rng = random.Random(14)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    first = site.replicator(vmid, "vm", [image], server.port)
+    store = first.store
+    real_save = store.save
+
+    def save_then_die(state: Any) -> None:
+        if state.sequence == 1:
+            raise OSError("killed before the ack was recorded")
+        real_save(state)
+
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        scribble(image, rng, writes=5)
+        store.save = save_then_die  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="killed"):
+            await first.cycle()  # batch 1 applied by the server, ack not recorded
+        store.save = real_save  # type: ignore[method-assign]
+        from node.primary.replicator import VMReplicator
+
+        again = VMReplicator(
+            store.load(str(vmid)), store, site.client_context(), local_address=first.local_address
+        )
+        assert again.state.sequence == 0
+        scribble(image, rng, writes=5)
+        await again.cycle()
     assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
