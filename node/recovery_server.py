@@ -400,13 +400,21 @@ class _Session:
         refusal, self.batch_refusal = self.batch_refusal, None
         batch, self.batch = self.batch, None
         if isinstance(refusal, _AlreadyApplied):
+            applied = replica.applied_digest(msg.sequence)
+            if applied and applied != msg.aggregate_digest.hex():
+                # The same sequence with other content: the primary lost track of what it
+                # sent (acknowledging it would lose these changes without a trace).
+                raise fp.OutOfSequence(
+                    f"batch {msg.sequence} of {replica.vmid} was applied with other content "
+                    "(a different aggregate digest): the primary must resynchronize"
+                )
             log.info("batch %d of %s was already applied: ack again", msg.sequence, replica.vmid)
         elif refusal is not None:
             raise refusal
         else:
             assert batch is not None
             try:
-                await trio.to_thread.run_sync(batch.commit)
+                await trio.to_thread.run_sync(batch.commit, msg.aggregate_digest)
             except BaseException:
                 batch.abort()
                 raise

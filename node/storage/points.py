@@ -30,13 +30,19 @@ class RecoveryPoint:
     sequence: int
     captured_at_ms: int  # when the primary captured the batch (ms since the epoch)
     applied_at: float  # when this node made it durable (seconds since the epoch)
+    #: The batch's aggregate digest (hex; "" when unknown, e.g. replayed from the journal
+    #: after a crash): a resend of this sequence must carry the same one.
+    digest: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sequence": self.sequence,
             "captured_at_ms": self.captured_at_ms,
             "applied_at": self.applied_at,
         }
+        if self.digest:
+            out["digest"] = self.digest
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> RecoveryPoint:
@@ -47,7 +53,10 @@ class RecoveryPoint:
             raise ValueError("recovery point fields have the wrong types")
         if not isinstance(at, int | float):
             raise ValueError("recovery point applied_at is not a number")
-        return cls(seq, cap, float(at))
+        digest = raw.get("digest", "")
+        if not isinstance(digest, str):
+            raise ValueError("recovery point digest is not text")
+        return cls(seq, cap, float(at), digest)
 
 
 def prune(points: Sequence[RecoveryPoint], keep: int) -> list[RecoveryPoint]:

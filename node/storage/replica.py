@@ -504,6 +504,15 @@ class Replica:
             self._io.crash("ir_complete_written")
 
     # -- delta batches ----------------------------------------------------------------------
+    def applied_digest(self, sequence: int) -> str:
+        """The aggregate digest batch ``sequence`` was applied with, if this replica still
+        keeps its point and knows it ("" otherwise)."""
+        with self._lock:
+            for point in self._st.points:
+                if point.sequence == sequence:
+                    return point.digest
+        return ""
+
     def begin_batch(self, sequence: int, base_sequence: int, captured_at_ms: int) -> BatchWriter:
         """Open the journal of batch ``sequence``, which applies on top of
         ``base_sequence``. A batch still open on this replica is aborted."""
@@ -639,13 +648,14 @@ class Replica:
                 with mapped("reserve image space", path):
                     self._io.reserve(self._fds[rec.disk_index], rec.offset, rec.length, path)
 
-    def _applied_state(self, sequence: int, captured_at_ms: int) -> tuple[_State, set[int]]:
+    def _applied_state(
+        self, sequence: int, captured_at_ms: int, digest: str = ""
+    ) -> tuple[_State, set[int]]:
         """The state after applying ``sequence``, and the undo files it makes obsolete."""
         st = self._st
         before = needed_undo(st.points) | {sequence}
-        points = prune(
-            [*st.points, RecoveryPoint(sequence, captured_at_ms, time.time())], self._keep
-        )
+        point = RecoveryPoint(sequence, captured_at_ms, time.time(), digest)
+        points = prune([*st.points, point], self._keep)
         obsolete = before - needed_undo(points)
         return replace(st, applied_sequence=sequence, points=tuple(points)), obsolete
 
@@ -684,7 +694,7 @@ class Replica:
         try:
             self._apply(journal.fd, journal.path, records, "batch_mid_apply")
             io.crash("batch_images_synced")
-            new, obsolete = self._applied_state(seq, batch.captured_at_ms)
+            new, obsolete = self._applied_state(seq, batch.captured_at_ms, batch.digest)
             self._save(new)
         except BaseException:
             self._roll_back(batch)
@@ -1004,6 +1014,7 @@ class BatchWriter:
         self.sequence = sequence
         self.base_sequence = base_sequence
         self.captured_at_ms = captured_at_ms
+        self.digest = ""
         self._done = False
 
     def _check(self) -> None:
@@ -1036,12 +1047,14 @@ class BatchWriter:
                 raise
             r._io.crash("batch_record_written")
 
-    def commit(self) -> None:
+    def commit(self, digest: bytes = b"") -> None:
         """Make the batch durable and apply it to every disk; returns once the replica is
-        durably at ``sequence`` (only then may the server acknowledge it)."""
+        durably at ``sequence`` (only then may the server acknowledge it). ``digest`` (the
+        batch's aggregate digest) is kept with the recovery point, to check resends."""
         r = self._replica
         with r._lock:
             self._check()
+            self.digest = digest.hex()
             self._done = True
             r._active = None
             r._commit(self)

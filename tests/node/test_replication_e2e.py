@@ -309,3 +309,45 @@ async def test_a_primary_killed_before_recording_an_ack_never_reuses_its_sequenc
         scribble(image, rng, writes=5)
         await again.cycle()
     assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+async def test_a_resent_sequence_with_other_content_is_refused(
+    site: Site, server: ServerProcess
+) -> None:
+    # Defence in depth for the bug above: the replica keeps each kept point's aggregate
+    # digest; the same batch again is acknowledged, other content under an applied
+    # sequence is refused with OUT_OF_SEQUENCE instead of silently acknowledged.
+    import xxhash
+
+    from node.primary.client import RecoveryClient
+
+    rng = random.Random(15)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+
+        async def send(data: bytes) -> None:
+            client = await RecoveryClient.connect(
+                "127.0.0.2",
+                server.port,
+                server_name="r1.example.com",
+                ssl_context=site.client_context(),
+                local_address=first.local_address,
+            )
+            try:
+                await client.open(vmid, name="vm", disks=first.disks, create=False)
+                chunk = (0, 65536, data, xxhash.xxh3_128_digest(data))
+                await client.send_batch(
+                    vmid, 1, [chunk], chunk_count=1, total_bytes=len(data), captured_at_ms=1
+                )
+            finally:
+                await client.aclose()
+
+        batch = rng.randbytes(65536)
+        await send(batch)  # applied
+        await send(batch)  # the same again: acknowledged, not applied twice
+        with pytest.raises(fp.OutOfSequence, match="other content"):
+            await send(rng.randbytes(65536))
+    assert site.replica_image(vmid, 0).read_bytes()[65536 : 2 * 65536] == batch
