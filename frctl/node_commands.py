@@ -266,6 +266,73 @@ def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def _replicator(args: argparse.Namespace) -> Any:
+    """A VMReplicator for one enabled VM, configured as the primary service would."""
+    from node.primary.replicator import VMReplicator
+    from node.primary.state import PrimaryStateStore
+    from node.tls import client_context
+
+    config = _primary_config(args)
+    store = PrimaryStateStore(config.state_dir)
+    state = store.load(str(uuid.UUID(args.vmid)))
+    tls = config.tls
+    return VMReplicator(
+        state,
+        store,
+        client_context(tls.cert, tls.key, tls.ca),
+        local_address=config.local_address,
+        compression=config.compression,
+        hosts=config.hosts,
+    )
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Compare the replica with what was acknowledged, by digests; exit 3 if it differs."""
+    from node.primary.resync import describe
+
+    try:
+        result = trio.run(_replicator(args).verify)
+    except FileNotFoundError:
+        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
+        return 4
+    except Exception as exc:  # the server, TLS or the network said no: say why
+        print(f"frctl: verify: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json()) if args.json else describe(result))
+    return 0 if result.ok else 3
+
+
+def _cmd_resync(args: argparse.Namespace) -> int:
+    """Send what differs between the disks and the replica (a paused VM's replication)."""
+    try:
+        replicator = _replicator(args)
+    except FileNotFoundError:
+        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
+        return 4
+    if not replicator.state.paused:
+        print(
+            "frctl: pause the VM's replication first (frctl replication pause): the "
+            "primary service resynchronizes by itself when it must, and the two must not "
+            "run at once",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        result = trio.run(replicator.resync)
+    except Exception as exc:  # the server, TLS or the network said no: say why
+        print(f"frctl: resync: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"resynchronized: {result.blocks_sent} of {result.blocks} blocks differed, "
+            f"{result.bytes_sent} bytes sent as batch {result.sequence or '-'} "
+            f"({result.seconds:.2f} s)"
+        )
+    return 0
+
+
 def _cmd_replica_list(args: argparse.Namespace) -> int:
     from node.storage import ReplicaStore
 
@@ -392,6 +459,19 @@ def register(sub: Any) -> None:
     wait.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
     wait.add_argument("--json", action="store_true", help="JSON lines, one per poll")
     wait.set_defaults(func=_cmd_wait)
+    verify = rsub.add_parser(
+        "verify",
+        help="compare the replica with what was acknowledged, by digests (exit 3: differs)",
+    )
+    verify.add_argument("--config", required=True)
+    verify.add_argument("vmid")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_cmd_verify)
+    resync = rsub.add_parser("resync", help="send only what differs from the replica (a paused VM)")
+    resync.add_argument("--config", required=True)
+    resync.add_argument("vmid")
+    resync.add_argument("--json", action="store_true")
+    resync.set_defaults(func=_cmd_resync)
     for name, func in (
         ("pause", lambda a: _set_paused(a, True)),
         ("resume", lambda a: _set_paused(a, False)),

@@ -57,6 +57,15 @@ from .client import IRProgress, RecoveryClient
 from .digest_map import DIGEST_SIZE, DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .resolve import resolve_host
+from .resync import (
+    Progress,
+    ResyncResult,
+    VerifyResult,
+    coalesce,
+    differing_blocks,
+    pending_blocks,
+    replica_map,
+)
 from .scan import read_blocks, scan_changes
 from .state import STATE_FILE, PrimaryStateStore, VMReplicationState
 from .tracker import ChangeTracker
@@ -235,6 +244,8 @@ class VMReplicator:
         try:
             if self.state.ir_state == "COMPLETE":
                 await self.capture()
+                if self.pending.overflowed:
+                    await self.resync()
             client = await self._connect()
             try:
                 requeries = 0
@@ -507,10 +518,149 @@ class VMReplicator:
                 for i in range(len(digests) // DIGEST_SIZE):
                     dmap.set(first + i, digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
 
+    # -- verification and resynchronization (node/primary/resync.py) ---------------------
+
+    async def _open_existing(self) -> tuple[RecoveryClient, fp.RelationshipAccepted]:
+        """A connection to where the replica lives, its relationship opened."""
+        if self.state.ir_state != "COMPLETE":
+            raise fp.OutOfSequence(f"{self.state.name}: its initial replication is not done")
+        client = await self._connect()
+        try:
+            try:
+                accepted = await client.open(
+                    self.vmid, name=self.state.name, disks=self.disks, create=False
+                )
+            except fp.VMNotHere:
+                if self.state.broker is None:
+                    raise
+                await client.aclose()
+                client = await self._discover()
+                accepted = await client.open(
+                    self.vmid, name=self.state.name, disks=self.disks, create=False
+                )
+        except BaseException:
+            await client.aclose()
+            raise
+        return client, accepted
+
+    async def verify(self) -> VerifyResult:
+        """Compare the replica with what was acknowledged, by digests only (the primary's
+        disks are not read): the differing ranges, if any. Replication may go on."""
+        started = time.monotonic()
+        block = self.state.block_size
+        client, accepted = await self._open_existing()
+        try:
+            result = VerifyResult(self.state.vmid, accepted.applied_sequence)
+            skip: dict[int, set[int]] = {}
+            for cycle in self.pending.cycles():
+                if cycle.sequence > accepted.applied_sequence:
+                    for disk_index, blocks in pending_blocks(
+                        self.pending.read_cycle(cycle.sequence), block
+                    ).items():
+                        skip.setdefault(disk_index, set()).update(blocks)
+            for index, disk in enumerate(self.disks):
+                theirs = await replica_map(client, self.vmid, index, disk.size, block)
+                ours = self._maps[index]
+                left_out = skip.get(index, set())
+                bad = [b for b in differing_blocks(ours, theirs) if b not in left_out]
+                result.blocks += ours.block_count - len(left_out)
+                result.skipped += len(left_out)
+                result.differences += coalesce(index, bad, block, disk.size)
+        finally:
+            await client.aclose()
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def resync(self, progress: Progress | None = None) -> ResyncResult:
+        """Send what differs between the disks and the replica, found by digests, as one
+        delta batch; then the maps describe the disks as sent and the pending log (moot)
+        is emptied. For lost change tracking or an overflowed pending log. The disks must
+        not change meanwhile: the capture hooks bracket the whole of it."""
+        started = time.monotonic()
+        block = self.state.block_size
+        client, accepted = await self._open_existing()
+        try:
+            if self.before_capture is not None:
+                self.before_capture()
+            try:
+                if self.tracker is not None:
+                    self.tracker.take()  # covered by the comparison below
+                theirs = [
+                    await replica_map(client, self.vmid, i, d.size, block)
+                    for i, d in enumerate(self.disks)
+                ]
+                changed: dict[int, dict[int, bytes]] = {}
+                for index, path in enumerate(self.images):
+                    blocks, digests = await trio.to_thread.run_sync(
+                        scan_changes, path, theirs[index]
+                    )
+                    changed[index] = {b: digests[b] for b in blocks}
+                    if progress is not None:
+                        done = sum(d.size for d in self.disks[: index + 1])
+                        progress(done, sum(d.size for d in self.disks))
+                result = ResyncResult(self.state.vmid, 0)
+                result.blocks = sum(m.block_count for m in theirs)
+                result.blocks_sent = sum(len(c) for c in changed.values())
+                sequence = max(accepted.applied_sequence, self.state.sequence) + 1
+                if result.blocks_sent:
+
+                    def chunks() -> Any:
+                        for index, blocks in sorted(changed.items()):
+                            size = self.disks[index].size
+                            for b, offset, data in read_blocks(
+                                self.images[index], block, sorted(blocks), size
+                            ):
+                                result.bytes_sent += len(data)
+                                # Digested once, by the scan: if the disk changed since
+                                # (outside the capture window), the server refuses the
+                                # chunk instead of the map believing it.
+                                yield index, offset, data, blocks[b]
+
+                    await client.send_batch(
+                        self.vmid,
+                        sequence,
+                        chunks(),
+                        chunk_count=result.blocks_sent,
+                        total_bytes=sum(
+                            min(block, self.disks[i].size - b * block)
+                            for i, blocks in changed.items()
+                            for b in blocks
+                        ),
+                        captured_at_ms=int(time.time() * 1000),
+                        limiter=self._limiter(),
+                    )
+                    result.sequence = sequence
+            finally:
+                if self.after_capture is not None:
+                    self.after_capture()
+        finally:
+            await client.aclose()
+        # The maps now describe the disks as sent: the replica's, updated where we sent.
+        for index, dmap in enumerate(theirs):
+            for b, digest in changed[index].items():
+                dmap.set(b, digest)
+            dmap.save(self._map_path(index))
+        self._maps = theirs
+        self.state.sequence = max(self.state.sequence, accepted.applied_sequence, result.sequence)
+        self.state.last_replicated_at = time.time()
+        self._save()
+        self.pending.clear()
+        self.pending.clear_overflow()
+        self._save()
+        result.seconds = time.monotonic() - started
+        log.info(
+            "%s: resynchronized: %d of %d blocks differed (%d bytes sent)",
+            self.state.name,
+            result.blocks_sent,
+            result.blocks,
+            result.bytes_sent,
+        )
+        return result
+
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""
         if self.pending.overflowed:
-            raise ReplicationHalted("the pending log overflowed: a resynchronization is needed")
+            return  # cycle() resynchronizes instead
         if self.before_capture is not None:
             self.before_capture()
         try:
@@ -536,11 +686,15 @@ class VMReplicator:
                     self.pending.append_cycle, sequence, int(time.time() * 1000), chunks()
                 )
             except PendingLogFull:
-                if self.tracker is not None:
-                    self.tracker.restore(changed)
-                raise ReplicationHalted(
-                    "the pending log passed its bound: a resynchronization is needed"
-                ) from None
+                # The log is now marked overflowed: cycle() resynchronizes by digests,
+                # which covers these changes too.
+                log.warning(
+                    "%s: the pending log passed its bound (%d bytes): the next step is a "
+                    "resynchronization by digests",
+                    self.state.name,
+                    self.pending_bytes,
+                )
+                return
             # The maps now describe what was *captured* (durable in the pending log), so
             # the next scan finds only what changed since, not this cycle again.
             for disk_index, b, digest in captured:

@@ -98,11 +98,21 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         assert unknown.returncode == 4
         assert "no replica" in unknown.stderr
 
+        verified = frctl("replication", "verify", "--config", config, vmid, "--json")
+        assert verified.returncode == 0, verified.stderr
+        assert json.loads(verified.stdout)["ok"] is True
+        refused = frctl("replication", "resync", "--config", config, vmid)
+        assert refused.returncode == 1
+        assert "pause" in refused.stderr
+
         assert frctl("replication", "pause", "--config", config, vmid).stdout.strip() == (
             "replication/web01 paused"
         )
         paused = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
         assert paused[0]["state"] == "paused"
+        resynced = frctl("replication", "resync", "--config", config, vmid, "--json")
+        assert resynced.returncode == 0, resynced.stderr
+        assert json.loads(resynced.stdout)["blocks"] > 0
         assert frctl("replication", "resume", "--config", config, vmid).returncode == 0
         assert frctl("replication", "disable", "--config", config, vmid).returncode == 0
         gone = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
