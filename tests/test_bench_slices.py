@@ -104,3 +104,17 @@ def test_failover_slice(tmp_path: Path) -> None:
     )
     assert result["stores"][0]["store"] == "sqlite"
     assert 0 < result["value"] < 30
+
+
+@pytest.mark.skipif(
+    shutil.which("rsync") is None and not os.environ.get("CI"),
+    reason="rsync missing: scripts/bootstrap installs it as root (never skipped in CI)",
+)
+def test_resync_slice(tmp_path: Path) -> None:
+    result = run_bench(
+        "resync.py", "--size-mib", "16", "--rounds", "1", "--tmp", str(tmp_path), tmp=tmp_path
+    )
+    # 10 % of the 256 blocks changed: about that many were sent, not the whole image.
+    assert 20 <= result["blocks_sent_median"] <= 30
+    assert result["verify_gbps"] > 0
+    assert result["cold_read_gbps"] > 0
