@@ -1,0 +1,89 @@
+"""``frctl failover ...``: failover at the recovery server (test failover so far)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .node_commands import _stores
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.failover.test import CommandHook, HookFailed, start_test_failover
+
+    try:
+        copy = start_test_failover(
+            _stores(args),
+            uuid.UUID(args.vmid),
+            Path(args.out),
+            sequence=args.point,
+            start=CommandHook(args.start_command) if args.start_command else None,
+        )
+    except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
+        print(f"frctl: test failover: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "vmid": str(copy.vmid),
+                    "sequence": copy.sequence,
+                    "directory": str(copy.directory),
+                    "config": str(copy.config),
+                    "disks": [str(p) for p in copy.disks],
+                    "bytes_written": copy.bytes_written,
+                    "seconds": round(copy.seconds, 3),
+                }
+            )
+        )
+    else:
+        print(
+            f"test VM of {copy.vmid} at recovery point {copy.sequence} in {copy.directory} "
+            f"({len(copy.disks)} disks, {copy.bytes_written} bytes written, "
+            f"{copy.seconds:.2f} s); replication goes on; remove it with: frctl failover "
+            f"cleanup {copy.directory}"
+        )
+    return 0
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from node.failover.test import CommandHook, HookFailed, clean_up_test_failover
+
+    try:
+        clean_up_test_failover(
+            Path(args.directory),
+            stop=CommandHook(args.stop_command) if args.stop_command else None,
+        )
+    except (HookFailed, OSError, ValueError) as exc:
+        print(f"frctl: cleanup: {exc}", file=sys.stderr)
+        return 1
+    print(f"removed the test failover in {args.directory}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``failover`` to frctl's subcommands."""
+    failover = sub.add_parser("failover", help="failover at the recovery server")
+    fsub = failover.add_subparsers(dest="failover_command", required=True, metavar="ACTION")
+    test = fsub.add_parser(
+        "test", help="build a VM from a kept recovery point, elsewhere, replication going on"
+    )
+    test.add_argument("--config", required=True, help="the recovery server's configuration")
+    test.add_argument("vmid")
+    test.add_argument("--out", required=True, help="a new directory for the test VM")
+    test.add_argument("--point", type=int, default=None, help="recovery point (default: latest)")
+    test.add_argument(
+        "--start-command",
+        help="hook: a shell command that starts the VM (FRREP_VM_DIR, FRREP_DISKS... set)",
+    )
+    test.add_argument("--json", action="store_true")
+    test.set_defaults(func=_cmd_test)
+    cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
+    cleanup.add_argument("directory")
+    cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")
+    cleanup.set_defaults(func=_cmd_cleanup)
