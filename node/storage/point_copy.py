@@ -59,9 +59,7 @@ def _points(raw: bytes) -> tuple[dict[str, object], list[RecoveryPoint]]:
     return doc, [RecoveryPoint.from_json(p) for p in doc.get("points", [])]
 
 
-def copy_point(
-    storage: Path, vmid: uuid.UUID, out: Path, sequence: int | None = None
-) -> PointCopy:
+def copy_point(storage: Path, vmid: uuid.UUID, out: Path, sequence: int | None = None) -> PointCopy:
     """Copy the replica of ``vmid`` (under ``storage``) as of recovery point ``sequence``
     (default: the latest) into the new directory ``out``: ``config.bin`` and one sparse
     image per disk under ``disks/``.
