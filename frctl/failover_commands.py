@@ -66,6 +66,36 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unplanned(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.failover.test import CommandHook, HookFailed
+    from node.failover.unplanned import unplanned_failover
+    from node.storage.lock import StorageBusy
+
+    try:
+        result = unplanned_failover(
+            _stores(args),
+            uuid.UUID(args.vmid),
+            sequence=args.point,
+            start=CommandHook(args.start_command) if args.start_command else None,
+        )
+    except StorageBusy as exc:
+        print(f"frctl: unplanned failover: {exc}: stop the recovery server first", file=sys.stderr)
+        return 1
+    except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
+        print(f"frctl: unplanned failover: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"VM {result.vmid} failed over at recovery point {result.sequence} (generation "
+            f"{result.generation}); its former primary is refused from now on; disks: "
+            + ", ".join(str(p) for p in result.disks)
+        )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add ``failover`` to frctl's subcommands."""
     failover = sub.add_parser("failover", help="failover at the recovery server")
@@ -83,6 +113,17 @@ def register(sub: Any) -> None:
     )
     test.add_argument("--json", action="store_true")
     test.set_defaults(func=_cmd_test)
+    unplanned = fsub.add_parser(
+        "unplanned", help="the primary site is lost: run the VM from its replica (server stopped)"
+    )
+    unplanned.add_argument("--config", required=True, help="the recovery server's configuration")
+    unplanned.add_argument("vmid")
+    unplanned.add_argument(
+        "--point", type=int, default=None, help="recovery point (default: latest)"
+    )
+    unplanned.add_argument("--start-command", help="hook: a shell command that starts the VM")
+    unplanned.add_argument("--json", action="store_true")
+    unplanned.set_defaults(func=_cmd_unplanned)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")

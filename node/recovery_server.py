@@ -38,6 +38,7 @@ import trio
 import frproto as fp
 from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
+from node.storage.lock import StorageBusy, claim
 
 from .accept import Accepted, accept
 from .authz import Grant
@@ -86,6 +87,8 @@ class RecoveryServer:
         authorize: replaces ``config.authorization.authorize`` (a cluster node also
             admits its peer nodes).
         cap: a cluster node's route for connections that ask for the CAP's name.
+        claim_storage: hold each storage location's lock (``node/storage/lock.py``) while
+            serving it; False for storage that cluster nodes share.
     """
 
     def __init__(
@@ -98,9 +101,12 @@ class RecoveryServer:
         ownership: OwnershipCheck | None = None,
         authorize: Authorizer | None = None,
         cap: CapRoute | None = None,
+        claim_storage: bool = True,
     ) -> None:
         self.config = config
         self._cap = cap
+        self._claim_storage = claim_storage
+        self._claims: list[int] = []  # lock descriptors, kept while the server runs
         self._ownership = ownership
         self._authorize = authorize
         self._faults = faults
@@ -132,6 +138,11 @@ class RecoveryServer:
         """The replica store at ``storage``, opened (and recovered) on first use."""
         store = self._stores.get(storage)
         if store is None:
+            if self._claim_storage:
+                try:
+                    self._claims.append(claim(storage))
+                except StorageBusy as exc:
+                    raise fp.Busy(str(exc)) from None
             store = ReplicaStore(
                 storage, keep_points=self.config.recovery_points, faults=self._faults
             )
@@ -278,7 +289,19 @@ class _Session:
         self.server._busy.add(replica.vmid)
         self.replica = replica
 
-    async def _accept(self, replica: Replica) -> None:
+    async def _accept(self, replica: Replica, generation: int = 0) -> None:
+        if replica.failed_over:
+            # After a failover the VM runs from this replica: its former primary must
+            # never write to it again (no split brain).
+            raise fp.NotAuthorized(
+                f"VM {replica.vmid} was failed over to this site (generation "
+                f"{replica.generation}): replication from its former primary is refused"
+            )
+        if generation and generation != replica.generation:
+            raise fp.NotAuthorized(
+                f"VM {replica.vmid}: the primary knows generation {generation}, the "
+                f"relationship is at {replica.generation}"
+            )
         self._take(replica)
         disk, offset = replica.ir_cursor
         await self.conn.send(
@@ -340,7 +363,7 @@ class _Session:
         self.server.config.authorization.check_binding(
             self.grant.identity, replica.trust_group, f"the replica of {msg.vmid}"
         )
-        await self._accept(replica)
+        await self._accept(replica, msg.generation)
 
     # -- initial replication --------------------------------------------------------------
 

@@ -127,6 +127,8 @@ class ClusterNode:
                 ownership=self._check_owner,
                 authorize=self._authorize,
                 cap=self,
+                # Shared storage is served by every node (ownership decides per VM).
+                claim_storage=not self.config.shared_storage,
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -409,7 +409,11 @@ class VMReplicator:
                 disks=self.disks,
                 config=self.config_blob,
                 create=self.state.ir_state != "COMPLETE",
+                generation=self.state.generation,
             )
+            if accepted.generation != self.state.generation:
+                self.state.generation = accepted.generation
+                self._save()
         except fp.VMDeleted as exc:
             where = (
                 f" in the recovery cluster (broker {self.state.broker})"

@@ -173,6 +173,9 @@ class VMReplicationState:
     node_address: str = ""
     node_port: int = 0
     halted: str | None = None
+    #: The relationship's generation as the recovery side last said (0: not known yet);
+    #: sent with every RelationshipOpen, so that after a failover this primary is refused.
+    generation: int = 0
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -254,6 +257,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "node_address": (str,),
     "node_port": (int,),
     "halted": (str, type(None)),
+    "generation": (int,),
 }
 
 

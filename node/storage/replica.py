@@ -98,6 +98,10 @@ class _State:
     ir_resumed: bool = False
     applied_sequence: int = 0
     points: tuple[RecoveryPoint, ...] = field(default_factory=tuple)
+    #: The VM was failed over to this site: no primary may replicate to it any more.
+    failed_over: bool = False
+    #: A failover in progress reverts the images to this point (-1: none).
+    reverting_to: int = -1
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -115,6 +119,10 @@ class _State:
             "applied_sequence": self.applied_sequence,
             "points": [p.to_json() for p in self.points],
         }
+        if self.failed_over:
+            doc["failed_over"] = True
+        if self.reverting_to >= 0:
+            doc["reverting_to"] = self.reverting_to
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -154,6 +162,8 @@ class _State:
             ir_resumed=get("ir_resumed", bool),
             applied_sequence=get("applied_sequence", int),
             points=tuple(RecoveryPoint.from_json(p) for p in get("points", list)),
+            failed_over=bool(doc.get("failed_over", False)),
+            reverting_to=int(doc.get("reverting_to", -1)),
         )
 
 
@@ -504,6 +514,70 @@ class Replica:
             self._io.crash("ir_complete_written")
 
     # -- delta batches ----------------------------------------------------------------------
+    @property
+    def failed_over(self) -> bool:
+        """True once the VM was failed over to this site (see :meth:`fail_over`)."""
+        return self._st.failed_over
+
+    def fail_over(self, sequence: int | None = None) -> int:
+        """Unplanned failover: bring the images to the kept point ``sequence`` (default:
+        the latest), drop the newer points, and move the relationship to a new
+        generation, marked failed over, so that the former primary is refused from now on
+        (no split brain). Returns the new generation.
+
+        Crash-safe: the decision (point, new generation, failed over) is written first;
+        the images are then brought back with the newer points' undo data, newest first
+        (idempotent: calling this again after a crash finishes the same revert)."""
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            st = self._st
+            if st.ir_state != IRState.COMPLETE:
+                raise frproto.OutOfSequence(f"replica {self.vmid}: no complete replica")
+            if st.reverting_to < 0:
+                target = st.applied_sequence if sequence is None else sequence
+                if all(p.sequence != target for p in st.points):
+                    raise frproto.OutOfSequence(
+                        f"replica {self.vmid}: no recovery point {target} is kept"
+                    )
+                st = replace(
+                    st, failed_over=True, generation=st.generation + 1, reverting_to=target
+                )
+                self._save(st)
+            target = st.reverting_to
+            newer = [p.sequence for p in st.points if p.sequence > target]
+            for seq in reversed(newer):
+                self._revert_batch(seq)
+            self._sync_images(range(len(self._fds)))
+            kept = tuple(p for p in st.points if p.sequence <= target)
+            self._save(replace(st, applied_sequence=target, points=kept, reverting_to=-1))
+            self._drop_undo(set(newer))
+            return self._st.generation
+
+    def _revert_batch(self, seq: int) -> None:
+        """Write back what batch ``seq`` overwrote (its undo data)."""
+        path = self._lay.checked(self._lay.undo(seq))
+        with mapped("read undo", path):
+            contents = read_file(path, expect_magic=UNDO_MAGIC)
+            if not contents.complete:
+                raise frproto.InternalError(f"undo file {path} is damaged: {contents.problem}")
+            fd = os.open(path, open_flags(write=False))
+        try:
+            for rec in contents.records:
+                image = self._paths[rec.disk_index]
+                with mapped("revert image", image):
+                    if rec.kind == KIND_DATA:
+                        data = os.pread(fd, rec.length, rec.data_pos)
+                        if len(data) != rec.length:
+                            raise frproto.InternalError(f"short read of {path}")
+                        self._io.pwrite(self._fds[rec.disk_index], data, rec.offset, image)
+                    else:
+                        self._io.write_zeros(
+                            self._fds[rec.disk_index], rec.offset, rec.length, image
+                        )
+        finally:
+            os.close(fd)
+
     def applied_digest(self, sequence: int) -> str:
         """The aggregate digest batch ``sequence`` was applied with, if this replica still
         keeps its point and knows it ("" otherwise)."""

@@ -3,6 +3,7 @@ goes on; the hooks run; the cleanup removes only what a test failover made."""
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from pathlib import Path
@@ -100,3 +101,47 @@ def test_the_cli_builds_runs_the_hooks_and_cleans_up(site: Site, tmp_path: Path)
         assert "no replica" in missing.stderr
     finally:
         proc.stop()
+
+
+def test_unplanned_failover_at_a_point_then_the_old_primary_is_refused(
+    site: Site, tmp_path: Path
+) -> None:
+    rng = random.Random(33)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    copies: dict[int, bytes] = {}
+    proc = site.start_server()
+    vm = site.replicator(vmid, "vm", [image], proc.port)
+    try:
+        trio.run(vm.cycle)
+        copies[0] = image.read_bytes()
+        for _ in range(3):
+            scribble(image, rng, writes=5)
+            trio.run(vm.cycle)
+            copies[vm.state.sequence] = image.read_bytes()
+        args = ["failover", "unplanned", "--config", str(site.server_config), str(vmid)]
+        busy = frctl(*args, "--point", "2")
+        assert busy.returncode == 1
+        assert "stop the recovery server first" in busy.stderr  # it still serves the VM
+    finally:
+        proc.stop()
+    started = tmp_path / "started.txt"
+    hook = f'echo "$FRREP_DISKS" > {started}'
+    done = frctl(*args, "--point", "2", "--json", "--start-command", hook)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["sequence"] == 2
+    assert result["generation"] == 2
+    # The VM runs from the replica, brought back exactly to point 2.
+    disk = site.replica_image(vmid, 0)
+    assert started.read_text().strip() == str(disk)
+    assert disk.read_bytes() == copies[2]
+    # The old primary comes back: refused, whatever it sends; the replica is untouched.
+    proc = site.start_server(port=vm.state.recovery_port)
+    try:
+        scribble(image, rng, writes=5)
+        with pytest.raises(fp.NotAuthorized, match="failed over"):
+            trio.run(vm.cycle)
+    finally:
+        proc.stop()
+    assert disk.read_bytes() == copies[2]

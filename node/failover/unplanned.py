@@ -1,0 +1,76 @@
+"""Unplanned failover: the primary site is lost; the VM is brought up from its replica.
+
+Run at the recovery server, with that server stopped (the replica changes under it: the
+storage lock, ``node/storage/lock.py``, must be free). The replica is brought to the
+chosen kept recovery point (default: the latest), the newer points are dropped, and the
+relationship moves to a new generation marked failed over: from then on the recovery
+server refuses the former primary (no split brain), whatever generation it presents.
+Then the start hook tells the embedding tool to start the VM from the replica's disks,
+in place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.storage import ReplicaStore
+from node.storage.lock import claim
+from node.storage.point_copy import PointCopy
+
+from .test import CommandHook, find_replica
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    """What an unplanned failover did."""
+
+    vmid: uuid.UUID
+    sequence: int  #: the recovery point the VM runs from
+    generation: int  #: the relationship's new generation
+    disks: tuple[Path, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        """For ``--json``."""
+        return {
+            "vmid": str(self.vmid),
+            "sequence": self.sequence,
+            "generation": self.generation,
+            "disks": [str(p) for p in self.disks],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def unplanned_failover(
+    storages: list[Path],
+    vmid: uuid.UUID,
+    *,
+    sequence: int | None = None,
+    start: CommandHook | None = None,
+) -> FailoverResult:
+    """Fail the VM over to its replica at ``sequence`` (see the module docstring).
+
+    Raises:
+        node.storage.lock.StorageBusy: a recovery server still serves the storage.
+        frproto.UnknownVM / OutOfSequence: no such replica, or the point is not kept.
+        HookFailed: the start hook failed (the failover itself is done).
+    """
+    started = time.monotonic()
+    storage = find_replica(storages, vmid)
+    lock = claim(storage)
+    try:
+        with ReplicaStore(storage) as store:
+            replica = store.open(vmid)
+            generation = replica.fail_over(sequence)
+            point = replica.applied_sequence
+            disks = tuple(replica.image_path(i) for i in range(len(replica.disks)))
+            config = storage / str(vmid) / "config.bin"
+    finally:
+        os.close(lock)
+    if start is not None:
+        start(PointCopy(vmid, point, storage / str(vmid), config, disks, 0, 0.0))
+    return FailoverResult(vmid, point, generation, disks, time.monotonic() - started)
