@@ -564,3 +564,35 @@ def test_spare_files_are_reused_and_stale_content_never_counts(tmp_path: Path) -
         assert r.read(1, 0, wl.DISKS[1].size, at_sequence=5) == oracle.at(5)[1]
         apply_batch(r, seed, 7)
         assert images(r) == oracle.at(7)
+
+
+def test_fail_over_brings_a_kept_point_back_even_across_a_crash(tmp_path: Path) -> None:
+    crash_on = [-1]
+    writes = [0]
+
+    def before_write(path: Path, nbytes: int) -> None:
+        if path.suffix == ".img":
+            writes[0] += 1
+            if writes[0] == crash_on[0]:
+                raise OSError(errno.EIO, "simulated crash in the middle of the revert")
+
+    store = ReplicaStore(tmp_path, faults=StorageFaults(before_write=before_write))
+    r = make(store)
+    do_ir(r)
+    expected = {wl.IR_SEQUENCE: images(r)}
+    for seq in range(2, 6):
+        apply_batch(r, 9, seq)
+        expected[seq] = images(r)
+    generation = r.generation
+    writes[0] = 0
+    crash_on[0] = 3  # the third image write of the revert fails
+    with pytest.raises(frproto.InternalError):
+        r.fail_over(3)
+    store.close()
+    # A new process: the decision was durable, the revert finishes on the second call.
+    again = ReplicaStore(tmp_path).open(wl.VMID)
+    assert again.failed_over
+    assert again.fail_over() == generation + 1  # the point decided first is kept
+    assert again.applied_sequence == 3
+    assert images(again) == expected[3]
+    assert [p.sequence for p in again.recovery_points()][-1] == 3
