@@ -119,6 +119,17 @@ ca = "certs/ca.pem"
         store.save(state)
         return VMReplicator(state, store, self.client_context(), local_address=PRIMARY_HOST)
 
+    def restarted(self, replicator: VMReplicator, **options: object) -> VMReplicator:
+        """A new replicator from ``replicator``'s persisted state, as after a primary
+        restart (``options``: VMReplicator fields, e.g. a tracker)."""
+        return VMReplicator(
+            replicator.store.load(replicator.state.vmid),
+            replicator.store,
+            self.client_context(),
+            local_address=PRIMARY_HOST,
+            **options,  # type: ignore[arg-type]
+        )
+
     def replica_image(self, vmid: uuid.UUID, disk_index: int) -> Path:
         """The replica's image file of one disk on the recovery server."""
         return ReplicaLayout(self.storage, vmid).image(f"disk{disk_index}")

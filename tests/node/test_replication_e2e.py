@@ -124,14 +124,7 @@ async def test_primary_restart_resumes_without_new_ir(site: Site, server: Server
         scribble(image, rng, writes=5)
         await first.cycle()
         # A new replicator from the persisted state: as after a primary restart.
-        from node.primary.replicator import VMReplicator
-
-        again = VMReplicator(
-            first.store.load(str(vmid)),
-            first.store,
-            site.client_context(),
-            local_address=first.local_address,
-        )
+        again = site.restarted(first)
         assert again.state.ir_state == "COMPLETE"
         assert again.state.sequence == 1
         scribble(image, rng, writes=5)
@@ -228,14 +221,7 @@ async def test_an_ir_whose_ack_was_lost_takes_its_map_from_the_replica(
         state.ir_state = "IN_PROGRESS"  # as if the ack had not been recorded
         first.store.save(state)
         scribble(image, rng, writes=6)
-        from node.primary.replicator import VMReplicator
-
-        again = VMReplicator(
-            first.store.load(str(vmid)),
-            first.store,
-            site.client_context(),
-            local_address=first.local_address,
-        )
+        again = site.restarted(first)
         await again.cycle()  # finds the IR complete at the server: no data sent
         assert again.state.ir_state == "COMPLETE"
         assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()
@@ -260,14 +246,7 @@ async def test_a_cycle_acknowledged_but_not_yet_dropped_is_not_sent_again(
         await first.cycle()  # batch 1: acknowledged and recorded, still in the log
         assert first.state.sequence == 1
         assert [c.sequence for c in first.pending.cycles()] == [1]
-        from node.primary.replicator import VMReplicator
-
-        again = VMReplicator(
-            first.store.load(str(vmid)),
-            first.store,
-            site.client_context(),
-            local_address=first.local_address,
-        )
+        again = site.restarted(first)
         scribble(image, rng, writes=5)
         await again.cycle()
     assert again.state.sequence == 2
@@ -300,11 +279,7 @@ async def test_a_primary_killed_before_recording_an_ack_never_reuses_its_sequenc
         with pytest.raises(OSError, match="killed"):
             await first.cycle()  # batch 1 applied by the server, ack not recorded
         store.save = real_save  # type: ignore[method-assign]
-        from node.primary.replicator import VMReplicator
-
-        again = VMReplicator(
-            store.load(str(vmid)), store, site.client_context(), local_address=first.local_address
-        )
+        again = site.restarted(first)
         assert again.state.sequence == 0
         scribble(image, rng, writes=5)
         await again.cycle()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import trio
 
-from node.primary.replicator import VMReplicator
 from node.primary.tracker import ChangeTracker
 from node.testing import ServerProcess
 
@@ -31,16 +30,6 @@ def change_blocks(path: Path, rng: random.Random, count: int) -> set[int]:
             f.seek(b * BLOCK)
             f.write(rng.randbytes(BLOCK))
     return blocks
-
-
-def restarted(first: VMReplicator, site: Site, **extra: object) -> VMReplicator:
-    return VMReplicator(
-        first.store.load(first.state.vmid),
-        first.store,
-        site.client_context(),
-        local_address=first.local_address,
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 async def test_verification_finds_a_corrupted_block_and_nothing_otherwise(
@@ -85,7 +74,7 @@ async def test_resync_after_lost_tracking_sends_only_what_changed(
         # The primary restarts without its tracker's bitmap while the disk changed
         # (writes made while replication was off): nothing reports these writes.
         changed = change_blocks(image, rng, 13)
-        again = restarted(vm, site, tracker=ChangeTracker([size], BLOCK))
+        again = site.restarted(vm, tracker=ChangeTracker([size], BLOCK))
         await again.cycle()
         assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()  # missed
         result = await again.resync()
@@ -106,7 +95,7 @@ async def test_an_overflowed_pending_log_resyncs_instead_of_halting(
     with trio.fail_after(60):
         await first.cycle()  # IR
         # A bound of 256 KiB: 40 changed blocks (2.5 MiB) do not fit.
-        vm = restarted(first, site, pending_bytes=256 * 1024)
+        vm = site.restarted(first, pending_bytes=256 * 1024)
         resyncs: list[int] = []
         real_resync = vm.resync
 
