@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from .node_commands import _stores
 
 
@@ -96,6 +98,41 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_planned(args: argparse.Namespace) -> int:
+    """The primary's side: stop hook, last cycle, verification, stop replicating."""
+    import subprocess
+
+    from .node_commands import _replicator
+
+    try:
+        replicator = _replicator(args)
+    except FileNotFoundError:
+        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
+        return 4
+    if args.stop_command:
+        done = subprocess.run(args.stop_command, shell=True, check=False)
+        if done.returncode:
+            print(
+                f"frctl: the stop hook exited {done.returncode}: not failing over", file=sys.stderr
+            )
+            return 1
+    try:
+        result = trio.run(replicator.prepare_failover)
+    except Exception as exc:  # the last cycle or the check failed: nothing was switched
+        print(f"frctl: planned failover: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(
+            f"{replicator.state.name}: the replica holds the final state (sequence "
+            f"{result.sequence}, {result.blocks} blocks verified); replication stopped. At the "
+            f"recovery server: frctl failover unplanned --config SERVER.toml {args.vmid} "
+            f"--point {result.sequence}"
+        )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add ``failover`` to frctl's subcommands."""
     failover = sub.add_parser("failover", help="failover at the recovery server")
@@ -124,6 +161,14 @@ def register(sub: Any) -> None:
     unplanned.add_argument("--start-command", help="hook: a shell command that starts the VM")
     unplanned.add_argument("--json", action="store_true")
     unplanned.set_defaults(func=_cmd_unplanned)
+    planned = fsub.add_parser(
+        "planned", help="at the primary: stop the VM, send the rest, verify, stop replicating"
+    )
+    planned.add_argument("--config", required=True, help="the primary's configuration")
+    planned.add_argument("vmid")
+    planned.add_argument("--stop-command", help="hook: a shell command that stops the VM")
+    planned.add_argument("--json", action="store_true")
+    planned.set_defaults(func=_cmd_planned)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")

@@ -661,6 +661,45 @@ class VMReplicator:
         )
         return result
 
+    async def prepare_failover(self) -> VerifyResult:
+        """The primary's side of a planned failover: with the VM stopped (the caller's
+        stop hook has run), send everything still pending in a last cycle, then check
+        that the replica equals the disks, block for block, by digests (the disks are
+        read, the replica's digests fetched). Only then is replication stopped for good
+        (``state.halted``): the recovery side may take the VM at the returned sequence,
+        losing nothing.
+
+        Raises:
+            ReplicationHalted: the replica differs after the last cycle (nothing is
+                switched; resynchronize and try again).
+        """
+        started = time.monotonic()
+        await self.cycle()
+        block = self.state.block_size
+        client, accepted = await self._open_existing()
+        try:
+            result = VerifyResult(self.state.vmid, accepted.applied_sequence)
+            for index, disk in enumerate(self.disks):
+                theirs = await replica_map(client, self.vmid, index, disk.size, block)
+                blocks, _ = await trio.to_thread.run_sync(scan_changes, self.images[index], theirs)
+                result.blocks += theirs.block_count
+                result.differences += coalesce(index, blocks, block, disk.size)
+        finally:
+            await client.aclose()
+        result.seconds = time.monotonic() - started
+        if not result.ok:
+            raise ReplicationHalted(
+                f"{self.state.name}: after the last cycle the replica still differs from the "
+                f"disks ({len(result.differences)} ranges): not failing over; resynchronize"
+            )
+        self.state.halted = (
+            f"planned failover: the replica holds this VM's final state (sequence "
+            f"{result.sequence}, verified); this primary replicates it no more"
+        )
+        self._save()
+        log.info("%s: ready for failover at sequence %d", self.state.name, result.sequence)
+        return result
+
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""
         if self.pending.overflowed:
