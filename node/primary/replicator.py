@@ -243,8 +243,9 @@ class VMReplicator:
         self.state.last_cycle_started_at = time.time()
         try:
             if self.state.ir_state == "COMPLETE":
-                await self.capture()
-                if self.pending.overflowed:
+                if not self.state.needs_resync:
+                    await self.capture()
+                if self.pending.overflowed or self.state.needs_resync:
                     await self.resync()
             client = await self._connect()
             try:
@@ -650,6 +651,7 @@ class VMReplicator:
         self._save()
         self.pending.clear()
         self.pending.clear_overflow()
+        self.state.needs_resync = False
         self._save()
         result.seconds = time.monotonic() - started
         log.info(

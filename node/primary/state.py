@@ -176,6 +176,9 @@ class VMReplicationState:
     #: The relationship's generation as the recovery side last said (0: not known yet);
     #: sent with every RelationshipOpen, so that after a failover this primary is refused.
     generation: int = 0
+    #: The next cycle resynchronizes by digests instead of capturing (reverse
+    #: replication after a failover starts so: the two sides' disks are compared).
+    needs_resync: bool = False
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -258,6 +261,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "node_port": (int,),
     "halted": (str, type(None)),
     "generation": (int,),
+    "needs_resync": (bool,),
 }
 
 

@@ -514,6 +514,13 @@ class Replica:
             self._io.crash("ir_complete_written")
 
     # -- delta batches ----------------------------------------------------------------------
+    def set_generation(self, generation: int) -> None:
+        """Start the relationship at ``generation`` (reverse replication after a failover
+        carries on the failed-over side's generation)."""
+        with self._lock:
+            self._check_open()
+            self._save(replace(self._st, generation=generation))
+
     @property
     def failed_over(self) -> bool:
         """True once the VM was failed over to this site (see :meth:`fail_over`)."""
