@@ -133,6 +133,71 @@ def _cmd_planned(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    """At the former primary: its own disks become the replica reverse replication updates."""
+    import frproto as fp
+    from node.config import load_recovery_server_config
+    from node.failover.reverse import adopt_disks
+
+    disks = []
+    for item in args.disk:
+        disk_id, sep, path = item.partition("=")
+        if not sep:
+            print(f"frctl: --disk {item!r}: expected ID=PATH", file=sys.stderr)
+            return 2
+        disks.append((disk_id, Path(path)))
+    try:
+        config = load_recovery_server_config(Path(args.config))
+        adopted = adopt_disks(
+            config.authorization,
+            uuid.UUID(args.vmid),
+            name=args.name,
+            disks=disks,
+            primary=args.primary,
+            generation=args.generation,
+        )
+    except (fp.FrprotoError, OSError, ValueError) as exc:
+        print(f"frctl: adopt: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"VM {adopted.vmid}: its disks are the replica in {adopted.storage} (generation "
+        f"{adopted.generation}, {adopted.data_bytes} data bytes); the failed-over side may "
+        "now replicate back"
+    )
+    return 0
+
+
+def _cmd_reverse(args: argparse.Namespace) -> int:
+    """At the failed-over side: replicate the VM back, differences first (no IR)."""
+    import frproto as fp
+    from node.config import load_primary_config
+    from node.failover.reverse import reverse_state
+    from node.failover.test import find_replica
+    from node.primary.state import PrimaryStateStore
+
+    host, _, port = args.to.rpartition(":")
+    try:
+        vmid = uuid.UUID(args.vmid)
+        primary = load_primary_config(Path(args.config))
+        storage = find_replica(_stores(argparse.Namespace(config=args.server_config)), vmid)
+        state = reverse_state(
+            PrimaryStateStore(primary.state_dir),
+            storage,
+            vmid,
+            host=host,
+            port=int(port),
+            server_name=args.to_name or host,
+        )
+    except (fp.FrprotoError, OSError, ValueError) as exc:
+        print(f"frctl: reverse: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{state.name}: replicates back to {args.to} from its replica's disks; the first "
+        "cycle sends only what differs (frctl primary run replicates it)"
+    )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add ``failover`` to frctl's subcommands."""
     failover = sub.add_parser("failover", help="failover at the recovery server")
@@ -169,6 +234,25 @@ def register(sub: Any) -> None:
     planned.add_argument("--stop-command", help="hook: a shell command that stops the VM")
     planned.add_argument("--json", action="store_true")
     planned.set_defaults(func=_cmd_planned)
+    adopt = fsub.add_parser(
+        "adopt", help="at the former primary: make its disks the replica to replicate back to"
+    )
+    adopt.add_argument("--config", required=True, help="this host's recovery server config")
+    adopt.add_argument("vmid")
+    adopt.add_argument("--name", required=True)
+    adopt.add_argument("--disk", action="append", required=True, metavar="ID=PATH")
+    adopt.add_argument("--primary", required=True, help="the failed-over side's name")
+    adopt.add_argument("--generation", type=int, required=True, help="as failover printed")
+    adopt.set_defaults(func=_cmd_adopt)
+    reverse = fsub.add_parser(
+        "reverse", help="at the failed-over side: replicate back, differences first"
+    )
+    reverse.add_argument("--config", required=True, help="this host's primary config")
+    reverse.add_argument("--server-config", required=True, help="this host's server config")
+    reverse.add_argument("vmid")
+    reverse.add_argument("--to", required=True, metavar="HOST:PORT")
+    reverse.add_argument("--to-name", help="the TLS name of the other side (default: HOST)")
+    reverse.set_defaults(func=_cmd_reverse)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")

@@ -115,5 +115,33 @@ trust_group = "reverse"
         trio.run(reverse.cycle)
         assert reverse.state.sequence == 2
         assert a_replica.read_bytes() == running_disk.read_bytes()
+        # Fail back the same way: a planned failover at B (the VM stops there, the rest
+        # is sent and checked), then A takes the VM at that sequence.
+        change_blocks(running_disk, rng, [20])
+        final = running_disk.read_bytes()
+        ready = trio.run(reverse.prepare_failover)
+        assert ready.ok
     finally:
         a_server.stop()
+    back = unplanned_failover([p_storage / "replicas"], vmid, sequence=ready.sequence)
+    assert back.disks[0].read_bytes() == final  # nothing lost, in either direction
+    assert back.generation == failed.generation + 1
+
+
+def test_reverse_refuses_a_vm_that_was_not_failed_over(site: Site, tmp_path: Path) -> None:
+    from .test_cli_replication import frctl
+
+    rng = random.Random(42)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 2 * MIB, rng)
+    server = site.start_server()
+    try:
+        trio.run(site.replicator(vmid, "vm", [image], server.port).cycle)
+    finally:
+        server.stop()
+    done = frctl(
+        "failover", "reverse", "--config", str(site.write_primary_config()),
+        "--server-config", str(site.server_config), str(vmid), "--to", "127.0.0.3:7443",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "not failed over" in done.stderr
