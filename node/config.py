@@ -159,6 +159,7 @@ class PrimaryConfig:
         state_dir = "state"          # relative to this file
         # local_address = "127.0.0.3"  # source address for connections (tests)
         # compression = "zstd"         # offer "zstd", "lz4", "zstd,lz4" or "none" (default)
+        # resync_window = ["22:00", "06:00"]  # automatic resyncs only then (default: any time)
 
         [bandwidth]                  # optional: for all VMs of this host together
         host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
@@ -188,6 +189,8 @@ class PrimaryConfig:
     #: Time-of-day rules ``(start "HH:MM", end "HH:MM", bytes_per_s or None)``; outside
     #: them ``bandwidth_bps`` applies.
     bandwidth_schedule: tuple[tuple[str, str, float | None], ...] = ()
+    #: ``(start "HH:MM", end "HH:MM")``: automatic resynchronizations only inside it.
+    resync_window: tuple[str, str] | None = None
     #: Compression methods offered to recovery servers (none by default).
     compression: CompressionSet = NO_COMPRESSION
     #: Static name -> IP address table (``[hosts]``), consulted before DNS. Names are
@@ -225,7 +228,23 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         bandwidth_schedule=schedule,
         compression=parse_compression(primary.get("compression", "none"), path),
         hosts=parse_hosts(data.get("hosts", {}), path),
+        resync_window=_window(primary.get("resync_window"), path),
     )
+
+
+def _window(value: object, path: Path) -> tuple[str, str] | None:
+    """``[primary] resync_window = ["22:00", "06:00"]`` (None when absent)."""
+    if value is None:
+        return None
+    from .primary.window import TimeWindow
+
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f'{path}: [primary] resync_window must be ["HH:MM", "HH:MM"]')
+    try:
+        TimeWindow(value[0], value[1])
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [primary] resync_window: {exc}") from None
+    return value[0], value[1]
 
 
 def normalize_host_name(name: str) -> str:

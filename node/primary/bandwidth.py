@@ -18,7 +18,6 @@ is the longest of them. Time is read from injectable clocks (``clock`` for the b
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,19 +25,10 @@ from datetime import datetime
 from datetime import time as dtime
 from typing import Final
 
+from .window import minutes, span_contains
+
 #: Smallest default bucket: a burst never lower than this many bytes.
 MIN_BURST: Final = 64 * 1024
-
-_HHMM: Final = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
-
-
-def _minutes(text: str) -> int:
-    match = _HHMM.match(text)
-    if not match:
-        raise ValueError(f"not a time of day HH:MM (00:00-24:00): {text!r}")
-    if text == "24:00":
-        return 24 * 60
-    return int(match.group(1)) * 60 + int(match.group(2))
 
 
 def _check_rate(rate: float | None) -> float | None:
@@ -76,18 +66,13 @@ class BandwidthSchedule:
     ) -> None:
         self.rules = [BandwidthRule(s, e, _check_rate(r)) for s, e, r in rules]
         self.default = _check_rate(default)
-        self._spans = [(_minutes(r.start), _minutes(r.end), r.rate) for r in self.rules]
+        self._spans = [(minutes(r.start), minutes(r.end), r.rate) for r in self.rules]
 
     def rate_at(self, when: dtime) -> float | None:
         """The rate at time of day ``when`` (bytes/s, None for no limit)."""
         minute = when.hour * 60 + when.minute
         for start, end, rate in self._spans:
-            if start == end:
-                return rate
-            if start < end:
-                if start <= minute < end:
-                    return rate
-            elif minute >= start or minute < end:
+            if span_contains(start, end, minute):
                 return rate
         return self.default
 

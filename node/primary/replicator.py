@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ from .resync import (
 from .scan import read_blocks, scan_changes
 from .state import STATE_FILE, PrimaryStateStore, VMReplicationState
 from .tracker import ChangeTracker
+from .window import TimeWindow
 
 log = logging.getLogger("frrep.primary")
 
@@ -126,6 +128,11 @@ class VMReplicator:
     chunk_fault: Callable[[bytes], bytes] | None = None
     #: Name -> IP address table (the primary config's ``[hosts]``), used before DNS.
     hosts: Mapping[str, str] = field(default_factory=dict)
+    #: An automatic resynchronization (overflowed pending log, lost tracking) runs only
+    #: inside this local time window; None: whenever it is needed.
+    resync_window: TimeWindow | None = None
+    #: Local date and time (the window's clock; tests set it).
+    wall_clock: Callable[[], datetime] = datetime.now
     _maps: list[DigestMap] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -246,6 +253,17 @@ class VMReplicator:
                 if not self.state.needs_resync:
                     await self.capture()
                 if self.pending.overflowed or self.state.needs_resync:
+                    window = self.resync_window
+                    if window is not None and not window.contains(self.wall_clock().time()):
+                        log.info(
+                            "%s: a resynchronization is needed; it waits for its window %s-%s",
+                            self.state.name,
+                            window.start,
+                            window.end,
+                        )
+                        self._update_health()
+                        self._save()
+                        return
                     await self.resync()
             client = await self._connect()
             try:

@@ -19,6 +19,7 @@ from node.tls import client_context
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
 from .replicator import VMReplicator
 from .state import PrimaryStateStore
+from .window import TimeWindow
 
 log = logging.getLogger("frrep.primary")
 
@@ -62,6 +63,9 @@ async def run_primary(
                         local_address=config.local_address,
                         compression=config.compression,
                         hosts=config.hosts,
+                        resync_window=TimeWindow(*config.resync_window)
+                        if config.resync_window
+                        else None,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from node.primary.replicator import VMReplicator
 from node.primary.tracker import ChangeTracker
 from node.testing import ServerProcess
 
@@ -112,3 +113,37 @@ async def test_an_overflowed_pending_log_resyncs_instead_of_halting(
     assert vm.state.sequence == 1
     assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
     assert len(changed) == 40
+
+
+async def test_an_automatic_resync_waits_for_its_window(site: Site, server: ServerProcess) -> None:
+    from datetime import datetime
+
+    from node.primary.window import TimeWindow
+
+    rng = random.Random(24)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 4 * MIB, rng)
+    first = site.replicator(vmid, "vm", [image], server.port)
+    noon = datetime(2026, 11, 24, 12, 0)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        vm = site.restarted(
+            first,
+            pending_bytes=64 * 1024,
+            resync_window=TimeWindow("22:00", "06:00"),
+            wall_clock=lambda: noon,
+        )
+        change_blocks(image, rng, 8)  # 512 KiB: more than the log's bound
+        await vm.cycle()  # overflows; outside the window: nothing is sent
+        assert overflowed(vm)
+        assert vm.state.health == "critical"
+        assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()
+        vm.wall_clock = lambda: datetime(2026, 11, 24, 23, 0)  # the window opens
+        await vm.cycle()
+    assert not overflowed(vm)
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+def overflowed(vm: VMReplicator) -> bool:
+    """(A call, so that the type checker does not carry one assert's narrowing on.)"""
+    return vm.pending.overflowed
