@@ -317,11 +317,16 @@ def _cmd_resync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    from .oob_commands import ProgressLine
+
+    progress = ProgressLine(f"resynchronizing {replicator.state.name}")
     try:
-        result = trio.run(replicator.resync)
+        result = trio.run(replicator.resync, progress)
     except Exception as exc:  # the server, TLS or the network said no: say why
+        progress.finish()
         print(f"frctl: resync: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    progress.finish()
     if args.json:
         print(json.dumps(result.to_json()))
     else:

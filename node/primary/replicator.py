@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ _BACKOFF_MAX = 60.0
 MAX_REQUERIES = 3
 #: A peer that cannot be reached (or stopped answering): retryable.
 _UNREACHABLE = (OSError, TLSFailure, trio.BrokenResourceError, trio.TooSlowError)
+
+
+def _report_scan(progress: Progress, before: int, total: int, done: int) -> None:
+    progress(before + done, total)
 
 
 class ReplicationHalted(Exception):
@@ -613,14 +618,16 @@ class VMReplicator:
                     for i, d in enumerate(self.disks)
                 ]
                 changed: dict[int, dict[int, bytes]] = {}
+                total = sum(d.size for d in self.disks)
                 for index, path in enumerate(self.images):
+                    before = sum(d.size for d in self.disks[:index])
+                    report = (
+                        None if progress is None else partial(_report_scan, progress, before, total)
+                    )
                     blocks, digests = await trio.to_thread.run_sync(
-                        scan_changes, path, theirs[index]
+                        partial(scan_changes, path, theirs[index], progress=report)
                     )
                     changed[index] = {b: digests[b] for b in blocks}
-                    if progress is not None:
-                        done = sum(d.size for d in self.disks[: index + 1])
-                        progress(done, sum(d.size for d in self.disks))
                 result = ResyncResult(self.state.vmid, 0)
                 result.blocks = sum(m.block_count for m in theirs)
                 result.blocks_sent = sum(len(c) for c in changed.values())

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -54,7 +54,11 @@ def _read_full(fd: int, view: memoryview, offset: int) -> int:
 
 
 def scan_changes(
-    image: Path, digest_map: DigestMap, *, buffer_size: int = SCAN_BUFFER
+    image: Path,
+    digest_map: DigestMap,
+    *,
+    buffer_size: int = SCAN_BUFFER,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[int], dict[int, bytes]]:
     """Find the blocks of ``image`` whose XXH3-128 digest differs from ``digest_map``.
 
@@ -62,6 +66,8 @@ def scan_changes(
     partial; it is digested as it is, without padding). An unknown entry of the map
     counts as changed. The map is not modified: the caller records the new digests once
     the recovery server has acknowledged the blocks.
+
+    ``progress(bytes_read)`` is called after each read (from the calling thread).
 
     Returns:
         ``(changed, digests)``: the changed block indices in ascending order, and the new
@@ -97,6 +103,8 @@ def scan_changes(
                     digests[block] = new
                 block += 1
             offset += want
+            if progress is not None:
+                progress(offset)
     finally:
         os.close(fd)
     return changed, digests

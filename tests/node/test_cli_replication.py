@@ -113,6 +113,7 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         resynced = frctl("replication", "resync", "--config", config, vmid, "--json")
         assert resynced.returncode == 0, resynced.stderr
         assert json.loads(resynced.stdout)["blocks"] > 0
+        assert "resynchronizing web01: 100%" in resynced.stderr
         assert frctl("replication", "resume", "--config", config, vmid).returncode == 0
         assert frctl("replication", "disable", "--config", config, vmid).returncode == 0
         gone = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)

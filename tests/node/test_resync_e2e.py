@@ -78,7 +78,10 @@ async def test_resync_after_lost_tracking_sends_only_what_changed(
         again = site.restarted(vm, tracker=ChangeTracker([size], BLOCK))
         await again.cycle()
         assert site.replica_image(vmid, 0).read_bytes() != image.read_bytes()  # missed
-        result = await again.resync()
+        seen: list[tuple[int, int]] = []
+        result = await again.resync(lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (size, size)  # progress, in order, to the end
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert result.blocks == -(-size // BLOCK)
     assert result.blocks_sent == len(changed)  # only the changed blocks crossed
     assert result.bytes_sent == len(changed) * BLOCK
