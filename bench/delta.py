@@ -152,6 +152,16 @@ class RsyncResult:
     matched: int
 
 
+def rsync_copy(root: Path, image: Path) -> tuple[Path, RsyncDaemon]:
+    """A copy of ``image`` in an rsync module under ``root``, and the daemon serving it:
+    rsync's target, as the replica is ours."""
+    module = root / "rsync-mod"
+    module.mkdir()
+    copy = module / "image.img"
+    shutil.copyfile(image, copy)
+    return copy, start_rsync_daemon(root, module)
+
+
 def _stat(output: str, label: str) -> int:
     for line in output.splitlines():
         if line.startswith(label):
@@ -265,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         site = BenchSite(root)
         image = root / "disk0.img"
         make_image(image, size)
-        module = root / "rsync-mod"
-        module.mkdir()
-        copy = module / "image.img"
-        shutil.copyfile(image, copy)
-        daemon = start_rsync_daemon(root, module)
+        copy, daemon = rsync_copy(root, image)
         server = site.start_server()
         vmid = uuid.uuid4()
         tracker = ChangeTracker([size], BLOCK)

@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 
 import trio
-from delta import change_blocks, measure_rsync, start_rsync_daemon
+from delta import change_blocks, measure_rsync, rsync_copy
 from ir import GIB, MIB, BenchSite, make_image, read_through, same_content
 
 from node.primary.replicator import VMReplicator
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         site = BenchSite(root)
         image = root / "disk0.img"
         make_image(image, size)
-        module = root / "rsync-mod"
-        module.mkdir()
-        copy = module / "image.img"
-        shutil.copyfile(image, copy)
-        daemon = start_rsync_daemon(root, module)
+        copy, daemon = rsync_copy(root, image)
         server = site.start_server()
         vmid = uuid.uuid4()
         replicator: VMReplicator = site.replicator(vmid, image, server.port)

@@ -21,7 +21,7 @@ from dataclasses import replace
 import trio
 
 from broker.cluster_cache import ClusterCache
-from broker.cluster_view import ClusterView, read_cluster
+from broker.cluster_view import ClusterView
 from broker.election import Term, fenced_txn
 from broker.placement import PlacementError
 from broker.records import Keys, PlacementCursor, VMRecord
@@ -44,7 +44,7 @@ class Tracker:
         keys: Keys,
         term: Term,
         choose: Chooser,
-        cache: ClusterCache | None = None,
+        cache: ClusterCache,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -58,13 +58,9 @@ class Tracker:
         few milliseconds, where reading them would stall the broker's queries."""
         while True:
             try:
-                if self.cache is not None:
-                    seen = self.cache.membership_changes
-                    await self.reconcile(self.cache.view())
-                    await self.cache.wait_membership_change(seen, timeout=RECONCILE_SECONDS)
-                else:
-                    await self.reconcile(await read_cluster(self.store, self.keys))
-                    await trio.sleep(RECONCILE_SECONDS)
+                seen = self.cache.membership_changes
+                await self.reconcile(self.cache.view())
+                await self.cache.wait_membership_change(seen, timeout=RECONCILE_SECONDS)
             except StoreError as exc:
                 log.warning("tracking: %s", exc)
                 await trio.sleep(RECONCILE_SECONDS)

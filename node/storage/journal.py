@@ -42,6 +42,8 @@ from typing import Final, NamedTuple
 
 import xxhash
 
+import frproto
+
 from .fileio import Buffer, FileIO
 
 FILE_HEADER: Final = struct.Struct(">4sHHQQQQ")
@@ -194,6 +196,18 @@ class FileWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def read_undo(path: Path) -> list[Record]:
+    """The records of a complete undo file.
+
+    Raises:
+        frproto.InternalError: the file is damaged (torn, or a checksum fails).
+    """
+    contents = read_file(path, expect_magic=UNDO_MAGIC)
+    if not contents.complete:
+        raise frproto.InternalError(f"undo file {path} is damaged: {contents.problem}")
+    return contents.records
 
 
 def read_file(path: Path, *, expect_magic: bytes) -> FileContents:

@@ -25,7 +25,7 @@ from pathlib import Path
 import frproto
 
 from . import layout as lay
-from .journal import UNDO_MAGIC, Record, read_file
+from .journal import Record, read_undo
 from .points import RecoveryPoint, overlay
 
 #: Bytes read per piece.
@@ -158,10 +158,7 @@ def _overlay(
     path = lo.checked(lo.undo(seq))
     records = cache.get(seq)
     if records is None:  # an undo file never changes while its point is kept
-        contents = read_file(path, expect_magic=UNDO_MAGIC)
-        if not contents.complete:
-            raise frproto.InternalError(f"undo file {path} is damaged: {contents.problem}")
-        records = cache[seq] = list(contents.records)
+        records = cache[seq] = read_undo(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         overlay(buf, disk_index, offset, records, fd)

@@ -52,6 +52,7 @@ from .journal import (
     FileWriter,
     Record,
     read_file,
+    read_undo,
 )
 from .points import RecoveryPoint, needed_undo, overlay, prune
 
@@ -565,12 +566,10 @@ class Replica:
         """Write back what batch ``seq`` overwrote (its undo data)."""
         path = self._lay.checked(self._lay.undo(seq))
         with mapped("read undo", path):
-            contents = read_file(path, expect_magic=UNDO_MAGIC)
-            if not contents.complete:
-                raise frproto.InternalError(f"undo file {path} is damaged: {contents.problem}")
+            records = self._undo_records(seq, path)
             fd = os.open(path, open_flags(write=False))
         try:
-            for rec in contents.records:
+            for rec in records:
                 image = self._paths[rec.disk_index]
                 with mapped("revert image", image):
                     if rec.kind == KIND_DATA:
@@ -997,15 +996,18 @@ class Replica:
                 self._overlay_undo(point.sequence, buf, disk_index, offset)
             return bytes(buf)
 
+    def _undo_records(self, seq: int, path: Path) -> list[Record]:
+        """Batch ``seq``'s undo records (read once: an undo file never changes while its
+        point is kept)."""
+        records = self._undo_index.get(seq)
+        if records is None:
+            records = self._undo_index[seq] = read_undo(path)
+        return records
+
     def _overlay_undo(self, seq: int, buf: bytearray, disk_index: int, offset: int) -> None:
         path = self._lay.checked(self._lay.undo(seq))
         with mapped("read undo", path):
-            records = self._undo_index.get(seq)
-            if records is None:
-                contents = read_file(path, expect_magic=UNDO_MAGIC)
-                if not contents.complete:
-                    raise frproto.InternalError(f"undo file {path} is damaged: {contents.problem}")
-                records = self._undo_index[seq] = contents.records
+            records = self._undo_records(seq, path)
             fd = os.open(path, open_flags(write=False))
             try:
                 overlay(buf, disk_index, offset, records, fd)
