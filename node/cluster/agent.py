@@ -228,14 +228,17 @@ class ClusterNode:
     # -- settings -------------------------------------------------------------------------
 
     async def _watch_settings(self) -> None:
-        since = 0
+        key = self.keys.settings
         while True:
             try:
-                current = await self.store.get(self.keys.settings)
-                since = (current.mod_revision + 1) if current is not None else 0
-                if current is not None:
-                    self._apply(current.value)
-                async with self.store.watch(self.keys.settings, start_revision=since) as events:
+                # Read with the store's revision and watch from just after it: a change
+                # made between the read and the watch is replayed, never missed (a watch
+                # "from now" after reading nothing lost the first settings now and then).
+                kvs, revision = await self.store.range(key)
+                for kv in kvs:
+                    if kv.key == key:
+                        self._apply(kv.value)
+                async with self.store.watch(key, start_revision=revision + 1) as events:
                     async for event in events:
                         if event.kind is EventKind.PUT:
                             self._apply(event.kv.value)
