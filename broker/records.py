@@ -230,6 +230,17 @@ class VMRecord:
     shared: bool = False
     #: The node the replica is being moved to (set by the broker; the owner does the move).
     migrate_to: str = ""
+    #: A failover to this replica (``node/cluster/failover.py``): "" none; "requested" (an
+    #: administrator asked, the owner carries it out); "done" (the VM runs from the
+    #: replica: its former primary is refused from now on); "failed" (``failover_note``).
+    failover: str = ""
+    #: Requested: the recovery point to fail over to (-1: the latest). Done: the point
+    #: the VM runs from.
+    failover_point: int = -1
+    #: Done: the relationship's new generation.
+    failover_generation: int = 0
+    #: Why a failover failed, or what the start hook said.
+    failover_note: str = ""
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -255,11 +266,27 @@ class VMRecord:
                 deleted=_typed(d.get("deleted", False), bool, "deleted"),
                 shared=_typed(d.get("shared", False), bool, "shared"),
                 migrate_to=_typed(d.get("migrate_to", ""), str, "migrate_to"),
+                failover=_failover_state(d.get("failover", "")),
+                failover_point=_typed(d.get("failover_point", -1), int, "failover_point"),
+                failover_generation=_typed(
+                    d.get("failover_generation", 0), int, "failover_generation"
+                ),
+                failover_note=_typed(d.get("failover_note", ""), str, "failover_note"),
             )
         except KeyError as exc:
             raise RecordError(f"VM record: missing {exc}") from None
         except ValueError as exc:
             raise RecordError(f"VM record: {exc}") from None
+
+
+#: The values of ``VMRecord.failover``.
+FAILOVER_STATES: Final = ("", "requested", "done", "failed")
+
+
+def _failover_state(value: object) -> str:
+    if value not in FAILOVER_STATES:
+        raise ValueError(f"failover must be one of {FAILOVER_STATES}, not {value!r}")
+    return str(value)
 
 
 #: A placement rule's name in the settings: ``module:attribute`` or an entry-point name.

@@ -195,6 +195,13 @@ class Broker:
                 return fp.QueryRecoveryServerResponse(
                     query.vmid, self.cap.cap_name, self.cap.cap_port, fp.ExistingVM.DELETED
                 )
+            if vm.failover == "done":
+                # The VM runs from its replica now: its former primary must not write
+                # to it (the node refuses it too, by the relationship's generation).
+                raise fp.NotAuthorized(
+                    f"VM {vmid} was failed over to {vm.owner} (generation "
+                    f"{vm.failover_generation}): replication from its former primary is refused"
+                )
             if vm.trust_group and vm.trust_group != grant.identity.trust_group:
                 raise fp.NotAuthorized(
                     f"VM {vmid} is bound to trust group {vm.trust_group!r}; primary "

@@ -72,11 +72,11 @@ class Tracker:
         replica were already on its new node, and the cursor advanced, so that the next
         decision spreads over the nodes instead of sending everything to one."""
         fine = {n for n, node in view.nodes.items() if not node.admin.draining}
-        if all(vm.owner in fine or vm.deleted or vm.migrate_to for vm in view.vms.values()):
+        if all(_settled(vm, fine) or vm.migrate_to for vm in view.vms.values()):
             return  # the usual case, in about a millisecond for 8,000 VMs
         view = replace(view, vms=dict(view.vms))  # ours to change (it may be the cache's)
         for vm in list(view.vms.values()):
-            if vm.deleted or vm.owner in fine:
+            if _settled(vm, fine):
                 continue
             target: str | None = None
             if vm.owner not in view.nodes:
@@ -92,8 +92,8 @@ class Tracker:
     async def rehome(self, view: ClusterView, vm: VMRecord) -> str | None:
         """Give a down node's shared-storage replica to another node (None: not shared,
         or no node can take it, or the record changed meanwhile)."""
-        if not vm.shared:
-            return None
+        if not vm.shared or vm.failover:
+            return None  # a failed-over VM runs where it is: never moved under it
         try:
             target = self.choose(view, vm, exclude=[vm.owner], shared_only=True)
         except PlacementError as exc:
@@ -128,3 +128,9 @@ class Tracker:
             [Put(key, new.to_json())],
         )
         return result.succeeded
+
+
+def _settled(vm: VMRecord, fine: set[str]) -> bool:
+    """Nothing to do for this replica: on a node that is up and not draining, deleted, or
+    failed over (the VM runs from it at its node: it must not move under the VM)."""
+    return vm.owner in fine or vm.deleted or bool(vm.failover)

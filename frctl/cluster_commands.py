@@ -217,7 +217,14 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from broker.records import Keys, VMRecord
     from broker.store import ClusterStore
 
+    def request(vm: VMRecord) -> VMRecord:
+        if vm.failover:
+            # It runs (or is about to run) from its replica where it is.
+            raise ValueError(f"VM {vm.vmid} was failed over ({vm.failover}): it does not move")
+        return replace(vm, migrate_to=args.node)
+
     async def job(store: ClusterStore, keys: Keys) -> int:
+        uuid.UUID(args.vmid)  # a typo is reported as such, before anything else
         if await store.get(keys.node(args.node)) is None:
             print(f"frctl: node {args.node} is not up", file=sys.stderr)
             return 1
@@ -225,10 +232,73 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         if kv is not None and VMRecord.from_json(kv.value).owner == args.node:
             print(f"frctl: VM {args.vmid} is already on {args.node}", file=sys.stderr)
             return 1
-        rc = await _update_vm(store, keys, args.vmid, lambda vm: replace(vm, migrate_to=args.node))
+        rc = await _update_vm(store, keys, args.vmid, request)
         if rc == 0:
             print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
         return rc
+
+    return _run(args, job)
+
+
+def _cmd_failover(args: argparse.Namespace) -> int:
+    from broker.records import Keys, VMRecord
+    from broker.store import ClusterStore
+
+    def request(vm: VMRecord) -> VMRecord:
+        if vm.deleted:
+            raise ValueError(f"VM {vm.vmid} was deleted")
+        if vm.failover in ("requested", "done"):
+            raise ValueError(f"VM {vm.vmid}: a failover is already {vm.failover}")
+        if vm.migrate_to:
+            raise ValueError(f"VM {vm.vmid} is moving to {vm.migrate_to}; fail over after")
+        return replace(vm, failover="requested", failover_point=args.point, failover_note="")
+
+    async def job(store: ClusterStore, keys: Keys) -> int:
+        rc = await _update_vm(store, keys, args.vmid, request)
+        if rc:
+            return rc
+        latest = args.point < 0
+        point = "the latest recovery point" if latest else f"recovery point {args.point}"
+        if not args.json:
+            print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
+        # The owner carries it out (node/cluster/failover.py) and records the outcome.
+        vm: VMRecord | None = None
+        with trio.move_on_after(args.wait):
+            while True:
+                kv = await store.get(keys.vm(args.vmid))
+                vm = None if kv is None else VMRecord.from_json(kv.value)
+                if vm is None or vm.failover in ("done", "failed"):
+                    break
+                await trio.sleep(0.1)
+        if vm is None or vm.failover not in ("done", "failed"):
+            print(
+                f"frctl: no outcome within {args.wait:g} s (is the owner up?); the request "
+                "stays: its node carries it out when it can",
+                file=sys.stderr,
+            )
+            return 1
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "vmid": vm.vmid,
+                        "node": vm.owner,
+                        "failover": vm.failover,
+                        "sequence": vm.failover_point,
+                        "generation": vm.failover_generation,
+                        "note": vm.failover_note,
+                    }
+                )
+            )
+        elif vm.failover == "done":
+            print(
+                f"failed over at {vm.owner}: recovery point {vm.failover_point}, generation "
+                f"{vm.failover_generation}; the former primary is refused from now on"
+                + (f" ({vm.failover_note})" if vm.failover_note else "")
+            )
+        else:
+            print(f"frctl: failover refused at {vm.owner}: {vm.failover_note}", file=sys.stderr)
+        return 0 if vm.failover == "done" else 1
 
     return _run(args, job)
 
@@ -366,6 +436,18 @@ def register(sub: Any) -> None:
     imp.add_argument("file", help="the file made by 'frctl ir export' at the primary")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=_cmd_import)
+
+    failover = csub.add_parser(
+        "failover", help="unplanned failover: the VM's node starts it from its replica"
+    )
+    common(failover)
+    failover.add_argument("vmid")
+    failover.add_argument(
+        "--point", type=int, default=-1, help="a kept recovery point (default: the latest)"
+    )
+    failover.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it")
+    failover.add_argument("--json", action="store_true")
+    failover.set_defaults(func=_cmd_failover)
 
     delete = csub.add_parser("delete", help="delete a replica VM (its primary stops)")
     common(delete)

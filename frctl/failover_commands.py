@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from .node_commands import _stores
+from .node_commands import _stores, is_cluster_config
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -74,6 +74,14 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
     from node.failover.unplanned import unplanned_failover
     from node.storage.lock import StorageBusy
 
+    if is_cluster_config(Path(args.config)):
+        # The node's agent holds the replicas (on shared storage, every node does).
+        print(
+            f"frctl: {args.config} is a cluster node's: use 'frctl cluster failover', "
+            "which the replica's node carries out",
+            file=sys.stderr,
+        )
+        return 1
     try:
         result = unplanned_failover(
             _stores(args),

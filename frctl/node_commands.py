@@ -252,10 +252,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_cluster_config(path: Path) -> bool:
+    """True for a cluster node's configuration (it has a ``[cluster]`` table)."""
+    import tomllib
+
+    try:
+        return "cluster" in tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # the configuration's loader reports it properly
+
+
 def _stores(args: argparse.Namespace) -> list[Path]:
+    """The replica storage places of a recovery server's configuration, or of a cluster
+    node's (a file with a ``[cluster]`` table): every storage under its root."""
     from node.config import load_recovery_server_config
 
-    config = load_recovery_server_config(Path(args.config))
+    path = Path(args.config)
+    if is_cluster_config(path):
+        from node.cluster.config import load_cluster_node_config
+
+        root = load_cluster_node_config(path).storage
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    config = load_recovery_server_config(path)
     places = {e.storage for e in config.authorization.entries}
     if config.authorization.any_primary is not None:
         places.add(config.authorization.any_primary.storage)

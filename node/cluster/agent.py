@@ -9,7 +9,8 @@ Every recovery node runs one (``frctl node run --config node.toml``). It
 * watches the cluster settings and applies a change within seconds, logging what changed;
 * campaigns for the broker's election and, while it holds it, runs the broker at the CAP
   (``broker/service.py``), running the ``cap_up``/``cap_down`` hooks around it;
-* moves the replicas the broker asks it to move (``migration.py``).
+* moves the replicas the broker asks it to move (``migration.py``), and fails VMs over
+  to its replicas when an administrator asks (``failover.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from node.recovery_server import RecoveryServer
 from node.tls import server_context
 
 from .config import ClusterNodeConfig
+from .failover import FailoverRunner
 from .migration import Migrator
 
 log = logging.getLogger("frrep.node")
@@ -145,8 +147,8 @@ class ClusterNode:
                 )
                 election = Election(store, self.keys, record, ttl=self.config.lease_ttl)
                 nursery.start_soon(election.run, self._lead)
-                migrator = Migrator(self, store, self.keys)
-                nursery.start_soon(migrator.run)
+                nursery.start_soon(Migrator(self, store, self.keys).run)
+                nursery.start_soon(FailoverRunner(self, store, self.keys).run)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
 

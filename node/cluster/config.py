@@ -9,6 +9,7 @@ Example::
     storage = "storage"           # replica storage root, relative to this file
     shared_storage = false        # true: every node sees the same storage root
     capacity = "100G"             # bytes offered to replicas (0: not limited)
+    # failover_start = "virsh create $FRREP_CONFIG"  # starts a VM failed over here
 
     [cluster]
     store = "sqlite:///var/lib/frrep/cluster.db"   # or etcd://10.0.0.1:2379,10.0.0.2:2379
@@ -57,6 +58,9 @@ class ClusterNodeConfig:
     tls: TLSFiles
     cap_up: str = ""
     cap_down: str = ""
+    #: Run after a failover to a replica here (``frctl cluster failover``): starts the VM
+    #: from the replica's disks (environment: ``node/failover/test.py``'s CommandHook).
+    failover_start: str = ""
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -122,4 +126,5 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         tls=_tls_files(data, path),
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
+        failover_start=str(node.get("failover_start", "")),
     )

@@ -9,6 +9,7 @@ default), or an etcd URL.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -95,6 +96,8 @@ class ClusterSite:
     #: No CAP address of its own: the broker's node answers for the CAP's name by SNI
     #: (a deployment that moves the CAP with DNS).
     dns_cap: bool = False
+    #: Each node's ``failover_start`` hook (a shell command; "" for none).
+    failover_start: str = ""
     running: dict[int, NodeProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,6 +142,7 @@ listen = "{node_address(i)}"
 port = 0
 storage = "{storage}"
 shared_storage = {"true" if self.shared_storage else "false"}
+failover_start = {json.dumps(self.failover_start)}
 
 [cluster]
 store = "{self.store_url}"

@@ -25,23 +25,18 @@ import trio
 
 import frproto as fp
 from broker.records import Keys, NodeRecord, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, EventKind, KeyValue, Put, StoreError
+from broker.store import ClusterStore, Compare, KeyValue, Put
 from node.tls import TLSFailure
+
+from .requests import RETRY_SECONDS, follow_requests, held
 
 if TYPE_CHECKING:
     from .agent import ClusterNode
 
 log = logging.getLogger("frrep.node")
 
-#: How often the node scans every VM record for moves it must make (it also follows the
-#: changes as they come).
-FULL_SCAN_SECONDS = 5.0
 #: How "no move asked" reads in a stored VM record (records are compact, sorted JSON).
 _NO_MOVE = b'"migrate_to":""'
-#: Pause after a failed move before the next attempt.
-RETRY_SECONDS = 2.0
-#: How long a move waits for the VM's replication session to finish.
-HOLD_TIMEOUT = 30.0
 
 
 class Migrator:
@@ -53,25 +48,8 @@ class Migrator:
         self.keys = keys
 
     async def run(self) -> None:
-        """Make the moves asked of this node, one at a time: those found by a full scan
-        (at start, then every FULL_SCAN_SECONDS: a failed move is retried there), and
-        those the watch of the VM records reports as they are asked."""
-        while True:
-            try:
-                kvs, revision = await self.store.range(self.keys.vms)
-                for vm, mod in self._mine(kvs):
-                    await self._try_move(vm, mod)
-                with trio.move_on_after(FULL_SCAN_SECONDS):
-                    async with self.store.watch(
-                        self.keys.vms, start_revision=revision + 1
-                    ) as events:
-                        async for event in events:
-                            if event.kind is EventKind.PUT:
-                                for vm, mod in self._mine([event.kv]):
-                                    await self._try_move(vm, mod)
-            except StoreError as exc:
-                log.warning("migrations: %s", exc)
-                await trio.sleep(RETRY_SECONDS)
+        """Make the moves asked of this node, one at a time (``requests.py``)."""
+        await follow_requests(self.store, self.keys, self._mine, self._try_move)
 
     def _mine(self, kvs: list[KeyValue]) -> list[tuple[VMRecord, int]]:
         """The records among ``kvs`` that ask this node to move a replica."""
@@ -87,7 +65,8 @@ class Migrator:
                 vm = VMRecord.from_json(kv.value)
             except RecordError:
                 continue
-            if vm.owner == self.node.config.name and vm.migrate_to and not vm.deleted:
+            asked = vm.migrate_to and not (vm.deleted or vm.failover)
+            if vm.owner == self.node.config.name and asked:
                 out.append((vm, kv.mod_revision))
         return out
 
@@ -110,32 +89,30 @@ class Migrator:
             log.warning("move of %s: target %s is not up; waiting", vm.vmid, vm.migrate_to)
             return False
         target = NodeRecord.from_json(target_kv.value)
-        server = self.node.server
-        with trio.move_on_after(HOLD_TIMEOUT) as waited:
-            while not server.hold(vmid):
-                await trio.sleep(0.05)
-        if waited.cancelled_caught:
-            log.warning("move of %s: its replication session did not end; later", vm.vmid)
-            return False
-        try:
-            shared = vm.shared and target.shared_storage and self.node.config.shared_storage
-            if not shared:
-                from .transfer import send_replica  # local storage: copy it first
-
-                await send_replica(self.node, vm, target)
-            moved = replace(vm, owner=target.name, migrate_to="", shared=shared)
-            key = self.keys.vm(vm.vmid)
-            result = await self.store.txn(
-                [Compare.mod_revision(key, "==", revision)], [Put(key, moved.to_json())], []
-            )
-            if not result.succeeded:
-                log.warning("move of %s: its record changed meanwhile; not switched", vm.vmid)
+        async with held(self.node.server, vmid) as holding:
+            if not holding:
+                log.warning("move of %s: its replication session did not end; later", vm.vmid)
                 return False
-            self.node.forget(vmid)
-            if not shared:
-                await self.node.remove_local_replica(vm)
-            how = "ownership change (shared storage)" if shared else "copied (local storage)"
-            log.info("VM %s (%s) moved %s -> %s: %s", vm.vmid, vm.name, vm.owner, target.name, how)
-            return True
-        finally:
-            server.release(vmid)
+            return await self._switch(vm, revision, target)
+
+    async def _switch(self, vm: VMRecord, revision: int, target: NodeRecord) -> bool:
+        vmid = uuid.UUID(vm.vmid)
+        shared = vm.shared and target.shared_storage and self.node.config.shared_storage
+        if not shared:
+            from .transfer import send_replica  # local storage: copy it first
+
+            await send_replica(self.node, vm, target)
+        moved = replace(vm, owner=target.name, migrate_to="", shared=shared)
+        key = self.keys.vm(vm.vmid)
+        result = await self.store.txn(
+            [Compare.mod_revision(key, "==", revision)], [Put(key, moved.to_json())], []
+        )
+        if not result.succeeded:
+            log.warning("move of %s: its record changed meanwhile; not switched", vm.vmid)
+            return False
+        self.node.forget(vmid)
+        if not shared:
+            await self.node.remove_local_replica(vm)
+        how = "ownership change (shared storage)" if shared else "copied (local storage)"
+        log.info("VM %s (%s) moved %s -> %s: %s", vm.vmid, vm.name, vm.owner, target.name, how)
+        return True

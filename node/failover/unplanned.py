@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.storage import ReplicaStore
+from node.storage import Replica, ReplicaStore
 from node.storage.lock import claim
 from node.storage.point_copy import PointCopy
 
@@ -66,11 +66,26 @@ def unplanned_failover(
         with ReplicaStore(storage) as store:
             replica = store.open(vmid)
             generation = replica.fail_over(sequence)
-            point = replica.applied_sequence
-            disks = tuple(replica.image_path(i) for i in range(len(replica.disks)))
-            config = storage / str(vmid) / "config.bin"
+            running = in_place(replica)
     finally:
         os.close(lock)
     if start is not None:
-        start(PointCopy(vmid, point, storage / str(vmid), config, disks, 0, 0.0))
-    return FailoverResult(vmid, point, generation, disks, time.monotonic() - started)
+        start(running)
+    return FailoverResult(
+        vmid, running.sequence, generation, running.disks, time.monotonic() - started
+    )
+
+
+def in_place(replica: Replica) -> PointCopy:
+    """The failed-over replica as the start hook sees it: the VM runs from the replica's
+    own directory, config and disks (no copy)."""
+    disks = tuple(replica.image_path(i) for i in range(len(replica.disks)))
+    return PointCopy(
+        replica.vmid,
+        replica.applied_sequence,
+        replica.layout.dir,
+        replica.layout.config,
+        disks,
+        0,
+        0.0,
+    )

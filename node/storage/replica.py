@@ -242,6 +242,11 @@ class Replica:
         return self._st.generation
 
     @property
+    def layout(self) -> lay.ReplicaLayout:
+        """Where the replica's files are."""
+        return self._lay
+
+    @property
     def ir_state(self) -> IRState:
         return self._st.ir_state
 

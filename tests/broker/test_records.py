@@ -64,6 +64,26 @@ def test_vm_record_needs_a_uuid_and_a_known_state() -> None:
         )
 
 
+def test_vm_record_failover_fields_round_trip_and_are_checked() -> None:
+    vm = VMRecord(
+        vmid=str(uuid.uuid4()),
+        owner="n1",
+        storage="replicas",
+        failover="done",
+        failover_point=3,
+        failover_generation=2,
+        failover_note="start hook ran",
+    )
+    assert VMRecord.from_json(vm.to_json()) == vm
+    assert VMRecord.from_json(b'{"vmid":"%s","owner":"n1","storage":"s"}' % vm.vmid.encode()) == (
+        VMRecord(vmid=vm.vmid, owner="n1", storage="s", failover="", failover_point=-1)
+    )
+    with pytest.raises(RecordError):
+        VMRecord.from_json(vm.to_json().replace(b'"done"', b'"maybe"'))
+    with pytest.raises(RecordError):
+        VMRecord.from_json(vm.to_json().replace(b'"failover_point":3', b'"failover_point":"3"'))
+
+
 @pytest.mark.parametrize(
     "settings",
     [

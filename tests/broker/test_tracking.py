@@ -77,3 +77,25 @@ async def test_a_down_nodes_shared_replicas_are_rehomed_and_spread(
         assert "n9.example.com" not in owners
         assert view.vms[local.vmid].owner == "n9.example.com"  # waits for its node
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_over_vm_is_neither_rehomed_nor_drained(
+    store: ClusterStore, keys: Keys
+) -> None:
+    await _cluster(store, keys, 3, shared=True)
+    # n9 is down; n1 drains: both hold a VM failed over to its replica there.
+    down = VMRecord(str(uuid.uuid4()), "n9.example.com", "r", shared=True, failover="done")
+    draining = VMRecord(str(uuid.uuid4()), "n1.example.com", "r", shared=True, failover="done")
+    moving = VMRecord(str(uuid.uuid4()), "n9.example.com", "r", shared=True)
+    for vm in (down, draining, moving):
+        await store.put(keys.vm(vm.vmid), vm.to_json())
+    await store.put(keys.admin("n1.example.com"), NodeAdmin(draining=True).to_json())
+    async with trio.open_nursery() as nursery:
+        term = await _term(store, keys, nursery)
+        broker = Broker(store, keys, term, term.record, ssl.create_default_context())
+        await broker.tracker.reconcile(await read_cluster(store, keys))
+        view = await read_cluster(store, keys)
+        assert view.vms[down.vmid] == down  # it runs there: never moved under it
+        assert view.vms[draining.vmid] == draining
+        assert view.vms[moving.vmid].owner != "n9.example.com"  # the others still are
+        nursery.cancel_scope.cancel()
