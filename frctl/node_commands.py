@@ -348,10 +348,14 @@ def _cmd_resync(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
     else:
+        found = (
+            f"{result.blocks_sent} of {result.blocks} blocks differed"
+            if result.method == "digests"
+            else f"{result.blocks_sent} blocks known changed"
+        )
         print(
-            f"resynchronized: {result.blocks_sent} of {result.blocks} blocks differed, "
-            f"{result.bytes_sent} bytes sent as batch {result.sequence or '-'} "
-            f"({result.seconds:.2f} s)"
+            f"resynchronized ({result.method}): {found}, {result.bytes_sent} bytes sent as "
+            f"batch {result.sequence or '-'} ({result.seconds:.2f} s)"
         )
     return 0
 

@@ -5,8 +5,9 @@ VM may run on while the cycle waits to be sent: when the recovery server is unre
 cycles pile up here (on disk, not in memory) until it returns. The log is bounded
 (``max_bytes``); a cycle that would pass the bound is refused whole, and the log is
 marked *overflowed* (persisted): the changes since the last acknowledged cycle are then
-no longer all here, and replication must resynchronize (compare digests) rather than go
-on. Never a silent full IR, never a gap.
+no longer all here, and replication must resynchronize (from the cycles' blocks plus a
+surviving dirty bitmap, else by digests) rather than go on. Never a silent full IR,
+never a gap.
 
 Layout: one file per cycle in the log's directory, ``<sequence, 20 digits>.cycle``,
 written as a temporary file, fsynced and renamed into place, so a cycle is in the log
@@ -39,6 +40,8 @@ Cycle file format (integers big-endian)::
 
 The chained checksums make a torn, truncated, reordered or foreign record detectable;
 :meth:`PendingLog.read_cycle` raises :class:`PendingLogCorrupt` on any of them.
+:meth:`PendingLog.extents` walks only the record headers (which blocks a cycle holds,
+for a resynchronization from a surviving dirty bitmap), checking what needs no data.
 """
 
 from __future__ import annotations
@@ -344,6 +347,60 @@ class PendingLog:
                 total += length
                 yield disk_index, offset, data
             if pos != end or seed != last or total != nbytes:
+                raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
+        finally:
+            f.close()
+
+    def extents(self, sequence: int) -> Iterator[tuple[int, int, int]]:
+        """Where the chunks of one cycle go, ``(disk_index, offset, length)`` in the order
+        they were appended, without reading their data: one small read per record.
+
+        For a resynchronization that needs the cycle's blocks but not their old content.
+        Checked: the header (magic, version, checksum, sequence), the trailer (magic,
+        checksum, file size), every record within the file, and the records against the
+        trailer (count, data bytes, last checksum). Not checked: the record checksums,
+        which cover the data. A record header damaged in place with its lengths intact
+        can therefore go unnoticed here (:meth:`read_cycle` notices it); callers check
+        the extents against what they expect.
+
+        The whole-cycle checks run when the iterator is exhausted: trust none of a
+        cycle's extents before that.
+
+        Raises:
+            KeyError: no such cycle in the log.
+            PendingLogCorrupt: torn or damaged file.
+            OSError: from the file system.
+        """
+        with self._lock:
+            if sequence not in self._cycles:
+                raise KeyError(f"no cycle {sequence} in the pending log")
+        return self._extents(self.path_of(sequence), sequence)
+
+    def _extents(self, path: Path, sequence: int) -> Iterator[tuple[int, int, int]]:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+        except FileNotFoundError as exc:
+            raise PendingLogCorrupt(f"{path.name}: the cycle file vanished") from exc
+        try:
+            fd = f.fileno()
+            file_size = os.fstat(fd).st_size
+            _seq, _at, seed = _check_header(f.read(_HEADER.size), path, sequence)
+            count, nbytes, last = _read_trailer(f, file_size, seed, path)
+            end = file_size - _TRAILER.size
+            pos = _HEADER.size
+            total = 0
+            checksum = seed
+            for index in range(count):
+                raw = os.pread(fd, _RECORD.size, pos) if pos + _RECORD.size <= end else b""
+                if len(raw) != _RECORD.size:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
+                disk_index, length, offset, checksum = _RECORD.unpack(raw)
+                pos += _RECORD.size + length
+                if pos > end:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")
+                total += length
+                yield disk_index, offset, length
+            if pos != end or checksum != last or total != nbytes:
                 raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
         finally:
             f.close()

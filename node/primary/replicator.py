@@ -15,8 +15,15 @@ A cycle:
    in the digest map and its data dropped from the pending log.
 3. **Unreachable?** The cycle stays in the pending log (bounded on disk, not in memory)
    and the replicator retries with exponential backoff; cycles keep being captured until
-   the bound is reached. Past the bound the log is marked overflowed: replication needs a
-   resynchronization (a later issue), never a silent full IR.
+   the bound is reached. Past the bound the log is marked overflowed, and the next cycle
+   resynchronizes instead of capturing: never a silent full IR.
+
+**Resynchronization** (:meth:`VMReplicator.resync`, ``node/primary/resync.py``) runs by
+itself when the pending log overflowed, when the tracker is *lost* (its dirty set cannot
+be trusted), or when the state asks for it (``needs_resync``), inside the resync window
+if one is set. It first uses what is known: after an overflow, with a tracker that
+survived, the pending cycles' blocks plus the tracker's dirty blocks are exactly what
+changed, and only they are read and sent. Otherwise it compares digests with the replica.
 
 **A clustering broker.** The configured target may be a recovery cluster's CAP: when it
 negotiates as ``CLUSTERING_BROKER`` the replicator remembers the broker (in the VM's
@@ -60,6 +67,8 @@ from .digest_map import DIGEST_SIZE, DigestMap
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .resolve import resolve_host
 from .resync import (
+    BY_DIGESTS,
+    FROM_DIRTY_BITMAP,
     Progress,
     ResyncResult,
     VerifyResult,
@@ -151,6 +160,8 @@ class VMReplicator:
         #: What the last session negotiated and how many chunk bytes it put on the wire.
         self.last_compression = fp.Compression.NONE
         self.last_chunk_bytes_sent = 0
+        #: What the last resynchronization did (None: none since this object was made).
+        self.last_resync: ResyncResult | None = None
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -255,9 +266,14 @@ class VMReplicator:
         self.state.last_cycle_started_at = time.time()
         try:
             if self.state.ir_state == "COMPLETE":
-                if not self.state.needs_resync:
+                # A lost tracker's dirty set is incomplete: capturing from it would replicate
+                # some writes and silently miss others.
+                by_digests = self.state.needs_resync or (
+                    self.tracker is not None and self.tracker.lost
+                )
+                if not by_digests:
                     await self.capture()
-                if self.pending.overflowed or self.state.needs_resync:
+                if self.pending.overflowed or by_digests:
                     window = self.resync_window
                     if window is not None and not window.contains(self.wall_clock().time()):
                         log.info(
@@ -599,94 +615,250 @@ class VMReplicator:
         result.seconds = time.monotonic() - started
         return result
 
-    async def resync(self, progress: Progress | None = None) -> ResyncResult:
-        """Send what differs between the disks and the replica, found by digests, as one
-        delta batch; then the maps describe the disks as sent and the pending log (moot)
-        is emptied. For lost change tracking or an overflowed pending log. The disks must
-        not change meanwhile: the capture hooks bracket the whole of it."""
+    async def resync(
+        self, progress: Progress | None = None, *, by_digests: bool = False
+    ) -> ResyncResult:
+        """Bring the replica level with the disks in one delta batch; then the pending log
+        (moot) is emptied and its overflow mark cleared. For an overflowed pending log,
+        lost change tracking or ``needs_resync`` (see node/primary/resync.py).
+
+        What is known comes first: with the pending log overflowed and a tracker that
+        survived (not lost, no ``needs_resync``), the pending cycles' blocks plus the
+        tracker's dirty ones are exactly what changed since the last acknowledged batch,
+        and only they are read and sent (``method == "dirty-bitmap"``). Otherwise, or with
+        ``by_digests``, every block is digested and compared with the replica's digests
+        (``method == "digests"``), and a lost tracker is trusted again afterwards.
+
+        The disks must not change meanwhile: the capture hooks bracket the whole of it.
+        ``progress(done, total)`` reports the bytes read.
+        """
         started = time.monotonic()
-        block = self.state.block_size
+        known: dict[int, set[int]] | None = None
+        if not by_digests and self._bitmap_survived():
+            known = await trio.to_thread.run_sync(self._pending_blocks)
         client, accepted = await self._open_existing()
+        taken: dict[int, list[int]] = {}
         try:
-            if self.before_capture is not None:
-                self.before_capture()
             try:
-                if self.tracker is not None:
-                    self.tracker.take()  # covered by the comparison below
-                theirs = [
-                    await replica_map(client, self.vmid, i, d.size, block)
-                    for i, d in enumerate(self.disks)
-                ]
-                changed: dict[int, dict[int, bytes]] = {}
-                total = sum(d.size for d in self.disks)
-                for index, path in enumerate(self.images):
-                    before = sum(d.size for d in self.disks[:index])
-                    report = (
-                        None if progress is None else partial(_report_scan, progress, before, total)
+                if known is not None and accepted.applied_sequence < self.state.sequence:
+                    # The maps assume the replica holds every acknowledged batch; it does
+                    # not, so only a comparison can tell what it lacks.
+                    log.warning(
+                        "%s: the replica is at sequence %d, behind the acknowledged %d: "
+                        "resynchronizing by digests",
+                        self.state.name,
+                        accepted.applied_sequence,
+                        self.state.sequence,
                     )
-                    blocks, digests = await trio.to_thread.run_sync(
-                        partial(scan_changes, path, theirs[index], progress=report)
-                    )
-                    changed[index] = {b: digests[b] for b in blocks}
-                result = ResyncResult(self.state.vmid, 0)
-                result.blocks = sum(m.block_count for m in theirs)
-                result.blocks_sent = sum(len(c) for c in changed.values())
+                    known = None
                 sequence = max(accepted.applied_sequence, self.state.sequence) + 1
-                if result.blocks_sent:
-
-                    def chunks() -> Any:
-                        for index, blocks in sorted(changed.items()):
-                            size = self.disks[index].size
-                            for b, offset, data in read_blocks(
-                                self.images[index], block, sorted(blocks), size
-                            ):
-                                result.bytes_sent += len(data)
-                                # Digested once, by the scan: if the disk changed since
-                                # (outside the capture window), the server refuses the
-                                # chunk instead of the map believing it.
-                                yield index, offset, data, blocks[b]
-
-                    await client.send_batch(
-                        self.vmid,
-                        sequence,
-                        chunks(),
-                        chunk_count=result.blocks_sent,
-                        total_bytes=sum(
-                            min(block, self.disks[i].size - b * block)
-                            for i, blocks in changed.items()
-                            for b in blocks
-                        ),
-                        captured_at_ms=int(time.time() * 1000),
-                        limiter=self._limiter(),
-                    )
-                    result.sequence = sequence
+                if self.before_capture is not None:
+                    self.before_capture()
+                try:
+                    if self.tracker is not None:
+                        # By digests, the comparison covers these blocks; from the bitmap,
+                        # they are part of what is sent.
+                        taken = self.tracker.take()
+                    if known is None:
+                        result, maps, sent = await self._resync_by_digests(
+                            client, sequence, progress
+                        )
+                        touched: list[int] = list(range(len(maps)))
+                    else:
+                        for disk_index, blocks in taken.items():
+                            known.setdefault(disk_index, set()).update(blocks)
+                        result, sent = await self._resync_known(client, sequence, known, progress)
+                        maps, touched = self._maps, sorted(sent)
+                finally:
+                    if self.after_capture is not None:
+                        self.after_capture()
             finally:
-                if self.after_capture is not None:
-                    self.after_capture()
-        finally:
-            await client.aclose()
-        # The maps now describe the disks as sent: the replica's, updated where we sent.
-        for index, dmap in enumerate(theirs):
-            for b, digest in changed[index].items():
-                dmap.set(b, digest)
-            dmap.save(self._map_path(index))
-        self._maps = theirs
-        self.state.sequence = max(self.state.sequence, accepted.applied_sequence, result.sequence)
-        self.state.last_replicated_at = time.time()
-        self._save()
+                await client.aclose()
+            # The maps now describe what the replica holds: updated where we sent. From
+            # the bitmap, the blocks not sent were captured and acknowledged unchanged
+            # since (else they would be in the log or the tracker), so their maps stand.
+            for index in touched:
+                dmap = maps[index]
+                for b, digest in sent.get(index, {}).items():
+                    dmap.set(b, digest)
+                dmap.save(self._map_path(index))
+            self._maps = maps
+            self.state.sequence = max(
+                self.state.sequence, accepted.applied_sequence, result.sequence
+            )
+            self.state.last_replicated_at = time.time()
+            self._save()
+        except BaseException:
+            # Perhaps not applied, perhaps not recorded: sending them again is harmless,
+            # and a later resynchronization from the bitmap must not miss them.
+            self._give_back(taken)
+            raise
         self.pending.clear()
         self.pending.clear_overflow()
         self.state.needs_resync = False
+        if result.method == BY_DIGESTS and self.tracker is not None:
+            self.tracker.clear_lost()  # the comparison covered what it had missed
         self._save()
         result.seconds = time.monotonic() - started
-        log.info(
-            "%s: resynchronized: %d of %d blocks differed (%d bytes sent)",
-            self.state.name,
-            result.blocks_sent,
-            result.blocks,
-            result.bytes_sent,
-        )
+        self.last_resync = result
+        if result.method == BY_DIGESTS:
+            log.info(
+                "%s: resynchronized by digests: %d of %d blocks differed (%d bytes sent)",
+                self.state.name,
+                result.blocks_sent,
+                result.blocks,
+                result.bytes_sent,
+            )
+        else:
+            log.info(
+                "%s: resynchronized from the dirty bitmap: %d blocks (%d bytes) sent",
+                self.state.name,
+                result.blocks_sent,
+                result.bytes_sent,
+            )
         return result
+
+    def _bitmap_survived(self) -> bool:
+        """Whether the pending log and the tracker together know every block changed since
+        the last acknowledged batch (their union is then exact)."""
+        return (
+            self.pending.overflowed
+            and self.tracker is not None
+            and not self.tracker.lost
+            and not self.state.needs_resync
+            # The maps of the blocks not sent are kept as they are: a missing map file
+            # was replaced by an empty map on load, which describes nothing.
+            and all(self._map_path(i).exists() for i in range(len(self.state.disks)))
+        )
+
+    def _pending_blocks(self) -> dict[int, set[int]] | None:
+        """The blocks of every cycle in the pending log, from its record headers; None when
+        the log cannot be trusted (only digests can tell what changed then)."""
+        block = self.state.block_size
+        sizes = [d.size for d in self.disks]
+        blocks: dict[int, set[int]] = {}
+        try:
+            for cycle in self.pending.cycles():
+                for disk_index, offset, length in self.pending.extents(cycle.sequence):
+                    # capture() writes whole blocks at block offsets, the last one cut at
+                    # the disk's end. Anything else is damage that the record checksums
+                    # (not read here: they cover the data) would have shown.
+                    if not (
+                        0 <= disk_index < len(sizes)
+                        and offset % block == 0
+                        and offset < sizes[disk_index]
+                        and length == min(block, sizes[disk_index] - offset)
+                    ):
+                        raise PendingLogCorrupt(
+                            f"cycle {cycle.sequence}: a chunk of disk {disk_index} at "
+                            f"offset {offset}, {length} bytes, is not a captured block"
+                        )
+                    blocks.setdefault(disk_index, set()).add(offset // block)
+        except (PendingLogCorrupt, KeyError, OSError) as exc:
+            log.warning(
+                "%s: the pending log cannot be trusted (%s): resynchronizing by digests",
+                self.state.name,
+                exc,
+            )
+            return None
+        return blocks
+
+    async def _resync_known(
+        self,
+        client: RecoveryClient,
+        sequence: int,
+        known: dict[int, set[int]],
+        progress: Progress | None,
+    ) -> tuple[ResyncResult, dict[int, dict[int, bytes]]]:
+        """Send the ``known`` blocks (``{disk: blocks}``) as batch ``sequence``; the result
+        and, once acknowledged, ``{disk: {block: digest}}`` of what was sent."""
+        block = self.state.block_size
+        sizes = [d.size for d in self.disks]
+        wanted = {index: sorted(blocks) for index, blocks in known.items() if blocks}
+        result = ResyncResult(self.state.vmid, 0, method=FROM_DIRTY_BITMAP)
+        result.blocks_sent = sum(len(blocks) for blocks in wanted.values())
+        total = sum(
+            min(block, sizes[index] - b * block) for index, blocks in wanted.items() for b in blocks
+        )
+        sent: dict[int, dict[int, bytes]] = {}
+        if not result.blocks_sent:
+            return result, sent
+
+        def chunks() -> Any:
+            for index, blocks in sorted(wanted.items()):
+                digests = sent.setdefault(index, {})
+                for b, offset, data in read_blocks(self.images[index], block, blocks, sizes[index]):
+                    # Digested as read: the map records exactly the bytes that crossed.
+                    digest = xxhash.xxh3_128_digest(data)
+                    digests[b] = digest
+                    result.bytes_sent += len(data)
+                    if progress is not None:
+                        progress(result.bytes_sent, total)
+                    yield index, offset, data, digest
+
+        await client.send_batch(
+            self.vmid,
+            sequence,
+            chunks(),
+            chunk_count=result.blocks_sent,
+            total_bytes=total,
+            captured_at_ms=int(time.time() * 1000),
+            limiter=self._limiter(),
+        )
+        result.sequence = sequence
+        return result, sent
+
+    async def _resync_by_digests(
+        self, client: RecoveryClient, sequence: int, progress: Progress | None
+    ) -> tuple[ResyncResult, list[DigestMap], dict[int, dict[int, bytes]]]:
+        """Compare every block with the replica's digests and send those that differ as
+        batch ``sequence``: the result, the replica's maps as fetched, and ``{disk:
+        {block: digest}}`` of what was sent."""
+        block = self.state.block_size
+        theirs = [
+            await replica_map(client, self.vmid, i, d.size, block) for i, d in enumerate(self.disks)
+        ]
+        changed: dict[int, dict[int, bytes]] = {}
+        total = sum(d.size for d in self.disks)
+        for index, path in enumerate(self.images):
+            before = sum(d.size for d in self.disks[:index])
+            report = None if progress is None else partial(_report_scan, progress, before, total)
+            blocks, digests = await trio.to_thread.run_sync(
+                partial(scan_changes, path, theirs[index], progress=report)
+            )
+            changed[index] = {b: digests[b] for b in blocks}
+        result = ResyncResult(self.state.vmid, 0, method=BY_DIGESTS)
+        result.blocks = sum(m.block_count for m in theirs)
+        result.blocks_sent = sum(len(c) for c in changed.values())
+        if result.blocks_sent:
+
+            def chunks() -> Any:
+                for index, blocks in sorted(changed.items()):
+                    size = self.disks[index].size
+                    for b, offset, data in read_blocks(
+                        self.images[index], block, sorted(blocks), size
+                    ):
+                        result.bytes_sent += len(data)
+                        # Digested once, by the scan: if the disk changed since (outside
+                        # the capture window), the server refuses the chunk instead of the
+                        # map believing it.
+                        yield index, offset, data, blocks[b]
+
+            await client.send_batch(
+                self.vmid,
+                sequence,
+                chunks(),
+                chunk_count=result.blocks_sent,
+                total_bytes=sum(
+                    min(block, self.disks[i].size - b * block)
+                    for i, blocks in changed.items()
+                    for b in blocks
+                ),
+                captured_at_ms=int(time.time() * 1000),
+                limiter=self._limiter(),
+            )
+            result.sequence = sequence
+        return result, theirs, changed
 
     async def prepare_failover(self) -> VerifyResult:
         """The primary's side of a planned failover: with the VM stopped (the caller's
@@ -737,8 +909,6 @@ class VMReplicator:
             changed = await trio.to_thread.run_sync(self._changed_blocks)
             if not any(changed.values()):
                 return
-            cycles = self.pending.cycles()
-            sequence = max(cycles[-1].sequence if cycles else 0, self.state.sequence) + 1
             block = self.state.block_size
             captured: list[tuple[int, int, bytes]] = []
 
@@ -752,19 +922,27 @@ class VMReplicator:
                         yield disk_index, offset, data
 
             try:
+                cycles = self.pending.cycles()
+                sequence = max(cycles[-1].sequence if cycles else 0, self.state.sequence) + 1
                 await trio.to_thread.run_sync(
                     self.pending.append_cycle, sequence, int(time.time() * 1000), chunks()
                 )
             except PendingLogFull:
-                # The log is now marked overflowed: cycle() resynchronizes by digests,
-                # which covers these changes too.
+                # The tracker must keep these blocks: with the log overflowed, the
+                # resynchronization trusts the tracker's dirty set plus the log's cycles
+                # as the whole of what changed.
+                self._give_back(changed)
                 log.warning(
                     "%s: the pending log passed its bound (%d bytes): the next step is a "
-                    "resynchronization by digests",
+                    "resynchronization",
                     self.state.name,
                     self.pending_bytes,
                 )
                 return
+            except BaseException:
+                # Nothing of this cycle was kept: its blocks are dirty again for the next.
+                self._give_back(changed)
+                raise
             # The maps now describe what was *captured* (durable in the pending log), so
             # the next scan finds only what changed since, not this cycle again.
             for disk_index, b, digest in captured:
@@ -775,6 +953,11 @@ class VMReplicator:
             if self.after_capture is not None:
                 self.after_capture()
         self._save()
+
+    def _give_back(self, taken: dict[int, list[int]]) -> None:
+        """Blocks taken from the tracker that were not captured or sent: dirty again."""
+        if self.tracker is not None and taken:
+            self.tracker.restore(taken)
 
     def _changed_blocks(self) -> dict[int, list[int]]:
         if self.tracker is not None:

@@ -1,18 +1,33 @@
-"""Where the primary compares its disks with the replica by digests: online verification
-and resynchronization.
+"""Where the primary compares its disks with the replica: online verification and
+resynchronization.
 
-Both ask the recovery server for the replica's block digests (``DigestMapRequest``, up to
-``frproto.MAX_DIGESTS`` blocks per request); no disk data crosses for the comparison.
+Verification, and a resynchronization by digests, ask the recovery server for the
+replica's block digests (``DigestMapRequest``, up to ``frproto.MAX_DIGESTS`` blocks per
+request); no disk data crosses for the comparison.
 
 * **Verification** compares the replica's digests with the primary's digest map, the
   record of what was captured and acknowledged. Blocks still in the pending log (captured,
   not yet acknowledged) are left out: they differ legitimately. What differs otherwise is
   a replica that does not hold what was acknowledged: reported as byte ranges.
-* **Resynchronization** is for when the primary no longer knows what changed: change
-  tracking lost (a crash without its state, disks changed while replication was off) or
-  the pending log passed its bound. The primary reads its images, digests every block and
-  sends, as one ordinary delta batch, only the blocks whose digest differs from the
-  replica's; no full IR. The digest maps then describe the images as sent.
+* **Resynchronization** is for when the pending log passed its bound or change tracking
+  was lost (a crash without its state, disks changed while replication was off). It
+  first uses what is known, then digests:
+
+  1. **From the dirty bitmap** (``method == "dirty-bitmap"``): the pending log overflowed
+     but the embedding tool's change tracker survived (not *lost*) and no
+     resynchronization by digests was asked for (``needs_resync``). The blocks changed
+     since the last acknowledged batch are then known exactly: those of the cycles still
+     in the pending log plus the tracker's dirty ones. Only they are read (and digested
+     once), and sent as one delta batch; the replica's digests are not fetched and the
+     disks are not scanned. The pending log is walked by its record headers only
+     (:meth:`PendingLog.extents`); anything wrong there and the digests decide instead.
+  2. **By digests** (``method == "digests"``): in every other case (no tracker, a lost
+     one, ``needs_resync``, a pending log that cannot be trusted, a replica behind the
+     acknowledged sequence, or when asked). The primary reads its images, digests every
+     block and sends only the blocks whose digest differs from the replica's.
+
+  Either way it is one ordinary delta batch, no full IR, and the digest maps then
+  describe what the replica holds.
 """
 
 from __future__ import annotations
@@ -68,21 +83,30 @@ class VerifyResult:
         }
 
 
+#: :attr:`ResyncResult.method` of a resynchronization from the pending log and a
+#: surviving dirty bitmap.
+FROM_DIRTY_BITMAP = "dirty-bitmap"
+#: :attr:`ResyncResult.method` of a resynchronization that compared digests.
+BY_DIGESTS = "digests"
+
+
 @dataclass
 class ResyncResult:
     """What a resynchronization sent."""
 
     vmid: str
     sequence: int  #: the batch that carried the differences (0: nothing differed)
-    blocks: int = 0  #: blocks compared
+    blocks: int = 0  #: blocks compared by digest (0 from the dirty bitmap: none compared)
     blocks_sent: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
+    method: str = BY_DIGESTS  #: :data:`FROM_DIRTY_BITMAP` or :data:`BY_DIGESTS`
 
     def to_json(self) -> dict[str, object]:
         """For ``--json``."""
         return {
             "vmid": self.vmid,
+            "method": self.method,
             "sequence": self.sequence,
             "blocks": self.blocks,
             "blocks_sent": self.blocks_sent,

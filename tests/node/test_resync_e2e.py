@@ -1,7 +1,9 @@
-"""Online verification and resynchronization by digests, against a real recovery server
-process: verification finds a block corrupted on purpose and nothing otherwise; a
+"""Online verification and resynchronization, against a real recovery server process:
+verification finds a block corrupted on purpose and nothing otherwise; a
 resynchronization after lost change tracking, or an overflowed pending log, sends about
-only the blocks that changed."""
+only the blocks that changed. With a tracker that survived an overflow, the pending log's
+blocks plus the dirty bitmap are sent without asking for the replica's digests; a lost
+tracker, or a damaged pending log, is resynchronized by digests."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ import random
 import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
+from node.primary.client import RecoveryClient
+from node.primary.pending_log import CYCLE_OVERHEAD, RECORD_OVERHEAD
 from node.primary.replicator import VMReplicator
+from node.primary.resync import ResyncResult
 from node.primary.tracker import ChangeTracker
 from node.testing import ServerProcess
 
@@ -150,3 +156,219 @@ async def test_an_automatic_resync_waits_for_its_window(site: Site, server: Serv
 def overflowed(vm: VMReplicator) -> bool:
     """(A call, so that the type checker does not carry one assert's narrowing on.)"""
     return vm.pending.overflowed
+
+
+def write_blocks(path: Path, rng: random.Random, blocks: set[int], tracker: ChangeTracker) -> None:
+    """Overwrite ``blocks`` (the last one cut at the disk's end) and report each write,
+    as the embedding tool would."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        for b in blocks:
+            length = min(BLOCK, size - b * BLOCK)
+            f.seek(b * BLOCK)
+            f.write(rng.randbytes(length))
+            tracker.report_write(0, b * BLOCK, length)
+
+
+def count_digest_requests(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every DigestMapRequest the primary sends from now on, one entry per disk index."""
+    asked: list[int] = []
+    real = RecoveryClient.digest_map
+
+    async def counted(client: RecoveryClient, vmid: uuid.UUID, disk_index: int, *a: int) -> object:
+        asked.append(disk_index)
+        return await real(client, vmid, disk_index, *a)
+
+    monkeypatch.setattr(RecoveryClient, "digest_map", counted)
+    return asked
+
+
+def is_lost(tracker: ChangeTracker) -> bool:
+    """(A call, as overflowed() below.)"""
+    return tracker.lost
+
+
+def last_resync(vm: VMReplicator) -> ResyncResult:
+    assert vm.last_resync is not None
+    return vm.last_resync
+
+
+async def test_an_overflow_with_a_surviving_bitmap_sends_the_dirty_blocks(
+    site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(25)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    size = image.stat().st_size
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        tracker = ChangeTracker([size], BLOCK)
+        vm = site.restarted(first, pending_bytes=256 * 1024, tracker=tracker)
+        last = size // BLOCK  # cut short: the image is not a whole number of blocks
+        written = {last, *rng.sample(range(last), 16)}  # about 1 MiB: past the bound
+        write_blocks(image, rng, written, tracker)
+        asked = count_digest_requests(monkeypatch)
+        await vm.cycle()  # the capture overflows; the cycle resynchronizes
+        result = last_resync(vm)
+        assert result.method == "dirty-bitmap"
+        assert (result.blocks, result.blocks_sent) == (0, len(written))
+        assert result.bytes_sent == (len(written) - 1) * BLOCK + size - last * BLOCK
+        assert result.to_json()["method"] == "dirty-bitmap"
+        assert asked == []  # no digest map requested, no scan compared
+        assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+        assert not vm.pending.overflowed
+        assert vm.pending.cycles() == []
+        assert tracker.dirty_count() == 0
+        assert vm.state.sequence == 1
+        assert vm.state.health != "critical"
+        # The digest maps describe the replica: verification agrees, and deltas go on.
+        assert (await vm.verify()).ok
+        write_blocks(image, rng, {3, 4}, tracker)
+        await vm.cycle()
+    assert vm.state.sequence == 2
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+async def test_a_bitmap_resync_sends_the_pending_cycles_and_the_dirty_blocks(
+    site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(26)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    size = image.stat().st_size
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        tracker = ChangeTracker([size], BLOCK)
+        # Room for one cycle of 3 blocks, not for a second one of 8.
+        bound = CYCLE_OVERHEAD + 5 * (RECORD_OVERHEAD + BLOCK)
+        vm = site.restarted(first, pending_bytes=bound, tracker=tracker)
+        blocks = rng.sample(range(size // BLOCK), 10)
+        early, late = set(blocks[:3]), set(blocks[2:])  # one block in both
+        write_blocks(image, rng, early, tracker)
+        await vm.capture()  # captured, not sent (as when the server is unreachable)
+        assert [c.chunk_count for c in vm.pending.cycles()] == [3]
+        write_blocks(image, rng, late, tracker)
+        asked = count_digest_requests(monkeypatch)
+        await vm.cycle()  # the second capture overflows; the cycle resynchronizes
+        result = last_resync(vm)
+        assert result.method == "dirty-bitmap"
+        assert result.blocks_sent == len(early | late) == 10  # the log's and the bitmap's
+        assert asked == []
+        assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+        assert not vm.pending.overflowed
+        assert vm.pending.cycles() == []
+        assert vm.state.sequence == 1  # the pending cycle's number, never sent, was reused
+        assert (await vm.verify()).ok
+
+
+async def test_a_damaged_pending_log_falls_back_to_digests(
+    site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(27)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    size = image.stat().st_size
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        tracker = ChangeTracker([size], BLOCK)
+        bound = CYCLE_OVERHEAD + 5 * (RECORD_OVERHEAD + BLOCK)
+        vm = site.restarted(first, pending_bytes=bound, tracker=tracker)
+        blocks = rng.sample(range(size // BLOCK), 11)
+        early, late = set(blocks[:3]), set(blocks[3:])
+        write_blocks(image, rng, early, tracker)
+        await vm.capture()
+        (pending,) = vm.pending.cycles()
+        path = vm.pending.path_of(pending.sequence)
+        raw = bytearray(path.read_bytes())
+        raw[32 + 5] ^= 1  # the first record's length: its blocks can no longer be told
+        path.write_bytes(raw)
+        write_blocks(image, rng, late, tracker)
+        asked = count_digest_requests(monkeypatch)
+        await vm.cycle()  # overflows; the log cannot be trusted: digests decide
+        result = last_resync(vm)
+        assert result.method == "digests"
+        assert result.blocks == -(-size // BLOCK)
+        assert result.blocks_sent == len(early | late)
+        assert asked  # the replica's digests were asked for
+        assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+        assert not vm.pending.overflowed
+        assert vm.pending.cycles() == []
+        assert tracker.dirty_count() == 0
+        assert (await vm.verify()).ok
+
+
+async def test_a_lost_tracker_resyncs_by_digests_by_itself(
+    site: Site, server: ServerProcess, tmp_path: Path
+) -> None:
+    rng = random.Random(28)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    size = image.stat().st_size
+    first = site.replicator(vmid, "vm", [image], server.port)
+    first.tracker = ChangeTracker([size], BLOCK)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        # The tool restarts without its bitmap; the disk was written meanwhile and nobody
+        # reported it.
+        changed = change_blocks(image, rng, 13)
+        tracker = ChangeTracker.load_or_lost(tmp_path / "no-bitmap", [size], BLOCK)
+        assert is_lost(tracker)
+        vm = site.restarted(first, tracker=tracker)
+        await vm.cycle()  # a plain cycle: it does not trust the lost tracker
+        result = last_resync(vm)
+        assert result.method == "digests"
+        assert result.blocks_sent == len(changed)
+        assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+        assert not is_lost(tracker)
+        assert vm.state.sequence == 1
+        # Trusted again: the next write goes as an ordinary delta.
+        vm.last_resync = None
+        write_blocks(image, rng, {5}, tracker)
+        await vm.cycle()
+    assert vm.last_resync is None
+    assert vm.state.sequence == 2
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+
+
+async def test_failed_captures_and_resyncs_give_the_blocks_back(
+    site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(29)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", 4 * MIB, rng)
+    size = image.stat().st_size
+    first = site.replicator(vmid, "vm", [image], server.port)
+    with trio.fail_after(60):
+        await first.cycle()  # IR
+        tracker = ChangeTracker([size], BLOCK)
+        vm = site.restarted(first, tracker=tracker)
+        written = set(rng.sample(range(size // BLOCK), 6))
+        write_blocks(image, rng, written, tracker)
+
+        def disk_full(*args: object) -> int:
+            raise OSError("no space left on the device")
+
+        with monkeypatch.context() as m:
+            m.setattr(vm.pending, "append_cycle", disk_full)
+            with pytest.raises(OSError, match="no space"):
+                await vm.capture()
+        assert tracker.dirty_blocks() == {0: sorted(written)}
+        assert vm.pending.cycles() == []
+
+        async def link_down(*args: object, **kwargs: object) -> None:
+            raise OSError("the link went down")
+
+        vm.pending.max_bytes = 64 * 1024  # the next capture overflows
+        with monkeypatch.context() as m:
+            m.setattr(RecoveryClient, "send_batch", link_down)
+            with pytest.raises(OSError, match="link went down"):
+                await vm.cycle()
+        assert overflowed(vm)
+        assert tracker.dirty_blocks() == {0: sorted(written)}
+        await vm.cycle()  # the next try still knows every block
+    assert last_resync(vm).method == "dirty-bitmap"
+    assert last_resync(vm).blocks_sent == len(written)
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
