@@ -124,6 +124,7 @@ from ._replication import (
     IREnd,
     RelationshipAccepted,
     RelationshipCreate,
+    RelationshipDelete,
     RelationshipOpen,
 )
 from ._state import State
@@ -206,6 +207,7 @@ __all__ = [
     "RecoveryType",
     "RelationshipAccepted",
     "RelationshipCreate",
+    "RelationshipDelete",
     "RelationshipOpen",
     "RemoteProtocolError",
     "ReplicationError",

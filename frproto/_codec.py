@@ -34,6 +34,7 @@ from ._replication import (
     IREnd,
     RelationshipAccepted,
     RelationshipCreate,
+    RelationshipDelete,
     RelationshipOpen,
 )
 from ._wire import ENVELOPE
@@ -53,6 +54,7 @@ MESSAGE_CLASSES: Final[dict[MessageTag, type[Message]]] = {
         RelationshipCreate,
         RelationshipOpen,
         RelationshipAccepted,
+        RelationshipDelete,
         IRBegin,
         IREnd,
         BatchBegin,

@@ -35,6 +35,7 @@ class MessageTag(enum.IntEnum):
     RELATIONSHIP_CREATE = 0x0010
     RELATIONSHIP_OPEN = 0x0011
     RELATIONSHIP_ACCEPTED = 0x0012
+    RELATIONSHIP_DELETE = 0x0013
     IR_BEGIN = 0x0020
     IR_END = 0x0021
     BATCH_BEGIN = 0x0030
@@ -130,6 +131,8 @@ class AckKind(enum.IntEnum):
 
     IR_COMPLETE = 1
     BATCH_APPLIED = 2
+    #: The replica is removed and the relationship closed (answers RelationshipDelete).
+    RELATIONSHIP_DELETED = 3
 
 
 class ChunkFlags(enum.IntFlag):

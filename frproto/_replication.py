@@ -165,6 +165,30 @@ class RelationshipAccepted(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class RelationshipDelete(Message):
+    """Primary to recovery server: end the open relationship and remove its replica.
+
+    Only in an open relationship (SESSION), for that relationship's VM. The recovery
+    server answers ``Ack(kind=RELATIONSHIP_DELETED, sequence=0)`` once the replica is gone,
+    after which no relationship is open (READY), or refuses with an Error (back to
+    SESSION, the relationship still open).
+    """
+
+    TAG: ClassVar[MessageTag] = MessageTag.RELATIONSHIP_DELETE
+    vmid: uuid.UUID
+
+    def _validate(self) -> None:
+        check_vmid_uuid(self.vmid)
+
+    def _to_fields(self) -> dict[str, Any]:
+        return {"vmid": self.vmid.bytes}
+
+    @classmethod
+    def _from_fields(cls, c: Any) -> RelationshipDelete:
+        return cls(check_vmid(c.vmid))
+
+
+@dataclass(frozen=True, slots=True)
 class IRBegin(Message):
     """Primary: initial replication starts (or resumes at ``start_disk``/``start_offset``).
 
@@ -304,7 +328,8 @@ class BatchBegin(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Recovery server: the IR is complete, or a batch is applied durably."""
+    """Recovery server: the IR is complete, a batch is applied durably, or the replica
+    is removed (after a RelationshipDelete; sequence 0)."""
 
     TAG: ClassVar[MessageTag] = MessageTag.ACK
     vmid: uuid.UUID

@@ -21,6 +21,7 @@ from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, U
 from ._limits import MAX_DIGESTS
 from ._messages import (
     DiskInfo,
+    Error,
     Message,
     NegotiateRequest,
     NegotiateResponse,
@@ -37,6 +38,7 @@ from ._replication import (
     IREnd,
     RelationshipAccepted,
     RelationshipCreate,
+    RelationshipDelete,
     RelationshipOpen,
 )
 
@@ -47,6 +49,7 @@ class SessionTracker:
     __slots__ = (
         "_aggregate",
         "_declared_chunks",
+        "_deleting",
         "_digest_request",
         "_offer",
         "_pending_vmid",
@@ -68,6 +71,8 @@ class SessionTracker:
         self._digest_request: DigestMapRequest | None = None
         self._offer: NegotiateRequest | None = None
         self._query: QueryRecoveryServer | None = None
+        #: A RelationshipDelete awaits its answer (the next Ack must be RELATIONSHIP_DELETED).
+        self._deleting = False
 
     @property
     def aggregate_digest(self) -> bytes:
@@ -87,7 +92,7 @@ class SessionTracker:
 
     def check(self, message: Message) -> None:
         """Check ``message`` against what came before; raises without changing anything."""
-        if isinstance(message, (IRBegin, BatchBegin, DigestMapRequest)):
+        if isinstance(message, (IRBegin, BatchBegin, DigestMapRequest, RelationshipDelete)):
             self._require_vm(message.vmid, type(message).__name__)
         if isinstance(message, IRBegin):
             if message.start_disk > len(self.disks) or (
@@ -129,13 +134,15 @@ class SessionTracker:
                 raise DigestMismatch(f"{type(message).__name__}: aggregate digest mismatch")
         elif isinstance(message, Ack):
             self._require_vm(message.vmid, "Ack")
-            want = (
-                AckKind.BATCH_APPLIED if self._declared_chunks is not None else AckKind.IR_COMPLETE
-            )
-            if message.kind is not want or message.sequence != self._sequence:
+            if self._deleting:
+                want, sequence = AckKind.RELATIONSHIP_DELETED, 0
+            elif self._declared_chunks is not None:
+                want, sequence = AckKind.BATCH_APPLIED, self._sequence
+            else:
+                want, sequence = AckKind.IR_COMPLETE, self._sequence
+            if message.kind is not want or message.sequence != sequence:
                 raise UnexpectedMessage(
-                    f"Ack {message.kind.name} {message.sequence}, expected {want.name} "
-                    f"{self._sequence}"
+                    f"Ack {message.kind.name} {message.sequence}, expected {want.name} {sequence}"
                 )
         elif isinstance(message, DigestMapRequest):
             self._check_digest_request(message)
@@ -176,6 +183,18 @@ class SessionTracker:
             self._digest_request = message
         elif isinstance(message, DigestMap):
             self._digest_request = None
+        elif isinstance(message, RelationshipDelete):
+            self._deleting = True
+        elif isinstance(message, Ack) and self._deleting:
+            # The relationship is closed: as after a refused open, nothing is open.
+            self._deleting = False
+            self._pending_vmid = None
+            self.vmid = None
+            self.disks = ()
+        elif isinstance(message, Error):
+            # An Error in DELETING refuses the delete (the relationship stays open) or
+            # ends the conversation: either way no delete is pending any more.
+            self._deleting = False
 
     def _start(self, sequence: int, declared: int | None) -> None:
         self._aggregate = AggregateDigest()

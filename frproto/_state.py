@@ -22,14 +22,15 @@ The conversation::
     SESSION --BatchBegin(P)--> BATCH --Chunk(P)*--> BATCH --BatchEnd(P)--> BATCH_ENDING
         --Ack(R)--> SESSION
     SESSION --DigestMapRequest(P)--> DIGESTS --DigestMap(R)--> SESSION
+    SESSION --RelationshipDelete(P)--> DELETING --Ack(R)--> READY
 
 An Error from the recovery side in a state that awaits its answer (QUERYING, OPENING,
-IR_ENDING, BATCH_ENDING, DIGESTS) is a refusal, unless its code is one that closes the
-connection (a protocol violation, 100 and up, or PROTOCOL_MISMATCH): the connection goes
-back to READY (a refused query or open) or SESSION (a refused IR end, batch end or
-digest map) and may carry on. Any other Error, from either side, leads to MUST_CLOSE.
-Keepalive may come from either side in any state between READY and the end of a
-session, and changes nothing.
+IR_ENDING, BATCH_ENDING, DIGESTS, DELETING) is a refusal, unless its code is one that
+closes the connection (a protocol violation, 100 and up, or PROTOCOL_MISMATCH): the
+connection goes back to READY (a refused query or open) or SESSION (a refused IR end,
+batch end, digest map or delete) and may carry on. Any other Error, from either side,
+leads to MUST_CLOSE. Keepalive may come from either side in any state between READY and
+the end of a session, and changes nothing.
 
 Guards, which depend on what the negotiation said: QueryRecoveryServer only to a
 clustering broker; relationship messages only to a stand-alone server or cluster node.
@@ -65,6 +66,8 @@ class State(enum.Enum):
     BATCH = "BATCH"
     BATCH_ENDING = "BATCH_ENDING"
     DIGESTS = "DIGESTS"
+    #: RelationshipDelete sent; awaiting the Ack (RELATIONSHIP_DELETED) or a refusal.
+    DELETING = "DELETING"
     #: The conversation is over (a refused negotiation or a fatal Error); only close.
     MUST_CLOSE = "MUST_CLOSE"
     #: The peer closed its side (end of stream).
@@ -96,6 +99,8 @@ TRANSITIONS: Final[dict[tuple[State, Role, MessageTag], State]] = {
     (S.BATCH_ENDING, R, T.ACK): S.SESSION,
     (S.SESSION, P, T.DIGEST_MAP_REQUEST): S.DIGESTS,
     (S.DIGESTS, R, T.DIGEST_MAP): S.SESSION,
+    (S.SESSION, P, T.RELATIONSHIP_DELETE): S.DELETING,
+    (S.DELETING, R, T.ACK): S.READY,
 }
 
 #: States in which an Error from the recovery side is a refusal, and where it leads.
@@ -105,6 +110,7 @@ REFUSAL_RETURNS: Final[dict[State, State]] = {
     S.IR_ENDING: S.SESSION,
     S.BATCH_ENDING: S.SESSION,
     S.DIGESTS: S.SESSION,
+    S.DELETING: S.SESSION,
 }
 
 #: States in which either side may send a Keepalive.
@@ -119,6 +125,7 @@ KEEPALIVE_STATES: Final = frozenset(
         S.BATCH,
         S.BATCH_ENDING,
         S.DIGESTS,
+        S.DELETING,
     }
 )
 

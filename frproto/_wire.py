@@ -145,6 +145,11 @@ RELATIONSHIP_ACCEPTED: Final[Schema] = Struct(
     Terminated,
 )
 
+RELATIONSHIP_DELETE: Final[Schema] = Struct(
+    "vmid" / _Vmid,
+    Terminated,
+)
+
 IR_BEGIN: Final[Schema] = Struct(
     "vmid" / _Vmid,
     "sequence" / Int64ub,
@@ -239,6 +244,7 @@ SCHEMAS: Final[dict[MessageTag, Schema]] = {
     MessageTag.RELATIONSHIP_CREATE: RELATIONSHIP_CREATE,
     MessageTag.RELATIONSHIP_OPEN: RELATIONSHIP_OPEN,
     MessageTag.RELATIONSHIP_ACCEPTED: RELATIONSHIP_ACCEPTED,
+    MessageTag.RELATIONSHIP_DELETE: RELATIONSHIP_DELETE,
     MessageTag.IR_BEGIN: IR_BEGIN,
     MessageTag.IR_END: IR_END,
     MessageTag.BATCH_BEGIN: BATCH_BEGIN,

@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._connection import NEED_DATA, Connection, Event
+from ._connection import NEED_DATA, Connection, Event, UnknownMessage
 from ._errors import FrprotoError, RemoteProtocolError
 from ._limits import ENVELOPE_SIZE
-from ._messages import Bytes, Error, Message
+from ._messages import Bytes, Error, Keepalive, Message
 
 #: Bytes asked of the stream per read. 64 KiB: larger reads make trio.SSLStream (and
 #: CPython's SSLObject.read) allocate that much per TLS record (see perf-baselines).
@@ -118,6 +118,10 @@ class FramedStream:
                 something else (``UnexpectedMessage``), or broke the protocol.
         """
         event = await self.next_event()
+        while isinstance(event, (UnknownMessage, Keepalive)) and not isinstance(event, kinds):
+            # A Keepalive needs no answer (SM-6, MSG-22) and an unknown ignorable tag is
+            # skipped (ENV-7): what is awaited is still to come.
+            event = await self.next_event()
         if isinstance(event, kinds):
             return event
         if isinstance(event, Error):

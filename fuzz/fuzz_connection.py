@@ -68,6 +68,7 @@ with _instrumentation():
         RecoveryType,
         RelationshipAccepted,
         RelationshipCreate,
+        RelationshipDelete,
         RelationshipOpen,
         Role,
         ServerPolicy,
@@ -178,6 +179,7 @@ SCENARIOS: tuple[tuple[str, Role, tuple[Step, ...]], ...] = (
             Send(QueryRecoveryServer(VMID, VM_NAME, tuple(d.size for d in DISKS))),
         ),
     ),
+    ("primary-deleting", Role.PRIMARY, (*_PRIMARY_SESSION, Send(RelationshipDelete(VMID)))),
 )
 SCENARIO_INDEX = {name: index for index, (name, _, _) in enumerate(SCENARIOS)}
 
@@ -219,6 +221,8 @@ def _answer(conn: Connection, event: Message) -> Message | None:
         return Ack(event.vmid, AckKind.IR_COMPLETE, event.sequence)
     if isinstance(event, BatchEnd):
         return Ack(event.vmid, AckKind.BATCH_APPLIED, event.sequence)
+    if isinstance(event, RelationshipDelete):
+        return Ack(event.vmid, AckKind.RELATIONSHIP_DELETED, 0)
     if isinstance(event, QueryRecoveryServer):
         return QueryRecoveryServerResponse(event.vmid, "node1.example", 7400, ExistingVM.NEW)
     if isinstance(event, DigestMapRequest):

@@ -58,6 +58,7 @@ from frproto import (
     RecoveryType,
     RelationshipAccepted,
     RelationshipCreate,
+    RelationshipDelete,
     RelationshipOpen,
     Role,
     chunk_digest,
@@ -151,11 +152,13 @@ def control_messages() -> list[Message]:
         RelationshipCreate(VMID, VM_NAME, DISKS, config=b"<vm/>"),
         RelationshipOpen(VMID, 3),
         RelationshipAccepted(VMID, DISKS, resume_disk=1, resume_offset=4096),
+        RelationshipDelete(VMID),
         IRBegin(VMID, 1, total_bytes=1 << 20),
         IREnd(VMID, 1, 1, agg.digest()),
         BatchBegin(VMID, 8, 7, 2, 8192, 1_700_000_000_000),
         BatchEnd(VMID, 8, 1, agg.digest()),
         Ack(VMID, AckKind.BATCH_APPLIED, 8),
+        Ack(VMID, AckKind.RELATIONSHIP_DELETED, 0),
         DigestMapRequest(VMID, 0, 65536, 0, 4),
         DigestMap(VMID, 0, 65536, 0, bytes(range(64))),
     ]
@@ -215,6 +218,11 @@ def _ir_stream() -> bytes:
     return b"".join(frames) + encode_frame(IREnd(VMID, 1, len(frames), agg.digest()))
 
 
+def _recreate_after_delete() -> bytes:
+    """After a delete: the same VM created again, then a keepalive (no renegotiation)."""
+    return encode_frame(RelationshipCreate(VMID, VM_NAME, DISKS)) + encode_frame(Keepalive(2))
+
+
 def connection_seeds() -> list[bytes]:
     """Whole conversations for each scenario of fuzz_connection."""
     negotiate = encode_frame(NegotiateRequest())
@@ -238,6 +246,12 @@ def connection_seeds() -> list[bytes]:
             "recovery-session",
             encode_frame(DigestMapRequest(VMID, 0, 65536, 0, 64)),
             split_seed=2,
+            respond=True,
+        ),
+        make_input(
+            "recovery-session",
+            encode_frame(RelationshipDelete(VMID)) + _recreate_after_delete(),
+            split_seed=4,
             respond=True,
         ),
         make_input("recovery-batch", _batch_stream(4), split_seed=5),
@@ -270,6 +284,16 @@ def connection_seeds() -> list[bytes]:
             split_seed=13,
         ),
         make_input("primary-fresh", encode_frame(Error(int(ErrorCode.BUSY), "no"))),
+        make_input(
+            "primary-deleting",
+            encode_frame(Ack(VMID, AckKind.RELATIONSHIP_DELETED, 0)) + keep,
+            split_seed=14,
+        ),
+        make_input(
+            "primary-deleting",
+            encode_frame(Error(int(ErrorCode.INTERNAL), "could not remove")) + keep,
+            split_seed=15,
+        ),
     ]
     return seeds
 

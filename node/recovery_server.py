@@ -21,6 +21,11 @@ The session (per connection, see ``docs/protocol.md`` for the conversation):
   chunk's digest and bounds), then applied whole at BatchEnd and only then acknowledged.
   A batch already applied is acknowledged again without being applied; a gap is refused
   with OUT_OF_SEQUENCE at BatchEnd (refusing earlier would have to close the connection).
+* RelationshipDelete removes the open relationship's replica (images, journal, recovery
+  points) without a tombstone: the primary itself asked, so seeding the VM again later is
+  its choice. A cluster node then has the cluster forget the VM (``on_deleted``); only
+  then is the VM let go and the Ack sent. A failure is refused (the relationship stays
+  open; if only the cluster's part failed, asking again retries just that).
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ log = logging.getLogger("frrep.recovery")
 OwnershipCheck = Callable[[uuid.UUID, Grant], Awaitable[Grant | None]]
 #: Certificate names to a grant (raises NotAuthorized).
 Authorizer = Callable[[Sequence[str]], Grant]
+#: ``await deleted(vmid)``: after a RelationshipDelete removed the VM's replica here and
+#: before it is acknowledged (a cluster node removes the VM's record); raises a
+#: ReplicationError to refuse the delete.
+DeletedHook = Callable[[uuid.UUID], Awaitable[None]]
 
 
 class CapRoute(Protocol):
@@ -89,6 +98,8 @@ class RecoveryServer:
         cap: a cluster node's route for connections that ask for the CAP's name.
         claim_storage: hold each storage location's lock (``node/storage/lock.py``) while
             serving it; False for storage that cluster nodes share.
+        on_deleted: awaited after a RelationshipDelete removed a replica, before the Ack
+            (a cluster node has the cluster forget the VM); may refuse the delete.
     """
 
     def __init__(
@@ -102,8 +113,10 @@ class RecoveryServer:
         authorize: Authorizer | None = None,
         cap: CapRoute | None = None,
         claim_storage: bool = True,
+        on_deleted: DeletedHook | None = None,
     ) -> None:
         self.config = config
+        self.on_deleted = on_deleted
         self._cap = cap
         self._claim_storage = claim_storage
         self._claims: list[int] = []  # lock descriptors, kept while the server runs
@@ -111,6 +124,7 @@ class RecoveryServer:
         self._authorize = authorize
         self._faults = faults
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        self.recovery_type = recovery_type
         self._policy = fp.ServerPolicy(recovery_type, config.name)
         self._stores: dict[Path, ReplicaStore] = {}
         self._busy: set[uuid.UUID] = set()
@@ -126,6 +140,12 @@ class RecoveryServer:
     def release(self, vmid: uuid.UUID) -> None:
         """Give back a VM taken with :meth:`hold`."""
         self._busy.discard(vmid)
+
+    def forget(self, vmid: uuid.UUID) -> None:
+        """Drop any open handle on the VM's replica, in every store (the next use reads
+        it from disk again, or finds it gone)."""
+        for store in self._stores.values():
+            store.forget(vmid)
 
     async def check_owner(self, vmid: uuid.UUID, grant: Grant) -> Grant | None:
         """Refuse a VM this node does not own (stand-alone servers own what they hold);
@@ -222,6 +242,11 @@ class _Session:
         self.connection_grant = grant  # what the certificate was granted; grant may differ per VM
         self.store = store
         self.replica: Replica | None = None
+        #: The VM this session holds in ``RecoveryServer._busy`` (its open relationship's).
+        self.claimed: uuid.UUID | None = None
+        #: The open relationship's replica was removed by a RelationshipDelete that is not
+        #: acknowledged yet (``on_deleted`` failed): asking again retries only that part.
+        self.removed = False
         self.batch: BatchWriter | None = None
         self.batch_refusal: fp.FrprotoError | None = None
         self.ir_unsynced = 0
@@ -232,8 +257,13 @@ class _Session:
         if self.batch is not None:
             self.batch.abort()
             self.batch = None
-        if self.replica is not None:
-            self.server._busy.discard(self.replica.vmid)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Give back the VM this session holds (no relationship is open any more)."""
+        if self.claimed is not None:
+            self.server._busy.discard(self.claimed)
+        self.replica, self.claimed, self.removed = None, None, False
 
     async def run(self) -> None:
         handlers: dict[type[Any], Callable[[Any], Any]] = {
@@ -244,6 +274,7 @@ class _Session:
             fp.BatchBegin: self.on_batch_begin,
             fp.BatchEnd: self.on_batch_end,
             fp.DigestMapRequest: self.on_digest_request,
+            fp.RelationshipDelete: self.on_delete,
         }
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
@@ -281,13 +312,11 @@ class _Session:
     # -- relationships -------------------------------------------------------------------
 
     def _take(self, replica: Replica) -> None:
-        if self.replica is not None:
-            self.server._busy.discard(self.replica.vmid)
-            self.replica = None
+        self._let_go()
         if replica.vmid in self.server._busy:
             raise fp.Busy(f"VM {replica.vmid} is being replicated on another connection")
         self.server._busy.add(replica.vmid)
-        self.replica = replica
+        self.replica, self.claimed = replica, replica.vmid
 
     async def _accept(self, replica: Replica, generation: int = 0) -> None:
         if replica.failed_over:
@@ -358,17 +387,58 @@ class _Session:
         await self._check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         if not self.store.exists(msg.vmid):
-            raise fp.VMNotHere(f"{self.server.config.name} does not hold VM {msg.vmid}")
+            name = self.server.config.name
+            if self.server.recovery_type is fp.RecoveryType.CLUSTER_NODE:
+                # It may live on another node: the primary asks the broker again.
+                raise fp.VMNotHere(f"{name} does not hold VM {msg.vmid}")
+            raise fp.UnknownVM(f"{name} holds no replica of VM {msg.vmid}")
         replica = self.store.open(msg.vmid)
         self.server.config.authorization.check_binding(
             self.grant.identity, replica.trust_group, f"the replica of {msg.vmid}"
         )
         await self._accept(replica, msg.generation)
 
+    async def on_delete(self, msg: fp.RelationshipDelete) -> None:
+        vmid = msg.vmid  # frproto checked that it is the open relationship's
+        if not self.removed:
+            self._current()
+            # Still this node's to remove (a cluster node: not moved or deleted meanwhile).
+            await self._check_owner(vmid)
+            await self.ir_writes.drain()
+            try:
+                await trio.to_thread.run_sync(partial(self.store.delete, vmid, tombstone=False))
+            except BaseException:
+                self._after_failed_delete(vmid)
+                raise
+            self.server.forget(vmid)
+            self.replica, self.removed = None, True
+            log.info("removed replica %s (its primary %s asked)", vmid, self.grant.identity.name)
+        if self.server.on_deleted is not None:
+            # The VM stays claimed meanwhile: no other connection re-creates it before the
+            # cluster has forgotten it.
+            await self.server.on_deleted(vmid)
+        self._let_go()
+        await self.conn.send(fp.Ack(vmid, fp.AckKind.RELATIONSHIP_DELETED, 0))
+
+    def _after_failed_delete(self, vmid: uuid.UUID) -> None:
+        """A delete failed (it is refused): open the replica again so that the relationship
+        goes on (the store closed it); if it is gone all the same, only the rest is left."""
+        self.replica = None
+        try:
+            if self.store.exists(vmid):
+                self.replica = self.store.open(vmid)
+            else:
+                self.removed = True
+        except fp.FrprotoError as exc:
+            log.error("replica %s after a failed delete: %s", vmid, exc)
+
     # -- initial replication --------------------------------------------------------------
 
     def _current(self) -> Replica:
-        assert self.replica is not None  # frproto only allows these inside a session
+        if self.replica is None:
+            # frproto allows these only inside a relationship: its replica was lost by a
+            # delete that failed half-way.
+            raise fp.InternalError("the replica of this relationship is gone")
         return self.replica
 
     async def on_ir_begin(self, msg: fp.IRBegin) -> None:

@@ -52,8 +52,13 @@ class ServerProcess:
                 self.kill()
 
 
-def start_server_process(config: Path, log_dir: Path, *, timeout: float = 30.0) -> ServerProcess:
+def start_server_process(
+    config: Path, log_dir: Path, *, timeout: float = 30.0, module: str = "frctl.main"
+) -> ServerProcess:
     """Start a recovery server from ``config`` and wait until it listens.
+
+    ``module`` is what ``python -m`` runs with ``server run --config ...`` (tests run a
+    deliberately faulty server this way).
 
     Raises:
         RuntimeError: the server exited or did not listen within ``timeout`` (with its log).
@@ -61,7 +66,7 @@ def start_server_process(config: Path, log_dir: Path, *, timeout: float = 30.0) 
     log = log_dir / f"server-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "frctl.main", "server", "run", "--config", str(config)],
+            [sys.executable, "-m", module, "server", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -10,7 +10,10 @@ Every recovery node runs one (``frctl node run --config node.toml``). It
 * campaigns for the broker's election and, while it holds it, runs the broker at the CAP
   (``broker/service.py``), running the ``cap_up``/``cap_down`` hooks around it;
 * moves the replicas the broker asks it to move (``migration.py``), and fails VMs over
-  to its replicas when an administrator asks (``failover.py``).
+  to its replicas when an administrator asks (``failover.py``);
+* when a primary deletes its relationship (RelationshipDelete), removes the VM's record
+  from the store once the replica is gone, so that the broker forgets the VM (a later
+  query for it places it anew: ``NEW``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ from broker.cluster_view import read_settings
 from broker.election import Election, Term
 from broker.records import ElectionRecord, Keys, NodeRecord, RecordError, Settings, VMRecord
 from broker.service import Broker
-from broker.store import ClusterStore, EventKind, LeaseExpired, StoreError, open_store
+from broker.store import (
+    ClusterStore,
+    Compare,
+    Delete,
+    EventKind,
+    LeaseExpired,
+    StoreError,
+    open_store,
+)
 from node.accept import Accepted
 from node.authz import Grant
 from node.config import RecoveryServerConfig
@@ -131,6 +142,7 @@ class ClusterNode:
                 cap=self,
                 # Shared storage is served by every node (ownership decides per VM).
                 claim_storage=not self.config.shared_storage,
+                on_deleted=self._vm_deleted,
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -329,8 +341,40 @@ class ClusterNode:
 
     def forget(self, vmid: uuid.UUID) -> None:
         """Drop any open handle on the VM's replica (its files may change hands)."""
-        for store in self.server._stores.values():
-            store.forget(vmid)
+        self.server.forget(vmid)
+
+    async def _vm_deleted(self, vmid: uuid.UUID) -> None:
+        """A primary deleted its relationship and the replica is gone from this node: the
+        VM's record goes from the store (a compare-and-swap on the revision read), so the
+        broker forgets it. Raises BUSY (the primary may ask again) when the store cannot
+        be reached or the record keeps changing."""
+        me = self.config.name
+        key = self.keys.vm(vmid)
+        try:
+            for _ in range(10):
+                kv = await self.store.get(key)
+                if kv is None:
+                    break
+                vm = VMRecord.from_json(kv.value)
+                if vm.owner != me or vm.deleted:
+                    # Another node's now, or an administrator's deletion (which stays on
+                    # record, so that the primary is told): not this node's to remove.
+                    why = "deleted by an administrator" if vm.deleted else f"owned by {vm.owner}"
+                    log.warning("VM %s removed here; its record (%s) is kept", vmid, why)
+                    break
+                result = await self.store.txn(
+                    [Compare.mod_revision(key, "==", kv.mod_revision)], [Delete(key)], []
+                )
+                if result.succeeded:
+                    log.info("VM %s (%s): its primary deleted it; record removed", vmid, vm.name)
+                    break
+            else:
+                raise fp.Busy(f"the record of VM {vmid} kept changing; ask again")
+        except StoreError as exc:
+            raise fp.Busy(f"{me} cannot update the cluster store: {exc}") from None
+        except RecordError as exc:
+            raise fp.InternalError(f"the record of VM {vmid} is unreadable: {exc}") from None
+        self._confirmed.pop(vmid, None)
 
     # -- the broker -----------------------------------------------------------------------
 

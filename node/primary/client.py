@@ -2,7 +2,8 @@
 
 Thin and typed: connect over mutual TLS and negotiate; create or open a relationship;
 send an IR from image files (resuming where the recovery server says); send a delta
-batch from ``(disk, offset, data, digest)`` chunks; ask for digest maps; ask a clustering
+batch from ``(disk, offset, data, digest)`` chunks; ask for digest maps; end a relationship
+and remove its replica (:meth:`RecoveryClient.delete_relationship`); ask a clustering
 broker where a VM's replica lives (:meth:`RecoveryClient.query`). Refusals come
 back as frproto exceptions (``VMNotHere``, ``NotAuthorized``, ``OutOfSequence``...).
 """
@@ -238,3 +239,15 @@ class RecoveryClient:
         answer = await self.conn.expect(fp.DigestMap)
         assert isinstance(answer, fp.DigestMap)
         return answer
+
+    async def delete_relationship(self, vmid: uuid.UUID) -> None:
+        """End the open relationship of ``vmid`` and have the recovery server remove its
+        replica (images, journal, recovery points).
+
+        Only with that relationship open (after :meth:`open`). On return the replica is
+        gone and no relationship is open on this connection (another may be opened; a
+        cluster node's broker has forgotten the VM). A refusal raises its frproto
+        exception and leaves the relationship open.
+        """
+        await self.conn.send(fp.RelationshipDelete(vmid))
+        await self.conn.expect(fp.Ack)

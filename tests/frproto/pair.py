@@ -233,6 +233,8 @@ class ConnectionPair:
                 self.end_batch(1)
         elif target is State.DIGESTS:
             self.send(Role.PRIMARY, fp.DigestMapRequest(vmid, 0, 4096, 0, 4))
+        elif target is State.DELETING:
+            self.send(Role.PRIMARY, fp.RelationshipDelete(vmid))
         else:
             raise ValueError(f"walk_to cannot reach {target}")
         assert state_of(self) is target, (self.state, target)

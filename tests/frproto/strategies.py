@@ -261,6 +261,12 @@ def relationship_accepteds(
     )
 
 
+def relationship_deletes(
+    vmid: uuid.UUID | None = None,
+) -> st.SearchStrategy[fp.RelationshipDelete]:
+    return st.builds(fp.RelationshipDelete, vmid=st.just(vmid) if vmid else vmids())
+
+
 @st.composite
 def ir_begins(
     draw: st.DrawFn,
@@ -422,6 +428,7 @@ MESSAGE_STRATEGIES: dict[type[fp.Message], st.SearchStrategy[fp.Message]] = {
     fp.RelationshipCreate: relationship_creates(),
     fp.RelationshipOpen: relationship_opens(),
     fp.RelationshipAccepted: relationship_accepteds(),
+    fp.RelationshipDelete: relationship_deletes(),
     fp.IRBegin: ir_begins(),
     fp.IREnd: ir_ends(),
     fp.BatchBegin: batch_begins(),

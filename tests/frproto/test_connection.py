@@ -371,6 +371,55 @@ SESSION_CASES: list[tuple[str, State, Role, fp.Message, type[fp.RemoteProtocolEr
         fp.DigestMap(DEFAULT_VMID, 0, 8192, 0, bytes(16 * 4)),
         fp.UnexpectedMessage,
     ),
+    (
+        "RelationshipDelete wrong VMID",
+        State.SESSION,
+        P,
+        fp.RelationshipDelete(OTHER_VMID),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack wrong VMID after delete",
+        State.DELETING,
+        R,
+        fp.Ack(OTHER_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack IR_COMPLETE after delete",
+        State.DELETING,
+        R,
+        fp.Ack(DEFAULT_VMID, fp.AckKind.IR_COMPLETE, 0),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack BATCH_APPLIED after delete",
+        State.DELETING,
+        R,
+        fp.Ack(DEFAULT_VMID, fp.AckKind.BATCH_APPLIED, 0),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack after delete with a sequence",
+        State.DELETING,
+        R,
+        fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 1),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack RELATIONSHIP_DELETED after IR",
+        State.IR_ENDING,
+        R,
+        fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0),
+        fp.UnexpectedMessage,
+    ),
+    (
+        "Ack RELATIONSHIP_DELETED after batch",
+        State.BATCH_ENDING,
+        R,
+        fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 1),
+        fp.UnexpectedMessage,
+    ),
 ]
 
 
@@ -444,6 +493,104 @@ def test_digest_map_cut_at_disk_end() -> None:
         pair.recovery.send(fp.DigestMap(DEFAULT_VMID, 1, 4096, 4096, bytes(16 * 10)))
     pair.send(R, fp.DigestMap(DEFAULT_VMID, 1, 4096, 4096, bytes(16 * 3)))
     assert state_of(pair) is State.SESSION
+
+
+# -- RelationshipDelete ----------------------------------------------------------------------
+
+
+def test_delete_closes_the_relationship() -> None:
+    pair = ConnectionPair().walk_to(State.SESSION)
+    pair.send(P, fp.RelationshipDelete(DEFAULT_VMID))
+    assert state_of(pair) is State.DELETING
+    # The relationship is still open while the answer is awaited; Keepalive may come.
+    assert pair.primary.vmid == pair.recovery.vmid == DEFAULT_VMID
+    pair.send(R, fp.Keepalive(3))
+    pair.send(P, fp.Keepalive(4))
+    assert state_of(pair) is State.DELETING
+    pair.send(R, fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0))
+    assert state_of(pair) is State.READY
+    for conn in (pair.primary, pair.recovery):
+        assert conn.vmid is None
+        assert conn.disks == ()
+    # Nothing is open: session messages are refused, a new relationship may follow.
+    for message in (fp.IRBegin(DEFAULT_VMID), fp.RelationshipDelete(DEFAULT_VMID)):
+        with pytest.raises(fp.LocalProtocolError):
+            pair.primary.send(message)
+    pair.open(DEFAULT_VMID, DEFAULT_DISKS, create=True)
+    pair.send(P, fp.IRBegin(DEFAULT_VMID))
+    pair.end_ir()
+    pair.send(R, fp.Ack(DEFAULT_VMID, fp.AckKind.IR_COMPLETE, 0))
+    assert state_of(pair) is State.SESSION
+
+
+def test_delete_then_open_of_another_vm() -> None:
+    pair = ConnectionPair().walk_to(State.SESSION)
+    pair.send(P, fp.RelationshipDelete(DEFAULT_VMID))
+    pair.send(R, fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0))
+    pair.open(OTHER_VMID, DEFAULT_DISKS, create=False)
+    assert pair.primary.vmid == pair.recovery.vmid == OTHER_VMID
+
+
+@pytest.mark.parametrize(
+    "code", [fp.ErrorCode.INTERNAL, fp.ErrorCode.BUSY, fp.ErrorCode.NOT_AUTHORIZED, 50]
+)
+def test_refused_delete_returns_to_the_session(code: int) -> None:
+    pair = ConnectionPair().walk_to(State.DELETING)
+    pair.send(R, fp.Error(code, "cannot remove it"))
+    assert state_of(pair) is State.SESSION
+    assert pair.primary.vmid == pair.recovery.vmid == DEFAULT_VMID
+    assert pair.primary.disks == pair.recovery.disks == DEFAULT_DISKS
+    # The relationship goes on: a batch is acknowledged as usual...
+    pair.send(P, fp.BatchBegin(DEFAULT_VMID, 1, 0, 1))
+    pair.send_chunk(0, 0, b"after the refusal")
+    pair.end_batch(1)
+    with pytest.raises(fp.LocalProtocolError):
+        pair.recovery.send(fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0))
+    pair.send(R, fp.Ack(DEFAULT_VMID, fp.AckKind.BATCH_APPLIED, 1))
+    # ...and the delete may be asked again.
+    pair.send(P, fp.RelationshipDelete(DEFAULT_VMID))
+    pair.send(R, fp.Ack(DEFAULT_VMID, fp.AckKind.RELATIONSHIP_DELETED, 0))
+    assert state_of(pair) is State.READY
+
+
+@pytest.mark.parametrize("code", [fp.ErrorCode.PROTOCOL_MISMATCH, fp.ErrorCode.BAD_VALUE, 150])
+def test_closing_code_in_deleting_closes(code: int) -> None:
+    pair = ConnectionPair().walk_to(State.DELETING)
+    pair.send(R, fp.Error(code, "no"))
+    assert state_of(pair) is State.MUST_CLOSE
+
+
+@pytest.mark.parametrize(
+    "state", [State.READY, State.OPENING, State.IR, State.BATCH, State.DIGESTS, State.DELETING]
+)
+def test_delete_only_in_a_session(state: State) -> None:
+    pair = ConnectionPair().walk_to(state)
+    with pytest.raises(fp.LocalProtocolError):
+        pair.primary.send(fp.RelationshipDelete(DEFAULT_VMID))
+    assert state_of(pair) is state
+    pair.recovery.receive_data(fp.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
+    with pytest.raises(fp.UnexpectedMessage):
+        pair.recovery.next_event()
+
+
+def test_delete_from_the_recovery_side_is_refused() -> None:
+    pair = ConnectionPair().walk_to(State.SESSION)
+    with pytest.raises(fp.LocalProtocolError):
+        pair.recovery.send(fp.RelationshipDelete(DEFAULT_VMID))
+    pair.primary.receive_data(fp.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
+    with pytest.raises(fp.UnexpectedMessage):
+        pair.primary.next_event()
+
+
+def test_delete_of_a_bad_vmid() -> None:
+    with pytest.raises(fp.LocalProtocolError):
+        fp.RelationshipDelete(uuid.UUID(int=0))
+    body = uuid.UUID(int=(1 << 128) - 1).bytes
+    frame = ENVELOPE.pack(0, fp.MessageTag.RELATIONSHIP_DELETE, len(body)) + body
+    with pytest.raises(fp.BadVMID):
+        fp.decode_frame(frame)
+    with pytest.raises(fp.TruncatedFrame):
+        fp.decode_frame(ENVELOPE.pack(0, fp.MessageTag.RELATIONSHIP_DELETE, 15) + body[:15])
 
 
 # -- the end of the stream -----------------------------------------------------------------

@@ -122,6 +122,7 @@ def _fixed_size_samples() -> list[frproto.Message]:
         frproto.NegotiateRequest(),
         frproto.Keepalive(),
         frproto.RelationshipOpen(_VMID),
+        frproto.RelationshipDelete(_VMID),
         frproto.IRBegin(_VMID),
         frproto.IREnd(_VMID, 0, 0, bytes(16)),
         frproto.BatchBegin(_VMID, 1, 0, 0),

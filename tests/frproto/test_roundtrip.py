@@ -139,7 +139,9 @@ def test_pair_fatal_error(rng: random.Random, error: fp.Error, state: State, rol
 @given(
     st.randoms(use_true_random=False),
     fs.errors(),
-    st.sampled_from([State.OPENING, State.IR_ENDING, State.BATCH_ENDING, State.DIGESTS]),
+    st.sampled_from(
+        [State.OPENING, State.IR_ENDING, State.BATCH_ENDING, State.DIGESTS, State.DELETING]
+    ),
 )
 def test_pair_refusal_error(rng: random.Random, error: fp.Error, state: State) -> None:
     pair = _fresh(rng).walk_to(state)
@@ -243,6 +245,35 @@ def test_pair_digest_map(
     )
     pair.send(Role.RECOVERY, answer)
     assert state_of(pair) is State.SESSION
+
+
+@settings(max_examples=40)
+@given(
+    st.randoms(use_true_random=False),
+    fs.vmids(),
+    fs.disk_lists(min_size=4096),
+    fs.relationship_creates(),
+    st.data(),
+)
+def test_pair_relationship_delete(
+    rng: random.Random,
+    vmid: uuid.UUID,
+    disks: tuple[fp.DiskInfo, ...],
+    create: fp.RelationshipCreate,
+    data: st.DataObject,
+) -> None:
+    pair = _fresh(rng).walk_to(State.SESSION, vmid=vmid, disks=disks)
+    pair.send(Role.PRIMARY, fp.RelationshipDelete(vmid))
+    assert state_of(pair) is State.DELETING
+    pair.send(Role.RECOVERY, fp.Ack(vmid, fp.AckKind.RELATIONSHIP_DELETED, 0))
+    assert state_of(pair) is State.READY
+    assert pair.primary.vmid is pair.recovery.vmid is None
+    # A new relationship may follow on the same connection (the same VM or another).
+    pair.send(Role.PRIMARY, create)
+    accepted = data.draw(fs.relationship_accepteds(vmid=create.vmid))
+    pair.send(Role.RECOVERY, accepted)
+    assert state_of(pair) is State.SESSION
+    assert pair.primary.vmid == pair.recovery.vmid == create.vmid
 
 
 # -- chunks through a pair -----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A stateful test: a primary and a recovery Connection through whole conversations.
 
-Hypothesis picks the moves (negotiate, broker query, relationship create/open, IR with
-chunks, delta batches, digest maps, refusals, keepalives, illegal sends) and the byte
+Hypothesis picks the moves (negotiate, broker query, relationship create/open/delete, IR
+with chunks, delta batches, digest maps, refusals, keepalives, illegal sends) and the byte
 split points; a model of the conversation says what must happen, and every step checks
 that both ends agree with it.
 """
@@ -51,7 +51,17 @@ KEEPALIVE_STATES = {
     State.BATCH,
     State.BATCH_ENDING,
     State.DIGESTS,
+    State.DELETING,
 }
+#: States that await the recovery side's answer (an Error there may be a refusal).
+AWAITING = (
+    State.QUERYING,
+    State.OPENING,
+    State.IR_ENDING,
+    State.BATCH_ENDING,
+    State.DIGESTS,
+    State.DELETING,
+)
 
 
 class Conversation(RuleBasedStateMachine):
@@ -158,12 +168,7 @@ class Conversation(RuleBasedStateMachine):
 
     # -- refusals and fatal errors -----------------------------------------------------------
 
-    @precondition(
-        lambda self: (
-            self.state
-            in (State.QUERYING, State.OPENING, State.IR_ENDING, State.BATCH_ENDING, State.DIGESTS)
-        )
-    )
+    @precondition(lambda self: self.state in AWAITING)
     @rule(code=st.sampled_from(REFUSAL_CODES), text=fs.error_texts())
     def refuse(self, code: fp.ErrorCode, text: str) -> None:
         error = fp.Error(code, text)
@@ -185,13 +190,7 @@ class Conversation(RuleBasedStateMachine):
     )
     @rule(role=st.sampled_from(Role), error=fs.errors())
     def fatal_error(self, role: Role, error: fp.Error) -> None:
-        refusal = role is R and self.state in (
-            State.QUERYING,
-            State.OPENING,
-            State.IR_ENDING,
-            State.BATCH_ENDING,
-            State.DIGESTS,
-        )
+        refusal = role is R and self.state in AWAITING
         if refusal and not fp.closes_connection(error.code):
             return  # a refusal, not fatal: the refuse rule covers it
         self.send(role, error)
@@ -296,6 +295,24 @@ class Conversation(RuleBasedStateMachine):
         assert answer.block_count == count
         self.state = State.SESSION
         self.request = None
+
+    # -- deleting the relationship ------------------------------------------------------------
+
+    @precondition(lambda self: self.state is State.SESSION)
+    @rule()
+    def delete(self) -> None:
+        assert self.vmid is not None
+        self.send(P, fp.RelationshipDelete(self.vmid))
+        self.state = State.DELETING
+
+    @precondition(lambda self: self.state is State.DELETING)
+    @rule()
+    def delete_ack(self) -> None:
+        assert self.vmid is not None
+        self.send(R, fp.Ack(self.vmid, fp.AckKind.RELATIONSHIP_DELETED, 0))
+        self.state = State.READY
+        self.vmid, self.disks = None, ()
+        assert self.pair.primary.disks == self.pair.recovery.disks == ()
 
     # -- illegal sends -----------------------------------------------------------------------
 

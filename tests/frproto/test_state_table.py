@@ -35,12 +35,14 @@ EXPECTED: dict[tuple[State, Role], dict[MessageTag, State]] = {
         T.IR_BEGIN: State.IR,
         T.BATCH_BEGIN: State.BATCH,
         T.DIGEST_MAP_REQUEST: State.DIGESTS,
+        T.RELATIONSHIP_DELETE: State.DELETING,
     },
     (State.IR, P): {T.CHUNK: State.IR, T.IR_END: State.IR_ENDING},
     (State.IR_ENDING, R): {T.ACK: State.SESSION},
     (State.BATCH, P): {T.CHUNK: State.BATCH, T.BATCH_END: State.BATCH_ENDING},
     (State.BATCH_ENDING, R): {T.ACK: State.SESSION},
     (State.DIGESTS, R): {T.DIGEST_MAP: State.SESSION},
+    (State.DELETING, R): {T.ACK: State.READY},
 }
 #: Where a refusal (an Error from the recovery side) returns.
 REFUSALS = {
@@ -49,6 +51,7 @@ REFUSALS = {
     State.IR_ENDING: State.SESSION,
     State.BATCH_ENDING: State.SESSION,
     State.DIGESTS: State.SESSION,
+    State.DELETING: State.SESSION,
 }
 NO_KEEPALIVE = {
     State.IDLE,
@@ -110,9 +113,9 @@ def test_table_is_not_vacuous() -> None:
     legal = sum(
         expected_next(s, r, t, RecoveryType.STANDALONE) is not None for s, r, t in ALL_TRIPLES
     )
-    # 19 moves of the conversation minus the broker-only query, Error (12 states x 2 roles),
-    # Keepalive (9 states x 2 roles).
-    assert legal == 18 + 24 + 18
+    # 21 moves of the conversation minus the broker-only query, Error (13 states x 2 roles),
+    # Keepalive (10 states x 2 roles).
+    assert legal == 20 + 26 + 20
     assert next_state(State.ERROR, P, T.ERROR, None) is State.MUST_CLOSE
     assert next_state(State.IDLE, R, T.ERROR, None) is State.MUST_CLOSE
 
@@ -131,6 +134,7 @@ WALKABLE = [
     State.BATCH,
     State.BATCH_ENDING,
     State.DIGESTS,
+    State.DELETING,
     State.MUST_CLOSE,
 ]
 
@@ -151,6 +155,7 @@ def sample_message(tag: MessageTag) -> fp.Message:
         T.RELATIONSHIP_CREATE: fp.RelationshipCreate(vmid, "vm", DEFAULT_DISKS),
         T.RELATIONSHIP_OPEN: fp.RelationshipOpen(vmid),
         T.RELATIONSHIP_ACCEPTED: fp.RelationshipAccepted(vmid, DEFAULT_DISKS),
+        T.RELATIONSHIP_DELETE: fp.RelationshipDelete(vmid),
         T.IR_BEGIN: fp.IRBegin(vmid),
         T.IR_END: fp.IREnd(vmid, 0, 0, digest),
         T.BATCH_BEGIN: fp.BatchBegin(vmid, 1, 0, 1),

@@ -208,6 +208,30 @@ async def test_expect_raises_the_error_class_of_a_refusal() -> None:
     assert primary.connection.state is fp.State.READY
 
 
+async def test_expect_skips_keepalives_and_ignorable_tags() -> None:
+    # ENV-7, SM-6: neither is an answer, and neither is a violation: what is awaited
+    # still comes (the reference server used to close on an ignorable tag first).
+    a, b = trio.testing.memory_stream_pair()
+    primary, recovery = _pair(a, b)
+    await a.send_all(bytes.fromhex("0000812300000003616263"))  # ignorable tag 0x8123
+    await primary.send(fp.NegotiateRequest())
+    assert isinstance(await recovery.expect(fp.NegotiateRequest), fp.NegotiateRequest)
+    policy = fp.ServerPolicy(fp.RecoveryType.STANDALONE, "r1.example.com")
+    await recovery.send(fp.answer_negotiation(fp.NegotiateRequest(), policy))
+    await primary.expect(fp.NegotiateResponse)
+    await primary.send(fp.RelationshipOpen(VM))
+    await recovery.expect(fp.RelationshipOpen)
+    await recovery.send(fp.Keepalive(7))
+    await recovery.send_error(fp.UnknownVM("no such VM"))
+    with pytest.raises(fp.UnknownVM):
+        await primary.expect(fp.RelationshipAccepted)
+    # Asked for, a Keepalive is returned like any message.
+    await recovery.send(fp.Keepalive(8))
+    got = await primary.expect(fp.Keepalive)
+    assert isinstance(got, fp.Keepalive)
+    assert got.token == 8
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()

@@ -483,7 +483,10 @@ def message_context(
     if isinstance(m, frproto.RelationshipAccepted):
         opening = frproto.RelationshipOpen(m.vmid, m.generation)
         return primary, [*handshake(primary), PreludeStep.of("send", opening)]
-    if isinstance(m, (frproto.IRBegin, frproto.BatchBegin, frproto.DigestMapRequest)):
+    if isinstance(
+        m,
+        (frproto.IRBegin, frproto.BatchBegin, frproto.DigestMapRequest, frproto.RelationshipDelete),
+    ):
         return recovery, open_session(recovery, m.vmid)
     if isinstance(m, frproto.Chunk):
         begin = frproto.BatchBegin(CONTEXT_VMID, sequence=1, base_sequence=0, chunk_count=1)
@@ -501,7 +504,9 @@ def message_context(
     if isinstance(m, frproto.Ack):
         empty = frproto.AggregateDigest().digest()
         steps: list[Message]
-        if m.kind is frproto.AckKind.IR_COMPLETE:
+        if m.kind is frproto.AckKind.RELATIONSHIP_DELETED:
+            steps = [frproto.RelationshipDelete(m.vmid)]
+        elif m.kind is frproto.AckKind.IR_COMPLETE:
             steps = [
                 frproto.IRBegin(m.vmid, sequence=m.sequence),
                 frproto.IREnd(m.vmid, m.sequence, 0, empty),

@@ -104,10 +104,10 @@ async def test_unauthorized_primary_is_refused_in_negotiation(
     assert server.wait_for_log("is not authorized")
 
 
-async def test_vm_this_server_does_not_hold_is_not_here(site: Site, server: ServerProcess) -> None:
+async def test_vm_this_server_does_not_hold_is_unknown(site: Site, server: ServerProcess) -> None:
     client = await _connect(site, server, "p1.primary.example.com")
     try:
-        with trio.fail_after(20), pytest.raises(fp.VMNotHere):
+        with trio.fail_after(20), pytest.raises(fp.UnknownVM):
             await client.open(uuid.uuid4(), name="vm", disks=(), create=False)
     finally:
         await client.aclose()

@@ -62,6 +62,7 @@ from frproto import (  # noqa: E402
     RecoveryType,
     RelationshipAccepted,
     RelationshipCreate,
+    RelationshipDelete,
     RelationshipOpen,
     RemoteProtocolError,
     Role,
@@ -98,6 +99,8 @@ VMID_B = uuid.UUID("c0ffee00-1234-4abc-9def-0123456789ab")
 #: CONTEXT_VMID with the variant bits changed (byte 8): NCS, Microsoft, future.
 VMID_NCS = uuid.UUID("5f0c6f1e-3a4b-4c2d-0e9f-0a1b2c3d4e5f")
 VMID_MICROSOFT = uuid.UUID("5f0c6f1e-3a4b-4c2d-ce9f-0a1b2c3d4e5f")
+#: CONTEXT_VMID with version nibble 0 (byte 6): valid, the version is not checked.
+VMID_VERSION_0 = uuid.UUID("5f0c6f1e-3a4b-0c2d-8e9f-0a1b2c3d4e5f")
 
 #: 64 bytes of plain chunk data (no zeros, no run long enough to matter).
 PLAIN_DATA = bytes((i * 37 + 11) % 251 for i in range(64))
@@ -408,6 +411,19 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
             ),
         ),
     ],
+    RelationshipDelete: [
+        (
+            "context",
+            "Delete the relationship (and replica) of the context VM.",
+            RelationshipDelete(VMID),
+        ),
+        ("other_vm", "Delete the relationship of a second VM.", RelationshipDelete(VMID_B)),
+        (
+            "version_nibble_0",
+            "A VMID whose version nibble is 0: valid (only the variant bits are checked).",
+            RelationshipDelete(VMID_VERSION_0),
+        ),
+    ],
     IRBegin: [
         ("defaults", "An IR from the start.", IRBegin(VMID)),
         (
@@ -467,6 +483,11 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
             "batch_applied",
             "Batch 42 is applied.",
             Ack(VMID_B, AckKind.BATCH_APPLIED, 42),
+        ),
+        (
+            "relationship_deleted",
+            "The replica is removed and the relationship closed (answers RelationshipDelete).",
+            Ack(VMID, AckKind.RELATIONSHIP_DELETED, 0),
         ),
     ],
     DigestMapRequest: [
@@ -533,6 +554,11 @@ def p_session() -> list[PreludeStep]:
 def p_ir_ending() -> list[PreludeStep]:
     """A primary that sent an empty IR 3 and its IREnd (waiting for the Ack)."""
     return [*p_session(), send(IRBegin(VMID, sequence=3)), send(IREnd(VMID, 3, 0, aggregate()))]
+
+
+def p_deleting() -> list[PreludeStep]:
+    """A primary that sent a RelationshipDelete for VMID (waiting for the Ack)."""
+    return [*p_session(), send(RelationshipDelete(VMID))]
 
 
 def p_digests() -> list[PreludeStep]:
@@ -660,6 +686,13 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             R,
             r_batch(),
             envelope(T.CHUNK, 16) + PLAIN_CHUNK[8:24],
+        ),
+        ec(
+            "relationship_delete_short",
+            "A RelationshipDelete whose body is 15 bytes; the VMID needs 16.",
+            R,
+            r_session(),
+            frame(T.RELATIONSHIP_DELETE, VMID.bytes[:15]),
         ),
     ],
     frproto.FrameTooLarge: [
@@ -897,6 +930,13 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             r_ready(),
             frame(T.RELATIONSHIP_OPEN, relationship_open_body(VMID.bytes) + b"\x00" * 4),
         ),
+        ec(
+            "relationship_delete",
+            "A RelationshipDelete body of 17 bytes (the message is 16).",
+            R,
+            r_session(),
+            frame(T.RELATIONSHIP_DELETE, VMID.bytes + b"\x00"),
+        ),
     ],
     frproto.DigestMismatch: [
         ec(
@@ -963,6 +1003,20 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             R,
             r_ready(RecoveryType.CLUSTERING_BROKER),
             frame(T.QUERY_RECOVERY_SERVER, query_body(VMID_MICROSOFT.bytes, b"vm")),
+        ),
+        ec(
+            "relationship_delete_nil",
+            "A RelationshipDelete for the nil GUID, in an open relationship.",
+            R,
+            r_session(),
+            frame(T.RELATIONSHIP_DELETE, bytes(16)),
+        ),
+        ec(
+            "relationship_delete_max",
+            "A RelationshipDelete for the all-ones GUID, in an open relationship.",
+            R,
+            r_session(),
+            frame(T.RELATIONSHIP_DELETE, b"\xff" * 16),
         ),
         ec(
             "ack_nil",
@@ -1166,6 +1220,48 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             P,
             p_digests(),
             frproto.encode_frame(DigestMap(VMID, 0, 4096, 4096, WRONG_DIGEST * 4)),
+        ),
+        ec(
+            "relationship_delete_other_vm",
+            "A RelationshipDelete for a VM other than the one whose relationship is open.",
+            R,
+            r_session(),
+            frame(T.RELATIONSHIP_DELETE, VMID_B.bytes),
+        ),
+        ec(
+            "relationship_delete_without_relationship",
+            "A RelationshipDelete when no relationship is open (READY).",
+            R,
+            r_ready(),
+            frame(T.RELATIONSHIP_DELETE, VMID.bytes),
+        ),
+        ec(
+            "relationship_delete_in_batch",
+            "A RelationshipDelete while a batch is in progress.",
+            R,
+            r_batch(),
+            frame(T.RELATIONSHIP_DELETE, VMID.bytes),
+        ),
+        ec(
+            "ack_wrong_kind_after_delete",
+            "An IR_COMPLETE Ack to a primary waiting for the Ack of its RelationshipDelete.",
+            P,
+            p_deleting(),
+            frame(T.ACK, VMID.bytes + u8(AckKind.IR_COMPLETE) + u64(0)),
+        ),
+        ec(
+            "ack_deleted_with_sequence",
+            "A RELATIONSHIP_DELETED Ack whose sequence is 1, not 0.",
+            P,
+            p_deleting(),
+            frame(T.ACK, VMID.bytes + u8(AckKind.RELATIONSHIP_DELETED) + u64(1)),
+        ),
+        ec(
+            "ack_deleted_after_ir",
+            "A RELATIONSHIP_DELETED Ack to a primary waiting for the Ack of its IR.",
+            P,
+            p_ir_ending(),
+            frame(T.ACK, VMID.bytes + u8(AckKind.RELATIONSHIP_DELETED) + u64(3)),
         ),
     ],
     frproto.ChunkOutOfRange: [
