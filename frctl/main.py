@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import frproto
 
 from .cluster_commands import register as register_cluster_commands
+from .conform_commands import register as register_conform_commands
 from .failover_commands import register as register_failover_commands
 from .node_commands import register as register_node_commands
 from .oob_commands import register as register_oob_commands
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_oob_commands(sub)
     register_cluster_commands(sub)
     register_failover_commands(sub)
+    register_conform_commands(sub)
     return parser
 
 

@@ -1,0 +1,220 @@
+"""The replication session: relationships, IR, delta batches, resends, refusals, digest
+maps and removal (sections 4.7-4.18, 10). Against a broker, they run at the node it
+places each new VM on."""
+
+from __future__ import annotations
+
+import frproto as fp
+
+from ..scenario import BROKER, NODE, REPLICATING, STANDALONE, Context, scenario
+from ..session import (
+    CHUNK,
+    DISKS,
+    batch_frames,
+    create,
+    initial_replication,
+    place,
+    send_frames,
+    vm_name,
+    where_to_replicate,
+)
+
+
+@scenario("REP-1", "REP-14", "REP-12", kinds=REPLICATING)
+async def create_replicate_reopen(ctx: Context) -> None:
+    """A new VM's relationship is created (RelationshipAccepted with its disks, IR not
+    started), a whole IR is acknowledged IR_COMPLETE, and a later RelationshipOpen finds
+    the IR complete."""
+    vmid = ctx.new_vmid()
+    target = await where_to_replicate(ctx, vmid)
+    wire = await ctx.ready(target)
+    async with ctx.checking("REP-1"):
+        create_msg = fp.RelationshipCreate(vmid, vm_name(vmid), DISKS, b"frconform")
+        accepted = await ctx.request(wire, create_msg, fp.RelationshipAccepted)
+        if ctx.kind != BROKER:
+            ctx.remember(vmid, target, DISKS)
+        ctx.expect(accepted.vmid == vmid, "the created VMID", accepted)
+        ctx.expect(accepted.disks == DISKS, "the disks as created", accepted)
+        ctx.expect(accepted.ir_state == fp.IRState.NOT_STARTED, "ir_state NOT_STARTED", accepted)
+    from ..session import Session, ir_frames
+
+    session = Session(wire, vmid, target, accepted)
+    async with ctx.checking("REP-14"):
+        await send_frames(wire, ir_frames(session))
+        ack = await ctx.receive(wire, fp.Ack)
+        ctx.expect(
+            ack.kind == fp.AckKind.IR_COMPLETE and ack.sequence == 0, "Ack IR_COMPLETE 0", ack
+        )
+    await wire.aclose()  # one session per VM at a time: the next connection takes it
+    async with ctx.checking("REP-12"):
+        again = await ctx.ready(target)
+        opened = await ctx.request(again, fp.RelationshipOpen(vmid), fp.RelationshipAccepted)
+        ctx.expect(opened.ir_state == fp.IRState.COMPLETE, "ir_state COMPLETE", opened)
+        ctx.expect(opened.applied_sequence == 0, "applied_sequence 0", opened)
+        ctx.expect(opened.disks == DISKS, "the VM's disks", opened)
+
+
+@scenario("REP-16", "REP-22", "REP-20", kinds=REPLICATING)
+async def delta_batch_and_resend(ctx: Context) -> None:
+    """A delta batch is acknowledged BATCH_APPLIED and its data is what the replica's
+    digests describe; the same batch sent again is acknowledged again without being
+    applied twice, and the next batch follows it."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    wire = session.wire
+    blocks = [(0, 0), (0, 3 * CHUNK), (1, CHUNK)]  # the last one is the short tail block
+    frames, written = batch_frames(session, 1, 0, blocks, round_=1)
+    async with ctx.checking("REP-16"):
+        await send_frames(wire, frames)
+        ack = await ctx.receive(wire, fp.Ack)
+        ok = ack.kind == fp.AckKind.BATCH_APPLIED and ack.sequence == 1
+        ctx.expect(ok, "Ack BATCH_APPLIED 1", ack)
+    async with ctx.checking("REP-22"):
+        for (disk_index, offset), data in written.items():
+            request = fp.DigestMapRequest(session.vmid, disk_index, CHUNK, offset, 1)
+            answer = await ctx.request(wire, request, fp.DigestMap)
+            want = fp.chunk_digest(data)
+            ctx.expect(answer.digests == want, f"block {disk_index}/{offset}: {want.hex()}", answer)
+    async with ctx.checking("REP-20"):
+        await send_frames(wire, frames)  # the same sequence, the same content
+        ack = await ctx.receive(wire, fp.Ack)
+        ok = ack.kind == fp.AckKind.BATCH_APPLIED and ack.sequence == 1
+        ctx.expect(ok, "Ack BATCH_APPLIED 1 again", ack)
+        following, _ = batch_frames(session, 2, 1, [(0, CHUNK)], round_=2)
+        await send_frames(wire, following)
+        ack = await ctx.receive(wire, fp.Ack)
+        ctx.expect(ack.sequence == 2, "Ack BATCH_APPLIED 2 (the resend did not advance)", ack)
+
+
+@scenario("REP-18", "ERR-4", kinds=REPLICATING)
+async def out_of_sequence_batch(ctx: Context) -> None:
+    """A batch whose base is not the applied sequence (a gap) is refused with
+    OUT_OF_SEQUENCE at its end, and the conversation goes on: the right batch is then
+    applied."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    wire = session.wire
+    async with ctx.checking("REP-18"):
+        gap, _ = batch_frames(session, 6, 5, [(0, 0)], round_=1)
+        await send_frames(wire, gap)
+        await ctx.expect_error(wire, fp.ErrorCode.OUT_OF_SEQUENCE, closes=False)
+    async with ctx.checking("ERR-4"):
+        right, _ = batch_frames(session, 1, 0, [(0, 0)], round_=1)
+        await send_frames(wire, right)
+        ack = await ctx.receive(wire, fp.Ack)
+        ctx.expect(ack.sequence == 1, "Ack BATCH_APPLIED 1 on the same connection", ack)
+
+
+@scenario("REP-21", kinds=REPLICATING)
+async def resend_with_other_content(ctx: Context) -> None:
+    """An applied sequence sent again with other content is refused with OUT_OF_SEQUENCE
+    (acknowledging it would lose those changes)."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    first, _ = batch_frames(session, 1, 0, [(0, 0)], round_=1)
+    await send_frames(session.wire, first)
+    await ctx.receive(session.wire, fp.Ack)
+    async with ctx.checking("REP-21"):
+        other, _ = batch_frames(session, 1, 0, [(0, 0)], round_=9)
+        await send_frames(session.wire, other)
+        await ctx.expect_error(session.wire, fp.ErrorCode.OUT_OF_SEQUENCE, closes=False)
+
+
+@scenario("REP-4", kinds=[STANDALONE])
+async def unknown_vm(ctx: Context) -> None:
+    """A RelationshipOpen for a VMID the server has no relationship for is refused with
+    UNKNOWN_VM, and the conversation goes on (asked twice on one connection)."""
+    wire = await ctx.ready()
+    async with ctx.checking("REP-4"):
+        for _ in range(2):
+            await wire.send(fp.RelationshipOpen(ctx.new_vmid()))
+            await ctx.expect_error(wire, fp.ErrorCode.UNKNOWN_VM, closes=False)
+
+
+@scenario("REP-5", kinds=[NODE, BROKER])
+async def vm_not_here(ctx: Context) -> None:
+    """A cluster node answers a RelationshipOpen for a VM it does not hold with
+    VM_NOT_HERE (a refusal: asked twice on one connection). Through a broker: at the node
+    it places a VM of the run on."""
+    target = ctx.target
+    if ctx.kind == BROKER:
+        placed = await place(ctx, ctx.new_vmid())
+        target = ctx.target.elsewhere(placed.server_name, placed.port)
+    wire = await ctx.ready(target)
+    async with ctx.checking("REP-5"):
+        for _ in range(2):
+            await wire.send(fp.RelationshipOpen(ctx.new_vmid()))
+            await ctx.expect_error(wire, fp.ErrorCode.VM_NOT_HERE, closes=False)
+
+
+@scenario("REP-3", "REP-2", kinds=REPLICATING)
+async def create_twice(ctx: Context) -> None:
+    """A RelationshipCreate for a VM that already has a relationship with other disks is
+    refused with EXISTS; with the same disks (a primary resending its create after a
+    restart) it opens the relationship."""
+    session = await create(ctx)
+    async with ctx.checking("REP-3"):
+        other = (DISKS[0], fp.DiskInfo("data-2", 8192))
+        again = fp.RelationshipCreate(session.vmid, vm_name(session.vmid), other, b"")
+        await session.wire.send(again)
+        await ctx.expect_error(session.wire, fp.ErrorCode.EXISTS, closes=False)
+    async with ctx.checking("REP-2"):
+        same = fp.RelationshipCreate(session.vmid, vm_name(session.vmid), DISKS, b"")
+        accepted = await ctx.request(session.wire, same, fp.RelationshipAccepted)
+        ctx.expect(accepted.disks == DISKS, "the relationship, with its disks", accepted)
+
+
+@scenario("REP-7", kinds=REPLICATING)
+async def wrong_generation(ctx: Context) -> None:
+    """A RelationshipOpen that presents a generation other than the relationship's is
+    refused with NOT_AUTHORIZED (a former primary after a failover)."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    wire = await ctx.ready(session.target)
+    async with ctx.checking("REP-7"):
+        stale = fp.RelationshipOpen(session.vmid, generation=session.accepted.generation + 7)
+        await wire.send(stale)
+        await ctx.expect_error(wire, fp.ErrorCode.NOT_AUTHORIZED, closes=False)
+
+
+@scenario("REP-22", kinds=REPLICATING)
+async def digest_map_cut_at_the_end(ctx: Context) -> None:
+    """A DigestMapRequest for more blocks than the disk has is answered with the blocks up
+    to its end, each the digest of what the IR wrote (zeros there)."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    async with ctx.checking("REP-22"):
+        size = DISKS[1].size
+        request = fp.DigestMapRequest(session.vmid, 1, CHUNK, CHUNK, 100)
+        answer = await ctx.request(session.wire, request, fp.DigestMap)
+        tail = fp.zero_digest(size - CHUNK)
+        ctx.expect(answer.digests == tail, f"one digest, of the last {size - CHUNK} bytes", answer)
+
+
+@scenario("DEL-3", "DEL-2", kinds=REPLICATING)
+async def delete_relationship(ctx: Context) -> None:
+    """A RelationshipDelete removes the replica: acknowledged RELATIONSHIP_DELETED, after
+    which the VMID is unknown there."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    async with ctx.checking("DEL-3"):
+        await session.wire.send(fp.RelationshipDelete(session.vmid))
+        ack = await ctx.receive(session.wire, fp.Ack)
+        ok = ack.kind == fp.AckKind.RELATIONSHIP_DELETED and ack.sequence == 0
+        ctx.expect(ok, "Ack RELATIONSHIP_DELETED 0", ack)
+        ctx.forget_vm(session.vmid)
+    async with ctx.checking("DEL-2"):
+        await session.wire.send(fp.RelationshipOpen(session.vmid))
+        gone = fp.ErrorCode.UNKNOWN_VM if ctx.kind == STANDALONE else fp.ErrorCode.VM_NOT_HERE
+        await ctx.expect_error(session.wire, gone, closes=False)
+
+
+@scenario("SM-1", kinds=REPLICATING)
+async def chunk_outside_a_transfer(ctx: Context) -> None:
+    """A Chunk with no IR or batch begun is UNEXPECTED_MESSAGE, and the connection
+    closes."""
+    session = await create(ctx)
+    async with ctx.checking("SM-1"):
+        frame = fp.encode_frame(fp.Chunk(0, 0, 4096, fp.zero_digest(4096), b"", fp.ChunkFlags.ZERO))
+        await session.wire.send_raw(frame, "Chunk (ZERO) with no transfer begun")
+        await ctx.expect_error(session.wire, fp.ErrorCode.UNEXPECTED_MESSAGE, closes=True)

@@ -1,0 +1,216 @@
+"""The harness's only I/O: mutual-TLS connections to the endpoint under test (Trio).
+
+A :class:`Wire` sends frames as given (well-formed messages through
+``frproto.encode_frame``, hostile bytes as they are: the harness must be able to send
+what a conforming ``frproto.Connection`` never would) and reads the endpoint's frames
+one at a time, decoding each with ``frproto.decode_frame``. No state machine runs here:
+checking the endpoint's answers is the scenarios' job. Every frame in either direction
+goes into the scenario's transcript, which a failed check shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import trio
+
+import frproto as fp
+
+_ENVELOPE = struct.Struct(">HHI")
+#: The largest frame an endpoint may send (a Chunk's; recovery sides never send one).
+_MAX_BODY = fp.CHUNK_HEADER_SIZE + fp.MAX_CHUNK_DATA
+
+
+class HarnessError(Exception):
+    """The harness cannot go on with this step (no answer, connection lost, ...)."""
+
+
+class NoAnswer(HarnessError):
+    """The endpoint sent nothing within the timeout."""
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The endpoint ended the connection (cleanly or not: ``how`` says)."""
+
+    how: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to reach an endpoint.
+
+    Attributes:
+        host: address (or resolvable name) to connect to.
+        port: TCP port.
+        server_name: the TLS SNI name and the name its certificate must hold.
+        ssl_context: a client context with the harness's certificate, key and CA.
+        hosts: addresses for names the endpoint answers with (a broker's node names),
+            for names that DNS does not resolve (tests, a lab).
+        timeout: seconds to wait for each answer.
+    """
+
+    host: str
+    port: int
+    server_name: str
+    ssl_context: ssl.SSLContext
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 10.0
+
+    def elsewhere(self, server_name: str, port: int) -> Target:
+        """The same harness identity pointed at another endpoint (a broker's node)."""
+        host = self.hosts.get(server_name.lower().rstrip("."), server_name)
+        return replace(self, host=host, port=port, server_name=server_name)
+
+    def describe(self) -> str:
+        return f"{self.server_name} ({self.host}:{self.port})"
+
+
+def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """A TLS 1.3 client context presenting ``cert`` and trusting only ``ca``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+class Wire:
+    """One connection to an endpoint (see the module docstring)."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], target: Target) -> None:
+        self._stream = stream
+        self.target = target
+        self.transcript: list[str] = []
+        self._buffer = bytearray()
+        self._eof = False
+
+    def _note(self, line: str) -> None:
+        self.transcript.append(f"[{self.target.server_name}] {line}")
+
+    async def send(self, message: fp.Message) -> None:
+        """Send one well-formed message."""
+        await self._write(fp.encode_frame(message), fp.describe(message))
+
+    async def send_raw(self, data: bytes, what: str) -> None:
+        """Send bytes as they are (a hostile frame, part of one, several frames)."""
+        await self._write(data, what)
+
+    async def _write(self, data: bytes, what: str) -> None:
+        shown = data.hex() if len(data) <= 64 else data[:64].hex() + f"... ({len(data)} bytes)"
+        self._note(f"-> {what}: {shown}")
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._note(f"   (send failed: the connection is gone: {exc!r})")
+            raise HarnessError(f"sending {what}: the connection is gone") from None
+
+    async def receive(self) -> fp.Message | Closed:
+        """The endpoint's next frame, decoded; :class:`Closed` at the end of the stream.
+
+        Raises:
+            NoAnswer: nothing within the target's timeout.
+            HarnessError: the endpoint sent bytes that are not a valid frame.
+        """
+        with trio.move_on_after(self.target.timeout):
+            return await self._receive()
+        self._note(f"<- (nothing within {self.target.timeout:g} s)")
+        raise NoAnswer(f"no answer from {self.target.describe()} within {self.target.timeout:g} s")
+
+    async def _receive(self) -> fp.Message | Closed:
+        if not await self._fill(_ENVELOPE.size):
+            return self._closed_between_frames()
+        _reserved, _tag, length = _ENVELOPE.unpack_from(self._buffer)
+        if length > _MAX_BODY:
+            self._note(f"<- envelope {bytes(self._buffer[:8]).hex()} declares {length} bytes")
+            raise HarnessError(f"the endpoint sent a frame of {length} bytes (over any limit)")
+        size = _ENVELOPE.size + length
+        if not await self._fill(size):
+            self._note(f"<- {bytes(self._buffer).hex()} then the end of the stream")
+            raise HarnessError("the endpoint closed the connection inside a frame")
+        frame = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        try:
+            message = fp.decode_frame(frame)
+        except fp.FrprotoError as exc:
+            self._note(f"<- undecodable frame {frame[:64].hex()}: {exc}")
+            raise HarnessError(f"the endpoint sent an invalid frame: {exc}") from None
+        if not isinstance(message, fp.Message):  # an ignorable tag this version lacks
+            tag, _body = message
+            self._note(f"<- (ignorable tag {tag:#06x}, skipped)")
+            return await self._receive()
+        self._note(f"<- {fp.describe(message)}")
+        return message
+
+    def _closed_between_frames(self) -> Closed:
+        how = "end of stream" if not self._buffer else f"end of stream after {self._buffer.hex()}"
+        self._note(f"<- ({how})")
+        return Closed(how)
+
+    async def _fill(self, size: int) -> bool:
+        """Read until the buffer holds ``size`` bytes; False at the end of the stream."""
+        while len(self._buffer) < size:
+            if self._eof:
+                return False
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # A reset, or a TLS alert: the connection is over all the same.
+                cause = exc.__cause__ or exc
+                self._note(f"<- (connection ended: {cause!r})")
+                self._eof = True
+                return False
+            if not data:
+                self._eof = True
+                return False
+            self._buffer += data
+        return True
+
+    async def closed_by_peer(self) -> bool:
+        """Whether the endpoint closes the connection within the timeout, reading (and
+        recording) whatever it still sends first."""
+        with trio.move_on_after(self.target.timeout):
+            while True:
+                event = await self._receive()
+                if isinstance(event, Closed):
+                    return True
+        self._note(f"   (still open after {self.target.timeout:g} s)")
+        return False
+
+    async def aclose(self) -> None:
+        """Close our side (quietly: the endpoint may be gone already)."""
+        with (
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await self._stream.aclose()
+
+
+async def connect(target: Target, transcript: list[str] | None = None) -> Wire:
+    """Open a TCP connection to ``target`` and do the TLS handshake with SNI.
+
+    Raises:
+        HarnessError: cannot connect, or the handshake fails (a certificate the CA does
+            not vouch for, a name it does not hold, ...).
+    """
+    try:
+        with trio.fail_after(target.timeout):
+            tcp = await trio.open_tcp_stream(target.host, target.port)
+            stream = trio.SSLStream(tcp, target.ssl_context, server_hostname=target.server_name)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        cause = exc.__cause__ or exc
+        raise HarnessError(f"cannot reach {target.describe()}: {cause}") from None
+    wire = Wire(stream, target)
+    if transcript is not None:
+        wire.transcript = transcript
+    wire._note(f"connected, TLS {stream.version()}")
+    return wire

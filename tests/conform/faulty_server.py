@@ -1,0 +1,58 @@
+"""A deliberately faulty recovery server, to prove the harness catches a broken endpoint.
+
+``python -m tests.conform.faulty_server server run --config server.toml`` runs the
+reference stand-alone server with three faults patched in:
+
+* **wrong error code**: a RelationshipOpen for a VM it holds no replica of is answered
+  ``BUSY`` instead of ``UNKNOWN_VM`` (breaks REP-4, and DEL-2's "unknown afterwards");
+* **accepts a bad length**: a control frame's length is allowed up to twice
+  ``MAX_CONTROL_BODY`` (breaks ENV-4; absurd lengths are still refused, so the test does
+  not make the process allocate gigabytes);
+* **skips the version check**: any major version is answered as if it were ours
+  (breaks NEG-2).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import frproto as fp
+import frproto._connection as connection
+
+FAULTS = ("wrong-error-code", "accepts-bad-length", "skips-version-check")
+
+
+def patch() -> None:
+    # Wrong error code: every UnknownVM goes on the wire as BUSY.
+    fp.UnknownVM.code = fp.ErrorCode.BUSY
+
+    # Accepts a bad length: a looser limit for control frames.
+    real_check = connection.check_envelope  # type: ignore[attr-defined]
+
+    def lenient(reserved: int, tag: int, length: int, **limits: Any) -> None:
+        if tag != fp.MessageTag.CHUNK:
+            limits["max_control_body"] = 2 * fp.MAX_CONTROL_BODY
+        real_check(reserved, tag, length, **limits)
+
+    connection.check_envelope = lenient  # type: ignore[attr-defined]
+
+    # Skips the version check: the request's major is taken to be ours.
+    real_answer = fp.answer_negotiation
+
+    def careless(request: fp.NegotiateRequest, policy: fp.ServerPolicy) -> fp.NegotiateResponse:
+        ours = (fp.PROTOCOL_VERSION[0], request.version[1])
+        return real_answer(fp.NegotiateRequest(ours, *_rest(request)), policy)
+
+    fp.answer_negotiation = careless
+
+
+def _rest(request: fp.NegotiateRequest) -> tuple[Any, ...]:
+    return (request.compression, request.encryption, request.auth_type)
+
+
+if __name__ == "__main__":
+    patch()
+    from frctl.main import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""The conformance harness against our own endpoints (real processes on loopback): a
+stand-alone recovery server through ``frctl conform``, and a cluster's CAP; both fully
+green, and nothing of the run left behind. Then a deliberately faulty server: exactly
+the requirements it breaks fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import trio
+
+from broker.records import VMRecord
+from broker.store import open_store
+from frconform.runner import Report, run
+from frconform.scenario import Options, Status
+from frconform.wire import Target, client_context
+from node.cluster.local import (
+    CAP_ADDRESS,
+    CAP_NAME,
+    PRIMARY_NAME,
+    ClusterSite,
+    node_address,
+    node_name,
+)
+from node.testing import start_server_process
+from tests.node.site import SERVER_HOST, SERVER_NAME, Site
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _replicas(storage: Path) -> list[str]:
+    """The replica directories a storage holds (named by VMID)."""
+    if not storage.is_dir():
+        return []
+    out = []
+    for path in storage.iterdir():
+        try:
+            uuid.UUID(path.name)
+        except ValueError:
+            continue
+        out.append(path.name)
+    return out
+
+
+def _failed(report: Report) -> set[str]:
+    return {v.requirement.id for v in report.verdicts if v.status is Status.FAILED}
+
+
+def _passed(report: Report) -> set[str]:
+    return {v.requirement.id for v in report.verdicts if v.status is Status.PASSED}
+
+
+def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    server = site.start_server()
+    junit_file = tmp_path / "conform.xml"
+    try:
+        certs = site.certs
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "frctl.main",
+                "conform",
+                f"{SERVER_HOST}:{server.port}",
+                "--name",
+                SERVER_NAME,
+                "--cert",
+                str(certs / f"{PRIMARY_NAME}.pem"),
+                "--key",
+                str(certs / f"{PRIMARY_NAME}-key.pem"),
+                "--ca",
+                str(certs / "ca.pem"),
+                "--json",
+                "--junit",
+                str(junit_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            check=False,
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] is True
+    assert report["kind"] == "STANDALONE"
+    totals = report["totals"]
+    assert totals["failed"] == 0
+    assert totals["passed"] >= 60  # every area: negotiation, session, malformed input
+    statuses = {r["id"]: r["status"] for r in report["requirements"]}
+    for rid in ("NEG-2", "NEG-7", "REP-4", "REP-18", "REP-20", "ENV-4", "SES-9", "DEL-3"):
+        assert statuses[rid] == "passed", rid
+    # Broker requirements are not applicable to a stand-alone server, with the reason.
+    brk = next(r for r in report["requirements"] if r["id"] == "BRK-1")
+    assert brk["status"] == "n/a"
+    assert "clustering broker" in brk["reason"]
+    # Cleaned up: the server holds no replica of the run.
+    assert report["leftovers"] == []
+    assert _replicas(site.storage) == []
+    # JUnit XML for CI systems: every requirement a test case, none failed.
+    suite = ET.parse(junit_file).getroot()
+    assert suite.tag == "testsuite"
+    assert suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == len(report["requirements"]) + 1
+
+
+def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> None:
+    site = ClusterSite(tmp_path, nodes=2)
+    try:
+        site.start_all()
+        site.authorize_primary()
+        deleted = VMRecord(str(uuid.uuid4()), node_name(1), "replicas", deleted=True)
+
+        async def main() -> tuple[Report, list[VMRecord]]:
+            async with open_store(site.store_url) as store:
+                await store.put(site.keys.vm(deleted.vmid), deleted.to_json())
+            certs = site.certs
+            context = client_context(
+                certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
+            )
+            hosts = {node_name(i): node_address(i) for i in (1, 2)}
+            target = Target(CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, timeout=10)
+            report = await run(target, Options(deleted_vmid=uuid.UUID(deleted.vmid)))
+            async with open_store(site.store_url) as store:
+                kvs, _ = await store.range(site.keys.vms)
+            return report, [VMRecord.from_json(kv.value) for kv in kvs]
+
+        report, records = trio.run(main)
+    finally:
+        site.stop_all()
+    failures = [(v.requirement.id, [c.detail for c in v.failures]) for v in report.verdicts]
+    assert _failed(report) == set(), [f for f in failures if f[1]]
+    assert report.errors == []
+    assert report.ok
+    passed = _passed(report)
+    for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3", "NEG-2"):
+        assert rid in passed, rid
+    # Cleaned up: only the administrator's deleted record is left, no replica anywhere.
+    assert [r.vmid for r in records] == [deleted.vmid]
+    for i in (1, 2):
+        assert _replicas(site.storage(i) / "replicas") == []
+
+
+def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    server = start_server_process(
+        site.server_config, tmp_path, module="tests.conform.faulty_server"
+    )
+    try:
+        certs = site.certs
+        context = client_context(
+            certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
+        )
+        target = Target(SERVER_HOST, server.port, SERVER_NAME, context, timeout=3)
+        report = trio.run(run, target)
+    finally:
+        server.stop()
+    # Wrong error code (REP-4, and DEL-2's unknown-afterwards), a control frame over the
+    # limit accepted (ENV-4), a foreign major version answered as compatible (NEG-2).
+    assert _failed(report) == {"REP-4", "DEL-2", "ENV-4", "NEG-2"}
+    assert not report.ok
+    env4 = next(v for v in report.verdicts if v.requirement.id == "ENV-4")
+    detail = " ".join(c.detail for c in env4.failures)
+    assert "no answer" in detail  # it waited for the body instead of refusing it
+    neg2 = next(v for v in report.verdicts if v.requirement.id == "NEG-2")
+    assert neg2.failures[0].transcript  # what was sent and received is in the report
