@@ -75,6 +75,10 @@ class Broker:
         self.cap = cap
         self._ssl = ssl_context
         self._rng = rng or random.Random()
+        #: New VMs are placed one at a time: every placement advances the same cursor
+        #: record, so concurrent ones would only lose its compare-and-swap to each other
+        #: (and, past PLACE_ATTEMPTS, be refused BUSY). Queries for VMs it holds never wait.
+        self._placing = trio.Lock()
         self._policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, cap.cap_name)
         self.cache = ClusterCache(store, keys)
         self.tracker = Tracker(store, keys, term, self.choose_node, self.cache)
@@ -184,7 +188,11 @@ class Broker:
             view = self.cache.view()
             vm = view.vms.get(vmid)
             if vm is None:
-                placed = await self._place_new(view, query, grant)
+                async with self._placing:
+                    view = self.cache.view()  # what the placement before this one did
+                    if vmid in view.vms:
+                        continue
+                    placed = await self._place_new(view, query, grant)
                 if isinstance(placed, int):
                     # Raced with another write: catch up with the store, then again.
                     await self.cache.wait_for(placed)

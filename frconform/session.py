@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import trio
+
 import frproto as fp
 
 from .scenario import BROKER, Context
@@ -20,6 +22,8 @@ DISKS: tuple[fp.DiskInfo, ...] = (
     fp.DiskInfo("data-1", 65536 + 4096),
 )
 CHUNK = 65536
+#: How often a query refused BUSY is asked again.
+BUSY_RETRIES = 5
 
 
 def vm_name(vmid: uuid.UUID) -> str:
@@ -33,7 +37,15 @@ async def place(
     for the cleanup when it was placed."""
     wire = await ctx.ready()
     query = fp.QueryRecoveryServer(vmid, vm_name(vmid), tuple(d.size for d in disks))
-    answer = await ctx.request(wire, query, fp.QueryRecoveryServerResponse)
+    for _ in range(BUSY_RETRIES):
+        await wire.send(query)
+        got = await wire.receive()
+        if not (isinstance(got, fp.Error) and got.code == fp.ErrorCode.BUSY):
+            break
+        await trio.sleep(0.2)  # BUSY is "try again later", as a primary would (BRK-7)
+    ctx.expect(isinstance(got, fp.QueryRecoveryServerResponse), "QueryRecoveryServerResponse", got)
+    assert isinstance(got, fp.QueryRecoveryServerResponse)
+    answer = got
     await wire.aclose()
     if answer.existing == fp.ExistingVM.NEW:
         ctx.remember(vmid, ctx.target.elsewhere(answer.server_name, answer.port), tuple(disks))

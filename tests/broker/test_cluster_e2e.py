@@ -224,3 +224,26 @@ def test_the_port_setting_moves_every_nodes_listener(cluster: ClusterSite) -> No
             pass  # listening there now
     answer = trio.run(cluster.query, uuid.uuid4())
     assert answer.port == port
+
+
+def test_concurrent_new_vms_are_all_placed_none_refused_busy(cluster: ClusterSite) -> None:
+    # Sixteen primaries asking at once for new VMs: each is placed (they queue at the
+    # broker, not race for the placement cursor until some are refused BUSY).
+    cluster.start_all()
+    cluster.authorize_primary(placement_policy="round-robin")
+    vmids = [uuid.uuid4() for _ in range(16)]
+    answers: dict[uuid.UUID, fp.QueryRecoveryServerResponse] = {}
+
+    async def ask(vmid: uuid.UUID) -> None:
+        answers[vmid] = await cluster.query(vmid)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for vmid in vmids:
+                    nursery.start_soon(ask, vmid)
+
+    trio.run(main)
+    assert all(a.existing == fp.ExistingVM.NEW for a in answers.values())
+    owners = [a.server_name for a in answers.values()]
+    assert sorted(owners.count(n) for n in set(owners)) == [4, 4, 4, 4]  # round-robin
