@@ -214,3 +214,12 @@ async def connect(target: Target, transcript: list[str] | None = None) -> Wire:
         wire.transcript = transcript
     wire._note(f"connected, TLS {stream.version()}")
     return wire
+
+
+async def connect_plain(target: Target) -> trio.SocketStream:
+    """A TCP connection with no TLS at all (to check how the endpoint refuses it)."""
+    try:
+        with trio.fail_after(target.timeout):
+            return await trio.open_tcp_stream(target.host, target.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise HarnessError(f"cannot reach {target.describe()}: {exc}") from None

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
+import trio
+
 import frproto as fp
 
 from ..scenario import BROKER, Context, scenario
-from ..session import DISKS, place
+from ..session import DISKS, create, place
+from ..wire import HarnessError
 
 
 @scenario("BRK-1", "BRK-2", "BRK-2", kinds=[BROKER])
@@ -50,3 +55,51 @@ async def several_queries_on_one_connection(ctx: Context) -> None:
             if answer.existing == fp.ExistingVM.NEW:  # placed: the cleanup removes it
                 ctx.remember(vmid, ctx.target.elsewhere(answer.server_name, answer.port), DISKS)
             ctx.expect(answer.vmid == vmid, "an answer for the VMID asked", answer)
+
+
+def _query_frame(vmid: uuid.UUID, sizes: list[int]) -> bytes:
+    """A QueryRecoveryServer built by hand (section 4.3), with any disk sizes."""
+    name = b"frconform-limits"
+    body = vmid.bytes + len(name).to_bytes(2, "big") + name + len(sizes).to_bytes(2, "big")
+    body += b"".join(size.to_bytes(8, "big") for size in sizes)
+    return b"\x00\x00\x00\x03" + len(body).to_bytes(4, "big") + body
+
+
+@scenario("MSG-11", kinds=[BROKER])
+async def too_many_disks(ctx: Context) -> None:
+    """A query with 257 disk sizes is refused with BAD_VALUE, and the connection closes."""
+    wire = await ctx.ready()
+    async with ctx.checking("MSG-11"):
+        frame = _query_frame(ctx.new_vmid(), [65536] * (fp.MAX_DISKS + 1))
+        await wire.send_raw(frame, f"QueryRecoveryServer with {fp.MAX_DISKS + 1} disks")
+        await ctx.expect_error(wire, fp.ErrorCode.BAD_VALUE, closes=True)
+
+
+@scenario("MSG-12", kinds=[BROKER])
+async def disk_of_size_zero(ctx: Context) -> None:
+    """A query with a disk of size 0 is refused with BAD_VALUE, and the connection
+    closes."""
+    wire = await ctx.ready()
+    async with ctx.checking("MSG-12"):
+        await wire.send_raw(_query_frame(ctx.new_vmid(), [65536, 0]), "a disk of size 0")
+        await ctx.expect_error(wire, fp.ErrorCode.BAD_VALUE, closes=True)
+
+
+@scenario("DEL-5", kinds=[BROKER])
+async def deleted_relationship_is_forgotten(ctx: Context) -> None:
+    """After a RelationshipDelete at its node, the broker places the VM anew (NEW), not
+    EXISTING on the old node (its view may lag a moment: it is asked a few times)."""
+    session = await create(ctx)
+    await session.wire.send(fp.RelationshipDelete(session.vmid))
+    ack = await session.wire.receive()
+    if not isinstance(ack, fp.Ack):
+        raise HarnessError(f"the RelationshipDelete was not acknowledged: {ack}")
+    ctx.forget_vm(session.vmid)
+    async with ctx.checking("DEL-5"):
+        with trio.move_on_after(ctx.target.timeout):
+            while True:
+                again = await place(ctx, session.vmid)
+                if again.existing != fp.ExistingVM.EXISTING:
+                    break
+                await trio.sleep(0.1)
+        ctx.expect(again.existing == fp.ExistingVM.NEW, "existing NEW", again)

@@ -153,3 +153,14 @@ async def _closed_soon(wire: Wire) -> bool:
         got = await wire.receive()
         return isinstance(got, Closed)
     return False
+
+
+@scenario("MSG-4", kinds=ANY_KIND)
+async def any_version_is_negotiated(ctx: Context) -> None:
+    """Versions 0.0 and 255.255 are not malformed: each is answered with a
+    NegotiateResponse (which verdict is NEG-2's business), not an Error."""
+    async with ctx.checking("MSG-4"):
+        for version in ((0, 0), (255, 255)):
+            wire = await ctx.connect()
+            await ctx.negotiate(wire, fp.NegotiateRequest(version=version))
+            await wire.aclose()

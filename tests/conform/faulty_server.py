@@ -8,8 +8,9 @@ reference stand-alone server with three faults patched in:
 * **accepts a bad length**: a control frame's length is allowed up to twice
   ``MAX_CONTROL_BODY`` (breaks ENV-4; absurd lengths are still refused, so the test does
   not make the process allocate gigabytes);
-* **skips the version check**: any major version is answered as if it were ours
-  (breaks NEG-2).
+* **skips the version check**: any major version is taken to be ours (breaks NEG-2 and
+  MSG-4: the server's own Connection will not send an answer that claims another major
+  than the request's, so the connection ends without one).
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""Transport: mutual TLS and what an endpoint does with a client that skips it (1.2)."""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+import frproto as fp
+
+from ..scenario import ANY_KIND, BROKER, Context, scenario
+from ..session import place
+from ..wire import HarnessError, connect, connect_plain
+
+
+@scenario("TLS-1", kinds=ANY_KIND)
+async def no_client_certificate(ctx: Context) -> None:
+    """A client that presents no certificate gets no conversation: the handshake fails or
+    the connection ends before any frame."""
+    bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    bare.minimum_version = ssl.TLSVersion.TLSv1_3
+    # Trust whatever the endpoint presents: the check is about the client's side.
+    bare.check_hostname = False
+    bare.verify_mode = ssl.CERT_NONE
+    target = ctx.target.__class__(
+        ctx.target.host, ctx.target.port, ctx.target.server_name, bare, ctx.target.hosts, 5.0
+    )
+    async with ctx.checking("TLS-1"):
+        try:
+            wire = await connect(target, ctx.transcript)
+        except HarnessError:
+            return  # refused in the handshake
+        try:
+            await wire.send(fp.NegotiateRequest())
+            got = await wire.receive()
+        except HarnessError:
+            return  # refused right after it (TLS 1.3 checks the client's side late)
+        finally:
+            await wire.aclose()
+        ok = not isinstance(got, fp.NegotiateResponse) or got.status != fp.ErrorCode.OK
+        ctx.expect(ok, "no conversation without a client certificate", got)
+
+
+@scenario("TLS-3", kinds=ANY_KIND)
+async def no_tls_at_all(ctx: Context) -> None:
+    """A client that speaks frproto without TLS gets an Error NOT_AUTHORIZED in plain
+    text, and the connection closes."""
+    stream = await connect_plain(ctx.target)
+    try:
+        async with ctx.checking("TLS-3"):
+            request = fp.encode_frame(fp.NegotiateRequest())
+            ctx.transcript.append(f"[plain TCP] -> NegotiateRequest: {request.hex()}")
+            await stream.send_all(request)
+            data = bytearray()
+            with trio.move_on_after(ctx.target.timeout):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+            ctx.transcript.append(f"[plain TCP] <- {bytes(data[:64]).hex()}")
+            try:
+                got: object = fp.decode_frame(bytes(data))
+            except fp.FrprotoError as exc:
+                got = f"{bytes(data[:32]).hex()} ({exc})"
+            is_refusal = isinstance(got, fp.Error) and got.code == fp.ErrorCode.NOT_AUTHORIZED
+            ctx.expect(is_refusal, "one Error NOT_AUTHORIZED, then the end of the stream", got)
+    finally:
+        await stream.aclose()
+
+
+@scenario("TLS-10", kinds=[BROKER])
+async def cap_name_at_a_node(ctx: Context) -> None:
+    """A node reached with the CAP's name (SNI) answers as the broker when it runs it, and
+    otherwise with status BUSY (the primary asks the CAP again)."""
+    placed = await place(ctx, ctx.new_vmid())
+    node = ctx.target.elsewhere(placed.server_name, placed.port)
+    at_node_as_cap = node.__class__(
+        node.host, node.port, ctx.target.server_name, node.ssl_context, node.hosts, node.timeout
+    )
+    async with ctx.checking("TLS-10"):
+        wire = await ctx.connect(at_node_as_cap)
+        answer = await ctx.negotiate(wire)
+        broker = answer.status == 0 and answer.recovery_type == BROKER
+        ctx.expect(broker or answer.status == fp.ErrorCode.BUSY, "the broker, or BUSY", answer)
