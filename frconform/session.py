@@ -163,3 +163,18 @@ async def initial_replication(ctx: Context, session: Session, sequence: int = 0)
     if not (isinstance(ack, fp.Ack) and ack.kind == fp.AckKind.IR_COMPLETE):
         raise HarnessError(f"the initial replication was not acknowledged: {ack}")
     return ack
+
+
+async def reopen_when_free(ctx: Context, session: Session) -> tuple[Wire, object]:
+    """After ``session``'s connection was cut: a new connection's RelationshipOpen for its
+    VM, asked again while the server still holds the VM (BUSY, until it notices the cut);
+    the connection and the answer (a setup step: no answer in time is an error)."""
+    with trio.fail_after(ctx.target.timeout):
+        while True:
+            wire = await ctx.ready(session.target)
+            await wire.send(fp.RelationshipOpen(session.vmid))
+            got = await wire.receive()
+            if not (isinstance(got, fp.Error) and got.code == fp.ErrorCode.BUSY):
+                return wire, got
+            await wire.aclose()
+            await trio.sleep(0.1)

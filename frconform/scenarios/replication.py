@@ -20,6 +20,7 @@ from ..session import (
     initial_replication,
     ir_frames,
     place,
+    reopen_when_free,
     send_frames,
     vm_name,
     where_to_replicate,
@@ -260,15 +261,7 @@ async def batch_cut_off(ctx: Context) -> None:
     await send_frames(session.wire, frames[:-1])  # no BatchEnd
     await session.wire.aclose()
     async with ctx.checking("REP-17"):
-        with trio.fail_after(ctx.target.timeout):
-            while True:  # the server notices the cut and lets the VM go
-                wire = await ctx.ready(session.target)
-                await wire.send(fp.RelationshipOpen(session.vmid))
-                got = await wire.receive()
-                if not (isinstance(got, fp.Error) and got.code == fp.ErrorCode.BUSY):
-                    break
-                await wire.aclose()
-                await trio.sleep(0.1)
+        wire, got = await reopen_when_free(ctx, session)
         ctx.expect(isinstance(got, fp.RelationshipAccepted), "RelationshipAccepted", got)
         assert isinstance(got, fp.RelationshipAccepted)
         ctx.expect(got.applied_sequence == 0, "applied_sequence still 0", got)
@@ -296,15 +289,7 @@ async def interrupted_initial_replication(ctx: Context) -> None:
     await send_frames(session.wire, frames[:5])  # IRBegin and four chunks
     await session.wire.aclose()
     async with ctx.checking("REP-13"):
-        with trio.fail_after(ctx.target.timeout):
-            while True:
-                wire = await ctx.ready(session.target)
-                await wire.send(fp.RelationshipOpen(session.vmid))
-                got = await wire.receive()
-                if not (isinstance(got, fp.Error) and got.code == fp.ErrorCode.BUSY):
-                    break
-                await wire.aclose()
-                await trio.sleep(0.1)
+        _wire, got = await reopen_when_free(ctx, session)
         ctx.expect(isinstance(got, fp.RelationshipAccepted), "RelationshipAccepted", got)
         assert isinstance(got, fp.RelationshipAccepted)
         ctx.expect(got.ir_state == fp.IRState.IN_PROGRESS, "ir_state IN_PROGRESS", got)
