@@ -357,6 +357,7 @@ class _Session:
             self.store = await self.server.store_for(grant.storage)
 
     async def on_create(self, msg: fp.RelationshipCreate) -> None:
+        self._let_go()  # sending it closed any open relationship (SM-7), refused or not
         await self._check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         identity = self.grant.identity
@@ -384,6 +385,7 @@ class _Session:
         await self._accept(replica)
 
     async def on_open(self, msg: fp.RelationshipOpen) -> None:
+        self._let_go()  # sending it closed any open relationship (SM-7), refused or not
         await self._check_owner(msg.vmid)
         self._check_deleted(msg.vmid)
         if not self.store.exists(msg.vmid):

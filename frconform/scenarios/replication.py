@@ -303,13 +303,17 @@ async def interrupted_initial_replication(ctx: Context) -> None:
 
 @scenario("SM-7", kinds=REPLICATING)
 async def refused_open_closes_the_open_relationship(ctx: Context) -> None:
-    """A RelationshipOpen refused while a relationship was open leaves none open: an
-    IRBegin for the old one is then UNEXPECTED_MESSAGE."""
+    """A RelationshipOpen refused while a relationship was open leaves none open: the old
+    VM is free for another connection, and an IRBegin for it here is then
+    UNEXPECTED_MESSAGE."""
     session = await create(ctx)
     async with ctx.checking("SM-7"):
         await session.wire.send(fp.RelationshipOpen(ctx.new_vmid()))
         got = await ctx.receive(session.wire, fp.Error)
         ctx.expect(not fp.closes_connection(got.code), "a refusal", got)
+        other = await ctx.ready(session.target)
+        await ctx.request(other, fp.RelationshipOpen(session.vmid), fp.RelationshipAccepted)
+        await other.aclose()
         await session.wire.send(fp.IRBegin(session.vmid, 0))
         await ctx.expect_error(session.wire, fp.ErrorCode.UNEXPECTED_MESSAGE, closes=True)
 
