@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+import frproto as fp
 from broker.records import VMRecord
 from broker.store import open_store
 from frconform.runner import Report, run
@@ -119,7 +120,7 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
         site.authorize_primary()
         deleted = VMRecord(str(uuid.uuid4()), node_name(1), "replicas", deleted=True)
 
-        async def main() -> tuple[Report, list[VMRecord]]:
+        async def main() -> tuple[Report, Report, list[VMRecord]]:
             async with open_store(site.store_url) as store:
                 await store.put(site.keys.vm(deleted.vmid), deleted.to_json())
             certs = site.certs
@@ -129,11 +130,14 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
             hosts = {node_name(i): node_address(i) for i in (1, 2)}
             target = Target(CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, timeout=10)
             report = await run(target, Options(deleted_vmid=uuid.UUID(deleted.vmid)))
+            # A node reached directly: what a node does on its own (no new VMs there).
+            node = Target(node_address(1), site.running[1].port, node_name(1), context)
+            at_node = await run(node)
             async with open_store(site.store_url) as store:
                 kvs, _ = await store.range(site.keys.vms)
-            return report, [VMRecord.from_json(kv.value) for kv in kvs]
+            return report, at_node, [VMRecord.from_json(kv.value) for kv in kvs]
 
-        report, records = trio.run(main)
+        report, at_node, records = trio.run(main)
     finally:
         site.stop_all()
     failures = [(v.requirement.id, [c.detail for c in v.failures]) for v in report.verdicts]
@@ -143,6 +147,9 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     passed = _passed(report)
     for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3", "NEG-2"):
         assert rid in passed, rid
+    assert at_node.ok
+    assert at_node.kind is fp.RecoveryType.CLUSTER_NODE
+    assert {"REP-5", "SM-3", "NEG-2", "ERR-9"} <= _passed(at_node)
     # Cleaned up: only the administrator's deleted record is left, no replica anywhere.
     assert [r.vmid for r in records] == [deleted.vmid]
     for i in (1, 2):
