@@ -39,13 +39,20 @@ def change_blocks(path: Path, rng: random.Random, count: int) -> set[int]:
     return blocks
 
 
+def one_vm(
+    site: Site, server: ServerProcess, seed: int, size: int
+) -> tuple[random.Random, uuid.UUID, Path, VMReplicator]:
+    """A seeded random source, a VMID, a disk image of ``size`` bytes and its replicator."""
+    rng = random.Random(seed)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "disk0.img", size, rng)
+    return rng, vmid, image, site.replicator(vmid, "vm", [image], server.port)
+
+
 async def test_verification_finds_a_corrupted_block_and_nothing_otherwise(
     site: Site, server: ServerProcess
 ) -> None:
-    rng = random.Random(21)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 4 * MIB, rng)
-    vm = site.replicator(vmid, "vm", [image], server.port)
+    rng, vmid, image, vm = one_vm(site, server, 21, 4 * MIB)
     with trio.fail_after(60):
         await vm.cycle()
         change_blocks(image, rng, 5)
@@ -70,11 +77,8 @@ async def test_verification_finds_a_corrupted_block_and_nothing_otherwise(
 async def test_resync_after_lost_tracking_sends_only_what_changed(
     site: Site, server: ServerProcess
 ) -> None:
-    rng = random.Random(22)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    rng, vmid, image, vm = one_vm(site, server, 22, 8 * MIB)
     size = image.stat().st_size
-    vm = site.replicator(vmid, "vm", [image], server.port)
     vm.tracker = ChangeTracker([size], BLOCK)
     with trio.fail_after(60):
         await vm.cycle()  # IR
@@ -98,10 +102,7 @@ async def test_resync_after_lost_tracking_sends_only_what_changed(
 async def test_an_overflowed_pending_log_resyncs_instead_of_halting(
     site: Site, server: ServerProcess
 ) -> None:
-    rng = random.Random(23)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
-    first = site.replicator(vmid, "vm", [image], server.port)
+    rng, vmid, image, first = one_vm(site, server, 23, 8 * MIB)
     with trio.fail_after(60):
         await first.cycle()  # IR
         # A bound of 256 KiB: 40 changed blocks (2.5 MiB) do not fit.
@@ -129,10 +130,7 @@ async def test_an_automatic_resync_waits_for_its_window(site: Site, server: Serv
 
     from node.primary.window import TimeWindow
 
-    rng = random.Random(24)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 4 * MIB, rng)
-    first = site.replicator(vmid, "vm", [image], server.port)
+    rng, vmid, image, first = one_vm(site, server, 24, 4 * MIB)
     noon = datetime(2026, 11, 24, 12, 0)
     with trio.fail_after(60):
         await first.cycle()  # IR
@@ -196,11 +194,8 @@ def last_resync(vm: VMReplicator) -> ResyncResult:
 async def test_an_overflow_with_a_surviving_bitmap_sends_the_dirty_blocks(
     site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rng = random.Random(25)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    rng, vmid, image, first = one_vm(site, server, 25, 8 * MIB)
     size = image.stat().st_size
-    first = site.replicator(vmid, "vm", [image], server.port)
     with trio.fail_after(60):
         await first.cycle()  # IR
         tracker = ChangeTracker([size], BLOCK)
@@ -233,11 +228,8 @@ async def test_an_overflow_with_a_surviving_bitmap_sends_the_dirty_blocks(
 async def test_a_bitmap_resync_sends_the_pending_cycles_and_the_dirty_blocks(
     site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rng = random.Random(26)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    rng, vmid, image, first = one_vm(site, server, 26, 8 * MIB)
     size = image.stat().st_size
-    first = site.replicator(vmid, "vm", [image], server.port)
     with trio.fail_after(60):
         await first.cycle()  # IR
         tracker = ChangeTracker([size], BLOCK)
@@ -266,11 +258,8 @@ async def test_a_bitmap_resync_sends_the_pending_cycles_and_the_dirty_blocks(
 async def test_a_damaged_pending_log_falls_back_to_digests(
     site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rng = random.Random(27)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    rng, vmid, image, first = one_vm(site, server, 27, 8 * MIB)
     size = image.stat().st_size
-    first = site.replicator(vmid, "vm", [image], server.port)
     with trio.fail_after(60):
         await first.cycle()  # IR
         tracker = ChangeTracker([size], BLOCK)
@@ -303,11 +292,8 @@ async def test_a_damaged_pending_log_falls_back_to_digests(
 async def test_a_lost_tracker_resyncs_by_digests_by_itself(
     site: Site, server: ServerProcess, tmp_path: Path
 ) -> None:
-    rng = random.Random(28)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 8 * MIB, rng)
+    rng, vmid, image, first = one_vm(site, server, 28, 8 * MIB)
     size = image.stat().st_size
-    first = site.replicator(vmid, "vm", [image], server.port)
     first.tracker = ChangeTracker([size], BLOCK)
     with trio.fail_after(60):
         await first.cycle()  # IR
@@ -336,11 +322,8 @@ async def test_a_lost_tracker_resyncs_by_digests_by_itself(
 async def test_failed_captures_and_resyncs_give_the_blocks_back(
     site: Site, server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rng = random.Random(29)
-    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
-    image = make_image(site.root / "disk0.img", 4 * MIB, rng)
+    rng, vmid, image, first = one_vm(site, server, 29, 4 * MIB)
     size = image.stat().st_size
-    first = site.replicator(vmid, "vm", [image], server.port)
     with trio.fail_after(60):
         await first.cycle()  # IR
         tracker = ChangeTracker([size], BLOCK)
