@@ -80,13 +80,16 @@ class Report:
         return sum(1 for v in self.verdicts if v.status is status)
 
 
+def _named(requirement: str, only: Collection[str]) -> bool:
+    """Whether ``only`` names ``requirement``, by its id or its prefix ("NEG", "NEG-")."""
+    return any(requirement == o or requirement.startswith(o.rstrip("-") + "-") for o in only)
+
+
 def selected(scenario: Scenario, only: Collection[str]) -> bool:
     """Whether ``scenario`` checks a requirement named (by id or prefix) in ``only``."""
     if not only:
         return True
-    return any(
-        r == o or r.startswith(o.rstrip("-") + "-") for r in scenario.requirements for o in only
-    )
+    return any(_named(r, only) for r in scenario.requirements)
 
 
 async def probe(target: Target) -> fp.RecoveryType:
@@ -181,7 +184,7 @@ def verdicts(
         by_id.setdefault(check.requirement, []).append(check)
     out: list[Verdict] = []
     for rid, req in reqs.items():
-        if only and not any(rid == o or rid.startswith(o.rstrip("-") + "-") for o in only):
+        if only and not _named(rid, only):
             continue
         mine = by_id.get(rid, [])
         statuses = {c.status for c in mine}

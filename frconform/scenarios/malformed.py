@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import frproto as fp
 
-from ..scenario import ANY_KIND, BROKER, NODE, REPLICATING, STANDALONE, Context, scenario
+from ..scenario import ANY_KIND, BROKER, REPLICATING, Context, not_applicable, scenario
 from ..session import vm_name, where_to_replicate
 from ..wire import Closed, HarnessError
 
@@ -163,7 +163,7 @@ def kinds_of(case: ErrorCase) -> frozenset[fp.RecoveryType]:
     """The kinds of endpoint the case applies to, from the prelude's NegotiateResponse
     (which names what the receiver was) and what the input asks for."""
     answer = _prelude_message(case, 0x0002)
-    if _prelude_message(case, 0x0011) is not None or _prelude_message(case, 0x0010):
+    if _prelude_message(case, 0x0011) is not None or _prelude_message(case, 0x0010) is not None:
         return REPLICATING  # a relationship: a stand-alone server, or a broker's node
     if isinstance(answer, fp.NegotiateResponse):
         if answer.recovery_type == BROKER:
@@ -190,19 +190,12 @@ def _register(case: ErrorCase) -> None:
     async def run(ctx: Context) -> None:
         if reason:
             # Reported as not applicable, with why (never silently dropped).
-            ctx.checks.append(_na(requirement, ctx, reason))
-            ctx.checks.append(_na(CLOSES, ctx, reason))
+            ctx.checks.extend(not_applicable((requirement, CLOSES), ctx.scenario.name, reason))
             return
         await _replay(ctx, case, requirement)
 
     run.__doc__ = f"{case.code_name}: {case.description}"
     scenario(requirement, CLOSES, kinds=kinds_of(case), name=f"vector {case.key}")(run)
-
-
-def _na(requirement: str, ctx: Context, reason: str) -> Any:
-    from ..scenario import Check, Status
-
-    return Check(requirement, ctx.scenario.name, Status.NOT_APPLICABLE, reason)
 
 
 async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
@@ -265,8 +258,7 @@ async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
                     f"the endpoint chose {answer.compression.name} compression; the case "
                     f"needs {compressed.name}"
                 )
-                ctx.checks.append(_na(requirement, ctx, why))
-                ctx.checks.append(_na(CLOSES, ctx, why))
+                ctx.checks.extend(not_applicable((requirement, CLOSES), ctx.scenario.name, why))
                 return
     await wire.send_raw(ours_for_theirs(case.input), f"the case's input ({case.name})")
     if _starts_with_an_error(case.input):
@@ -303,4 +295,4 @@ def _is_broker_case(case: ErrorCase) -> bool:
 for _case in load_cases():
     _register(_case)
 
-__all__ = ["NODE", "STANDALONE", "ErrorCase", "load_cases"]
+__all__ = ["ErrorCase", "load_cases"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from dataclasses import replace
 
 import trio
 
@@ -22,9 +23,7 @@ async def no_client_certificate(ctx: Context) -> None:
     # Trust whatever the endpoint presents: the check is about the client's side.
     bare.check_hostname = False
     bare.verify_mode = ssl.CERT_NONE
-    target = ctx.target.__class__(
-        ctx.target.host, ctx.target.port, ctx.target.server_name, bare, ctx.target.hosts, 5.0
-    )
+    target = replace(ctx.target, ssl_context=bare, timeout=5.0)
     async with ctx.checking("TLS-1"):
         try:
             wire = await connect(target, ctx.transcript)
@@ -72,9 +71,7 @@ async def cap_name_at_a_node(ctx: Context) -> None:
     otherwise with status BUSY (the primary asks the CAP again)."""
     placed = await place(ctx, ctx.new_vmid())
     node = ctx.target.elsewhere(placed.server_name, placed.port)
-    at_node_as_cap = node.__class__(
-        node.host, node.port, ctx.target.server_name, node.ssl_context, node.hosts, node.timeout
-    )
+    at_node_as_cap = replace(node, server_name=ctx.target.server_name)
     async with ctx.checking("TLS-10"):
         wire = await ctx.connect(at_node_as_cap)
         answer = await ctx.negotiate(wire)

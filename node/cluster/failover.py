@@ -28,12 +28,12 @@ import trio
 
 import frproto as fp
 from broker.records import Keys, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, KeyValue, Put
+from broker.store import ClusterStore, Compare, Put
 from node.failover.test import CommandHook, HookFailed
 from node.failover.unplanned import in_place
 from node.storage.point_copy import PointCopy
 
-from .requests import RETRY_SECONDS, follow_requests, held
+from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 
 if TYPE_CHECKING:
     from .agent import ClusterNode
@@ -54,21 +54,12 @@ class FailoverRunner:
 
     async def run(self) -> None:
         """Carry out the failovers asked of this node, one at a time."""
-        await follow_requests(self.store, self.keys, self._mine, self._try)
-
-    def _mine(self, kvs: list[KeyValue]) -> list[tuple[VMRecord, int]]:
-        me = self.node.config.name
-        out = []
-        for kv in kvs:
-            if _REQUESTED not in kv.value:
-                continue
-            try:
-                vm = VMRecord.from_json(kv.value)
-            except RecordError:
-                continue
-            if vm.owner == me and vm.failover == "requested" and not vm.deleted:
-                out.append((vm, kv.mod_revision))
-        return out
+        select = owned_requests(
+            self.node.config.name,
+            lambda raw: _REQUESTED in raw,
+            lambda vm: vm.failover == "requested" and not vm.deleted,
+        )
+        await follow_requests(self.store, self.keys, select, self._try)
 
     async def _try(self, vm: VMRecord, revision: int) -> None:
         try:

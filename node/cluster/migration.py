@@ -25,10 +25,10 @@ import trio
 
 import frproto as fp
 from broker.records import Keys, NodeRecord, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, KeyValue, Put
+from broker.store import ClusterStore, Compare, Put
 from node.tls import TLSFailure
 
-from .requests import RETRY_SECONDS, follow_requests, held
+from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 
 if TYPE_CHECKING:
     from .agent import ClusterNode
@@ -49,26 +49,12 @@ class Migrator:
 
     async def run(self) -> None:
         """Make the moves asked of this node, one at a time (``requests.py``)."""
-        await follow_requests(self.store, self.keys, self._mine, self._try_move)
-
-    def _mine(self, kvs: list[KeyValue]) -> list[tuple[VMRecord, int]]:
-        """The records among ``kvs`` that ask this node to move a replica."""
-        me = self.node.config.name.encode()
-        out = []
-        for kv in kvs:
-            # Most records name another owner and no move: skip them unparsed (a node's
-            # agent shares its event loop with the broker, whose queries must not wait
-            # for thousands of JSON records).
-            if _NO_MOVE in kv.value or me not in kv.value:
-                continue
-            try:
-                vm = VMRecord.from_json(kv.value)
-            except RecordError:
-                continue
-            asked = vm.migrate_to and not (vm.deleted or vm.failover)
-            if vm.owner == self.node.config.name and asked:
-                out.append((vm, kv.mod_revision))
-        return out
+        select = owned_requests(
+            self.node.config.name,
+            lambda raw: _NO_MOVE not in raw,
+            lambda vm: bool(vm.migrate_to) and not (vm.deleted or vm.failover),
+        )
+        await follow_requests(self.store, self.keys, select, self._try_move)
 
     async def _try_move(self, vm: VMRecord, revision: int) -> None:
         """One move; a failure (target unreachable or refusing, no complete replica

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from broker.records import Keys, VMRecord
+from broker.records import Keys, RecordError, VMRecord
 from broker.store import ClusterStore, EventKind, KeyValue, StoreError
 
 if TYPE_CHECKING:
@@ -36,6 +36,32 @@ HOLD_TIMEOUT = 30.0
 Select = Callable[[list[KeyValue]], list[tuple[VMRecord, int]]]
 #: Carries out one request; it handles its own failures (a later scan retries).
 Act = Callable[[VMRecord, int], Awaitable[None]]
+
+
+def owned_requests(
+    node_name: str, maybe: Callable[[bytes], bool], asks: Callable[[VMRecord], bool]
+) -> Select:
+    """A :data:`Select` for the records of the VMs ``node_name`` owns that ``asks``.
+
+    ``maybe`` looks at a stored record's bytes first: most records ask nothing of this
+    node, and they are skipped unparsed (the agent shares its event loop with the broker,
+    whose queries must not wait for thousands of JSON records)."""
+    me = node_name.encode()
+
+    def select(kvs: list[KeyValue]) -> list[tuple[VMRecord, int]]:
+        out = []
+        for kv in kvs:
+            if me not in kv.value or not maybe(kv.value):
+                continue
+            try:
+                vm = VMRecord.from_json(kv.value)
+            except RecordError:
+                continue
+            if vm.owner == node_name and asks(vm):
+                out.append((vm, kv.mod_revision))
+        return out
+
+    return select
 
 
 async def follow_requests(store: ClusterStore, keys: Keys, select: Select, act: Act) -> None:
