@@ -35,7 +35,7 @@ from .scenario import (
     not_applicable,
     run_one,
 )
-from .wire import HarnessError, Target, connect
+from .wire import Closed, HarnessError, Target, connect
 
 #: Seconds one scenario may take (each answer also has the target's own timeout).
 SCENARIO_SECONDS = 120.0
@@ -100,6 +100,11 @@ async def probe(target: Target) -> fp.RecoveryType:
         answer = await wire.receive()
     finally:
         await wire.aclose()
+    if isinstance(answer, Closed):
+        raise HarnessError(
+            "the endpoint closed the connection instead of answering a NegotiateRequest "
+            "(does it trust the harness's certificate?)"
+        )
     if not isinstance(answer, fp.NegotiateResponse):
         raise HarnessError(f"the endpoint did not answer a NegotiateRequest: {answer}")
     if answer.status != 0:

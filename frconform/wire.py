@@ -208,6 +208,8 @@ async def connect(target: Target, transcript: list[str] | None = None) -> Wire:
                 raise
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, ssl.SSLError):
+            raise HarnessError(f"TLS handshake with {target.describe()} failed: {cause}") from None
         raise HarnessError(f"cannot reach {target.describe()}: {cause}") from None
     wire = Wire(stream, target)
     if transcript is not None:

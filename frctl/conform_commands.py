@@ -17,6 +17,13 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _vmid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a VMID (a GUID)") from None
+
+
 def _hosts(pairs: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
@@ -47,7 +54,7 @@ def _cmd_conform(args: argparse.Namespace) -> int:
         print(f"frctl: conform: the harness's certificate: {exc}", file=sys.stderr)
         return 2
     target = Target(host, port, args.name or host, context, _hosts(args.host), timeout=args.timeout)
-    options = Options(deleted_vmid=uuid.UUID(args.deleted_vmid) if args.deleted_vmid else None)
+    options = Options(deleted_vmid=args.deleted_vmid)
     only = [o.strip() for o in args.only.split(",")] if args.only else []
     try:
         report = trio.run(lambda: run(target, options, only=only))
@@ -93,7 +100,9 @@ def register(sub: Any) -> None:
         metavar="NAME=ADDRESS",
         help="an address for a name DNS does not resolve (a broker's nodes); repeatable",
     )
-    conform.add_argument("--deleted-vmid", help="a VM deleted in the cluster (broker: DELETED)")
+    conform.add_argument(
+        "--deleted-vmid", type=_vmid, help="a VM deleted in the cluster (broker: DELETED)"
+    )
     conform.add_argument("--only", help="requirement ids or prefixes, comma-separated (NEG,SES-4)")
     conform.add_argument("--timeout", type=float, default=10.0, help="seconds per answer")
     conform.add_argument("--json", action="store_true", help="the report as JSON")
