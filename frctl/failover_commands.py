@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -18,11 +19,14 @@ def _cmd_test(args: argparse.Namespace) -> int:
     import frproto as fp
     from node.failover.test import CommandHook, HookFailed, start_test_failover
 
+    # Absolute before anything is loaded: every path the configuration names is relative
+    # to its file, and the storage root's containment check needs an absolute root.
+    config = Path(args.config).resolve()
     try:
         copy = start_test_failover(
-            _stores(args),
+            _stores(argparse.Namespace(**{**vars(args), "config": str(config)})),
             uuid.UUID(args.vmid),
-            Path(args.out),
+            Path(os.path.abspath(args.out)),
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
         )
@@ -56,15 +60,16 @@ def _cmd_test(args: argparse.Namespace) -> int:
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from node.failover.test import CommandHook, HookFailed, clean_up_test_failover
 
+    directory = Path(os.path.abspath(args.directory))
     try:
         clean_up_test_failover(
-            Path(args.directory),
+            directory,
             stop=CommandHook(args.stop_command) if args.stop_command else None,
         )
     except (HookFailed, OSError, ValueError) as exc:
         print(f"frctl: cleanup: {exc}", file=sys.stderr)
         return 1
-    print(f"removed the test failover in {args.directory}")
+    print(f"removed the test failover in {directory}")
     return 0
 
 

@@ -7,23 +7,40 @@ failover (``TEST_MARKER``: the cleanup removes only such directories). A hook th
 the embedding hypervisor tool to start the VM from those disks; the reference hook runs
 a configured command with the directory and the disk paths in its environment. The
 cleanup runs the stop hook first, then removes the directory.
+
+Every path is made absolute before anything is read or written: the storage root's
+containment check compares resolved paths, and the hooks may run in another directory.
+The copy is built in a hidden staging directory beside the destination and renamed to it
+only once complete and marked, so a failure part way removes the staging directory and
+the destination never exists half-written. A process killed during the copy (or an
+earlier version that failed) may still leave an unmarked directory of exactly what
+``copy_point`` writes; the cleanup recognises that shape and removes it too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Final
 
 import frproto
+from node.storage.layout import CONFIG_FILE, DISKS_DIR
 from node.storage.point_copy import PointCopy, copy_point
 
 #: The file that marks a directory as a test failover's (and says of what).
 TEST_MARKER = "frrep-test-failover.json"
+#: Infix of the staging directory a test failover is built in (``.<name>.<infix>-<hex>``).
+STAGING_INFIX: Final = "frrep-partial"
+#: A disk image's name as ``copy_point`` writes it (a disk id frproto validated).
+_IMAGE_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\.img\Z")
 
 
 class HookFailed(Exception):
@@ -63,6 +80,31 @@ def find_replica(storages: list[Path], vmid: uuid.UUID) -> Path:
     raise frproto.UnknownVM(f"no replica of {vmid} in {', '.join(map(str, storages))}")
 
 
+def _missing_ancestors(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, deepest first (``copy_point``
+    creates them; a failed test failover removes them again)."""
+    missing = []
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    return missing
+
+
+def _rebased(copy: PointCopy, staging: Path, out: Path) -> PointCopy:
+    """``copy`` with its paths moved from the staging directory to ``out``."""
+
+    def moved(path: Path) -> Path:
+        return out / path.relative_to(staging)
+
+    return replace(
+        copy,
+        directory=out,
+        config=moved(copy.config),
+        disks=tuple(moved(p) for p in copy.disks),
+    )
+
+
 def start_test_failover(
     storages: list[Path],
     vmid: uuid.UUID,
@@ -71,37 +113,119 @@ def start_test_failover(
     sequence: int | None = None,
     start: CommandHook | None = None,
 ) -> PointCopy:
-    """Build the test VM in ``out`` (a new directory) and run the start hook, if any. On a
-    failed hook the directory is left, for the cleanup (or a person) to look at."""
-    copy = copy_point(find_replica(storages, vmid), vmid, out, sequence=sequence)
-    marker = {"vmid": str(vmid), "sequence": copy.sequence, "disks": [str(p) for p in copy.disks]}
-    (out / TEST_MARKER).write_text(json.dumps(marker) + "\n")
+    """Build the test VM in ``out`` (a new directory) and run the start hook, if any.
+
+    If building fails, nothing it wrote is left (not even the parent directories it
+    made). If the start hook fails, the complete, marked directory is left: the hook may
+    have started part of the VM, which the cleanup's stop hook must see first.
+
+    Raises:
+        FileExistsError: ``out`` exists; frproto.UnknownVM / OutOfSequence: no such
+            replica, or the point is not kept; OSError: the copy could not be written;
+            HookFailed: the start hook failed.
+    """
+    # resolve(): the storage root's containment check compares against realpath().
+    storages = [s.resolve() for s in storages]
+    # absolute(), not resolve(): a symlink given as the destination is refused below,
+    # not followed to somewhere else.
+    out = Path(os.path.abspath(out))
+    if os.path.lexists(out):
+        raise FileExistsError(errno.EEXIST, "the test failover's directory exists", str(out))
+    storage = find_replica(storages, vmid)
+    created = _missing_ancestors(out)
+    staging = out.parent / f".{out.name}.{STAGING_INFIX}-{uuid.uuid4().hex[:12]}"
+    try:
+        built = copy_point(storage, vmid, staging, sequence=sequence)
+        copy = _rebased(built, staging, out)
+        marker = {
+            "vmid": str(vmid),
+            "sequence": copy.sequence,
+            "disks": [str(p) for p in copy.disks],
+        }
+        (staging / TEST_MARKER).write_text(json.dumps(marker) + "\n")
+        os.rename(staging, out)
+    except BaseException:
+        # Whatever the failure (a full disk, a pruned point, ^C), remove all of it.
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # something else put files there meanwhile: leave it
+        raise
     if start is not None:
         start(copy)
     return copy
 
 
+def _is_bare_copy(directory: Path) -> bool:
+    """True if ``directory`` holds only what ``copy_point`` writes (``config.bin`` and
+    ``disks/<id>.img``, regular files, no symlinks): an unmarked test failover that
+    failed part way, in this version (killed) or an earlier one."""
+    names = set(os.listdir(directory))
+    if not names or not names <= {CONFIG_FILE, DISKS_DIR}:
+        return False
+    if CONFIG_FILE in names and not stat.S_ISREG(os.lstat(directory / CONFIG_FILE).st_mode):
+        return False
+    if DISKS_DIR in names:
+        disks = directory / DISKS_DIR
+        if not stat.S_ISDIR(os.lstat(disks).st_mode):
+            return False
+        for name in os.listdir(disks):
+            if not _IMAGE_NAME.match(name) or not stat.S_ISREG(os.lstat(disks / name).st_mode):
+                return False
+    return True
+
+
+def _marked_disks(directory: Path, listed: object) -> tuple[Path, ...]:
+    """The marker's disks, each as ``directory/disks/<id>.img``.
+
+    The marker may hold paths from before the directory was moved, or relative to where
+    an earlier version ran; only the image's name is kept. A path with ``..`` or one not
+    in a ``disks`` directory is refused: the stop hook would be handed a file elsewhere.
+    """
+    if not isinstance(listed, list):
+        raise ValueError(f"{directory / TEST_MARKER}: 'disks' must be a list")
+    disks = []
+    for item in listed:
+        path = Path(str(item))
+        if ".." in path.parts or path.parent.name != DISKS_DIR or not _IMAGE_NAME.match(path.name):
+            raise ValueError(f"{directory / TEST_MARKER}: disk {item!r} is outside {directory}")
+        disks.append(directory / DISKS_DIR / path.name)
+    return tuple(disks)
+
+
 def clean_up_test_failover(directory: Path, *, stop: CommandHook | None = None) -> None:
-    """Run the stop hook, then remove a test failover's directory (only one marked so).
+    """Run the stop hook, then remove a test failover's directory: one marked so, or one
+    a failed test failover left unmarked (see :func:`_is_bare_copy`).
 
     Raises:
-        ValueError: ``directory`` is not a test failover's.
+        ValueError: ``directory`` is not a test failover's (or is a symlink to one).
     """
+    directory = Path(os.path.abspath(directory))
+    try:
+        mode = os.lstat(directory).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"nothing to clean up: {directory} does not exist") from None
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{directory} is a symlink: give the test failover's directory itself")
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{directory} is not a test failover's directory (not a directory)")
     marker = directory / TEST_MARKER
-    if not marker.is_file():
+    if os.path.lexists(marker):
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            raise ValueError(f"{marker} is not a regular file")
+        try:
+            doc = json.loads(marker.read_text())
+            vmid = uuid.UUID(doc["vmid"])
+            sequence = int(doc["sequence"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{marker}: unreadable marker ({exc})") from None
+        disks = _marked_disks(directory, doc.get("disks", []))
+        if stop is not None:
+            config = directory / CONFIG_FILE
+            stop(PointCopy(vmid, sequence, directory, config, disks, 0, 0.0))
+    elif not _is_bare_copy(directory):
         raise ValueError(f"{directory} is not a test failover's directory (no {TEST_MARKER})")
-    doc = json.loads(marker.read_text())
-    if stop is not None:
-        disks = tuple(Path(p) for p in doc.get("disks", []))
-        stop(
-            PointCopy(
-                uuid.UUID(doc["vmid"]),
-                int(doc["sequence"]),
-                directory,
-                directory / "config.bin",
-                disks,
-                0,
-                0.0,
-            )
-        )
+    # An unmarked directory never reached the start hook: there is no VM to stop.
     shutil.rmtree(directory)
