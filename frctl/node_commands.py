@@ -67,10 +67,15 @@ def _primary_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_primary_run(args: argparse.Namespace) -> int:
+    from node.primary.locks import ServiceAlreadyRunning
     from node.primary.service import run_primary
 
     _logging(args.log_level)
-    trio.run(run_primary, _primary_config(args))
+    try:
+        trio.run(run_primary, _primary_config(args))
+    except ServiceAlreadyRunning as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,68 +85,267 @@ def _store(args: argparse.Namespace) -> Any:
     return PrimaryStateStore(_primary_config(args).state_dir)
 
 
-def _cmd_enable(args: argparse.Namespace) -> int:
-    from node.primary.state import VMReplicationState
+class _Refused(Exception):
+    """A command refused its arguments; the message says why (exit 1)."""
+
+
+def _new_disks(specs: list[str]) -> list[dict[str, Any]]:
+    """``ID=PATH`` specs as state disks: every image an existing regular file."""
+    from node.primary.disks import DiskUnavailable, image_size
 
     disks = []
-    for spec in args.disk:
+    for spec in specs:
         disk_id, _, path = spec.partition("=")
-        image = Path(path)
-        if not disk_id or not path or not image.is_file():
-            print(f"frctl: --disk {spec!r}: use ID=PATH to an existing image", file=sys.stderr)
-            return 1
-        disks.append(
-            {"disk_id": disk_id, "path": str(image.resolve()), "size": image.stat().st_size}
+        if not disk_id or not path:
+            raise _Refused(f"--disk {spec!r}: use ID=PATH to an existing image")
+        image = Path(path).resolve()
+        try:
+            size = image_size(disk_id, image)
+        except DiskUnavailable as exc:
+            raise _Refused(f"--disk {exc}; use ID=PATH to an existing image") from None
+        if size == 0:
+            raise _Refused(f"--disk {spec!r}: the image {image} is empty")
+        disks.append({"disk_id": disk_id, "path": str(image), "size": size})
+    return disks
+
+
+def _check_like_the_protocol(vmid: uuid.UUID, name: str, disks: list[dict[str, Any]]) -> None:
+    """Refuse what every cycle would refuse, with the protocol layer's own words: the
+    RelationshipCreate the first cycle sends is built (and so checked) here."""
+    import frproto as fp
+
+    try:
+        fp.RelationshipCreate(
+            vmid, name, tuple(fp.DiskInfo(d["disk_id"], int(d["size"])) for d in disks)
         )
-    host, _, port = args.server.rpartition(":")
-    if not host or not port.isdigit():
-        print(f"frctl: --server {args.server!r}: use HOST:PORT", file=sys.stderr)
+    except fp.FrprotoError as exc:
+        cause = exc.__cause__
+        raise _Refused(
+            cause.message if isinstance(cause, fp.FrprotoError) else exc.message
+        ) from None
+
+
+def _cmd_enable(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.primary.state import VMReplicationState
+
+    store = _store(args)
+    try:
+        try:
+            vmid = uuid.UUID(args.vmid)
+        except ValueError:
+            raise _Refused(f"--vmid {args.vmid!r} is not a GUID") from None
+        disks = _new_disks(args.disk)
+        _check_like_the_protocol(vmid, args.name, disks)
+        host, _, port = args.server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _Refused(f"--server {args.server!r}: use HOST:PORT (port 1-65535)")
+        server_name = args.server_name or host
+        try:
+            fp.QueryRecoveryServerResponse(vmid, server_name, int(port), fp.ExistingVM.NEW)
+        except fp.FrprotoError as exc:
+            raise _Refused(f"--server-name {server_name!r}: not a server name ({exc})") from None
+        if store.exists(str(vmid)):
+            held = store.load(str(vmid))
+            raise _Refused(
+                f"VM {vmid} is already enabled (replication/{held.name}, {held.ir_state}, "
+                f"sequence {held.sequence}); enabling it again would start its relationship "
+                f"over. Change its settings with `frctl replication set`, or disable it first"
+            )
+        for other in store.all():
+            shared = {d["path"] for d in other.disks} & {d["path"] for d in disks}
+            if shared:
+                raise _Refused(
+                    f"{sorted(shared)[0]} is already a disk of replication/{other.name} "
+                    f"({other.vmid})"
+                )
+        state = VMReplicationState(
+            vmid=str(vmid),
+            name=args.name,
+            disks=disks,
+            block_size=args.block_size,
+            recovery_host=host,
+            recovery_port=int(port),
+            server_name=server_name,
+            frequency_s=args.frequency,
+            bandwidth_bps=args.bandwidth,
+            incarnation=uuid.uuid4().hex,
+        )
+        try:
+            state.validate()
+        except ValueError as exc:
+            raise _Refused(str(exc)) from None
+    except _Refused as exc:
+        print(f"frctl: enable: {exc}", file=sys.stderr)
         return 1
-    state = VMReplicationState(
-        vmid=str(uuid.UUID(args.vmid)),
-        name=args.name,
-        disks=disks,
-        block_size=args.block_size,
-        recovery_host=host,
-        recovery_port=int(port),
-        server_name=args.server_name or host,
-        frequency_s=args.frequency,
-        paused=False,
-        ir_state="NOT_STARTED",
-        ir_cursor=[0, 0],
-        sequence=0,
-        last_replicated_at=None,
-        last_cycle_started_at=None,
-        pending_bytes=0,
-        health="initial replication",
-        broker=None,
-        bandwidth_bps=args.bandwidth,
-    )
-    _store(args).save(state)
+    store.save(state)
     print(f"replication/{args.name} enabled")
     return 0
 
 
+def _find_vm(store: Any, text: str) -> Any:
+    """The state of the VM named by ``text``: its VMID, or its name when one VM has it.
+
+    Raises:
+        LookupError: no such VM, or a name several VMs share (the message says which).
+    """
+    try:
+        vmid = str(uuid.UUID(text))
+    except ValueError:
+        named = [s for s in store.all() if s.name == text]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise LookupError(
+                f"{len(named)} VMs are named {text!r}; give the VMID "
+                f"({', '.join(s.vmid for s in named)})"
+            ) from None
+        raise LookupError(f"no VM {text!r} is enabled for replication here") from None
+    try:
+        return store.load(vmid)
+    except FileNotFoundError:
+        raise LookupError(f"VM {vmid} is not enabled for replication here") from None
+
+
+def _wait_for_cycle(store: Any, state: Any, timeout: float, doing: str) -> bool:
+    """Wait until no cycle of the VM runs (its cycle lock is free), up to ``timeout``
+    seconds; False when one still runs."""
+    from node.primary.locks import LockBusy, cycle_lock
+
+    lock = cycle_lock(store.root, state.vmid)
+    if lock.try_acquire():
+        lock.release()
+        return True
+    print(
+        f"replication/{state.name}: {doing}: waiting for the running cycle to end", file=sys.stderr
+    )
+    try:
+        lock.acquire(timeout)
+    except LockBusy:
+        return False
+    lock.release()
+    return True
+
+
 def _set_paused(args: argparse.Namespace, paused: bool) -> int:
     store = _store(args)
-    state = store.load(str(uuid.UUID(args.vmid)))
-    state.paused = paused
-    if not paused and state.halted is not None:
-        # A person looked at why it halted: the running service tries again. A replica
-        # deleted in the cluster halts again (only disable + enable seeds a new one).
-        print(f"replication/{state.name} was halted: {state.halted}", file=sys.stderr)
-        state.halted = None
-    store.save(state)
+    try:
+        state = _find_vm(store, args.vmid)
+    except LookupError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 4
+    halted: list[str] = []
+
+    def change(st: Any) -> None:
+        st.paused = paused
+        if not paused and st.halted is not None:
+            # A person looked at why it halted: the running service tries again. A replica
+            # deleted in the cluster halts again (only disable + enable seeds a new one).
+            halted.append(st.halted)
+            st.halted = None
+
+    state = store.update(state.vmid, change)
+    if halted:
+        print(f"replication/{state.name} was halted: {halted[0]}", file=sys.stderr)
+    if paused and not _wait_for_cycle(store, state, args.timeout, "pause"):
+        # The pause is recorded and no new cycle starts, but the disks may still be read.
+        print(
+            f"frctl: replication/{state.name}: the pause is recorded, but a cycle still runs "
+            f"after {args.timeout:.0f} s; no other will start after it (run pause again to wait)",
+            file=sys.stderr,
+        )
+        return 3
     print(f"replication/{state.name} {'paused' if paused else 'resumed'}")
     return 0
 
 
-def _cmd_disable(args: argparse.Namespace) -> int:
+def _cmd_set(args: argparse.Namespace) -> int:
+    """Change an enabled VM's frequency or bandwidth limit (the service sees it next turn)."""
     store = _store(args)
-    vmid = str(uuid.UUID(args.vmid))
-    name = store.load(vmid).name
-    store.delete(vmid)
-    print(f"replication/{name} disabled")
+    if args.frequency is None and args.bandwidth is None and not args.no_bandwidth_limit:
+        print("frctl: set: give --frequency, --bandwidth or --no-bandwidth-limit", file=sys.stderr)
+        return 1
+    try:
+        state = _find_vm(store, args.vmid)
+    except LookupError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 4
+
+    def change(st: Any) -> None:
+        if args.frequency is not None:
+            st.frequency_s = args.frequency
+        if args.bandwidth is not None:
+            st.bandwidth_bps = args.bandwidth
+        if args.no_bandwidth_limit:
+            st.bandwidth_bps = None
+
+    state = store.update(state.vmid, change)
+    limit = "none" if state.bandwidth_bps is None else f"{state.bandwidth_bps:.0f} B/s"
+    print(f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit {limit}")
+    return 0
+
+
+def _cmd_disable(args: argparse.Namespace) -> int:
+    from node.primary.locks import LockBusy, cycle_lock, holding
+
+    store = _store(args)
+    try:
+        state = _find_vm(store, args.vmid)
+    except LookupError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 4
+    # Paused first, so that no new cycle starts; then the running one (if any) is waited
+    # for, and the files are removed while no cycle can write them.
+    store.update(state.vmid, lambda st: setattr(st, "paused", True))
+    _wait_for_cycle(store, state, args.timeout, "disable")
+    try:
+        with holding(cycle_lock(store.root, state.vmid), timeout=0):
+            store.delete(state.vmid)
+    except LockBusy:
+        print(
+            f"frctl: replication/{state.name}: a cycle still runs after {args.timeout:.0f} s; "
+            f"it is paused now, not disabled (run disable again)",
+            file=sys.stderr,
+        )
+        return 3
+    print(f"replication/{state.name} disabled")
+    return 0
+
+
+def _cmd_reseed(args: argparse.Namespace) -> int:
+    """Replicate a VM anew at its disks' current sizes (after a resize halted it)."""
+    import frproto as fp
+    from node.primary.disks import DiskProblem
+
+    store = _store(args)
+    try:
+        state = _find_vm(store, args.vmid)
+    except LookupError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 4
+    if not args.yes:
+        print(
+            f"frctl: reseed removes the replica of replication/{state.name} at the recovery "
+            f"side (every recovery point) and replicates its disks from scratch; add --yes "
+            f"to do it",
+            file=sys.stderr,
+        )
+        return 1
+    was_paused = state.paused
+    store.update(state.vmid, lambda st: setattr(st, "paused", True))
+    if not _wait_for_cycle(store, state, args.timeout, "reseed"):
+        print(f"frctl: replication/{state.name}: a cycle still runs; try again", file=sys.stderr)
+        return 3
+    replicator = _replicator(args, state.vmid)
+    try:
+        fresh = trio.run(replicator.reseed)
+    except (DiskProblem, fp.FrprotoError, OSError) as exc:
+        print(f"frctl: reseed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.update(state.vmid, lambda st: setattr(st, "paused", was_paused))
+    sizes = ", ".join(f"{d['disk_id']} {d['size']} bytes" for d in fresh.disks)
+    print(f"replication/{state.name} seeded anew ({sizes}): initial replication next")
     return 0
 
 
@@ -232,6 +436,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 "recovery_node": node,
                 "server": server,
                 "halted": state.halted,
+                # Why the last cycle failed (a vanished disk, an unreachable server).
+                "last_error": state.last_error,
             }
         )
     if args.json:
@@ -247,6 +453,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
             if r["halted"]:
                 print(f"{'':<20} halted: {r['halted']}")
+            elif r["last_error"]:
+                print(f"{'':<20} last cycle failed: {r['last_error']}")
     if args.check and any(r["state"] in _UNHEALTHY for r in rows):
         return 3
     return 0
@@ -284,7 +492,7 @@ def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _replicator(args: argparse.Namespace) -> Any:
+def _replicator(args: argparse.Namespace, vmid: str | None = None) -> Any:
     """A VMReplicator for one enabled VM, configured as the primary service would."""
     from node.primary.replicator import VMReplicator
     from node.primary.state import PrimaryStateStore
@@ -292,7 +500,7 @@ def _replicator(args: argparse.Namespace) -> Any:
 
     config = _primary_config(args)
     store = PrimaryStateStore(config.state_dir)
-    state = store.load(str(uuid.UUID(args.vmid)))
+    state = store.load(vmid or str(uuid.UUID(args.vmid)))
     tls = config.tls
     return VMReplicator(
         state,
@@ -499,12 +707,32 @@ def register(sub: Any) -> None:
     resync.add_argument("vmid")
     resync.add_argument("--json", action="store_true")
     resync.set_defaults(func=_cmd_resync)
-    for name, func in (
-        ("pause", lambda a: _set_paused(a, True)),
-        ("resume", lambda a: _set_paused(a, False)),
-        ("disable", _cmd_disable),
+    for name, func, helptext in (
+        ("pause", lambda a: _set_paused(a, True), "pause; waits for a running cycle to end"),
+        ("resume", lambda a: _set_paused(a, False), "resume (also after a halt)"),
+        ("disable", _cmd_disable, "stop replicating and forget the VM here"),
     ):
-        action = rsub.add_parser(name, help=f"{name} replication of a VM")
+        action = rsub.add_parser(name, help=f"{helptext}")
         action.add_argument("--config", required=True)
-        action.add_argument("vmid")
+        action.add_argument("vmid", help="the VM's VMID, or its name")
+        action.add_argument(
+            "--timeout", type=float, default=60.0, help="seconds to wait for a running cycle"
+        )
         action.set_defaults(func=func)
+    set_ = rsub.add_parser("set", help="change a VM's frequency or bandwidth limit")
+    set_.add_argument("--config", required=True)
+    set_.add_argument("vmid", help="the VM's VMID, or its name")
+    set_.add_argument("--frequency", type=parse_frequency, help="30s, 5m, 15m...")
+    set_.add_argument("--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G)")
+    set_.add_argument("--no-bandwidth-limit", action="store_true")
+    set_.set_defaults(func=_cmd_set)
+    reseed = rsub.add_parser(
+        "reseed",
+        help="remove the replica and replicate the VM anew at its disks' current sizes "
+        "(after a disk was resized)",
+    )
+    reseed.add_argument("--config", required=True)
+    reseed.add_argument("vmid", help="the VM's VMID, or its name")
+    reseed.add_argument("--yes", action="store_true", help="remove the replica's recovery points")
+    reseed.add_argument("--timeout", type=float, default=60.0, help=argparse.SUPPRESS)
+    reseed.set_defaults(func=_cmd_reseed)

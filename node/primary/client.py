@@ -26,6 +26,7 @@ from node.config import NO_COMPRESSION
 from node.tls import BioTLSStream, tls_connect
 
 from .bandwidth import BandwidthLimiter
+from .disks import DiskResized
 
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
@@ -192,7 +193,10 @@ class RecoveryClient:
                     want = min(IR_CHUNK, sizes[disk_index] - offset)
                     got = image.readinto(view[:want])
                     if got != want:
-                        raise OSError(f"{path}: short read at {offset} ({got} of {want})")
+                        raise DiskResized(
+                            f"{path} ends at {offset + got}, before its disk's "
+                            f"{sizes[disk_index]} bytes: it shrank during the IR"
+                        )
                     data = view[:want]
                     if on_block is not None:
                         on_block(disk_index, offset, data)

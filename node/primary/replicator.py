@@ -42,12 +42,13 @@ primary resumes without a new IR.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -64,6 +65,8 @@ from node.tls import TLSFailure
 from .bandwidth import BandwidthLimiter, combined
 from .client import IRProgress, RecoveryClient
 from .digest_map import DIGEST_SIZE, DigestMap
+from .disks import DiskResized, DiskUnavailable, check_disks, image_size, size_differences
+from .locks import cycle_lock
 from .pending_log import PendingCycle, PendingLog, PendingLogCorrupt, PendingLogFull
 from .resolve import resolve_host
 from .resync import (
@@ -78,7 +81,7 @@ from .resync import (
     replica_map,
 )
 from .scan import read_blocks, scan_changes
-from .state import STATE_FILE, PrimaryStateStore, VMReplicationState
+from .state import PrimaryStateStore, VMReplicationState, operator_fields
 from .tracker import ChangeTracker
 from .window import TimeWindow
 
@@ -162,6 +165,11 @@ class VMReplicator:
         self.last_chunk_bytes_sent = 0
         #: What the last resynchronization did (None: none since this object was made).
         self.last_resync: ResyncResult | None = None
+        self._cycle_lock = cycle_lock(self.store.root, self.state.vmid)
+        #: The operator's fields as last read from or written to the file (see
+        #: PrimaryStateStore.save_progress: a change there since wins over memory).
+        self._operator_seen: dict[str, Any] | None = operator_fields(self.state)
+        self._exclusive_depth = 0
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -196,49 +204,85 @@ class VMReplicator:
         return combined([self._own, self.limiter])
 
     def _save(self) -> None:
-        if not (self.dir / STATE_FILE).exists():
-            return  # disabled meanwhile (enable writes the state first): do not bring it back
+        # The operator's fields (paused, frequency, bandwidth) are taken from the file,
+        # never written from memory; a VM disabled or enabled anew meanwhile is left be.
         self.state.pending_bytes = self.pending.size_bytes
-        self.store.save(self.state)
+        seen = self.store.save_progress(self.state, self._operator_seen)
+        if seen is not None:
+            self._operator_seen = seen
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the VM's cycle lock (``node/primary/locks.py``) for a cycle, a
+        resynchronization or a failover's last cycle: an operator's pause waits for it,
+        and no other process works on this VM meanwhile. Nested use is free."""
+        if self._exclusive_depth == 0:
+            await self._cycle_lock.acquire_async()
+        self._exclusive_depth += 1
+        try:
+            yield
+        finally:
+            self._exclusive_depth -= 1
+            if self._exclusive_depth == 0:
+                self._cycle_lock.release()
 
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Replicate until cancelled: a cycle every ``frequency_s``, retrying with backoff."""
+        """Replicate until cancelled: a cycle every ``frequency_s``, retrying with backoff.
+
+        Each turn holds the VM's cycle lock from reading the operator's settings to the
+        end of the cycle, so a pause that got the lock is seen before any capture. The
+        loop ends when the VM is disabled, enabled anew (another incarnation: the
+        service starts a fresh replicator from the file) or halted.
+        """
         task_status.started()
         backoff = _BACKOFF_START
         while True:
-            try:
-                fresh = self.store.load(self.state.vmid)
-            except FileNotFoundError:
-                log.info("replication of %s was disabled", self.state.name)
-                return
-            self.state.paused, self.state.frequency_s = fresh.paused, fresh.frequency_s
-            self.state.bandwidth_bps = fresh.bandwidth_bps
-            if self.state.paused:
-                await trio.sleep(min(self.state.frequency_s, 5.0))
-                continue
-            started = time.monotonic()
-            try:
-                await self.cycle()
-                backoff = _BACKOFF_START
-            except (ReplicationHalted, PendingLogCorrupt) as exc:
-                log.error("replication of %s halted: %s", self.state.name, exc)
-                self.state.health = "critical"
-                self.state.halted = str(exc)  # shown by status; the service waits for a person
-                self._save()
-                return
-            except (*_UNREACHABLE, fp.FrprotoError) as exc:
-                log.warning(
-                    "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
-                )
-                self._update_health()
-                self._save()
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-                continue
-            elapsed = time.monotonic() - started
-            await trio.sleep(max(0.0, self.state.frequency_s - elapsed))
+            async with self.exclusive():
+                try:
+                    fresh = self.store.load(self.state.vmid)
+                except FileNotFoundError:
+                    log.info("replication of %s was disabled", self.state.name)
+                    return
+                if fresh.incarnation != self.state.incarnation:
+                    log.info("replication of %s was enabled anew", self.state.name)
+                    return
+                self.state.paused, self.state.frequency_s = fresh.paused, fresh.frequency_s
+                self.state.bandwidth_bps = fresh.bandwidth_bps
+                self._operator_seen = operator_fields(fresh)
+                if self.state.paused:
+                    delay = min(self.state.frequency_s, 1.0)
+                else:
+                    started = time.monotonic()
+                    try:
+                        await self.cycle()
+                    except (ReplicationHalted, PendingLogCorrupt, DiskResized) as exc:
+                        log.error("replication of %s halted: %s", self.state.name, exc)
+                        self.state.health = "critical"
+                        self.state.halted = str(exc)  # shown by status; waits for a person
+                        self._save()
+                        return
+                    except DiskUnavailable as exc:
+                        # Not the network: no backoff message about retrying a server.
+                        log.error("cycle of %s failed: %s", self.state.name, exc)
+                        self.state.health = "critical"
+                        self.state.last_error = str(exc)
+                        self._save()
+                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
+                    except (*_UNREACHABLE, fp.FrprotoError) as exc:
+                        log.warning(
+                            "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
+                        )
+                        self.state.last_error = f"{type(exc).__name__}: {exc}"
+                        self._update_health()
+                        self._save()
+                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
+                    else:
+                        backoff = _BACKOFF_START
+                        elapsed = time.monotonic() - started
+                        delay = max(0.0, self.state.frequency_s - elapsed)
+            await trio.sleep(delay)
 
     def _update_health(self) -> None:
         last = self.state.last_replicated_at
@@ -263,8 +307,16 @@ class VMReplicator:
             OSError, TLSFailure, trio errors, frproto.FrprotoError: this cycle failed;
                 a later one may succeed (nothing unacknowledged is dropped).
         """
+        async with self.exclusive():
+            await self._cycle()
+
+    async def _cycle(self) -> None:
         self.state.last_cycle_started_at = time.time()
         try:
+            # Before anything is read: a resized disk cannot be replicated by batches
+            # (node/primary/disks.py), and a missing one must say so, not look like a
+            # network failure.
+            check_disks(self.state.disks, self.state.vmid)
             if self.state.ir_state == "COMPLETE":
                 # A lost tracker's dirty set is incomplete: capturing from it would replicate
                 # some writes and silently miss others.
@@ -304,12 +356,13 @@ class VMReplicator:
             finally:
                 self._note_session(client)
                 await client.aclose()
-        except ReplicationHalted as exc:
+        except (ReplicationHalted, DiskResized) as exc:
             self.state.halted = str(exc)
             self.state.health = "critical"
             self._save()
             raise
         self.state.halted = None
+        self.state.last_error = None
         self._update_health()
         self._save()
 
@@ -465,6 +518,14 @@ class VMReplicator:
                 f"own: a person must decide (to replicate the VM again from scratch, disable "
                 f"and enable its replication)"
             ) from exc
+        theirs = tuple(d.size for d in accepted.disks)
+        ours = tuple(d.size for d in self.disks)
+        if theirs != ours:
+            raise ReplicationHalted(
+                f"the replica's disks are {theirs} bytes, this VM's {ours}: batches would "
+                f"not fit; replication halted (`frctl replication reseed {self.state.vmid}` "
+                f"replicates the VM anew)"
+            )
         if self.state.ir_state != "COMPLETE":
             await self._initial_replication(client, accepted)
         elif accepted.applied_sequence < self.state.sequence:
@@ -595,6 +656,10 @@ class VMReplicator:
         client, accepted = await self._open_existing()
         try:
             result = VerifyResult(self.state.vmid, accepted.applied_sequence)
+            # A disk that grew or shrank is not "verified" because its old extent matches.
+            result.size_differences = size_differences(
+                self.state.disks, [d.size for d in accepted.disks]
+            )
             skip: dict[int, set[int]] = {}
             for cycle in self.pending.cycles():
                 if cycle.sequence > accepted.applied_sequence:
@@ -632,6 +697,11 @@ class VMReplicator:
         The disks must not change meanwhile: the capture hooks bracket the whole of it.
         ``progress(done, total)`` reports the bytes read.
         """
+        async with self.exclusive():
+            return await self._resync(progress, by_digests=by_digests)
+
+    async def _resync(self, progress: Progress | None, *, by_digests: bool) -> ResyncResult:
+        check_disks(self.state.disks, self.state.vmid)
         started = time.monotonic()
         known: dict[int, set[int]] | None = None
         if not by_digests and self._bitmap_survived():
@@ -872,6 +942,10 @@ class VMReplicator:
             ReplicationHalted: the replica differs after the last cycle (nothing is
                 switched; resynchronize and try again).
         """
+        async with self.exclusive():
+            return await self._prepare_failover()
+
+    async def _prepare_failover(self) -> VerifyResult:
         started = time.monotonic()
         await self.cycle()
         block = self.state.block_size
@@ -898,6 +972,77 @@ class VMReplicator:
         self._save()
         log.info("%s: ready for failover at sequence %d", self.state.name, result.sequence)
         return result
+
+    async def reseed(self) -> VMReplicationState:
+        """Start this VM's replication over at its disks' current sizes: remove the
+        replica at the recovery side (its images and recovery points, through
+        ``RelationshipDelete``), forget what this primary kept (pending log, digest maps,
+        sequence) and leave a fresh state for a full initial replication.
+
+        For a VM halted because a disk was resized (``node/primary/disks.py``); the
+        caller decides it (``frctl replication reseed --yes``). A replica the recovery
+        side does not hold is not an error. The operator's settings (frequency,
+        bandwidth, pause) are kept; the state gets a new incarnation, so a running
+        service starts a new replicator from it.
+
+        Returns:
+            The new state (also saved).
+        """
+        async with self.exclusive():
+            sizes = [image_size(str(d["disk_id"]), Path(d["path"])) for d in self.state.disks]
+            await self._delete_replica()
+            self.pending.clear()
+            self.pending.clear_overflow()
+            for index in range(len(self.state.disks)):
+                self._map_path(index).unlink(missing_ok=True)
+            incarnation = uuid.uuid4().hex
+
+            def start_over(state: VMReplicationState) -> None:
+                for disk, size in zip(state.disks, sizes, strict=True):
+                    disk["size"] = size
+                state.ir_state, state.ir_cursor = "NOT_STARTED", [0, 0]
+                state.ir_bytes_done = state.ir_bytes_total = 0
+                state.sequence, state.generation, state.pending_bytes = 0, 0, 0
+                state.last_replicated_at = None
+                state.health, state.halted, state.last_error = "initial replication", None, None
+                state.needs_resync = False
+                state.node_name, state.node_address, state.node_port = "", "", 0
+                state.incarnation = incarnation
+
+            self.state = self.store.update(self.state.vmid, start_over)
+            self._operator_seen = operator_fields(self.state)
+            self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
+        log.info("%s: seeded anew at %s bytes", self.state.name, sizes)
+        return self.state
+
+    async def _delete_replica(self) -> None:
+        """Remove the replica where it lives (a broker is asked where that is)."""
+        s = self.state
+        client = await (self._connect_node() if s.broker and s.node_name else self._discover())
+        try:
+            for attempt in range(MAX_REQUERIES + 1):
+                try:
+                    await client.open(
+                        self.vmid,
+                        name=s.name,
+                        disks=self.disks,
+                        create=False,
+                        generation=s.generation,
+                    )
+                except fp.UnknownVM:
+                    log.info("%s: the recovery side holds no replica to remove", s.name)
+                    return
+                except fp.VMNotHere:
+                    if s.broker is None or attempt == MAX_REQUERIES:
+                        raise
+                    await client.aclose()
+                    client = await self._discover()
+                    continue
+                await client.delete_relationship(self.vmid)
+                log.info("%s: the recovery side removed its replica", s.name)
+                return
+        finally:
+            await client.aclose()
 
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""

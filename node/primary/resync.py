@@ -61,11 +61,14 @@ class VerifyResult:
     skipped: int = 0  #: blocks left out (still in the pending log)
     differences: list[Difference] = field(default_factory=list)
     seconds: float = 0.0
+    #: Disks whose image, recorded size and replica size disagree (one line each).
+    size_differences: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when the replica holds what was acknowledged, block for block."""
-        return not self.differences
+        """True when the replica holds what was acknowledged, block for block, at the
+        disks' sizes."""
+        return not self.differences and not self.size_differences
 
     def to_json(self) -> dict[str, object]:
         """For ``--json``."""
@@ -79,6 +82,7 @@ class VerifyResult:
                 {"disk": d.disk_index, "offset": d.offset, "length": d.length}
                 for d in self.differences
             ],
+            "size_differences": self.size_differences,
             "seconds": round(self.seconds, 3),
         }
 
@@ -182,6 +186,9 @@ def describe(result: VerifyResult) -> str:
             f"({result.blocks} blocks, {result.skipped} pending left out, "
             f"{result.seconds:.2f} s)"
         )
+    if result.size_differences:
+        also = f"; {len(result.differences)} ranges differ too" if result.differences else ""
+        return f"DIFFERS: {'; '.join(result.size_differences)}{also}"
     total = sum(d.length for d in result.differences)
     first = result.differences[0]
     return (

@@ -15,8 +15,9 @@ through ``memoryview`` slices, so the only copy is the kernel's into our buffer.
   0.41-0.54 without; hot 4-6 GiB/s (the advice costs about 20% there, far above what
   a TLS stream carries).
 
-An image shorter than the disk size it is given reads as zeros past its end (a raw image
-grown with ``truncate``); bytes past the disk size are ignored.
+An image that ends before the disk size it is given is refused (:class:`DiskResized`):
+padding it with zeros would replicate zeros over the replica's data. Bytes past the disk
+size are ignored (a grown disk is caught before the read, ``node/primary/disks.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Final
 import xxhash
 
 from .digest_map import DIGEST_SIZE, UNKNOWN, DigestMap
+from .disks import DiskResized, size_text
 
 #: Size of the buffer :func:`scan_changes` reads into (rounded down to whole blocks).
 #: 1-8 MiB measure the same; smaller buffers lose to syscall overhead.
@@ -93,7 +95,7 @@ def scan_changes(
             chunk = view[:want]
             got = _read_full(fd, chunk, offset)
             if got < want:
-                chunk[got:] = bytes(want - got)
+                raise _ended_early(image, offset + got, size)
             for start in range(0, want, block_size):
                 new = digest(chunk[start : start + block_size])
                 at = block * DIGEST_SIZE
@@ -184,6 +186,8 @@ def _read_runs(
             data = os.pread(fd, length, offset)
             if len(data) < length:
                 data = _complete(fd, data, length, offset)
+                if len(data) < length:
+                    raise _ended_early(image, offset + len(data), size)
             view = memoryview(data)
             for i in range(n):
                 start = i * block_size
@@ -192,8 +196,15 @@ def _read_runs(
         os.close(fd)
 
 
+def _ended_early(image: Path, at: int, size: int) -> DiskResized:
+    return DiskResized(
+        f"the image {image} ends at {size_text(at)}, before the disk's {size_text(size)}: "
+        f"it shrank; nothing of it was replicated"
+    )
+
+
 def _complete(fd: int, data: bytes, length: int, offset: int) -> bytes:
-    """Finish a short read: keep reading, then pad with zeros past the end of file."""
+    """Finish a short read (fewer bytes only at the end of the file)."""
     parts = [data]
     done = len(data)
     while done < length:
@@ -202,5 +213,4 @@ def _complete(fd: int, data: bytes, length: int, offset: int) -> bytes:
             break
         parts.append(more)
         done += len(more)
-    parts.append(bytes(length - done))
     return b"".join(parts)

@@ -4,6 +4,10 @@
 file, which the running service picks up within ``POLL_SECONDS``. A VM whose replication
 halted (``state.halted``: e.g. its replica was deleted in the recovery cluster) is not
 restarted until a person clears it.
+
+One service per state directory: it holds ``<state_dir>/.locks/service.lock`` while it
+runs (``node/primary/locks.py``), and a second one is refused
+(:class:`~node.primary.locks.ServiceAlreadyRunning`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from node.config import PrimaryConfig
 from node.tls import client_context
 
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
+from .locks import service_lock
 from .replicator import VMReplicator
 from .state import PrimaryStateStore
 from .window import TimeWindow
@@ -30,8 +35,20 @@ POLL_SECONDS = 2.0
 async def run_primary(
     config: PrimaryConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Replicate every enabled VM until cancelled."""
+    """Replicate every enabled VM until cancelled.
+
+    Raises:
+        ServiceAlreadyRunning: another service runs on ``config.state_dir``.
+    """
     store = PrimaryStateStore(config.state_dir)
+    lock = service_lock(config.state_dir)
+    try:
+        await _serve(config, store, task_status)
+    finally:
+        lock.release()
+
+
+async def _serve(config: PrimaryConfig, store: PrimaryStateStore, task_status: Any) -> None:
     ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
     running: dict[str, trio.CancelScope] = {}
     host_limit: BandwidthLimiter | None = None

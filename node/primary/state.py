@@ -25,10 +25,12 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
+
+from .locks import holding, state_lock
 
 log = logging.getLogger("frrep.primary")
 
@@ -42,6 +44,16 @@ STATE_FILE: Final = "state.json"
 
 #: Version of the JSON document; a file with another version is refused.
 STATE_FORMAT: Final = 1
+
+#: The fields an operator's command sets (``pause``, ``resume``, ``set``). The service
+#: never writes them: its saves keep whatever the file holds
+#: (:meth:`PrimaryStateStore.save_progress`), so a running cycle cannot undo a pause.
+OPERATOR_FIELDS: Final[tuple[str, ...]] = ("paused", "frequency_s", "bandwidth_bps")
+
+
+def operator_fields(state: VMReplicationState) -> dict[str, Any]:
+    """The values of :data:`OPERATOR_FIELDS` in ``state``."""
+    return {name: getattr(state, name) for name in OPERATOR_FIELDS}
 
 
 class StateCorrupt(ValueError):
@@ -179,6 +191,12 @@ class VMReplicationState:
     #: The next cycle resynchronizes by digests instead of capturing (reverse
     #: replication after a failover starts so: the two sides' disks are compared).
     needs_resync: bool = False
+    #: Why the last cycle failed (a disk that vanished, a server that cannot be
+    #: reached), shown by status; None after a cycle that succeeded.
+    last_error: str | None = None
+    #: A token written when the VM is enabled (or seeded anew): a replicator that finds
+    #: another one in the file knows its state was replaced and stops.
+    incarnation: str = ""
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -262,6 +280,8 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "halted": (str, type(None)),
     "generation": (int,),
     "needs_resync": (bool,),
+    "last_error": (str, type(None)),
+    "incarnation": (str,),
 }
 
 
@@ -291,12 +311,68 @@ class PrimaryStateStore:
         return self.root / canonical_vmid(vmid)
 
     def save(self, state: VMReplicationState) -> None:
-        """Atomically and durably write ``state`` (ValueError if it does not validate)."""
+        """Atomically and durably write ``state`` whole (ValueError if it does not
+        validate). For a new VM; changes to an enabled one go through :meth:`update` or
+        :meth:`save_progress`."""
         state.validate()
+        with holding(state_lock(self.root, state.vmid)):
+            self._write(state)
+
+    def _write(self, state: VMReplicationState) -> None:
         directory = self.vm_dir(state.vmid)
         directory.mkdir(parents=True, exist_ok=True)
         raw = json.dumps(state.to_json(), indent=1, sort_keys=True).encode() + b"\n"
         write_file_atomic(directory / STATE_FILE, raw)
+
+    def update(self, vmid: str, change: Callable[[VMReplicationState], None]) -> VMReplicationState:
+        """Read one VM's state, apply ``change`` to it and write it back, all under the
+        VM's state lock: a service saving its progress meanwhile cannot lose the change.
+
+        Raises:
+            FileNotFoundError: the VM is not enabled.
+            StateCorrupt: its file is unreadable.
+        """
+        with holding(state_lock(self.root, canonical_vmid(vmid))):
+            state = self.load(vmid)
+            change(state)
+            state.validate()
+            self._write(state)
+            return state
+
+    def save_progress(
+        self, state: VMReplicationState, seen: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The service's save: write ``state``, except the :data:`OPERATOR_FIELDS` that
+        someone else changed in the file since the caller last saw them (``seen``, what
+        this method returned last time; None: take all of them from the file). Those are
+        kept and copied into ``state``, so a running cycle never undoes a pause, while a
+        change the caller made itself (an embedding tool's new limit) is written.
+
+        Nothing is written when the VM was disabled meanwhile, or enabled anew (another
+        :attr:`~VMReplicationState.incarnation`): a stale replicator never brings back
+        or overwrites a state that is not its own.
+
+        Returns:
+            The operator fields as written (the next call's ``seen``), or None when
+            nothing was written.
+        """
+        state.validate()
+        with holding(state_lock(self.root, state.vmid)):
+            try:
+                current = self.load(state.vmid)
+            except FileNotFoundError:
+                return None
+            except StateCorrupt:
+                current = None  # ours is the one good copy left: write it
+            if current is not None:
+                if current.incarnation != state.incarnation:
+                    return None
+                for name in OPERATOR_FIELDS:
+                    theirs = getattr(current, name)
+                    if seen is None or theirs != seen.get(name):
+                        setattr(state, name, theirs)
+            self._write(state)
+            return operator_fields(state)
 
     def load(self, vmid: str) -> VMReplicationState:
         """Read one VM's state.
@@ -337,15 +413,17 @@ class PrimaryStateStore:
         return states
 
     def delete(self, vmid: str, *, purge: bool = True) -> None:
-        """Forget a VM: its state file first (durably), then, with ``purge``, everything
-        else in its directory. A VM that is not there is not an error."""
+        """Forget a VM: its state file first (durably, under its state lock), then, with
+        ``purge``, everything else in its directory. A VM that is not there is not an
+        error."""
         directory = self.vm_dir(vmid)
-        try:
-            (directory / STATE_FILE).unlink()
-        except FileNotFoundError:
-            pass
-        else:
-            fsync_dir(directory)
+        with holding(state_lock(self.root, canonical_vmid(vmid))):
+            try:
+                (directory / STATE_FILE).unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                fsync_dir(directory)
         if purge and directory.is_dir():
             shutil.rmtree(directory, ignore_errors=True)
             fsync_dir(self.root)

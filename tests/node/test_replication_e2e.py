@@ -265,20 +265,20 @@ async def test_a_primary_killed_before_recording_an_ack_never_reuses_its_sequenc
     image = make_image(site.root / "disk0.img", 2 * MIB, rng)
     first = site.replicator(vmid, "vm", [image], server.port)
     store = first.store
-    real_save = store.save
+    real_save = store.save_progress
 
-    def save_then_die(state: Any) -> None:
+    def save_then_die(state: Any, seen: Any = None) -> Any:
         if state.sequence == 1:
             raise OSError("killed before the ack was recorded")
-        real_save(state)
+        return real_save(state, seen)
 
     with trio.fail_after(60):
         await first.cycle()  # IR
         scribble(image, rng, writes=5)
-        store.save = save_then_die  # type: ignore[method-assign]
+        store.save_progress = save_then_die  # type: ignore[method-assign]
         with pytest.raises(OSError, match="killed"):
             await first.cycle()  # batch 1 applied by the server, ack not recorded
-        store.save = real_save  # type: ignore[method-assign]
+        store.save_progress = real_save  # type: ignore[method-assign]
         again = site.restarted(first)
         assert again.state.sequence == 0
         scribble(image, rng, writes=5)

@@ -11,6 +11,7 @@ import pytest
 import xxhash
 
 from node.primary.digest_map import DigestMap
+from node.primary.disks import DiskResized
 from node.primary.scan import MAX_READ, read_blocks, scan_changes
 
 BS = 65536
@@ -70,13 +71,19 @@ def test_random_writes_found_exactly(tmp_path: Path, buffer_size: int) -> None:
     assert scan_changes(path, dmap) == ([], {})
 
 
-def test_short_image_reads_as_zeros(tmp_path: Path) -> None:
+def test_an_image_that_ends_before_its_disk_is_refused_not_read_as_zeros(
+    tmp_path: Path,
+) -> None:
+    # A shrunk image padded with zeros would replicate zeros over the replica's data.
     path = tmp_path / "img"
     path.write_bytes(b"\x01" * (BS + 10))
     zeros_map = _map_of(b"\x01" * (BS + 10) + bytes(3 * BS - 10), BS)
-    assert scan_changes(path, zeros_map) == ([], {})
-    got = {b: bytes(d) for b, _, d in read_blocks(path, BS, [1, 2], 3 * BS)}
-    assert got == {1: b"\x01" * 10 + bytes(BS - 10), 2: bytes(BS)}
+    with pytest.raises(DiskResized, match="shrank"):
+        scan_changes(path, zeros_map)
+    with pytest.raises(DiskResized, match="ends at"):
+        list(read_blocks(path, BS, [1, 2], 3 * BS))
+    # What the image holds is still read, exactly.
+    assert [bytes(d) for _, _, d in read_blocks(path, BS, [0], 3 * BS)] == [b"\x01" * BS]
 
 
 def test_read_blocks_exact_data_and_coalescing(
