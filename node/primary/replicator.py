@@ -169,6 +169,9 @@ class VMReplicator:
         #: The operator's fields as last read from or written to the file (see
         #: PrimaryStateStore.save_progress: a change there since wins over memory).
         self._operator_seen: dict[str, Any] | None = operator_fields(self.state)
+        #: This object's token in ``state.written_by``, and the token last seen there.
+        self._writer = uuid.uuid4().hex
+        self._seen_writer = self.state.written_by
         self._exclusive_depth = 0
 
     # -- persisted pieces --------------------------------------------------------------
@@ -207,9 +210,10 @@ class VMReplicator:
         # The operator's fields (paused, frequency, bandwidth) are taken from the file,
         # never written from memory; a VM disabled or enabled anew meanwhile is left be.
         self.state.pending_bytes = self.pending.size_bytes
+        self.state.written_by = self._writer
         seen = self.store.save_progress(self.state, self._operator_seen)
         if seen is not None:
-            self._operator_seen = seen
+            self._operator_seen, self._seen_writer = seen, self._writer
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -247,6 +251,12 @@ class VMReplicator:
                     return
                 if fresh.incarnation != self.state.incarnation:
                     log.info("replication of %s was enabled anew", self.state.name)
+                    return
+                if fresh.written_by != self._seen_writer or fresh.halted is not None:
+                    # Another process resynchronized it, failed it over or halted it: what
+                    # this object holds (sequence, digest maps) is stale. The service
+                    # starts a new replicator from the file.
+                    log.info("%s: its state was changed by another process", self.state.name)
                     return
                 self.state.paused, self.state.frequency_s = fresh.paused, fresh.frequency_s
                 self.state.bandwidth_bps = fresh.bandwidth_bps
@@ -1011,6 +1021,7 @@ class VMReplicator:
 
             self.state = self.store.update(self.state.vmid, start_over)
             self._operator_seen = operator_fields(self.state)
+            self._seen_writer = self.state.written_by
             self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
         log.info("%s: seeded anew at %s bytes", self.state.name, sizes)
         return self.state

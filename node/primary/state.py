@@ -197,6 +197,10 @@ class VMReplicationState:
     #: A token written when the VM is enabled (or seeded anew): a replicator that finds
     #: another one in the file knows its state was replaced and stops.
     incarnation: str = ""
+    #: Which replicator object wrote this file last (a random token of each): a service
+    #: whose replicator finds another's token knows another process (a resync or a
+    #: failover from the CLI) moved the VM on, and starts over from the file.
+    written_by: str = ""
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -282,6 +286,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "needs_resync": (bool,),
     "last_error": (str, type(None)),
     "incarnation": (str,),
+    "written_by": (str,),
 }
 
 
