@@ -58,10 +58,9 @@ def _fail(message: object) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import frproto as fp
     from node.config import ConfigError, load_primary_config
-    from node.oob import OOBError, export_ir
-    from node.primary.state import PrimaryStateStore, StateCorrupt
+    from node.primary.locks import LockBusy, cycle_lock, holding
+    from node.primary.state import PrimaryStateStore
 
     try:
         config = load_primary_config(Path(args.config))
@@ -69,6 +68,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         return _fail(exc)
     store = PrimaryStateStore(config.state_dir)
+    try:
+        # No cycle of the VM (an online IR) may run while its disks are exported.
+        with holding(cycle_lock(store.root, vmid), timeout=60):
+            return _export(args, store, vmid, config.state_dir)
+    except LockBusy:
+        return _fail(f"a replication cycle of VM {vmid} still runs after 60 s: pause it first")
+
+
+def _export(args: argparse.Namespace, store: Any, vmid: str, state_dir: Path) -> int:
+    import frproto as fp
+    from node.oob import OOBError, export_ir
+    from node.primary.state import StateCorrupt
+
     try:
         state = store.load(vmid)
     except FileNotFoundError:
@@ -86,7 +98,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             return _fail(f"--vm-config: {exc}")
     progress = ProgressLine(f"exporting {state.name}")
     try:
-        result = export_ir(state, config.state_dir, Path(args.out), config=blob, progress=progress)
+        result = export_ir(state, state_dir, Path(args.out), config=blob, progress=progress)
     except (OOBError, OSError, fp.FrprotoError) as exc:
         progress.finish()
         return _fail(exc)

@@ -290,6 +290,9 @@ def export_ir(
     state.ir_state = "NOT_STARTED"
     state.ir_cursor = [0, 0]
     state.sequence = 0
+    # A running service's replicator of this VM must start over from this state (and
+    # see the export), not carry on with what it held: another writer's token says so.
+    state.written_by = uuid.uuid4().hex
     store.save(state)
     return ExportResult(
         path=out,
