@@ -207,6 +207,15 @@ def _find_vm(store: Any, text: str) -> Any:
         raise LookupError(f"VM {vmid} is not enabled for replication here") from None
 
 
+def _vm_or_say_why(store: Any, text: str) -> Any:
+    """:func:`_find_vm`, or None after saying on stderr why there is no such VM (exit 4)."""
+    try:
+        return _find_vm(store, text)
+    except LookupError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return None
+
+
 def _wait_for_cycle(store: Any, state: Any, timeout: float, doing: str) -> bool:
     """Wait until no cycle of the VM runs (its cycle lock is free), up to ``timeout``
     seconds; False when one still runs."""
@@ -229,10 +238,8 @@ def _wait_for_cycle(store: Any, state: Any, timeout: float, doing: str) -> bool:
 
 def _set_paused(args: argparse.Namespace, paused: bool) -> int:
     store = _store(args)
-    try:
-        state = _find_vm(store, args.vmid)
-    except LookupError as exc:
-        print(f"frctl: {exc}", file=sys.stderr)
+    state = _vm_or_say_why(store, args.vmid)
+    if state is None:
         return 4
     halted: list[str] = []
 
@@ -265,10 +272,8 @@ def _cmd_set(args: argparse.Namespace) -> int:
     if args.frequency is None and args.bandwidth is None and not args.no_bandwidth_limit:
         print("frctl: set: give --frequency, --bandwidth or --no-bandwidth-limit", file=sys.stderr)
         return 1
-    try:
-        state = _find_vm(store, args.vmid)
-    except LookupError as exc:
-        print(f"frctl: {exc}", file=sys.stderr)
+    state = _vm_or_say_why(store, args.vmid)
+    if state is None:
         return 4
 
     def change(st: Any) -> None:
@@ -289,10 +294,8 @@ def _cmd_disable(args: argparse.Namespace) -> int:
     from node.primary.locks import LockBusy, cycle_lock, holding
 
     store = _store(args)
-    try:
-        state = _find_vm(store, args.vmid)
-    except LookupError as exc:
-        print(f"frctl: {exc}", file=sys.stderr)
+    state = _vm_or_say_why(store, args.vmid)
+    if state is None:
         return 4
     # Paused first, so that no new cycle starts; then the running one (if any) is waited
     # for, and the files are removed while no cycle can write them.
@@ -318,10 +321,8 @@ def _cmd_reseed(args: argparse.Namespace) -> int:
     from node.primary.disks import DiskProblem
 
     store = _store(args)
-    try:
-        state = _find_vm(store, args.vmid)
-    except LookupError as exc:
-        print(f"frctl: {exc}", file=sys.stderr)
+    state = _vm_or_say_why(store, args.vmid)
+    if state is None:
         return 4
     if not args.yes:
         print(

@@ -66,6 +66,18 @@ class Operator:
             *extra,
         )
 
+    def replicating(self, seed: int, name: str, size: int, **options: str) -> tuple[str, Path]:
+        """A new VM with one random disk of ``size`` bytes, enabled at a frequency of 1 s,
+        the service started, and the IR complete: ``(vmid, image)``."""
+        rng = random.Random(seed)
+        vmid = new_vm(rng)
+        image = disk(self.site.root / "disk0.img", size, rng)
+        enabled = self.enable(vmid, name, f"disk0={image}", frequency="1s", **options)
+        assert enabled.returncode == 0, enabled.stderr
+        self.start_service()
+        self.in_sync(vmid, timeout=90)
+        return vmid, image
+
     def start_service(self) -> subprocess.Popen[bytes]:
         service = subprocess.Popen(
             [sys.executable, "-m", "frctl.main", "primary", "run", "--config", self.config],
@@ -135,12 +147,8 @@ def replica_points(site: Site, vmid: str) -> list[int]:
 def test_a_disk_that_grows_halts_verify_says_so_and_reseed_carries_it_on(
     operator: Operator,
 ) -> None:
-    rng = random.Random(1201)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 4 * MIB, rng)
-    assert operator.enable(vmid, "web01", f"disk0={image}", frequency="1s").returncode == 0
-    operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1201, "web01", 4 * MIB)
+    rng = random.Random(1201 + 1)
     # Grown by 2 MiB, 1 MiB of it written past the old end (as a guest would, after a
     # resize of its virtual disk).
     with image.open("r+b") as f:
@@ -173,12 +181,7 @@ def test_a_disk_that_grows_halts_verify_says_so_and_reseed_carries_it_on(
 
 
 def test_a_disk_that_shrinks_halts_and_the_replica_keeps_its_data(operator: Operator) -> None:
-    rng = random.Random(1202)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 4 * MIB, rng)
-    assert operator.enable(vmid, "db01", f"disk0={image}", frequency="1s").returncode == 0
-    operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1202, "db01", 4 * MIB)
     before = image.read_bytes()
     points = replica_points(operator.site, vmid)
     with image.open("r+b") as f:
@@ -206,12 +209,9 @@ def test_a_disk_that_shrinks_halts_and_the_replica_keeps_its_data(operator: Oper
 
 
 def test_a_second_enable_is_refused_and_changes_nothing(operator: Operator) -> None:
-    rng = random.Random(1203)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 2 * MIB, rng)
-    assert operator.enable(vmid, "app01", f"disk0={image}", frequency="1s").returncode == 0
-    service = operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1203, "app01", 2 * MIB)
+    rng = random.Random(1203 + 1)
+    service = operator.services[-1]
     # While the service runs: no silent reset of the frequency.
     again = operator.enable(vmid, "app01", f"disk0={image}", frequency="1h")
     assert again.returncode == 1
@@ -295,12 +295,9 @@ def test_a_pause_during_a_cycle_is_never_lost(operator: Operator) -> None:
 
 
 def test_a_second_primary_service_on_the_same_state_is_refused(operator: Operator) -> None:
-    rng = random.Random(1205)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 2 * MIB, rng)
-    assert operator.enable(vmid, "one01", f"disk0={image}", frequency="1s").returncode == 0
-    first = operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1205, "one01", 2 * MIB)
+    rng = random.Random(1205 + 1)
+    first = operator.services[-1]
     second = frctl("primary", "run", "--config", operator.config, timeout=30)
     assert second.returncode == 1
     assert f"another primary service (pid {first.pid}) already runs" in second.stderr
@@ -358,12 +355,7 @@ def test_enable_refuses_what_every_cycle_would_refuse(
 def test_a_disk_deleted_while_replicating_is_critical_with_its_reason(
     operator: Operator,
 ) -> None:
-    rng = random.Random(1208)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 2 * MIB, rng)
-    assert operator.enable(vmid, "gone01", f"disk0={image}", frequency="1s").returncode == 0
-    operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1208, "gone01", 2 * MIB)
     kept = image.read_bytes()
     os.unlink(image)
     row = wait_until(lambda: (r := operator.status(vmid))["last_error"] and r)
@@ -392,12 +384,8 @@ def test_a_resync_from_the_cli_while_paused_is_where_the_service_carries_on(
 ) -> None:
     # The paused service's replicator knew the sequence and digest maps from before the
     # resync; carrying on from them would number a batch the replica already applied.
-    rng = random.Random(1209)
-    vmid = new_vm(rng)
-    image = disk(operator.site.root / "disk0.img", 4 * MIB, rng)
-    assert operator.enable(vmid, "rs01", f"disk0={image}", frequency="1s").returncode == 0
-    operator.start_service()
-    operator.in_sync(vmid)
+    vmid, image = operator.replicating(1209, "rs01", 4 * MIB)
+    rng = random.Random(1209 + 1)
     assert frctl("replication", "pause", "--config", operator.config, vmid).returncode == 0
     with image.open("r+b") as f:
         f.write(rng.randbytes(300_000))
