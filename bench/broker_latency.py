@@ -42,7 +42,7 @@ import frproto as fp
 from broker.records import Keys, NodeRecord, VMRecord
 from broker.store import open_store
 from broker.store.etcd_server import etcd_cluster, find_etcd
-from node.cluster.local import CAP_ADDRESS, CAP_NAME, PRIMARY_ADDRESS, ClusterSite
+from frcluster.local import CAP_ADDRESS, CAP_NAME, PRIMARY_ADDRESS, ClusterSite
 from node.primary.client import RecoveryClient
 
 NODES = 64

@@ -51,15 +51,15 @@ from typing import Any
 
 import trio
 
+from frlink.certs import create_ca, issue_host_cert
+from frlink.config import NO_COMPRESSION, parse_compression
+from frlink.tls import client_context
 from frproto import CompressionSet
-from node.certs import create_ca, issue_host_cert
-from node.config import NO_COMPRESSION, parse_compression
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
 from node.storage.layout import ReplicaLayout
 from node.testing import ServerProcess, start_server_process
-from node.tls import client_context
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -247,7 +247,7 @@ def same_content(a: Path, b: Path) -> bool:
 _RECEIVER = r"""
 import resource, socket, sys, time
 from pathlib import Path
-from node.tls import server_context
+from frlink.tls import server_context
 cert, key, ca, host = sys.argv[1:5]
 ctx = server_context(Path(cert), Path(key), Path(ca))
 listener = socket.create_server((host, 0))

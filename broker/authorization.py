@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.authz import Authorization, AuthorizationEntry
+from frlink.authz import Authorization, AuthorizationEntry
 
 from .records import RecordError
 

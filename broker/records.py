@@ -230,7 +230,7 @@ class VMRecord:
     shared: bool = False
     #: The node the replica is being moved to (set by the broker; the owner does the move).
     migrate_to: str = ""
-    #: A failover to this replica (``node/cluster/failover.py``): "" none; "requested" (an
+    #: A failover to this replica (``frcluster/failover.py``): "" none; "requested" (an
     #: administrator asked, the owner carries it out); "done" (the VM runs from the
     #: replica: its former primary is refused from now on); "failed" (``failover_note``).
     failover: str = ""

@@ -1,6 +1,6 @@
 """The active clustering broker: listens at the CAP and answers QueryRecoveryServer.
 
-Only the node that holds the election runs it (``node/cluster/agent.py`` starts it in the
+Only the node that holds the election runs it (``frcluster/agent.py`` starts it in the
 term's scope and the term's end cancels it). It answers a negotiation as
 ``CLUSTERING_BROKER`` under the CAP's name and then takes only QueryRecoveryServer:
 
@@ -35,9 +35,9 @@ from broker.placement import NoCapacity, PlacementContext, PlacementError, Place
 from broker.placement import load_rules as load_placement_rules
 from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
+from frlink.accept import accept
+from frlink.authz import Grant
 from frproto.trio_io import FramedStream
-from node.accept import accept
-from node.authz import Grant
 
 from .tracking import Tracker
 

@@ -5,7 +5,7 @@
   opens the same files). Replicas on a down node's local storage wait for it.
 * A node an administrator drains (``NodeAdmin.draining``) takes nothing new; each of its
   replicas gets a target node (``VMRecord.migrate_to``), and the owner moves it
-  (``node/cluster/migration.py``): an ownership change on shared storage, a copy over the
+  (``frcluster/migration.py``): an ownership change on shared storage, a copy over the
   chunk stream otherwise.
 
 Tracking reconciles on every change of the nodes and at least every

@@ -24,7 +24,7 @@ from .node_commands import _logging
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(store URL, key prefix) from ``--config`` or ``--store``/``--prefix``."""
     if args.config:
-        from node.cluster.config import load_cluster_node_config
+        from frcluster.config import load_cluster_node_config
 
         config = load_cluster_node_config(Path(args.config))
         return config.store_url, config.prefix
@@ -53,9 +53,9 @@ def _run(args: argparse.Namespace, job: Any) -> int:
 
 
 def _cmd_node_run(args: argparse.Namespace) -> int:
-    from node.cluster.agent import ClusterNode
-    from node.cluster.config import load_cluster_node_config
-    from node.config import ConfigError
+    from frcluster.agent import ClusterNode
+    from frcluster.config import load_cluster_node_config
+    from frlink.config import ConfigError
 
     _logging(args.log_level)
     try:
@@ -261,7 +261,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
         point = "the latest recovery point" if latest else f"recovery point {args.point}"
         if not args.json:
             print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
-        # The owner carries it out (node/cluster/failover.py) and records the outcome.
+        # The owner carries it out (frcluster/failover.py) and records the outcome.
         vm: VMRecord | None = None
         with trio.move_on_after(args.wait):
             while True:
@@ -353,10 +353,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from node.cluster.config import load_cluster_node_config
-    from node.cluster.oob_import import import_through_cluster
-    from node.config import ConfigError
-    from node.oob import OOBError
+    from frcluster.config import load_cluster_node_config
+    from frcluster.oob_import import import_through_cluster
+    from frlink.config import ConfigError
+    from node.oob_file import OOBError
 
     try:
         config = load_cluster_node_config(Path(args.config))

@@ -183,9 +183,9 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
 def _cmd_reverse(args: argparse.Namespace) -> int:
     """At the failed-over side: replicate the VM back, differences first (no IR)."""
     import frproto as fp
-    from node.config import load_primary_config
     from node.failover.reverse import reverse_state
     from node.failover.test import find_replica
+    from node.primary.config import load_primary_config
     from node.primary.state import PrimaryStateStore
 
     host, _, port = args.to.rpartition(":")

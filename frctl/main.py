@@ -59,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(verbose=not args.quiet)
 
 
-# -- frctl cert: the private CA and host certificates (node/certs.py) -------------------
+# -- frctl cert: the private CA and host certificates (frlink/certs.py) -------------------
 
 
 def _positive_days(text: str) -> int:
@@ -75,7 +75,7 @@ def _positive_days(text: str) -> int:
 def _cmd_cert_ca_create(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from node.certs import CertError, create_ca, describe_cert
+    from frlink.certs import CertError, create_ca, describe_cert
 
     try:
         files = create_ca(Path(args.dir), name=args.name, days=args.days, overwrite=args.force)
@@ -97,7 +97,7 @@ def _cmd_cert_ca_create(args: argparse.Namespace) -> int:
 def _cmd_cert_issue(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from node.certs import CA_CERT, CertError, issue_host_cert
+    from frlink.certs import CA_CERT, CertError, issue_host_cert
 
     ca_dir, out_dir = Path(args.ca), Path(args.out)
     try:
@@ -130,7 +130,7 @@ def _cmd_cert_show(args: argparse.Namespace) -> int:
     import datetime as dt
     from pathlib import Path
 
-    from node.certs import CertError, describe_cert
+    from frlink.certs import CertError, describe_cert
 
     try:
         info = describe_cert(Path(args.file))

@@ -38,7 +38,7 @@ def parse_frequency(text: str) -> float:
 
 
 def _rate(text: str) -> float:
-    from node.config import parse_rate
+    from frlink.config import parse_rate
 
     try:
         return parse_rate(text)
@@ -61,7 +61,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
 
 
 def _primary_config(args: argparse.Namespace) -> Any:
-    from node.config import load_primary_config
+    from node.primary.config import load_primary_config
 
     return load_primary_config(Path(args.config))
 
@@ -478,7 +478,7 @@ def _stores(args: argparse.Namespace) -> list[Path]:
 
     path = Path(args.config)
     if is_cluster_config(path):
-        from node.cluster.config import load_cluster_node_config
+        from frcluster.config import load_cluster_node_config
 
         root = load_cluster_node_config(path).storage
         return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -495,9 +495,9 @@ def _iso(seconds: float) -> str:
 
 def _replicator(args: argparse.Namespace, vmid: str | None = None) -> Any:
     """A VMReplicator for one enabled VM, configured as the primary service would."""
+    from frlink.tls import client_context
     from node.primary.replicator import VMReplicator
     from node.primary.state import PrimaryStateStore
-    from node.tls import client_context
 
     config = _primary_config(args)
     store = PrimaryStateStore(config.state_dir)

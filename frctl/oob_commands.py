@@ -1,5 +1,5 @@
 """frctl subcommands of the out-of-band initial replication: ``frctl ir export|import``
-(``node/oob.py``, ``docs/oob-ir.md``).
+(``node/primary/oob_export.py``, ``node/oob_import.py``, ``docs/oob-ir.md``).
 
 Progress goes to stderr (one line rewritten with ``\\r`` on a terminal, a line every 10%
 otherwise); the result is one line on stdout, or one JSON object with ``--json``.
@@ -58,7 +58,7 @@ def _fail(message: object) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_primary_config
+    from node.primary.config import ConfigError, load_primary_config
     from node.primary.locks import LockBusy, cycle_lock, holding
     from node.primary.state import PrimaryStateStore
 
@@ -78,7 +78,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace, store: Any, vmid: str, state_dir: Path) -> int:
     import frproto as fp
-    from node.oob import OOBError, export_ir
+    from node.oob_file import OOBError
+    from node.primary.oob_export import export_ir
     from node.primary.state import StateCorrupt
 
     try:
@@ -125,7 +126,8 @@ def _storage_locations(config: Any) -> list[Path]:
 def _cmd_import(args: argparse.Namespace) -> int:
     import frproto as fp
     from node.config import ConfigError, load_recovery_server_config
-    from node.oob import OOBError, import_ir, read_header
+    from node.oob_file import OOBError, read_header
+    from node.oob_import import import_ir
     from node.storage import ReplicaStore
 
     path = Path(args.file)

@@ -11,7 +11,7 @@ hands that whole frame to the connection, which keeps it as a view: the payload 
 chunk is copied once (out of Trio's receive bytes into the frame) and never again.
 Bytes read past the end of a frame stay in a view of the received object, consumed by
 moving an offset; the tail is never re-sliced into a new object. A stream that has a
-``receive_into(memoryview) -> int`` method (duck typed, e.g. node.biotls.BioTLSStream)
+``receive_into(memoryview) -> int`` method (duck typed, e.g. frlink.biotls.BioTLSStream)
 is read straight into the frame instead, with no intermediate object at all.
 
 Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
@@ -86,7 +86,7 @@ class FramedStream:
         self._spare_frame: bytearray | None = None
         #: Bytes of chunk frames sent so far (headers and payloads, after compression).
         self.chunk_bytes_sent = 0
-        # Duck typing: a stream with ``receive_into(memoryview) -> int`` (node.biotls's
+        # Duck typing: a stream with ``receive_into(memoryview) -> int`` (frlink.biotls's
         # BioTLSStream) decrypts straight into our frame buffers.
         self._receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
             stream, "receive_into", None

@@ -41,15 +41,15 @@ from typing import Any, Protocol
 import trio
 
 import frproto as fp
+from frlink.accept import Accepted, accept
+from frlink.authz import Grant
+from frlink.tls import server_context
 from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore, StorageFaults
 from node.storage.lock import StorageBusy, claim
 
-from .accept import Accepted, accept
-from .authz import Grant
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
-from .tls import server_context
 
 log = logging.getLogger("frrep.recovery")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import frproto as fp
-from node.authz import Authorization
+from frlink.authz import Authorization
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.storage import ReplicaStore
 

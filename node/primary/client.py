@@ -21,9 +21,9 @@ from pathlib import Path
 import trio
 
 import frproto as fp
+from frlink.config import NO_COMPRESSION
+from frlink.tls import BioTLSStream, tls_connect
 from frproto.trio_io import FramedStream
-from node.config import NO_COMPRESSION
-from node.tls import BioTLSStream, tls_connect
 
 from .bandwidth import BandwidthLimiter
 from .disks import DiskResized
@@ -83,7 +83,7 @@ class RecoveryClient:
         """Connect, handshake and negotiate.
 
         Raises:
-            node.tls.TLSFailure, OSError: the server could not be reached or trusted.
+            frlink.tls.TLSFailure, OSError: the server could not be reached or trusted.
             frproto.FrprotoError: the negotiation was refused (e.g. NotAuthorized).
         """
         stream = await tls_connect(

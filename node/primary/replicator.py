@@ -59,8 +59,8 @@ import trio
 import xxhash
 
 import frproto as fp
-from node.config import NO_COMPRESSION
-from node.tls import TLSFailure
+from frlink.config import NO_COMPRESSION
+from frlink.tls import TLSFailure
 
 from .bandwidth import BandwidthLimiter, combined
 from .client import IRProgress, RecoveryClient
@@ -553,7 +553,7 @@ class VMReplicator:
     async def _initial_replication(
         self, client: RecoveryClient, accepted: fp.RelationshipAccepted
     ) -> None:
-        from node.oob import is_exported  # out-of-band IR (node/oob.py, docs/oob-ir.md)
+        from .oob_export import is_exported  # out-of-band IR (docs/oob-ir.md)
 
         if is_exported(self.dir):
             # The IR travels as a file: never send IR data; wait for the import.

@@ -4,7 +4,7 @@ A clustering broker names recovery nodes by FQDN (``QueryRecoveryServerResponse`
 primary connects to the address the name resolves to and sends the *name* as TLS SNI and
 checks it against the node's certificate, so the address itself is never trusted.
 
-The ``[hosts]`` table of the primary's configuration (``node.config.PrimaryConfig.hosts``)
+The ``[hosts]`` table of the primary's configuration (``node.primary.config.PrimaryConfig.hosts``)
 plays the part of ``/etc/hosts``: sites without DNS for their recovery cluster, and the
 tests on loopback (whose names such as ``n1.example.com`` must never reach real DNS).
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import trio
 
-from node.config import normalize_host_name
+from node.primary.config import normalize_host_name
 
 
 def is_ip_literal(host: str) -> bool:

@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from node.config import PrimaryConfig
-from node.tls import client_context
+from frlink.tls import client_context
+from node.primary.config import PrimaryConfig
 
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
 from .locks import service_lock

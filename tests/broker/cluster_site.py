@@ -1,6 +1,6 @@
-"""The loopback cluster the tests use: :mod:`node.cluster.local` (the demo's too)."""
+"""The loopback cluster the tests use: :mod:`frcluster.local` (the demo's too)."""
 
-from node.cluster.local import (
+from frcluster.local import (
     CAP_ADDRESS,
     CAP_NAME,
     PRIMARY_ADDRESS,

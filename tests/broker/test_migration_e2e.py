@@ -154,7 +154,7 @@ def test_a_dead_nodes_shared_replicas_are_rehomed_and_followed(tmp_path: Path) -
 
 
 def test_out_of_band_ir_is_completed_by_the_vms_node(tmp_path: Path) -> None:
-    from node.oob import export_ir, is_exported
+    from node.primary.oob_export import export_ir, is_exported
 
     site = ClusterSite(tmp_path, nodes=3)
     try:

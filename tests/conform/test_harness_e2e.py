@@ -17,10 +17,7 @@ import trio
 import frproto as fp
 from broker.records import VMRecord
 from broker.store import open_store
-from frconform.runner import Report, run
-from frconform.scenario import Options, Status
-from frconform.wire import Target, client_context
-from node.cluster.local import (
+from frcluster.local import (
     CAP_ADDRESS,
     CAP_NAME,
     PRIMARY_NAME,
@@ -28,6 +25,9 @@ from node.cluster.local import (
     node_address,
     node_name,
 )
+from frconform.runner import Report, run
+from frconform.scenario import Options, Status
+from frconform.wire import Target, client_context
 from node.testing import start_server_process
 from tests.node.site import SERVER_HOST, SERVER_NAME, Site
 

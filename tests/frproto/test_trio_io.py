@@ -39,7 +39,7 @@ class TrickleStream(trio.abc.Stream):
 
 
 class IntoStream(TrickleStream):
-    """A stream with ``receive_into`` (like node.biotls.BioTLSStream), at most ``size`` bytes
+    """A stream with ``receive_into`` (like frlink.biotls.BioTLSStream), at most ``size`` bytes
     per call; FramedStream must read frames through it, not through ``receive_some``."""
 
     def __init__(self, inner: trio.abc.Stream, size: int) -> None:

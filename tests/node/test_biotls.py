@@ -1,4 +1,4 @@
-"""node.biotls.BioTLSStream over Trio memory streams: the generic stream checks, receive_into,
+"""frlink.biotls.BioTLSStream over Trio memory streams: the generic stream checks, receive_into,
 end of stream and truncation, handshake refusals with their alert."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import trio
 import trio.testing
 import trustme
 
-from node.biotls import BioTLSStream
+from frlink.biotls import BioTLSStream
 
 SERVER_NAME = "r1.example.com"
 

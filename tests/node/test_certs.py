@@ -1,4 +1,4 @@
-"""node.certs: the CA, host certificates, file modes, names, and reading them back."""
+"""frlink.certs: the CA, host certificates, file modes, names, and reading them back."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from node.certs import (
+from frlink.certs import (
     CertError,
     create_ca,
     describe_cert,

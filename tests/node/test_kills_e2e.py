@@ -19,9 +19,9 @@ from pathlib import Path
 import trio
 
 import frproto as fp
+from frlink.tls import TLSFailure
 from node.primary.state import PrimaryStateStore
 from node.storage import ReplicaStore
-from node.tls import TLSFailure
 
 from .site import Site
 from .test_replication_e2e import make_image, scribble

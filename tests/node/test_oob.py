@@ -1,5 +1,6 @@
-"""Out-of-band IR (node/oob.py): export to a file, import into an existing relationship,
-then replication by deltas only; damaged files and wrong replicas are refused."""
+"""Out-of-band IR (node/primary/oob_export.py, node/oob_import.py): export to a file,
+import into an existing relationship, then replication by deltas only; damaged files and
+wrong replicas are refused."""
 
 from __future__ import annotations
 
@@ -18,18 +19,10 @@ import trio
 import xxhash
 
 import frproto as fp
-from node.oob import (
-    EXPORTED_MARKER,
-    MAGIC,
-    OOBFormatError,
-    OOBRefused,
-    export_ir,
-    import_ir,
-    is_exported,
-    map_path,
-    read_header,
-)
+from node.oob_file import MAGIC, OOBFormatError, OOBRefused, read_header
+from node.oob_import import import_ir
 from node.primary.digest_map import DigestMap
+from node.primary.oob_export import EXPORTED_MARKER, export_ir, is_exported, map_path
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.storage import ReplicaStore
 

@@ -14,13 +14,13 @@ import pytest
 import trio
 
 import frproto as fp
-from node.certs import create_ca, issue_host_cert
+from frlink.certs import create_ca, issue_host_cert
+from frlink.tls import TLSFailure, client_context
 from node.config import load_recovery_server_config
 from node.primary.client import RecoveryClient
 from node.recovery_server import RecoveryServer
 from node.storage import StorageFaults
 from node.testing import ServerProcess
-from node.tls import TLSFailure, client_context
 
 from .site import PRIMARY_HOST, SERVER_HOST, SERVER_NAME, Site
 from .test_replication_e2e import make_image, scribble

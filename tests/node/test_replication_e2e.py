@@ -185,7 +185,7 @@ async def test_bandwidth_limit_of_a_relationship_holds(site: Site, server: Serve
 
 
 def test_rates_parse() -> None:
-    from node.config import parse_rate
+    from frlink.config import parse_rate
 
     assert parse_rate("200M") == 200e6
     assert parse_rate("1.5G") == 1.5e9
@@ -196,7 +196,7 @@ def test_rates_parse() -> None:
 
 
 def test_compression_setting_parses() -> None:
-    from node.config import ConfigError, parse_compression
+    from frlink.config import ConfigError, parse_compression
 
     assert parse_compression("none") == fp.CompressionSet(0)
     assert parse_compression("zstd") == fp.CompressionSet.ZSTD

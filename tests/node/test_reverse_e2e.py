@@ -9,13 +9,13 @@ from pathlib import Path
 
 import trio
 
-from node.authz import Authorization, AuthorizationEntry
+from frlink.authz import Authorization, AuthorizationEntry
+from frlink.tls import client_context
 from node.failover.reverse import adopt_disks, reverse_state
 from node.failover.unplanned import unplanned_failover
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore
 from node.testing import start_server_process
-from node.tls import client_context
 
 from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, Site
 from .test_replication_e2e import MIB, make_image

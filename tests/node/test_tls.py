@@ -1,4 +1,4 @@
-"""node.tls: mutual TLS over real loopback TCP, and every refusal with a clear reason.
+"""frlink.tls: mutual TLS over real loopback TCP, and every refusal with a clear reason.
 
 The server listens on 127.0.0.2, the client binds 127.0.0.3. TLS 1.3 trap: a client's
 handshake can succeed before the server has refused the client's certificate, so each
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.certs import HostFiles, create_ca, issue_host_cert
-from node.tls import (
+from frlink.certs import HostFiles, create_ca, issue_host_cert
+from frlink.tls import (
     ConnectFailure,
     TLSConfigError,
     TLSFailure,

@@ -38,22 +38,23 @@ import pytest
 import trio
 
 import frproto as fp
-from frproto.trio_io import FramedStream
-from node.authz import Authorization, AuthorizationEntry
-from node.certs import create_ca, issue_host_cert
-from node.config import ConfigError, RecoveryServerConfig, TLSFiles, load_primary_config
-from node.primary.replicator import MAX_REQUERIES, ReplicationHalted, VMReplicator
-from node.primary.resolve import resolve_host
-from node.primary.state import PrimaryStateStore, VMReplicationState
-from node.recovery_server import RecoveryServer
-from node.storage.layout import ReplicaLayout
-from node.tls import (
+from frlink.authz import Authorization, AuthorizationEntry
+from frlink.certs import create_ca, issue_host_cert
+from frlink.tls import (
     ConnectFailure,
     TLSFailure,
     client_context,
     server_context,
     tls_handshake_server,
 )
+from frproto.trio_io import FramedStream
+from node.config import ConfigError, RecoveryServerConfig, TLSFiles
+from node.primary.config import load_primary_config
+from node.primary.replicator import MAX_REQUERIES, ReplicationHalted, VMReplicator
+from node.primary.resolve import resolve_host
+from node.primary.state import PrimaryStateStore, VMReplicationState
+from node.recovery_server import RecoveryServer
+from node.storage.layout import ReplicaLayout
 
 MIB = 1024 * 1024
 CAP_NAME = "cap.example.com"

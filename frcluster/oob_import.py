@@ -21,9 +21,16 @@ from pathlib import Path
 import frproto as fp
 from broker.records import Keys, NodeRecord, VMRecord
 from broker.store import open_store
-from node.oob import MAGIC, OOBFormatError, OOBRefused, _check_magic, _FrameReader, _negotiated_pair
+from frlink.tls import client_context
+from node.oob_file import (
+    MAGIC,
+    FrameReader,
+    OOBFormatError,
+    OOBRefused,
+    check_magic,
+    negotiated_pair,
+)
 from node.primary.client import RecoveryClient
-from node.tls import client_context
 
 from .config import ClusterNodeConfig
 
@@ -82,10 +89,10 @@ async def import_through_cluster(config: ClusterNodeConfig, path: Path) -> Clust
             refused (its error).
     """
     started = time.monotonic()
-    checker = _negotiated_pair()[1]
+    checker = negotiated_pair()[1]
     with open(path, "rb", buffering=0) as f:
-        _check_magic(f.read(len(MAGIC)))
-        reader = _FrameReader(f, checker)
+        check_magic(f.read(len(MAGIC)))
+        reader = FrameReader(f, checker)
         create = reader.next_message()
         if not isinstance(create, fp.RelationshipCreate):
             raise OOBFormatError(f"{path}: the first frame is not a RelationshipCreate")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, TLSFiles, _read_toml, _str, _table, _tls_files, parse_rate
+from frlink.config import ConfigError, TLSFiles, parse_rate, read_toml, string, table, tls_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +91,10 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    data = _read_toml(path)
+    data = read_toml(path)
     base = path.parent
-    node = _table(data, "node", path)
-    cluster = _table(data, "cluster", path)
+    node = table(data, "node", path)
+    cluster = table(data, "cluster", path)
     wn, wc = f"{path} [node]", f"{path} [cluster]"
     ttl = cluster.get("lease_ttl", 2.0)
     if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0.2 <= ttl <= 60:
@@ -111,19 +111,19 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(f"{wc}: 'prefix' must start and end with '/'")
     return ClusterNodeConfig(
-        name=_str(node, "name", wn),
-        listen=_str(node, "listen", wn),
+        name=string(node, "name", wn),
+        listen=string(node, "listen", wn),
         port=_port(node, "port", wn, 7443),
-        storage=base / _str(node, "storage", wn),
+        storage=base / string(node, "storage", wn),
         shared_storage=shared,
         capacity_bytes=capacity,
-        store_url=_store_url(_str(cluster, "store", wc), base, wc),
+        store_url=_store_url(string(cluster, "store", wc), base, wc),
         prefix=prefix,
-        cap_name=_str(cluster, "cap_name", wc),
+        cap_name=string(cluster, "cap_name", wc),
         cap_address=str(cluster.get("cap_address", "")),
         cap_port=_port(cluster, "cap_port", wc, 7443),
         lease_ttl=float(ttl),
-        tls=_tls_files(data, path),
+        tls=tls_files(data, path),
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import frproto as fp
 from broker.records import NodeRecord, VMRecord
+from frlink.tls import client_context
 from node.primary.client import RecoveryClient
-from node.tls import client_context
 
 if TYPE_CHECKING:
     from .agent import ClusterNode

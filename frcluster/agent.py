@@ -46,12 +46,12 @@ from broker.store import (
     StoreError,
     open_store,
 )
-from node.accept import Accepted
-from node.authz import Grant
+from frlink.accept import Accepted
+from frlink.authz import Grant
+from frlink.identity import PrimaryIdentity
+from frlink.tls import server_context
 from node.config import RecoveryServerConfig
-from node.identity import PrimaryIdentity
 from node.recovery_server import RecoveryServer
-from node.tls import server_context
 
 from .config import ClusterNodeConfig
 from .failover import FailoverRunner

@@ -28,10 +28,10 @@ import trio
 import frproto as fp
 from broker.records import Keys, Settings
 from broker.store import open_store
-from node.certs import create_ca, issue_host_cert
+from frlink.certs import create_ca, issue_host_cert
+from frlink.tls import client_context
 from node.primary.client import RecoveryClient
 from node.primary.replicator import VMReplicator
-from node.tls import client_context
 
 REPO = Path(__file__).resolve().parents[2]  # where ``frctl.main`` is importable from
 CAP_NAME = "cap.example.com"

@@ -1,13 +1,13 @@
 """Mutual-TLS contexts and handshakes for the node agent (Trio).
 
 Every frrep connection is TLS 1.3 with a certificate on both ends, both chaining to the
-one private CA made by :func:`node.certs.create_ca`; the system's trusted CAs are never
+one private CA made by :func:`frlink.certs.create_ca`; the system's trusted CAs are never
 loaded. :func:`server_context` and :func:`client_context` build the
 :class:`ssl.SSLContext` objects; :func:`tls_handshake_server` and :func:`tls_connect` run
 the handshake on a Trio stream under a deadline and turn every failure into one
 exception, :class:`TLSFailure`, whose message says what went wrong (expired certificate,
 unknown CA, name mismatch, no client certificate, old TLS version, timeout) and whose
-``__cause__`` is the :mod:`ssl` error. The TLS stream is :class:`node.biotls.BioTLSStream`
+``__cause__`` is the :mod:`ssl` error. The TLS stream is :class:`frlink.biotls.BioTLSStream`
 (not ``trio.SSLStream``): same interface plus ``receive_into``, which frproto's
 FramedStream uses to decrypt bulk data straight into its frames (perf-baselines, BioTLS).
 
@@ -271,7 +271,7 @@ async def tls_handshake_server(
 ) -> BioTLSStream[trio.abc.Stream]:
     """Wrap an accepted stream in TLS (server side) and run the handshake.
 
-    Returns the :class:`~node.biotls.BioTLSStream` once the client's certificate has been
+    Returns the :class:`~frlink.biotls.BioTLSStream` once the client's certificate has been
     verified (in TLS 1.3 the server does learn the verdict during the handshake). On
     failure the alert is sent, the stream is closed and :class:`TLSFailure` is raised.
     """

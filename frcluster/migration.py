@@ -26,7 +26,7 @@ import trio
 import frproto as fp
 from broker.records import Keys, NodeRecord, RecordError, VMRecord
 from broker.store import ClusterStore, Compare, Put
-from node.tls import TLSFailure
+from frlink.tls import TLSFailure
 
 from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 

@@ -53,7 +53,7 @@ class _Replay(trio.abc.Stream):
         return await self._inner.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
 
     async def receive_into(self, buffer: memoryview) -> int:
-        """Read into ``buffer`` (see ``node.biotls.transport_receive_into``)."""
+        """Read into ``buffer`` (see ``frlink.biotls.transport_receive_into``)."""
         if self._head:
             n = min(len(self._head), len(buffer))
             buffer[:n] = self._head[:n]

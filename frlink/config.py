@@ -1,0 +1,86 @@
+"""What every configuration file of this project shares: reading TOML, its tables and
+strings, the [tls] table, rates and compression.
+
+The recovery server (:mod:`node.config`), the primary (:mod:`node.primary.config`) and
+the cluster node (:mod:`frcluster.config`) each read their own file with these, so one
+mistake reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from frproto import CompressionSet
+
+#: Offer no compression by default: on links faster than about 0.5 GB/s (measured in
+#: perf-baselines, and by bench/ir.py --compression) compressing costs more time than it
+#: saves.
+NO_COMPRESSION = CompressionSet(0)
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or wrong; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """Certificate, key and CA of this host."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def table(data: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: missing [{key}] table")
+    return value
+
+
+def string(table: dict[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def tls_files(data: dict[str, Any], path: Path) -> TLSFiles:
+    """The [tls] table: certificate, key and CA, relative to the config file."""
+    tls = table(data, "tls", path)
+    where = f"{path} [tls]"
+    return TLSFiles(*(path.parent / string(tls, key, where) for key in ("cert", "key", "ca")))
+
+
+def parse_compression(text: object, path: Path | str = "config") -> CompressionSet:
+    """The methods of ``"zstd"``, ``"lz4"``, ``"zstd,lz4"`` or ``"none"``."""
+    offered = NO_COMPRESSION
+    for word in str(text).lower().replace(" ", "").split(","):
+        if word in ("", "none"):
+            continue
+        if word not in ("zstd", "lz4"):
+            raise ConfigError(f"{path}: [primary] compression: {word!r} is not zstd, lz4 or none")
+        offered |= CompressionSet[word.upper()]
+    return offered
+
+
+def parse_rate(text: object) -> float:
+    """Bytes per second from ``"200M"``, ``"1.5G"``, ``"500K"`` or a plain number."""
+    raw = str(text).strip().upper().removesuffix("B/S").removesuffix("/S")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(raw[-1:], 1.0)
+    value = float(raw[:-1] if scale != 1.0 else raw)
+    if not value > 0:
+        raise ValueError(f"a rate must be positive, not {text!r}")
+    return value * scale
