@@ -41,8 +41,8 @@ import trio
 import frproto as fp
 from broker.records import Keys, NodeRecord, VMRecord
 from broker.store import open_store
-from broker.store.etcd_server import etcd_cluster, find_etcd
-from frcluster.local import CAP_ADDRESS, CAP_NAME, PRIMARY_ADDRESS, ClusterSite
+from frtesting.cluster import CAP_ADDRESS, CAP_NAME, PRIMARY_ADDRESS, ClusterSite
+from frtesting.etcd import etcd_cluster, find_etcd
 from node.primary.client import RecoveryClient
 
 NODES = 64

@@ -65,9 +65,9 @@ from ir import (
     timed_cycle,
 )
 
+from frtesting.server import ServerProcess
 from node.primary.replicator import VMReplicator
 from node.primary.tracker import ChangeTracker
-from node.testing import ServerProcess
 
 RSYNC_HOST = "127.0.0.4"
 CHANGED = 0.10

@@ -35,8 +35,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import frproto as fp  # noqa: E402
-from broker.store.etcd_server import etcd_cluster, find_etcd  # noqa: E402
-from frcluster.local import ClusterSite  # noqa: E402
+from frtesting.cluster import ClusterSite  # noqa: E402
+from frtesting.etcd import etcd_cluster, find_etcd  # noqa: E402
 
 LEASE_TTL = 1.0
 

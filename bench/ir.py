@@ -55,11 +55,11 @@ from frlink.certs import create_ca, issue_host_cert
 from frlink.config import NO_COMPRESSION, parse_compression
 from frlink.tls import client_context
 from frproto import CompressionSet
+from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
 from node.storage.layout import ReplicaLayout
-from node.testing import ServerProcess, start_server_process
 
 MIB = 1 << 20
 GIB = 1 << 30

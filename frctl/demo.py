@@ -36,7 +36,7 @@ import trio
 import frproto as fp
 from broker.records import VMRecord
 from broker.store import open_store
-from frcluster.local import ClusterSite, primary_replicator, replica_path
+from frtesting.cluster import ClusterSite, primary_replicator, replica_path
 from node.primary.replicator import VMReplicator
 
 MIB = 1 << 20

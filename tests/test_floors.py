@@ -5,7 +5,8 @@ From the bottom: the wire (frproto); the link (frlink: TLS, accept, authorizatio
 certificates); the broker and the node's roles side by side (the replica storage, the
 recovery server on it, the primary; the out-of-band file format is the one thing the two
 roles share); failover workflows above both roles; the cluster node agent (frcluster)
-above the broker and the node; frctl on top. frconform, the conformance harness, speaks
+above the broker and the node; the testing helpers (frtesting) above all of them; frctl
+on top. frconform, the conformance harness, speaks
 the wire only.
 
 The test parses the source, so an import hidden in a function (to dodge a cycle) counts
@@ -23,7 +24,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(os.environ.get("FRREP_FLOORS_ROOT", Path(__file__).resolve().parent.parent))
-PACKAGES = ("frproto", "frlink", "broker", "node", "frcluster", "frctl", "frconform")
+PACKAGES = (
+    "frproto",
+    "frlink",
+    "broker",
+    "node",
+    "frcluster",
+    "frtesting",
+    "frctl",
+    "frconform",
+)
 
 #: The recovery server's own modules (the rest of ``node`` is in the rooms below).
 _SERVER = "node(server)"
@@ -39,7 +49,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "node.primary": frozenset({"frproto", "frlink", "node.oob_file"}),
     _SERVER: frozenset({"frproto", "frlink", "node.storage", "node.oob_file"}),
     "node.failover": frozenset({"frproto", "frlink", "node.storage", "node.primary"}),
-    "node.testing": frozenset(
+    "frtesting.server": frozenset(
         {"frproto", "frlink", "node.storage", "node.primary", "node.oob_file", _SERVER}
     ),
     "frcluster": frozenset(
@@ -55,10 +65,12 @@ ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
 }
-#: frctl, on top, may import every room.
+#: The testing helpers (frtesting) stand on every product room; nothing in them imports it.
+ALLOWED["frtesting"] = frozenset(ALLOWED)
+#: frctl, on top, may import every room (its demo runs on frtesting's loopback cluster).
 ALLOWED["frctl"] = frozenset(ALLOWED) | {"frconform"}
 
-_NODE_ROOMS = ("storage", "primary", "failover", "oob_file", "testing")
+_NODE_ROOMS = ("storage", "primary", "failover", "oob_file")
 
 
 def room(module: str) -> str:
@@ -116,9 +128,7 @@ def violations() -> list[str]:
                 continue
             theirs = room(target)
             if theirs != mine and theirs not in allowed:
-                found.append(
-                    f"{path.relative_to(ROOT)}:{line}: {mine} imports {target} ({theirs})"
-                )
+                found.append(f"{path.relative_to(ROOT)}:{line}: {mine} imports {target} ({theirs})")
     return found
 
 

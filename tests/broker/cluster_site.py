@@ -1,6 +1,6 @@
-"""The loopback cluster the tests use: :mod:`frcluster.local` (the demo's too)."""
+"""The loopback cluster the tests use: :mod:`frtesting.cluster` (the demo's too)."""
 
-from frcluster.local import (
+from frtesting.cluster import (
     CAP_ADDRESS,
     CAP_NAME,
     PRIMARY_ADDRESS,

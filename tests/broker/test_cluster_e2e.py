@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import frproto as fp
-from frcluster.local import free_port
+from frtesting.cluster import free_port
 from tests.broker.cluster_site import ClusterSite, node_name
 
 

@@ -17,7 +17,10 @@ import trio
 import frproto as fp
 from broker.records import VMRecord
 from broker.store import open_store
-from frcluster.local import (
+from frconform.runner import Report, run
+from frconform.scenario import Options, Status
+from frconform.wire import Target, client_context
+from frtesting.cluster import (
     CAP_ADDRESS,
     CAP_NAME,
     PRIMARY_NAME,
@@ -25,10 +28,7 @@ from frcluster.local import (
     node_address,
     node_name,
 )
-from frconform.runner import Report, run
-from frconform.scenario import Options, Status
-from frconform.wire import Target, client_context
-from node.testing import start_server_process
+from frtesting.server import start_server_process
 from tests.node.site import SERVER_HOST, SERVER_NAME, Site
 
 REPO = Path(__file__).resolve().parents[2]

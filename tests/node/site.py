@@ -12,10 +12,10 @@ from pathlib import Path
 
 from frlink.certs import create_ca, issue_host_cert
 from frlink.tls import client_context
+from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.storage.layout import ReplicaLayout
-from node.testing import ServerProcess, start_server_process
 
 SERVER_HOST = "127.0.0.2"
 PRIMARY_HOST = "127.0.0.3"

@@ -14,12 +14,12 @@ import pytest
 import trio
 
 import frproto as fp
+from frtesting.server import ServerProcess
 from node.config import load_recovery_server_config
 from node.primary.client import RecoveryClient
 from node.recovery_server import RecoveryServer
 from node.storage import StorageFaults
 from node.storage.layout import TRASH_DIR, ReplicaLayout, tombstone_path
-from node.testing import ServerProcess
 
 from .site import PRIMARY_HOST, SERVER_HOST, SERVER_NAME, Site
 from .test_replication_e2e import make_image, scribble

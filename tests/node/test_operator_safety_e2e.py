@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from node.testing import ServerProcess
+from frtesting.server import ServerProcess
 
 from .site import Site
 from .test_cli_replication import frctl

@@ -16,11 +16,11 @@ import trio
 import frproto as fp
 from frlink.certs import create_ca, issue_host_cert
 from frlink.tls import TLSFailure, client_context
+from frtesting.server import ServerProcess
 from node.config import load_recovery_server_config
 from node.primary.client import RecoveryClient
 from node.recovery_server import RecoveryServer
 from node.storage import StorageFaults
-from node.testing import ServerProcess
 
 from .site import PRIMARY_HOST, SERVER_HOST, SERVER_NAME, Site
 from .test_replication_e2e import make_image, scribble

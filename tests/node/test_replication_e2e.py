@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import frproto as fp
-from node.testing import ServerProcess
+from frtesting.server import ServerProcess
 
 from .site import Site
 

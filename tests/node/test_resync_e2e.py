@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from frtesting.server import ServerProcess
 from node.primary.client import RecoveryClient
 from node.primary.pending_log import CYCLE_OVERHEAD, RECORD_OVERHEAD
 from node.primary.replicator import VMReplicator
 from node.primary.resync import ResyncResult
 from node.primary.tracker import ChangeTracker
-from node.testing import ServerProcess
 
 from .site import Site
 from .test_replication_e2e import MIB, make_image, server

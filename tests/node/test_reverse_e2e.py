@@ -11,11 +11,11 @@ import trio
 
 from frlink.authz import Authorization, AuthorizationEntry
 from frlink.tls import client_context
+from frtesting.server import start_server_process
 from node.failover.reverse import adopt_disks, reverse_state
 from node.failover.unplanned import unplanned_failover
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore
-from node.testing import start_server_process
 
 from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, Site
 from .test_replication_e2e import MIB, make_image

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 import frproto as fp
+from frtesting.server import ServerProcess
 from node.failover.test import TEST_MARKER, clean_up_test_failover
 from node.storage.point_copy import copy_point
-from node.testing import ServerProcess
 
 from .site import Site
 from .test_cli_replication import frctl

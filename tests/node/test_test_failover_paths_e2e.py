@@ -21,9 +21,9 @@ import pytest
 import trio
 
 import frproto as fp
+from frtesting.server import ServerProcess
 from node.failover.test import TEST_MARKER
 from node.storage.point_copy import copy_point
-from node.testing import ServerProcess
 
 from .site import Site
 from .test_replication_e2e import MIB, make_image, scribble

@@ -1,4 +1,4 @@
-"""Running a real recovery server process, for tests and benchmarks (as ``trio.testing``).
+"""Running a real recovery server process, for tests and benchmarks.
 
 :func:`start_server_process` starts ``frctl server run --config FILE`` as a child process,
 its output in a log file, and returns once the server says where it listens (a config
@@ -16,7 +16,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Where this package and its siblings (frctl, ...) are importable from: the source tree
+#: or site-packages alike, so a child ``python -m frctl.main`` finds the same code.
+_PACKAGES = str(Path(__file__).resolve().parents[1])
 _LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child ``python -m frctl.main``: this one, unbuffered, with the
+    directory these packages live in first on its path."""
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": _PACKAGES + (os.pathsep + path if path else ""),
+    }
 
 
 @dataclass
@@ -70,7 +84,7 @@ def start_server_process(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=child_env(),
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,6 @@ default), or an etcd URL.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -33,7 +32,8 @@ from frlink.tls import client_context
 from node.primary.client import RecoveryClient
 from node.primary.replicator import VMReplicator
 
-REPO = Path(__file__).resolve().parents[2]  # where ``frctl.main`` is importable from
+from .server import child_env
+
 CAP_NAME = "cap.example.com"
 CAP_ADDRESS = "127.0.0.10"
 PRIMARY_NAME = "p1.primary.example.com"
@@ -176,8 +176,7 @@ ca = "certs/ca.pem"
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=child_env(),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
