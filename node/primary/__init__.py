@@ -33,6 +33,8 @@ from .pending_log import (
 from .scan import MAX_READ, SCAN_BUFFER, read_blocks, scan_changes
 from .state import (
     IR_STATES,
+    Health,
+    IRStage,
     PrimaryStateStore,
     StateCorrupt,
     VMReplicationState,
@@ -50,6 +52,8 @@ __all__ = [
     "BandwidthRule",
     "BandwidthSchedule",
     "ChangeTracker",
+    "Health",
+    "IRStage",
     "CombinedLimiter",
     "DigestMap",
     "DigestMapCorrupt",

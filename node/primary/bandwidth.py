@@ -188,3 +188,22 @@ def combined(limiters: Iterable[BandwidthLimiter | None]) -> BandwidthLimiter:
     if len(present) == 1:
         return present[0]
     return CombinedLimiter(present)
+
+
+class RelationshipLimit:
+    """One relationship's own limiter, rebuilt when its rate changes (an operator's new
+    limit takes effect at the next send), combined with the host's."""
+
+    def __init__(self) -> None:
+        self._rate: float | None = None
+        self._own: BandwidthLimiter | None = None
+
+    def at(self, rate: float | None, host: BandwidthLimiter | None) -> BandwidthLimiter | None:
+        """The limiter for the relationship's current ``rate`` (None: no limit of its
+        own) and the ``host``'s limiter, or None when neither is limited."""
+        if rate != self._rate:
+            self._rate = rate
+            self._own = BandwidthLimiter(rate) if rate else None
+        if self._own is None:
+            return host
+        return combined([self._own, host])

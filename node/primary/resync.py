@@ -1,15 +1,10 @@
-"""Where the primary compares its disks with the replica: online verification and
-resynchronization.
+"""Resynchronization: bringing the replica level with the disks in one delta batch.
 
-Verification, and a resynchronization by digests, ask the recovery server for the
-replica's block digests (``DigestMapRequest``, up to ``frproto.MAX_DIGESTS`` blocks per
-request); no disk data crosses for the comparison.
+(Online verification, the comparison without sending, is ``node/primary/verify.py``;
+its results are importable from here too.) A resynchronization by digests asks the
+recovery server for the replica's block digests; no disk data crosses for the comparison.
 
-* **Verification** compares the replica's digests with the primary's digest map, the
-  record of what was captured and acknowledged. Blocks still in the pending log (captured,
-  not yet acknowledged) are left out: they differ legitimately. What differs otherwise is
-  a replica that does not hold what was acknowledged: reported as byte ranges.
-* **Resynchronization** is for when the pending log passed its bound or change tracking
+A resynchronization is for when the pending log passed its bound or change tracking
   was lost (a crash without its state, disks changed while replication was off). It
   first uses what is known, then digests:
 
@@ -27,64 +22,63 @@ request); no disk data crosses for the comparison.
      block and sends only the blocks whose digest differs from the replica's.
 
   Either way it is one ordinary delta batch, no full IR, and the digest maps then
-  describe what the replica holds.
+describe what the replica holds. *What* is sent is decided in ``node/primary/plan.py``.
 """
 
 from __future__ import annotations
 
-import uuid
+import logging
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
-import frproto as fp
+import trio
+import xxhash
 
-from .client import RecoveryClient
-from .digest_map import DIGEST_SIZE, DigestMap
+from .client import BatchChunk, RecoveryClient
+from .digest_map import DigestMap
+from .disks import check_disks
+from .pending_log import PendingLog, PendingLogCorrupt
+from .plan import (
+    ResyncByDigests,
+    ResyncKnown,
+    bitmap_survived,
+    known_blocks,
+    next_resync_sequence,
+    plan_resync,
+    with_dirty,
+)
+from .record import VMRecord
+from .scan import read_blocks, scan_changes
+from .tracker import ChangeTracker
+from .verify import (
+    Difference,
+    OpenExisting,
+    VerifyResult,
+    coalesce,
+    describe,
+    differing_blocks,
+    pending_blocks,
+    replica_map,
+)
 
+__all__ = [
+    "BY_DIGESTS",
+    "FROM_DIRTY_BITMAP",
+    "Difference",
+    "Progress",
+    "ResyncResult",
+    "Resynchronization",
+    "VerifyResult",
+    "coalesce",
+    "describe",
+    "differing_blocks",
+    "pending_blocks",
+    "replica_map",
+]
 
-@dataclass(frozen=True)
-class Difference:
-    """A byte range of a disk where the replica differs."""
-
-    disk_index: int
-    offset: int
-    length: int
-
-
-@dataclass
-class VerifyResult:
-    """What a verification found."""
-
-    vmid: str
-    sequence: int  #: the acknowledged sequence the replica was compared at
-    blocks: int = 0  #: blocks compared
-    skipped: int = 0  #: blocks left out (still in the pending log)
-    differences: list[Difference] = field(default_factory=list)
-    seconds: float = 0.0
-    #: Disks whose image, recorded size and replica size disagree (one line each).
-    size_differences: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when the replica holds what was acknowledged, block for block, at the
-        disks' sizes."""
-        return not self.differences and not self.size_differences
-
-    def to_json(self) -> dict[str, object]:
-        """For ``--json``."""
-        return {
-            "vmid": self.vmid,
-            "sequence": self.sequence,
-            "ok": self.ok,
-            "blocks": self.blocks,
-            "skipped_pending": self.skipped,
-            "differences": [
-                {"disk": d.disk_index, "offset": d.offset, "length": d.length}
-                for d in self.differences
-            ],
-            "size_differences": self.size_differences,
-            "seconds": round(self.seconds, 3),
-        }
+log = logging.getLogger("frrep.primary")
 
 
 #: :attr:`ResyncResult.method` of a resynchronization from the pending log and a
@@ -119,80 +113,259 @@ class ResyncResult:
         }
 
 
-async def replica_map(
-    client: RecoveryClient, vmid: uuid.UUID, disk_index: int, size: int, block_size: int
-) -> DigestMap:
-    """The replica's digest map of one disk, asked range by range."""
-    dmap = DigestMap(size, block_size)
-    for first in range(0, dmap.block_count, fp.MAX_DIGESTS):
-        count = min(fp.MAX_DIGESTS, dmap.block_count - first)
-        answer = await client.digest_map(vmid, disk_index, block_size, first * block_size, count)
-        digests = answer.digests
-        if len(digests) != count * DIGEST_SIZE:
-            raise fp.BadValue(
-                f"disk {disk_index}: {len(digests) // DIGEST_SIZE} digests for {count} blocks"
-            )
-        start = first * DIGEST_SIZE
-        dmap.digests[start : start + len(digests)] = digests
-    return dmap
-
-
-def differing_blocks(ours: DigestMap, theirs: DigestMap) -> Iterator[int]:
-    """Blocks whose digests differ (or that either side does not know)."""
-    a, b = memoryview(ours.digests), memoryview(theirs.digests)
-    if a == b:
-        return  # the usual case, compared in C
-    for block in range(ours.block_count):
-        at = block * DIGEST_SIZE
-        if a[at : at + DIGEST_SIZE] != b[at : at + DIGEST_SIZE]:
-            yield block
-
-
-def coalesce(disk_index: int, blocks: list[int], block_size: int, size: int) -> list[Difference]:
-    """Adjacent blocks as byte ranges (the last one cut at the disk's end)."""
-    out: list[Difference] = []
-    for block in blocks:
-        offset = block * block_size
-        length = min(block_size, size - offset)
-        if out and out[-1].offset + out[-1].length == offset:
-            last = out[-1]
-            out[-1] = Difference(disk_index, last.offset, last.length + length)
-        else:
-            out.append(Difference(disk_index, offset, length))
-    return out
-
-
-def pending_blocks(
-    chunks: Iterator[tuple[int, int, bytes]], block_size: int
-) -> dict[int, set[int]]:
-    """``{disk: blocks}`` touched by the chunks of pending (unacknowledged) cycles."""
-    out: dict[int, set[int]] = {}
-    for disk_index, offset, data in chunks:
-        first = offset // block_size
-        last = (offset + max(len(data), 1) - 1) // block_size
-        out.setdefault(disk_index, set()).update(range(first, last + 1))
-    return out
-
-
 #: ``progress(bytes_done, bytes_total)`` while images are read.
 Progress = Callable[[int, int], None]
 
 
-def describe(result: VerifyResult) -> str:
-    """One line for a person."""
-    if result.ok:
-        return (
-            f"verified: the replica holds sequence {result.sequence}, block for block "
-            f"({result.blocks} blocks, {result.skipped} pending left out, "
-            f"{result.seconds:.2f} s)"
+# -- carrying it out ---------------------------------------------------------------------
+
+
+def _report_scan(progress: Progress, before: int, total: int, done: int) -> None:
+    progress(before + done, total)
+
+
+@dataclass(frozen=True)
+class Resynchronization:
+    """Resynchronizes one VM's replica.
+
+    Attributes:
+        vm: the VM (its digest maps are what was captured and acknowledged).
+        pending: its pending log.
+        tracker: the embedding tool's change tracker, if any.
+        before_capture / after_capture: hooks around the window the disks are read in.
+        open_existing: opens the relationship where the replica lives.
+    """
+
+    vm: VMRecord
+    pending: PendingLog
+    tracker: ChangeTracker | None
+    before_capture: Callable[[], None] | None
+    after_capture: Callable[[], None] | None
+    open_existing: OpenExisting
+
+    async def run(self, progress: Progress | None, *, by_digests: bool) -> ResyncResult:
+        """Bring the replica level with the disks in one delta batch (see
+        ``VMReplicator.resync``); the digest maps then describe the replica."""
+        s = self.vm.state
+        check_disks(s.disks, s.vmid)
+        started = time.monotonic()
+        known: dict[int, set[int]] | None = None
+        if not by_digests and self._bitmap_survived():
+            known = await trio.to_thread.run_sync(self._pending_blocks)
+        client, accepted = await self.open_existing()
+        taken: dict[int, list[int]] = {}
+        try:
+            try:
+                how = plan_resync(
+                    known, applied_sequence=accepted.applied_sequence, acknowledged=s.sequence
+                )
+                if isinstance(how, ResyncByDigests) and how.replica_behind:
+                    log.warning(
+                        "%s: the replica is at sequence %d, behind the acknowledged %d: "
+                        "resynchronizing by digests",
+                        s.name,
+                        accepted.applied_sequence,
+                        s.sequence,
+                    )
+                sequence = next_resync_sequence(accepted.applied_sequence, s.sequence)
+                result = await self._send(client, sequence, how, progress, taken)
+            finally:
+                await client.aclose()
+            s.sequence = max(s.sequence, accepted.applied_sequence, result.sequence)
+            s.last_replicated_at = time.time()
+            self.vm.save()
+        except BaseException:
+            # Perhaps not applied, perhaps not recorded: sending them again is harmless,
+            # and a later resynchronization from the bitmap must not miss them.
+            if self.tracker is not None and taken:
+                self.tracker.restore(taken)
+            raise
+        self.pending.clear()
+        self.pending.clear_overflow()
+        s.needs_resync = False
+        if result.method == BY_DIGESTS and self.tracker is not None:
+            self.tracker.clear_lost()  # the comparison covered what it had missed
+        self.vm.save()
+        result.seconds = time.monotonic() - started
+        _log_result(s.name, result)
+        return result
+
+    async def _send(
+        self,
+        client: RecoveryClient,
+        sequence: int,
+        how: ResyncKnown | ResyncByDigests,
+        progress: Progress | None,
+        taken: dict[int, list[int]],
+    ) -> ResyncResult:
+        """Send what differs as batch ``sequence``, the disks held still by the capture
+        hooks; ``taken`` receives the tracker's dirty blocks. Then the maps describe
+        what the replica holds, updated where we sent."""
+        if self.before_capture is not None:
+            self.before_capture()
+        try:
+            if self.tracker is not None:
+                # By digests, the comparison covers these blocks; from the bitmap, they
+                # are part of what is sent.
+                taken.update(self.tracker.take())
+            if isinstance(how, ResyncByDigests):
+                result, maps, sent = await self._send_differing(client, sequence, progress)
+                touched: list[int] = list(range(len(maps)))
+            else:
+                known = with_dirty(how.blocks, taken)
+                result, sent = await self._send_known(client, sequence, known, progress)
+                maps, touched = self.vm.maps, sorted(sent)
+        finally:
+            if self.after_capture is not None:
+                self.after_capture()
+        # From the bitmap, the blocks not sent were captured and acknowledged unchanged
+        # since (else they would be in the log or the tracker), so their maps stand.
+        for index in touched:
+            dmap = maps[index]
+            for b, digest in sent.get(index, {}).items():
+                dmap.set(b, digest)
+            dmap.save(self.vm.map_path(index))
+        self.vm.maps[:] = maps
+        return result
+
+    def _bitmap_survived(self) -> bool:
+        s = self.vm.state
+        return bitmap_survived(
+            overflowed=self.pending.overflowed,
+            has_tracker=self.tracker is not None,
+            tracker_lost=self.tracker is not None and self.tracker.lost,
+            needs_resync=s.needs_resync,
+            maps_on_disk=all(self.vm.map_path(i).exists() for i in range(len(s.disks))),
         )
-    if result.size_differences:
-        also = f"; {len(result.differences)} ranges differ too" if result.differences else ""
-        return f"DIFFERS: {'; '.join(result.size_differences)}{also}"
-    total = sum(d.length for d in result.differences)
-    first = result.differences[0]
-    return (
-        f"DIFFERS: {len(result.differences)} ranges ({total} bytes) do not match sequence "
-        f"{result.sequence} (first: disk {first.disk_index} offset {first.offset}); "
-        "resynchronize"
-    )
+
+    def _pending_blocks(self) -> dict[int, set[int]] | None:
+        """The blocks of every cycle in the pending log, from its record headers; None when
+        the log cannot be trusted (only digests can tell what changed then)."""
+        sizes = [d.size for d in self.vm.disks]
+        try:
+            extents = (
+                (cycle.sequence, self.pending.extents(cycle.sequence))
+                for cycle in self.pending.cycles()
+            )
+            return known_blocks(extents, sizes, self.vm.state.block_size)
+        except (PendingLogCorrupt, KeyError, OSError) as exc:
+            log.warning(
+                "%s: the pending log cannot be trusted (%s): resynchronizing by digests",
+                self.vm.name,
+                exc,
+            )
+            return None
+
+    async def _send_known(
+        self,
+        client: RecoveryClient,
+        sequence: int,
+        known: dict[int, set[int]],
+        progress: Progress | None,
+    ) -> tuple[ResyncResult, dict[int, dict[int, bytes]]]:
+        """Send the ``known`` blocks (``{disk: blocks}``) as batch ``sequence``: the result
+        and, once acknowledged, ``{disk: {block: digest}}`` of what was sent."""
+        block = self.vm.state.block_size
+        sizes = [d.size for d in self.vm.disks]
+        images = self.vm.images
+        wanted = {index: sorted(blocks) for index, blocks in known.items() if blocks}
+        result = ResyncResult(self.vm.state.vmid, 0, method=FROM_DIRTY_BITMAP)
+        result.blocks_sent = sum(len(blocks) for blocks in wanted.values())
+        total = sum(
+            min(block, sizes[index] - b * block) for index, blocks in wanted.items() for b in blocks
+        )
+        sent: dict[int, dict[int, bytes]] = {}
+        if not result.blocks_sent:
+            return result, sent
+
+        def chunks() -> Iterator[BatchChunk]:
+            for index, blocks in sorted(wanted.items()):
+                digests = sent.setdefault(index, {})
+                for b, offset, data in read_blocks(images[index], block, blocks, sizes[index]):
+                    # Digested as read: the map records exactly the bytes that crossed.
+                    digest = xxhash.xxh3_128_digest(data)
+                    digests[b] = digest
+                    result.bytes_sent += len(data)
+                    if progress is not None:
+                        progress(result.bytes_sent, total)
+                    yield index, offset, data, digest
+
+        await client.send_batch(
+            self.vm.vmid,
+            sequence,
+            chunks(),
+            chunk_count=result.blocks_sent,
+            total_bytes=total,
+            captured_at_ms=int(time.time() * 1000),
+            limiter=self.vm.limiter(),
+        )
+        result.sequence = sequence
+        return result, sent
+
+    async def _send_differing(
+        self, client: RecoveryClient, sequence: int, progress: Progress | None
+    ) -> tuple[ResyncResult, list[DigestMap], dict[int, dict[int, bytes]]]:
+        """Compare every block with the replica's digests and send those that differ as
+        batch ``sequence``: the result, the replica's maps as fetched, and ``{disk:
+        {block: digest}}`` of what was sent."""
+        block = self.vm.state.block_size
+        disks, images, vmid = self.vm.disks, self.vm.images, self.vm.vmid
+        theirs = [await replica_map(client, vmid, i, d.size, block) for i, d in enumerate(disks)]
+        changed: dict[int, dict[int, bytes]] = {}
+        total = sum(d.size for d in disks)
+        for index, path in enumerate(images):
+            before = sum(d.size for d in disks[:index])
+            report = None if progress is None else partial(_report_scan, progress, before, total)
+            blocks, digests = await trio.to_thread.run_sync(
+                partial(scan_changes, path, theirs[index], progress=report)
+            )
+            changed[index] = {b: digests[b] for b in blocks}
+        result = ResyncResult(self.vm.state.vmid, 0, method=BY_DIGESTS)
+        result.blocks = sum(m.block_count for m in theirs)
+        result.blocks_sent = sum(len(c) for c in changed.values())
+        if not result.blocks_sent:
+            return result, theirs, changed
+
+        def chunks() -> Iterator[BatchChunk]:
+            for index, blocks in sorted(changed.items()):
+                size = disks[index].size
+                for b, offset, data in read_blocks(images[index], block, sorted(blocks), size):
+                    result.bytes_sent += len(data)
+                    # Digested once, by the scan: if the disk changed since (outside the
+                    # capture window), the server refuses the chunk instead of the map
+                    # believing it.
+                    yield index, offset, data, blocks[b]
+
+        await client.send_batch(
+            vmid,
+            sequence,
+            chunks(),
+            chunk_count=result.blocks_sent,
+            total_bytes=sum(
+                min(block, disks[i].size - b * block)
+                for i, blocks in changed.items()
+                for b in blocks
+            ),
+            captured_at_ms=int(time.time() * 1000),
+            limiter=self.vm.limiter(),
+        )
+        result.sequence = sequence
+        return result, theirs, changed
+
+
+def _log_result(name: str, result: ResyncResult) -> None:
+    if result.method == BY_DIGESTS:
+        log.info(
+            "%s: resynchronized by digests: %d of %d blocks differed (%d bytes sent)",
+            name,
+            result.blocks_sent,
+            result.blocks,
+            result.bytes_sent,
+        )
+    else:
+        log.info(
+            "%s: resynchronized from the dirty bitmap: %d blocks (%d bytes) sent",
+            name,
+            result.blocks_sent,
+            result.bytes_sent,
+        )

@@ -27,6 +27,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,8 +37,28 @@ log = logging.getLogger("frrep.primary")
 
 Buffer = bytes | bytearray | memoryview
 
+
+class IRStage(StrEnum):
+    """How far this primary's initial replication of a VM got
+    (:attr:`VMReplicationState.ir_state`). A ``StrEnum``: the state file keeps the plain
+    strings, and code that compares with them keeps working."""
+
+    NOT_STARTED = "NOT_STARTED"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETE = "COMPLETE"
+
+
+class Health(StrEnum):
+    """What status shows of a VM's replication (:attr:`VMReplicationState.health`)."""
+
+    INITIAL_REPLICATION = "initial replication"
+    NORMAL = "normal"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
 #: Values of :attr:`VMReplicationState.ir_state`.
-IR_STATES: Final[tuple[str, ...]] = ("NOT_STARTED", "IN_PROGRESS", "COMPLETE")
+IR_STATES: Final[tuple[str, ...]] = tuple(stage.value for stage in IRStage)
 
 #: Name of a VM's state file inside its directory.
 STATE_FILE: Final = "state.json"
@@ -168,7 +189,8 @@ class VMReplicationState:
     server_name: str = ""
     frequency_s: float = 300.0
     paused: bool = False
-    ir_state: str = "NOT_STARTED"
+    #: An :class:`IRStage` (typed ``str``: a file read back holds the plain string).
+    ir_state: str = IRStage.NOT_STARTED
     ir_cursor: list[int] = field(default_factory=lambda: [0, 0])
     ir_bytes_done: int = 0
     ir_bytes_total: int = 0
@@ -176,7 +198,7 @@ class VMReplicationState:
     last_replicated_at: float | None = None
     last_cycle_started_at: float | None = None
     pending_bytes: int = 0
-    health: str = "initial replication"
+    health: str = Health.INITIAL_REPLICATION  #: a :class:`Health`
     broker: str | None = None
     bandwidth_bps: float | None = None
     broker_host: str = ""

@@ -1,0 +1,172 @@
+"""The delta cycles of one VM: captured into the pending log, then sent as batches.
+
+**Capture.** The changed blocks come from the attached :class:`ChangeTracker` (the
+embedding hypervisor tool reports written ranges) or, with no tracker, from a scan that
+compares each block's XXH3 digest with the digest map of the last replicated state
+(:func:`~node.primary.plan.plan_capture` says which). Their data is copied into the
+on-disk :class:`PendingLog` as one cycle, between the ``before_capture`` /
+``after_capture`` hooks: the disks must not change in that window.
+
+**Send.** A pending cycle goes as one delta batch, streamed from the log; only after the
+server's ack is its sequence recorded and its data dropped from the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import trio
+import xxhash
+
+from .client import BatchChunk, RecoveryClient
+from .pending_log import PendingCycle, PendingLog, PendingLogFull
+from .plan import Capture, next_capture_sequence, plan_capture
+from .record import VMRecord
+from .scan import read_blocks, scan_changes
+from .tracker import ChangeTracker
+
+log = logging.getLogger("frrep.primary")
+
+
+@dataclass(frozen=True)
+class Deltas:
+    """Captures and sends one VM's delta cycles.
+
+    Attributes:
+        vm: the VM (its digest maps describe what was captured).
+        pending: its pending log.
+        tracker: the embedding tool's change tracker; None: scan for changes.
+        before_capture / after_capture: hooks around the capture window.
+        chunk_fault: test seam, transforms a chunk's data after its digest was taken.
+    """
+
+    vm: VMRecord
+    pending: PendingLog
+    tracker: ChangeTracker | None
+    before_capture: Callable[[], None] | None
+    after_capture: Callable[[], None] | None
+    chunk_fault: Callable[[bytes], bytes] | None = None
+
+    async def capture(self) -> None:
+        """Copy this cycle's changed blocks into the pending log (one consistent point)."""
+        source = plan_capture(
+            overflowed=self.pending.overflowed, has_tracker=self.tracker is not None
+        )
+        if source is Capture.NOTHING:
+            return  # the cycle resynchronizes instead
+        if self.before_capture is not None:
+            self.before_capture()
+        try:
+            changed = await trio.to_thread.run_sync(self._changed_blocks, source)
+            if not any(changed.values()):
+                return
+            captured = await self._append(changed)
+            if captured is None:
+                return
+            # The maps now describe what was *captured* (durable in the pending log), so
+            # the next scan finds only what changed since, not this cycle again.
+            for disk_index, b, digest in captured:
+                self.vm.maps[disk_index].set(b, digest)
+            self.vm.save_maps(list({d for d, _, _ in captured}))
+        finally:
+            if self.after_capture is not None:
+                self.after_capture()
+        self.vm.save()
+
+    async def _append(self, changed: dict[int, list[int]]) -> list[tuple[int, int, bytes]] | None:
+        """Append the ``changed`` blocks as a new pending cycle: ``(disk, block, digest)``
+        of each, or None when the log passed its bound."""
+        block = self.vm.state.block_size
+        disks, images = self.vm.disks, self.vm.images
+        captured: list[tuple[int, int, bytes]] = []
+
+        def chunks() -> Iterator[tuple[int, int, bytes | memoryview]]:
+            for disk_index, blocks in sorted(changed.items()):
+                size = disks[disk_index].size
+                for b, offset, data in read_blocks(images[disk_index], block, blocks, size):
+                    captured.append((disk_index, b, xxhash.xxh3_128_digest(data)))
+                    yield disk_index, offset, data
+
+        try:
+            sequences = [c.sequence for c in self.pending.cycles()]
+            sequence = next_capture_sequence(sequences, self.vm.state.sequence)
+            await trio.to_thread.run_sync(
+                self.pending.append_cycle, sequence, int(time.time() * 1000), chunks()
+            )
+        except PendingLogFull:
+            # The tracker must keep these blocks: with the log overflowed, the
+            # resynchronization trusts the tracker's dirty set plus the log's cycles
+            # as the whole of what changed.
+            self.give_back(changed)
+            log.warning(
+                "%s: the pending log passed its bound (%d bytes): the next step is a "
+                "resynchronization",
+                self.vm.name,
+                self.pending.max_bytes,
+            )
+            return None
+        except BaseException:
+            # Nothing of this cycle was kept: its blocks are dirty again for the next.
+            self.give_back(changed)
+            raise
+        return captured
+
+    def give_back(self, taken: dict[int, list[int]]) -> None:
+        """Blocks taken from the tracker that were not captured or sent: dirty again."""
+        if self.tracker is not None and taken:
+            self.tracker.restore(taken)
+
+    def _changed_blocks(self, source: Capture) -> dict[int, list[int]]:
+        if source is Capture.FROM_TRACKER:
+            assert self.tracker is not None
+            return self.tracker.take()
+        changed: dict[int, list[int]] = {}
+        for disk_index, path in enumerate(self.vm.images):
+            blocks, _digests = scan_changes(path, self.vm.maps[disk_index])
+            if blocks:
+                changed[disk_index] = blocks
+        return changed
+
+    async def send(self, client: RecoveryClient, pending: PendingCycle) -> None:
+        """Send one pending cycle as its delta batch; once acknowledged, record it and
+        drop it from the pending log."""
+        sequence = pending.sequence
+        fault = self.chunk_fault
+
+        def chunks() -> Iterator[BatchChunk]:
+            # Streamed from the pending log: a large cycle never sits in memory whole.
+            for disk_index, offset, data in self.pending.read_cycle(sequence):
+                digest = xxhash.xxh3_128_digest(data)
+                yield disk_index, offset, data if fault is None else fault(data), digest
+
+        total = pending.nbytes
+        await client.send_batch(
+            self.vm.vmid,
+            sequence,
+            chunks(),
+            chunk_count=pending.chunk_count,
+            total_bytes=total,
+            captured_at_ms=pending.captured_at_ms,
+            limiter=self.vm.limiter(),
+        )
+        # The acknowledged sequence is recorded *before* the cycle leaves the pending log:
+        # killed in between, the primary finds a cycle it already had acknowledged (it is
+        # dropped unsent, see plan_pending_cycle). The other order could let a restarted
+        # primary number new changes with a sequence the replica already applied, and the
+        # replica would acknowledge them without applying them.
+        s = self.vm.state
+        s.sequence = sequence
+        s.last_replicated_at = time.time()
+        self.vm.save()
+        self.pending.drop_through(sequence)
+        self.vm.save()
+        log.info(
+            "%s: batch %d applied (%d chunks, %d bytes)",
+            s.name,
+            sequence,
+            pending.chunk_count,
+            total,
+        )
