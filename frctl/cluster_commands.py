@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from .node_commands import _logging
+from .logs import setup_logging
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
@@ -57,7 +57,7 @@ def _cmd_node_run(args: argparse.Namespace) -> int:
     from frcluster.config import load_cluster_node_config
     from frlink.config import ConfigError
 
-    _logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         config = load_cluster_node_config(Path(args.config))
     except ConfigError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from .node_commands import _stores, is_cluster_config
+from .server_commands import is_cluster_config, replica_places
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
     config = Path(args.config).resolve()
     try:
         copy = start_test_failover(
-            _stores(argparse.Namespace(**{**vars(args), "config": str(config)})),
+            replica_places(argparse.Namespace(**{**vars(args), "config": str(config)})),
             uuid.UUID(args.vmid),
             Path(os.path.abspath(args.out)),
             sequence=args.point,
@@ -89,7 +89,7 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
         return 1
     try:
         result = unplanned_failover(
-            _stores(args),
+            replica_places(args),
             uuid.UUID(args.vmid),
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
@@ -115,10 +115,10 @@ def _cmd_planned(args: argparse.Namespace) -> int:
     """The primary's side: stop hook, last cycle, verification, stop replicating."""
     import subprocess
 
-    from .node_commands import _replicator
+    from .node_commands import replicator_from_args
 
     try:
-        replicator = _replicator(args)
+        replicator = replicator_from_args(args)
     except FileNotFoundError:
         print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
         return 4
@@ -192,7 +192,7 @@ def _cmd_reverse(args: argparse.Namespace) -> int:
     try:
         vmid = uuid.UUID(args.vmid)
         primary = load_primary_config(Path(args.config))
-        storage = find_replica(_stores(argparse.Namespace(config=args.server_config)), vmid)
+        storage = find_replica(replica_places(argparse.Namespace(config=args.server_config)), vmid)
         state = reverse_state(
             PrimaryStateStore(primary.state_dir),
             storage,

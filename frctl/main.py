@@ -18,6 +18,7 @@ from .conform_commands import register as register_conform_commands
 from .failover_commands import register as register_failover_commands
 from .node_commands import register as register_node_commands
 from .oob_commands import register as register_oob_commands
+from .server_commands import register as register_server_commands
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.set_defaults(func=_cmd_decode)
 
     _add_cert_parser(sub)
+    register_server_commands(sub)
     register_node_commands(sub)
     register_oob_commands(sub)
     register_cluster_commands(sub)

@@ -1,10 +1,10 @@
-"""frctl subcommands of the host agent: ``server``, ``primary`` and ``replication``."""
+"""frctl subcommands of the primary: ``primary run`` and ``replication`` (a thin shell over
+``node.primary.operations`` and the replicator)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 import time
@@ -14,16 +14,7 @@ from typing import Any
 
 import trio
 
-#: Health values that make ``replication status --check`` exit with 3.
-_UNHEALTHY = {"warning", "critical"}
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+from .logs import setup_logging
 
 
 def parse_frequency(text: str) -> float:
@@ -46,20 +37,6 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _cmd_server_run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_recovery_server_config
-    from node.recovery_server import RecoveryServer
-
-    _logging(args.log_level)
-    try:
-        config = load_recovery_server_config(Path(args.config))
-    except ConfigError as exc:
-        print(f"frctl: {exc}", file=sys.stderr)
-        return 1
-    trio.run(RecoveryServer(config).serve)
-    return 0
-
-
 def _primary_config(args: argparse.Namespace) -> Any:
     from node.primary.config import load_primary_config
 
@@ -70,7 +47,7 @@ def _cmd_primary_run(args: argparse.Namespace) -> int:
     from node.primary.locks import ServiceAlreadyRunning
     from node.primary.service import run_primary
 
-    _logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         trio.run(run_primary, _primary_config(args))
     except ServiceAlreadyRunning as exc:
@@ -85,175 +62,64 @@ def _store(args: argparse.Namespace) -> Any:
     return PrimaryStateStore(_primary_config(args).state_dir)
 
 
-class _Refused(Exception):
-    """A command refused its arguments; the message says why (exit 1)."""
-
-
-def _new_disks(specs: list[str]) -> list[dict[str, Any]]:
-    """``ID=PATH`` specs as state disks: every image an existing regular file."""
-    from node.primary.disks import DiskUnavailable, image_size
-
-    disks = []
-    for spec in specs:
-        disk_id, _, path = spec.partition("=")
-        if not disk_id or not path:
-            raise _Refused(f"--disk {spec!r}: use ID=PATH to an existing image")
-        image = Path(path).resolve()
-        try:
-            size = image_size(disk_id, image)
-        except DiskUnavailable as exc:
-            raise _Refused(f"--disk {exc}; use ID=PATH to an existing image") from None
-        if size == 0:
-            raise _Refused(f"--disk {spec!r}: the image {image} is empty")
-        disks.append({"disk_id": disk_id, "path": str(image), "size": size})
-    return disks
-
-
-def _check_like_the_protocol(vmid: uuid.UUID, name: str, disks: list[dict[str, Any]]) -> None:
-    """Refuse what every cycle would refuse, with the protocol layer's own words: the
-    RelationshipCreate the first cycle sends is built (and so checked) here."""
-    import frproto as fp
-
-    try:
-        fp.RelationshipCreate(
-            vmid, name, tuple(fp.DiskInfo(d["disk_id"], int(d["size"])) for d in disks)
-        )
-    except fp.FrprotoError as exc:
-        cause = exc.__cause__
-        raise _Refused(
-            cause.message if isinstance(cause, fp.FrprotoError) else exc.message
-        ) from None
-
-
 def _cmd_enable(args: argparse.Namespace) -> int:
-    import frproto as fp
-    from node.primary.state import VMReplicationState
+    from node.primary.operations import EnableRequest, Refused, enable
 
-    store = _store(args)
+    request = EnableRequest(
+        vmid=args.vmid,
+        name=args.name,
+        disk_specs=args.disk,
+        server=args.server,
+        server_name=args.server_name,
+        frequency_s=args.frequency,
+        block_size=args.block_size,
+        bandwidth_bps=args.bandwidth,
+    )
     try:
-        try:
-            vmid = uuid.UUID(args.vmid)
-        except ValueError:
-            raise _Refused(f"--vmid {args.vmid!r} is not a GUID") from None
-        disks = _new_disks(args.disk)
-        _check_like_the_protocol(vmid, args.name, disks)
-        host, _, port = args.server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise _Refused(f"--server {args.server!r}: use HOST:PORT (port 1-65535)")
-        server_name = args.server_name or host
-        try:
-            fp.QueryRecoveryServerResponse(vmid, server_name, int(port), fp.ExistingVM.NEW)
-        except fp.FrprotoError as exc:
-            raise _Refused(f"--server-name {server_name!r}: not a server name ({exc})") from None
-        if store.exists(str(vmid)):
-            held = store.load(str(vmid))
-            raise _Refused(
-                f"VM {vmid} is already enabled (replication/{held.name}, {held.ir_state}, "
-                f"sequence {held.sequence}); enabling it again would start its relationship "
-                f"over. Change its settings with `frctl replication set`, or disable it first"
-            )
-        for other in store.all():
-            shared = {d["path"] for d in other.disks} & {d["path"] for d in disks}
-            if shared:
-                raise _Refused(
-                    f"{sorted(shared)[0]} is already a disk of replication/{other.name} "
-                    f"({other.vmid})"
-                )
-        state = VMReplicationState(
-            vmid=str(vmid),
-            name=args.name,
-            disks=disks,
-            block_size=args.block_size,
-            recovery_host=host,
-            recovery_port=int(port),
-            server_name=server_name,
-            frequency_s=args.frequency,
-            bandwidth_bps=args.bandwidth,
-            incarnation=uuid.uuid4().hex,
-        )
-        try:
-            state.validate()
-        except ValueError as exc:
-            raise _Refused(str(exc)) from None
-    except _Refused as exc:
+        enable(_store(args), request)
+    except Refused as exc:
         print(f"frctl: enable: {exc}", file=sys.stderr)
         return 1
-    store.save(state)
     print(f"replication/{args.name} enabled")
     return 0
 
 
-def _find_vm(store: Any, text: str) -> Any:
-    """The state of the VM named by ``text``: its VMID, or its name when one VM has it.
-
-    Raises:
-        LookupError: no such VM, or a name several VMs share (the message says which).
-    """
-    try:
-        vmid = str(uuid.UUID(text))
-    except ValueError:
-        named = [s for s in store.all() if s.name == text]
-        if len(named) == 1:
-            return named[0]
-        if named:
-            raise LookupError(
-                f"{len(named)} VMs are named {text!r}; give the VMID "
-                f"({', '.join(s.vmid for s in named)})"
-            ) from None
-        raise LookupError(f"no VM {text!r} is enabled for replication here") from None
-    try:
-        return store.load(vmid)
-    except FileNotFoundError:
-        raise LookupError(f"VM {vmid} is not enabled for replication here") from None
-
-
 def _vm_or_say_why(store: Any, text: str) -> Any:
-    """:func:`_find_vm`, or None after saying on stderr why there is no such VM (exit 4)."""
+    """The VM's state (:func:`node.primary.operations.find_vm`), or None after saying on
+    stderr why there is no such VM (exit 4)."""
+    from node.primary.operations import NotEnabled, find_vm
+
     try:
-        return _find_vm(store, text)
-    except LookupError as exc:
+        return find_vm(store, text)
+    except NotEnabled as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return None
 
 
 def _wait_for_cycle(store: Any, state: Any, timeout: float, doing: str) -> bool:
-    """Wait until no cycle of the VM runs (its cycle lock is free), up to ``timeout``
-    seconds; False when one still runs."""
-    from node.primary.locks import LockBusy, cycle_lock
+    """Wait until no cycle of the VM runs, up to ``timeout`` seconds, saying so on stderr
+    if it must wait; False when one still runs."""
+    from node.primary.operations import wait_for_cycle
 
-    lock = cycle_lock(store.root, state.vmid)
-    if lock.try_acquire():
-        lock.release()
-        return True
-    print(
-        f"replication/{state.name}: {doing}: waiting for the running cycle to end", file=sys.stderr
-    )
-    try:
-        lock.acquire(timeout)
-    except LockBusy:
-        return False
-    lock.release()
-    return True
+    def say() -> None:
+        print(
+            f"replication/{state.name}: {doing}: waiting for the running cycle to end",
+            file=sys.stderr,
+        )
+
+    return wait_for_cycle(store, state, timeout, say)
 
 
 def _set_paused(args: argparse.Namespace, paused: bool) -> int:
+    from node.primary.operations import set_paused
+
     store = _store(args)
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
         return 4
-    halted: list[str] = []
-
-    def change(st: Any) -> None:
-        st.paused = paused
-        if not paused and st.halted is not None:
-            # A person looked at why it halted: the running service tries again. A replica
-            # deleted in the cluster halts again (only disable + enable seeds a new one).
-            halted.append(st.halted)
-            st.halted = None
-
-    state = store.update(state.vmid, change)
+    state, halted = set_paused(store, state, paused)
     if halted:
-        print(f"replication/{state.name} was halted: {halted[0]}", file=sys.stderr)
+        print(f"replication/{state.name} was halted: {halted}", file=sys.stderr)
     if paused and not _wait_for_cycle(store, state, args.timeout, "pause"):
         # The pause is recorded and no new cycle starts, but the disks may still be read.
         print(
@@ -268,6 +134,8 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
 
 def _cmd_set(args: argparse.Namespace) -> int:
     """Change an enabled VM's frequency or bandwidth limit (the service sees it next turn)."""
+    from node.primary.operations import Refused, set_limits
+
     store = _store(args)
     if args.frequency is None and args.bandwidth is None and not args.no_bandwidth_limit:
         print("frctl: set: give --frequency, --bandwidth or --no-bandwidth-limit", file=sys.stderr)
@@ -275,41 +143,40 @@ def _cmd_set(args: argparse.Namespace) -> int:
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
         return 4
-
-    def change(st: Any) -> None:
-        if args.frequency is not None:
-            st.frequency_s = args.frequency
-        if args.bandwidth is not None:
-            st.bandwidth_bps = args.bandwidth
-        if args.no_bandwidth_limit:
-            st.bandwidth_bps = None
-
-    state = store.update(state.vmid, change)
+    try:
+        state = set_limits(
+            store,
+            state,
+            frequency_s=args.frequency,
+            bandwidth_bps=args.bandwidth,
+            no_bandwidth_limit=args.no_bandwidth_limit,
+        )
+    except Refused as exc:
+        print(f"frctl: set: {exc}", file=sys.stderr)
+        return 1
     limit = "none" if state.bandwidth_bps is None else f"{state.bandwidth_bps:.0f} B/s"
     print(f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit {limit}")
     return 0
 
 
 def _cmd_disable(args: argparse.Namespace) -> int:
-    from node.primary.locks import LockBusy, cycle_lock, holding
+    from node.primary.operations import CycleStillRuns, disable
 
     store = _store(args)
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
         return 4
-    # Paused first, so that no new cycle starts; then the running one (if any) is waited
-    # for, and the files are removed while no cycle can write them.
-    store.update(state.vmid, lambda st: setattr(st, "paused", True))
-    _wait_for_cycle(store, state, args.timeout, "disable")
-    try:
-        with holding(cycle_lock(store.root, state.vmid), timeout=0):
-            store.delete(state.vmid)
-    except LockBusy:
+
+    def say() -> None:
         print(
-            f"frctl: replication/{state.name}: a cycle still runs after {args.timeout:.0f} s; "
-            f"it is paused now, not disabled (run disable again)",
+            f"replication/{state.name}: disable: waiting for the running cycle to end",
             file=sys.stderr,
         )
+
+    try:
+        disable(store, state, args.timeout, say)
+    except CycleStillRuns as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
         return 3
     print(f"replication/{state.name} disabled")
     return 0
@@ -337,7 +204,7 @@ def _cmd_reseed(args: argparse.Namespace) -> int:
     if not _wait_for_cycle(store, state, args.timeout, "reseed"):
         print(f"frctl: replication/{state.name}: a cycle still runs; try again", file=sys.stderr)
         return 3
-    replicator = _replicator(args, state.vmid)
+    replicator = replicator_from_args(args, state.vmid)
     try:
         fresh = trio.run(replicator.reseed)
     except (DiskProblem, fp.FrprotoError, OSError) as exc:
@@ -351,14 +218,15 @@ def _cmd_reseed(args: argparse.Namespace) -> int:
 
 
 def _ir_percent(state: Any) -> float:
-    if state.ir_state == "COMPLETE":
-        return 100.0
-    total = state.ir_bytes_total or sum(int(d["size"]) for d in state.disks)
-    return round(100.0 * state.ir_bytes_done / total, 1) if total else 0.0
+    from node.primary.operations import ir_percent
+
+    return ir_percent(state)
 
 
 def _cmd_wait(args: argparse.Namespace) -> int:
     """Show progress until the VM's IR is complete and nothing is pending (or time runs out)."""
+    from node.primary.state import Health, IRStage
+
     store = _store(args)
     vmid = str(uuid.UUID(args.vmid))
     deadline = time.monotonic() + args.timeout
@@ -367,7 +235,7 @@ def _cmd_wait(args: argparse.Namespace) -> int:
     while True:
         state = store.load(vmid)
         percent = _ir_percent(state)
-        done = state.ir_state == "COMPLETE" and state.pending_bytes == 0
+        done = state.ir_state == IRStage.COMPLETE and state.pending_bytes == 0
         if args.json:
             print(
                 json.dumps(
@@ -394,7 +262,7 @@ def _cmd_wait(args: argparse.Namespace) -> int:
         if done:
             print(f"replication/{state.name} in sync at sequence {state.sequence}")
             return 0
-        if state.health == "critical" or time.monotonic() > deadline:
+        if state.health == Health.CRITICAL or time.monotonic() > deadline:
             if tty:
                 print(file=sys.stderr)
             print(f"frctl: replication/{state.name} not in sync ({state.health})", file=sys.stderr)
@@ -415,6 +283,8 @@ def _target(state: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None, s
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from node.primary.state import Health
+
     now = time.time()
     rows = []
     for state in sorted(_store(args).all(), key=lambda s: s.name):
@@ -456,61 +326,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':<20} halted: {r['halted']}")
             elif r["last_error"]:
                 print(f"{'':<20} last cycle failed: {r['last_error']}")
-    if args.check and any(r["state"] in _UNHEALTHY for r in rows):
+    if args.check and any(r["state"] in (Health.WARNING, Health.CRITICAL) for r in rows):
         return 3
     return 0
 
 
-def is_cluster_config(path: Path) -> bool:
-    """True for a cluster node's configuration (it has a ``[cluster]`` table)."""
-    import tomllib
-
-    try:
-        return "cluster" in tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # the configuration's loader reports it properly
-
-
-def _stores(args: argparse.Namespace) -> list[Path]:
-    """The replica storage places of a recovery server's configuration, or of a cluster
-    node's (a file with a ``[cluster]`` table): every storage under its root."""
-    from node.config import load_recovery_server_config
-
-    path = Path(args.config)
-    if is_cluster_config(path):
-        from frcluster.config import load_cluster_node_config
-
-        root = load_cluster_node_config(path).storage
-        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    config = load_recovery_server_config(path)
-    places = {e.storage for e in config.authorization.entries}
-    if config.authorization.any_primary is not None:
-        places.add(config.authorization.any_primary.storage)
-    return sorted(places)
-
-
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def _replicator(args: argparse.Namespace, vmid: str | None = None) -> Any:
+def replicator_from_args(args: argparse.Namespace, vmid: str | None = None) -> Any:
     """A VMReplicator for one enabled VM, configured as the primary service would."""
-    from frlink.tls import client_context
-    from node.primary.replicator import VMReplicator
-    from node.primary.state import PrimaryStateStore
+    from node.primary.operations import replicator_for
 
-    config = _primary_config(args)
-    store = PrimaryStateStore(config.state_dir)
-    state = store.load(vmid or str(uuid.UUID(args.vmid)))
-    tls = config.tls
-    return VMReplicator(
-        state,
-        store,
-        client_context(tls.cert, tls.key, tls.ca),
-        local_address=config.local_address,
-        compression=config.compression,
-        hosts=config.hosts,
-    )
+    return replicator_for(_primary_config(args), vmid or str(uuid.UUID(args.vmid)))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -518,7 +343,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from node.primary.resync import describe
 
     try:
-        result = trio.run(_replicator(args).verify)
+        result = trio.run(replicator_from_args(args).verify)
     except FileNotFoundError:
         print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
         return 4
@@ -532,7 +357,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_resync(args: argparse.Namespace) -> int:
     """Send what differs between the disks and the replica (a paused VM's replication)."""
     try:
-        replicator = _replicator(args)
+        replicator = replicator_from_args(args)
     except FileNotFoundError:
         print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
         return 4
@@ -569,90 +394,8 @@ def _cmd_resync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_replica_list(args: argparse.Namespace) -> int:
-    from node.storage import ReplicaStore
-
-    rows = []
-    for place in _stores(args):
-        with ReplicaStore(place) as store:
-            for vmid in store.vmids():
-                replica = store.open(vmid)
-                points = replica.recovery_points()
-                rows.append(
-                    {
-                        "vmid": str(vmid),
-                        "name": replica.name,
-                        "ir": replica.ir_state.name,
-                        "applied_sequence": replica.applied_sequence,
-                        "recovery_points": len(points),
-                        "latest_point_at": _iso(points[-1].applied_at) if points else None,
-                        "primary": replica.primary,
-                        "trust_group": replica.trust_group,
-                        "storage": str(place),
-                    }
-                )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'VM':<20} {'IR':<12} {'SEQ':>6} {'POINTS':>6}  {'PRIMARY':<28} TRUST GROUP")
-    for r in rows:
-        print(
-            f"{r['name']:<20} {r['ir']:<12} {r['applied_sequence']:>6} "
-            f"{r['recovery_points']:>6}  {r['primary']:<28} {r['trust_group']}"
-        )
-    return 0
-
-
-def _cmd_replica_points(args: argparse.Namespace) -> int:
-    import frproto as fp
-    from node.storage import ReplicaStore
-
-    vmid = uuid.UUID(args.vmid)
-    for place in _stores(args):
-        with ReplicaStore(place) as store:
-            if not store.exists(vmid):
-                continue
-            points = store.open(vmid).recovery_points()
-            rows = [
-                {
-                    "sequence": p.sequence,
-                    "captured_at": _iso(p.captured_at_ms / 1000) if p.captured_at_ms else None,
-                    "applied_at": _iso(p.applied_at),
-                }
-                for p in points
-            ]
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print(f"{'SEQUENCE':>8}  {'CAPTURED (primary)':<22} APPLIED (here)")
-                for r in rows:
-                    print(f"{r['sequence']:>8}  {r['captured_at'] or '-':<22} {r['applied_at']}")
-            return 0
-    print(f"frctl: {fp.UnknownVM(f'no replica of {vmid} here').message}", file=sys.stderr)
-    return 4
-
-
 def register(sub: Any) -> None:
     """Add the host agent's subcommands to frctl's subparsers."""
-    server = sub.add_parser("server", help="the recovery server")
-    ssub = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
-    run = ssub.add_parser("run", help="run a recovery server from a config file")
-    run.add_argument("--config", required=True, help="recovery server TOML file")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    run.set_defaults(func=_cmd_server_run)
-
-    replica = sub.add_parser("replica", help="replicas held by this recovery server")
-    rsub_ = replica.add_subparsers(dest="replica_command", required=True, metavar="ACTION")
-    rlist = rsub_.add_parser("list", help="every replica, its sequence and recovery points")
-    rlist.add_argument("--config", required=True, help="recovery server TOML file")
-    rlist.add_argument("--json", action="store_true")
-    rlist.set_defaults(func=_cmd_replica_list)
-    rpoints = rsub_.add_parser("points", help="the recovery points kept for a VM")
-    rpoints.add_argument("--config", required=True, help="recovery server TOML file")
-    rpoints.add_argument("vmid")
-    rpoints.add_argument("--json", action="store_true")
-    rpoints.set_defaults(func=_cmd_replica_points)
-
     primary = sub.add_parser("primary", help="the primary replicator service")
     psub = primary.add_subparsers(dest="primary_command", required=True, metavar="ACTION")
     prun = psub.add_parser("run", help="replicate every enabled VM until stopped")
@@ -695,6 +438,11 @@ def register(sub: Any) -> None:
     wait.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
     wait.add_argument("--json", action="store_true", help="JSON lines, one per poll")
     wait.set_defaults(func=_cmd_wait)
+    _add_checks_and_controls(rsub)
+
+
+def _add_checks_and_controls(rsub: Any) -> None:
+    """``replication verify|resync|pause|resume|disable|set|reseed``."""
     verify = rsub.add_parser(
         "verify",
         help="compare the replica with what was acknowledged, by digests (exit 3: differs)",

@@ -1,0 +1,146 @@
+"""frctl subcommands of the recovery server: ``server run`` and ``replica list|points``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .logs import setup_logging
+
+
+def _cmd_server_run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, load_recovery_server_config
+    from node.recovery_server import RecoveryServer
+
+    setup_logging(args.log_level)
+    try:
+        config = load_recovery_server_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    trio.run(RecoveryServer(config).serve)
+    return 0
+
+
+def is_cluster_config(path: Path) -> bool:
+    """True for a cluster node's configuration (it has a ``[cluster]`` table)."""
+    import tomllib
+
+    try:
+        return "cluster" in tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # the configuration's loader reports it properly
+
+
+def replica_places(args: argparse.Namespace) -> list[Path]:
+    """The replica storage places of a recovery server's configuration, or of a cluster
+    node's (a file with a ``[cluster]`` table): every storage under its root."""
+    from node.config import load_recovery_server_config
+
+    path = Path(args.config)
+    if is_cluster_config(path):
+        from frcluster.config import load_cluster_node_config
+
+        root = load_cluster_node_config(path).storage
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    config = load_recovery_server_config(path)
+    places = {e.storage for e in config.authorization.entries}
+    if config.authorization.any_primary is not None:
+        places.add(config.authorization.any_primary.storage)
+    return sorted(places)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _cmd_replica_list(args: argparse.Namespace) -> int:
+    from node.storage import ReplicaStore
+
+    rows = []
+    for place in replica_places(args):
+        with ReplicaStore(place) as store:
+            for vmid in store.vmids():
+                replica = store.open(vmid)
+                points = replica.recovery_points()
+                rows.append(
+                    {
+                        "vmid": str(vmid),
+                        "name": replica.name,
+                        "ir": replica.ir_state.name,
+                        "applied_sequence": replica.applied_sequence,
+                        "recovery_points": len(points),
+                        "latest_point_at": _iso(points[-1].applied_at) if points else None,
+                        "primary": replica.primary,
+                        "trust_group": replica.trust_group,
+                        "storage": str(place),
+                    }
+                )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'VM':<20} {'IR':<12} {'SEQ':>6} {'POINTS':>6}  {'PRIMARY':<28} TRUST GROUP")
+    for r in rows:
+        print(
+            f"{r['name']:<20} {r['ir']:<12} {r['applied_sequence']:>6} "
+            f"{r['recovery_points']:>6}  {r['primary']:<28} {r['trust_group']}"
+        )
+    return 0
+
+
+def _cmd_replica_points(args: argparse.Namespace) -> int:
+    import frproto as fp
+    from node.storage import ReplicaStore
+
+    vmid = uuid.UUID(args.vmid)
+    for place in replica_places(args):
+        with ReplicaStore(place) as store:
+            if not store.exists(vmid):
+                continue
+            points = store.open(vmid).recovery_points()
+            rows = [
+                {
+                    "sequence": p.sequence,
+                    "captured_at": _iso(p.captured_at_ms / 1000) if p.captured_at_ms else None,
+                    "applied_at": _iso(p.applied_at),
+                }
+                for p in points
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'SEQUENCE':>8}  {'CAPTURED (primary)':<22} APPLIED (here)")
+                for r in rows:
+                    print(f"{r['sequence']:>8}  {r['captured_at'] or '-':<22} {r['applied_at']}")
+            return 0
+    print(f"frctl: {fp.UnknownVM(f'no replica of {vmid} here').message}", file=sys.stderr)
+    return 4
+
+
+def register(sub: Any) -> None:
+    """Add the recovery server's subcommands to frctl's subparsers."""
+    server = sub.add_parser("server", help="the recovery server")
+    ssub = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
+    run = ssub.add_parser("run", help="run a recovery server from a config file")
+    run.add_argument("--config", required=True, help="recovery server TOML file")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    run.set_defaults(func=_cmd_server_run)
+
+    replica = sub.add_parser("replica", help="replicas held by this recovery server")
+    rsub_ = replica.add_subparsers(dest="replica_command", required=True, metavar="ACTION")
+    rlist = rsub_.add_parser("list", help="every replica, its sequence and recovery points")
+    rlist.add_argument("--config", required=True, help="recovery server TOML file")
+    rlist.add_argument("--json", action="store_true")
+    rlist.set_defaults(func=_cmd_replica_list)
+    rpoints = rsub_.add_parser("points", help="the recovery points kept for a VM")
+    rpoints.add_argument("--config", required=True, help="recovery server TOML file")
+    rpoints.add_argument("vmid")
+    rpoints.add_argument("--json", action="store_true")
+    rpoints.set_defaults(func=_cmd_replica_points)
