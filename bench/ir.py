@@ -57,7 +57,7 @@ from frlink.tls import client_context
 from frproto import CompressionSet
 from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
-from node.primary.state import PrimaryStateStore, VMReplicationState
+from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
 from node.storage.layout import ReplicaLayout
 
@@ -343,7 +343,7 @@ def ir_round(
         replicator = site.replicator(vmid, image, server.port)
         replicator.compression = compression
         result = timed_cycle(replicator, server)
-        if replicator.state.ir_state != "COMPLETE":
+        if replicator.state.ir_state != IRStage.COMPLETE:
             raise RuntimeError("the IR did not complete")
         if not same_content(image, site.replica_image(vmid)):
             raise RuntimeError("the replica differs from the image")

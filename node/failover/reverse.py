@@ -26,7 +26,7 @@ from pathlib import Path
 
 import frproto as fp
 from frlink.authz import Authorization
-from node.primary.state import PrimaryStateStore, VMReplicationState
+from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 from node.storage import ReplicaStore
 
 #: Bytes read per piece of a disk when it is adopted.
@@ -128,7 +128,7 @@ def reverse_state(
             server_name=server_name,
             frequency_s=frequency_s,
         )
-        state.ir_state = "COMPLETE"  # the other side holds the VM's former disks
+        state.ir_state = IRStage.COMPLETE  # the other side holds the VM's former disks
         state.sequence = 0
         state.generation = replica.generation
         state.needs_resync = True

@@ -26,7 +26,13 @@ import frproto as fp
 from node.oob_file import CHUNK, MAGIC, OOBRefused, Progress
 
 from .digest_map import DigestMap
-from .state import PrimaryStateStore, VMReplicationState, fsync_dir, write_file_atomic
+from .state import (
+    IRStage,
+    PrimaryStateStore,
+    VMReplicationState,
+    fsync_dir,
+    write_file_atomic,
+)
 
 #: File in the primary's VM directory saying the IR travels out of band.
 EXPORTED_MARKER: Final = "ir-exported.json"
@@ -109,7 +115,7 @@ def export_ir(
         OOBRefused: the VM's IR is already complete.
         OSError: an image or the output could not be read or written (``out`` untouched).
     """
-    if state.ir_state == "COMPLETE":
+    if state.ir_state == IRStage.COMPLETE:
         raise OOBRefused(
             f"the initial replication of {state.name} ({state.vmid}) is already complete"
         )
@@ -158,7 +164,7 @@ def export_ir(
         "block_size": block,
     }
     write_file_atomic(vm_dir / EXPORTED_MARKER, json.dumps(marker, indent=1).encode() + b"\n")
-    state.ir_state = "NOT_STARTED"
+    state.ir_state = IRStage.NOT_STARTED
     state.ir_cursor = [0, 0]
     state.sequence = 0
     # A running service's replicator of this VM must start over from this state (and

@@ -47,7 +47,7 @@ class CycleStart(Enum):
     RESYNC = "resync"
 
 
-def plan_cycle(*, ir_stage: str, needs_resync: bool, tracker_lost: bool) -> CycleStart:
+def plan_cycle(*, ir_stage: IRStage, needs_resync: bool, tracker_lost: bool) -> CycleStart:
     """How a cycle starts. ``tracker_lost``: a tracker is attached and it is lost."""
     if ir_stage != IRStage.COMPLETE:
         return CycleStart.INITIAL_REPLICATION
@@ -68,7 +68,7 @@ def resync_due(start: CycleStart, *, overflowed: bool) -> bool:
 def health(
     *,
     overflowed: bool,
-    ir_stage: str,
+    ir_stage: IRStage,
     last_replicated_at: float | None,
     now: float,
     frequency_s: float,
@@ -117,7 +117,7 @@ def refusal(
     vmid: str,
     replica_sizes: Sequence[int],
     disk_sizes: Sequence[int],
-    ir_stage: str,
+    ir_stage: IRStage,
     applied_sequence: int,
     acknowledged: int,
 ) -> str | None:

@@ -155,15 +155,14 @@ class VMReplicationState:
         server_name: the TLS name (SNI) of the recovery server.
         frequency_s: seconds between replication cycles.
         paused: replication paused by the administrator.
-        ir_state: ``"NOT_STARTED"``, ``"IN_PROGRESS"`` or ``"COMPLETE"``.
+        ir_state: an :class:`IRStage`.
         ir_cursor: ``[disk_index, offset]`` where a resumed IR goes on.
         ir_bytes_done / ir_bytes_total: progress of the initial replication, for status.
         sequence: the last delta batch the recovery server acknowledged (0 after IR).
         last_replicated_at: wall-clock time (``time.time()``) of the last ack, if any.
         last_cycle_started_at: wall-clock time the last cycle started, if any.
         pending_bytes: bytes in the pending log (not yet acknowledged).
-        health: shown by status (``"initial replication"``, ``"normal"``, ``"warning"``,
-            ``"critical"``...).
+        health: a :class:`Health`, shown by status.
         bandwidth_bps: bandwidth limit of this relationship in bytes per second (None:
             no limit of its own; the host's limit still applies).
         broker: the clustering broker's CAP name (its TLS name) once the configured
@@ -189,8 +188,7 @@ class VMReplicationState:
     server_name: str = ""
     frequency_s: float = 300.0
     paused: bool = False
-    #: An :class:`IRStage` (typed ``str``: a file read back holds the plain string).
-    ir_state: str = IRStage.NOT_STARTED
+    ir_state: IRStage = IRStage.NOT_STARTED
     ir_cursor: list[int] = field(default_factory=lambda: [0, 0])
     ir_bytes_done: int = 0
     ir_bytes_total: int = 0
@@ -198,7 +196,7 @@ class VMReplicationState:
     last_replicated_at: float | None = None
     last_cycle_started_at: float | None = None
     pending_bytes: int = 0
-    health: str = Health.INITIAL_REPLICATION  #: a :class:`Health`
+    health: Health = Health.INITIAL_REPLICATION
     broker: str | None = None
     bandwidth_bps: float | None = None
     broker_host: str = ""
@@ -275,6 +273,9 @@ class VMReplicationState:
             state = cls(**kwargs)
             _check_types(state)
             state.validate()
+            # The file holds the plain strings; in memory they are the enums.
+            state.ir_state = IRStage(state.ir_state)
+            state.health = Health(state.health)
         except (TypeError, ValueError) as exc:
             raise StateCorrupt(f"bad primary state: {exc}") from exc
         return state

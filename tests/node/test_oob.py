@@ -23,7 +23,7 @@ from node.oob_file import MAGIC, OOBFormatError, OOBRefused, read_header
 from node.oob_import import import_ir
 from node.primary.digest_map import DigestMap
 from node.primary.oob_export import EXPORTED_MARKER, export_ir, is_exported, map_path
-from node.primary.state import PrimaryStateStore, VMReplicationState
+from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 from node.storage import ReplicaStore
 
 from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, Site
@@ -132,7 +132,7 @@ def test_export_then_import_gives_equal_sparse_replica(tmp_path: Path) -> None:
 
 def test_export_refuses_a_complete_ir(tmp_path: Path) -> None:
     state = make_state(tmp_path, random.Random(2), (MIB,))
-    state.ir_state = "COMPLETE"
+    state.ir_state = IRStage.COMPLETE
     with pytest.raises(OOBRefused, match="already complete"):
         export_ir(state, tmp_path / "state", tmp_path / "x.frir")
     assert not (tmp_path / "x.frir").exists()

@@ -14,6 +14,7 @@ import trio
 
 import frproto as fp
 from frtesting.server import ServerProcess
+from node.primary.state import IRStage
 
 from .site import Site
 
@@ -218,7 +219,7 @@ async def test_an_ir_whose_ack_was_lost_takes_its_map_from_the_replica(
     with trio.fail_after(60):
         await first.cycle()
         state = first.store.load(str(vmid))
-        state.ir_state = "IN_PROGRESS"  # as if the ack had not been recorded
+        state.ir_state = IRStage.IN_PROGRESS  # as if the ack had not been recorded
         first.store.save(state)
         scribble(image, rng, writes=6)
         again = site.restarted(first)

@@ -35,15 +35,15 @@ from node.primary.state import Health, IRStage
 VMID = "00000000-0000-0000-0000-000000000001"
 
 
-@pytest.mark.parametrize("stage", [IRStage.NOT_STARTED, IRStage.IN_PROGRESS, "IN_PROGRESS"])
-def test_an_unfinished_ir_comes_first(stage: str) -> None:
+@pytest.mark.parametrize("stage", [IRStage.NOT_STARTED, IRStage.IN_PROGRESS])
+def test_an_unfinished_ir_comes_first(stage: IRStage) -> None:
     start = plan_cycle(ir_stage=stage, needs_resync=True, tracker_lost=True)
     assert start is CycleStart.INITIAL_REPLICATION
     assert not resync_due(start, overflowed=True)
 
 
 def test_a_complete_ir_captures() -> None:
-    start = plan_cycle(ir_stage="COMPLETE", needs_resync=False, tracker_lost=False)
+    start = plan_cycle(ir_stage=IRStage.COMPLETE, needs_resync=False, tracker_lost=False)
     assert start is CycleStart.CAPTURE
     assert not resync_due(start, overflowed=False)
     assert resync_due(start, overflowed=True)  # the capture passed the log's bound
@@ -73,7 +73,7 @@ def test_capture_sequence_follows_pending_and_acknowledged() -> None:
 def _health(
     *,
     overflowed: bool = False,
-    ir_stage: str = "COMPLETE",
+    ir_stage: IRStage = IRStage.COMPLETE,
     last_replicated_at: float | None = 100.0,
     now: float = 100.0,
 ) -> Health:
@@ -89,7 +89,7 @@ def _health(
 def test_health() -> None:
     assert _health() is Health.NORMAL
     assert _health() == "normal"
-    assert _health(overflowed=True, ir_stage="IN_PROGRESS") == "critical"
+    assert _health(overflowed=True, ir_stage=IRStage.IN_PROGRESS) == "critical"
     assert _health(ir_stage=IRStage.NOT_STARTED) == "initial replication"
     assert _health(now=120.0) is Health.NORMAL  # exactly twice the frequency: not yet late
     assert _health(now=120.5) == "warning"
@@ -99,7 +99,7 @@ def test_health() -> None:
 def _refusal(
     *,
     replica_sizes: tuple[int, ...] = (4096,),
-    ir_stage: str = "COMPLETE",
+    ir_stage: IRStage = IRStage.COMPLETE,
     applied_sequence: int = 5,
     acknowledged: int = 5,
 ) -> str | None:

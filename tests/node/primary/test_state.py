@@ -11,6 +11,7 @@ import pytest
 
 from node.primary.state import (
     STATE_FILE,
+    IRStage,
     PrimaryStateStore,
     StateCorrupt,
     VMReplicationState,
@@ -36,7 +37,7 @@ def _state(name: str = "vm1", **changes: object) -> VMReplicationState:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     store = PrimaryStateStore(tmp_path / "state")
     state = _state(
-        ir_state="IN_PROGRESS",
+        ir_state=IRStage.IN_PROGRESS,
         ir_cursor=[0, 65536],
         sequence=7,
         last_replicated_at=1.5,
