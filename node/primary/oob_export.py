@@ -128,49 +128,11 @@ def export_ir(
     total = sum(d.size for d in disks)
 
     create = fp.RelationshipCreate(vmid, state.name, disks, config)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     counts = {"data": 0, "zero": 0}
     aggregate = fp.AggregateDigest()
-    try:
-        with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
-            f.write(MAGIC)
-            f.write(fp.encode_frame(create))
-            f.write(fp.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
-            _export_chunks(f, aggregate, images, disks, maps, counts, progress)
-            f.write(fp.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
-            f.flush()
-            os.fsync(f.fileno())
-            file_bytes = f.tell()
-        os.rename(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(out.parent)
-
-    store = PrimaryStateStore(store_root)
-    vm_dir = store.vm_dir(state.vmid)
-    vm_dir.mkdir(parents=True, exist_ok=True)
-    for index, dmap in enumerate(maps):
-        dmap.save(map_path(vm_dir, index))
-    marker = {
-        "format": 1,
-        "file": str(out.resolve()),
-        "exported_at": time.time(),
-        "chunk_count": aggregate.count,
-        "aggregate_digest": aggregate.digest().hex(),
-        "total_bytes": total,
-        "block_size": block,
-    }
-    write_file_atomic(vm_dir / EXPORTED_MARKER, json.dumps(marker, indent=1).encode() + b"\n")
-    state.ir_state = IRStage.NOT_STARTED
-    state.ir_cursor = [0, 0]
-    state.sequence = 0
-    # A running service's replicator of this VM must start over from this state (and
-    # see the export), not carry on with what it held: another writer's token says so.
-    state.written_by = uuid.uuid4().hex
-    store.save(state)
+    out = Path(out)
+    file_bytes = _write_file(out, create, total, images, maps, aggregate, counts, progress)
+    _record_export(state, store_root, out, maps, aggregate, total)
     return ExportResult(
         path=out,
         vmid=vmid,
@@ -184,6 +146,72 @@ def export_ir(
         aggregate_digest=aggregate.digest().hex(),
         seconds=time.monotonic() - started,
     )
+
+
+def _write_file(
+    out: Path,
+    create: fp.RelationshipCreate,
+    total: int,
+    images: list[Path],
+    maps: list[DigestMap],
+    aggregate: fp.AggregateDigest,
+    counts: dict[str, int],
+    progress: Progress | None,
+) -> int:
+    """Write the export file atomically (a temporary file beside ``out``, fsync, rename,
+    directory fsync); the file's size."""
+    vmid = create.vmid
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
+            f.write(MAGIC)
+            f.write(fp.encode_frame(create))
+            f.write(fp.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
+            _export_chunks(f, aggregate, images, create.disks, maps, counts, progress)
+            f.write(fp.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
+            f.flush()
+            os.fsync(f.fileno())
+            file_bytes = f.tell()
+        os.rename(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(out.parent)
+    return file_bytes
+
+
+def _record_export(
+    state: VMReplicationState,
+    store_root: Path,
+    out: Path,
+    maps: list[DigestMap],
+    aggregate: fp.AggregateDigest,
+    total: int,
+) -> None:
+    """Save the digest maps, the exported marker and the VM's state (IR from the start)."""
+    store = PrimaryStateStore(store_root)
+    vm_dir = store.vm_dir(state.vmid)
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    for index, dmap in enumerate(maps):
+        dmap.save(map_path(vm_dir, index))
+    marker = {
+        "format": 1,
+        "file": str(out.resolve()),
+        "exported_at": time.time(),
+        "chunk_count": aggregate.count,
+        "aggregate_digest": aggregate.digest().hex(),
+        "total_bytes": total,
+        "block_size": state.block_size,
+    }
+    write_file_atomic(vm_dir / EXPORTED_MARKER, json.dumps(marker, indent=1).encode() + b"\n")
+    state.ir_state = IRStage.NOT_STARTED
+    state.ir_cursor = [0, 0]
+    state.sequence = 0
+    # A running service's replicator of this VM must start over from this state (and
+    # see the export), not carry on with what it held: another writer's token says so.
+    state.written_by = uuid.uuid4().hex
+    store.save(state)
 
 
 def _export_chunks(
