@@ -26,6 +26,7 @@ import frproto as fp
 from node.oob_file import CHUNK, MAGIC, OOBRefused, Progress
 
 from .digest_map import DigestMap
+from .scan import read_full
 from .state import (
     IRStage,
     PrimaryStateStore,
@@ -80,16 +81,6 @@ def map_path(vm_dir: Path, disk_index: int) -> Path:
 def is_exported(vm_dir: Path) -> bool:
     """Whether the VM's IR was exported (the replicator then sends no IR data)."""
     return (vm_dir / EXPORTED_MARKER).is_file()
-
-
-def _read_full(fd: int, view: memoryview, offset: int) -> int:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 def export_ir(
@@ -240,7 +231,7 @@ def _export_chunks(
             while offset < disk.size:
                 n = min(CHUNK, disk.size - offset)
                 data = view[:n]
-                got = _read_full(fd, data, offset)
+                got = read_full(fd, data, offset)
                 if got < n:  # an image shorter than its disk reads as zeros (as a scan does)
                     data[got:] = zeros[: n - got]
                 if buffer.startswith(zeros[:n]):

@@ -64,7 +64,7 @@ from .disks import DiskResized, DiskUnavailable, check_disks, image_size
 from .errors import UNREACHABLE, ReplicationHalted
 from .initial import IR_PROGRESS_SECONDS
 from .locks import cycle_lock
-from .oob_export import is_exported
+from .oob_export import is_exported, map_path
 from .pending_log import PendingLog, PendingLogCorrupt
 from .plan import (
     CycleStart,
@@ -174,7 +174,7 @@ class VMReplicator:
         return images_of(self.state)
 
     def _map_path(self, disk_index: int) -> Path:
-        return self.dir / f"digests-{disk_index}.map"
+        return map_path(self.dir, disk_index)
 
     def _load_map(self, disk_index: int) -> DigestMap:
         path = self._map_path(disk_index)

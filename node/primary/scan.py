@@ -44,7 +44,7 @@ READAHEAD: Final = 32 * 1024 * 1024
 _FADVISE = hasattr(os, "posix_fadvise")
 
 
-def _read_full(fd: int, view: memoryview, offset: int) -> int:
+def read_full(fd: int, view: memoryview, offset: int) -> int:
     """Fill ``view`` from ``offset``; fewer bytes only at end of file."""
     done = 0
     while done < len(view):
@@ -93,7 +93,7 @@ def scan_changes(
         while offset < size:
             want = min(len(buffer), size - offset)
             chunk = view[:want]
-            got = _read_full(fd, chunk, offset)
+            got = read_full(fd, chunk, offset)
             if got < want:
                 raise _ended_early(image, offset + got, size)
             for start in range(0, want, block_size):
