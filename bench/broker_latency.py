@@ -1,7 +1,6 @@
 """Broker query latency: QueryRecoveryServer on an open connection, 8,000 VMs on 64 nodes.
 
-Run as ``.venv/bin/python bench/broker.py`` (about 30 s); that file only starts this one
-(a script named ``broker.py`` would shadow the ``broker`` package for its own imports).
+Run as ``.venv/bin/python bench/broker_latency.py`` (about 30 s).
 For each cluster store (SQLite, the embedded default; etcd, one member started by the
 benchmark):
 
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps(
             {
-                "name": "broker",
+                "name": "broker_latency",
                 "value": slow["p99_ms"],
                 "unit": "ms (p99 query latency)",
                 "baseline": "one get of a VM record from the same store (p99)",

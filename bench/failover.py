@@ -29,14 +29,9 @@ from typing import Any
 
 import trio
 
-# bench/broker.py would be found as "broker" before the package (a script's directory
-# comes first on sys.path): take bench/ off the path, this script imports nothing there.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import frproto as fp  # noqa: E402
-from frtesting.cluster import ClusterSite  # noqa: E402
-from frtesting.etcd import etcd_cluster, find_etcd  # noqa: E402
+import frproto as fp
+from frtesting.cluster import ClusterSite
+from frtesting.etcd import etcd_cluster, find_etcd
 
 LEASE_TTL = 1.0
 

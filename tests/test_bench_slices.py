@@ -21,6 +21,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_no_benchmark_shadows_a_package() -> None:
+    # A script's directory comes first on sys.path: bench/broker.py once made every
+    # benchmark that imports frtesting (which imports the broker) import it instead.
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages >= {"broker", "node", "frproto"}
+    assert sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem in packages) == []
+
+
 def run_bench(script: str, *args: str, tmp: Path, timeout: float = 100.0) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
@@ -89,7 +97,7 @@ def test_delta_slice(tmp_path: Path) -> None:
 def test_broker_slice(tmp_path: Path) -> None:
     # Both stores (etcd from the dev extra: never skipped), a small cluster.
     result = run_bench(
-        "broker.py",
+        "broker_latency.py",
         "--nodes", "8", "--vms", "200", "--existing", "60", "--new", "6",
         "--tmp", str(tmp_path),
         tmp=tmp_path,
