@@ -15,9 +15,11 @@ Synchronous; the server calls the long operations through ``trio.to_thread``::
 
 from __future__ import annotations
 
+from .batch import AlreadyApplied, BatchWriter
 from .fileio import CRASH_POINTS, StorageFaults
 from .points import RecoveryPoint
-from .replica import AlreadyApplied, BatchWriter, Replica, ReplicaStore
+from .replica import Replica
+from .store import ReplicaStore
 
 __all__ = [
     "CRASH_POINTS",

@@ -60,9 +60,9 @@ async def test_aligned_chunks_go_through_o_direct(tmp_path: Path) -> None:
         queue = IRWriteQueue(nursery)
         await queue.write(replica, 0, 0, data, length=len(data))
         await queue.drain()
-    if not replica._direct_ok:
+    if replica.direct_io is False:
         pytest.skip("this file system refuses O_DIRECT; the buffered path was used")
-    assert replica._direct_fds, "an aligned chunk should have opened the O_DIRECT descriptor"
+    assert replica.direct_io, "an aligned chunk should have opened the O_DIRECT descriptor"
     with replica.image_path(0).open("rb") as f:
         assert f.read(MiB) == data
 
