@@ -19,7 +19,7 @@ import trio
 
 from . import sqlite_leases
 from .base import StoreError, StoreUnavailable
-from .sqlite_tx import WriteTx
+from .sqlite_tx import WriteTx, write_lock
 
 __all__ = ["Db", "StoreSettings"]
 
@@ -79,8 +79,7 @@ class Db:
     def write(self, body: Callable[[WriteTx], T]) -> T:
         """Run ``body`` in a write transaction, after expiring due leases; commit."""
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_lock(conn):
             tx = WriteTx(conn, self._store.clock())
             sqlite_leases.expire_due(tx)
             result = body(tx)
@@ -90,11 +89,6 @@ class Db:
                 and tx.last_rev - tx.compact_rev > retention + _COMPACT_SLACK
             ):
                 tx.compact(tx.last_rev - retention)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return result
 
     def read(self, body: Callable[[sqlite3.Connection], T]) -> T:

@@ -19,7 +19,7 @@ from typing import Final
 
 from . import sqlite_leases
 from .base import StoreError
-from .sqlite_tx import WriteTx
+from .sqlite_tx import WriteTx, write_lock
 
 __all__ = ["SCHEMA_VERSION", "create_schema", "open_connection"]
 
@@ -89,32 +89,22 @@ def create_schema(conn: sqlite3.Connection, path: str, now: float) -> None:
     Raises `StoreError` for a file of another schema version.
     """
     # Several processes may create the file at once: do it under the write lock.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        _create_schema_locked(conn, path, now)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _create_schema_locked(conn: sqlite3.Connection, path: str, now: float) -> None:
-    # Statement by statement: executescript() would COMMIT the open transaction first.
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    boot = sqlite_leases.boot_id()
-    row = conn.execute("SELECT schema, boot_id FROM meta WHERE id = 0").fetchone()
-    if row is None:
-        conn.execute(
-            "INSERT INTO meta (id, schema, rev, compact_rev, boot_id) VALUES (0, ?, 0, 0, ?)",
-            (SCHEMA_VERSION, boot),
-        )
-    elif int(row[0]) != SCHEMA_VERSION:
-        raise StoreError(f"{path}: unknown cluster store schema {row[0]}")
-    elif boot and row[1] != boot:
-        # The host rebooted: lease deadlines are on the old boot's monotonic clock and
-        # their holders are gone anyway. Expire them all (DELETE events for their keys).
-        sqlite_leases.revoke_all(WriteTx(conn, now))
-        conn.execute("UPDATE meta SET boot_id = ? WHERE id = 0", (boot,))
+    with write_lock(conn):
+        # Statement by statement: executescript() would COMMIT the open transaction first.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        boot = sqlite_leases.boot_id()
+        row = conn.execute("SELECT schema, boot_id FROM meta WHERE id = 0").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO meta (id, schema, rev, compact_rev, boot_id) VALUES (0, ?, 0, 0, ?)",
+                (SCHEMA_VERSION, boot),
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{path}: unknown cluster store schema {row[0]}")
+        elif boot and row[1] != boot:
+            # The host rebooted: lease deadlines are on the old boot's monotonic clock and
+            # their holders are gone anyway. Expire them all (DELETE events for their keys).
+            sqlite_leases.revoke_all(WriteTx(conn, now))
+            conn.execute("UPDATE meta SET boot_id = ? WHERE id = 0", (boot,))

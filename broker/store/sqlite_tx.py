@@ -1,6 +1,6 @@
 """The SQLite store's rows and its write transaction: revisions, the ``kv`` table, the change log.
 
-A `WriteTx` is one open ``BEGIN IMMEDIATE`` transaction (see ``sqlite_db.py``): it allocates
+A `WriteTx` is one open ``BEGIN IMMEDIATE`` transaction (`write_lock`): it allocates
 the revision of the caller's operation on its first write, and records every change in the
 ``event`` table the watches read. The read helpers here are shared by the store's reads, the
 write transaction and the watches.
@@ -9,7 +9,8 @@ write transaction and the watches.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 from .base import KeyValue, LeaseExpired, prefix_range_end
@@ -23,6 +24,7 @@ __all__ = [
     "prefix_clause",
     "read_rev",
     "row_kv",
+    "write_lock",
 ]
 
 PUT_EVENT: Final = 0
@@ -68,6 +70,23 @@ def read_rev(conn: sqlite3.Connection) -> tuple[int, int]:
     """The store revision and the compaction point."""
     row = conn.execute("SELECT rev, compact_rev FROM meta WHERE id = 0").fetchone()
     return int(row[0]), int(row[1])
+
+
+@contextmanager
+def write_lock(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE ... COMMIT``, rolled back if anything is raised.
+
+    IMMEDIATE takes the write lock up front (waiting up to ``busy_timeout`` for other
+    processes), so a read-to-write upgrade can never fail with SQLITE_BUSY.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 class WriteTx:
