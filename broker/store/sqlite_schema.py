@@ -66,7 +66,7 @@ CREATE INDEX IF NOT EXISTS event_by_rev ON event (rev);
 def open_connection(path: str, *, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
     """Open one connection (worker thread) in WAL mode; raises `StoreError` without WAL.
 
-    ``isolation_level=None``: transactions are begun and ended explicitly (``sqlite_db.py``).
+    ``isolation_level=None``: transactions are begun and ended explicitly (`write_lock`, `Db.read`).
     """
     conn = sqlite3.connect(
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
