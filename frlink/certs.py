@@ -2,7 +2,8 @@
 
 Every connection in frrep is mutual TLS between hosts that hold a certificate issued by
 one private CA (see ``docs/certificates.md``). This module makes that CA and the host
-certificates with ``cryptography``; ``frctl cert`` is a thin shell over it.
+certificates with ``cryptography`` (what goes into them is in ``cert_contents.py``);
+``frctl cert`` is a thin shell over it.
 
 * :func:`create_ca` writes ``ca.pem`` and ``ca-key.pem`` (ECDSA P-256, self-signed,
   ``BasicConstraints(ca=True, path_length=0)``, key usage certificate and CRL signing).
@@ -20,7 +21,6 @@ then linked (no overwrite) or renamed (overwrite) into place.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .cert_contents import ca_certificate, host_certificate
 
 __all__ = [
     "CA_CERT",
@@ -299,39 +301,8 @@ def create_ca(
     directory.mkdir(parents=True, exist_ok=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     not_before = _now() - BACKDATE
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_before + BACKDATE + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = ca_certificate(key, name, not_before, not_before + BACKDATE + dt.timedelta(days=days))
     _write_files(
         [(files.key, _key_pem(key), _KEY_MODE), (files.cert, _cert_pem(cert), _CERT_MODE)],
         overwrite=overwrite,
@@ -429,46 +400,7 @@ def issue_host_cert(
         raise CertError(f"certificate would expire ({end}) before it starts ({start})")
 
     key = ec.generate_private_key(ec.SECP256R1())
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    with contextlib.suppress(x509.ExtensionNotFound):
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = host_certificate(key, name, san, ca_cert, ca_key, start, end)
     out_dir.mkdir(parents=True, exist_ok=True)
     writes: list[tuple[Path, bytes, int]] = [
         (files.key, _key_pem(key), _KEY_MODE),
