@@ -275,8 +275,7 @@ class ClusterNode:
         server.config = replace(config, port=server.config.port)
         if "port" in changes and new.port and new.port != self.port:
             self._nursery.start_soon(self._rebind, new.port)
-        for store in server._stores.values():
-            store.set_keep_points(new.recovery_points)
+        server.keep_points(new.recovery_points)
         for name, (old, value) in sorted(changes.items()):
             log.info("%s: setting %s changed: %r -> %r", self.config.name, name, old, value)
 

@@ -123,6 +123,12 @@ class RecoveryServer:
         for store in self._stores.values():
             store.forget(vmid)
 
+    def keep_points(self, count: int) -> None:
+        """Keep ``count`` recovery points per replica in every store opened so far (a
+        changed setting; stores opened later take it from :attr:`config`)."""
+        for store in self._stores.values():
+            store.set_keep_points(count)
+
     async def check_owner(self, vmid: uuid.UUID, grant: Grant) -> Grant | None:
         """Refuse a VM this node does not own (stand-alone servers own what they hold);
         a grant to use instead of ``grant`` for this VM, or None."""
