@@ -47,6 +47,7 @@ from broker.records import (
     NodeState,
     NodeView,
     PlacementCursor,
+    PlacementPolicy,
     VMRecord,
 )
 
@@ -246,7 +247,7 @@ def place(
     request: PlacementRequest,
     ctx: PlacementContext,
     *,
-    policy: str,
+    policy: PlacementPolicy | str,
     rules: Sequence[PlacementRule] = (),
     rng: random.Random,
 ) -> Placement:
@@ -292,7 +293,7 @@ def place(
             scored = f", best score {best:g} kept {len(kept)}"
         candidates = kept
 
-    chosen, why = _POLICIES[policy](candidates, ctx, rng)
+    chosen, why = _POLICIES[PlacementPolicy(policy)](candidates, ctx, rng)
     pool = f"{len(candidates)} of {len(nodes)} nodes eligible{scored}"
     return Placement(
         node=chosen.name,
@@ -350,13 +351,13 @@ def _capacity_aware(
     return node, "has most free room (" + ("unlimited" if free == math.inf else f"{free:.0f}") + ")"
 
 
-_POLICIES: Final[dict[str, _Policy]] = {
-    "round-robin": _round_robin,
-    "random": _random,
-    "least-loaded": _least_loaded,
-    "capacity-aware": _capacity_aware,
+_POLICIES: Final[dict[PlacementPolicy, _Policy]] = {
+    PlacementPolicy.ROUND_ROBIN: _round_robin,
+    PlacementPolicy.RANDOM: _random,
+    PlacementPolicy.LEAST_LOADED: _least_loaded,
+    PlacementPolicy.CAPACITY_AWARE: _capacity_aware,
 }
-assert set(_POLICIES) == set(PLACEMENT_POLICIES), "a policy in records.py is not built here"
+assert set(_POLICIES) == set(PlacementPolicy), "a policy in records.py is not built here"
 
 
 # --------------------------------------------------------------------------- rule loading

@@ -131,7 +131,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 def _cmd_nodes(args: argparse.Namespace) -> int:
     from broker.cluster_view import read_cluster
     from broker.election import current_holder
-    from broker.records import Keys
+    from broker.records import Keys, NodeState
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
@@ -144,7 +144,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
             rows.append(
                 {
                     "name": name,
-                    "state": node.state.value if node else "down",
+                    "state": (node.state if node else NodeState.DOWN).value,
                     "address": node.record.address if node else "",
                     "port": node.record.port if node else 0,
                     "vms": len(view.owned_by(name)),
@@ -214,11 +214,11 @@ async def _update_vm(store: Any, keys: Any, vmid: str, change: Any) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from broker.records import Keys, VMRecord
+    from broker.records import FailoverState, Keys, VMRecord
     from broker.store import ClusterStore
 
     def request(vm: VMRecord) -> VMRecord:
-        if vm.failover:
+        if vm.failover is not FailoverState.NONE:
             # It runs (or is about to run) from its replica where it is.
             raise ValueError(f"VM {vm.vmid} was failed over ({vm.failover}): it does not move")
         return replace(vm, migrate_to=args.node)
@@ -241,17 +241,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_failover(args: argparse.Namespace) -> int:
-    from broker.records import Keys, VMRecord
+    from broker.records import FailoverState, Keys, VMRecord
     from broker.store import ClusterStore
 
     def request(vm: VMRecord) -> VMRecord:
         if vm.deleted:
             raise ValueError(f"VM {vm.vmid} was deleted")
-        if vm.failover in ("requested", "done"):
+        if vm.failover in (FailoverState.REQUESTED, FailoverState.DONE):
             raise ValueError(f"VM {vm.vmid}: a failover is already {vm.failover}")
         if vm.migrate_to:
             raise ValueError(f"VM {vm.vmid} is moving to {vm.migrate_to}; fail over after")
-        return replace(vm, failover="requested", failover_point=args.point, failover_note="")
+        return replace(
+            vm, failover=FailoverState.REQUESTED, failover_point=args.point, failover_note=""
+        )
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         rc = await _update_vm(store, keys, args.vmid, request)
@@ -267,10 +269,10 @@ def _cmd_failover(args: argparse.Namespace) -> int:
             while True:
                 kv = await store.get(keys.vm(args.vmid))
                 vm = None if kv is None else VMRecord.from_json(kv.value)
-                if vm is None or vm.failover in ("done", "failed"):
+                if vm is None or vm.failover.settled:
                     break
                 await trio.sleep(0.1)
-        if vm is None or vm.failover not in ("done", "failed"):
+        if vm is None or not vm.failover.settled:
             print(
                 f"frctl: no outcome within {args.wait:g} s (is the owner up?); the request "
                 "stays: its node carries it out when it can",
@@ -290,7 +292,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
                     }
                 )
             )
-        elif vm.failover == "done":
+        elif vm.failover is FailoverState.DONE:
             print(
                 f"failed over at {vm.owner}: recovery point {vm.failover_point}, generation "
                 f"{vm.failover_generation}; the former primary is refused from now on"
@@ -298,7 +300,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
             )
         else:
             print(f"frctl: failover refused at {vm.owner}: {vm.failover_note}", file=sys.stderr)
-        return 0 if vm.failover == "done" else 1
+        return 0 if vm.failover is FailoverState.DONE else 1
 
     return _run(args, job)
 
