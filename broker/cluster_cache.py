@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from broker.cluster_view import ClusterView
+from broker.placement import PlacementRule, RuleCache
 from broker.records import (
     Keys,
     NodeAdmin,
@@ -48,6 +49,9 @@ class ClusterCache:
         self.cursor = PlacementCursor()
         self.cursor_revision = 0
         self.settings = Settings()
+        #: The settings record's mod_revision (0: never set; a deletion's revision after one).
+        self.settings_revision = 0
+        self._rules = RuleCache()
         #: Counts changes of the node and node-admin records (tracking waits for them).
         self.membership_changes = 0
         self._changed = trio.Condition()
@@ -79,6 +83,7 @@ class ClusterCache:
         self.vm_revisions.clear()
         self.owned.clear()
         self.cursor, self.cursor_revision, self.settings = PlacementCursor(), 0, Settings()
+        self.settings_revision = 0
         for kv in kvs:
             self._apply(kv, deleted=False)
         await self._advance(revision)
@@ -158,8 +163,18 @@ class ClusterCache:
                     self.cursor_revision = kv.mod_revision
             elif key == k.settings:
                 self.settings = Settings() if deleted else Settings.from_json(kv.value)
+                # A DELETE event carries the deletion's revision: a new key for the rules.
+                self.settings_revision = kv.mod_revision
         except RecordError as exc:
             log.warning("ignoring %s: %s", key, exc)
+
+    def placement_rules(self, view: ClusterView) -> list[PlacementRule]:
+        """The placement rules ``view``'s settings name, loaded once per settings revision
+        (not per placement: see :class:`~broker.placement.RuleCache`).
+
+        Raises :class:`~broker.placement.PlacementError` when one cannot be loaded.
+        """
+        return self._rules.rules(view.settings_revision, view.settings.placement_rules)
 
     def view(self) -> ClusterView:
         """The copy as a :class:`ClusterView` (shares the VM tables: do not modify)."""
@@ -178,4 +193,5 @@ class ClusterCache:
             cursor_revision=self.cursor_revision,
             settings=self.settings,
             owned={owner: (c[0], c[1]) for owner, c in self.owned.items()},
+            settings_revision=self.settings_revision,
         )

@@ -36,6 +36,9 @@ class ClusterView:
     settings: Settings
     #: ``{owner: (VM count, bytes)}`` of live VMs, when the reader keeps it (the cache).
     owned: Mapping[str, tuple[int, int]] | None = None
+    #: The settings record's ``mod_revision`` (0 when never set): what the placement rules
+    #: are loaded for (``ClusterCache.placement_rules``).
+    settings_revision: int = 0
 
     def owned_by(self, node: str) -> list[VMRecord]:
         """The live (not deleted) VMs a node owns."""
@@ -44,8 +47,14 @@ class ClusterView:
 
 async def read_settings(store: ClusterStore, keys: Keys) -> Settings:
     """The cluster's settings (the defaults when never set)."""
+    return (await _read_settings(store, keys))[0]
+
+
+async def _read_settings(store: ClusterStore, keys: Keys) -> tuple[Settings, int]:
     kv = await store.get(keys.settings)
-    return Settings() if kv is None else Settings.from_json(kv.value)
+    if kv is None:
+        return Settings(), 0
+    return Settings.from_json(kv.value), kv.mod_revision
 
 
 async def read_cluster(store: ClusterStore, keys: Keys) -> ClusterView:
@@ -85,6 +94,7 @@ async def read_cluster(store: ClusterStore, keys: Keys) -> ClusterView:
         vms[vm.vmid] = vm
         vm_revisions[vm.vmid] = kv.mod_revision
     cursor = PlacementCursor() if cursor_kv is None else PlacementCursor.from_json(cursor_kv.value)
+    settings, settings_revision = await _read_settings(store, keys)
     return ClusterView(
         revision=revision,
         nodes=nodes,
@@ -93,5 +103,6 @@ async def read_cluster(store: ClusterStore, keys: Keys) -> ClusterView:
         vm_revisions=vm_revisions,
         cursor=cursor,
         cursor_revision=0 if cursor_kv is None else cursor_kv.mod_revision,
-        settings=await read_settings(store, keys),
+        settings=settings,
+        settings_revision=settings_revision,
     )

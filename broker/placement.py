@@ -47,6 +47,7 @@ from broker.records import (
     NodeState,
     NodeView,
     PlacementCursor,
+    PlacementPolicy,
     VMRecord,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "PlacementError",
     "PlacementRequest",
     "PlacementRule",
+    "RuleCache",
     "entry_point_rules",
     "load_rules",
     "place",
@@ -170,7 +172,8 @@ class PlacementRule(Protocol):
     """An extra placement rule (a plug-in). Either method may be a no-op.
 
     Rules only see nodes that are up and have room; they must be pure (no I/O, no
-    clock), because placement is replayed deterministically in simulation.
+    clock), because placement is replayed deterministically in simulation. The broker
+    keeps one instance for every placement until the settings change (:class:`RuleCache`).
     """
 
     #: Short name used in logs and in :class:`NoCapacity` messages.
@@ -246,7 +249,7 @@ def place(
     request: PlacementRequest,
     ctx: PlacementContext,
     *,
-    policy: str,
+    policy: PlacementPolicy | str,
     rules: Sequence[PlacementRule] = (),
     rng: random.Random,
 ) -> Placement:
@@ -292,7 +295,7 @@ def place(
             scored = f", best score {best:g} kept {len(kept)}"
         candidates = kept
 
-    chosen, why = _POLICIES[policy](candidates, ctx, rng)
+    chosen, why = _POLICIES[PlacementPolicy(policy)](candidates, ctx, rng)
     pool = f"{len(candidates)} of {len(nodes)} nodes eligible{scored}"
     return Placement(
         node=chosen.name,
@@ -350,13 +353,13 @@ def _capacity_aware(
     return node, "has most free room (" + ("unlimited" if free == math.inf else f"{free:.0f}") + ")"
 
 
-_POLICIES: Final[dict[str, _Policy]] = {
-    "round-robin": _round_robin,
-    "random": _random,
-    "least-loaded": _least_loaded,
-    "capacity-aware": _capacity_aware,
+_POLICIES: Final[dict[PlacementPolicy, _Policy]] = {
+    PlacementPolicy.ROUND_ROBIN: _round_robin,
+    PlacementPolicy.RANDOM: _random,
+    PlacementPolicy.LEAST_LOADED: _least_loaded,
+    PlacementPolicy.CAPACITY_AWARE: _capacity_aware,
 }
-assert set(_POLICIES) == set(PLACEMENT_POLICIES), "a policy in records.py is not built here"
+assert set(_POLICIES) == set(PlacementPolicy), "a policy in records.py is not built here"
 
 
 # --------------------------------------------------------------------------- rule loading
@@ -457,3 +460,40 @@ def entry_point_rules() -> dict[str, PlacementRule]:
     by entry-point name (sorted). For listing what can be named in the settings; the
     broker applies only the rules the settings select (:func:`load_rules`)."""
     return {name: _load_entry_point(ep) for name, ep in sorted(_entry_points().items())}
+
+
+class RuleCache:
+    """:func:`load_rules`, once per revision of the settings.
+
+    Loading reads the installed entry points' metadata and instantiates every rule: far
+    more than a placement itself costs, and the broker places on every new VM's query.
+    The settings record's ``mod_revision`` says when the list may have changed; a failure
+    to load is kept too (and raised again) until the settings change, so a bad rule name
+    does not cost a metadata scan per query either.
+
+    Args:
+        load: the loader (tests count its calls).
+    """
+
+    def __init__(self, load: Callable[[Sequence[str]], list[PlacementRule]] = load_rules) -> None:
+        self._load = load
+        self._key: tuple[int, tuple[str, ...]] | None = None
+        self._rules: list[PlacementRule] = []
+        self._error: str | None = None
+
+    def rules(self, settings_revision: int, names: Sequence[str]) -> list[PlacementRule]:
+        """The rules ``names`` (the settings' ``placement_rules`` at ``settings_revision``).
+
+        Raises :class:`PlacementError` as :func:`load_rules` does.
+        """
+        # The names are part of the key only as a guard: at one revision they are the same.
+        key = (settings_revision, tuple(names))
+        if key != self._key:
+            try:
+                self._rules, self._error = self._load(names), None
+            except PlacementError as exc:
+                self._rules, self._error = [], str(exc)
+            self._key = key
+        if self._error is not None:
+            raise PlacementError(self._error)
+        return self._rules

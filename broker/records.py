@@ -105,6 +105,34 @@ class VMState(enum.StrEnum):
     MIGRATING = "migrating"  #: being copied to another node (local storage)
 
 
+class FailoverState(enum.StrEnum):
+    """Where a failover to a VM's replica is (``VMRecord.failover``; ``frcluster/failover.py``).
+
+    The values are what the store holds, so records written before this enum load as they
+    are. Only ``NONE`` is falsy (it is the empty string).
+    """
+
+    NONE = ""  #: never asked
+    REQUESTED = "requested"  #: an administrator asked; the owner carries it out
+    DONE = "done"  #: the VM runs from the replica: its former primary is refused from now on
+    FAILED = "failed"  #: the owner could not (``VMRecord.failover_note`` says why)
+
+    @property
+    def settled(self) -> bool:
+        """The owner has recorded an outcome (done or failed)."""
+        return self in (FailoverState.DONE, FailoverState.FAILED)
+
+
+class PlacementPolicy(enum.StrEnum):
+    """How placement picks among the candidate nodes (``Settings.placement_policy``;
+    ``broker/placement.py`` describes each)."""
+
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    LEAST_LOADED = "least-loaded"
+    CAPACITY_AWARE = "capacity-aware"
+
+
 R = TypeVar("R")
 
 
@@ -230,10 +258,8 @@ class VMRecord:
     shared: bool = False
     #: The node the replica is being moved to (set by the broker; the owner does the move).
     migrate_to: str = ""
-    #: A failover to this replica (``frcluster/failover.py``): "" none; "requested" (an
-    #: administrator asked, the owner carries it out); "done" (the VM runs from the
-    #: replica: its former primary is refused from now on); "failed" (``failover_note``).
-    failover: str = ""
+    #: A failover to this replica (``frcluster/failover.py``), see :class:`FailoverState`.
+    failover: FailoverState = FailoverState.NONE
     #: Requested: the recovery point to fail over to (-1: the latest). Done: the point
     #: the VM runs from.
     failover_point: int = -1
@@ -241,6 +267,11 @@ class VMRecord:
     failover_generation: int = 0
     #: Why a failover failed, or what the start hook said.
     failover_note: str = ""
+
+    def __post_init__(self) -> None:
+        # Code that still says failover="done" gets the member, so ``is`` compares hold
+        # (FailoverState(member) is the member itself).
+        object.__setattr__(self, "failover", FailoverState(self.failover))
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -279,21 +310,28 @@ class VMRecord:
             raise RecordError(f"VM record: {exc}") from None
 
 
-#: The values of ``VMRecord.failover``.
-FAILOVER_STATES: Final = ("", "requested", "done", "failed")
+#: The values of ``VMRecord.failover`` as stored.
+FAILOVER_STATES: Final = tuple(s.value for s in FailoverState)
 
 
-def _failover_state(value: object) -> str:
+def _failover_state(value: object) -> FailoverState:
     if value not in FAILOVER_STATES:
         raise ValueError(f"failover must be one of {FAILOVER_STATES}, not {value!r}")
-    return str(value)
+    return FailoverState(value)
 
 
 #: A placement rule's name in the settings: ``module:attribute`` or an entry-point name.
 _RULE_NAME: Final = re.compile(r"[A-Za-z0-9_.]+:[A-Za-z0-9_.]+|[A-Za-z0-9_-]+")
 
 #: Placement policies by setting name (see broker/placement.py).
-PLACEMENT_POLICIES: Final = ("round-robin", "random", "least-loaded", "capacity-aware")
+PLACEMENT_POLICIES: Final = tuple(p.value for p in PlacementPolicy)
+
+
+def _placement_policy(value: str) -> PlacementPolicy:
+    if value not in PLACEMENT_POLICIES:
+        choices = ", ".join(PLACEMENT_POLICIES)
+        raise RecordError(f"placement_policy {value!r}: one of {choices}")
+    return PlacementPolicy(value)
 
 
 @dataclass(frozen=True)
@@ -306,7 +344,7 @@ class Settings:
     #: Authorization entries, as in a recovery server's config ``[[authorization]]`` tables.
     authorization: list[dict[str, Any]] = field(default_factory=list)
     default_storage: str = ""
-    placement_policy: str = "round-robin"
+    placement_policy: PlacementPolicy = PlacementPolicy.ROUND_ROBIN
     #: Extra placement rules, run before each placement: import paths ``module:attribute``
     #: or names of the ``frrep.placement_rules`` entry points (e.g. ``"maintenance"``).
     placement_rules: list[str] = field(default_factory=list)
@@ -329,8 +367,8 @@ class Settings:
             port=_typed(d.get("port", base.port), int, "port"),
             authorization=_typed(d.get("authorization", []), list, "authorization"),
             default_storage=_typed(d.get("default_storage", ""), str, "default_storage"),
-            placement_policy=_typed(
-                d.get("placement_policy", base.placement_policy), str, "placement_policy"
+            placement_policy=_placement_policy(
+                _typed(d.get("placement_policy", base.placement_policy), str, "placement_policy")
             ),
             placement_rules=_typed(d.get("placement_rules", []), list, "placement_rules"),
             recovery_points=_typed(
@@ -342,9 +380,7 @@ class Settings:
 
     def check(self) -> None:
         """Refuse values no node could apply (:class:`RecordError`)."""
-        if self.placement_policy not in PLACEMENT_POLICIES:
-            choices = ", ".join(PLACEMENT_POLICIES)
-            raise RecordError(f"placement_policy {self.placement_policy!r}: one of {choices}")
+        _placement_policy(self.placement_policy)  # a Settings built in code may hold text
         if self.auth_type != "certificate":
             raise RecordError(f"auth_type {self.auth_type!r}: only 'certificate' is supported")
         if not 0 <= self.port <= 65535:
@@ -361,8 +397,9 @@ class Settings:
                 )
 
     def changes(self, other: Settings) -> dict[str, tuple[Any, Any]]:
-        """``{name: (self's value, other's value)}`` for every setting that differs."""
-        a, b = asdict(self), asdict(other)
+        """``{name: (self's value, other's value)}`` for every setting that differs, as
+        JSON values (what the store holds: plain text for the enums)."""
+        a, b = json.loads(self.to_json()), json.loads(other.to_json())
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 

@@ -32,8 +32,7 @@ from broker.cluster_cache import ClusterCache
 from broker.cluster_view import ClusterView
 from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
-from broker.placement import load_rules as load_placement_rules
-from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
+from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Settings, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink.accept import accept
 from frlink.authz import Grant
@@ -203,7 +202,7 @@ class Broker:
                 return fp.QueryRecoveryServerResponse(
                     query.vmid, self.cap.cap_name, self.cap.cap_port, fp.ExistingVM.DELETED
                 )
-            if vm.failover == "done":
+            if vm.failover is FailoverState.DONE:
                 # The VM runs from its replica now: its former primary must not write
                 # to it (the node refuses it too, by the relationship's generation).
                 raise fp.NotAuthorized(
@@ -251,7 +250,7 @@ class Broker:
         ]
         others = [v for v in view.vms.values() if v.vmid != vm.vmid]
         ctx = PlacementContext(nodes=nodes, vms=others, cursor=view.cursor)
-        rules = load_placement_rules(view.settings.placement_rules)
+        rules = self.cache.placement_rules(view)
         return place(
             request, ctx, policy=view.settings.placement_policy, rules=rules, rng=self._rng
         ).node
@@ -274,7 +273,7 @@ class Broker:
             owned=view.owned,
         )
         try:
-            rules = load_placement_rules(view.settings.placement_rules)
+            rules = self.cache.placement_rules(view)
             placement = place(
                 request, ctx, policy=view.settings.placement_policy, rules=rules, rng=self._rng
             )

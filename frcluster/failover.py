@@ -2,7 +2,8 @@
 
 In a cluster the replica's node runs the agent, which holds the replica storage; a
 failover is therefore asked through the cluster store (``frctl cluster failover``
-writes ``VMRecord.failover = "requested"``, with the point) and carried out by the owner:
+writes ``VMRecord.failover = FailoverState.REQUESTED``, with the point; ``broker/admin.py``)
+and carried out by the owner:
 
 1. it holds the VM on its recovery server (the primary's session, if any, ends first;
    a new one gets BUSY);
@@ -11,8 +12,8 @@ writes ``VMRecord.failover = "requested"``, with the point) and carried out by t
    the former primary whatever it presents, and the broker refuses it too;
 3. it runs the node's ``failover_start`` hook (the VM starts from the replica's disks,
    in place; ``node/failover/test.py`` describes the hook's environment);
-4. it records the outcome in the VM record: ``"done"`` with the point and generation,
-   or ``"failed"`` with the reason (a point that is not kept, no complete replica).
+4. it records the outcome in the VM record: ``DONE`` with the point and generation,
+   or ``FAILED`` with the reason (a point that is not kept, no complete replica).
 
 A failed-over VM is never moved or re-homed: it runs where its replica is.
 """
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import frproto as fp
-from broker.records import Keys, RecordError, VMRecord
+from broker.records import FailoverState, Keys, RecordError, VMRecord
 from broker.store import ClusterStore, Compare, Put
 from node.failover.test import CommandHook, HookFailed
 from node.failover.unplanned import in_place
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("frrep.node")
 
 #: How "failover requested" reads in a stored VM record (compact, sorted JSON).
-_REQUESTED = b'"failover":"requested"'
+_REQUESTED = f'"failover":"{FailoverState.REQUESTED}"'.encode()
 
 
 class FailoverRunner:
@@ -57,7 +58,7 @@ class FailoverRunner:
         select = owned_requests(
             self.node.config.name,
             lambda raw: _REQUESTED in raw,
-            lambda vm: vm.failover == "requested" and not vm.deleted,
+            lambda vm: vm.failover is FailoverState.REQUESTED and not vm.deleted,
         )
         await follow_requests(self.store, self.keys, select, self._try)
 
@@ -91,7 +92,9 @@ class FailoverRunner:
             except fp.FrprotoError as exc:
                 # A point not kept, no complete replica: only a person can choose again.
                 log.error("failover of %s refused: %s", vmid, exc)
-                return await self._record(vm, revision, failover="failed", failover_note=str(exc))
+                return await self._record(
+                    vm, revision, failover=FailoverState.FAILED, failover_note=str(exc)
+                )
             note = ""
             command = self.node.config.failover_start
             if command:
@@ -112,7 +115,7 @@ class FailoverRunner:
             return await self._record(
                 vm,
                 revision,
-                failover="done",
+                failover=FailoverState.DONE,
                 failover_point=running.sequence,
                 failover_generation=generation,
                 failover_note=note,

@@ -3,7 +3,8 @@ administration, against the cluster store.
 
 Every ``frctl cluster`` command names the store with ``--config node.toml`` (any node's
 configuration) or ``--store URL [--prefix /frrep/]``; what it changes is applied by the
-broker and the nodes, which watch the store.
+broker and the nodes, which watch the store. The changes themselves, and the rules for
+when each may be asked, are ``broker/admin.py``'s: this module parses and prints.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
 
 def _run(args: argparse.Namespace, job: Any) -> int:
     """Run ``await job(store, keys)`` against the cluster store; print errors plainly."""
+    from broker.admin import AdminError
     from broker.records import Keys, RecordError
     from broker.store import StoreError, open_store
 
@@ -47,7 +48,7 @@ def _run(args: argparse.Namespace, job: Any) -> int:
 
     try:
         return trio.run(main)
-    except (StoreError, RecordError, ValueError) as exc:
+    except (AdminError, StoreError, RecordError, ValueError) as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
 
@@ -67,19 +68,11 @@ def _cmd_node_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word: a string
-
-
 def _cmd_settings(args: argparse.Namespace) -> int:
-    from broker.authorization import authorization_from_settings
+    from broker import admin
     from broker.cluster_view import read_settings
-    from broker.placement import PlacementError, load_rules
     from broker.records import Keys, Settings
-    from broker.store import ClusterStore, Compare, Put
+    from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         if not args.assignments:
@@ -90,40 +83,11 @@ def _cmd_settings(args: argparse.Namespace) -> int:
                 for name, value in asdict(settings).items():
                     print(f"{name} = {json.dumps(value)}")
             return 0
-        for _ in range(10):
-            kv = await store.get(keys.settings)
-            current = Settings() if kv is None else Settings.from_json(kv.value)
-            updates: dict[str, Any] = {}
-            for item in args.assignments:
-                name, sep, raw = item.partition("=")
-                if not sep or name not in Settings.__dataclass_fields__:
-                    known = ", ".join(Settings.__dataclass_fields__)
-                    print(
-                        f"frctl: {item!r}: expected NAME=VALUE, NAME one of {known}",
-                        file=sys.stderr,
-                    )
-                    return 1
-                updates[name] = _parse_value(raw)
-            new = Settings.from_json(json.dumps({**asdict(current), **updates}))
-            # What a node would refuse to apply is refused here, before anything is written.
-            authorization_from_settings(new.authorization, Path("/"), new.default_storage)
-            try:
-                load_rules(new.placement_rules)
-            except PlacementError as exc:
-                print(f"frctl: {exc}", file=sys.stderr)
-                return 1
-            revision = 0 if kv is None else kv.mod_revision
-            result = await store.txn(
-                [Compare.mod_revision(keys.settings, "==", revision)],
-                [Put(keys.settings, new.to_json())],
-                [],
-            )
-            if result.succeeded:
-                for name, (old, value) in current.changes(new).items():
-                    print(f"{name}: {json.dumps(old)} -> {json.dumps(value)}")
-                return 0
-        print("frctl: the settings kept changing; try again", file=sys.stderr)
-        return 1
+        updates = admin.parse_assignments(args.assignments)
+        done = await admin.update_settings(store, keys, updates)
+        for name, (old, value) in (done.old or Settings()).changes(done.new).items():
+            print(f"{name}: {json.dumps(old)} -> {json.dumps(value)}")
+        return 0
 
     return _run(args, job)
 
@@ -131,7 +95,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 def _cmd_nodes(args: argparse.Namespace) -> int:
     from broker.cluster_view import read_cluster
     from broker.election import current_holder
-    from broker.records import Keys
+    from broker.records import Keys, NodeState
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
@@ -144,7 +108,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
             rows.append(
                 {
                     "name": name,
-                    "state": node.state.value if node else "down",
+                    "state": (node.state if node else NodeState.DOWN).value,
                     "address": node.record.address if node else "",
                     "port": node.record.port if node else 0,
                     "vms": len(view.owned_by(name)),
@@ -190,93 +154,32 @@ def _cmd_vms(args: argparse.Namespace) -> int:
     return _run(args, job)
 
 
-async def _update_vm(store: Any, keys: Any, vmid: str, change: Any) -> int:
-    from broker.records import VMRecord
-    from broker.store import Compare, Put
-
-    uuid.UUID(vmid)
-    for _ in range(10):
-        kv = await store.get(keys.vm(vmid))
-        if kv is None:
-            print(f"frctl: the cluster has no VM {vmid}", file=sys.stderr)
-            return 1
-        vm = VMRecord.from_json(kv.value)
-        new = change(vm)
-        result = await store.txn(
-            [Compare.mod_revision(keys.vm(vmid), "==", kv.mod_revision)],
-            [Put(keys.vm(vmid), new.to_json())],
-            [],
-        )
-        if result.succeeded:
-            return 0
-    print("frctl: the VM's record kept changing; try again", file=sys.stderr)
-    return 1
-
-
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from broker.records import Keys, VMRecord
+    from broker import admin
+    from broker.records import Keys
     from broker.store import ClusterStore
 
-    def request(vm: VMRecord) -> VMRecord:
-        if vm.failover:
-            # It runs (or is about to run) from its replica where it is.
-            raise ValueError(f"VM {vm.vmid} was failed over ({vm.failover}): it does not move")
-        return replace(vm, migrate_to=args.node)
-
     async def job(store: ClusterStore, keys: Keys) -> int:
-        uuid.UUID(args.vmid)  # a typo is reported as such, before anything else
-        if await store.get(keys.node(args.node)) is None:
-            print(f"frctl: node {args.node} is not up", file=sys.stderr)
-            return 1
-        kv = await store.get(keys.vm(args.vmid))
-        if kv is not None and VMRecord.from_json(kv.value).owner == args.node:
-            print(f"frctl: VM {args.vmid} is already on {args.node}", file=sys.stderr)
-            return 1
-        rc = await _update_vm(store, keys, args.vmid, request)
-        if rc == 0:
-            print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
-        return rc
+        await admin.request_migration(store, keys, args.vmid, args.node)
+        print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
+        return 0
 
     return _run(args, job)
 
 
 def _cmd_failover(args: argparse.Namespace) -> int:
-    from broker.records import Keys, VMRecord
+    from broker import admin
+    from broker.records import FailoverState, Keys
     from broker.store import ClusterStore
 
-    def request(vm: VMRecord) -> VMRecord:
-        if vm.deleted:
-            raise ValueError(f"VM {vm.vmid} was deleted")
-        if vm.failover in ("requested", "done"):
-            raise ValueError(f"VM {vm.vmid}: a failover is already {vm.failover}")
-        if vm.migrate_to:
-            raise ValueError(f"VM {vm.vmid} is moving to {vm.migrate_to}; fail over after")
-        return replace(vm, failover="requested", failover_point=args.point, failover_note="")
-
     async def job(store: ClusterStore, keys: Keys) -> int:
-        rc = await _update_vm(store, keys, args.vmid, request)
-        if rc:
-            return rc
-        latest = args.point < 0
-        point = "the latest recovery point" if latest else f"recovery point {args.point}"
+        await admin.request_failover(store, keys, args.vmid, point=args.point)
+        point = "the latest recovery point" if args.point < 0 else f"recovery point {args.point}"
         if not args.json:
             print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
         # The owner carries it out (frcluster/failover.py) and records the outcome.
-        vm: VMRecord | None = None
-        with trio.move_on_after(args.wait):
-            while True:
-                kv = await store.get(keys.vm(args.vmid))
-                vm = None if kv is None else VMRecord.from_json(kv.value)
-                if vm is None or vm.failover in ("done", "failed"):
-                    break
-                await trio.sleep(0.1)
-        if vm is None or vm.failover not in ("done", "failed"):
-            print(
-                f"frctl: no outcome within {args.wait:g} s (is the owner up?); the request "
-                "stays: its node carries it out when it can",
-                file=sys.stderr,
-            )
-            return 1
+        vm = await admin.await_failover(store, keys, args.vmid, timeout=args.wait)
+        done = vm.failover is FailoverState.DONE
         if args.json:
             print(
                 json.dumps(
@@ -290,7 +193,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
                     }
                 )
             )
-        elif vm.failover == "done":
+        elif done:
             print(
                 f"failed over at {vm.owner}: recovery point {vm.failover_point}, generation "
                 f"{vm.failover_generation}; the former primary is refused from now on"
@@ -298,32 +201,31 @@ def _cmd_failover(args: argparse.Namespace) -> int:
             )
         else:
             print(f"frctl: failover refused at {vm.owner}: {vm.failover_note}", file=sys.stderr)
-        return 0 if vm.failover == "done" else 1
+        return 0 if done else 1
 
     return _run(args, job)
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
+    from broker import admin
     from broker.records import Keys
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        rc = await _update_vm(store, keys, args.vmid, lambda vm: replace(vm, deleted=True))
-        if rc == 0:
-            print(f"VM {args.vmid}: deleted (its primary is told so and stops)")
-        return rc
+        await admin.delete_vm(store, keys, args.vmid)
+        print(f"VM {args.vmid}: deleted (its primary is told so and stops)")
+        return 0
 
     return _run(args, job)
 
 
 def _cmd_drain(args: argparse.Namespace) -> int:
-    from broker.records import Keys, NodeAdmin
+    from broker import admin
+    from broker.records import Keys
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        kv = await store.get(keys.admin(args.node))
-        admin = NodeAdmin() if kv is None else NodeAdmin.from_json(kv.value)
-        await store.put(keys.admin(args.node), replace(admin, draining=not args.undo).to_json())
+        await admin.set_draining(store, keys, args.node, draining=not args.undo)
         what = "no longer draining" if args.undo else "draining: its replicas move away"
         print(f"{args.node}: {what}")
         return 0
@@ -332,21 +234,17 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from broker.records import Keys, NodeAdmin
+    from broker import admin
+    from broker.records import Keys
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        kv = await store.get(keys.admin(args.node))
-        admin = NodeAdmin() if kv is None else NodeAdmin.from_json(kv.value)
-        labels = dict(admin.labels)
+        changes: dict[str, str | None] = {}
         for item in args.labels:
             name, sep, value = item.partition("=")
-            if sep:
-                labels[name] = value
-            else:
-                labels.pop(name, None)
-        await store.put(keys.admin(args.node), replace(admin, labels=labels).to_json())
-        print(f"{args.node}: labels {json.dumps(labels)}")
+            changes[name] = value if sep else None  # NAME alone: remove it
+        done = await admin.set_labels(store, keys, args.node, changes)
+        print(f"{args.node}: labels {json.dumps(done.new.labels)}")
         return 0
 
     return _run(args, job)

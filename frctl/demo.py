@@ -34,9 +34,10 @@ from pathlib import Path
 import trio
 
 import frproto as fp
+from broker.admin import request_migration
 from broker.records import VMRecord
 from broker.store import open_store
-from frtesting.cluster import ClusterSite, primary_replicator, replica_path
+from frtesting.cluster import ClusterSite, NodeProcess, primary_replicator, replica_path
 from node.primary.replicator import VMReplicator
 
 MIB = 1 << 20
@@ -113,6 +114,67 @@ def _same(site: ClusterSite, node: str, vmid: str, disk: Path) -> bool:
     return replica.exists() and replica.read_bytes() == disk.read_bytes()
 
 
+async def _migrate(site: ClusterSite, vmid: str, target: str) -> None:
+    async with open_store(site.store_url) as store:
+        await request_migration(store, site.keys, vmid, target)
+
+
+def _move_one(vms: list[VMReplicator], site: ClusterSite, out: _Out) -> bool:
+    """Move a replica onto the broker's node, so that killing that node strands it."""
+    broker = site.broker_node()
+    moving = next(vm for vm in vms if vm.state.node_name != broker.name)
+    source, target = moving.state.node_name, broker.name
+    out(f"migrating {moving.state.name}'s replica {source} -> {target}:")
+    out(f"  broker.admin.request_migration({moving.state.vmid}, {target})")
+    trio.run(_migrate, site, moving.state.vmid, target)
+    deadline = time.monotonic() + 20
+    while trio.run(_owner, site, moving.state.vmid) != target:
+        if time.monotonic() > deadline:
+            out("  the replica did not move")
+            return False
+        time.sleep(0.1)
+    out(f"  {target} owns it now (shared storage: an ownership change)")
+    return True
+
+
+def _kill_broker(
+    vms: list[VMReplicator], site: ClusterSite, out: _Out
+) -> tuple[NodeProcess, NodeProcess]:
+    """SIGKILL the broker's node; report the new broker and where its replicas went.
+    Returns the killed node and the new broker's."""
+    broker = site.broker_node()
+    out(f"killing the broker's node {broker.name} with SIGKILL")
+    broker.kill()
+    killed = time.monotonic()
+    survivor = site.broker_node(timeout=15)
+    out(f"  {survivor.name} took the election and the CAP {time.monotonic() - killed:.2f} s later")
+    for vm in vms:
+        if vm.state.node_name == broker.name:
+            now = ""
+            while now in ("", broker.name) and time.monotonic() < killed + 20:
+                now = trio.run(_owner, site, vm.state.vmid)
+                time.sleep(0.05)
+            out(f"  {vm.state.name}: its replica was on {broker.name}: re-homed to {now}")
+    return broker, survivor
+
+
+def _all_equal(vms: list[VMReplicator], disks: list[Path], site: ClusterSite, out: _Out) -> bool:
+    ok = True
+    for vm, disk in zip(vms, disks, strict=True):
+        owner = trio.run(_owner, site, vm.state.vmid)
+        same = _same(site, owner, vm.state.vmid, disk)
+        ok = ok and same and owner == vm.state.node_name
+        out(
+            f"{vm.state.name}: replica on {owner} at batch {vm.state.sequence}: "
+            + (
+                "equals the primary disk, block for block"
+                if same
+                else "DIFFERS from the primary disk"
+            )
+        )
+    return ok
+
+
 def _run(site: ClusterSite, out: _Out) -> bool:
     rng = random.Random(2026)
     out(f"starting {site.nodes} recovery nodes (frctl node run) on 127.0.0.11-{10 + site.nodes}")
@@ -144,59 +206,15 @@ def _run(site: ClusterSite, out: _Out) -> bool:
     trio.run(enable)
     out("delta cycles, with writes in between:")
     trio.run(_replicate_all, vms, disks, rng, out)
-
-    # Move a replica onto the broker's node, so that killing that node strands it.
-    broker = site.broker_node()
-    moving = next(vm for vm in vms if vm.state.node_name != broker.name)
-    source, target = moving.state.node_name, broker.name
-    out(f"migrating {moving.state.name}'s replica {source} -> {target}:")
-    from frctl.main import main as frctl
-
-    where = ["--store", site.store_url, "--prefix", site.prefix]
-    out(f"  $ frctl cluster migrate {moving.state.vmid} {target}")
-    if frctl(["cluster", "migrate", *where, moving.state.vmid, target]) != 0:
+    if not _move_one(vms, site, out):
         return False
-    deadline = time.monotonic() + 20
-    while trio.run(_owner, site, moving.state.vmid) != target:
-        if time.monotonic() > deadline:
-            out("  the replica did not move")
-            return False
-        time.sleep(0.1)
-    out(f"  {target} owns it now (shared storage: an ownership change)")
     trio.run(_replicate_all, vms, disks, rng, out)
-
-    broker = site.broker_node()
-    out(f"killing the broker's node {broker.name} with SIGKILL")
-    broker.kill()
-    killed = time.monotonic()
-    survivor = site.broker_node(timeout=15)
-    out(f"  {survivor.name} took the election and the CAP {time.monotonic() - killed:.2f} s later")
-    for vm in vms:
-        if vm.state.node_name == broker.name:
-            now = ""
-            while now in ("", broker.name) and time.monotonic() < killed + 20:
-                now = trio.run(_owner, site, vm.state.vmid)
-                time.sleep(0.05)
-            out(f"  {vm.state.name}: its replica was on {broker.name}: re-homed to {now}")
+    killed, survivor = _kill_broker(vms, site, out)
     trio.run(_replicate_all, vms, disks, rng, out)
-    site.start(broker.index)
-    out(f"{broker.name} restarted: it rejoins as a node; the broker stays on {survivor.name}")
+    site.start(killed.index)
+    out(f"{killed.name} restarted: it rejoins as a node; the broker stays on {survivor.name}")
     trio.run(_replicate_all, vms, disks, rng, out)
-
-    ok = True
-    for vm, disk in zip(vms, disks, strict=True):
-        owner = trio.run(_owner, site, vm.state.vmid)
-        same = _same(site, owner, vm.state.vmid, disk)
-        ok = ok and same and owner == vm.state.node_name
-        out(
-            f"{vm.state.name}: replica on {owner} at batch {vm.state.sequence}: "
-            + (
-                "equals the primary disk, block for block"
-                if same
-                else "DIFFERS from the primary disk"
-            )
-        )
-    return ok
+    return _all_equal(vms, disks, site, out)
 
 
 def run_demo(*, verbose: bool = True) -> int:

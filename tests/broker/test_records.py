@@ -8,10 +8,12 @@ import pytest
 
 from broker.records import (
     ElectionRecord,
+    FailoverState,
     Keys,
     NodeAdmin,
     NodeRecord,
     PlacementCursor,
+    PlacementPolicy,
     RecordError,
     Settings,
     VMRecord,
@@ -26,7 +28,7 @@ def test_round_trips() -> None:
         NodeAdmin(draining=True, labels={"maintenance": "true"}),
         VMRecord(vmid, "n1.example.com", "/srv/replicas", trust_group="tg", size_bytes=5),
         VMRecord(vmid, "n2.example.com", "/srv", state=VMState.MIGRATING, deleted=True),
-        Settings(placement_policy="least-loaded", recovery_points=3),
+        Settings(placement_policy=PlacementPolicy.LEAST_LOADED, recovery_points=3),
         ElectionRecord("n1.example.com", "cap.example.com", "127.0.0.10", 7000, 1.5),
         PlacementCursor("n3.example.com", 42),
     ]
@@ -69,19 +71,42 @@ def test_vm_record_failover_fields_round_trip_and_are_checked() -> None:
         vmid=str(uuid.uuid4()),
         owner="n1",
         storage="replicas",
-        failover="done",
+        failover=FailoverState.DONE,
         failover_point=3,
         failover_generation=2,
         failover_note="start hook ran",
     )
     assert VMRecord.from_json(vm.to_json()) == vm
     assert VMRecord.from_json(b'{"vmid":"%s","owner":"n1","storage":"s"}' % vm.vmid.encode()) == (
-        VMRecord(vmid=vm.vmid, owner="n1", storage="s", failover="", failover_point=-1)
+        VMRecord(
+            vmid=vm.vmid, owner="n1", storage="s", failover=FailoverState.NONE, failover_point=-1
+        )
     )
     with pytest.raises(RecordError):
         VMRecord.from_json(vm.to_json().replace(b'"done"', b'"maybe"'))
     with pytest.raises(RecordError):
         VMRecord.from_json(vm.to_json().replace(b'"failover_point":3', b'"failover_point":"3"'))
+
+
+def test_states_are_enums_over_the_strings_already_stored() -> None:
+    """Records written when the states were bare strings load as the enum members, and
+    are written back byte for byte as they were."""
+    vmid = str(uuid.uuid4())
+    for text in ("", "requested", "done", "failed"):
+        raw = (
+            b'{"deleted":false,"failover":"%s","failover_generation":0,"failover_note":"",'
+            b'"failover_point":-1,"migrate_to":"","name":"","owner":"n1","primary":"",'
+            b'"shared":false,"size_bytes":0,"state":"placed","storage":"s","trust_group":"",'
+            b'"vmid":"%s"}' % (text.encode(), vmid.encode())
+        )
+        vm = VMRecord.from_json(raw)
+        assert vm.failover is FailoverState(text)
+        assert vm.to_json() == raw
+    settings = Settings.from_json(b'{"placement_policy":"capacity-aware"}')
+    assert settings.placement_policy is PlacementPolicy.CAPACITY_AWARE
+    assert b'"placement_policy":"capacity-aware"' in settings.to_json()
+    # Code that still passes the text gets the member.
+    assert VMRecord(vmid, "n1", "s", failover="done").failover is FailoverState.DONE  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -103,7 +128,7 @@ def test_settings_no_node_could_apply_are_refused(settings: bytes) -> None:
 
 def test_settings_changes_name_what_differs() -> None:
     a = Settings()
-    b = Settings(recovery_points=5, placement_policy="random")
+    b = Settings(recovery_points=5, placement_policy=PlacementPolicy.RANDOM)
     assert a.changes(b) == {
         "recovery_points": (24, 5),
         "placement_policy": ("round-robin", "random"),

@@ -11,7 +11,16 @@ import trio
 
 from broker.cluster_view import read_cluster
 from broker.election import Election, Term
-from broker.records import ElectionRecord, Keys, NodeAdmin, NodeRecord, Settings, VMRecord
+from broker.records import (
+    ElectionRecord,
+    FailoverState,
+    Keys,
+    NodeAdmin,
+    NodeRecord,
+    PlacementPolicy,
+    Settings,
+    VMRecord,
+)
 from broker.service import Broker
 from broker.store import ClusterStore
 
@@ -41,7 +50,9 @@ async def test_draining_spreads_the_moves_over_the_other_nodes(
     store: ClusterStore, keys: Keys
 ) -> None:
     await _cluster(store, keys, 4, shared=False)
-    await store.put(keys.settings, Settings(placement_policy="least-loaded").to_json())
+    await store.put(
+        keys.settings, Settings(placement_policy=PlacementPolicy.LEAST_LOADED).to_json()
+    )
     for _ in range(6):
         vm = VMRecord(str(uuid.uuid4()), "n1.example.com", "replicas", size_bytes=1 << 20)
         await store.put(keys.vm(vm.vmid), vm.to_json())
@@ -61,7 +72,7 @@ async def test_a_down_nodes_shared_replicas_are_rehomed_and_spread(
     store: ClusterStore, keys: Keys
 ) -> None:
     await _cluster(store, keys, 3, shared=True)
-    await store.put(keys.settings, Settings(placement_policy="round-robin").to_json())
+    await store.put(keys.settings, Settings(placement_policy=PlacementPolicy.ROUND_ROBIN).to_json())
     for _ in range(4):  # owned by n9, which is not up (no node record)
         vm = VMRecord(str(uuid.uuid4()), "n9.example.com", "replicas", shared=True)
         await store.put(keys.vm(vm.vmid), vm.to_json())
@@ -84,8 +95,12 @@ async def test_a_failed_over_vm_is_neither_rehomed_nor_drained(
 ) -> None:
     await _cluster(store, keys, 3, shared=True)
     # n9 is down; n1 drains: both hold a VM failed over to its replica there.
-    down = VMRecord(str(uuid.uuid4()), "n9.example.com", "r", shared=True, failover="done")
-    draining = VMRecord(str(uuid.uuid4()), "n1.example.com", "r", shared=True, failover="done")
+    down = VMRecord(
+        str(uuid.uuid4()), "n9.example.com", "r", shared=True, failover=FailoverState.DONE
+    )
+    draining = VMRecord(
+        str(uuid.uuid4()), "n1.example.com", "r", shared=True, failover=FailoverState.DONE
+    )
     moving = VMRecord(str(uuid.uuid4()), "n9.example.com", "r", shared=True)
     for vm in (down, draining, moving):
         await store.put(keys.vm(vm.vmid), vm.to_json())
