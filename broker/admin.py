@@ -216,8 +216,9 @@ async def request_migration(
         BadVMID: ``vmid`` is not a UUID.
         NodeNotUp: ``node`` has no live node record.
         NoSuchVM: the cluster has no such VM.
-        Refused: the VM is on ``node`` already, or was failed over (it runs from its
-            replica where it is, and does not move).
+        Refused: the VM is on ``node`` already, was deleted (no owner would carry the
+            move out), or was failed over (it runs from its replica where it is, and
+            does not move).
         Contended: the record kept changing.
     """
     vmid = _vmid(vmid)
@@ -227,6 +228,8 @@ async def request_migration(
     def ask(vm: VMRecord) -> VMRecord:
         if vm.owner == node:
             raise Refused(f"VM {vmid} is already on {node}")
+        if vm.deleted:
+            raise Refused(f"VM {vmid} was deleted: it does not move")
         if vm.failover is not FailoverState.NONE:
             # It runs (or is about to run) from its replica where it is.
             raise Refused(f"VM {vmid} was failed over ({vm.failover}): it does not move")

@@ -176,6 +176,7 @@ async def test_migration_is_asked_only_of_a_vm_that_may_move(
         await store.put(keys.node(name), NodeRecord(name, "127.0.0.1", 7000).to_json())
     vmid = await _vm(store, keys)
     failed_over = await _vm(store, keys, failover=FailoverState.DONE)
+    deleted = await _vm(store, keys, deleted=True)
     absent = str(uuid.uuid4())
     refusals: list[tuple[str, str, type[admin.AdminError], str]] = [
         ("not-a-uuid", other, admin.BadVMID, "badly formed hexadecimal UUID string"),
@@ -188,6 +189,7 @@ async def test_migration_is_asked_only_of_a_vm_that_may_move(
             f"VM {failed_over} was failed over (done): it does not move",
         ),
         (absent, other, admin.NoSuchVM, f"the cluster has no VM {absent}"),
+        (deleted, other, admin.Refused, f"VM {deleted} was deleted: it does not move"),
     ]
     for which, node, kind, message in refusals:
         with pytest.raises(kind) as refused:
