@@ -125,14 +125,14 @@ def export_ir(
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     counts = {"data": 0, "zero": 0}
-    aggregate = fp.AggregateDigest()
+    aggregate = fp.codec.AggregateDigest()
     try:
         with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
             f.write(MAGIC)
-            f.write(fp.encode_frame(create))
-            f.write(fp.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
+            f.write(fp.codec.encode_frame(create))
+            f.write(fp.codec.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
             _export_chunks(f, aggregate, images, disks, maps, counts, progress)
-            f.write(fp.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
+            f.write(fp.codec.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
             f.flush()
             os.fsync(f.fileno())
             file_bytes = f.tell()
@@ -182,7 +182,7 @@ def export_ir(
 
 def _export_chunks(
     f: IO[bytes],
-    aggregate: fp.AggregateDigest,
+    aggregate: fp.codec.AggregateDigest,
     images: list[Path],
     disks: tuple[fp.DiskInfo, ...],
     maps: list[DigestMap],
@@ -210,17 +210,19 @@ def _export_chunks(
                 if got < n:  # an image shorter than its disk reads as zeros (as a scan does)
                     data[got:] = zeros[: n - got]
                 if buffer.startswith(zeros[:n]):
-                    chunk_digest = fp.zero_digest(n)
-                    frame = fp.encode_frame(
+                    chunk_digest = fp.codec.zero_digest(n)
+                    frame = fp.codec.encode_frame(
                         fp.Chunk(disk_index, offset, n, chunk_digest, b"", fp.ChunkFlags.ZERO)
                     )
                     for start in range(0, n, block):
                         length = min(block, n - start)
-                        dmap.set((offset + start) // block, fp.zero_digest(length))
+                        dmap.set((offset + start) // block, fp.codec.zero_digest(length))
                     counts["zero"] += n
                 else:
                     chunk_digest = digest(data)
-                    frame = fp.encode_frame(fp.Chunk(disk_index, offset, n, chunk_digest, data))
+                    frame = fp.codec.encode_frame(
+                        fp.Chunk(disk_index, offset, n, chunk_digest, data)
+                    )
                     for start in range(0, n, block):
                         dmap.set((offset + start) // block, digest(data[start : start + block]))
                     counts["data"] += n
