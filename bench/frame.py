@@ -56,7 +56,7 @@ from frproto import (
     RelationshipCreate,
     Role,
 )
-from frproto._chunks import encode_chunk_header
+from frproto.codec import encode_chunk_header
 
 MIB = 1 << 20
 VMID = uuid.UUID("0b7e3f5a-2c1d-4e8f-9a6b-3c5d7e9f1a2b")
@@ -159,13 +159,13 @@ def _control_rate(messages: list[frproto.Message], seconds: float) -> dict[str, 
     """encode_frame + decode_frame round trips per second, per message type."""
     rates: dict[str, float] = {}
     for message in messages:
-        frame = frproto.encode_frame(message)
-        assert frproto.decode_frame(frame) == message
+        frame = frproto.codec.encode_frame(message)
+        assert frproto.codec.decode_frame(frame) == message
         count, start = 0, time.perf_counter()
         deadline = start + seconds
         while True:
             for _ in range(50):
-                frproto.decode_frame(frproto.encode_frame(message))
+                frproto.codec.decode_frame(frproto.codec.encode_frame(message))
             count += 50
             now = time.perf_counter()
             if now >= deadline:

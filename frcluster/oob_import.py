@@ -34,7 +34,7 @@ from node.primary.client import RecoveryClient
 
 from .config import ClusterNodeConfig
 
-_ZEROS = memoryview(bytes(fp.MAX_CHUNK_DATA))
+_ZEROS = memoryview(bytes(fp.limits.MAX_CHUNK_DATA))
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,7 @@ async def import_through_cluster(config: ClusterNodeConfig, path: Path) -> Clust
                     )
                     data_bytes += event.length
             reader.expect_end()  # the file's own count and aggregate digest checked out
-            sent = client.conn.connection
-            await client.conn.send(
-                fp.IREnd(create.vmid, begin.sequence, sent.chunk_count, sent.aggregate_digest)
-            )
+            await client.conn.end_ir()
             ack = await client.conn.expect(fp.Ack)
             assert isinstance(ack, fp.Ack)
         finally:

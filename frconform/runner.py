@@ -108,7 +108,9 @@ async def probe(target: Target) -> fp.RecoveryType:
     if not isinstance(answer, fp.NegotiateResponse):
         raise HarnessError(f"the endpoint did not answer a NegotiateRequest: {answer}")
     if answer.status != 0:
-        raise HarnessError(f"the endpoint refused a plain negotiation: {fp.describe(answer)}")
+        raise HarnessError(
+            f"the endpoint refused a plain negotiation: {fp.jsonable.describe(answer)}"
+        )
     return answer.recovery_type
 
 

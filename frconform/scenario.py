@@ -169,7 +169,7 @@ class Context:
     def expect(self, condition: bool, expected: str, got: object = None) -> None:
         """Fail the current check unless ``condition``: "expected ..., got ..."."""
         if not condition:
-            shown = fp.describe(got) if isinstance(got, fp.Message) else repr(got)
+            shown = fp.jsonable.describe(got) if isinstance(got, fp.Message) else repr(got)
             raise CheckFailed(f"expected {expected}; got {shown}")
 
     # -- talking -----------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class Context:
         wire = await self.connect(target)
         answer = await self.negotiate(wire)
         if answer.status != 0 or answer.verdict != fp.VersionVerdict.COMPATIBLE:
-            raise HarnessError(f"negotiation refused: {fp.describe(answer)}")
+            raise HarnessError(f"negotiation refused: {fp.jsonable.describe(answer)}")
         return wire
 
     async def expect_error(self, wire: Wire, code: fp.ErrorCode, *, closes: bool) -> fp.Error:

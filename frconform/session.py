@@ -61,7 +61,7 @@ async def where_to_replicate(
         return ctx.target
     answer = await place(ctx, vmid, disks)
     if answer.existing != fp.ExistingVM.NEW:
-        raise HarnessError(f"the broker did not place a new VM: {fp.describe(answer)}")
+        raise HarnessError(f"the broker did not place a new VM: {fp.jsonable.describe(answer)}")
     return ctx.target.elsewhere(answer.server_name, answer.port)
 
 
@@ -97,22 +97,22 @@ def data_for(vmid: uuid.UUID, disk_index: int, offset: int, length: int, round_:
     out = bytearray()
     counter = offset
     while len(out) < length:
-        out += fp.chunk_digest(seed + counter.to_bytes(8, "big"))
+        out += fp.codec.chunk_digest(seed + counter.to_bytes(8, "big"))
         counter += 16
     return bytes(out[:length])
 
 
 def chunk_frame(disk_index: int, offset: int, data: bytes) -> tuple[bytes, bytes]:
     """A plain Chunk frame and its digest."""
-    digest = fp.chunk_digest(data)
-    return fp.encode_frame(fp.Chunk(disk_index, offset, len(data), digest, data)), digest
+    digest = fp.codec.chunk_digest(data)
+    return fp.codec.encode_frame(fp.Chunk(disk_index, offset, len(data), digest, data)), digest
 
 
 def ir_frames(session: Session, sequence: int = 0) -> list[tuple[bytes, str]]:
     """A whole IR of the session's VM (data in the first chunk of each disk, zeros
     elsewhere): IRBegin, the chunks, IREnd."""
-    frames = [(fp.encode_frame(fp.IRBegin(session.vmid, sequence)), "IRBegin")]
-    aggregate = fp.AggregateDigest()
+    frames = [(fp.codec.encode_frame(fp.IRBegin(session.vmid, sequence)), "IRBegin")]
+    aggregate = fp.codec.AggregateDigest()
     for index, disk in enumerate(session.accepted.disks):
         for offset in range(0, disk.size, CHUNK):
             length = min(CHUNK, disk.size - offset)
@@ -120,13 +120,13 @@ def ir_frames(session: Session, sequence: int = 0) -> list[tuple[bytes, str]]:
                 data = data_for(session.vmid, index, offset, length, 0)
                 frame, digest = chunk_frame(index, offset, data)
             else:
-                digest = fp.zero_digest(length)
+                digest = fp.codec.zero_digest(length)
                 chunk = fp.Chunk(index, offset, length, digest, b"", fp.ChunkFlags.ZERO)
-                frame = fp.encode_frame(chunk)
+                frame = fp.codec.encode_frame(chunk)
             aggregate.add(digest)
             frames.append((frame, f"Chunk disk {index} offset {offset}"))
     end = fp.IREnd(session.vmid, sequence, aggregate.count, aggregate.digest())
-    frames.append((fp.encode_frame(end), fp.describe(end)))
+    frames.append((fp.codec.encode_frame(end), fp.jsonable.describe(end)))
     return frames
 
 
@@ -140,14 +140,14 @@ def batch_frames(
         for d, o in blocks
     }
     begin = fp.BatchBegin(session.vmid, sequence, base, len(written))
-    frames = [(fp.encode_frame(begin), fp.describe(begin))]
-    aggregate = fp.AggregateDigest()
+    frames = [(fp.codec.encode_frame(begin), fp.jsonable.describe(begin))]
+    aggregate = fp.codec.AggregateDigest()
     for (disk_index, offset), data in written.items():
         frame, digest = chunk_frame(disk_index, offset, data)
         aggregate.add(digest)
         frames.append((frame, f"Chunk disk {disk_index} offset {offset}"))
     end = fp.BatchEnd(session.vmid, sequence, aggregate.count, aggregate.digest())
-    frames.append((fp.encode_frame(end), fp.describe(end)))
+    frames.append((fp.codec.encode_frame(end), fp.jsonable.describe(end)))
     return frames, written
 
 

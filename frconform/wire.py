@@ -1,9 +1,9 @@
 """The harness's only I/O: mutual-TLS connections to the endpoint under test (Trio).
 
 A :class:`Wire` sends frames as given (well-formed messages through
-``frproto.encode_frame``, hostile bytes as they are: the harness must be able to send
+``frproto.codec.encode_frame``, hostile bytes as they are: the harness must be able to send
 what a conforming ``frproto.Connection`` never would) and reads the endpoint's frames
-one at a time, decoding each with ``frproto.decode_frame``. No state machine runs here:
+one at a time, decoding each with ``frproto.codec.decode_frame``. No state machine runs here:
 checking the endpoint's answers is the scenarios' job. Every frame in either direction
 goes into the scenario's transcript, which a failed check shows.
 """
@@ -23,7 +23,7 @@ import frproto as fp
 
 _ENVELOPE = struct.Struct(">HHI")
 #: The largest frame an endpoint may send (a Chunk's; recovery sides never send one).
-_MAX_BODY = fp.CHUNK_HEADER_SIZE + fp.MAX_CHUNK_DATA
+_MAX_BODY = fp.limits.CHUNK_HEADER_SIZE + fp.limits.MAX_CHUNK_DATA
 
 
 class HarnessError(Exception):
@@ -94,7 +94,7 @@ class Wire:
 
     async def send(self, message: fp.Message) -> None:
         """Send one well-formed message."""
-        await self._write(fp.encode_frame(message), fp.describe(message))
+        await self._write(fp.codec.encode_frame(message), fp.jsonable.describe(message))
 
     async def send_raw(self, data: bytes, what: str) -> None:
         """Send bytes as they are (a hostile frame, part of one, several frames)."""
@@ -135,7 +135,7 @@ class Wire:
         frame = bytes(self._buffer[:size])
         del self._buffer[:size]
         try:
-            message = fp.decode_frame(frame)
+            message = fp.codec.decode_frame(frame)
         except fp.FrprotoError as exc:
             self._note(f"<- undecodable frame {frame[:64].hex()}: {exc}")
             raise HarnessError(f"the endpoint sent an invalid frame: {exc}") from None
@@ -143,7 +143,7 @@ class Wire:
             tag, _body = message
             self._note(f"<- (ignorable tag {tag:#06x}, skipped)")
             return await self._receive()
-        self._note(f"<- {fp.describe(message)}")
+        self._note(f"<- {fp.jsonable.describe(message)}")
         return message
 
     def _closed_between_frames(self) -> Closed:

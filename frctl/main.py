@@ -22,7 +22,7 @@ from .server_commands import register as register_server_commands
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    major, minor = frproto.PROTOCOL_VERSION
+    major, minor = frproto.limits.PROTOCOL_VERSION
     if args.json:
         print(json.dumps({"frproto": frproto.__version__, "protocol": f"{major}.{minor}"}))
     else:
@@ -38,7 +38,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         print(f"frctl: not hex: {exc}", file=sys.stderr)
         return 1
     try:
-        message = frproto.decode_frame(data)
+        message = frproto.codec.decode_frame(data)
     except frproto.RemoteProtocolError as exc:
         code = type(exc).code
         print(f"frctl: invalid frame: {type(exc).__name__} ({code.name}): {exc}", file=sys.stderr)
@@ -48,9 +48,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         out = {"type": "UnknownMessage", "tag": tag, "body": body.hex()}
         print(json.dumps(out) if args.json else f"UnknownMessage(tag={tag:#06x})")
     elif args.json:
-        print(json.dumps(frproto.message_to_dict(message)))
+        print(json.dumps(frproto.jsonable.message_to_dict(message)))
     else:
-        print(frproto.describe(message))
+        print(frproto.jsonable.describe(message))
     return 0
 
 

@@ -2,10 +2,20 @@
 
 A primary server and a recovery server (stand-alone, cluster node, or the cluster's
 clustering broker at its CAP) talk through :class:`Connection`, which turns bytes into
-events and messages into bytes, in the style of h11, h2 and wsproto. The byte layout is
-defined once, as Construct schemas in ``frproto._wire``, and documented in
-``docs/protocol.md``. The only module that does I/O is :mod:`frproto.trio_io`, which is
-not imported here.
+events and messages into bytes, in the style of h11, h2 and wsproto. Each message's
+bytes are defined once, by the field table of its class, and documented in
+``docs/protocol.md``.
+
+The top level holds the conversation: :class:`Connection` and its events, the messages,
+the enumerations that appear in them, and the exceptions. Three public modules hold the
+rest:
+
+* :mod:`frproto.limits`: the protocol version and every size limit;
+* :mod:`frproto.codec`: frames without a conversation (``encode_frame``,
+  ``decode_frame``), digests, the tag and error-code registries, the struct fast paths;
+* :mod:`frproto.jsonable`: messages as JSON-able dicts and one-line descriptions.
+
+The only module that does I/O is :mod:`frproto.trio_io`, which is not imported here.
 
 Quick look::
 
@@ -20,8 +30,11 @@ Quick look::
 
 from __future__ import annotations
 
-from ._chunks import AggregateDigest, chunk_digest, zero_digest
-from ._codec import MESSAGE_CLASSES, decode_frame, encode_frame
+from typing import TYPE_CHECKING, Any
+
+from . import codec as codec
+from . import jsonable as jsonable
+from . import limits as limits
 from ._connection import (
     NEED_DATA,
     Connection,
@@ -31,8 +44,8 @@ from ._connection import (
     NeedData,
     UnknownMessage,
 )
+from ._deprecated import add_old_methods, moved
 from ._enums import (
-    IGNORABLE_TAG_BIT,
     AckKind,
     AuthType,
     ChunkFlags,
@@ -48,7 +61,6 @@ from ._enums import (
     VersionVerdict,
 )
 from ._errors import (
-    ERROR_CLASSES,
     AlreadyExists,
     BadCompressedData,
     BadName,
@@ -81,26 +93,6 @@ from ._errors import (
     VMDeleted,
     VMNotHere,
     closes_connection,
-    error_class_for,
-    error_from_message,
-)
-from ._jsonable import describe, message_from_dict, message_to_dict
-from ._limits import (
-    CHUNK_HEADER_SIZE,
-    DIGEST_SIZE,
-    ENVELOPE_SIZE,
-    MAX_BLOCK_SIZE,
-    MAX_CHUNK_DATA,
-    MAX_CONFIG_BLOB,
-    MAX_CONTROL_BODY,
-    MAX_DIGESTS,
-    MAX_DISK_ID,
-    MAX_DISKS,
-    MAX_ERROR_TEXT,
-    MAX_FQDN,
-    MAX_NAME,
-    MIN_BLOCK_SIZE,
-    PROTOCOL_VERSION,
 )
 from ._messages import (
     DiskInfo,
@@ -111,6 +103,7 @@ from ._messages import (
     NegotiateResponse,
     QueryRecoveryServer,
     QueryRecoveryServerResponse,
+    error_from_message,
 )
 from ._negotiation import ServerPolicy, answer_negotiation
 from ._replication import (
@@ -129,31 +122,43 @@ from ._replication import (
 )
 from ._state import State
 
+if TYPE_CHECKING:
+    # The moved names, for type checkers only: at run time they come from __getattr__
+    # below, with a DeprecationWarning.
+    from .codec import ERROR_CLASSES as ERROR_CLASSES
+    from .codec import IGNORABLE_TAG_BIT as IGNORABLE_TAG_BIT
+    from .codec import MESSAGE_CLASSES as MESSAGE_CLASSES
+    from .codec import AggregateDigest as AggregateDigest
+    from .codec import chunk_digest as chunk_digest
+    from .codec import decode_frame as decode_frame
+    from .codec import encode_frame as encode_frame
+    from .codec import error_class_for as error_class_for
+    from .codec import zero_digest as zero_digest
+    from .jsonable import describe as describe
+    from .jsonable import message_from_dict as message_from_dict
+    from .jsonable import message_to_dict as message_to_dict
+    from .limits import CHUNK_HEADER_SIZE as CHUNK_HEADER_SIZE
+    from .limits import DIGEST_SIZE as DIGEST_SIZE
+    from .limits import ENVELOPE_SIZE as ENVELOPE_SIZE
+    from .limits import MAX_BLOCK_SIZE as MAX_BLOCK_SIZE
+    from .limits import MAX_CHUNK_DATA as MAX_CHUNK_DATA
+    from .limits import MAX_CONFIG_BLOB as MAX_CONFIG_BLOB
+    from .limits import MAX_CONTROL_BODY as MAX_CONTROL_BODY
+    from .limits import MAX_DIGESTS as MAX_DIGESTS
+    from .limits import MAX_DISK_ID as MAX_DISK_ID
+    from .limits import MAX_DISKS as MAX_DISKS
+    from .limits import MAX_ERROR_TEXT as MAX_ERROR_TEXT
+    from .limits import MAX_FQDN as MAX_FQDN
+    from .limits import MAX_NAME as MAX_NAME
+    from .limits import MIN_BLOCK_SIZE as MIN_BLOCK_SIZE
+    from .limits import PROTOCOL_VERSION as PROTOCOL_VERSION
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "CHUNK_HEADER_SIZE",
-    "DIGEST_SIZE",
-    "ENVELOPE_SIZE",
-    "ERROR_CLASSES",
-    "IGNORABLE_TAG_BIT",
-    "MAX_BLOCK_SIZE",
-    "MAX_CHUNK_DATA",
-    "MAX_CONFIG_BLOB",
-    "MAX_CONTROL_BODY",
-    "MAX_DIGESTS",
-    "MAX_DISKS",
-    "MAX_DISK_ID",
-    "MAX_ERROR_TEXT",
-    "MAX_FQDN",
-    "MAX_NAME",
-    "MESSAGE_CLASSES",
-    "MIN_BLOCK_SIZE",
     "NEED_DATA",
-    "PROTOCOL_VERSION",
     "Ack",
     "AckKind",
-    "AggregateDigest",
     "AlreadyExists",
     "AuthType",
     "BadCompressedData",
@@ -225,14 +230,14 @@ __all__ = [
     "VMNotHere",
     "VersionVerdict",
     "answer_negotiation",
-    "chunk_digest",
     "closes_connection",
-    "decode_frame",
-    "describe",
-    "encode_frame",
-    "error_class_for",
     "error_from_message",
-    "message_from_dict",
-    "message_to_dict",
-    "zero_digest",
 ]
+
+# The names that moved to frproto.limits, .codec and .jsonable, and the exceptions'
+# to_message()/error, still work for one release, with a DeprecationWarning.
+add_old_methods()
+
+
+def __getattr__(name: str) -> Any:
+    return moved(name)

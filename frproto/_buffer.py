@@ -19,10 +19,8 @@ it have been consumed (views of it may be inside those events).
 
 from __future__ import annotations
 
-from ._limits import ENVELOPE_SIZE
-from ._wire import ENVELOPE
-
-Bytes = bytes | bytearray | memoryview
+from ._wire import ENVELOPE, Bytes
+from .limits import ENVELOPE_SIZE
 
 
 class ReceiveBuffer:

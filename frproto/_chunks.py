@@ -29,10 +29,9 @@ from ._errors import (
     MalformedMessage,
     TruncatedFrame,
 )
-from ._limits import CHUNK_HEADER_SIZE, DIGEST_SIZE, MAX_CHUNK_DATA
-from ._messages import Bytes
 from ._replication import Chunk
-from ._wire import CHUNK_FRAME_HEADER, CHUNK_HEADER
+from ._wire import CHUNK_FRAME_HEADER, CHUNK_HEADER, Bytes
+from .limits import CHUNK_HEADER_SIZE, DIGEST_SIZE, MAX_CHUNK_DATA
 
 _digest = xxhash.xxh3_128_digest
 _ZERO_DIGESTS: dict[int, bytes] = {}

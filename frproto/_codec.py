@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from ._chunks import decode_chunk
+from ._chunks import decode_chunk, encode_chunk_header
 from ._enums import IGNORABLE_TAG_BIT, MessageTag
 from ._errors import FrameTooLarge, ReservedNotZero, TrailingBytes, TruncatedFrame, UnknownTag
-from ._limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 from ._messages import (
-    Bytes,
     Error,
     Keepalive,
     Message,
@@ -37,7 +35,8 @@ from ._replication import (
     RelationshipDelete,
     RelationshipOpen,
 )
-from ._wire import ENVELOPE
+from ._wire import ENVELOPE, Bytes
+from .limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 
 KNOWN_TAGS: Final = frozenset(int(t) for t in MessageTag)
 
@@ -106,8 +105,6 @@ def encode_frame(message: Message) -> bytes:
     A Chunk is framed as it is, uncompressed (or ZERO when its flags say so).
     """
     if isinstance(message, Chunk):
-        from ._chunks import encode_chunk_header
-
         payload = b"" if message.is_zero else bytes(message.data)
         flags = message.flags & message.flags.ZERO
         header = encode_chunk_header(

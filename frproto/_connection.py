@@ -41,12 +41,12 @@ from ._errors import (
     TruncatedFrame,
     UnexpectedMessage,
 )
-from ._limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
-from ._messages import Bytes, DiskInfo, Error, Message, NegotiateResponse
-from ._replication import Chunk, DigestMapRequest
+from ._messages import DiskInfo, Error, Message, NegotiateResponse
+from ._replication import BatchEnd, Chunk, DigestMapRequest, IREnd
 from ._session import SessionTracker
 from ._state import IllegalTransition, State, error_outcome, next_state
-from ._wire import ENVELOPE
+from ._wire import ENVELOPE, Bytes
+from .limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 
 _ZEROS = bytes(MAX_CHUNK_DATA)
 _CHUNK_TAG: Final = int(MessageTag.CHUNK)  # a plain int compares faster than the IntEnum
@@ -163,7 +163,8 @@ class Connection:
 
     @property
     def aggregate_digest(self) -> bytes:
-        """Aggregate digest of the chunks of the current IR or batch (for IREnd/BatchEnd)."""
+        """Aggregate digest of the chunks of the current IR or batch so far (to end one,
+        :meth:`end_ir` and :meth:`end_batch` build the whole message)."""
         return self._session.aggregate_digest
 
     def digest_map_size(self, request: DigestMapRequest) -> int:
@@ -173,8 +174,31 @@ class Connection:
 
     @property
     def chunk_count(self) -> int:
-        """Chunks in the current IR or batch so far (for IREnd/BatchEnd)."""
+        """Chunks in the current IR or batch so far (see :meth:`end_ir`, :meth:`end_batch`)."""
         return self._session.chunk_count
+
+    def end_ir(self) -> IREnd:
+        """The IREnd for the IR in progress: its VM, sequence, and the count and aggregate
+        digest of the chunks sent so far (received so far, on the recovery side).
+
+        It is built, not sent: pass it to :meth:`send`.
+
+        Raises:
+            LocalProtocolError: no IR is in progress.
+        """
+        if self._state is not State.IR:
+            raise LocalProtocolError(f"no IR in progress (state {self._state.name})")
+        return self._session.end(IREnd)
+
+    def end_batch(self) -> BatchEnd:
+        """The BatchEnd for the batch in progress (as :meth:`end_ir` for an IR).
+
+        Raises:
+            LocalProtocolError: no batch is in progress.
+        """
+        if self._state is not State.BATCH:
+            raise LocalProtocolError(f"no batch in progress (state {self._state.name})")
+        return self._session.end(BatchEnd)
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -224,8 +248,8 @@ class Connection:
         between frames), :class:`UnknownMessage`, or :data:`NEED_DATA`.
 
         Raises:
-            RemoteProtocolError: the peer broke the protocol; its ``error`` is the Error
-                message to send back before closing. The connection is then in ERROR
+            RemoteProtocolError: the peer broke the protocol; report it with
+                ``send_error(exc)`` before closing. The connection is then in ERROR
                 and will raise again. Any other exception is a bug in frproto.
         """
         if self._state is State.ERROR:
@@ -333,7 +357,7 @@ class Connection:
 
     def send_error(self, error: FrprotoError | Error) -> bytes:
         """Bytes of an Error message reporting ``error`` (allowed even in ERROR)."""
-        return self.send(error if isinstance(error, Error) else error.to_message())
+        return self.send(error if isinstance(error, Error) else Error.from_exception(error))
 
     def send_chunk(
         self,

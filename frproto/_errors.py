@@ -3,16 +3,22 @@
 The shape follows h11 and h2:
 
 * :class:`FrprotoError` is the root. Every class has a class-level ``code`` from
-  :class:`ErrorCode` (the wire registry), and :meth:`FrprotoError.to_message` turns any
-  instance into the :class:`~frproto.Error` message that reports it to the peer.
+  :class:`ErrorCode` (the wire registry) and a ``message``; ``Error.from_exception``
+  (beside the Error message, in ``_messages``) turns any instance into the Error that
+  reports it to the peer, and ``error_from_message`` turns a received Error back into
+  its exception. This module imports nothing of the messages (h11's rule).
 * :class:`LocalProtocolError`: *we* tried something illegal (sent a message the state
   table forbids, built an invalid message). It is a bug in the caller.
 * :class:`RemoteProtocolError`: the *peer* sent something illegal or malformed. Each
-  malformed-input class has its own subclass. ``error`` (the "event hint") is the Error
-  message to send back before closing the connection.
+  malformed-input class has its own subclass, and its ``code`` (the "event hint") is
+  what to report back, with ``Connection.send_error(exc)``, before closing.
 * :class:`ReplicationError`: a well-formed request that the recovery side refuses (not
-  authorized, VM not here, out of sequence...). Servers raise these and send
-  ``to_message()``; clients get them back from :func:`error_from_message`.
+  authorized, VM not here, out of sequence...). Servers raise these and send them
+  (``Connection.send_error``); clients get them back from ``error_from_message``.
+
+One kind is raised inside, the class is swapped at the boundary (h11's move): every
+check raises the specific ``RemoteProtocolError`` subclass, and only building a message
+and :meth:`Connection.send` turn it into a ``LocalProtocolError``.
 
 Any other exception escaping :meth:`Connection.next_event` is a bug in frproto.
 """
@@ -20,10 +26,7 @@ Any other exception escaping :meth:`Connection.next_event` is a bug in frproto.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from ._messages import Error
+from typing import ClassVar
 
 
 class ErrorCode(enum.IntEnum):
@@ -71,12 +74,6 @@ class FrprotoError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_message(self) -> Error:
-        """The Error message that reports this error to the peer."""
-        from ._messages import Error
-
-        return Error.with_text(self.code, self.message)
-
 
 class ProtocolError(FrprotoError):
     """A violation of the protocol; abstract, raise a subclass."""
@@ -96,15 +93,11 @@ class LocalProtocolError(ProtocolError):
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids; the connection must close.
 
-    ``error`` is the Error message to send to the peer before closing.
+    Report it to the peer before closing: ``Connection.send_error(exc)`` sends an Error
+    with its ``code`` and ``message``.
     """
 
     code = ErrorCode.MALFORMED
-
-    @property
-    def error(self) -> Error:
-        """The Error message to send back (the "event hint")."""
-        return self.to_message()
 
 
 class MalformedMessage(RemoteProtocolError):
@@ -297,8 +290,3 @@ def error_class_for(code: int) -> type[FrprotoError]:
         return ERROR_CLASSES[ErrorCode(code)]
     except (ValueError, KeyError):
         return InternalError
-
-
-def error_from_message(error: Error) -> FrprotoError:
-    """The exception that an Error message received from the peer stands for."""
-    return error_class_for(error.code)(error.text)

@@ -1,27 +1,31 @@
-"""Typed message classes: what the bytes in ``_wire`` mean (base and control plane).
+"""Typed message classes: the base class and the control plane.
 
 Each message is a frozen, slotted dataclass with a ``TAG``. The same classes go in both
 directions (h11's symmetry): :meth:`Connection.send` takes them and
 :meth:`Connection.next_event` returns them, so ``decode(encode(m)) == m`` for every
 message, which the round-trip tests check.
 
-Construction validates: building a message with an invalid name or VMID raises
-:class:`LocalProtocolError` (our bug); decoding one raises the matching
-:class:`RemoteProtocolError` subclass (the peer's). Construct objects never leave this
-package: callers see only these classes.
+Each field is declared once, with its wire type and check in its annotation (see
+``_fields``); the body schema, encoding, decoding and validation all come from that one
+table. The checks raise the :class:`RemoteProtocolError` subclass that names the fault:
+decoding lets it propagate (the peer's fault), building a message turns it into a
+:class:`LocalProtocolError` (ours). Construct objects never leave this package: callers
+see only these classes.
 
 This module holds the base class and the messages of negotiation, the broker query,
-errors and keepalives; ``_replication`` holds the messages of a replication session.
+errors and keepalives, with the two conversions between an Error message and an
+exception (:meth:`Error.from_exception`, :func:`error_from_message`); ``_replication``
+holds the messages of a replication session.
 """
 
 from __future__ import annotations
 
-import enum
-import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeAlias, TypeVar
 
 import construct
+from construct import Int16ub, Int64ub, PrefixedArray
 
 from ._enums import (
     AuthType,
@@ -37,69 +41,53 @@ from ._enums import (
 from ._errors import (
     BadValue,
     ErrorCode,
+    FrprotoError,
     LocalProtocolError,
     MalformedMessage,
     RemoteProtocolError,
     TrailingBytes,
     TruncatedFrame,
+    error_class_for,
 )
-from ._limits import MAX_DISKS, MAX_ERROR_TEXT, PROTOCOL_VERSION
-from ._validate import check_server_name, check_vm_name, check_vmid
-from ._wire import SCHEMAS
+from ._fields import (
+    U64,
+    EnumOf,
+    ErrorText,
+    FlagsOf,
+    Name,
+    Spec,
+    UInt,
+    Version,
+    Vmid,
+    cut_text,
+    table_of,
+)
+from ._validate import check_server_name, check_vm_name
+from ._wire import Bytes
+from .limits import MAX_DISKS, MAX_ERROR_TEXT, PROTOCOL_VERSION
 
-Bytes = bytes | bytearray | memoryview
-E = TypeVar("E", bound=enum.IntEnum)
-F = TypeVar("F", bound=enum.IntFlag)
 M = TypeVar("M", bound="Message")
-
-
-def enum_member(kind: type[E], raw: int, name: str) -> E:
-    """``kind(raw)``, or :class:`BadValue` naming the field when ``raw`` is not a member."""
-    try:
-        return kind(raw)
-    except ValueError:
-        raise BadValue(f"{name}: {raw} is not a {kind.__name__}") from None
-
-
-def flag_set(kind: type[F], raw: int, name: str) -> F:
-    """``kind(raw)``, or :class:`BadValue` when ``raw`` has bits ``kind`` does not define."""
-    known = 0
-    for member in kind:
-        known |= member.value
-    if raw & ~known:
-        raise BadValue(f"{name}: unknown bits {raw & ~known:#06x} in {kind.__name__}")
-    return kind(raw)
 
 
 class Message:
     """Base of every protocol message.
 
-    Subclasses define ``TAG`` and the mapping between their fields and the Construct
-    schema of that tag (``_to_fields`` / ``_from_fields``).
+    Subclasses are frozen dataclasses that define ``TAG`` and annotate each field with
+    its wire spec (``_fields``), which says how it travels and which values it may hold.
     """
 
     __slots__ = ()
     TAG: ClassVar[MessageTag]
 
-    def _to_fields(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def _from_fields(cls: type[M], c: Any) -> M:
-        raise NotImplementedError
-
-    def _validate(self) -> None:
-        """Raise a RemoteProtocolError subclass if a field is invalid."""
-
     def __post_init__(self) -> None:
         try:
-            self._validate()
+            table_of(type(self)).check(self)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"invalid {type(self).__name__}: {exc.message}") from exc
 
     def encode_body(self) -> bytes:
         """The body bytes of this message (without the envelope)."""
-        return bytes(SCHEMAS[self.TAG].build(self._to_fields()))
+        return table_of(type(self)).encode(self)
 
     @classmethod
     def decode_body(cls: type[M], body: Bytes) -> M:
@@ -108,24 +96,25 @@ class Message:
         Raises:
             RemoteProtocolError: the matching subclass for each malformed-input class.
         """
+        table = table_of(cls)
         try:
-            fields = SCHEMAS[cls.TAG].parse(bytes(body))
+            parsed = table.schema.parse(bytes(body))
         except construct.TerminatedError:
             raise TrailingBytes(f"{cls.__name__}: bytes after the end of the message") from None
         except construct.StreamError as exc:
             raise TruncatedFrame(f"{cls.__name__}: body ends early ({_path(exc)})") from None
         except construct.ConstructError as exc:  # pragma: no cover - no schema raises others
             raise MalformedMessage(f"{cls.__name__}: {exc}") from None
-        return cls._from_fields(fields)
+        # Not through the constructor: that would run the checks a second time and
+        # report the peer's fault as ours. (h11's readers build events the same way.)
+        message = cls.__new__(cls)
+        for name, value in table.decode(parsed).items():
+            object.__setattr__(message, name, value)
+        return message
 
 
 def _path(exc: construct.ConstructError) -> str:
     return str(getattr(exc, "path", "") or "").replace("(parsing) -> ", "")
-
-
-def check_vmid_uuid(vmid: uuid.UUID) -> None:
-    """Refuse a VMID (already a UUID) that is not a valid GUID (see ``check_vmid``)."""
-    check_vmid(vmid.bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,37 +125,43 @@ class DiskInfo:
     size: int
 
 
+class _DiskSizes(Spec[tuple[int, ...]]):
+    """The sizes of a VM's disks (a broker query): at most MAX_DISKS, each below 2**63."""
+
+    con = PrefixedArray(Int16ub, Int64ub)
+
+    def to_wire(self, value: tuple[int, ...]) -> Any:
+        return list(value)
+
+    def from_wire(self, name: str, raw: Any) -> tuple[int, ...]:
+        return tuple(raw)
+
+    def check(self, name: str, value: tuple[int, ...], fields: Mapping[str, Any]) -> None:
+        if len(value) > MAX_DISKS:
+            raise BadValue(f"{len(value)} disks, the limit is {MAX_DISKS}")
+        if not all(0 < s < 1 << 63 for s in value):
+            raise BadValue("disk size out of range")
+
+
+#: A recovery server's name (a DNS name or an IP literal) behind a u8 length.
+ServerName: TypeAlias = Annotated[str, Name(8, check_server_name)]
+#: A VM's display name behind a u16 length.
+VMName: TypeAlias = Annotated[str, Name(16, check_vm_name)]
+
+
 @dataclass(frozen=True, slots=True)
 class NegotiateRequest(Message):
     """First message of every connection, from the primary."""
 
     TAG: ClassVar[MessageTag] = MessageTag.NEGOTIATE_REQUEST
-    version: tuple[int, int] = PROTOCOL_VERSION
-    compression: CompressionSet = CompressionSet.ZSTD | CompressionSet.LZ4
-    encryption: EncryptionSet = EncryptionSet.TLS13
-    auth_type: AuthType = AuthType.CERTIFICATE
-
-    def _validate(self) -> None:
-        if not all(0 <= v <= 255 for v in self.version):
-            raise BadValue(f"version {self.version} out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "version_major": self.version[0],
-            "version_minor": self.version[1],
-            "compression": int(self.compression),
-            "encryption": int(self.encryption),
-            "auth_type": int(self.auth_type),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> NegotiateRequest:
-        return cls(
-            version=(c.version_major, c.version_minor),
-            compression=flag_set(CompressionSet, c.compression, "compression"),
-            encryption=flag_set(EncryptionSet, c.encryption, "encryption"),
-            auth_type=enum_member(AuthType, c.auth_type, "auth_type"),
-        )
+    version: Version = PROTOCOL_VERSION
+    #: CompressionSet bits offered.
+    compression: Annotated[CompressionSet, FlagsOf(CompressionSet)] = (
+        CompressionSet.ZSTD | CompressionSet.LZ4
+    )
+    #: EncryptionSet bits offered.
+    encryption: Annotated[EncryptionSet, FlagsOf(EncryptionSet)] = EncryptionSet.TLS13
+    auth_type: Annotated[AuthType, EnumOf(AuthType)] = AuthType.CERTIFICATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,52 +169,20 @@ class NegotiateResponse(Message):
     """The recovery side's answer: verdict, what it is, and what it chose."""
 
     TAG: ClassVar[MessageTag] = MessageTag.NEGOTIATE_RESPONSE
-    status: int = ErrorCode.OK
-    verdict: VersionVerdict = VersionVerdict.COMPATIBLE
-    version: tuple[int, int] = PROTOCOL_VERSION
-    recovery_type: RecoveryType = RecoveryType.STANDALONE
-    compression: Compression = Compression.NONE
-    encryption: Encryption = Encryption.TLS13
-    auth_type: AuthType = AuthType.CERTIFICATE
-    server_name: str = "localhost"
+    #: An ErrorCode, OK (0) when the connection may go on.
+    status: Annotated[int, UInt(16, show=True)] = ErrorCode.OK
+    verdict: Annotated[VersionVerdict, EnumOf(VersionVerdict)] = VersionVerdict.COMPATIBLE
+    version: Version = PROTOCOL_VERSION
+    recovery_type: Annotated[RecoveryType, EnumOf(RecoveryType)] = RecoveryType.STANDALONE
+    compression: Annotated[Compression, EnumOf(Compression)] = Compression.NONE
+    encryption: Annotated[Encryption, EnumOf(Encryption)] = Encryption.TLS13
+    auth_type: Annotated[AuthType, EnumOf(AuthType)] = AuthType.CERTIFICATE
+    server_name: ServerName = "localhost"
 
     @property
     def ok(self) -> bool:
         """True when the connection may go on (status OK and versions compatible)."""
         return self.status == ErrorCode.OK and self.verdict is VersionVerdict.COMPATIBLE
-
-    def _validate(self) -> None:
-        if not all(0 <= v <= 255 for v in self.version):
-            raise BadValue(f"version {self.version} out of range")
-        if not 0 <= self.status <= 0xFFFF:
-            raise BadValue(f"status {self.status} out of range")
-        check_server_name(self.server_name.encode())
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "status": int(self.status),
-            "verdict": int(self.verdict),
-            "version_major": self.version[0],
-            "version_minor": self.version[1],
-            "recovery_type": int(self.recovery_type),
-            "compression": int(self.compression),
-            "encryption": int(self.encryption),
-            "auth_type": int(self.auth_type),
-            "server_name": self.server_name.encode(),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> NegotiateResponse:
-        return cls(
-            status=c.status,
-            verdict=enum_member(VersionVerdict, c.verdict, "verdict"),
-            version=(c.version_major, c.version_minor),
-            recovery_type=enum_member(RecoveryType, c.recovery_type, "recovery_type"),
-            compression=enum_member(Compression, c.compression, "compression"),
-            encryption=enum_member(Encryption, c.encryption, "encryption"),
-            auth_type=enum_member(AuthType, c.auth_type, "auth_type"),
-            server_name=check_server_name(c.server_name),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,33 +190,17 @@ class QueryRecoveryServer(Message):
     """Primary to broker: where should (or does) this VM's replica live?"""
 
     TAG: ClassVar[MessageTag] = MessageTag.QUERY_RECOVERY_SERVER
-    vmid: uuid.UUID
-    vm_name: str
-    disk_sizes: tuple[int, ...] = ()
+    CHECK_ORDER: ClassVar[tuple[str, ...]] = ("disk_sizes", "vmid", "vm_name")
+    vmid: Vmid
+    vm_name: VMName
+    disk_sizes: Annotated[tuple[int, ...], _DiskSizes()] = ()
 
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        check_vm_name(self.vm_name.encode())
-        if len(self.disk_sizes) > MAX_DISKS:
-            raise BadValue(f"{len(self.disk_sizes)} disks, the limit is {MAX_DISKS}")
-        if not all(0 < s < 1 << 63 for s in self.disk_sizes):
-            raise BadValue("disk size out of range")
 
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "vm_name": self.vm_name.encode(),
-            "disk_sizes": list(self.disk_sizes),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> QueryRecoveryServer:
-        sizes = tuple(c.disk_sizes)
-        if len(sizes) > MAX_DISKS:
-            raise BadValue(f"{len(sizes)} disks, the limit is {MAX_DISKS}")
-        if not all(0 < s < 1 << 63 for s in sizes):
-            raise BadValue("disk size out of range")
-        return cls(check_vmid(c.vmid), check_vm_name(c.vm_name), sizes)
+def _check_port(port: int) -> None:
+    if port == 0:
+        raise BadValue("port 0")
+    if not 0 < port <= 0xFFFF:
+        raise BadValue(f"port {port} out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,35 +208,19 @@ class QueryRecoveryServerResponse(Message):
     """Broker to primary: the recovery node that holds (or will hold) the VM."""
 
     TAG: ClassVar[MessageTag] = MessageTag.QUERY_RECOVERY_SERVER_RESPONSE
-    vmid: uuid.UUID
-    server_name: str
-    port: int
-    existing: ExistingVM
+    WIRE_ORDER: ClassVar[tuple[str, ...]] = ("vmid", "existing", "port", "server_name")
+    CHECK_ORDER: ClassVar[tuple[str, ...]] = ("port", "vmid", "server_name", "existing")
+    vmid: Vmid
+    server_name: ServerName
+    port: Annotated[int, UInt(16, check=_check_port)]
+    existing: Annotated[ExistingVM, EnumOf(ExistingVM)]
 
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        check_server_name(self.server_name.encode())
-        if not 0 < self.port <= 0xFFFF:
-            raise BadValue(f"port {self.port} out of range")
 
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "existing": int(self.existing),
-            "port": self.port,
-            "server_name": self.server_name.encode(),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> QueryRecoveryServerResponse:
-        if c.port == 0:
-            raise BadValue("port 0")
-        return cls(
-            vmid=check_vmid(c.vmid),
-            server_name=check_server_name(c.server_name),
-            port=c.port,
-            existing=enum_member(ExistingVM, c.existing, "existing"),
-        )
+def _check_error_code(code: int) -> None:
+    if code == 0:
+        raise BadValue("an Error cannot carry code OK (0)")
+    if not 0 < code <= 0xFFFF:
+        raise BadValue(f"error code {code} out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,14 +232,18 @@ class Error(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.ERROR
-    code: int
-    text: str = ""
+    code: Annotated[int, UInt(16, check=_check_error_code)]
+    text: Annotated[str, ErrorText()] = ""
 
     @classmethod
     def with_text(cls, code: int, text: str) -> Error:
         """An Error whose text is cut to the wire limit (on a character boundary)."""
-        raw = text.encode("utf-8")[:MAX_ERROR_TEXT]
-        return cls(code, raw.decode("utf-8", errors="ignore"))
+        return cls(code, cut_text(text, MAX_ERROR_TEXT))
+
+    @classmethod
+    def from_exception(cls, exc: FrprotoError) -> Error:
+        """The Error that reports ``exc`` to the peer: its class's code and its message."""
+        return cls.with_text(exc.code, exc.message)
 
     @property
     def error_code(self) -> ErrorCode:
@@ -318,24 +253,10 @@ class Error(Message):
         except ValueError:
             return ErrorCode.INTERNAL
 
-    def _validate(self) -> None:
-        if not 0 < self.code <= 0xFFFF:
-            raise BadValue(f"error code {self.code} out of range")
-        if len(self.text.encode("utf-8")) > MAX_ERROR_TEXT:
-            raise BadValue(f"error text over {MAX_ERROR_TEXT} bytes")
 
-    def _to_fields(self) -> dict[str, Any]:
-        return {"code": self.code, "text": self.text.encode("utf-8")}
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> Error:
-        if c.code == 0:
-            raise BadValue("an Error cannot carry code OK (0)")
-        if len(c.text) > MAX_ERROR_TEXT:
-            raise BadValue(f"error text over {MAX_ERROR_TEXT} bytes")
-        # The text is for people: replace bad UTF-8 rather than fail the whole report.
-        # (Replacement characters can grow the text past the limit: cut it again.)
-        return cls.with_text(c.code, c.text.decode("utf-8", errors="replace"))
+def error_from_message(error: Error) -> FrprotoError:
+    """The exception that an Error message received from the peer stands for."""
+    return error_class_for(error.code)(error.text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,15 +264,4 @@ class Keepalive(Message):
     """Either side, any time after negotiation; carries an opaque token, needs no reply."""
 
     TAG: ClassVar[MessageTag] = MessageTag.KEEPALIVE
-    token: int = 0
-
-    def _validate(self) -> None:
-        if not 0 <= self.token < 1 << 64:
-            raise BadValue("token out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {"token": self.token}
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> Keepalive:
-        return cls(c.token)
+    token: U64 = 0

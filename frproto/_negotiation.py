@@ -23,8 +23,8 @@ from ._enums import (
     VersionVerdict,
 )
 from ._errors import ErrorCode
-from ._limits import PROTOCOL_VERSION
 from ._messages import NegotiateRequest, NegotiateResponse
+from .limits import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True, slots=True)

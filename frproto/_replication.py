@@ -1,20 +1,39 @@
 """Messages of a replication session: relationship, IR, delta batches, chunks, digest maps.
 
-The same conventions as ``_messages`` (frozen, slotted, validated on construction and on
-decode). :class:`Chunk` is the exception to "frozen": it is built once per chunk of bulk
-data on the hot path, so it is a plain slotted class and the connection validates it
-instead (``_chunks``, ``_session``).
+The same conventions as ``_messages``: frozen, slotted, one field table per message (the
+field annotations), one set of checks for building and decoding. :class:`Chunk` is the
+exception: it is built once per chunk of bulk data on the hot path, so it is a plain
+slotted class without a table, framed by ``_chunks`` and checked by the connection
+(``_chunks``, ``_session``).
 """
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeAlias
+
+from construct import Int16ub, Int64ub, PrefixedArray, Struct
 
 from ._enums import AckKind, ChunkFlags, IRState, MessageTag
 from ._errors import BadValue
-from ._limits import (
+from ._fields import (
+    NAME_ERRORS,
+    U16,
+    U32,
+    U64,
+    Blob,
+    Digest,
+    EnumOf,
+    Spec,
+    UInt,
+    Vmid,
+    prefixed,
+)
+from ._messages import DiskInfo, Message, VMName
+from ._validate import check_disk_id
+from ._wire import Bytes
+from .limits import (
     DIGEST_SIZE,
     MAX_BLOCK_SIZE,
     MAX_CONFIG_BLOB,
@@ -22,31 +41,64 @@ from ._limits import (
     MAX_DISKS,
     MIN_BLOCK_SIZE,
 )
-from ._messages import Bytes, DiskInfo, Message, check_vmid_uuid, enum_member
-from ._validate import check_disk_id, check_vm_name, check_vmid
 
 
-def _disks_to_fields(disks: tuple[DiskInfo, ...]) -> list[dict[str, Any]]:
-    return [{"disk_id": d.disk_id.encode(), "size": d.size} for d in disks]
+class _DiskList(Spec[tuple[DiskInfo, ...]]):
+    """A VM's disks: at least one, at most MAX_DISKS, ids unique, sizes below 2**63."""
+
+    con = PrefixedArray(Int16ub, Struct("disk_id" / prefixed(8), "size" / Int64ub))
+
+    def to_wire(self, value: tuple[DiskInfo, ...]) -> Any:
+        return [{"disk_id": d.disk_id.encode(), "size": d.size} for d in value]
+
+    def from_wire(self, name: str, raw: Any) -> tuple[DiskInfo, ...]:
+        return tuple(DiskInfo(bytes(d.disk_id).decode("utf-8", NAME_ERRORS), d.size) for d in raw)
+
+    def check(self, name: str, value: tuple[DiskInfo, ...], fields: Mapping[str, Any]) -> None:
+        for disk in value:  # every id first (docs/protocol.md: ENC-5 before ENC-7)
+            check_disk_id(disk.disk_id.encode("utf-8", NAME_ERRORS))
+        if not value:
+            raise BadValue("a VM needs at least one disk")
+        if len(value) > MAX_DISKS:
+            raise BadValue(f"{len(value)} disks, the limit is {MAX_DISKS}")
+        seen: set[str] = set()
+        for disk in value:
+            if disk.disk_id in seen:
+                raise BadValue(f"disk id {disk.disk_id!r} appears twice")
+            seen.add(disk.disk_id)
+            if not 0 < disk.size < 1 << 63:
+                raise BadValue(f"disk {disk.disk_id!r} size {disk.size} out of range")
 
 
-def _disks_from_fields(items: Any) -> tuple[DiskInfo, ...]:
-    return tuple(DiskInfo(check_disk_id(d.disk_id), d.size) for d in items)
+class _ResumeDisk(Spec[int]):
+    """Where an IR resumes: a disk index, at most the number of ``disks`` (all done)."""
+
+    con = Int16ub
+
+    def check(self, name: str, value: int, fields: Mapping[str, Any]) -> None:
+        if not 0 <= value <= len(fields["disks"]):
+            raise BadValue(f"resume_disk {value} past the last disk")
 
 
-def _check_disks(disks: tuple[DiskInfo, ...], *, allow_empty: bool) -> None:
-    if not allow_empty and not disks:
-        raise BadValue("a VM needs at least one disk")
-    if len(disks) > MAX_DISKS:
-        raise BadValue(f"{len(disks)} disks, the limit is {MAX_DISKS}")
-    seen: set[str] = set()
-    for disk in disks:
-        check_disk_id(disk.disk_id.encode())
-        if disk.disk_id in seen:
-            raise BadValue(f"disk id {disk.disk_id!r} appears twice")
-        seen.add(disk.disk_id)
-        if not 0 < disk.size < 1 << 63:
-            raise BadValue(f"disk {disk.disk_id!r} size {disk.size} out of range")
+class _BaseSequence(UInt):
+    """A batch's base sequence: a u64 below the batch's ``sequence``."""
+
+    def __init__(self) -> None:
+        super().__init__(64)
+
+    def check(self, name: str, value: int, fields: Mapping[str, Any]) -> None:
+        super().check(name, value, fields)
+        if fields["sequence"] <= value:
+            raise BadValue(f"sequence {fields['sequence']} not after base {value}")
+
+
+def _check_config(config: bytes) -> None:
+    if len(config) > MAX_CONFIG_BLOB:
+        raise BadValue(f"config blob of {len(config)} bytes, limit {MAX_CONFIG_BLOB}")
+
+
+#: A VM's disks: ids and sizes (RelationshipCreate, RelationshipAccepted).
+Disks: TypeAlias = Annotated[tuple[DiskInfo, ...], _DiskList()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,35 +106,11 @@ class RelationshipCreate(Message):
     """Primary to recovery server: create the replica of a VM (before its IR)."""
 
     TAG: ClassVar[MessageTag] = MessageTag.RELATIONSHIP_CREATE
-    vmid: uuid.UUID
-    vm_name: str
-    disks: tuple[DiskInfo, ...]
-    config: bytes = b""
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        check_vm_name(self.vm_name.encode())
-        _check_disks(self.disks, allow_empty=False)
-        if len(self.config) > MAX_CONFIG_BLOB:
-            raise BadValue(f"config blob of {len(self.config)} bytes, limit {MAX_CONFIG_BLOB}")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "vm_name": self.vm_name.encode(),
-            "config": self.config,
-            "disks": _disks_to_fields(self.disks),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> RelationshipCreate:
-        vmid = check_vmid(c.vmid)
-        name = check_vm_name(c.vm_name)
-        disks = _disks_from_fields(c.disks)
-        _check_disks(disks, allow_empty=False)
-        if len(c.config) > MAX_CONFIG_BLOB:
-            raise BadValue(f"config blob of {len(c.config)} bytes, limit {MAX_CONFIG_BLOB}")
-        return cls(vmid, name, disks, bytes(c.config))
+    WIRE_ORDER: ClassVar[tuple[str, ...]] = ("vmid", "vm_name", "config", "disks")
+    vmid: Vmid
+    vm_name: VMName
+    disks: Disks
+    config: Annotated[bytes, Blob(32, _check_config)] = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +122,8 @@ class RelationshipOpen(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.RELATIONSHIP_OPEN
-    vmid: uuid.UUID
-    generation: int = 0
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        if not 0 <= self.generation < 1 << 32:
-            raise BadValue("generation out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {"vmid": self.vmid.bytes, "generation": self.generation}
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> RelationshipOpen:
-        return cls(check_vmid(c.vmid), c.generation)
+    vmid: Vmid
+    generation: U32 = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,53 +131,31 @@ class RelationshipAccepted(Message):
     """Recovery server to primary: the relationship is open; here is where it stands."""
 
     TAG: ClassVar[MessageTag] = MessageTag.RELATIONSHIP_ACCEPTED
-    vmid: uuid.UUID
-    disks: tuple[DiskInfo, ...]
-    generation: int = 0
-    ir_state: IRState = IRState.NOT_STARTED
-    applied_sequence: int = 0
-    resume_disk: int = 0
-    resume_offset: int = 0
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        _check_disks(self.disks, allow_empty=False)
-        if not 0 <= self.generation < 1 << 32:
-            raise BadValue("generation out of range")
-        if not 0 <= self.applied_sequence < 1 << 64:
-            raise BadValue("applied_sequence out of range")
-        if not 0 <= self.resume_disk <= len(self.disks):
-            raise BadValue(f"resume_disk {self.resume_disk} past the last disk")
-        if not 0 <= self.resume_offset < 1 << 64:
-            raise BadValue("resume_offset out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "generation": self.generation,
-            "ir_state": int(self.ir_state),
-            "applied_sequence": self.applied_sequence,
-            "resume_disk": self.resume_disk,
-            "resume_offset": self.resume_offset,
-            "disks": _disks_to_fields(self.disks),
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> RelationshipAccepted:
-        vmid = check_vmid(c.vmid)
-        disks = _disks_from_fields(c.disks)
-        _check_disks(disks, allow_empty=False)
-        if c.resume_disk > len(disks):
-            raise BadValue(f"resume_disk {c.resume_disk} past the last disk")
-        return cls(
-            vmid=vmid,
-            disks=disks,
-            generation=c.generation,
-            ir_state=enum_member(IRState, c.ir_state, "ir_state"),
-            applied_sequence=c.applied_sequence,
-            resume_disk=c.resume_disk,
-            resume_offset=c.resume_offset,
-        )
+    WIRE_ORDER: ClassVar[tuple[str, ...]] = (
+        "vmid",
+        "generation",
+        "ir_state",
+        "applied_sequence",
+        "resume_disk",
+        "resume_offset",
+        "disks",
+    )
+    CHECK_ORDER: ClassVar[tuple[str, ...]] = (
+        "vmid",
+        "disks",
+        "resume_disk",
+        "ir_state",
+        "generation",
+        "applied_sequence",
+        "resume_offset",
+    )
+    vmid: Vmid
+    disks: Disks
+    generation: U32 = 0
+    ir_state: Annotated[IRState, EnumOf(IRState)] = IRState.NOT_STARTED
+    applied_sequence: U64 = 0
+    resume_disk: Annotated[int, _ResumeDisk()] = 0
+    resume_offset: U64 = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +169,7 @@ class RelationshipDelete(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.RELATIONSHIP_DELETE
-    vmid: uuid.UUID
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {"vmid": self.vmid.bytes}
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> RelationshipDelete:
-        return cls(check_vmid(c.vmid))
+    vmid: Vmid
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,61 +180,21 @@ class IRBegin(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.IR_BEGIN
-    vmid: uuid.UUID
-    sequence: int = 0
-    start_disk: int = 0
-    start_offset: int = 0
-    total_bytes: int = 0
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        for name in ("sequence", "start_offset", "total_bytes"):
-            if not 0 <= getattr(self, name) < 1 << 64:
-                raise BadValue(f"{name} out of range")
-        if not 0 <= self.start_disk <= 0xFFFF:
-            raise BadValue("start_disk out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "sequence": self.sequence,
-            "start_disk": self.start_disk,
-            "start_offset": self.start_offset,
-            "total_bytes": self.total_bytes,
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> IRBegin:
-        return cls(check_vmid(c.vmid), c.sequence, c.start_disk, c.start_offset, c.total_bytes)
-
-
-_End = TypeVar("_End", bound="_TransferEnd")
+    vmid: Vmid
+    sequence: U64 = 0
+    start_disk: U16 = 0
+    start_offset: U64 = 0
+    total_bytes: U64 = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _TransferEnd(Message):
     """The end of an IR or a batch: its sequence, chunk count and aggregate digest."""
 
-    vmid: uuid.UUID
-    sequence: int
-    chunk_count: int
-    aggregate_digest: bytes
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        _check_sequence_and_digest(self.sequence, self.chunk_count, self.aggregate_digest)
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "sequence": self.sequence,
-            "chunk_count": self.chunk_count,
-            "aggregate_digest": self.aggregate_digest,
-        }
-
-    @classmethod
-    def _from_fields(cls: type[_End], c: Any) -> _End:
-        return cls(check_vmid(c.vmid), c.sequence, c.chunk_count, bytes(c.aggregate_digest))
+    vmid: Vmid
+    sequence: U64
+    chunk_count: U32
+    aggregate_digest: Digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,15 +211,6 @@ class BatchEnd(_TransferEnd):
     TAG: ClassVar[MessageTag] = MessageTag.BATCH_END
 
 
-def _check_sequence_and_digest(sequence: int, chunk_count: int, digest: bytes) -> None:
-    if not 0 <= sequence < 1 << 64:
-        raise BadValue("sequence out of range")
-    if not 0 <= chunk_count < 1 << 32:
-        raise BadValue("chunk_count out of range")
-    if len(digest) != DIGEST_SIZE:
-        raise BadValue(f"digest must be {DIGEST_SIZE} bytes")
-
-
 @dataclass(frozen=True, slots=True)
 class BatchBegin(Message):
     """Primary: a delta batch (one replication cycle, all of the VM's disks) starts.
@@ -285,45 +220,20 @@ class BatchBegin(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.BATCH_BEGIN
-    vmid: uuid.UUID
-    sequence: int
-    base_sequence: int
-    chunk_count: int
-    total_bytes: int = 0
-    captured_at_ms: int = 0
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        for name in ("sequence", "base_sequence", "total_bytes", "captured_at_ms"):
-            if not 0 <= getattr(self, name) < 1 << 64:
-                raise BadValue(f"{name} out of range")
-        if not 0 <= self.chunk_count < 1 << 32:
-            raise BadValue("chunk_count out of range")
-        if self.sequence <= self.base_sequence:
-            raise BadValue(f"sequence {self.sequence} not after base {self.base_sequence}")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "sequence": self.sequence,
-            "base_sequence": self.base_sequence,
-            "chunk_count": self.chunk_count,
-            "total_bytes": self.total_bytes,
-            "captured_at_ms": self.captured_at_ms,
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> BatchBegin:
-        if c.sequence <= c.base_sequence:
-            raise BadValue(f"sequence {c.sequence} not after base {c.base_sequence}")
-        return cls(
-            check_vmid(c.vmid),
-            c.sequence,
-            c.base_sequence,
-            c.chunk_count,
-            c.total_bytes,
-            c.captured_at_ms,
-        )
+    CHECK_ORDER: ClassVar[tuple[str, ...]] = (
+        "sequence",
+        "base_sequence",
+        "vmid",
+        "chunk_count",
+        "total_bytes",
+        "captured_at_ms",
+    )
+    vmid: Vmid
+    sequence: U64
+    base_sequence: Annotated[int, _BaseSequence()]
+    chunk_count: U32
+    total_bytes: U64 = 0
+    captured_at_ms: U64 = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,30 +242,30 @@ class Ack(Message):
     is removed (after a RelationshipDelete; sequence 0)."""
 
     TAG: ClassVar[MessageTag] = MessageTag.ACK
-    vmid: uuid.UUID
-    kind: AckKind
-    sequence: int
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        if not 0 <= self.sequence < 1 << 64:
-            raise BadValue("sequence out of range")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {"vmid": self.vmid.bytes, "kind": int(self.kind), "sequence": self.sequence}
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> Ack:
-        return cls(check_vmid(c.vmid), enum_member(AckKind, c.kind, "kind"), c.sequence)
+    vmid: Vmid
+    kind: Annotated[AckKind, EnumOf(AckKind)]
+    sequence: U64
 
 
-def _check_digest_range(block_size: int, disk_index: int, offset: int) -> None:
+def _check_block_size(block_size: int) -> None:
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         raise BadValue(f"block size {block_size} outside {MIN_BLOCK_SIZE}-{MAX_BLOCK_SIZE}")
-    if not 0 <= disk_index <= 0xFFFF:
-        raise BadValue("disk_index out of range")
-    if not 0 <= offset < 1 << 64:
-        raise BadValue("offset out of range")
+
+
+def _check_block_count(block_count: int) -> None:
+    if not 0 < block_count <= MAX_DIGESTS:
+        raise BadValue(f"block_count {block_count} outside 1-{MAX_DIGESTS}")
+
+
+def _check_digest_blob(digests: bytes) -> None:
+    size = len(digests)
+    if size % DIGEST_SIZE:
+        raise BadValue(f"digest map of {size} bytes is not a multiple of {DIGEST_SIZE}")
+    if size // DIGEST_SIZE > MAX_DIGESTS:
+        raise BadValue(f"digest map over {MAX_DIGESTS} digests")
+
+
+BlockSize = Annotated[int, UInt(32, check=_check_block_size)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,34 +273,11 @@ class DigestMapRequest(Message):
     """Primary: send me the block digests of this range of a disk (resync, verify)."""
 
     TAG: ClassVar[MessageTag] = MessageTag.DIGEST_MAP_REQUEST
-    vmid: uuid.UUID
-    disk_index: int
-    block_size: int
-    offset: int
-    block_count: int
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        _check_digest_range(self.block_size, self.disk_index, self.offset)
-        if not 0 < self.block_count <= MAX_DIGESTS:
-            raise BadValue(f"block_count {self.block_count} outside 1-{MAX_DIGESTS}")
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "disk_index": self.disk_index,
-            "block_size": self.block_size,
-            "offset": self.offset,
-            "block_count": self.block_count,
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> DigestMapRequest:
-        vmid = check_vmid(c.vmid)
-        _check_digest_range(c.block_size, c.disk_index, c.offset)
-        if not 0 < c.block_count <= MAX_DIGESTS:
-            raise BadValue(f"block_count {c.block_count} outside 1-{MAX_DIGESTS}")
-        return cls(vmid, c.disk_index, c.block_size, c.offset, c.block_count)
+    vmid: Vmid
+    disk_index: U16
+    block_size: BlockSize
+    offset: U64
+    block_count: Annotated[int, UInt(32, check=_check_block_count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,11 +288,12 @@ class DigestMap(Message):
     """
 
     TAG: ClassVar[MessageTag] = MessageTag.DIGEST_MAP
-    vmid: uuid.UUID
-    disk_index: int
-    block_size: int
-    offset: int
-    digests: bytes = field(repr=False)
+    vmid: Vmid
+    disk_index: U16
+    block_size: BlockSize
+    offset: U64
+    #: block_count * 16 bytes.
+    digests: Annotated[bytes, Blob(32, _check_digest_blob)] = field(repr=False)
 
     @property
     def block_count(self) -> int:
@@ -417,34 +305,6 @@ class DigestMap(Message):
         if not 0 <= index < self.block_count:
             raise IndexError(index)
         return self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
-
-    def _validate(self) -> None:
-        check_vmid_uuid(self.vmid)
-        _check_digest_range(self.block_size, self.disk_index, self.offset)
-        _check_digest_blob(len(self.digests))
-
-    def _to_fields(self) -> dict[str, Any]:
-        return {
-            "vmid": self.vmid.bytes,
-            "disk_index": self.disk_index,
-            "block_size": self.block_size,
-            "offset": self.offset,
-            "digests": self.digests,
-        }
-
-    @classmethod
-    def _from_fields(cls, c: Any) -> DigestMap:
-        vmid = check_vmid(c.vmid)
-        _check_digest_range(c.block_size, c.disk_index, c.offset)
-        _check_digest_blob(len(c.digests))
-        return cls(vmid, c.disk_index, c.block_size, c.offset, bytes(c.digests))
-
-
-def _check_digest_blob(size: int) -> None:
-    if size % DIGEST_SIZE:
-        raise BadValue(f"digest map of {size} bytes is not a multiple of {DIGEST_SIZE}")
-    if size // DIGEST_SIZE > MAX_DIGESTS:
-        raise BadValue(f"digest map over {MAX_DIGESTS} digests")
 
 
 class Chunk(Message):
@@ -493,6 +353,10 @@ class Chunk(Message):
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+    def encode_body(self) -> bytes:
+        """Not for chunks: ``encode_frame`` and ``Connection.send_chunk`` frame them."""
+        raise NotImplementedError("a Chunk is framed by encode_frame or Connection.send_chunk")
 
     def __repr__(self) -> str:
         return (

@@ -14,11 +14,11 @@ a chunk outside a disk, or a batch whose chunks were not all received and verifi
 from __future__ import annotations
 
 import uuid
+from typing import TypeVar
 
 from ._chunks import AggregateDigest
 from ._enums import COMPRESSION_OFFER_BIT, ENCRYPTION_OFFER_BIT, AckKind, Compression
 from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
-from ._limits import MAX_DIGESTS
 from ._messages import (
     DiskInfo,
     Error,
@@ -41,6 +41,9 @@ from ._replication import (
     RelationshipDelete,
     RelationshipOpen,
 )
+from .limits import MAX_DIGESTS
+
+_End = TypeVar("_End", IREnd, BatchEnd)
 
 
 class SessionTracker:
@@ -83,6 +86,11 @@ class SessionTracker:
     def chunk_count(self) -> int:
         """Chunks of the current IR or batch so far."""
         return self._aggregate.count
+
+    def end(self, kind: type[_End]) -> _End:
+        """The IREnd or BatchEnd for the chunks of the current IR or batch so far."""
+        assert self.vmid is not None  # an IR or batch runs only in an open relationship
+        return kind(self.vmid, self._sequence, self._aggregate.count, self._aggregate.digest())
 
     def _require_vm(self, vmid: uuid.UUID, what: str) -> None:
         if vmid != self.vmid:

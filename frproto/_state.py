@@ -35,7 +35,7 @@ the end of a session, and changes nothing.
 Guards, which depend on what the negotiation said: QueryRecoveryServer only to a
 clustering broker; relationship messages only to a stand-alone server or cluster node.
 
-``docs/protocol.md`` draws the same diagrams; ``tests/frproto/test_state.py`` walks every
+``docs/protocol.md`` draws the same diagrams; ``tests/frproto/test_state_table.py`` walks every
 (state, role, tag) triple against this table.
 """
 

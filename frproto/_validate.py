@@ -12,7 +12,7 @@ import re
 import uuid
 
 from ._errors import BadName, BadVMID
-from ._limits import MAX_DISK_ID, MAX_FQDN, MAX_NAME
+from .limits import MAX_DISK_ID, MAX_FQDN, MAX_NAME
 
 _FORBIDDEN_IN_NAME = frozenset("/\\\x00")
 _DISK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")

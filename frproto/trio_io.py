@@ -29,9 +29,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ._connection import NEED_DATA, Connection, Event, UnknownMessage
-from ._errors import FrprotoError, RemoteProtocolError
-from ._limits import ENVELOPE_SIZE
-from ._messages import Bytes, Error, Keepalive, Message
+from ._errors import FrprotoError, RemoteProtocolError, UnexpectedMessage
+from ._messages import Error, Keepalive, Message, error_from_message
+from ._replication import BatchEnd, IREnd
+from ._wire import Bytes
+from .limits import ENVELOPE_SIZE
 
 #: Bytes asked of the stream per read. 64 KiB: larger reads make trio.SSLStream (and
 #: CPython's SSLObject.read) allocate that much per TLS record (see perf-baselines).
@@ -107,7 +109,7 @@ class FramedStream:
                     return event  # type: ignore[return-value]
                 await self._read_frame()
         except RemoteProtocolError as exc:
-            await self._report_and_close(exc.error)
+            await self._report_and_close(exc)
             raise
 
     async def expect(self, *kinds: type[Message]) -> Message:
@@ -125,11 +127,7 @@ class FramedStream:
         if isinstance(event, kinds):
             return event
         if isinstance(event, Error):
-            from ._errors import error_from_message
-
             raise error_from_message(event)
-        from ._errors import UnexpectedMessage
-
         names = "/".join(k.__name__ for k in kinds)
         raise UnexpectedMessage(f"expected {names}, got {type(event).__name__}")
 
@@ -222,11 +220,24 @@ class FramedStream:
                 await self.stream.send_all(piece)
                 self.chunk_bytes_sent += len(piece)
 
+    async def end_ir(self) -> IREnd:
+        """Send the IREnd of the IR in progress (:meth:`Connection.end_ir`) and return it."""
+        end = self.connection.end_ir()
+        await self.send(end)
+        return end
+
+    async def end_batch(self) -> BatchEnd:
+        """Send the BatchEnd of the batch in progress (:meth:`Connection.end_batch`) and
+        return it."""
+        end = self.connection.end_batch()
+        await self.send(end)
+        return end
+
     async def send_error(self, error: FrprotoError | Error) -> None:
         """Report ``error`` to the peer."""
-        await self.send(error if isinstance(error, Error) else error.to_message())
+        await self.send(error if isinstance(error, Error) else Error.from_exception(error))
 
-    async def _report_and_close(self, error: Error) -> None:
+    async def _report_and_close(self, error: FrprotoError) -> None:
         with trio.move_on_after(ERROR_SEND_TIMEOUT):
             with contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, FrprotoError

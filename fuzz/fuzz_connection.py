@@ -16,7 +16,7 @@ Invariants checked by :func:`check`:
 * only :class:`frproto.RemoteProtocolError` subclasses escape ``next_event`` (anything
   else is a bug), and after one, ``next_event`` raises a RemoteProtocolError again;
 * both feedings give the same sequence of events (messages compared with
-  ``frproto.message_to_dict``, other events with ``repr``), the same bytes sent by the
+  ``frproto.jsonable.message_to_dict``, other events with ``repr``), the same bytes sent by the
   auto-responder, and end with the same error class (or none);
 * parsing terminates (a bounded number of events per input byte).
 
@@ -113,7 +113,7 @@ Step = Recv | Send | SendChunk
 
 
 def _frame(message: Message) -> bytes:
-    return frproto.encode_frame(message)
+    return frproto.codec.encode_frame(message)
 
 
 _NEGOTIATE = _frame(NegotiateRequest())
@@ -124,8 +124,8 @@ _BROKER = NegotiateResponse(recovery_type=RecoveryType.CLUSTERING_BROKER, server
 _BATCH = BatchBegin(VMID, sequence=8, base_sequence=7, chunk_count=4, total_bytes=16384)
 _IR = IRBegin(VMID, sequence=1, total_bytes=sum(d.size for d in DISKS))
 _PRIMARY_DATA = b"fuzz" * 1024
-_PRIMARY_DIGEST = frproto.chunk_digest(_PRIMARY_DATA)
-_AGGREGATE = frproto.AggregateDigest()
+_PRIMARY_DIGEST = frproto.codec.chunk_digest(_PRIMARY_DATA)
+_AGGREGATE = frproto.codec.AggregateDigest()
 _AGGREGATE.add(_PRIMARY_DIGEST)
 
 _RECOVERY_SESSION: tuple[Step, ...] = (
@@ -228,7 +228,9 @@ def _answer(conn: Connection, event: Message) -> Message | None:
     if isinstance(event, DigestMapRequest):
         size = conn.disks[event.disk_index].size
         blocks = min(
-            event.block_count, -(-(size - event.offset) // event.block_size), frproto.MAX_DIGESTS
+            event.block_count,
+            -(-(size - event.offset) // event.block_size),
+            frproto.limits.MAX_DIGESTS,
         )
         return DigestMap(
             event.vmid, event.disk_index, event.block_size, event.offset, bytes(16 * blocks)
@@ -279,7 +281,7 @@ class _Run:
                 self.closed = True
                 return
             if isinstance(event, Message):
-                self.trace.append(("event", frproto.message_to_dict(event)))
+                self.trace.append(("event", frproto.jsonable.message_to_dict(event)))
                 reply = _answer(self.conn, event) if self.respond else None
                 if reply is not None and self.conn.state not in (
                     frproto.State.MUST_CLOSE,

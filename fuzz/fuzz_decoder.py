@@ -1,4 +1,4 @@
-"""Fuzz harness: ``frproto.decode_frame`` on arbitrary bytes.
+"""Fuzz harness: ``frproto.codec.decode_frame`` on arbitrary bytes.
 
 Invariants checked by :func:`check`:
 
@@ -27,10 +27,10 @@ if __name__ == "__main__":
 
     with atheris.instrument_imports(include=["frproto"]):
         import frproto
-        from frproto._wire import ENVELOPE
+        from frproto.codec import ENVELOPE
 else:
     import frproto
-    from frproto._wire import ENVELOPE
+    from frproto.codec import ENVELOPE
 
 
 #: NONE, ZERO, ZSTD, LZ4: the only flag values version 1 defines (at most one bit).
@@ -51,8 +51,8 @@ def _chunk_fields(chunk: frproto.Chunk) -> tuple[int, int, int, bytes, bool, byt
 def _check_chunk(data: bytes, chunk: frproto.Chunk) -> None:
     if int(chunk.flags) not in _VALID_CHUNK_FLAGS:
         raise AssertionError(f"accepted a Chunk with flags {int(chunk.flags):#06x}")
-    encoded = frproto.encode_frame(chunk)
-    again = frproto.decode_frame(encoded)
+    encoded = frproto.codec.encode_frame(chunk)
+    again = frproto.codec.decode_frame(encoded)
     if not isinstance(again, frproto.Chunk):
         raise AssertionError(f"re-encoded Chunk decodes as {again!r}")
     if _chunk_fields(again) != _chunk_fields(chunk):
@@ -66,12 +66,12 @@ def _check_chunk(data: bytes, chunk: frproto.Chunk) -> None:
 def check(data: bytes) -> None:
     """The decoder invariants on one input (raises AssertionError or the stray error)."""
     try:
-        decoded = frproto.decode_frame(data)
+        decoded = frproto.codec.decode_frame(data)
     except frproto.RemoteProtocolError:
         return
     if isinstance(decoded, tuple):
         tag, body = decoded
-        if not tag & frproto.IGNORABLE_TAG_BIT:
+        if not tag & frproto.codec.IGNORABLE_TAG_BIT:
             raise AssertionError(f"critical tag {tag:#06x} returned as unknown")
         if ENVELOPE.pack(0, tag, len(body)) + body != data:
             raise AssertionError("unknown ignorable frame does not re-frame to the input")
@@ -79,12 +79,12 @@ def check(data: bytes) -> None:
     if isinstance(decoded, frproto.Chunk):
         _check_chunk(data, decoded)
         return
-    encoded = frproto.encode_frame(decoded)
+    encoded = frproto.codec.encode_frame(decoded)
     if encoded == data:
         return
     # Bad UTF-8 in an Error's text is replaced on purpose; the result must be stable.
     lossy_text = isinstance(decoded, frproto.Error) and "\ufffd" in decoded.text
-    if lossy_text and frproto.decode_frame(encoded) == decoded:
+    if lossy_text and frproto.codec.decode_frame(encoded) == decoded:
         return
     raise AssertionError(
         f"{type(decoded).__name__} does not re-encode to its frame:\n"

@@ -1,6 +1,6 @@
 """Fuzz harness: the struct fast paths against their Construct schemas.
 
-``frproto._wire`` defines each layout once as Construct; the per-frame hot path uses
+``frproto.codec`` has each frame layout as Construct; the per-frame hot path uses
 ``struct`` instead (``ENVELOPE`` for the 8-byte envelope, ``CHUNK_HEADER`` for the 32-byte
 chunk header). Invariants checked by :func:`check`, on ``data[:8]`` and ``data[:32]``:
 
@@ -23,9 +23,9 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports(include=["frproto"]):
-        from frproto._wire import CHUNK_HEADER, CHUNK_HEADER_SCHEMA, ENVELOPE, ENVELOPE_SCHEMA
+        from frproto.codec import CHUNK_HEADER, CHUNK_HEADER_SCHEMA, ENVELOPE, ENVELOPE_SCHEMA
 else:
-    from frproto._wire import CHUNK_HEADER, CHUNK_HEADER_SCHEMA, ENVELOPE, ENVELOPE_SCHEMA
+    from frproto.codec import CHUNK_HEADER, CHUNK_HEADER_SCHEMA, ENVELOPE, ENVELOPE_SCHEMA
 
 _ENVELOPE_FIELDS = ("reserved", "tag", "length")
 _CHUNK_FIELDS = ("disk_index", "flags", "offset", "length", "digest")

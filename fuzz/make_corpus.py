@@ -35,7 +35,6 @@ import frproto
 from frproto import (
     Ack,
     AckKind,
-    AggregateDigest,
     BatchBegin,
     BatchEnd,
     Chunk,
@@ -61,10 +60,8 @@ from frproto import (
     RelationshipDelete,
     RelationshipOpen,
     Role,
-    chunk_digest,
-    encode_frame,
 )
-from frproto._chunks import compress, encode_chunk_header
+from frproto.codec import AggregateDigest, chunk_digest, compress, encode_chunk_header, encode_frame
 
 from . import fuzz_connection, fuzz_decoder, fuzz_fastpath
 from .fuzz_connection import DISKS, VM_NAME, VMID, make_input
@@ -201,7 +198,7 @@ def _batch_stream(count: int) -> bytes:
     frames = chunk_frames(0, 0)[:count]
     agg = AggregateDigest()
     for raw in frames:
-        decoded = frproto.decode_frame(raw)
+        decoded = frproto.codec.decode_frame(raw)
         assert isinstance(decoded, Chunk)
         agg.add(decoded.digest)
     end = BatchEnd(VMID, 8, len(frames), agg.digest())
@@ -212,7 +209,7 @@ def _ir_stream() -> bytes:
     frames = [chunk_frames(0, 0)[1], chunk_frames(1, 4096)[2]]
     agg = AggregateDigest()
     for raw in frames:
-        decoded = frproto.decode_frame(raw)
+        decoded = frproto.codec.decode_frame(raw)
         assert isinstance(decoded, Chunk)
         agg.add(decoded.digest)
     return b"".join(frames) + encode_frame(IREnd(VMID, 1, len(frames), agg.digest()))

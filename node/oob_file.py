@@ -20,8 +20,8 @@ File format (version 1)::
                IREnd                sequence 0, chunk count N, aggregate digest
     (end of file right after IREnd)
 
-The frames are made with :func:`frproto.encode_frame` (the IREnd's aggregate with
-:class:`frproto.AggregateDigest`; a ZERO chunk is framed without the whole-chunk
+The frames are made with :func:`frproto.codec.encode_frame` (the IREnd's aggregate with
+:class:`frproto.codec.AggregateDigest`; a ZERO chunk is framed without the whole-chunk
 comparison a Connection's ``send_chunk`` makes) and read back by a recovery-role
 :class:`frproto.Connection`, driven through negotiation and the relationship locally (it
 answers the file's RelationshipCreate with the replica's own disks), so frproto itself
@@ -102,15 +102,15 @@ def read_header(path: Path) -> ExportHeader:
     """
     with open(path, "rb") as f:
         check_magic(f.read(len(MAGIC)))
-        envelope = f.read(fp.ENVELOPE_SIZE)
+        envelope = f.read(fp.limits.ENVELOPE_SIZE)
         recovery = negotiated_pair()[1]
-        if len(envelope) < fp.ENVELOPE_SIZE:
+        if len(envelope) < fp.limits.ENVELOPE_SIZE:
             raise fp.TruncatedFrame(f"{path}: the file ends before its first frame")
         size = recovery.frame_size(envelope)
-        frame = envelope + f.read(size - fp.ENVELOPE_SIZE)
+        frame = envelope + f.read(size - fp.limits.ENVELOPE_SIZE)
     if len(frame) < size:
         raise fp.TruncatedFrame(f"{path}: the file ends inside its first frame")
-    message = fp.decode_frame(frame)
+    message = fp.codec.decode_frame(frame)
     if not isinstance(message, fp.RelationshipCreate):
         raise OOBFormatError(f"{path}: the first frame is not a RelationshipCreate")
     return ExportHeader(message.vmid, message.vm_name, message.disks, message.config)
@@ -136,7 +136,9 @@ class FrameReader:
     def __init__(self, f: io.FileIO, conn: fp.Connection) -> None:
         self._f = f
         self._conn = conn
-        self._buffer = bytearray(fp.ENVELOPE_SIZE + fp.CHUNK_HEADER_SIZE + fp.MAX_CHUNK_DATA)
+        self._buffer = bytearray(
+            fp.limits.ENVELOPE_SIZE + fp.limits.CHUNK_HEADER_SIZE + fp.limits.MAX_CHUNK_DATA
+        )
         self._view = memoryview(self._buffer)
         self._eof = False
 
@@ -154,15 +156,15 @@ class FrameReader:
         if self._eof:
             return
         view = self._view
-        got = self._read_into(view[: fp.ENVELOPE_SIZE])
-        if got < fp.ENVELOPE_SIZE:
+        got = self._read_into(view[: fp.limits.ENVELOPE_SIZE])
+        if got < fp.limits.ENVELOPE_SIZE:
             if got:
                 self._conn.receive_data(bytes(view[:got]))
             self._conn.receive_data(b"")
             self._eof = True
             return
-        size = self._conn.frame_size(view[: fp.ENVELOPE_SIZE])
-        got = self._read_into(view[fp.ENVELOPE_SIZE : size]) + fp.ENVELOPE_SIZE
+        size = self._conn.frame_size(view[: fp.limits.ENVELOPE_SIZE])
+        got = self._read_into(view[fp.limits.ENVELOPE_SIZE : size]) + fp.limits.ENVELOPE_SIZE
         self._conn.receive_data(view[:got])
         if got < size:
             self._conn.receive_data(b"")

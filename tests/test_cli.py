@@ -40,7 +40,7 @@ def test_version_json() -> None:
 
 
 def test_decode_prints_the_message() -> None:
-    frame = fp.encode_frame(fp.Keepalive(7)).hex()
+    frame = fp.codec.encode_frame(fp.Keepalive(7)).hex()
     result = frctl("protocol", "decode", "--json", frame)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"type": "Keepalive", "token": 7}
@@ -49,7 +49,7 @@ def test_decode_prints_the_message() -> None:
 
 
 def test_decode_reports_a_malformed_frame_on_stderr() -> None:
-    truncated = fp.encode_frame(fp.Keepalive(7))[:-1].hex()
+    truncated = fp.codec.encode_frame(fp.Keepalive(7))[:-1].hex()
     result = frctl("protocol", "decode", truncated)
     assert result.returncode == 1
     assert result.stdout == ""

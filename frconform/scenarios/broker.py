@@ -70,8 +70,8 @@ async def too_many_disks(ctx: Context) -> None:
     """A query with 257 disk sizes is refused with BAD_VALUE, and the connection closes."""
     wire = await ctx.ready()
     async with ctx.checking("MSG-11"):
-        frame = _query_frame(ctx.new_vmid(), [65536] * (fp.MAX_DISKS + 1))
-        await wire.send_raw(frame, f"QueryRecoveryServer with {fp.MAX_DISKS + 1} disks")
+        frame = _query_frame(ctx.new_vmid(), [65536] * (fp.limits.MAX_DISKS + 1))
+        await wire.send_raw(frame, f"QueryRecoveryServer with {fp.limits.MAX_DISKS + 1} disks")
         await ctx.expect_error(wire, fp.ErrorCode.BAD_VALUE, closes=True)
 
 

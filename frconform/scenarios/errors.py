@@ -39,7 +39,9 @@ async def error_text_not_utf8(ctx: Context) -> None:
     endpoint closes without answering BAD_VALUE or anything else."""
     wire = await ctx.ready()
     async with ctx.checking("MSG-20"):
-        frame = fp.encode_frame(fp.Error(fp.ErrorCode.INTERNAL, "ab")).replace(b"ab", b"\xff\xfe")
+        frame = fp.codec.encode_frame(fp.Error(fp.ErrorCode.INTERNAL, "ab")).replace(
+            b"ab", b"\xff\xfe"
+        )
         await wire.send_raw(frame, "Error INTERNAL with text ff fe (not UTF-8)")
         await _closes_silently(ctx, wire)
 

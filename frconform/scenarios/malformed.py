@@ -153,7 +153,7 @@ def _tag(frame: bytes) -> int:
 def _prelude_message(case: ErrorCase, tag: int) -> fp.Message | None:
     for _, frame in case.prelude:
         if _tag(frame) == tag:
-            message = fp.decode_frame(frame)
+            message = fp.codec.decode_frame(frame)
             assert isinstance(message, fp.Message)
             return message
     return None
@@ -245,9 +245,9 @@ async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
         if tag == 0x0001 and compressed is not None:
             # Offer only the compression the case's chunks use, so that the endpoint
             # chooses it whatever its own preference.
-            request = fp.decode_frame(frame)
+            request = fp.codec.decode_frame(frame)
             assert isinstance(request, fp.NegotiateRequest)
-            frame = fp.encode_frame(replace(request, compression=OFFER[compressed]))
+            frame = fp.codec.encode_frame(replace(request, compression=OFFER[compressed]))
         await wire.send_raw(ours_for_theirs(frame), f"prelude {_tag_name(tag)}")
         if tag == 0x0001:
             answer = await wire.receive()
@@ -282,7 +282,7 @@ def _starts_with_an_error(data: bytes) -> bool:
         return False
     size = 8 + int.from_bytes(data[4:8], "big")
     try:
-        return isinstance(fp.decode_frame(data[:size]), fp.Error)
+        return isinstance(fp.codec.decode_frame(data[:size]), fp.Error)
     except fp.FrprotoError:
         return False
 

@@ -20,7 +20,11 @@ async def compatible_version(ctx: Context) -> None:
         ctx.expect(answer.status == fp.ErrorCode.OK, "status OK", answer)
         ctx.expect(answer.verdict == fp.VersionVerdict.COMPATIBLE, "verdict COMPATIBLE", answer)
     async with ctx.checking("NEG-10"):
-        ctx.expect(answer.version == fp.PROTOCOL_VERSION, f"version {fp.PROTOCOL_VERSION}", answer)
+        ctx.expect(
+            answer.version == fp.limits.PROTOCOL_VERSION,
+            f"version {fp.limits.PROTOCOL_VERSION}",
+            answer,
+        )
     async with ctx.checking("NEG-6"):
         ctx.expect(answer.auth_type == fp.AuthType.CERTIFICATE, "auth_type CERTIFICATE", answer)
         ctx.expect(answer.encryption == fp.Encryption.TLS13, "encryption TLS13", answer)
@@ -37,13 +41,17 @@ async def later_minor_version(ctx: Context) -> None:
     """A primary of a later minor version (1.7) is answered COMPATIBLE at the lower minor."""
     wire = await ctx.connect()
     async with ctx.checking("NEG-5"):
-        answer = await ctx.negotiate(wire, fp.NegotiateRequest(version=(fp.PROTOCOL_VERSION[0], 7)))
+        answer = await ctx.negotiate(
+            wire, fp.NegotiateRequest(version=(fp.limits.PROTOCOL_VERSION[0], 7))
+        )
         ctx.expect(
             answer.status == fp.ErrorCode.OK and answer.verdict == fp.VersionVerdict.COMPATIBLE,
             "OK and COMPATIBLE",
             answer,
         )
-        ctx.expect(answer.version == fp.PROTOCOL_VERSION, "version 1.0 (the lower minor)", answer)
+        ctx.expect(
+            answer.version == fp.limits.PROTOCOL_VERSION, "version 1.0 (the lower minor)", answer
+        )
 
 
 @scenario("NEG-2", "NEG-7", kinds=ANY_KIND)
@@ -55,7 +63,7 @@ async def mismatched_version(ctx: Context) -> None:
         answer = await ctx.negotiate(wire, fp.NegotiateRequest(version=(2, 0)))
         ctx.expect(answer.verdict == fp.VersionVerdict.MISMATCH, "verdict MISMATCH", answer)
         ctx.expect(answer.status == fp.ErrorCode.PROTOCOL_MISMATCH, "PROTOCOL_MISMATCH", answer)
-        ctx.expect(answer.version[0] == fp.PROTOCOL_VERSION[0], "the endpoint's own version")
+        ctx.expect(answer.version[0] == fp.limits.PROTOCOL_VERSION[0], "the endpoint's own version")
     async with ctx.checking("NEG-7"):
         ctx.expect(await wire.closed_by_peer(), "the connection closed after the response")
 

@@ -78,7 +78,7 @@ async def delta_batch_and_resend(ctx: Context) -> None:
         for (disk_index, offset), data in written.items():
             request = fp.DigestMapRequest(session.vmid, disk_index, CHUNK, offset, 1)
             answer = await ctx.request(wire, request, fp.DigestMap)
-            want = fp.chunk_digest(data)
+            want = fp.codec.chunk_digest(data)
             ctx.expect(answer.digests == want, f"block {disk_index}/{offset}: {want.hex()}", answer)
     async with ctx.checking("REP-20"):
         await send_frames(wire, frames)  # the same sequence, the same content
@@ -192,7 +192,7 @@ async def digest_map_cut_at_the_end(ctx: Context) -> None:
         size = DISKS[1].size
         request = fp.DigestMapRequest(session.vmid, 1, CHUNK, CHUNK, 100)
         answer = await ctx.request(session.wire, request, fp.DigestMap)
-        tail = fp.zero_digest(size - CHUNK)
+        tail = fp.codec.zero_digest(size - CHUNK)
         ctx.expect(answer.digests == tail, f"one digest, of the last {size - CHUNK} bytes", answer)
 
 
@@ -220,7 +220,9 @@ async def chunk_outside_a_transfer(ctx: Context) -> None:
     closes."""
     session = await create(ctx)
     async with ctx.checking("SM-1"):
-        frame = fp.encode_frame(fp.Chunk(0, 0, 4096, fp.zero_digest(4096), b"", fp.ChunkFlags.ZERO))
+        frame = fp.codec.encode_frame(
+            fp.Chunk(0, 0, 4096, fp.codec.zero_digest(4096), b"", fp.ChunkFlags.ZERO)
+        )
         await session.wire.send_raw(frame, "Chunk (ZERO) with no transfer begun")
         await ctx.expect_error(session.wire, fp.ErrorCode.UNEXPECTED_MESSAGE, closes=True)
 
@@ -343,7 +345,7 @@ async def config_blob_too_large(ctx: Context) -> None:
     wire = await ctx.ready(target)
     async with ctx.checking("MSG-23"):
         # Built by hand: the library refuses to encode an oversized blob.
-        body = _create_body(vmid, bytes(fp.MAX_CONFIG_BLOB + 1))
+        body = _create_body(vmid, bytes(fp.limits.MAX_CONFIG_BLOB + 1))
         await wire.send_raw(_frame(0x0010, body), "RelationshipCreate with a 1 MiB + 1 blob")
         await ctx.expect_error(wire, fp.ErrorCode.BAD_VALUE, closes=True)
 
@@ -359,7 +361,7 @@ async def digest_map_request_limits(ctx: Context) -> None:
         answer = await ctx.request(session.wire, odd, fp.DigestMap)
         ctx.expect(answer.offset == 1000, "a DigestMap at offset 1000", answer)
     async with ctx.checking("MSG-33"):
-        zero = fp.encode_frame(fp.DigestMapRequest(session.vmid, 0, 4096, 0, 1))
+        zero = fp.codec.encode_frame(fp.DigestMapRequest(session.vmid, 0, 4096, 0, 1))
         zero = zero[:-4] + (0).to_bytes(4, "big")  # block_count, the last field
         await session.wire.send_raw(zero, "DigestMapRequest for 0 blocks")
         await ctx.expect_error(session.wire, fp.ErrorCode.BAD_VALUE, closes=True)
@@ -371,7 +373,7 @@ def _frame(tag: int, body: bytes) -> bytes:
 
 def _create_body(vmid: uuid.UUID, blob: bytes) -> bytes:
     """A RelationshipCreate body with any config blob (the layout of section 4.7)."""
-    small = fp.encode_frame(fp.RelationshipCreate(vmid, "frconform-big", DISKS, b"\x01"))[8:]
+    small = fp.codec.encode_frame(fp.RelationshipCreate(vmid, "frconform-big", DISKS, b"\x01"))[8:]
     # vmid (16), name length (u16) and name, blob length (u32) and blob, then the disks.
     name_len = int.from_bytes(small[16:18], "big")
     head = small[: 18 + name_len]

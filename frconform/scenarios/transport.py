@@ -47,7 +47,7 @@ async def no_tls_at_all(ctx: Context) -> None:
     stream = await connect_plain(ctx.target)
     try:
         async with ctx.checking("TLS-3"):
-            request = fp.encode_frame(fp.NegotiateRequest())
+            request = fp.codec.encode_frame(fp.NegotiateRequest())
             ctx.transcript.append(f"[plain TCP] -> NegotiateRequest: {request.hex()}")
             await stream.send_all(request)
             data = bytearray()
@@ -56,7 +56,7 @@ async def no_tls_at_all(ctx: Context) -> None:
                     data += chunk
             ctx.transcript.append(f"[plain TCP] <- {bytes(data[:64]).hex()}")
             try:
-                got: object = fp.decode_frame(bytes(data))
+                got: object = fp.codec.decode_frame(bytes(data))
             except fp.FrprotoError as exc:
                 got = f"{bytes(data[:32]).hex()} ({exc})"
             is_refusal = isinstance(got, fp.Error) and got.code == fp.ErrorCode.NOT_AUTHORIZED

@@ -107,7 +107,7 @@ class RecoveryClient:
         assert isinstance(answer, fp.NegotiateResponse)
         if not answer.ok:
             await trio.aclose_forcefully(stream)
-            raise fp.error_class_for(answer.status)(
+            raise fp.codec.error_class_for(answer.status)(
                 f"{server_name} refused the negotiation: status {answer.status}, "
                 f"verdict {answer.verdict.name}"
             )
@@ -207,8 +207,7 @@ class RecoveryClient:
                     done += want
                     if on_progress is not None:
                         on_progress(IRProgress(done, total))
-        c = self.conn.connection
-        await self.conn.send(fp.IREnd(vmid, sequence, c.chunk_count, c.aggregate_digest))
+        await self.conn.end_ir()
         await self.conn.expect(fp.Ack)
 
     async def send_batch(
@@ -230,8 +229,7 @@ class RecoveryClient:
             if limiter is not None:  # per chunk, so the link sees a steady rate
                 await trio.sleep(limiter.reserve(len(data)))
             await self.conn.send_chunk(disk_index, offset, data, digest=digest)
-        c = self.conn.connection
-        await self.conn.send(fp.BatchEnd(vmid, sequence, c.chunk_count, c.aggregate_digest))
+        await self.conn.end_batch()
         ack = await self.conn.expect(fp.Ack)
         assert isinstance(ack, fp.Ack)
 

@@ -126,8 +126,8 @@ async def maps_from_replica(vm: VMRecord, client: RecoveryClient, start: tuple[i
         end = disks[disk_index].size if disk_index < start[0] else start[1]
         blocks = math.ceil(end / block)
         dmap = vm.maps[disk_index]
-        for first in range(0, blocks, fp.MAX_DIGESTS):
-            count = min(fp.MAX_DIGESTS, blocks - first)
+        for first in range(0, blocks, fp.limits.MAX_DIGESTS):
+            count = min(fp.limits.MAX_DIGESTS, blocks - first)
             answer = await client.digest_map(vm.vmid, disk_index, block, first * block, count)
             digests = answer.digests
             for i in range(len(digests) // DIGEST_SIZE):

@@ -120,7 +120,7 @@ def export_ir(
 
     create = fp.RelationshipCreate(vmid, state.name, disks, config)
     counts = {"data": 0, "zero": 0}
-    aggregate = fp.AggregateDigest()
+    aggregate = fp.codec.AggregateDigest()
     out = Path(out)
     file_bytes = _write_file(out, create, total, images, maps, aggregate, counts, progress)
     _record_export(state, store_root, out, maps, aggregate, total)
@@ -145,7 +145,7 @@ def _write_file(
     total: int,
     images: list[Path],
     maps: list[DigestMap],
-    aggregate: fp.AggregateDigest,
+    aggregate: fp.codec.AggregateDigest,
     counts: dict[str, int],
     progress: Progress | None,
 ) -> int:
@@ -156,10 +156,10 @@ def _write_file(
     try:
         with open(tmp, "xb", buffering=_WRITE_BUFFER) as f:
             f.write(MAGIC)
-            f.write(fp.encode_frame(create))
-            f.write(fp.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
+            f.write(fp.codec.encode_frame(create))
+            f.write(fp.codec.encode_frame(fp.IRBegin(vmid, 0, 0, 0, total_bytes=total)))
             _export_chunks(f, aggregate, images, create.disks, maps, counts, progress)
-            f.write(fp.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
+            f.write(fp.codec.encode_frame(fp.IREnd(vmid, 0, aggregate.count, aggregate.digest())))
             f.flush()
             os.fsync(f.fileno())
             file_bytes = f.tell()
@@ -177,7 +177,7 @@ def _record_export(
     store_root: Path,
     out: Path,
     maps: list[DigestMap],
-    aggregate: fp.AggregateDigest,
+    aggregate: fp.codec.AggregateDigest,
     total: int,
 ) -> None:
     """Save the digest maps, the exported marker and the VM's state (IR from the start)."""
@@ -207,7 +207,7 @@ def _record_export(
 
 def _export_chunks(
     f: IO[bytes],
-    aggregate: fp.AggregateDigest,
+    aggregate: fp.codec.AggregateDigest,
     images: list[Path],
     disks: tuple[fp.DiskInfo, ...],
     maps: list[DigestMap],
@@ -235,17 +235,19 @@ def _export_chunks(
                 if got < n:  # an image shorter than its disk reads as zeros (as a scan does)
                     data[got:] = zeros[: n - got]
                 if buffer.startswith(zeros[:n]):
-                    chunk_digest = fp.zero_digest(n)
-                    frame = fp.encode_frame(
+                    chunk_digest = fp.codec.zero_digest(n)
+                    frame = fp.codec.encode_frame(
                         fp.Chunk(disk_index, offset, n, chunk_digest, b"", fp.ChunkFlags.ZERO)
                     )
                     for start in range(0, n, block):
                         length = min(block, n - start)
-                        dmap.set((offset + start) // block, fp.zero_digest(length))
+                        dmap.set((offset + start) // block, fp.codec.zero_digest(length))
                     counts["zero"] += n
                 else:
                     chunk_digest = digest(data)
-                    frame = fp.encode_frame(fp.Chunk(disk_index, offset, n, chunk_digest, data))
+                    frame = fp.codec.encode_frame(
+                        fp.Chunk(disk_index, offset, n, chunk_digest, data)
+                    )
                     for start in range(0, n, block):
                         dmap.set((offset + start) // block, digest(data[start : start + block]))
                     counts["data"] += n

@@ -1,7 +1,7 @@
 """Online verification: does the replica hold what this primary acknowledged?
 
 Verification asks the recovery server for the replica's block digests
-(``DigestMapRequest``, up to ``frproto.MAX_DIGESTS`` blocks per request); no disk data
+(``DigestMapRequest``, up to ``frproto.limits.MAX_DIGESTS`` blocks per request); no disk data
 crosses for the comparison. It compares them with the primary's digest map, the record of
 what was captured and acknowledged. Blocks still in the pending log (captured, not yet
 acknowledged) are left out: they differ legitimately. What differs otherwise is a replica
@@ -81,8 +81,8 @@ async def replica_map(
 ) -> DigestMap:
     """The replica's digest map of one disk, asked range by range."""
     dmap = DigestMap(size, block_size)
-    for first in range(0, dmap.block_count, fp.MAX_DIGESTS):
-        count = min(fp.MAX_DIGESTS, dmap.block_count - first)
+    for first in range(0, dmap.block_count, fp.limits.MAX_DIGESTS):
+        count = min(fp.limits.MAX_DIGESTS, dmap.block_count - first)
         answer = await client.digest_map(vmid, disk_index, block_size, first * block_size, count)
         digests = answer.digests
         if len(digests) != count * DIGEST_SIZE:

@@ -179,12 +179,12 @@ class ImageSet:
                 if next_data < pos:
                     next_data = _next_data(fd, pos, size)
                 if next_data >= pos + n:
-                    out += frproto.zero_digest(n)
+                    out += frproto.codec.zero_digest(n)
                 else:
                     got = os.preadv(fd, [view[:n]], pos)
                     if got != n:
                         raise OSError(errno.EIO, "short read", str(path))
-                    out += frproto.chunk_digest(view[:n])
+                    out += frproto.codec.chunk_digest(view[:n])
                 pos += n
         return bytes(out)
 

@@ -33,7 +33,7 @@ def patch() -> None:
 
     def lenient(reserved: int, tag: int, length: int, **limits: Any) -> None:
         if tag != fp.MessageTag.CHUNK:
-            limits["max_control_body"] = 2 * fp.MAX_CONTROL_BODY
+            limits["max_control_body"] = 2 * fp.limits.MAX_CONTROL_BODY
         real_check(reserved, tag, length, **limits)
 
     connection.check_envelope = lenient  # type: ignore[attr-defined]
@@ -42,7 +42,7 @@ def patch() -> None:
     real_answer = fp.answer_negotiation
 
     def careless(request: fp.NegotiateRequest, policy: fp.ServerPolicy) -> fp.NegotiateResponse:
-        ours = (fp.PROTOCOL_VERSION[0], request.version[1])
+        ours = (fp.limits.PROTOCOL_VERSION[0], request.version[1])
         return real_answer(fp.NegotiateRequest(ours, *_rest(request)), policy)
 
     fp.answer_negotiation = careless

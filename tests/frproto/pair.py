@@ -165,19 +165,23 @@ class ConnectionPair:
         vmid = self.primary.vmid
         assert vmid is not None
         assert self.primary.aggregate_digest == self.recovery.aggregate_digest
-        self.send(
-            Role.PRIMARY,
-            fp.IREnd(vmid, sequence, self.primary.chunk_count, self.primary.aggregate_digest),
+        end = self.primary.end_ir()
+        assert end == self.recovery.end_ir()
+        assert end == fp.IREnd(
+            vmid, sequence, self.primary.chunk_count, self.primary.aggregate_digest
         )
+        self.send(Role.PRIMARY, end)
 
     def end_batch(self, sequence: int) -> None:
         vmid = self.primary.vmid
         assert vmid is not None
         assert self.primary.aggregate_digest == self.recovery.aggregate_digest
-        self.send(
-            Role.PRIMARY,
-            fp.BatchEnd(vmid, sequence, self.primary.chunk_count, self.primary.aggregate_digest),
+        end = self.primary.end_batch()
+        assert end == self.recovery.end_batch()
+        assert end == fp.BatchEnd(
+            vmid, sequence, self.primary.chunk_count, self.primary.aggregate_digest
         )
+        self.send(Role.PRIMARY, end)
 
     def walk_to(
         self,

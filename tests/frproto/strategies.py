@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from hypothesis import strategies as st
 
 import frproto as fp
-from frproto import (
+from frproto.limits import (
     DIGEST_SIZE,
     MAX_BLOCK_SIZE,
     MAX_CHUNK_DATA,
@@ -410,9 +410,11 @@ def chunks(draw: st.DrawFn, zero: bool | None = None) -> fp.Chunk:
         zero = draw(st.booleans())
     if zero:
         length = draw(zero_lengths())
-        return fp.Chunk(disk_index, offset, length, fp.zero_digest(length), b"", fp.ChunkFlags.ZERO)
+        return fp.Chunk(
+            disk_index, offset, length, fp.codec.zero_digest(length), b"", fp.ChunkFlags.ZERO
+        )
     data = draw(random_data() | compressible_data(max_size=8192))
-    return fp.Chunk(disk_index, offset, len(data), fp.chunk_digest(data), data)
+    return fp.Chunk(disk_index, offset, len(data), fp.codec.chunk_digest(data), data)
 
 
 # -- everything ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import frproto as fp
 from frproto import Role, State
 from frproto._buffer import ReceiveBuffer
-from frproto._wire import ENVELOPE
+from frproto.codec import ENVELOPE
 
 from . import strategies as fs
 from .pair import DEFAULT_VMID, ConnectionPair, drain

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import frproto as fp
 from frproto import Role, State
-from frproto._wire import CHUNK_FRAME_HEADER, ENVELOPE, ERROR, QUERY_RECOVERY_SERVER
+from frproto._fields import table_of
+from frproto.codec import CHUNK_FRAME_HEADER, ENVELOPE
 
 from . import strategies as fs
 from .pair import DEFAULT_DISKS, DEFAULT_VMID, ConnectionPair, drain, send_any, state_of
@@ -56,8 +57,8 @@ def test_send_chunk_passes_the_payload_through(
     assert len(pieces) == 2
     assert pieces[1] is data
     fields = _header_fields(pieces[0])
-    assert fields[:3] == (0, fp.MessageTag.CHUNK, fp.CHUNK_HEADER_SIZE + len(data))
-    assert fields[3:8] == (0, 0, 4096, len(data), fp.chunk_digest(data))
+    assert fields[:3] == (0, fp.MessageTag.CHUNK, fp.limits.CHUNK_HEADER_SIZE + len(data))
+    assert fields[3:8] == (0, 0, 4096, len(data), fp.codec.chunk_digest(data))
     chunk = pair.deliver(pair.recovery, pieces)[0]
     assert isinstance(chunk, fp.Chunk)
     assert bytes(chunk.data) == bytes(data)
@@ -73,7 +74,7 @@ def test_compression_off_on_request(compression: fp.Compression) -> None:
     pieces = pair.primary.send_chunk(0, 0, data)
     assert len(pieces[1]) < len(data)
     assert pair.deliver(pair.recovery, pieces)[0] == fp.Chunk(
-        0, 0, len(data), fp.chunk_digest(data), data
+        0, 0, len(data), fp.codec.chunk_digest(data), data
     )
 
 
@@ -83,7 +84,7 @@ def test_compression_off_on_request(compression: fp.Compression) -> None:
 def test_compression_only_when_smaller(data: bytes, compression: fp.Compression) -> None:
     # Short or random data does not shrink: it goes as it is.
     pair = _ir_pair(compression)
-    packed = fp._chunks.compress(data, compression)
+    packed = fp.codec.compress(data, compression)
     pieces = pair.primary.send_chunk(0, 0, data)
     if packed is None:
         assert pieces[1] is data
@@ -109,7 +110,7 @@ def test_incompressible_data_is_not_compressed() -> None:
 def test_supplied_digest_is_used() -> None:
     pair = _ir_pair()
     data = b"payload" * 100
-    right = fp.chunk_digest(data)
+    right = fp.codec.chunk_digest(data)
     pieces = pair.primary.send_chunk(0, 0, data, digest=right)
     assert _header_fields(pieces[0])[-1] == right
     pair.deliver(pair.recovery, pieces)
@@ -161,15 +162,17 @@ def test_zero_detection(length: int) -> None:
 def test_send_of_a_chunk_message() -> None:
     pair = _ir_pair()
     data = b"0123456789"
-    wire = pair.primary.send(fp.Chunk(0, 5, len(data), fp.chunk_digest(data), data))
-    assert wire == fp.encode_frame(fp.Chunk(0, 5, len(data), fp.chunk_digest(data), data))
-    zero = fp.Chunk(0, 0, 512, fp.zero_digest(512), b"", fp.ChunkFlags.ZERO)
+    wire = pair.primary.send(fp.Chunk(0, 5, len(data), fp.codec.chunk_digest(data), data))
+    assert wire == fp.codec.encode_frame(
+        fp.Chunk(0, 5, len(data), fp.codec.chunk_digest(data), data)
+    )
+    zero = fp.Chunk(0, 0, 512, fp.codec.zero_digest(512), b"", fp.ChunkFlags.ZERO)
     wire += pair.primary.send(zero)
     events = pair.deliver(pair.recovery, [wire])
-    assert events == [fp.Chunk(0, 5, len(data), fp.chunk_digest(data), data), zero]
+    assert events == [fp.Chunk(0, 5, len(data), fp.codec.chunk_digest(data), data), zero]
 
 
-@pytest.mark.parametrize("length", [0, fp.MAX_CHUNK_DATA + 1])
+@pytest.mark.parametrize("length", [0, fp.limits.MAX_CHUNK_DATA + 1])
 def test_chunk_length_limits_on_send(length: int) -> None:
     pair = _ir_pair()
     with pytest.raises(fp.LocalProtocolError):
@@ -185,13 +188,15 @@ def test_config_max_chunk_data() -> None:
     with pytest.raises(fp.LocalProtocolError):
         pair.primary.send_chunk(0, 0, b"\x01" * 4097)
     pair.send_chunk(0, 0, b"\x01" * 4096)
-    pair.recovery.receive_data(fp.encode_frame(fp.Chunk(0, 0, 4097, bytes(16), b"\x02" * 4097)))
+    pair.recovery.receive_data(
+        fp.codec.encode_frame(fp.Chunk(0, 0, 4097, bytes(16), b"\x02" * 4097))
+    )
     with pytest.raises(fp.FrameTooLarge):
         pair.recovery.next_event()
     with pytest.raises(ValueError, match="max_chunk_data"):
         fp.ConnectionConfig(max_chunk_data=0)
     with pytest.raises(ValueError, match="max_control_body"):
-        fp.ConnectionConfig(max_control_body=fp.MAX_CONTROL_BODY + 1)
+        fp.ConnectionConfig(max_control_body=fp.limits.MAX_CONTROL_BODY + 1)
 
 
 # -- session checks, on send and on receive -----------------------------------------------
@@ -211,16 +216,16 @@ def _refused_both_ways(
     assert state_of(pair) is before
     assert pair.primary.chunk_count == count
     receiver = pair.peer(role)
-    receiver.receive_data(fp.encode_frame(message))
+    receiver.receive_data(fp.codec.encode_frame(message))
     with pytest.raises(remote) as info:
         receiver.next_event()
     assert type(info.value) is remote
-    assert info.value.error.code == remote.code
+    assert fp.Error.from_exception(info.value).code == remote.code
     assert state_of(receiver) is State.ERROR
 
 
 def _chunk(disk_index: int, offset: int, data: bytes) -> fp.Chunk:
-    return fp.Chunk(disk_index, offset, len(data), fp.chunk_digest(data), data)
+    return fp.Chunk(disk_index, offset, len(data), fp.codec.chunk_digest(data), data)
 
 
 SIZE1 = DEFAULT_DISKS[1].size
@@ -478,11 +483,35 @@ def test_aggregate_digest_is_over_chunk_digests_in_order() -> None:
     pair = ConnectionPair().walk_to(State.BATCH)
     pair.send_chunk(0, 0, b"one")
     pair.send_chunk(0, 4096, bytes(4096))
-    aggregate = fp.AggregateDigest()
-    aggregate.add(fp.chunk_digest(b"one"))
-    aggregate.add(fp.zero_digest(4096))
+    aggregate = fp.codec.AggregateDigest()
+    aggregate.add(fp.codec.chunk_digest(b"one"))
+    aggregate.add(fp.codec.zero_digest(4096))
     assert pair.primary.aggregate_digest == pair.recovery.aggregate_digest == aggregate.digest()
     assert pair.recovery.chunk_count == aggregate.count == 2
+
+
+def test_the_connection_builds_the_end_of_an_ir_or_batch() -> None:
+    pair = ConnectionPair().walk_to(State.BATCH)
+    pair.send_chunk(0, 0, b"one")
+    pair.send_chunk(0, 3, b"two")
+    end = pair.primary.end_batch()
+    assert end == pair.recovery.end_batch()
+    assert end == fp.BatchEnd(DEFAULT_VMID, 1, 2, pair.primary.aggregate_digest)
+    assert state_of(pair) is State.BATCH  # built, not sent
+    with pytest.raises(fp.LocalProtocolError, match="no IR in progress"):
+        pair.primary.end_ir()
+    pair.send(P, end)
+    with pytest.raises(fp.LocalProtocolError, match="no batch in progress"):
+        pair.primary.end_batch()
+    pair = ConnectionPair().walk_to(State.IR)  # one chunk sent: b"initial data" * 10
+    pair.send_chunk(1, 0, bytes(4096))
+    end_ir = pair.primary.end_ir()
+    aggregate = fp.codec.AggregateDigest()
+    aggregate.add(fp.codec.chunk_digest(b"initial data" * 10))
+    aggregate.add(fp.codec.zero_digest(4096))
+    assert end_ir == fp.IREnd(DEFAULT_VMID, 0, 2, aggregate.digest())
+    with pytest.raises(fp.LocalProtocolError, match="no batch in progress"):
+        pair.primary.end_batch()
 
 
 def test_digest_map_cut_at_disk_end() -> None:
@@ -568,7 +597,7 @@ def test_delete_only_in_a_session(state: State) -> None:
     with pytest.raises(fp.LocalProtocolError):
         pair.primary.send(fp.RelationshipDelete(DEFAULT_VMID))
     assert state_of(pair) is state
-    pair.recovery.receive_data(fp.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
+    pair.recovery.receive_data(fp.codec.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
     with pytest.raises(fp.UnexpectedMessage):
         pair.recovery.next_event()
 
@@ -577,7 +606,7 @@ def test_delete_from_the_recovery_side_is_refused() -> None:
     pair = ConnectionPair().walk_to(State.SESSION)
     with pytest.raises(fp.LocalProtocolError):
         pair.recovery.send(fp.RelationshipDelete(DEFAULT_VMID))
-    pair.primary.receive_data(fp.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
+    pair.primary.receive_data(fp.codec.encode_frame(fp.RelationshipDelete(DEFAULT_VMID)))
     with pytest.raises(fp.UnexpectedMessage):
         pair.primary.next_event()
 
@@ -588,9 +617,9 @@ def test_delete_of_a_bad_vmid() -> None:
     body = uuid.UUID(int=(1 << 128) - 1).bytes
     frame = ENVELOPE.pack(0, fp.MessageTag.RELATIONSHIP_DELETE, len(body)) + body
     with pytest.raises(fp.BadVMID):
-        fp.decode_frame(frame)
+        fp.codec.decode_frame(frame)
     with pytest.raises(fp.TruncatedFrame):
-        fp.decode_frame(ENVELOPE.pack(0, fp.MessageTag.RELATIONSHIP_DELETE, 15) + body[:15])
+        fp.codec.decode_frame(ENVELOPE.pack(0, fp.MessageTag.RELATIONSHIP_DELETE, 15) + body[:15])
 
 
 # -- the end of the stream -----------------------------------------------------------------
@@ -628,12 +657,12 @@ def test_frame_size_refuses_a_hostile_length_from_8_bytes() -> None:
     assert state_of(conn) is State.ERROR
     conn = fp.Connection(Role.RECOVERY)
     assert conn.frame_size(ENVELOPE.pack(0, fp.MessageTag.KEEPALIVE, 8)) == 16
-    limit = fp.CHUNK_HEADER_SIZE + fp.MAX_CHUNK_DATA
+    limit = fp.limits.CHUNK_HEADER_SIZE + fp.limits.MAX_CHUNK_DATA
     assert conn.frame_size(ENVELOPE.pack(0, fp.MessageTag.CHUNK, limit)) == 8 + limit
     with pytest.raises(fp.FrameTooLarge):
         conn.frame_size(ENVELOPE.pack(0, fp.MessageTag.CHUNK, limit + 1))
     conn = fp.Connection(Role.RECOVERY)
-    control = fp.MAX_CONTROL_BODY
+    control = fp.limits.MAX_CONTROL_BODY
     assert conn.frame_size(ENVELOPE.pack(0, fp.MessageTag.ERROR, control)) == 8 + control
     with pytest.raises(fp.FrameTooLarge):
         conn.frame_size(ENVELOPE.pack(0, fp.MessageTag.ERROR, control + 1))
@@ -664,40 +693,42 @@ def test_unknown_ignorable_tag_is_skipped() -> None:
 
 
 def test_query_disk_size_over_limit_is_a_remote_error() -> None:
-    body = QUERY_RECOVERY_SERVER.build(
+    body = table_of(fp.QueryRecoveryServer).schema.build(
         {"vmid": DEFAULT_VMID.bytes, "vm_name": b"vm", "disk_sizes": [1, 1 << 63]}
     )
     with pytest.raises(fp.BadValue):
-        fp.decode_frame(ENVELOPE.pack(0, fp.MessageTag.QUERY_RECOVERY_SERVER, len(body)) + body)
+        fp.codec.decode_frame(
+            ENVELOPE.pack(0, fp.MessageTag.QUERY_RECOVERY_SERVER, len(body)) + body
+        )
 
 
 def test_error_text_of_bad_utf8_stays_within_the_limit() -> None:
-    body = ERROR.build({"code": 8, "text": b"\xff" * fp.MAX_ERROR_TEXT})
-    decoded = fp.decode_frame(ENVELOPE.pack(0, fp.MessageTag.ERROR, len(body)) + body)
+    body = table_of(fp.Error).schema.build({"code": 8, "text": b"\xff" * fp.limits.MAX_ERROR_TEXT})
+    decoded = fp.codec.decode_frame(ENVELOPE.pack(0, fp.MessageTag.ERROR, len(body)) + body)
     assert isinstance(decoded, fp.Error)
     assert decoded.code == 8
-    assert 0 < len(decoded.text.encode()) <= fp.MAX_ERROR_TEXT
+    assert 0 < len(decoded.text.encode()) <= fp.limits.MAX_ERROR_TEXT
     assert set(decoded.text) == {"\ufffd"}
 
 
 @settings(max_examples=300)
 @given(fs.messages(), st.data())
 def test_mutated_frames_raise_only_remote_errors(message: fp.Message, data: st.DataObject) -> None:
-    frame = bytearray(fp.encode_frame(message))
+    frame = bytearray(fp.codec.encode_frame(message))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(frame) - 1))
         frame[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(frame)))
     candidate = bytes(frame[:cut]) + data.draw(st.binary(max_size=8))
     with contextlib.suppress(fp.RemoteProtocolError):
-        fp.decode_frame(candidate)
+        fp.codec.decode_frame(candidate)
 
 
 @settings(max_examples=200)
 @given(st.binary(max_size=120))
 def test_random_bytes_raise_only_remote_errors(raw: bytes) -> None:
     with contextlib.suppress(fp.RemoteProtocolError):
-        fp.decode_frame(raw)
+        fp.codec.decode_frame(raw)
     for state in (State.IDLE, State.NEGOTIATING, State.IR):
         conn = ConnectionPair().walk_to(state).recovery
         if raw:
@@ -714,9 +745,9 @@ def test_random_bytes_raise_only_remote_errors(raw: bytes) -> None:
 
 @pytest.mark.parametrize("code", [c for c in fp.ErrorCode if c], ids=lambda c: c.name)
 def test_error_from_message_maps_every_code(code: fp.ErrorCode) -> None:
-    cls = fp.ERROR_CLASSES[code]
+    cls = fp.codec.ERROR_CLASSES[code]
     assert cls.code is code
-    assert fp.error_class_for(code) is cls
+    assert fp.codec.error_class_for(code) is cls
     exc = fp.error_from_message(fp.Error(code, f"text {code.name}"))
     assert type(exc) is cls
     assert exc.message == f"text {code.name}"
@@ -727,27 +758,27 @@ def test_error_from_message_maps_every_code(code: fp.ErrorCode) -> None:
 
 
 def test_error_registry_is_complete_and_unknown_codes_are_internal() -> None:
-    assert set(fp.ERROR_CLASSES) == {c for c in fp.ErrorCode if c}
-    assert fp.error_class_for(0) is fp.InternalError
-    assert fp.error_class_for(4242) is fp.InternalError
+    assert set(fp.codec.ERROR_CLASSES) == {c for c in fp.ErrorCode if c}
+    assert fp.codec.error_class_for(0) is fp.InternalError
+    assert fp.codec.error_class_for(4242) is fp.InternalError
     assert type(fp.error_from_message(fp.Error(4242, "new"))) is fp.InternalError
     assert fp.Error(4242).error_code is fp.ErrorCode.INTERNAL
 
 
-LEAF_ERRORS: list[type[fp.FrprotoError]] = [fp.ERROR_CLASSES[c] for c in fp.ErrorCode if c]
+LEAF_ERRORS: list[type[fp.FrprotoError]] = [fp.codec.ERROR_CLASSES[c] for c in fp.ErrorCode if c]
 
 
 @pytest.mark.parametrize("cls", LEAF_ERRORS, ids=lambda c: c.__name__)
 @settings(max_examples=10)
 @given(text=fs.error_texts() | st.text(min_size=1000, max_size=1200))
-def test_to_message_round_trip(cls: type[fp.FrprotoError], text: str) -> None:
+def test_from_exception_round_trip(cls: type[fp.FrprotoError], text: str) -> None:
     text = text.encode("utf-8", "replace").decode("utf-8")
     exc = cls(text)
-    message = exc.to_message()
+    message = fp.Error.from_exception(exc)
     assert message.code == cls.code
-    assert len(message.text.encode()) <= fp.MAX_ERROR_TEXT
+    assert len(message.text.encode()) <= fp.limits.MAX_ERROR_TEXT
     assert text.startswith(message.text)
-    decoded = fp.decode_frame(fp.encode_frame(message))
+    decoded = fp.codec.decode_frame(fp.codec.encode_frame(message))
     assert decoded == message
     assert isinstance(decoded, fp.Error)
     back = fp.error_from_message(decoded)
@@ -757,9 +788,10 @@ def test_to_message_round_trip(cls: type[fp.FrprotoError], text: str) -> None:
 
 def test_remote_error_carries_its_error_message() -> None:
     exc = fp.ChunkOutOfRange("past the end")
-    assert exc.error == fp.Error(fp.ErrorCode.CHUNK_OUT_OF_RANGE, "past the end")
+    error = fp.Error(fp.ErrorCode.CHUNK_OUT_OF_RANGE, "past the end")
+    assert fp.Error.from_exception(exc) == error
     pair = ConnectionPair().walk_to(State.IR)
-    assert pair.recovery.send_error(exc) == fp.encode_frame(exc.error)
+    assert pair.recovery.send_error(exc) == fp.codec.encode_frame(error)
     assert state_of(pair.recovery) is State.MUST_CLOSE
 
 

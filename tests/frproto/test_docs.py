@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import frproto
-from frproto import _enums, _limits
+from frproto import _enums, limits
 from frproto._state import KEEPALIVE_STATES, REFUSAL_RETURNS, TRANSITIONS
-from frproto._wire import CHUNK_FRAME_HEADER, CHUNK_HEADER
+from frproto.codec import CHUNK_FRAME_HEADER, CHUNK_HEADER
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 DOC = DOC_PATH.read_text(encoding="utf-8")
@@ -80,10 +80,10 @@ def wire_enums() -> list[type[enum.Enum]]:
 
 
 def limit_constants() -> dict[str, object]:
-    """Every public constant in ``frproto._limits``."""
+    """Every public constant in ``frproto.limits``."""
     return {
         name: value
-        for name, value in vars(_limits).items()
+        for name, value in vars(limits).items()
         if name.isupper() and not name.startswith("_")
     }
 
@@ -105,14 +105,14 @@ def test_every_message_tag_appears_in_the_doc(tag: frproto.MessageTag) -> None:
 
 
 def test_every_message_has_a_section_with_its_tag() -> None:
-    for tag, cls in frproto.MESSAGE_CLASSES.items():
+    for tag, cls in frproto.codec.MESSAGE_CLASSES.items():
         pattern = rf"^###\s+4\.\d+\s+{cls.__name__}\s+\(tag\s+`0x{tag.value:04x}`\)"
         assert re.search(pattern, DOC, re.MULTILINE | re.IGNORECASE), cls.__name__
 
 
 def test_message_summary_table_tags() -> None:
     rows = table_rows(section("4. Messages"))
-    by_name = {cls.__name__: tag for tag, cls in frproto.MESSAGE_CLASSES.items()}
+    by_name = {cls.__name__: tag for tag, cls in frproto.codec.MESSAGE_CLASSES.items()}
     summary = {r[0]: parse_int(r[1]) for r in rows if len(r) >= 4 and r[0] in by_name}
     assert summary == {name: tag.value for name, tag in by_name.items()}
 
@@ -128,7 +128,7 @@ def _fixed_size_samples() -> list[frproto.Message]:
         frproto.BatchBegin(_VMID, 1, 0, 0),
         frproto.BatchEnd(_VMID, 0, 0, bytes(16)),
         frproto.Ack(_VMID, frproto.AckKind.IR_COMPLETE, 0),
-        frproto.DigestMapRequest(_VMID, 0, frproto.MIN_BLOCK_SIZE, 0, 1),
+        frproto.DigestMapRequest(_VMID, 0, frproto.limits.MIN_BLOCK_SIZE, 0, 1),
     ]
 
 
@@ -140,7 +140,7 @@ def test_fixed_body_sizes_in_summary_table(message: frproto.Message) -> None:
 
 
 def test_chunk_frame_header_layout() -> None:
-    assert CHUNK_HEADER.size == frproto.CHUNK_HEADER_SIZE
+    assert CHUNK_HEADER.size == frproto.limits.CHUNK_HEADER_SIZE
     assert f"`{CHUNK_FRAME_HEADER.format}`" in DOC
 
 
@@ -182,7 +182,7 @@ def test_every_error_code_name_and_number_in_registry() -> None:
 def test_error_code_class_documented(code: frproto.ErrorCode) -> None:
     rows = table_rows(section("6. Error codes"))
     row = next(r for r in rows if len(r) >= 5 and r[1] == code.name)
-    cls = frproto.ERROR_CLASSES.get(code)
+    cls = frproto.codec.ERROR_CLASSES.get(code)
     if cls is None:
         assert code is frproto.ErrorCode.OK
         return
@@ -212,7 +212,7 @@ def test_every_transition_in_the_table() -> None:
     rows = table_rows(section("9.2 Transitions"))
     sender = {frproto.Role.PRIMARY: "P", frproto.Role.RECOVERY: "R"}
     for (state, role, tag), target in TRANSITIONS.items():
-        name = frproto.MESSAGE_CLASSES[tag].__name__
+        name = frproto.codec.MESSAGE_CLASSES[tag].__name__
         assert any(
             len(r) >= 4
             and r[0] == state.name
@@ -251,11 +251,11 @@ def test_worked_example_hex_matches_encoder() -> None:
     text = section("11. Worked example")
     match = re.search(r"```\s*\n\s*([0-9a-fA-F]+)\s*\n\s*```", text)
     assert match, "no hex code block in the worked example"
-    assert match.group(1).lower() == frproto.encode_frame(frproto.NegotiateRequest()).hex()
+    assert match.group(1).lower() == frproto.codec.encode_frame(frproto.NegotiateRequest()).hex()
 
 
 def test_worked_example_annotation_covers_every_byte() -> None:
-    frame = frproto.encode_frame(frproto.NegotiateRequest())
+    frame = frproto.codec.encode_frame(frproto.NegotiateRequest())
     rows = table_rows(section("11. Worked example"))
     annotated = "".join(
         r[0].replace(" ", "") for r in rows if len(r) >= 4 and re.fullmatch(r"[0-9a-f ]+", r[0])
@@ -266,7 +266,7 @@ def test_worked_example_annotation_covers_every_byte() -> None:
 def test_digest_examples() -> None:
     zero = re.search(r"digest of 4096 zero bytes is `([0-9a-f]{32})`", DOC)
     assert zero
-    assert zero.group(1) == frproto.zero_digest(4096).hex()
+    assert zero.group(1) == frproto.codec.zero_digest(4096).hex()
     empty = re.search(r"`XXH3-128\(b\"\"\)` =\s*`([0-9a-f]{32})`", DOC)
     assert empty
-    assert empty.group(1) == frproto.AggregateDigest().digest().hex()
+    assert empty.group(1) == frproto.codec.AggregateDigest().digest().hex()

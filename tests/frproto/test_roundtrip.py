@@ -21,7 +21,7 @@ ALL_CLASSES = sorted(fs.MESSAGE_STRATEGIES, key=lambda c: c.TAG)
 
 
 def test_strategies_cover_every_message_class() -> None:
-    assert set(fs.MESSAGE_STRATEGIES) == set(fp.MESSAGE_CLASSES.values())
+    assert set(fs.MESSAGE_STRATEGIES) == set(fp.codec.MESSAGE_CLASSES.values())
 
 
 # -- stateless frames ----------------------------------------------------------------------
@@ -32,25 +32,25 @@ def test_strategies_cover_every_message_class() -> None:
 @given(data=st.data())
 def test_frame_roundtrip(cls: type[fp.Message], data: st.DataObject) -> None:
     message = data.draw(fs.MESSAGE_STRATEGIES[cls])
-    frame = fp.encode_frame(message)
-    decoded = fp.decode_frame(frame)
+    frame = fp.codec.encode_frame(message)
+    decoded = fp.codec.decode_frame(frame)
     assert type(decoded) is cls
     assert decoded == message
     # The envelope describes the frame exactly.
-    reserved, tag, length = fp._wire.ENVELOPE.unpack_from(frame)
-    assert (reserved, tag, length) == (0, cls.TAG, len(frame) - fp.ENVELOPE_SIZE)
+    reserved, tag, length = fp.codec.ENVELOPE.unpack_from(frame)
+    assert (reserved, tag, length) == (0, cls.TAG, len(frame) - fp.limits.ENVELOPE_SIZE)
     if not isinstance(message, fp.Chunk):
         # A second round trip gives the same bytes (the encoding is canonical).
-        assert fp.encode_frame(decoded) == frame
+        assert fp.codec.encode_frame(decoded) == frame
         assert fp.Connection(Role.RECOVERY).frame_size(frame[:8]) == len(frame)
 
 
 @settings(max_examples=50)
 @given(fs.chunks(zero=True))
 def test_zero_chunk_frame_has_no_payload(chunk: fp.Chunk) -> None:
-    frame = fp.encode_frame(chunk)
-    assert len(frame) == fp.ENVELOPE_SIZE + fp.CHUNK_HEADER_SIZE
-    decoded = fp.decode_frame(frame)
+    frame = fp.codec.encode_frame(chunk)
+    assert len(frame) == fp.limits.ENVELOPE_SIZE + fp.limits.CHUNK_HEADER_SIZE
+    decoded = fp.codec.decode_frame(frame)
     assert isinstance(decoded, fp.Chunk)
     assert decoded.is_zero
     assert decoded.length == chunk.length
@@ -60,12 +60,12 @@ def test_zero_chunk_frame_has_no_payload(chunk: fp.Chunk) -> None:
 @settings(max_examples=50)
 @given(fs.messages())
 def test_frame_roundtrip_any_message_and_truncations(message: fp.Message) -> None:
-    frame = fp.encode_frame(message)
-    assert fp.decode_frame(frame) == message
+    frame = fp.codec.encode_frame(message)
+    assert fp.codec.decode_frame(frame) == message
     with pytest.raises(fp.TruncatedFrame):
-        fp.decode_frame(frame[:-1])
+        fp.codec.decode_frame(frame[:-1])
     with pytest.raises(fp.TrailingBytes):
-        fp.decode_frame(frame + b"\0")
+        fp.codec.decode_frame(frame + b"\0")
 
 
 # -- through a connection pair -------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_pair_negotiate_response(rng: random.Random, message: fp.NegotiateRespon
         # A compatible answer may only choose among what the pair's default offer holds.
         message = replace(
             message,
-            version=fp.PROTOCOL_VERSION,
+            version=fp.limits.PROTOCOL_VERSION,
             encryption=fp.Encryption.TLS13,
             auth_type=fp.AuthType.CERTIFICATE,
         )
@@ -298,7 +298,7 @@ def test_chunk_random_data(rng: random.Random, data: bytes, offset: int) -> None
     chunk = events[0]
     assert isinstance(chunk, fp.Chunk)
     assert bytes(chunk.data) == data
-    assert chunk.digest == fp.chunk_digest(data)
+    assert chunk.digest == fp.codec.chunk_digest(data)
     assert chunk.flags is fp.ChunkFlags.NONE
 
 
@@ -309,13 +309,13 @@ def test_chunk_zero_data(rng: random.Random, length: int, compression: fp.Compre
     data = bytes(length)
     pieces = pair.primary.send_chunk(0, 0, data)
     assert len(pieces) == 1  # ZERO: the payload is not sent at all
-    assert len(pieces[0]) == fp.ENVELOPE_SIZE + fp.CHUNK_HEADER_SIZE
+    assert len(pieces[0]) == fp.limits.ENVELOPE_SIZE + fp.limits.CHUNK_HEADER_SIZE
     chunk = pair.deliver(pair.recovery, pieces)[0]
     assert isinstance(chunk, fp.Chunk)
     assert chunk.is_zero
     assert chunk.length == length
     assert bytes(chunk.data) == b""
-    assert chunk.digest == fp.zero_digest(length) == fp.chunk_digest(data)
+    assert chunk.digest == fp.codec.zero_digest(length) == fp.codec.chunk_digest(data)
 
 
 @pytest.mark.parametrize("compression", [fp.Compression.ZSTD, fp.Compression.LZ4])
@@ -331,7 +331,7 @@ def test_chunk_compressed(rng: random.Random, data: bytes, compression: fp.Compr
     flag = fp.ChunkFlags.ZSTD if compression is fp.Compression.ZSTD else fp.ChunkFlags.LZ4
     head = pieces[0]
     assert isinstance(head, bytes)
-    assert fp._wire.CHUNK_FRAME_HEADER.unpack(head)[4] == flag
+    assert fp.codec.CHUNK_FRAME_HEADER.unpack(head)[4] == flag
     chunk = pair.deliver(pair.recovery, pieces)[0]
     assert isinstance(chunk, fp.Chunk)
     assert chunk.flags is flag

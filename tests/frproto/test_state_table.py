@@ -159,7 +159,7 @@ def sample_message(tag: MessageTag) -> fp.Message:
         T.IR_BEGIN: fp.IRBegin(vmid),
         T.IR_END: fp.IREnd(vmid, 0, 0, digest),
         T.BATCH_BEGIN: fp.BatchBegin(vmid, 1, 0, 1),
-        T.CHUNK: fp.Chunk(0, 0, 4, fp.chunk_digest(b"data"), b"data"),
+        T.CHUNK: fp.Chunk(0, 0, 4, fp.codec.chunk_digest(b"data"), b"data"),
         T.BATCH_END: fp.BatchEnd(vmid, 1, 0, digest),
         T.ACK: fp.Ack(vmid, fp.AckKind.IR_COMPLETE, 0),
         T.DIGEST_MAP_REQUEST: fp.DigestMapRequest(vmid, 0, 4096, 0, 1),
@@ -197,11 +197,11 @@ def test_illegal_move_refused_on_both_sides(state: State, role: Role, tag: Messa
         send_any(sender, message)
     assert state_of(sender) is state
     # The receiver, given the bytes anyway, names the violation and stops.
-    receiver.receive_data(fp.encode_frame(message))
+    receiver.receive_data(fp.codec.encode_frame(message))
     with pytest.raises(fp.UnexpectedMessage) as info:
         receiver.next_event()
     assert info.value.code is fp.ErrorCode.UNEXPECTED_MESSAGE
-    assert info.value.error.code == fp.ErrorCode.UNEXPECTED_MESSAGE
+    assert fp.Error.from_exception(info.value).code == fp.ErrorCode.UNEXPECTED_MESSAGE
     assert state_of(receiver) is State.ERROR
     with pytest.raises(fp.UnexpectedMessage):
         receiver.next_event()
@@ -218,7 +218,7 @@ def test_guard_query_needs_broker(tag: MessageTag, recovery_type: RecoveryType) 
     pair = ConnectionPair().walk_to(State.READY, recovery_type=recovery_type)
     with pytest.raises(fp.LocalProtocolError):
         pair.primary.send(sample_message(tag))
-    pair.recovery.receive_data(fp.encode_frame(sample_message(tag)))
+    pair.recovery.receive_data(fp.codec.encode_frame(sample_message(tag)))
     with pytest.raises(fp.UnexpectedMessage):
         pair.recovery.next_event()
 
@@ -229,7 +229,7 @@ def test_guard_relationship_not_to_broker(tag: MessageTag) -> None:
     with pytest.raises(fp.LocalProtocolError):
         pair.primary.send(sample_message(tag))
     assert state_of(pair) is State.READY
-    pair.recovery.receive_data(fp.encode_frame(sample_message(tag)))
+    pair.recovery.receive_data(fp.codec.encode_frame(sample_message(tag)))
     with pytest.raises(fp.UnexpectedMessage):
         pair.recovery.next_event()
 

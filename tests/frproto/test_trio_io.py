@@ -84,7 +84,8 @@ async def _transfer_batch(
             await primary.send_chunk(0, offset, block, compress_data=compress)
             offset += len(block)
         conn = primary.connection
-        await primary.send(fp.BatchEnd(VM, 1, conn.chunk_count, conn.aggregate_digest))
+        expected = fp.BatchEnd(VM, 1, conn.chunk_count, conn.aggregate_digest)
+        assert await primary.end_batch() == expected
 
     async def receive() -> None:
         await recovery.expect(fp.BatchBegin)
@@ -168,7 +169,7 @@ async def test_hostile_length_is_refused_reported_and_closed() -> None:
     raw = b""
     while chunk := await a.receive_some():
         raw += chunk
-    error = fp.decode_frame(raw)
+    error = fp.codec.decode_frame(raw)
     assert isinstance(error, fp.Error)
     assert error.error_code is fp.ErrorCode.FRAME_TOO_LARGE
 

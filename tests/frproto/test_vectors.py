@@ -69,7 +69,7 @@ def _id(pair: tuple[MessageVectors | ErrorVectors, MessageCase | ErrorCase]) -> 
 def _as_dict(event: object) -> object:
     """Events compared through their JSON form (a Chunk holds views; its flags may differ)."""
     if isinstance(event, frproto.Message):
-        return frproto.message_to_dict(event)
+        return frproto.jsonable.message_to_dict(event)
     return event
 
 
@@ -87,14 +87,14 @@ def _leaves(cls: type[RemoteProtocolError]) -> set[type[RemoteProtocolError]]:
 
 
 def test_vectors_were_found() -> None:
-    assert len(MESSAGE_FILES) >= len(frproto.MESSAGE_CLASSES)
+    assert len(MESSAGE_FILES) >= len(frproto.codec.MESSAGE_CLASSES)
     assert ERROR_FILES
     assert CHUNKS
 
 
 def test_every_message_class_has_a_file() -> None:
     have = {vectors.message for vectors in MESSAGE_FILES}
-    want = {cls.__name__ for cls in frproto.MESSAGE_CLASSES.values()}
+    want = {cls.__name__ for cls in frproto.codec.MESSAGE_CLASSES.values()}
     assert want <= have, f"message classes without vectors: {sorted(want - have)}"
 
 
@@ -182,17 +182,17 @@ def test_all_frames_for_a_corpus() -> None:
 @pytest.mark.parametrize(("vectors", "case"), MESSAGE_CASES, ids=list(map(_id, MESSAGE_CASES)))
 def test_message_round_trip(vectors: MessageVectors, case: MessageCase) -> None:
     built = case.message()
-    decoded = frproto.decode_frame(case.frame)
+    decoded = frproto.codec.decode_frame(case.frame)
     assert type(built).__name__ == vectors.message
     assert int(built.TAG) == vectors.tag
     if isinstance(built, frproto.Chunk):
         assert isinstance(decoded, frproto.Chunk)
-        assert frproto.message_to_dict(decoded) == frproto.message_to_dict(built)
+        assert frproto.jsonable.message_to_dict(decoded) == frproto.jsonable.message_to_dict(built)
     else:
         assert decoded == built
-    assert frproto.encode_frame(built).hex() == case.hex
+    assert frproto.codec.encode_frame(built).hex() == case.hex
     assert isinstance(decoded, frproto.Message)
-    assert frproto.message_to_dict(decoded) == case.fields
+    assert frproto.jsonable.message_to_dict(decoded) == case.fields
 
 
 @pytest.mark.parametrize(("vectors", "case"), MESSAGE_CASES, ids=list(map(_id, MESSAGE_CASES)))
@@ -223,7 +223,7 @@ def test_error_vector(vectors: ErrorVectors, case: ErrorCase) -> None:
     assert exc is not None, f"no error; events {whole.events!r}"
     assert type(exc) is cls, f"{type(exc).__name__}: {exc}"
     assert exc.code == vectors.code
-    assert exc.error.code == vectors.code
+    assert frproto.Error.from_exception(exc).code == vectors.code
     assert len(whole.events) == case.events_before_error
     assert conn.state is State.ERROR
     with pytest.raises(RemoteProtocolError):

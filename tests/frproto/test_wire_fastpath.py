@@ -1,4 +1,4 @@
-"""The struct fast paths in ``frproto._wire`` equal their Construct schemas, byte for byte."""
+"""The struct fast paths in ``frproto.codec`` equal their Construct schemas, byte for byte."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import frproto as fp
-from frproto._chunks import encode_chunk_header
-from frproto._wire import (
+from frproto.codec import (
     CHUNK,
     CHUNK_FRAME_HEADER,
     CHUNK_HEADER,
     CHUNK_HEADER_SCHEMA,
     ENVELOPE,
     ENVELOPE_SCHEMA,
+    encode_chunk_header,
 )
 
 from . import strategies as fs
@@ -23,9 +23,9 @@ CHUNK_HEADERS = st.tuples(fs.u16s, fs.u16s, fs.u64s, fs.u32s, fs.digests)
 
 
 def test_sizes_match_the_limits() -> None:
-    assert ENVELOPE.size == ENVELOPE_SCHEMA.sizeof() == fp.ENVELOPE_SIZE
-    assert CHUNK_HEADER.size == CHUNK_HEADER_SCHEMA.sizeof() == fp.CHUNK_HEADER_SIZE
-    assert CHUNK_FRAME_HEADER.size == fp.ENVELOPE_SIZE + fp.CHUNK_HEADER_SIZE
+    assert ENVELOPE.size == ENVELOPE_SCHEMA.sizeof() == fp.limits.ENVELOPE_SIZE
+    assert CHUNK_HEADER.size == CHUNK_HEADER_SCHEMA.sizeof() == fp.limits.CHUNK_HEADER_SIZE
+    assert CHUNK_FRAME_HEADER.size == fp.limits.ENVELOPE_SIZE + fp.limits.CHUNK_HEADER_SIZE
 
 
 @given(ENVELOPES)
@@ -86,7 +86,7 @@ def test_chunk_frame_header_is_envelope_plus_chunk_header(
 @given(
     fs.u16s,
     fs.u64s,
-    st.integers(1, fp.MAX_CHUNK_DATA),
+    st.integers(1, fp.limits.MAX_CHUNK_DATA),
     st.sampled_from(fp.ChunkFlags),
     fs.digests,
     st.binary(max_size=300),
@@ -103,7 +103,7 @@ def test_encode_chunk_header_parses_with_construct(
     envelope = ENVELOPE_SCHEMA.parse(frame[:8])
     assert envelope.reserved == 0
     assert envelope.tag == fp.MessageTag.CHUNK
-    assert envelope.length == len(frame) - 8 == fp.CHUNK_HEADER_SIZE + len(payload)
+    assert envelope.length == len(frame) - 8 == fp.limits.CHUNK_HEADER_SIZE + len(payload)
     body = CHUNK.parse(frame[8:])
     assert body.disk_index == disk_index
     assert body.flags == flags
@@ -116,7 +116,7 @@ def test_encode_chunk_header_parses_with_construct(
 @settings(max_examples=60)
 @given(fs.chunks())
 def test_encode_frame_of_chunk_matches_construct(chunk: fp.Chunk) -> None:
-    frame = fp.encode_frame(chunk)
+    frame = fp.codec.encode_frame(chunk)
     body = CHUNK.parse(frame[8:])
     assert (body.disk_index, body.offset, body.length, body.digest) == (
         chunk.disk_index,

@@ -71,7 +71,7 @@ class MessageCase:
 
     name: str
     description: str
-    #: ``frproto.message_to_dict`` of the message.
+    #: ``frproto.jsonable.message_to_dict`` of the message.
     fields: dict[str, Any]
     #: The whole frame (envelope and body), as lowercase hex.
     hex: str
@@ -83,7 +83,7 @@ class MessageCase:
 
     def message(self) -> Message:
         """The message that ``fields`` describes."""
-        return frproto.message_from_dict(self.fields)
+        return frproto.jsonable.message_from_dict(self.fields)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form of this case (as written in the vector file)."""
@@ -118,7 +118,7 @@ class MessageVectors:
     @property
     def message_class(self) -> type[Message]:
         """The message class these vectors are for."""
-        return frproto.MESSAGE_CLASSES[frproto.MessageTag(self.tag)]
+        return frproto.codec.MESSAGE_CLASSES[frproto.MessageTag(self.tag)]
 
     @property
     def file_name(self) -> str:
@@ -169,8 +169,8 @@ class PreludeStep:
 
     @classmethod
     def of(cls, direction: Direction, message: Message) -> PreludeStep:
-        """The step for ``message`` (framed with ``frproto.encode_frame``)."""
-        return cls(direction, frproto.encode_frame(message).hex())
+        """The step for ``message`` (framed with ``frproto.codec.encode_frame``)."""
+        return cls(direction, frproto.codec.encode_frame(message).hex())
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +344,7 @@ def run_prelude(conn: Connection, steps: Sequence[PreludeStep]) -> None:
     """
     for index, step in enumerate(steps):
         frame = step.frame
-        expected = frproto.decode_frame(frame)
+        expected = frproto.codec.decode_frame(frame)
         if not isinstance(expected, Message):
             raise PreludeFailed(f"step {index}: an unknown tag cannot be a prelude step")
         if step.dir == "send":
@@ -363,7 +363,7 @@ def run_prelude(conn: Connection, steps: Sequence[PreludeStep]) -> None:
 
 def _same_event(event: Event | object, expected: Message) -> bool:
     if isinstance(event, frproto.Chunk) and isinstance(expected, frproto.Chunk):
-        return frproto.message_to_dict(event) == frproto.message_to_dict(expected)
+        return frproto.jsonable.message_to_dict(event) == frproto.jsonable.message_to_dict(expected)
     return event == expected
 
 
@@ -502,7 +502,7 @@ def message_context(
         sent = [PreludeStep.of("recv", chunk) for chunk in chunks[: m.chunk_count]]
         return recovery, [*open_session(recovery, m.vmid), PreludeStep.of("recv", start), *sent]
     if isinstance(m, frproto.Ack):
-        empty = frproto.AggregateDigest().digest()
+        empty = frproto.codec.AggregateDigest().digest()
         steps: list[Message]
         if m.kind is frproto.AckKind.RELATIONSHIP_DELETED:
             steps = [frproto.RelationshipDelete(m.vmid)]

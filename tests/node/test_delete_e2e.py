@@ -138,9 +138,9 @@ async def test_a_failed_delete_is_refused_and_the_relationship_goes_on(site: Sit
                 # The relationship goes on with the replica opened again: a digest map
                 # of what it holds, and a batch.
                 dmap = await client.digest_map(vmid, 0, 65536, 0, 16)
-                assert dmap.digest(0) == fp.chunk_digest(images[0].read_bytes()[:65536])
+                assert dmap.digest(0) == fp.codec.chunk_digest(images[0].read_bytes()[:65536])
                 data = b"after the failed delete" * 100
-                chunk = (0, 4096, data, fp.chunk_digest(data))
+                chunk = (0, 4096, data, fp.codec.chunk_digest(data))
                 await client.send_batch(
                     vmid, 1, [chunk], chunk_count=1, total_bytes=len(data), captured_at_ms=0
                 )

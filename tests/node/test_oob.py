@@ -29,7 +29,7 @@ from node.storage import ReplicaStore
 from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, Site
 
 MIB = 1024 * 1024
-IR_END_FRAME = fp.ENVELOPE_SIZE + 44
+IR_END_FRAME = fp.limits.ENVELOPE_SIZE + 44
 
 
 def make_image(path: Path, size: int, rng: random.Random) -> Path:
@@ -197,12 +197,12 @@ def test_damaged_counts_and_trailing_data_are_refused(
 ) -> None:
     state, out = exported
     raw = out.read_bytes()
-    end = fp.decode_frame(raw[-IR_END_FRAME:])
+    end = fp.codec.decode_frame(raw[-IR_END_FRAME:])
     assert isinstance(end, fp.IREnd)
     wrong_count = fp.IREnd(end.vmid, 0, end.chunk_count - 1, end.aggregate_digest)
     cases = {
-        "count": (raw[:-IR_END_FRAME] + fp.encode_frame(wrong_count), fp.CountMismatch),
-        "trailing": (raw + fp.encode_frame(fp.Keepalive()), OOBFormatError),
+        "count": (raw[:-IR_END_FRAME] + fp.codec.encode_frame(wrong_count), fp.CountMismatch),
+        "trailing": (raw + fp.codec.encode_frame(fp.Keepalive()), OOBFormatError),
         "magic": (b"FRREPIR9" + raw[8:], OOBFormatError),
     }
     with ReplicaStore(tmp_path / "replicas") as store:

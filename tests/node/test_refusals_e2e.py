@@ -57,7 +57,7 @@ async def test_plaintext_client_gets_the_protocols_error(server: ServerProcess) 
         raw = b""
         while chunk := await stream.receive_some():
             raw += chunk
-    error = fp.decode_frame(raw)
+    error = fp.codec.decode_frame(raw)
     assert isinstance(error, fp.Error)
     assert error.error_code is fp.ErrorCode.NOT_AUTHORIZED
     assert "mutual TLS" in error.text

@@ -31,8 +31,6 @@ if str(ROOT) not in sys.path:
 
 import frproto  # noqa: E402
 from frproto import (  # noqa: E402
-    MAX_CHUNK_DATA,
-    MAX_CONTROL_BODY,
     Ack,
     AckKind,
     AuthType,
@@ -68,6 +66,7 @@ from frproto import (  # noqa: E402
     Role,
     VersionVerdict,
 )
+from frproto.limits import MAX_CHUNK_DATA, MAX_CONTROL_BODY  # noqa: E402
 from tests.frproto.vectors import (  # noqa: E402
     CONTEXT_DISKS,
     CONTEXT_VMID,
@@ -116,12 +115,12 @@ WRONG_DIGEST = bytes.fromhex("00112233445566778899aabbccddeeff")
 
 def digest(data: bytes) -> bytes:
     """The chunk digest (XXH3-128) of ``data``."""
-    return frproto.chunk_digest(data)
+    return frproto.codec.chunk_digest(data)
 
 
 def aggregate(*digests: bytes) -> bytes:
     """The aggregate digest of chunks with these digests."""
-    agg = frproto.AggregateDigest()
+    agg = frproto.codec.AggregateDigest()
     for d in digests:
         agg.add(d)
     return agg.digest()
@@ -131,7 +130,7 @@ def aggregate(*digests: bytes) -> bytes:
 #: the aggregate digest of the first n of these.
 CHUNKS: tuple[Chunk, ...] = (
     Chunk(0, 0, len(PLAIN_DATA), digest(PLAIN_DATA), PLAIN_DATA),
-    Chunk(1, 4096, 4096, frproto.zero_digest(4096), b"", ChunkFlags.ZERO),
+    Chunk(1, 4096, 4096, frproto.codec.zero_digest(4096), b"", ChunkFlags.ZERO),
     Chunk(1, (1 << 16) - 16, 16, digest(PLAIN_DATA[:16]), PLAIN_DATA[:16]),
 )
 
@@ -616,7 +615,7 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A ZERO chunk that carries a payload.",
             R,
             r_batch(),
-            chunk_frame(0, 0, 16, frproto.zero_digest(16), bytes(16), ChunkFlags.ZERO),
+            chunk_frame(0, 0, 16, frproto.codec.zero_digest(16), bytes(16), ChunkFlags.ZERO),
         ),
         ec(
             "compressed_payload_empty",
@@ -1118,7 +1117,7 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A QueryRecoveryServerResponse about a VM other than the one asked for.",
             P,
             [*handshake(P, RecoveryType.CLUSTERING_BROKER), send(QueryRecoveryServer(VMID, "vm"))],
-            frproto.encode_frame(
+            frproto.codec.encode_frame(
                 QueryRecoveryServerResponse(VMID_B, "r1.example.com", 7443, ExistingVM.NEW)
             ),
         ),
@@ -1127,42 +1126,42 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A QueryRecoveryServer as the first frame.",
             R,
             [],
-            frproto.encode_frame(QueryRecoveryServer(VMID, "vm")),
+            frproto.codec.encode_frame(QueryRecoveryServer(VMID, "vm")),
         ),
         ec(
             "batch_begin_before_relationship",
             "A BatchBegin after negotiation, with no relationship open.",
             R,
             r_ready(),
-            frproto.encode_frame(BatchBegin(VMID, 2, 1, 0)),
+            frproto.codec.encode_frame(BatchBegin(VMID, 2, 1, 0)),
         ),
         ec(
             "query_to_standalone",
             "A QueryRecoveryServer to a stand-alone recovery server.",
             R,
             r_ready(RecoveryType.STANDALONE),
-            frproto.encode_frame(QueryRecoveryServer(VMID, "vm")),
+            frproto.codec.encode_frame(QueryRecoveryServer(VMID, "vm")),
         ),
         ec(
             "query_to_cluster_node",
             "A QueryRecoveryServer to a cluster node.",
             R,
             r_ready(RecoveryType.CLUSTER_NODE),
-            frproto.encode_frame(QueryRecoveryServer(VMID, "vm")),
+            frproto.codec.encode_frame(QueryRecoveryServer(VMID, "vm")),
         ),
         ec(
             "relationship_create_to_broker",
             "A RelationshipCreate to a clustering broker.",
             R,
             r_ready(RecoveryType.CLUSTERING_BROKER),
-            frproto.encode_frame(RelationshipCreate(VMID, "web-01", CONTEXT_DISKS)),
+            frproto.codec.encode_frame(RelationshipCreate(VMID, "web-01", CONTEXT_DISKS)),
         ),
         ec(
             "relationship_open_to_broker",
             "A RelationshipOpen to a clustering broker.",
             R,
             r_ready(RecoveryType.CLUSTERING_BROKER),
-            frproto.encode_frame(RelationshipOpen(VMID, 1)),
+            frproto.codec.encode_frame(RelationshipOpen(VMID, 1)),
         ),
         ec(
             "second_negotiate",
@@ -1176,14 +1175,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A NegotiateResponse sent to the recovery side.",
             R,
             [],
-            frproto.encode_frame(NegotiateResponse()),
+            frproto.codec.encode_frame(NegotiateResponse()),
         ),
         ec(
             "keepalive_after_error",
             "An Error (which ends the conversation), then a Keepalive.",
             R,
             r_ready(),
-            frproto.encode_frame(Error(ErrorCode.INTERNAL, "bye")) + KEEPALIVE,
+            frproto.codec.encode_frame(Error(ErrorCode.INTERNAL, "bye")) + KEEPALIVE,
             events=1,
         ),
         ec(
@@ -1191,7 +1190,7 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "An IRBegin for a VM other than the one whose relationship is open.",
             R,
             r_session(),
-            frproto.encode_frame(IRBegin(VMID_B)),
+            frproto.codec.encode_frame(IRBegin(VMID_B)),
         ),
         ec(
             "batch_end_wrong_sequence",
@@ -1205,21 +1204,21 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A BATCH_APPLIED Ack to a primary waiting for the Ack of its IR.",
             P,
             p_ir_ending(),
-            frproto.encode_frame(Ack(VMID, AckKind.BATCH_APPLIED, 3)),
+            frproto.codec.encode_frame(Ack(VMID, AckKind.BATCH_APPLIED, 3)),
         ),
         ec(
             "accepted_other_vm",
             "A RelationshipAccepted for a VM other than the one the primary asked for.",
             P,
             [*handshake(P), send(RelationshipOpen(VMID, 1))],
-            frproto.encode_frame(RelationshipAccepted(VMID_B, CONTEXT_DISKS)),
+            frproto.codec.encode_frame(RelationshipAccepted(VMID_B, CONTEXT_DISKS)),
         ),
         ec(
             "digest_map_other_range",
             "A DigestMap for another offset than the one requested.",
             P,
             p_digests(),
-            frproto.encode_frame(DigestMap(VMID, 0, 4096, 4096, WRONG_DIGEST * 4)),
+            frproto.codec.encode_frame(DigestMap(VMID, 0, 4096, 4096, WRONG_DIGEST * 4)),
         ),
         ec(
             "relationship_delete_other_vm",
@@ -1284,35 +1283,35 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A ZERO chunk starting at the end of disk 1.",
             R,
             r_ir(),
-            chunk_frame(1, 1 << 16, 4096, frproto.zero_digest(4096), b"", ChunkFlags.ZERO),
+            chunk_frame(1, 1 << 16, 4096, frproto.codec.zero_digest(4096), b"", ChunkFlags.ZERO),
         ),
         ec(
             "ir_begin_past_last_disk",
             "An IRBegin resuming at disk 3 of a VM with two disks.",
             R,
             r_session(),
-            frproto.encode_frame(IRBegin(VMID, start_disk=3)),
+            frproto.codec.encode_frame(IRBegin(VMID, start_disk=3)),
         ),
         ec(
             "ir_begin_past_end_of_disk",
             "An IRBegin resuming past the end of disk 1.",
             R,
             r_session(),
-            frproto.encode_frame(IRBegin(VMID, start_disk=1, start_offset=(1 << 16) + 1)),
+            frproto.codec.encode_frame(IRBegin(VMID, start_disk=1, start_offset=(1 << 16) + 1)),
         ),
         ec(
             "digest_map_request_no_such_disk",
             "A DigestMapRequest for disk 2 of a VM with two disks.",
             R,
             r_session(),
-            frproto.encode_frame(DigestMapRequest(VMID, 2, 4096, 0, 1)),
+            frproto.codec.encode_frame(DigestMapRequest(VMID, 2, 4096, 0, 1)),
         ),
         ec(
             "digest_map_request_past_end",
             "A DigestMapRequest starting at the end of disk 1.",
             R,
             r_session(),
-            frproto.encode_frame(DigestMapRequest(VMID, 1, 4096, 1 << 16, 1)),
+            frproto.codec.encode_frame(DigestMapRequest(VMID, 1, 4096, 1 << 16, 1)),
         ),
     ],
     frproto.BadCompressedData: [
@@ -1424,14 +1423,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A second chunk in a batch that declared one.",
             R,
             r_batch(1, CHUNKS[0]),
-            frproto.encode_frame(CHUNKS[1]),
+            frproto.codec.encode_frame(CHUNKS[1]),
         ),
         ec(
             "chunk_in_empty_batch",
             "A chunk in a batch that declared none.",
             R,
             r_batch(0),
-            frproto.encode_frame(CHUNKS[0]),
+            frproto.codec.encode_frame(CHUNKS[0]),
         ),
         ec(
             "batch_end_count_more",
@@ -1459,14 +1458,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A DigestMap with 3 digests for a request of 4 blocks.",
             P,
             p_digests(),
-            frproto.encode_frame(DigestMap(VMID, 0, 4096, 0, WRONG_DIGEST * 3)),
+            frproto.codec.encode_frame(DigestMap(VMID, 0, 4096, 0, WRONG_DIGEST * 3)),
         ),
         ec(
             "digest_map_too_many",
             "A DigestMap with 5 digests for a request of 4 blocks.",
             P,
             p_digests(),
-            frproto.encode_frame(DigestMap(VMID, 0, 4096, 0, WRONG_DIGEST * 5)),
+            frproto.codec.encode_frame(DigestMap(VMID, 0, 4096, 0, WRONG_DIGEST * 5)),
         ),
     ],
 }
@@ -1481,9 +1480,9 @@ class VectorInvalid(Exception):
 def build_message_vectors() -> list[MessageVectors]:
     """The message vector files, in tag order."""
     out = []
-    for tag, cls in sorted(frproto.MESSAGE_CLASSES.items()):
+    for tag, cls in sorted(frproto.codec.MESSAGE_CLASSES.items()):
         cases = tuple(
-            MessageCase(name, description, frproto.message_to_dict(msg), _frame_hex(msg))
+            MessageCase(name, description, frproto.jsonable.message_to_dict(msg), _frame_hex(msg))
             for name, description, msg in MESSAGE_SPECS[cls]
         )
         out.append(MessageVectors(cls.__name__, int(tag), cases))
@@ -1491,7 +1490,7 @@ def build_message_vectors() -> list[MessageVectors]:
 
 
 def _frame_hex(message: Message) -> str:
-    return frproto.encode_frame(message).hex()
+    return frproto.codec.encode_frame(message).hex()
 
 
 def build_error_vectors() -> list[ErrorVectors]:
@@ -1503,17 +1502,17 @@ def build_error_vectors() -> list[ErrorVectors]:
 
 
 def _dicts(message: object) -> object:
-    return frproto.message_to_dict(message) if isinstance(message, Message) else message
+    return frproto.jsonable.message_to_dict(message) if isinstance(message, Message) else message
 
 
 def verify_message_case(vectors: MessageVectors, case: MessageCase) -> None:
     """Raise VectorInvalid unless ``case`` round-trips and is accepted in context."""
     where = f"messages/{vectors.file_name} {case.name}"
     built = case.message()
-    decoded = frproto.decode_frame(case.frame)
+    decoded = frproto.codec.decode_frame(case.frame)
     if _dicts(decoded) != case.fields or _dicts(built) != case.fields:
         raise VectorInvalid(f"{where}: fields do not round-trip")
-    if frproto.encode_frame(built) != case.frame:
+    if frproto.codec.encode_frame(built) != case.frame:
         raise VectorInvalid(f"{where}: encode_frame differs from hex")
     if int(built.TAG) != vectors.tag or type(built).__name__ != vectors.message:
         raise VectorInvalid(f"{where}: wrong class or tag")

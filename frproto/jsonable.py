@@ -19,6 +19,8 @@ from ._errors import ErrorCode
 from ._messages import DiskInfo, Message
 from ._replication import Chunk
 
+__all__ = ["describe", "message_from_dict", "message_to_dict", "tag_name"]
+
 _BY_NAME: dict[str, type[Message]] = {cls.__name__: cls for cls in MESSAGE_CLASSES.values()}
 
 

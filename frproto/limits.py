@@ -9,6 +9,24 @@ from __future__ import annotations
 
 from typing import Final
 
+__all__ = [
+    "CHUNK_HEADER_SIZE",
+    "DIGEST_SIZE",
+    "ENVELOPE_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MAX_CHUNK_DATA",
+    "MAX_CONFIG_BLOB",
+    "MAX_CONTROL_BODY",
+    "MAX_DIGESTS",
+    "MAX_DISKS",
+    "MAX_DISK_ID",
+    "MAX_ERROR_TEXT",
+    "MAX_FQDN",
+    "MAX_NAME",
+    "MIN_BLOCK_SIZE",
+    "PROTOCOL_VERSION",
+]
+
 #: The protocol version this library speaks, as (major, minor). Peers with a different
 #: major version are incompatible; minor versions only add optional things.
 PROTOCOL_VERSION: Final = (1, 0)
