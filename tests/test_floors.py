@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +156,16 @@ def test_every_package_has_modules() -> None:
 )
 def test_rooms_are_named_as_documented(module: str, expected: str) -> None:
     assert room(module) == expected
+
+
+def test_the_architecture_page_names_only_what_exists() -> None:
+    # docs/architecture.md tells a newcomer where each concept lives: every module or
+    # folder it names must be there, and every room of the floors must be on it.
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:fr\w+|broker|node)/[\w/]*(?:\.py)?)", page))
+    assert len(named) > 30
+    missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
+    assert missing == []
+    for room_name in ALLOWED:
+        top = room_name.split("(")[0].replace(".", "/")
+        assert f"{top}/" in page or f"{top}.py" in page, room_name
