@@ -17,6 +17,7 @@ cluster node's hooks (ownership, the CAP's route, ``on_deleted``).
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,6 +104,10 @@ class RecoveryServer:
         self.recovery_type = recovery_type
         self._policy = fp.ServerPolicy(recovery_type, config.name)
         self._stores: dict[Path, ReplicaStore] = {}
+        # Opening a store awaits its recovery in a thread: without this lock a second
+        # connection's first use of the same location claimed it again meanwhile, found
+        # the claim held (by us) and was closed as if another server held the storage.
+        self._opening = trio.Lock()
         self._busy: set[uuid.UUID] = set()
 
     def hold(self, vmid: uuid.UUID) -> bool:
@@ -139,17 +144,30 @@ class RecoveryServer:
     async def store_for(self, storage: Path) -> ReplicaStore:
         """The replica store at ``storage``, opened (and recovered) on first use."""
         store = self._stores.get(storage)
-        if store is None:
+        if store is not None:
+            return store
+        async with self._opening:
+            store = self._stores.get(storage)
+            if store is not None:
+                return store  # opened while this one waited
+            claimed = None
             if self._claim_storage:
                 try:
-                    self._claims.append(claim(storage))
+                    claimed = claim(storage)
                 except StorageBusy as exc:
                     raise fp.Busy(str(exc)) from None
-            store = ReplicaStore(
-                storage, keep_points=self.config.recovery_points, faults=self._faults
-            )
-            for line in await trio.to_thread.run_sync(store.recover):
-                log.info("recovery at %s: %s", storage, line)
+            try:
+                store = ReplicaStore(
+                    storage, keep_points=self.config.recovery_points, faults=self._faults
+                )
+                for line in await trio.to_thread.run_sync(store.recover):
+                    log.info("recovery at %s: %s", storage, line)
+            except BaseException:
+                if claimed is not None:
+                    os.close(claimed)  # a later use may try again
+                raise
+            if claimed is not None:
+                self._claims.append(claimed)
             self._stores[storage] = store
         return store
 
