@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-import frcluster.config
-import node.config
-import node.primary.config
+from frcluster import config as node_config
+from node import config as server_config
+from node.primary import config as primary_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -43,14 +43,11 @@ class ConfigFile:
 
 
 FILES = (
-    ConfigFile("server.toml", node.config, node.config.load_recovery_server_config),
+    ConfigFile("server.toml", server_config, server_config.load_recovery_server_config),
     ConfigFile(
-        "primary.toml",
-        node.primary.config,
-        node.primary.config.load_primary_config,
-        frozenset({"hosts"}),
+        "primary.toml", primary_config, primary_config.load_primary_config, frozenset({"hosts"})
     ),
-    ConfigFile("node.toml", frcluster.config, frcluster.config.load_cluster_node_config),
+    ConfigFile("node.toml", node_config, node_config.load_cluster_node_config),
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -67,6 +68,14 @@ def test_httpx_comes_only_with_the_etcd_extra() -> None:
     assert [d for d in extras["etcd"] if d.startswith("httpx")]
     # The dev extra keeps everything: the etcd store's tests run in it.
     assert set(extras["etcd"]) <= set(extras["dev"])
+
+
+def test_the_changelog_keeps_a_changelog() -> None:
+    headings = re.findall(r"(?m)^## (.*)$", (ROOT / "CHANGELOG.md").read_text())
+    assert headings[0] == "[Unreleased]"
+    for heading in headings[1:]:
+        assert re.fullmatch(r"\[\d+\.\d+\.\d+\] - \d{4}-\d{2}-\d{2}", heading), heading
+    assert f"[{PYPROJECT['project']['version']}]" in headings[1]
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
@@ -221,6 +230,7 @@ def test_the_installed_wheel_has_no_httpx_and_says_which_extra(
         "-c",
         "import importlib.util, broker.store\n"
         "assert importlib.util.find_spec('httpx') is None\n"
+        "import frproto, frproto.trio_io, broker.admin, node.primary.operations, frtesting\n"
         "try:\n"
         "    broker.store.open_store('etcd://127.0.0.1:2379')\n"
         "except broker.store.MissingBackend as exc:\n"
