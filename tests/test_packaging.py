@@ -84,6 +84,29 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+#: The public library modules an embedder imports (docs/packaging.md).
+PUBLIC_LIBRARIES = ("frproto", "frproto.trio_io", "broker.admin", "node.primary.operations")
+
+
+def test_the_libraries_import_nothing_of_the_cli_and_etcd_extras() -> None:
+    extras: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
+    optional = {
+        re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
+        for d in extras["cli"] + extras["etcd"]
+    }
+    result = _python(
+        "import importlib.metadata as m, json, sys\n"
+        f"import {', '.join(PUBLIC_LIBRARIES)}\n"
+        "dists = m.packages_distributions()\n"
+        "print(json.dumps(sorted({d.lower() for name in list(sys.modules)\n"
+        "    for d in dists.get(name.split('.')[0], [])})))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    imported = set(json.loads(result.stdout))
+    assert "httpx" in optional
+    assert imported & optional == set()
+
+
 def test_the_cluster_store_imports_without_httpx() -> None:
     result = _python(
         "import sys\n"
