@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -164,8 +165,18 @@ def test_etcd_store_is_still_a_name_of_the_store_package() -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ and an egg-info where it builds, and a
+    # stale build/lib would slip modules deleted since into later wheels. The links of
+    # frconform/data are copied as links (they are relative), as a checkout has them.
+    source = tmp_path_factory.mktemp("source") / "frrep"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.egg-info"),
+    )
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
