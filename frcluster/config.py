@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.store import MissingBackend, etcd_store_class
 from frlink.config import ConfigError, TLSFiles, parse_rate, read_toml, string, table, tls_files
 
 
@@ -81,6 +82,10 @@ def _store_url(raw: str, base: Path, where: str) -> str:
             raise ConfigError(f"{where}: 'store' names no SQLite file")
         return f"sqlite://{(base / path).resolve()}{query}"
     if raw.startswith(("etcd://", "etcd+https://")):
+        try:
+            etcd_store_class()  # refused now, not when the node first opens its store
+        except MissingBackend as exc:
+            raise ConfigError(f"{where}: 'store': {exc}") from None
         return raw
     raise ConfigError(f"{where}: 'store' must be a sqlite:// or etcd:// URL")
 
