@@ -29,6 +29,7 @@ import the server's.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -44,6 +45,7 @@ from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
+from .metrics import ServerMetrics, failure_reason
 
 log = logging.getLogger("frrep.recovery")
 
@@ -87,9 +89,16 @@ class Session:
     """The replication session of one authorized connection."""
 
     def __init__(
-        self, server: SessionHost, conn: FramedStream, grant: Grant, store: ReplicaStore
+        self,
+        server: SessionHost,
+        conn: FramedStream,
+        grant: Grant,
+        store: ReplicaStore,
+        *,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.server = server
+        self.metrics = metrics
         self.conn = conn
         self.grant = grant
         self.connection_grant = grant  # what the certificate was granted; grant may differ per VM
@@ -157,6 +166,8 @@ class Session:
                 await handler(event)
             except fp.ReplicationError as exc:
                 log.info("refused %s: %s", type(event).__name__, exc)
+                if self.metrics is not None:
+                    self.metrics.failed(failure_reason(exc))
                 await self.conn.send_error(exc)
                 if self.conn.connection.state is fp.State.MUST_CLOSE:
                     await linger_and_close(self.conn.stream)
@@ -303,6 +314,8 @@ class Session:
 
     async def on_chunk(self, chunk: fp.Chunk) -> None:
         data = None if chunk.is_zero else chunk.data
+        if data is not None and self.metrics is not None:
+            self.metrics.received_bytes += chunk.length
         if self.batch is not None:
             if self.batch_refusal is None:
                 self.batch.add(chunk.disk_index, chunk.offset, data, length=chunk.length)
@@ -360,11 +373,14 @@ class Session:
             raise refusal
         else:
             assert batch is not None
+            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(batch.commit, msg.aggregate_digest)
             except BaseException:
                 batch.abort()
                 raise
+            if self.metrics is not None:
+                self.metrics.batch_apply.observe(time.monotonic() - started)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.BATCH_APPLIED, msg.sequence))
 
     async def on_digest_request(self, msg: fp.DigestMapRequest) -> None:

@@ -1,0 +1,102 @@
+"""The operations listener in one process (frctl/daemon.py, frlink/health.py): ``/readyz``
+answers 503 while the service starts and when it stops being ready, 200 when it is;
+``[metrics] listen`` is checked like every other key."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from frctl.daemon import run_daemon
+from frlink.certs import create_ca, issue_host_cert
+from frlink.config import ConfigError, MetricsListen, metrics_listen
+from frtesting.cluster import free_port
+
+
+async def _get(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    return await client.get(url, timeout=5)
+
+
+async def test_readyz_follows_the_service(tmp_path: Path) -> None:
+    create_ca(tmp_path)
+    issue_host_cert(tmp_path, tmp_path, "r1.example.com")
+    port = free_port("127.0.0.1")
+    may_start = trio.Event()
+    healthy = {"why": None}
+
+    async def service(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await may_start.wait()
+        task_status.started()
+        await trio.sleep_forever()
+
+    base = f"http://127.0.0.1:{port}"
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(trust_env=False) as client:
+        nursery.start_soon(
+            partial(
+                run_daemon,
+                service,
+                registry=CollectorRegistry(),
+                ready=lambda: healthy["why"],
+                metrics=MetricsListen("127.0.0.1", port),
+                cert=tmp_path / "r1.example.com.pem",
+            )
+        )
+        with trio.fail_after(10):
+            while True:
+                try:
+                    starting = await _get(client, f"{base}/readyz")
+                    break
+                except httpx.ConnectError:
+                    await trio.sleep(0.02)
+        assert (starting.status_code, starting.text) == (503, "not ready: starting\n")
+        assert (await _get(client, f"{base}/livez")).status_code == 200
+        may_start.set()
+        with trio.fail_after(10):
+            while (await _get(client, f"{base}/readyz")).status_code != 200:
+                await trio.sleep(0.02)
+        healthy["why"] = "not registered in the cluster store"  # type: ignore[assignment]
+        lost = await _get(client, f"{base}/readyz")
+        assert (lost.status_code, lost.text) == (
+            503,
+            "not ready: not registered in the cluster store\n",
+        )
+        metrics = await _get(client, f"{base}/metrics")
+        assert "frrep_certificate_expiry_seconds" in metrics.text
+        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert (await client.post(f"{base}/metrics")).status_code == 405
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('listen = "127.0.0.1:9464"', MetricsListen("127.0.0.1", 9464)),
+        ('listen = "[::1]:9464"', MetricsListen("::1", 9464)),
+        ('listen = "0.0.0.0:0"', MetricsListen("0.0.0.0", 0)),
+    ],
+)
+def test_metrics_listen_is_read(text: str, expected: MetricsListen) -> None:
+    import tomllib
+
+    assert metrics_listen({"metrics": tomllib.loads(text)}, Path("x.toml")) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['listen = "127.0.0.1"', 'listen = "127.0.0.1:99999"', "listen = 9464", 'lisen = "a:1"'],
+)
+def test_a_wrong_metrics_listen_is_refused(text: str) -> None:
+    import tomllib
+
+    with pytest.raises(ConfigError, match=r"x.toml \[metrics\]"):
+        metrics_listen({"metrics": tomllib.loads(text)}, Path("x.toml"))
+
+
+def test_no_metrics_table_no_listener() -> None:
+    assert metrics_listen({}, Path("x.toml")) is None
