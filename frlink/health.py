@@ -84,22 +84,25 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 class CertificateCollector(Collector):
     """``frrep_certificate_expiry_seconds``: seconds until the notAfter of the process's
-    own certificate, read from the file at scrape time (a renewed file shows at once);
-    negative once expired. A file that cannot be read gives no sample (and the scrape
-    does not fail)."""
+    own certificate (negative once expired). The file is read when the collector is made,
+    as the process loads it at start: a renewed file shows only once the process runs
+    with it (after a restart), so an alert on it clears when the renewal took effect. A
+    file that cannot be read gives no sample."""
 
     def __init__(self, cert: Path) -> None:
         self.cert = cert
+        try:
+            self.not_after: float | None = describe_cert(cert).not_after.timestamp()
+        except CertError:
+            self.not_after = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.not_after is None:
+            return
         family = GaugeMetricFamily(
             "frrep_certificate_expiry_seconds",
             "Seconds until this process's own certificate expires (negative: expired).",
             labels=["certificate"],
         )
-        try:
-            not_after = describe_cert(self.cert).not_after.timestamp()
-        except CertError:
-            return
-        family.add_metric([str(self.cert)], not_after - time.time())
+        family.add_metric([str(self.cert)], self.not_after - time.time())
         yield family

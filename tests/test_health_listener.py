@@ -100,3 +100,31 @@ def test_a_wrong_metrics_listen_is_refused(text: str) -> None:
 
 def test_no_metrics_table_no_listener() -> None:
     assert metrics_listen({}, Path("x.toml")) is None
+
+
+def test_docs_list_every_metric_and_no_other(tmp_path: Path) -> None:
+    # docs/operations.md's table is what an operator writes alerts from.
+    import re
+    from types import SimpleNamespace
+
+    from frcluster.metrics import NodeCollector
+    from frlink.health import CertificateCollector
+    from node.metrics import ServerMetrics
+    from node.primary.metrics import PrimaryMetrics
+    from node.primary.state import PrimaryStateStore
+
+    create_ca(tmp_path)
+    issue_host_cert(tmp_path, tmp_path, "r1.example.com")
+    registry = CollectorRegistry()
+    ServerMetrics(registry)
+    PrimaryMetrics(registry, PrimaryStateStore(tmp_path / "state"))
+    node = SimpleNamespace(broker=None, store_reachable=True, registered=True)
+    NodeCollector(node, registry)  # type: ignore[arg-type]
+    registry.register(CertificateCollector(tmp_path / "r1.example.com.pem"))
+    exposed = set()
+    for family in registry.collect():
+        suffix = "_total" if family.type == "counter" else ""
+        exposed.add(family.name + suffix)
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"^\| `(frrep_\w+)` \|", page, re.MULTILINE))
+    assert documented == exposed
