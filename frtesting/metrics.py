@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 _LISTENING = re.compile(r"metrics listening on (http://[0-9.]+:\d+)")
@@ -45,10 +46,35 @@ class Samples:
         return {name for name, _ in self.values}
 
 
+@dataclass(frozen=True)
+class Response:
+    """An answer of the operations listener."""
+
+    status: int
+    text: str
+    content_type: str
+
+
+#: No proxy from the environment: the listener is on loopback.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get(url: str, *, method: str = "GET", timeout: float = 10.0) -> Response:
+    """One request (an error status is returned, not raised)."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with _OPENER.open(request, timeout=timeout) as answer:
+            body, status, headers = answer.read(), answer.status, answer.headers
+    except urllib.error.HTTPError as exc:
+        body, status, headers = exc.read(), exc.code, exc.headers
+    return Response(status, body.decode(), headers.get("content-type", ""))
+
+
 def scrape(base_url: str) -> Samples:
     """GET ``/metrics`` and parse it (the text format Prometheus reads)."""
-    response = httpx.get(f"{base_url}/metrics", timeout=10, trust_env=False)
-    response.raise_for_status()
+    response = get(f"{base_url}/metrics")
+    if response.status != 200:
+        raise RuntimeError(f"{base_url}/metrics answered {response.status}: {response.text}")
     values = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:

@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
@@ -17,10 +16,11 @@ from frctl.daemon import run_daemon
 from frlink.certs import create_ca, issue_host_cert
 from frlink.config import ConfigError, MetricsListen, metrics_listen
 from frtesting.cluster import free_port
+from frtesting.metrics import Response, get
 
 
-async def _get(client: httpx.AsyncClient, url: str) -> httpx.Response:
-    return await client.get(url, timeout=5)
+async def _get(url: str, method: str = "GET") -> Response:
+    return await trio.to_thread.run_sync(partial(get, url, method=method, timeout=5))
 
 
 async def test_readyz_follows_the_service(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ async def test_readyz_follows_the_service(tmp_path: Path) -> None:
         await trio.sleep_forever()
 
     base = f"http://127.0.0.1:{port}"
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(trust_env=False) as client:
+    async with trio.open_nursery() as nursery:
         nursery.start_soon(
             partial(
                 run_daemon,
@@ -50,26 +50,26 @@ async def test_readyz_follows_the_service(tmp_path: Path) -> None:
         with trio.fail_after(10):
             while True:
                 try:
-                    starting = await _get(client, f"{base}/readyz")
+                    starting = await _get(f"{base}/readyz")
                     break
-                except httpx.ConnectError:
+                except OSError:  # not listening yet
                     await trio.sleep(0.02)
-        assert (starting.status_code, starting.text) == (503, "not ready: starting\n")
-        assert (await _get(client, f"{base}/livez")).status_code == 200
+        assert (starting.status, starting.text) == (503, "not ready: starting\n")
+        assert (await _get(f"{base}/livez")).status == 200
         may_start.set()
         with trio.fail_after(10):
-            while (await _get(client, f"{base}/readyz")).status_code != 200:
+            while (await _get(f"{base}/readyz")).status != 200:
                 await trio.sleep(0.02)
         healthy["why"] = "not registered in the cluster store"  # type: ignore[assignment]
-        lost = await _get(client, f"{base}/readyz")
-        assert (lost.status_code, lost.text) == (
+        lost = await _get(f"{base}/readyz")
+        assert (lost.status, lost.text) == (
             503,
             "not ready: not registered in the cluster store\n",
         )
-        metrics = await _get(client, f"{base}/metrics")
+        metrics = await _get(f"{base}/metrics")
         assert "frrep_certificate_expiry_seconds" in metrics.text
-        assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
-        assert (await client.post(f"{base}/metrics")).status_code == 405
+        assert metrics.content_type.startswith("text/plain; version=0.0.4")
+        assert (await _get(f"{base}/metrics", "POST")).status == 405
         nursery.cancel_scope.cancel()
 
 
@@ -128,3 +128,37 @@ def test_docs_list_every_metric_and_no_other(tmp_path: Path) -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     documented = set(re.findall(r"^\| `(frrep_\w+)` \|", page, re.MULTILINE))
     assert documented == exposed
+
+
+def test_the_primary_is_ready_while_its_service_loop_turns(tmp_path: Path) -> None:
+    import time
+
+    from node.primary import metrics as pm
+    from node.primary.state import PrimaryStateStore
+
+    metrics = pm.PrimaryMetrics(CollectorRegistry(), PrimaryStateStore(tmp_path))
+    assert metrics.ready() == "the service loop has not started"
+    metrics.loop_turned()
+    assert metrics.ready() is None
+    metrics.loop_at = time.monotonic() - pm.LOOP_STALE_SECONDS - 10
+    assert (metrics.ready() or "").startswith("the service loop has not turned for 4")
+
+
+async def test_a_node_is_ready_once_it_serves_and_is_registered(tmp_path: Path) -> None:
+    from frcluster.agent import ClusterNode
+    from frcluster.config import load_cluster_node_config
+    from frtesting.cluster import ClusterSite
+
+    site = ClusterSite(tmp_path, nodes=1)
+    node = ClusterNode(load_cluster_node_config(site.config_path(1)))
+    assert node.ready() == "not listening"
+    assert (node.store_reachable, node.registered) == (False, False)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(node.run)
+        assert node.ready() is None
+        assert (node.store_reachable, node.registered) == (True, True)
+        node.registered = False  # what a lease that expired leaves until announced again
+        assert node.ready() == "not registered in the cluster store"
+        nursery.cancel_scope.cancel()
+    assert node.ready() == "not listening"

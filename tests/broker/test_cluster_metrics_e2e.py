@@ -8,11 +8,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
-from frtesting.metrics import metrics_url, scrape
+from frtesting.metrics import get, metrics_url, scrape
 from tests.broker.cluster_site import ClusterSite, node_address, primary_replicator
 
 from .test_migration_e2e import cycle_until_done
@@ -53,8 +52,8 @@ def test_broker_role_store_and_replication_show_in_the_nodes_metrics(
         assert samples.get("frrep_cluster_store_up") == 1, i
         assert samples.get("frrep_node_registered") == 1, i
         assert (samples.get("frrep_certificate_expiry_seconds") or 0) > 0, i
-        ready = httpx.get(f"{urls[i]}/readyz", timeout=5, trust_env=False)
-        assert ready.status_code == 200, ready.text
+        ready = get(f"{urls[i]}/readyz")
+        assert ready.status == 200, ready.text
     received = {i: s.get("frrep_received_bytes_total") or 0 for i, s in scraped.items()}
     applied = {
         i: s.get("frrep_batch_apply_duration_seconds_count") or 0 for i, s in scraped.items()

@@ -15,12 +15,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
 import frproto as fp
-from frtesting.metrics import Samples, metrics_url, scrape
+from frtesting.metrics import Response, Samples, get, metrics_url, scrape
 from frtesting.server import ServerProcess, child_env
 
 from .site import PRIMARY_HOST, SERVER_HOST, Site
@@ -28,8 +27,8 @@ from .site import PRIMARY_HOST, SERVER_HOST, Site
 MIB = 1024 * 1024
 
 
-def _get(url: str) -> httpx.Response:
-    return httpx.get(url, timeout=5, trust_env=False)
+def _get(url: str) -> Response:
+    return get(url, timeout=5)
 
 
 def _with_metrics(config: Path, host: str) -> None:
@@ -69,9 +68,9 @@ def _wait_for(what: str, check: object, url: str, timeout: float = 30.0) -> Samp
 
 def test_a_replicated_vm_shows_in_both_sides_metrics(site: Site, server: ServerProcess) -> None:
     server_url = metrics_url(server.log.read_text)
-    assert _get(f"{server_url}/livez").status_code == 200
-    assert _get(f"{server_url}/readyz").status_code == 200
-    assert _get(f"{server_url}/nothing").status_code == 404
+    assert _get(f"{server_url}/livez").status == 200
+    assert _get(f"{server_url}/readyz").status == 200
+    assert _get(f"{server_url}/nothing").status == 404
 
     config = site.write_primary_config()
     _with_metrics(config, PRIMARY_HOST)
@@ -106,7 +105,7 @@ def test_a_replicated_vm_shows_in_both_sides_metrics(site: Site, server: ServerP
             lambda s: (s.get("frrep_cycles_total") or 0) >= before + 2,
             primary_url,
         )
-        assert _get(f"{primary_url}/readyz").status_code == 200
+        assert _get(f"{primary_url}/readyz").status == 200
         assert (got.get("frrep_sent_bytes_total") or 0) > 4 * MIB  # the IR at least
         lag = got.get("frrep_vm_lag_seconds", vmid=vmid, vm="web01")
         assert lag is not None
@@ -171,7 +170,7 @@ def test_a_primary_that_cannot_reach_its_server_counts_failures_by_reason(site: 
         assert got.get("frrep_cycles_total") == 0
         assert got.get("frrep_vm_lag_seconds", vmid=vmid) is None  # never acknowledged
         # The service runs (ready) even though its VM cannot replicate.
-        assert _get(f"{url}/readyz").status_code == 200
+        assert _get(f"{url}/readyz").status == 200
     finally:
         primary.send_signal(signal.SIGTERM)
         primary.wait(timeout=15)
