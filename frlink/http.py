@@ -6,6 +6,7 @@ runs on it in plain HTTP; given an SSL context it serves HTTPS.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -49,6 +50,8 @@ async def serve_asgi(
     config = _Config(ssl_context)
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # a scrape every 15 s is not worth a log line
+    # A logger, not "-": its lines go through the process's logging setup, once.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     framework: Framework = app
     await serve(framework, config, task_status=task_status)

@@ -113,6 +113,8 @@ class Session:
         self.batch_refusal: fp.FrprotoError | None = None
         self.ir_unsynced = 0
         self.ir_cursor = (0, 0)
+        #: Between IRBegin and IREnd (a connection lost then lost part of an IR).
+        self.ir_open = False
         self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
 
     def release(self) -> None:
@@ -152,7 +154,15 @@ class Session:
 
     async def _serve(self, handlers: dict[type[Any], Callable[[Any], Any]]) -> None:
         while True:
-            event = await self.conn.next_event()
+            try:
+                event = await self.conn.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self.batch is None and self.batch_refusal is None and not self.ir_open:
+                    # Gone between two messages, every one answered: how a primary ends
+                    # its cycle, not a failure (none is counted).
+                    log.info("the peer closed the connection (%s)", exc)
+                    return
+                raise
             if isinstance(event, fp.Chunk):
                 await self.on_chunk(event)  # the hot path
                 del event  # its data views the frame buffer, which the next frame reuses
@@ -309,6 +319,7 @@ class Session:
     async def on_ir_begin(self, msg: fp.IRBegin) -> None:
         replica = self._current()
         await trio.to_thread.run_sync(replica.begin_ir, msg.sequence)
+        self.ir_open = True
         self.ir_unsynced = 0
         self.ir_cursor = (msg.start_disk, msg.start_offset)
 
@@ -340,6 +351,7 @@ class Session:
         replica = self._current()
         await self.ir_writes.drain()
         await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
+        self.ir_open = False
         log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.IR_COMPLETE, msg.sequence))
 
