@@ -145,6 +145,7 @@ def test_the_primary_is_ready_while_its_service_loop_turns(tmp_path: Path) -> No
 
 
 async def test_a_node_is_ready_once_it_serves_and_is_registered(tmp_path: Path) -> None:
+    from broker.store import StoreUnavailable
     from frcluster.agent import ClusterNode
     from frcluster.config import load_cluster_node_config
     from frtesting.cluster import ClusterSite
@@ -158,6 +159,15 @@ async def test_a_node_is_ready_once_it_serves_and_is_registered(tmp_path: Path) 
             await nursery.start(node.run)
         assert node.ready() is None
         assert (node.store_reachable, node.registered) == (True, True)
+
+        # The store stops answering the keepalives: the gauge says so within a beat.
+        async def unreachable(lease_id: int) -> float:
+            raise StoreUnavailable("the test cut the store off")
+
+        node.store.keepalive = unreachable  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            while node.store_reachable:
+                await trio.sleep(0.05)
         node.registered = False  # what a lease that expired leaves until announced again
         assert node.ready() == "not registered in the cluster store"
         nursery.cancel_scope.cancel()
