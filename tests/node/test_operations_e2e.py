@@ -254,3 +254,22 @@ def test_the_notify_socket_is_optional() -> None:
     finally:
         if saved is not None:
             os.environ["NOTIFY_SOCKET"] = saved
+
+
+def test_a_refused_batch_is_counted_by_its_reason(site: Site, server: ServerProcess) -> None:
+    url = metrics_url(server.log.read_text)
+    image = site.root / "disk0.img"
+    image.write_bytes(random.Random(4).randbytes(MIB))
+    replicator = site.replicator(uuid.uuid4(), "vm", [image], server.port)
+    trio.run(replicator.cycle)
+    assert scrape(url).get("frrep_failures_total") is None
+    with image.open("r+b") as f:
+        f.write(b"w" * 50_000)
+
+    def flip(data: bytes) -> bytes:  # corrupted in flight, after its digest was taken
+        return bytes([data[0] ^ 0x40]) + data[1:]
+
+    replicator.chunk_fault = flip
+    with pytest.raises(fp.DigestMismatch):
+        trio.run(replicator.cycle)
+    assert scrape(url).get("frrep_failures_total", reason="digest_mismatch") == 1
