@@ -22,6 +22,9 @@ Example::
     # cap_up = "ip addr add 10.0.0.10/24 dev eth0"    # run when this node becomes broker
     # cap_down = "ip addr del 10.0.0.10/24 dev eth0"  # run when it stops being broker
 
+    [metrics]                     # optional: /metrics, /livez, /readyz (plain HTTP)
+    listen = "127.0.0.1:9464"
+
     [tls]
     cert = "certs/n1.example.com.pem"
     key = "certs/n1.example.com-key.pem"
@@ -37,7 +40,17 @@ from pathlib import Path
 from typing import Any
 
 from broker.store import MissingBackend, etcd_store_class
-from frlink.config import ConfigError, TLSFiles, parse_rate, read_toml, string, table, tls_files
+from frlink.config import (
+    ConfigError,
+    MetricsListen,
+    TLSFiles,
+    metrics_listen,
+    parse_rate,
+    read_toml,
+    string,
+    table,
+    tls_files,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +75,8 @@ class ClusterNodeConfig:
     #: Run after a failover to a replica here (``frctl cluster failover``): starts the VM
     #: from the replica's disks (environment: ``node/failover/test.py``'s CommandHook).
     failover_start: str = ""
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -132,4 +147,5 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),
+        metrics=metrics_listen(data, path),
     )

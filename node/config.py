@@ -8,6 +8,9 @@ Example::
     port = 7443
     recovery_points = 24         # recovery points kept per replica
 
+    [metrics]                    # optional: /metrics, /livez, /readyz in plain HTTP
+    listen = "127.0.0.1:9464"
+
     [tls]                        # paths are relative to this file
     cert = "certs/r1.example.com.pem"
     key = "certs/r1.example.com-key.pem"
@@ -33,7 +36,9 @@ from frlink.authz import Authorization, AuthorizationEntry
 from frlink.config import (
     NO_COMPRESSION,
     ConfigError,
+    MetricsListen,
     TLSFiles,
+    metrics_listen,
     parse_compression,
     read_toml,
     string,
@@ -61,6 +66,8 @@ class RecoveryServerConfig:
     tls: TLSFiles
     authorization: Authorization
     recovery_points: int = 24
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
@@ -111,4 +118,5 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
             any_primary=any_entry,
         ),
         recovery_points=points,
+        metrics=metrics_listen(data, path),
     )

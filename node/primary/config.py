@@ -10,7 +10,9 @@ from pathlib import Path
 from frlink.config import (
     NO_COMPRESSION,
     ConfigError,
+    MetricsListen,
     TLSFiles,
+    metrics_listen,
     parse_compression,
     parse_rate,
     read_toml,
@@ -48,6 +50,9 @@ class PrimaryConfig:
         host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
         schedule = [["08:00", "18:00", "50M"]]   # office hours: less
 
+        [metrics]                    # optional: /metrics, /livez, /readyz (plain HTTP)
+        listen = "127.0.0.1:9465"
+
         [tls]
         cert = "certs/p1.example.com.pem"
         key = "certs/p1.example.com-key.pem"
@@ -79,6 +84,8 @@ class PrimaryConfig:
     #: Static name -> IP address table (``[hosts]``), consulted before DNS. Names are
     #: lower case without a trailing dot (see :func:`normalize_host_name`).
     hosts: Mapping[str, str] = field(default_factory=dict)
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 def load_primary_config(path: Path) -> PrimaryConfig:
@@ -112,6 +119,7 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         compression=parse_compression(primary.get("compression", "none"), path),
         hosts=parse_hosts(data.get("hosts", {}), path),
         resync_window=_window(primary.get("resync_window"), path),
+        metrics=metrics_listen(data, path),
     )
 
 
