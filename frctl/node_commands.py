@@ -261,7 +261,7 @@ def _cmd_wait(args: argparse.Namespace) -> int:
             print(f"frctl: replication/{state.name} was disabled meanwhile", file=sys.stderr)
             return 4
         percent = vm.ir_percent
-        late = time.monotonic() - started > _SERVICE_GRACE
+        late = time.monotonic() - started > args.service_grace
         stuck = [
             r
             for r in vm.reasons
@@ -542,6 +542,7 @@ def register(sub: Any) -> None:
     wait.add_argument("--timeout", type=float, default=3600.0, help="seconds (exit 3 after)")
     wait.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
     wait.add_argument("--json", action="store_true", help="JSON lines, one per poll")
+    wait.add_argument("--service-grace", type=float, default=_SERVICE_GRACE, help=argparse.SUPPRESS)
     wait.set_defaults(func=_cmd_wait)
     _add_checks_and_controls(rsub)
 

@@ -473,11 +473,18 @@ def rfc3339(t: float | None) -> str | None:
     """A wall-clock time as RFC 3339 in UTC, to the second (``2026-12-05T08:51:54Z``)."""
     if t is None:
         return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(t, UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"{t!r} (not a time)"  # a damaged file's value: shown, never a traceback
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def duration(seconds: float) -> str:
-    """``45s``, ``5m``, ``4m12s``, ``1h05m``, ``2d03h``."""
+    """``2.3s``, ``45s``, ``5m``, ``4m12s``, ``1h05m``, ``2d03h``."""
+    if seconds < 10 and round(seconds, 1) != round(seconds):
+        # Short intervals (tests, tight RPOs): "lag 2.3s over 2x the 1s interval", not "2s".
+        return f"{seconds:.1f}s"
     total = round(seconds)
     if total < 60:
         return f"{total}s"
