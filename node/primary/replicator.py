@@ -48,6 +48,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,14 @@ log = logging.getLogger("frrep.primary")
 DEFAULT_PENDING_BYTES = 4 * 1024 * 1024 * 1024
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
-#: What :meth:`VMReplicator._counted_cycle` returns when replication halted.
-_HALTED = object()
+
+
+class _Outcome(Enum):
+    """How one cycle of :meth:`VMReplicator.run` ended."""
+
+    OK = "ok"
+    FAILED = "failed"  # a later cycle may succeed: retried with backoff
+    HALTED = "halted"  # waits for a person: the loop ends
 
 
 @dataclass
@@ -269,10 +276,10 @@ class VMReplicator:
                     delay = min(self.state.frequency_s, 1.0)
                 else:
                     started = time.monotonic()
-                    failure = await self._counted_cycle()
-                    if failure is _HALTED:
+                    outcome = await self._counted_cycle(backoff)
+                    if outcome is _Outcome.HALTED:
                         return
-                    if failure is None:
+                    if outcome is _Outcome.OK:
                         backoff = _BACKOFF_START
                         elapsed = time.monotonic() - started
                         delay = max(0.0, self.state.frequency_s - elapsed)
@@ -283,10 +290,10 @@ class VMReplicator:
                     self._save()
             await trio.sleep(delay)
 
-    async def _counted_cycle(self) -> FailureKind | object | None:
-        """Run one cycle for :meth:`run`, recording its outcome in the state (the
-        counters, the error and its kind, since when the server is unreachable): None
-        after a success, the :class:`FailureKind` of a failure, or ``_HALTED``."""
+    async def _counted_cycle(self, backoff: float) -> _Outcome:
+        """Run one cycle for :meth:`run`, recording its outcome in the state: the
+        counters, the error and its kind, since when the server is unreachable. ``backoff``:
+        the wait before a retry, for the log."""
         s = self.state
         if s.stats_since is None:
             s.stats_since = time.time()
@@ -299,28 +306,28 @@ class VMReplicator:
             s.health = Health.CRITICAL
             s.halted = str(exc)  # shown by status; waits for a person
             self._save()
-            return _HALTED
+            return _Outcome.HALTED
         except DiskUnavailable as exc:
             # Not the network: no backoff message about retrying a server.
             log.error("cycle of %s failed: %s", s.name, exc)
             kind, s.last_error, s.unreachable_since = FailureKind.DISK, str(exc), None
         except UNREACHABLE as exc:
-            log.warning("cycle of %s failed: %s; retrying", s.name, exc)
+            log.warning("cycle of %s failed: %s; retry in %.0f s", s.name, exc, backoff)
             kind, s.last_error = FailureKind.UNREACHABLE, f"{type(exc).__name__}: {exc}"
             if s.unreachable_since is None:
                 s.unreachable_since = attempt_started
         except fp.FrprotoError as exc:
-            log.warning("cycle of %s failed: %s; retrying", s.name, exc)
+            log.warning("cycle of %s failed: %s; retry in %.0f s", s.name, exc, backoff)
             # The server answered: it is reachable, it said no.
             kind, s.last_error = FailureKind.REFUSED, f"{type(exc).__name__}: {exc}"
             s.unreachable_since = None
         else:
             s.cycles_ok += 1
-            return None
+            return _Outcome.OK
         s.cycles_failed += 1
         s.last_error_kind = kind
         self._update_health()
-        return kind
+        return _Outcome.FAILED
 
     def _still_ours(self) -> bool:
         """Re-read the file: False when this object must stop (disabled, enabled anew,
