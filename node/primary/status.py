@@ -482,7 +482,7 @@ def rfc3339(t: float | None) -> str | None:
 
 def duration(seconds: float) -> str:
     """``2.3s``, ``45s``, ``5m``, ``4m12s``, ``1h05m``, ``2d03h``."""
-    if seconds < 10 and round(seconds, 1) != round(seconds):
+    if seconds < 10 and seconds != int(seconds):
         # Short intervals (tests, tight RPOs): "lag 2.3s over 2x the 1s interval", not "2s".
         return f"{seconds:.1f}s"
     total = round(seconds)
