@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -36,6 +37,16 @@ def _rate(text: str) -> float:
         return parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
 
 
 def _primary_config(args: argparse.Namespace) -> Any:
@@ -236,56 +247,83 @@ def _cmd_reseed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ir_percent(state: Any) -> float:
-    from node.primary.operations import ir_percent
-
-    return ir_percent(state)
+#: ``status --check``: a VM in warning (none critical), a VM critical. Above the codes
+#: every command shares (1 failure, 2 usage, 3 not in sync, 4 not found), ordered by
+#: severity so that the worst of several hosts is the largest code.
+EXIT_WARNING = 5
+EXIT_CRITICAL = 6
+#: How long ``wait`` lets "primary service not running" be (a service just started
+#: writes its first heartbeat within a second or two).
+_SERVICE_GRACE = 10.0
 
 
 def _cmd_wait(args: argparse.Namespace) -> int:
-    """Show progress until the VM's IR is complete and nothing is pending (or time runs out)."""
-    from node.primary.state import Health, IRStage
+    """Show progress until the VM's IR is complete and nothing is pending: exit 0; 3 when
+    time runs out; 6 when its replication is critical for a reason that needs a person
+    (halted, a disk unavailable, the primary service not running)."""
+    from node.primary.operations import replication_status
+    from node.primary.status import ReplicationState, Severity, Why
 
     store = _store(args)
-    vmid = str(uuid.UUID(args.vmid))
-    deadline = time.monotonic() + args.timeout
+    state = _vm_or_say_why(store, args.vmid)
+    if state is None:
+        return 4
+    vmid = state.vmid
+    started = time.monotonic()
+    deadline = started + args.timeout
     tty = sys.stderr.isatty()
     shown = -1.0
     while True:
-        state = store.load(vmid)
-        percent = _ir_percent(state)
-        done = state.ir_state == IRStage.COMPLETE and state.pending_bytes == 0
+        report = replication_status(store.root, store=store)
+        vm = next((v for v in report.vms if v.vmid == vmid), None)
+        if vm is None:
+            print(f"frctl: replication/{state.name} was disabled meanwhile", file=sys.stderr)
+            return 4
+        percent = vm.ir_percent
+        late = time.monotonic() - started > args.service_grace
+        stuck = [
+            r
+            for r in vm.reasons
+            if r.code in (Why.HALTED, Why.DISK_UNAVAILABLE)
+            or (r.code is Why.SERVICE_NOT_RUNNING and late)
+        ]
+        done = (
+            vm.state in (ReplicationState.REPLICATING, ReplicationState.PAUSED)
+            and vm.pending_bytes == 0
+            and vm.health is not Severity.CRITICAL
+        )
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "message_type": "status",
-                        "vmid": vmid,
-                        "ir_percent": percent,
-                        "sequence": state.sequence,
-                        "pending_bytes": state.pending_bytes,
-                    }
-                )
-            )
+            line = {
+                "message_type": "status",
+                "vmid": vmid,
+                "state": vm.state.value,
+                "health": vm.health.value,
+                "reasons": [r.text for r in vm.reasons],
+                "ir_percent": percent,
+                "sequence": vm.sequence,
+                "pending_bytes": vm.pending_bytes,
+            }
+            print(json.dumps(line), flush=True)
         elif tty or percent - shown >= 10 or done:
             bar = "#" * int(percent // 5)
             end = "\r" if tty and not done else "\n"
             print(
-                f"{state.name}: IR [{bar:<20}] {percent:5.1f}%  sequence {state.sequence}"
-                f"  pending {state.pending_bytes} B",
+                f"{vm.name}: IR [{bar:<20}] {percent:5.1f}%  sequence {vm.sequence}"
+                f"  pending {vm.pending_bytes} B",
                 end=end,
                 file=sys.stderr,
                 flush=True,
             )
             shown = percent
         if done:
-            print(f"replication/{state.name} in sync at sequence {state.sequence}")
+            print(f"replication/{vm.name} in sync at sequence {vm.sequence}")
             return 0
-        if state.health == Health.CRITICAL or time.monotonic() > deadline:
-            if tty:
+        if stuck or time.monotonic() > deadline:
+            if tty and not args.json:
                 print(file=sys.stderr)
-            print(f"frctl: replication/{state.name} not in sync ({state.health})", file=sys.stderr)
-            return 3
+            why = vm.health_text if stuck else f"{vm.state.value}, {vm.health_text}"
+            print(f"frctl: replication/{vm.name} not in sync: {why}", file=sys.stderr)
+            return EXIT_CRITICAL if stuck else 3
         time.sleep(args.interval)
 
 
@@ -301,53 +339,103 @@ def _target(state: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None, s
     return broker, node, f"{state.node_name}:{state.node_port} via broker {state.broker}"
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from node.primary.state import Health
+def _status_document(store: Any) -> tuple[Any, dict[str, Any]]:
+    """The judged report (``node.primary.operations.replication_status``) and its JSON,
+    each VM with its target (recovery server, broker, node) added."""
+    from node.primary.operations import replication_status
 
-    now = time.time()
-    rows = []
-    for state in sorted(_store(args).all(), key=lambda s: s.name):
-        lag = None if state.last_replicated_at is None else now - state.last_replicated_at
+    states = {s.vmid: s for s in store.all()}
+    report = replication_status(store.root, store=store)
+    doc = report.to_json()
+    for row in doc["vms"]:
+        state = states.get(row["vmid"])
+        if state is None:
+            continue
         broker, node, server = _target(state)
-        rows.append(
-            {
-                "vmid": state.vmid,
-                "name": state.name,
-                "state": "paused" if state.paused else state.health,
-                "ir": state.ir_state,
-                "ir_percent": _ir_percent(state),
-                "sequence": state.sequence,
-                "last_replicated_at": state.last_replicated_at,
-                "lag_seconds": None if lag is None else round(lag, 1),
-                "pending_bytes": state.pending_bytes,
-                "recovery_server": f"{state.recovery_host}:{state.recovery_port}",
-                # Through a clustering broker: which one, and the node holding it now.
-                "broker": broker,
-                "recovery_node": node,
-                "server": server,
-                "halted": state.halted,
-                # Why the last cycle failed (a vanished disk, an unreachable server).
-                "last_error": state.last_error,
-            }
+        row["ir"] = state.ir_state.value
+        row["recovery_server"] = f"{state.recovery_host}:{state.recovery_port}"
+        row["broker"] = broker  # through a clustering broker: which one
+        row["recovery_node"] = node  # and the node holding the replica now
+        row["server"] = server
+    return report, doc
+
+
+def _paint(health: str, text: str) -> str:
+    """``text`` in the colour of ``health`` on a terminal (never with NO_COLOR or a dumb
+    terminal): the word carries the meaning, the colour only repeats it."""
+    if not sys.stdout.isatty() or os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return text
+    colour = {"normal": "32", "warning": "33", "critical": "31"}.get(health)
+    return f"\x1b[{colour}m{text}\x1b[0m" if colour else text
+
+
+def _status_table(report: Any, doc: dict[str, Any]) -> str:
+    """The roll-up line, one row per VM, and below a VM not normal its reasons."""
+    from node.primary.status import duration, rfc3339, size
+
+    lines = [
+        report.summary,
+        f"{'VM':<16} {'STATE':<19} {'HEALTH':<8} {'IR':>4} {'SEQ':>5} {'LAG':>7} "
+        f"{'LAST ACK (UTC)':<20} {'NEXT':>6} {'PENDING':>9} {'CYCLES OK/FAIL':>14} "
+        f"{'BATCH AVG/MAX':>17}  SERVER",
+    ]
+    servers = {row["vmid"]: row.get("server", "") for row in doc["vms"]}
+    for vm in report.vms:
+        lag = "-" if vm.lag_seconds is None else duration(vm.lag_seconds)
+        ack = rfc3339(vm.last_acknowledged_at) or "-"
+        if vm.next_cycle_at is None or vm.state.value in ("paused", "halted"):
+            nxt = "-"
+        else:
+            ahead = vm.next_cycle_at - report.at
+            nxt = duration(ahead) if ahead > 0 else "due"
+        c = vm.counters
+        cycles = f"{c.cycles_ok}/{c.cycles_failed}"
+        batches = f"{size(c.average_batch_bytes)}/{size(c.max_batch_bytes)}"
+        lines.append(
+            f"{vm.name:<16} {vm.state.value:<19} "
+            + _paint(vm.health.value, f"{vm.health.value:<8}")
+            + f" {vm.ir_percent:>3.0f}% {vm.sequence:>5} {lag:>7} {ack:<20} {nxt:>6} "
+            f"{size(vm.pending_bytes):>9} {cycles:>14} {batches:>17}  {servers[vm.vmid]}"
         )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(f"{'VM':<20} {'STATE':<20} {'IR':>6} {'SEQ':>6} {'LAG':>8} {'PENDING':>12}  SERVER")
-        for r in rows:
-            lag = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.0f}s"
-            print(
-                f"{r['name']:<20} {r['state']:<20} {r['ir_percent']:>5.0f}% {r['sequence']:>6} "
-                f"{lag:>8} "
-                f"{r['pending_bytes']:>12}  {r['server']}"
-            )
-            if r["halted"]:
-                print(f"{'':<20} halted: {r['halted']}")
-            elif r["last_error"]:
-                print(f"{'':<20} last cycle failed: {r['last_error']}")
-    if args.check and any(r["state"] in (Health.WARNING, Health.CRITICAL) for r in rows):
-        return 3
+        if vm.reasons:
+            lines.append(f"{'':<16} " + _paint(vm.health.value, vm.health_text))
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Every VM's health with its reasons, judged now; ``--check`` exits by the worst
+    (0 normal, 5 warning, 6 critical); ``--watch`` redraws until Ctrl-C."""
+    from node.primary.status import Severity
+
+    store = _store(args)
+    if args.watch is not None:
+        return _watch(store, args)
+    report, doc = _status_document(store)
+    print(json.dumps(doc, indent=2) if args.json else _status_table(report, doc))
+    if args.check:
+        return {Severity.NORMAL: 0, Severity.WARNING: EXIT_WARNING}.get(
+            report.health, EXIT_CRITICAL
+        )
     return 0
+
+
+def _watch(store: Any, args: argparse.Namespace) -> int:
+    """Redraw the status every ``args.watch`` seconds until Ctrl-C (exit 0). On a
+    terminal the screen is cleared and drawn again in place; into a pipe each view
+    follows the last (``--json``: one object per line)."""
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            report, doc = _status_document(store)
+            if args.json:
+                print(json.dumps(doc), flush=True)
+            else:
+                clear = "\x1b[H\x1b[2J" if tty else ""
+                frame = _status_table(report, doc)
+                print(f"{clear}{frame}\n(every {args.watch:g}s; Ctrl-C to stop)\n", flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def replicator_from_args(args: argparse.Namespace, vmid: str | None = None) -> Any:
@@ -444,18 +532,36 @@ def register(sub: Any) -> None:
     )
     enable.set_defaults(func=_cmd_enable)
     status = rsub.add_parser(
-        "status", help="health and lag of each VM, and its broker and recovery node"
+        "status",
+        help="every VM's health with its reasons, lag, next cycle and counters, judged now",
     )
     status.add_argument("--config", required=True)
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--check", action="store_true", help="exit 3 if any VM is unhealthy")
+    status.add_argument("--json", action="store_true", help="one JSON object (RFC 3339 UTC times)")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 0 if every VM is normal, {EXIT_WARNING} if one is in warning, "
+        f"{EXIT_CRITICAL} if one is critical",
+    )
+    shown.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
     status.set_defaults(func=_cmd_status)
-    wait = rsub.add_parser("wait", help="show IR progress until the VM is in sync")
+    wait = rsub.add_parser(
+        "wait", help="show IR progress until the VM is in sync (exit 3: time ran out; 6: critical)"
+    )
     wait.add_argument("--config", required=True)
-    wait.add_argument("vmid")
+    wait.add_argument("vmid", help="the VM's VMID, or its name")
     wait.add_argument("--timeout", type=float, default=3600.0, help="seconds (exit 3 after)")
     wait.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
     wait.add_argument("--json", action="store_true", help="JSON lines, one per poll")
+    wait.add_argument("--service-grace", type=float, default=_SERVICE_GRACE, help=argparse.SUPPRESS)
     wait.set_defaults(func=_cmd_wait)
     _add_checks_and_controls(rsub)
 

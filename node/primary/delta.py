@@ -24,7 +24,7 @@ import xxhash
 from .client import BatchChunk, RecoveryClient
 from .pending_log import PendingCycle, PendingLog, PendingLogFull
 from .plan import Capture, next_capture_sequence, plan_capture
-from .record import VMRecord
+from .record import VMRecord, count_batch
 from .scan import read_blocks, scan_changes
 from .tracker import ChangeTracker
 
@@ -160,6 +160,7 @@ class Deltas:
         s = self.vm.state
         s.sequence = sequence
         s.last_replicated_at = time.time()
+        count_batch(s, total)
         self.vm.save()
         self.pending.drop_through(sequence)
         self.vm.save()

@@ -24,6 +24,7 @@ from frlink.tls import ConnectFailure, TLSFailure
 from .disks import DiskProblem
 from .errors import ReplicationHalted
 from .state import PrimaryStateStore
+from .status import lag_of
 
 #: A cycle takes from well under a second (nothing changed) to hours (a first IR).
 CYCLE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -132,7 +133,10 @@ class PrimaryMetrics(Collector):
             paused.add_metric(names, 1.0 if state.paused else 0.0)
             if state.last_replicated_at is not None:
                 acked.add_metric(names, state.last_replicated_at)
-                lag.add_metric(names, max(0.0, now - state.last_replicated_at))
+            # The same lag as status shows: an idle VM in sync is not lagging.
+            vm_lag = lag_of(state, now)
+            if vm_lag is not None:
+                lag.add_metric(names, vm_lag)
         yield from (lag, acked, pending, paused)
         yield CounterMetricFamily(
             "frrep_sent_bytes",

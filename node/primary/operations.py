@@ -12,6 +12,7 @@ enabled here raises :class:`NotEnabled`. Nothing here prints: the CLI says it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,29 @@ from frlink.tls import client_context
 
 from .config import PrimaryConfig
 from .disks import DiskUnavailable, image_size
+from .heartbeat import pid_alive, read_heartbeat, this_host
 from .locks import LockBusy, cycle_lock, holding
+from .pending_log import is_overflowed
 from .replicator import VMReplicator
 from .state import IRStage, PrimaryStateStore, VMReplicationState
+from .status import StatusReport, ir_percent, report, service_liveness
+
+__all__ = [
+    "CycleStillRuns",
+    "EnableRequest",
+    "NotEnabled",
+    "Refused",
+    "disable",
+    "enable",
+    "find_vm",
+    "ir_percent",
+    "new_disks",
+    "replication_status",
+    "replicator_for",
+    "set_limits",
+    "set_paused",
+    "wait_for_cycle",
+]
 
 
 class Refused(Exception):
@@ -270,12 +291,29 @@ def disable(
         ) from None
 
 
-def ir_percent(state: VMReplicationState) -> float:
-    """How much of the VM's initial replication is done, in percent."""
-    if state.ir_state == IRStage.COMPLETE:
-        return 100.0
-    total = state.ir_bytes_total or sum(int(d["size"]) for d in state.disks)
-    return round(100.0 * state.ir_bytes_done / total, 1) if total else 0.0
+def replication_status(
+    state_dir: Path, *, now: float | None = None, store: PrimaryStateStore | None = None
+) -> StatusReport:
+    """Every enabled VM's replication as status shows it, judged now from the files
+    alone (their states, the service's heartbeat, the pending logs' overflow marks): no
+    network, no lock, safe while the service runs or after it died.
+
+    ``frctl replication status`` and ``wait`` print this; an embedding tool calls it for
+    the same answer (``report.vms``, ``report.health``, ``report.summary``).
+    """
+    store = store or PrimaryStateStore(state_dir)
+    when = time.time() if now is None else now
+    beat = read_heartbeat(store.root)
+    # A heartbeat from this host is checked against its process: a killed service is
+    # seen at once, not only once its heartbeat is stale.
+    alive = pid_alive(beat.pid) if beat is not None and beat.host == this_host() else None
+    states = store.all()
+    return report(
+        states,
+        now=when,
+        service=service_liveness(beat, now=when, pid_alive=alive),
+        overflowed=[s.vmid for s in states if is_overflowed(store.vm_dir(s.vmid) / "pending")],
+    )
 
 
 def replicator_for(config: PrimaryConfig, vmid: str) -> VMReplicator:

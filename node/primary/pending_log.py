@@ -78,6 +78,12 @@ CYCLE_OVERHEAD: Final = _HEADER.size + _TRAILER.size
 RECORD_OVERHEAD: Final = _RECORD.size
 
 
+def is_overflowed(directory: Path) -> bool:
+    """Whether the pending log in ``directory`` is marked overflowed, read from disk
+    without opening the log (what status reads, whether or not a service runs)."""
+    return (Path(directory) / _OVERFLOW_MARK).exists()
+
+
 class PendingLogError(Exception):
     """Base of the pending log's errors."""
 

@@ -31,7 +31,7 @@ from enum import Enum
 import frproto as fp
 
 from .pending_log import PendingLogCorrupt
-from .state import Health, IRStage
+from .state import IRStage
 
 # -- the cycle -------------------------------------------------------------------------
 
@@ -63,24 +63,6 @@ def resync_due(start: CycleStart, *, overflowed: bool) -> bool:
     if start is CycleStart.INITIAL_REPLICATION:
         return False
     return start is CycleStart.RESYNC or overflowed
-
-
-def health(
-    *,
-    overflowed: bool,
-    ir_stage: IRStage,
-    last_replicated_at: float | None,
-    now: float,
-    frequency_s: float,
-) -> Health:
-    """What status shows after a cycle (or a failed one)."""
-    if overflowed:
-        return Health.CRITICAL
-    if ir_stage != IRStage.COMPLETE:
-        return Health.INITIAL_REPLICATION
-    if last_replicated_at is not None and now - last_replicated_at > 2 * frequency_s:
-        return Health.WARNING
-    return Health.NORMAL
 
 
 # -- capture ---------------------------------------------------------------------------

@@ -30,6 +30,14 @@ def images_of(state: VMReplicationState) -> list[Path]:
     return [Path(d["path"]) for d in state.disks]
 
 
+def count_batch(state: VMReplicationState, nbytes: int) -> None:
+    """Count one acknowledged delta batch of ``nbytes`` in the state's counters (what
+    status shows as Measure-VMReplication's average and maximum size)."""
+    state.batches_sent += 1
+    state.batch_bytes_sent += nbytes
+    state.batch_bytes_max = max(state.batch_bytes_max, nbytes)
+
+
 @dataclass(frozen=True)
 class VMRecord:
     """One VM as a room of the replicator sees it.

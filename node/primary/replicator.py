@@ -48,6 +48,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,20 @@ from .locks import cycle_lock
 from .metrics import PrimaryMetrics
 from .oob_export import is_exported, map_path
 from .pending_log import PendingLog, PendingLogCorrupt
-from .plan import (
-    CycleStart,
-    health,
-    plan_cycle,
-    resync_due,
-)
+from .plan import CycleStart, plan_cycle, resync_due
 from .record import VMRecord, disks_of, images_of
 from .resync import Progress, Resynchronization, ResyncResult, VerifyResult
 from .route import MAX_REQUERIES, Route
 from .session import replicate
-from .state import Health, IRStage, PrimaryStateStore, VMReplicationState, operator_fields
+from .state import (
+    FailureKind,
+    Health,
+    IRStage,
+    PrimaryStateStore,
+    VMReplicationState,
+    operator_fields,
+)
+from .status import RUNNING_HERE, saved_health, vm_status
 from .tracker import ChangeTracker
 from .verify import Verification
 from .window import TimeWindow
@@ -96,6 +100,14 @@ log = logging.getLogger("frrep.primary")
 DEFAULT_PENDING_BYTES = 4 * 1024 * 1024 * 1024
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
+
+
+class _Outcome(Enum):
+    """How one cycle of :meth:`VMReplicator.run` ended."""
+
+    OK = "ok"
+    FAILED = "failed"  # a later cycle may succeed: retried with backoff
+    HALTED = "halted"  # waits for a person: the loop ends
 
 
 @dataclass
@@ -268,43 +280,68 @@ class VMReplicator:
                     delay = min(self.state.frequency_s, 1.0)
                 else:
                     started = time.monotonic()
-                    try:
-                        await self.cycle()
-                    except (ReplicationHalted, PendingLogCorrupt, DiskResized) as exc:
-                        self._count_failure(exc)
-                        log.error("replication of %s halted: %s", self.state.name, exc)
-                        self.state.health = Health.CRITICAL
-                        self.state.halted = str(exc)  # shown by status; waits for a person
-                        self._save()
+                    outcome = await self._counted_cycle(backoff)
+                    if outcome is _Outcome.HALTED:
                         return
-                    except DiskUnavailable as exc:
-                        self._count_failure(exc)
-                        # Not the network: no backoff message about retrying a server.
-                        log.error("cycle of %s failed: %s", self.state.name, exc)
-                        self.state.health = Health.CRITICAL
-                        self.state.last_error = str(exc)
-                        self._save()
-                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
-                    except (*UNREACHABLE, fp.FrprotoError) as exc:
-                        self._count_failure(exc)
-                        log.warning(
-                            "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
-                        )
-                        self.state.last_error = f"{type(exc).__name__}: {exc}"
-                        self._update_health()
-                        self._save()
-                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
-                    else:
+                    if outcome is _Outcome.OK:
                         backoff = _BACKOFF_START
                         elapsed = time.monotonic() - started
                         if self.metrics is not None:
                             self.metrics.cycle_done(elapsed)
                         delay = max(0.0, self.state.frequency_s - elapsed)
+                    else:
+                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
+                    # Shown by status as the next cycle's time.
+                    self.state.next_cycle_at = time.time() + delay
+                    self._save()
             await trio.sleep(delay)
 
     def _count_failure(self, exc: BaseException) -> None:
         if self.metrics is not None:
             self.metrics.cycle_failed(exc)
+
+    async def _counted_cycle(self, backoff: float) -> _Outcome:
+        """Run one cycle for :meth:`run`, recording its outcome in the state: the
+        counters, the error and its kind, since when the server is unreachable. ``backoff``:
+        the wait before a retry, for the log."""
+        s = self.state
+        if s.stats_since is None:
+            s.stats_since = time.time()
+        attempt_started = time.time()
+        try:
+            await self.cycle()
+        except (ReplicationHalted, PendingLogCorrupt, DiskResized) as exc:
+            self._count_failure(exc)
+            log.error("replication of %s halted: %s", s.name, exc)
+            s.cycles_failed += 1
+            s.health = Health.CRITICAL
+            s.halted = str(exc)  # shown by status; waits for a person
+            self._save()
+            return _Outcome.HALTED
+        except DiskUnavailable as exc:
+            self._count_failure(exc)
+            # Not the network: no backoff message about retrying a server.
+            log.error("cycle of %s failed: %s", s.name, exc)
+            kind, s.last_error, s.unreachable_since = FailureKind.DISK, str(exc), None
+        except UNREACHABLE as exc:
+            self._count_failure(exc)
+            log.warning("cycle of %s failed: %s; retry in %.0f s", s.name, exc, backoff)
+            kind, s.last_error = FailureKind.UNREACHABLE, f"{type(exc).__name__}: {exc}"
+            if s.unreachable_since is None:
+                s.unreachable_since = attempt_started
+        except fp.FrprotoError as exc:
+            self._count_failure(exc)
+            log.warning("cycle of %s failed: %s; retry in %.0f s", s.name, exc, backoff)
+            # The server answered: it is reachable, it said no.
+            kind, s.last_error = FailureKind.REFUSED, f"{type(exc).__name__}: {exc}"
+            s.unreachable_since = None
+        else:
+            s.cycles_ok += 1
+            return _Outcome.OK
+        s.cycles_failed += 1
+        s.last_error_kind = kind
+        self._update_health()
+        return _Outcome.FAILED
 
     def _still_ours(self) -> bool:
         """Re-read the file: False when this object must stop (disabled, enabled anew,
@@ -329,13 +366,15 @@ class VMReplicator:
         return True
 
     def _update_health(self) -> None:
-        self.state.health = health(
-            overflowed=self.pending.overflowed,
-            ir_stage=self.state.ir_state,
-            last_replicated_at=self.state.last_replicated_at,
+        # Judged where status judges (node/primary/status.py), with the service alive:
+        # this process is replicating.
+        judged = vm_status(
+            self.state,
             now=time.time(),
-            frequency_s=self.state.frequency_s,
+            service=RUNNING_HERE,
+            overflowed=self.pending.overflowed,
         )
+        self.state.health = saved_health(judged)
 
     async def cycle(self) -> None:
         """One cycle: capture (after IR), connect, IR if needed, send every pending cycle.
@@ -385,8 +424,13 @@ class VMReplicator:
             self.state.health = Health.CRITICAL
             self._save()
             raise
-        self.state.halted = None
-        self.state.last_error = None
+        s = self.state
+        s.halted = s.last_error = s.last_error_kind = s.unreachable_since = None
+        pending = self.pending.overflowed or self.pending.cycles()
+        if s.ir_state == IRStage.COMPLETE and not pending:
+            # Everything captured is acknowledged: the replica is current, even when this
+            # cycle had nothing to send (an idle VM is in sync, not lagging).
+            s.last_synced_at = time.time()
         self._update_health()
         self._save()
 
@@ -503,6 +547,8 @@ class VMReplicator:
                 state.last_replicated_at = None
                 state.health, state.halted = Health.INITIAL_REPLICATION, None
                 state.last_error, state.needs_resync = None, False
+                state.last_error_kind = state.unreachable_since = None
+                state.last_synced_at = None
                 state.node_name, state.node_address, state.node_port = "", "", 0
                 state.incarnation = incarnation
 

@@ -49,7 +49,7 @@ from .plan import (
     plan_resync,
     with_dirty,
 )
-from .record import VMRecord
+from .record import VMRecord, count_batch
 from .scan import read_blocks, scan_changes
 from .tracker import ChangeTracker
 from .verify import (
@@ -173,6 +173,8 @@ class Resynchronization:
                 await client.aclose()
             s.sequence = max(s.sequence, accepted.applied_sequence, result.sequence)
             s.last_replicated_at = time.time()
+            if result.sequence:
+                count_batch(s, result.bytes_sent)
             self.vm.save()
         except BaseException:
             # Perhaps not applied, perhaps not recorded: sending them again is harmless,

@@ -7,7 +7,9 @@ restarted until a person clears it.
 
 One service per state directory: it holds ``<state_dir>/.locks/service.lock`` while it
 runs (``node/primary/locks.py``), and a second one is refused
-(:class:`~node.primary.locks.ServiceAlreadyRunning`).
+(:class:`~node.primary.locks.ServiceAlreadyRunning`). While it runs it rewrites its
+heartbeat, ``<state_dir>/service.json``, every few seconds: status reads it to tell a
+running service from a dead one (``node/primary/heartbeat.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from frlink.tls import client_context
 from node.primary.config import PrimaryConfig
 
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
+from .heartbeat import beat
 from .locks import service_lock
 from .metrics import PrimaryMetrics
 from .replicator import VMReplicator
@@ -72,6 +75,9 @@ async def _serve(
         running.pop(replicator.state.vmid, None)
 
     async with trio.open_nursery() as nursery:
+        # Status judges the service alive by this (node/primary/heartbeat.py); a service
+        # that stops removes it, a killed one leaves a heartbeat whose process is gone.
+        await nursery.start(beat, config.state_dir)
         task_status.started()
         while True:
             states = {s.vmid: s for s in store.all()}

@@ -48,6 +48,18 @@ class IRStage(StrEnum):
     COMPLETE = "COMPLETE"
 
 
+class FailureKind(StrEnum):
+    """Why the last cycle failed (:attr:`VMReplicationState.last_error_kind`)."""
+
+    #: The recovery server (or broker, or node) could not be reached or stopped
+    #: answering: a later cycle may get through.
+    UNREACHABLE = "unreachable"
+    #: A disk image vanished or cannot be read: nothing can be captured.
+    DISK = "disk"
+    #: The server answered with an error (refused, busy...).
+    REFUSED = "refused"
+
+
 class Health(StrEnum):
     """What status shows of a VM's replication (:attr:`VMReplicationState.health`)."""
 
@@ -162,7 +174,9 @@ class VMReplicationState:
         last_replicated_at: wall-clock time (``time.time()``) of the last ack, if any.
         last_cycle_started_at: wall-clock time the last cycle started, if any.
         pending_bytes: bytes in the pending log (not yet acknowledged).
-        health: a :class:`Health`, shown by status.
+        health: a :class:`Health`, as the service judged it at its last save; status
+            judges afresh on read (``node/primary/status.py``), since a service that
+            died writes nothing more.
         bandwidth_bps: bandwidth limit of this relationship in bytes per second (None:
             no limit of its own; the host's limit still applies).
         broker: the clustering broker's CAP name (its TLS name) once the configured
@@ -221,6 +235,27 @@ class VMReplicationState:
     #: whose replicator finds another's token knows another process (a resync or a
     #: failover from the CLI) moved the VM on, and starts over from the file.
     written_by: str = ""
+    #: When a cycle last ended with the replica confirmed current: everything captured
+    #: was acknowledged and nothing was left pending. An idle VM whose cycles find
+    #: nothing to send is in sync, not lagging: status measures the lag from the later
+    #: of this and :attr:`last_replicated_at` (``node/primary/status.py``).
+    last_synced_at: float | None = None
+    #: What kind of failure :attr:`last_error` is (a :class:`FailureKind` value), None
+    #: after a cycle that succeeded.
+    last_error_kind: str | None = None
+    #: When the first of the failed cycles in a row that could not reach the recovery
+    #: server started; None once a cycle reached it.
+    unreachable_since: float | None = None
+    #: When the service means to start the next cycle (wall clock), if it runs.
+    next_cycle_at: float | None = None
+    #: Counters since :attr:`stats_since` (Measure-VMReplication's columns): cycles that
+    #: succeeded and failed, delta batches acknowledged, their bytes and the largest.
+    cycles_ok: int = 0
+    cycles_failed: int = 0
+    batches_sent: int = 0
+    batch_bytes_sent: int = 0
+    batch_bytes_max: int = 0
+    stats_since: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -242,6 +277,17 @@ class VMReplicationState:
             raise ValueError("ir_cursor is not [disk_index, offset]")
         if self.sequence < 0 or self.pending_bytes < 0:
             raise ValueError("sequence and pending_bytes must not be negative")
+        counters = (
+            self.cycles_ok,
+            self.cycles_failed,
+            self.batches_sent,
+            self.batch_bytes_sent,
+            self.batch_bytes_max,
+        )
+        if any(c < 0 for c in counters):
+            raise ValueError("a counter is negative")
+        if self.last_error_kind is not None and self.last_error_kind not in set(FailureKind):
+            raise ValueError(f"last_error_kind {self.last_error_kind!r} is not a known kind")
         if not math.isfinite(self.frequency_s) or self.frequency_s <= 0:
             raise ValueError("frequency_s must be a positive number of seconds")
         for port in (self.recovery_port, self.broker_port, self.node_port):
@@ -310,6 +356,16 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "last_error": (str, type(None)),
     "incarnation": (str,),
     "written_by": (str,),
+    "last_synced_at": (int, float, type(None)),
+    "last_error_kind": (str, type(None)),
+    "unreachable_since": (int, float, type(None)),
+    "next_cycle_at": (int, float, type(None)),
+    "cycles_ok": (int,),
+    "cycles_failed": (int,),
+    "batches_sent": (int,),
+    "batch_bytes_sent": (int,),
+    "batch_bytes_max": (int,),
+    "stats_since": (int, float, type(None)),
 }
 
 

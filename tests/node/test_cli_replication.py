@@ -56,8 +56,12 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
     assert enabled.returncode == 0, enabled.stderr
     assert enabled.stdout.strip() == "replication/web01 enabled"
     before = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
-    assert before[0]["state"] == "initial replication"
-    assert before[0]["ir_percent"] == 0.0
+    assert before["vms"][0]["state"] == "initial replication"
+    assert before["vms"][0]["ir_percent"] == 0.0
+    # Nobody replicates it yet: status says so, whatever the state file holds.
+    assert before["vms"][0]["health"] == "critical"
+    assert before["vms"][0]["reasons"][0]["code"] == "service-not-running"
+    assert before["service"]["running"] is False
     primary = subprocess.Popen(
         [sys.executable, "-m", "frctl.main", "primary", "run", "--config", config],
         stdout=subprocess.DEVNULL,
@@ -73,10 +77,13 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         assert percents[-1] == 100.0
         assert any(0 < p < 100 for p in percents), percents  # progress was visible
         assert waited.stdout.strip().endswith("replication/web01 in sync at sequence 0")
-        status = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
-        assert status[0]["state"] == "normal"
+        doc = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
+        status = doc["vms"]
+        assert (status[0]["state"], status[0]["health"]) == ("replicating", "normal"), status
         assert status[0]["ir"] == "COMPLETE"
         assert status[0]["lag_seconds"] is not None
+        assert doc["service"]["running"] is True
+        assert doc["service"]["pid"] == primary.pid
         assert frctl("replication", "status", "--config", config, "--check").returncode == 0
         table = frctl("replication", "status", "--config", config).stdout
         assert "web01" in table
@@ -109,7 +116,8 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
             "replication/web01 paused"
         )
         paused = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
-        assert paused[0]["state"] == "paused"
+        assert paused["vms"][0]["state"] == "paused"
+        assert paused["vms"][0]["health"] == "warning"
         resynced = frctl("replication", "resync", "--config", config, vmid, "--json")
         assert resynced.returncode == 0, resynced.stderr
         assert json.loads(resynced.stdout)["blocks"] > 0
@@ -117,7 +125,7 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         assert frctl("replication", "resume", "--config", config, vmid).returncode == 0
         assert frctl("replication", "disable", "--config", config, vmid).returncode == 0
         gone = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
-        assert gone == []
+        assert gone["vms"] == []
     finally:
         primary.send_signal(signal.SIGINT)
         try:

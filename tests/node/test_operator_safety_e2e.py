@@ -100,8 +100,8 @@ class Operator:
         self.services.clear()
 
     def status(self, vmid: str) -> dict[str, Any]:
-        rows = json.loads(frctl("replication", "status", "--config", self.config, "--json").stdout)
-        (row,) = [r for r in rows if r["vmid"] == vmid]
+        doc = json.loads(frctl("replication", "status", "--config", self.config, "--json").stdout)
+        (row,) = [r for r in doc["vms"] if r["vmid"] == vmid]
         return row  # type: ignore[no-any-return]
 
     def in_sync(self, vmid: str, timeout: float = 60.0) -> None:
@@ -156,11 +156,11 @@ def test_a_disk_that_grows_halts_verify_says_so_and_reseed_carries_it_on(
         f.seek(4 * MIB + 12345)
         f.write(rng.randbytes(MIB))
     row = wait_until(lambda: (r := operator.status(vmid))["halted"] and r)
-    assert row["state"] == "critical"
+    assert (row["state"], row["health"]) == ("halted", "critical")
     assert "disk0 grew from 4 MiB to 6 MiB" in row["halted"]
     assert f"frctl replication reseed {vmid}" in row["halted"]
     check = frctl("replication", "status", "--config", operator.config, "--check")
-    assert check.returncode == 3
+    assert check.returncode == 6
     verified = frctl("replication", "verify", "--config", operator.config, vmid)
     assert verified.returncode == 3, verified.stdout
     assert "disk0 is 6 MiB on the primary but 4 MiB in the replica" in verified.stdout
@@ -187,7 +187,7 @@ def test_a_disk_that_shrinks_halts_and_the_replica_keeps_its_data(operator: Oper
     with image.open("r+b") as f:
         f.truncate(1 * MIB)
     row = wait_until(lambda: (r := operator.status(vmid))["halted"] and r)
-    assert row["state"] == "critical"
+    assert (row["state"], row["health"]) == ("halted", "critical")
     assert "disk0 shrank from 4 MiB to 1 MiB" in row["halted"]
     time.sleep(2.5)  # more than two cycles: nothing may be sent meanwhile
     replica = operator.site.replica_image(uuid.UUID(vmid), 0)
@@ -204,7 +204,7 @@ def test_a_disk_that_shrinks_halts_and_the_replica_keeps_its_data(operator: Oper
         f.write(b"after the restore" * 100)
     wait_until(lambda: operator.status(vmid)["sequence"] > max(points), timeout=30)
     operator.in_sync(vmid)
-    assert operator.status(vmid)["state"] == "normal"
+    assert operator.status(vmid)["health"] == "normal"
     assert replica.read_bytes() == image.read_bytes()
 
 
@@ -216,7 +216,7 @@ def test_a_second_enable_is_refused_and_changes_nothing(operator: Operator) -> N
     again = operator.enable(vmid, "app01", f"disk0={image}", frequency="1h")
     assert again.returncode == 1
     assert f"VM {vmid} is already enabled (replication/app01, COMPLETE" in again.stderr
-    assert operator.status(vmid)["state"] == "normal"
+    assert operator.status(vmid)["health"] == "normal"
     state = json.loads(operator.state_file(vmid).read_text())
     assert state["frequency_s"] == 1.0
     # While it is stopped: the state is left byte for byte, and replication carries on.
@@ -349,7 +349,7 @@ def test_enable_refuses_what_every_cycle_would_refuse(
     assert refused.returncode == 1, (case, refused.stdout)
     assert message in refused.stderr, (case, refused.stderr)
     rows = json.loads(frctl("replication", "status", "--config", operator.config, "--json").stdout)
-    assert [r["name"] for r in rows] == (["other"] if args.get("shared") else [])
+    assert [r["name"] for r in rows["vms"]] == (["other"] if args.get("shared") else [])
 
 
 def test_a_disk_deleted_while_replicating_is_critical_with_its_reason(
@@ -359,11 +359,11 @@ def test_a_disk_deleted_while_replicating_is_critical_with_its_reason(
     kept = image.read_bytes()
     os.unlink(image)
     row = wait_until(lambda: (r := operator.status(vmid))["last_error"] and r)
-    assert row["state"] == "critical"
+    assert row["health"] == "critical"
     assert row["last_error"] == f"disk0: the image {image} does not exist"
     table = frctl("replication", "status", "--config", operator.config)
-    assert f"last cycle failed: disk0: the image {image} does not exist" in table.stdout
-    assert frctl("replication", "status", "--config", operator.config, "--check").returncode == 3
+    assert f"critical: disk unavailable: disk0: the image {image} does not exist" in table.stdout
+    assert frctl("replication", "status", "--config", operator.config, "--check").returncode == 6
     # The storage comes back, written meanwhile: so does replication, by itself.
     sequence = row["sequence"]
     image.write_bytes(kept)
@@ -371,7 +371,7 @@ def test_a_disk_deleted_while_replicating_is_critical_with_its_reason(
         f.write(b"written while the disk was away" * 100)
     row = wait_until(
         lambda: (
-            (r := operator.status(vmid))["sequence"] > sequence and r["state"] == "normal" and r
+            (r := operator.status(vmid))["sequence"] > sequence and r["health"] == "normal" and r
         ),
         timeout=90,
     )
@@ -399,7 +399,9 @@ def test_a_resync_from_the_cli_while_paused_is_where_the_service_carries_on(
         f.write(rng.randbytes(300_000))
     row = wait_until(
         lambda: (
-            (r := operator.status(vmid))["sequence"] > after_resync and r["state"] == "normal" and r
+            (r := operator.status(vmid))["sequence"] > after_resync
+            and r["health"] == "normal"
+            and r
         )
     )
     assert row["last_error"] is None, row

@@ -462,7 +462,7 @@ async def test_deleted_replica_halts_without_seeding(tmp_path: Path) -> None:
             config = _primary_config(cluster)
             rows = _status(config, json_output=True)
             assert rows[0]["halted"] == message
-            assert rows[0]["state"] == "critical"
+            assert (rows[0]["state"], rows[0]["health"]) == ("halted", "critical")
             assert rows[0]["broker"]["name"] == CAP_NAME
             assert rows[0]["recovery_node"] is None
             assert "administrator deleted the replica" in _status_text(config)
@@ -566,11 +566,11 @@ ca = "certs/ca.pem"
 def _status(config: Path, *, json_output: bool) -> Any:
     from frctl.node_commands import _cmd_status
 
-    args = argparse.Namespace(config=str(config), json=json_output, check=False)
+    args = argparse.Namespace(config=str(config), json=json_output, check=False, watch=None)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         _cmd_status(args)
-    return json.loads(out.getvalue()) if json_output else out.getvalue()
+    return json.loads(out.getvalue())["vms"] if json_output else out.getvalue()
 
 
 def _status_text(config: Path) -> str:

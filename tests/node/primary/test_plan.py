@@ -17,7 +17,6 @@ from node.primary.plan import (
     ResyncByDigests,
     ResyncKnown,
     bitmap_survived,
-    health,
     known_blocks,
     next_capture_sequence,
     next_resync_sequence,
@@ -30,7 +29,7 @@ from node.primary.plan import (
     resync_due,
     with_dirty,
 )
-from node.primary.state import Health, IRStage
+from node.primary.state import IRStage
 
 VMID = "00000000-0000-0000-0000-000000000001"
 
@@ -68,32 +67,6 @@ def test_capture_sequence_follows_pending_and_acknowledged() -> None:
     assert next_capture_sequence([], 7) == 8
     assert next_capture_sequence([8, 9], 7) == 10
     assert next_capture_sequence([3], 7) == 8
-
-
-def _health(
-    *,
-    overflowed: bool = False,
-    ir_stage: IRStage = IRStage.COMPLETE,
-    last_replicated_at: float | None = 100.0,
-    now: float = 100.0,
-) -> Health:
-    return health(
-        overflowed=overflowed,
-        ir_stage=ir_stage,
-        last_replicated_at=last_replicated_at,
-        now=now,
-        frequency_s=10.0,
-    )
-
-
-def test_health() -> None:
-    assert _health() is Health.NORMAL
-    assert _health() == "normal"
-    assert _health(overflowed=True, ir_stage=IRStage.IN_PROGRESS) == "critical"
-    assert _health(ir_stage=IRStage.NOT_STARTED) == "initial replication"
-    assert _health(now=120.0) is Health.NORMAL  # exactly twice the frequency: not yet late
-    assert _health(now=120.5) == "warning"
-    assert _health(last_replicated_at=None, now=1e9) is Health.NORMAL
 
 
 def _refusal(
