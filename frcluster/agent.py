@@ -11,6 +11,8 @@ Every recovery node runs one (``frctl node run --config node.toml``). It
   (``broker/service.py``), running the ``cap_up``/``cap_down`` hooks around it;
 * moves the replicas the broker asks it to move (``migration.py``), and fails VMs over
   to its replicas when an administrator asks (``failover.py``);
+* serves the web console (``frconsole/``) over HTTPS with its own certificate when its
+  configuration has a ``[console]`` table;
 * when a primary deletes its relationship (RelationshipDelete), removes the VM's record
   from the store once the replica is gone, so that the broker forgets the VM (a later
   query for it places it anew: ``NEW``).
@@ -48,8 +50,9 @@ from broker.store import (
 )
 from frlink.accept import Accepted
 from frlink.authz import Grant
+from frlink.http import serve_asgi
 from frlink.identity import PrimaryIdentity
-from frlink.tls import server_context
+from frlink.tls import server_context, web_server_context
 from node.config import RecoveryServerConfig
 from node.recovery_server import RecoveryServer
 
@@ -161,8 +164,24 @@ class ClusterNode:
                 nursery.start_soon(election.run, self._lead)
                 nursery.start_soon(Migrator(self, store, self.keys).run)
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
+                if self.config.console_port is not None:
+                    await self._start_console(nursery)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
+
+    async def _start_console(self, nursery: trio.Nursery) -> None:
+        """Serve the web console on this node's address (the node's certificate)."""
+        from frconsole import ConsoleSource, console_app
+
+        config = self.config
+        assert config.console_port is not None
+        app = console_app(ConsoleSource(self.store, self.keys, config.name, config.store_url))
+        host = config.console_listen or config.listen
+        context = web_server_context(config.tls.cert, config.tls.key)
+        port = await nursery.start(
+            partial(serve_asgi, app, host=host, port=config.console_port, ssl_context=context)
+        )
+        log.info("%s: console at https://%s:%d/", config.name, host, port)
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The recovery server's listener, in a cancel scope of its own: a change of the

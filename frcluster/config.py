@@ -22,6 +22,10 @@ Example::
     # cap_up = "ip addr add 10.0.0.10/24 dev eth0"    # run when this node becomes broker
     # cap_down = "ip addr del 10.0.0.10/24 dev eth0"  # run when it stops being broker
 
+    [console]                     # the web console (absent: none)
+    port = 8443                   # HTTPS, with the node's certificate
+    # listen = "127.0.0.11"       # default: the node's own address
+
     [tls]
     cert = "certs/n1.example.com.pem"
     key = "certs/n1.example.com-key.pem"
@@ -61,6 +65,10 @@ class ClusterNodeConfig:
     #: Run after a failover to a replica here (``frctl cluster failover``): starts the VM
     #: from the replica's disks (environment: ``node/failover/test.py``'s CommandHook).
     failover_start: str = ""
+    #: The web console's port (HTTPS); ``None``: no console on this node.
+    console_port: int | None = None
+    #: The web console's address (the node's own by default).
+    console_listen: str = ""
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -110,6 +118,13 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     prefix = cluster.get("prefix", "/frrep/")
     if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(f"{wc}: 'prefix' must start and end with '/'")
+    console_port: int | None = None
+    console_listen = ""
+    if "console" in data:
+        console = table(data, "console", path)
+        where = f"{path} [console]"
+        console_port = _port(console, "port", where, 8443)
+        console_listen = str(console.get("listen", ""))
     return ClusterNodeConfig(
         name=string(node, "name", wn),
         listen=string(node, "listen", wn),
@@ -127,4 +142,6 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),
+        console_port=console_port,
+        console_listen=console_listen,
     )

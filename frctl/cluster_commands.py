@@ -250,6 +250,45 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return _run(args, job)
 
 
+def _read_password() -> str:
+    """The new password: asked twice at a terminal, else the first line of stdin (never
+    from the command line, where other users would see it in the process list)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("New console password: ")
+        if getpass.getpass("Again: ") != first:
+            raise ValueError("the two passwords differ; nothing was changed")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _cmd_admin_password(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from broker import admin
+    from broker.records import Keys
+    from broker.store import ClusterStore
+
+    try:
+        password = _read_password()
+    except (ValueError, EOFError, KeyboardInterrupt) as exc:
+        print(f"frctl: {exc or 'no password given'}", file=sys.stderr)
+        return 1
+    by = f"{getpass.getuser()}@{socket.gethostname()} (frctl)"
+
+    async def job(store: ClusterStore, keys: Keys) -> int:
+        await admin.set_console_password(store, keys, args.user, password, by=by)
+        if args.json:
+            print(json.dumps({"user": args.user, "changed": True}))
+        else:
+            print(f"console administrator {args.user}: password set (every session logged out)")
+        return 0
+
+    return _run(args, job)
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from frcluster.config import load_cluster_node_config
     from frcluster.oob_import import import_through_cluster
@@ -326,6 +365,15 @@ def register(sub: Any) -> None:
     label.add_argument("node")
     label.add_argument("labels", nargs="+")
     label.set_defaults(func=_cmd_label)
+
+    password = csub.add_parser(
+        "admin-password",
+        help="set the web console's administrator password (read from stdin or a prompt)",
+    )
+    common(password)
+    password.add_argument("--user", default="admin", help="the administrator's user name")
+    password.add_argument("--json", action="store_true")
+    password.set_defaults(func=_cmd_admin_password)
 
     imp = csub.add_parser(
         "import", help="out-of-band IR: send an export file to the node that owns its VM"
