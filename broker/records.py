@@ -187,6 +187,9 @@ class NodeRecord:
     #: Where this node keeps replicas; ``shared`` means every node sees the same path.
     storage: str = ""
     shared_storage: bool = False
+    #: The ``mod_revision`` of the settings record this node runs with (0: the defaults,
+    #: never set): an operator sees which nodes applied a change.
+    settings_revision: int = 0
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -205,6 +208,7 @@ class NodeRecord:
                 used_bytes=_typed(d.get("used_bytes", 0), int, "used_bytes"),
                 storage=_typed(d.get("storage", ""), str, "storage"),
                 shared_storage=_typed(d.get("shared_storage", False), bool, "shared_storage"),
+                settings_revision=_typed(d.get("settings_revision", 0), int, "settings_revision"),
             )
         except KeyError as exc:
             raise RecordError(f"node record: missing {exc}") from None

@@ -88,6 +88,8 @@ class ClusterNode:
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._rng = rng
         self.settings = Settings()
+        #: The settings record's revision this node applies (announced in its record).
+        self.settings_revision = 0
         self.port = 0
         self._store: ClusterStore | None = None
         self._server: RecoveryServer | None = None
@@ -206,6 +208,12 @@ class ClusterNode:
             )
             self.server.config = replace(self.server.config, port=old)
             self.port = await self._nursery.start(self._serve)
+        await self._publish()
+        log.info("%s: now listening on %s:%d", self.config.name, self.config.listen, self.port)
+
+    async def _publish(self) -> None:
+        """Announce this node's record again (its port or applied settings changed); the
+        next keepalive round tries again if the store cannot be reached now."""
         if self._lease:
             with contextlib.suppress(StoreError):
                 await self.store.put(
@@ -213,7 +221,6 @@ class ClusterNode:
                     self.node_record().to_json(),
                     lease=self._lease,
                 )
-        log.info("%s: now listening on %s:%d", self.config.name, self.config.listen, self.port)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -226,6 +233,7 @@ class ClusterNode:
             capacity_bytes=self.config.capacity_bytes,
             storage=str(self.config.storage),
             shared_storage=self.config.shared_storage,
+            settings_revision=self.settings_revision,
         )
 
     async def _announce(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -270,22 +278,25 @@ class ClusterNode:
                 kvs, revision = await self.store.range(key)
                 for kv in kvs:
                     if kv.key == key:
-                        self._apply(kv.value)
+                        self._apply(kv.value, kv.mod_revision)
                 async with self.store.watch(key, start_revision=revision + 1) as events:
                     async for event in events:
                         if event.kind is EventKind.PUT:
-                            self._apply(event.kv.value)
+                            self._apply(event.kv.value, event.kv.mod_revision)
             except StoreError as exc:
                 log.warning("watching the settings: %s", exc)
                 await trio.sleep(0.5)
 
-    def _apply(self, raw: bytes) -> None:
+    def _apply(self, raw: bytes, revision: int) -> None:
         try:
             new = Settings.from_json(raw)
             config = self._server_config(new)
         except RecordError as exc:
             log.error("settings not applied (kept the previous ones): %s", exc)
             return
+        if revision != self.settings_revision:
+            self.settings_revision = revision
+            self._nursery.start_soon(self._publish)
         changes = self.settings.changes(new)
         if not changes:
             return

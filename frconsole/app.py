@@ -272,6 +272,7 @@ def console_app(source: ConsoleSource) -> Starlette:
                     "vms": len(view.owned_by(name)),
                     "broker": holder is not None and holder.holder == name,
                     "labels": decided.labels if decided else {},
+                    "applied": node.record.settings_revision if node else None,
                 }
             )
         return ctx.page(

@@ -197,3 +197,31 @@ async def test_the_store_unreachable_is_a_page_not_a_traceback(store: ClusterSto
         page = await client.get("/")
         assert page.status_code == 503
         assert "the cluster store cannot be read" in page.text
+
+
+async def test_the_cluster_page_says_which_nodes_run_the_settings_and_which_are_down(
+    store: ClusterStore,
+) -> None:
+    await _seed(store)
+    # A VM owned by a node that announces nothing: that node is down.
+    gone = str(uuid.UUID(int=8))
+    await store.put(KEYS.vm(gone), VMRecord(gone, "n3.example.com", "replicas").to_json())
+    done = await admin.update_settings(store, KEYS, {"recovery_points": 5})
+    await store.put(
+        KEYS.node("n2.example.com"),
+        NodeRecord("n2.example.com", "127.0.0.1", 7443, settings_revision=done.revision).to_json(),
+    )
+    async with await _client(store) as client:
+        await _login(client)
+        page = (await client.get("/")).text
+        rows = {
+            m.group(1): m.group(0)
+            for m in re.finditer(r"<tr>\s*<td>(n\d\.example\.com)</td>.*?</tr>", page, re.S)
+        }
+        assert set(rows) == {"n1.example.com", "n2.example.com", "n3.example.com"}
+        assert "not yet" in rows["n1.example.com"]
+        assert f"applied</span> (revision {done.revision})" in rows["n2.example.com"]
+        assert 'class="state down"' in rows["n3.example.com"]
+        assert 'class="state up"' in rows["n1.example.com"]
+        vms = (await client.get("/vms")).text
+        assert "n3.example.com <span" in vms  # its owner is marked down

@@ -172,7 +172,6 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
         assert ("broker" in row.text) == (holder in row.text)
     assert f"{holder} serves the broker at the CAP" in body
     assert "cluster.db: reachable" in body
-    shot("cluster")
 
     # The VMs, and one VM.
     driver.find_element(By.LINK_TEXT, "VMs").click()
@@ -205,6 +204,16 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     shot("settings")
     for node in (n1, n2):
         _wait_for_log(node, "setting recovery_points changed: 24 -> 7")
+    # ... and the cluster page shows each node running the new revision.
+    deadline = time.monotonic() + 10
+    while True:
+        driver.get(base + "/")
+        applied = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#nodes td.applied")]
+        if len(applied) == 2 and all(a.startswith("applied") for a in applied):
+            break
+        assert time.monotonic() < deadline, applied
+        time.sleep(0.2)
+    shot("cluster")
 
     # The audit log says who changed what.
     driver.find_element(By.LINK_TEXT, "Audit log").click()
