@@ -171,19 +171,28 @@ class ClusterNode:
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
 
-    async def _start_console(self, nursery: trio.Nursery) -> None:
-        """Serve the web console on this node's address (the node's certificate)."""
+    async def _start_console(self, nursery: trio.Nursery, *, at_cap: bool = False) -> None:
+        """Serve the web console on this node's address, or (``at_cap``: while this node
+        runs the broker) on the CAP's own address, with the node's certificate (which
+        names the CAP too)."""
         from frconsole import ConsoleSource, console_app
 
         config = self.config
         assert config.console_port is not None
         app = console_app(ConsoleSource(self.store, self.keys, config.name, config.store_url))
-        host = config.console_listen or config.listen
+        host = config.cap_address if at_cap else (config.console_listen or config.listen)
         context = web_server_context(config.tls.cert, config.tls.key)
         port = await nursery.start(
             partial(serve_asgi, app, host=host, port=config.console_port, ssl_context=context)
         )
-        log.info("%s: console at https://%s:%d/", config.name, host, port)
+        where = "the CAP's " if at_cap else ""
+        log.info("%s: console at %shttps://%s:%d/", config.name, where, host, port)
+
+    def _console_at_cap(self) -> bool:
+        """The console follows the broker to the CAP's own address, unless this node's
+        console listens on every address already (then it answers there too)."""
+        listen = self.config.console_listen
+        return self.config.console_port is not None and listen not in ("0.0.0.0", "::")
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The recovery server's listener, in a cancel scope of its own: a change of the
@@ -445,6 +454,12 @@ class ClusterNode:
                     async with trio.open_nursery() as nursery:
                         own_address = bool(self.config.cap_address)
                         await nursery.start(partial(broker.serve, listen=own_address))
+                        if own_address and self._console_at_cap():
+                            try:
+                                await self._start_console(nursery, at_cap=True)
+                            except OSError as exc:
+                                # The broker matters more than its console: serve on.
+                                log.warning("no console at the CAP's address: %s", exc)
                         log.info(
                             "%s: broker serving at the CAP %s (%s:%d), %.2f s after the election",
                             self.config.name,

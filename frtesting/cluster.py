@@ -40,6 +40,7 @@ PRIMARY_NAME = "p1.primary.example.com"
 PRIMARY_ADDRESS = "127.0.0.3"
 _UP = re.compile(r"node \S+ up at \S+:(\d+)")
 _CONSOLE = re.compile(r"console at https://\S+:(\d+)/")
+_CAP_CONSOLE = re.compile(r"console at the CAP's https://\S+:(\d+)/")
 _BROKER = re.compile(r"broker serving at the CAP .*, ([0-9.]+) s after the election")
 
 
@@ -220,6 +221,17 @@ ca = "certs/ca.pem"
                         return node
             time.sleep(0.05)
         raise RuntimeError("no broker elected")
+
+    def cap_console_port(self, node: NodeProcess, *, timeout: float = 10.0) -> int:
+        """The port of the console ``node`` serves at the CAP's address (it runs the
+        broker); the last one it logged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = _CAP_CONSOLE.findall(node.text())
+            if found:
+                return int(found[-1])
+            time.sleep(0.05)
+        raise RuntimeError(f"{node.name} serves no console at the CAP")
 
     async def holder(self) -> str | None:
         from broker.election import current_holder

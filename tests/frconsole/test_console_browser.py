@@ -25,7 +25,7 @@ import pytest
 import trio
 
 import frproto as fp
-from frtesting.cluster import ClusterSite, NodeProcess, node_address, node_name
+from frtesting.cluster import CAP_ADDRESS, ClusterSite, NodeProcess, node_address, node_name
 from frtesting.server import child_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -143,6 +143,11 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
         page = httpx.get(url, verify=ca, timeout=10)
         assert page.status_code == 200
         assert f"served by node {node.name}" in page.text
+
+    # ... and so does the broker's node at the CAP's address.
+    cap_port = site.cap_console_port(site.broker_node())
+    page = httpx.get(f"https://{CAP_ADDRESS}:{cap_port}/login", verify=ca, timeout=10)
+    assert f"served by node {site.broker_node().name}" in page.text
 
     # A wrong password is refused; the right one opens the cluster page.
     driver.get(base + "/")
