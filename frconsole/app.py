@@ -51,6 +51,9 @@ from . import sessions
 log = logging.getLogger("frrep.console")
 
 _HERE: Final = Path(__file__).resolve().parent
+#: Failed logins from one address within :data:`LOGIN_WINDOW` seconds before it must wait.
+LOGIN_FAILURES: Final = 5
+LOGIN_WINDOW: Final = 60.0
 #: The largest form body read (the settings' authorization entries are the longest).
 MAX_FORM: Final = 64 * 1024
 
@@ -113,6 +116,32 @@ def _cookie(response: Response, name: str, value: str) -> None:
     response.set_cookie(name, value, httponly=True, secure=True, samesite="strict", path="/")
 
 
+class _Throttle:
+    """Failed logins by client address: past :data:`LOGIN_FAILURES` within
+    :data:`LOGIN_WINDOW` seconds, that address waits (a password guessed online is
+    then a matter of years, not hours). Per console process, in memory."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+
+    def wait(self, address: str, now: float) -> float:
+        """Seconds ``address`` must still wait before its next try (0: none)."""
+        recent = [t for t in self._failures.get(address, []) if now - t < LOGIN_WINDOW]
+        if recent:
+            self._failures[address] = recent
+        else:
+            self._failures.pop(address, None)
+        if len(recent) < LOGIN_FAILURES:
+            return 0.0
+        return LOGIN_WINDOW - (now - recent[0])
+
+    def failed(self, address: str, now: float) -> None:
+        self._failures.setdefault(address, []).append(now)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
 Handler = Callable[[Request, "_Context"], Awaitable[Response]]
 
 
@@ -162,6 +191,8 @@ def _forbidden(why: str) -> Response:
 
 def console_app(source: ConsoleSource) -> Starlette:
     """The console as an ASGI application over ``source``."""
+
+    throttle = _Throttle()
 
     async def account() -> ConsoleAccount | None:
         return await read_console_account(source.store, source.keys)
@@ -230,6 +261,11 @@ def console_app(source: ConsoleSource) -> Starlette:
         form = await _form(request)
         if not sessions.tokens_match(form.get("csrf"), request.cookies.get(sessions.LOGIN_COOKIE)):
             return _forbidden("the form's CSRF token is missing or wrong")
+        address = request.client.host if request.client else "?"
+        wait = throttle.wait(address, time.monotonic())
+        if wait:
+            message = f"Too many failed logins from {address}: try again in {wait:.0f} s."
+            return await login_page(request, message, 429)
         acct = await account()
         user, password = form.get("user", ""), form.get("password", "")
         ok = acct is not None and user == acct.user
@@ -238,8 +274,10 @@ def console_app(source: ConsoleSource) -> Starlette:
             good = await trio.to_thread.run_sync(verify_password, password, acct.password_hash)
             ok = ok and good
         if not ok or acct is None:
-            log.warning("console: failed login for %r", user)
+            throttle.failed(address, time.monotonic())
+            log.warning("console: failed login for %r from %s", user, address)
             return await login_page(request, "Wrong user name or password.", 401)
+        throttle.succeeded(address)
         _, cookie = sessions.new_session(acct.session_secret, user, time.time())
         log.info("console: %s logged in", user)
         response = RedirectResponse("/", status_code=303)

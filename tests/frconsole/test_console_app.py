@@ -225,3 +225,17 @@ async def test_the_cluster_page_says_which_nodes_run_the_settings_and_which_are_
         assert 'class="state up"' in rows["n1.example.com"]
         vms = (await client.get("/vms")).text
         assert "n3.example.com <span" in vms  # its owner is marked down
+
+
+async def test_an_address_that_keeps_guessing_waits(store: ClusterStore) -> None:
+    from frconsole.app import LOGIN_FAILURES
+
+    await _seed(store)
+    async with await _client(store) as client:
+        for _ in range(LOGIN_FAILURES):
+            assert (await _login(client, "a guess")).status_code == 401
+        # Now even the right password waits: the guesser cannot tell.
+        refused = await _login(client)
+        assert refused.status_code == 429
+        assert "Too many failed logins from 127.0.0.1: try again in" in refused.text
+        assert (await client.get("/")).status_code == 303
