@@ -48,6 +48,7 @@ from broker.store import (
     StoreError,
     open_store,
 )
+from frconsole import ReplicaReport
 from frlink.accept import Accepted
 from frlink.authz import Grant
 from frlink.http import serve_asgi
@@ -55,6 +56,8 @@ from frlink.identity import PrimaryIdentity
 from frlink.tls import server_context, web_server_context
 from node.config import RecoveryServerConfig
 from node.recovery_server import RecoveryServer
+from node.storage.layout import ReplicaLayout
+from node.storage.state import ReplicaState
 
 from .config import ClusterNodeConfig
 from .failover import FailoverRunner
@@ -179,7 +182,11 @@ class ClusterNode:
 
         config = self.config
         assert config.console_port is not None
-        app = console_app(ConsoleSource(self.store, self.keys, config.name, config.store_url))
+        app = console_app(
+            ConsoleSource(
+                self.store, self.keys, config.name, config.store_url, self._replica_report
+            )
+        )
         host = config.cap_address if at_cap else (config.console_listen or config.listen)
         context = web_server_context(config.tls.cert, config.tls.key)
         port = await nursery.start(
@@ -187,6 +194,27 @@ class ClusterNode:
         )
         where = "the CAP's " if at_cap else ""
         log.info("%s: console at %shttps://%s:%d/", config.name, where, host, port)
+
+    async def _replica_report(self, vm: VMRecord) -> ReplicaReport | None:
+        """What this node's storage says of the replica of ``vm`` (for the console):
+        read from its state file, without opening (and so locking) the replica."""
+        layout = ReplicaLayout(self.config.storage / vm.storage, uuid.UUID(vm.vmid))
+        try:
+            state = ReplicaState.from_bytes(await trio.Path(layout.state).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("VM %s: its replica's state cannot be read: %s", vm.vmid, exc)
+            return None
+        return ReplicaReport(
+            ir_state=state.ir_state.name.lower().replace("_", " "),
+            applied_sequence=state.applied_sequence,
+            generation=state.generation,
+            failed_over=state.failed_over,
+            points=[
+                (p.sequence, p.captured_at_ms / 1000, p.applied_at) for p in reversed(state.points)
+            ],
+        )
 
     def _console_at_cap(self) -> bool:
         """The console follows the broker to the CAP's own address, unless this node's

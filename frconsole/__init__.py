@@ -6,6 +6,6 @@ and changes it only through ``broker/admin.py``, so the console, ``frctl cluster
 other tool refuse the same things with the same words. See ``frconsole/app.py``.
 """
 
-from .app import ConsoleSource, console_app
+from .app import ConsoleSource, ReplicaReport, console_app
 
-__all__ = ["ConsoleSource", "console_app"]
+__all__ = ["ConsoleSource", "ReplicaReport", "console_app"]

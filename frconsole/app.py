@@ -42,6 +42,7 @@ from broker.records import (
     NodeState,
     RecordError,
     Settings,
+    VMRecord,
 )
 from broker.store import ClusterStore, StoreError
 from frlink.passwords import verify_password
@@ -83,6 +84,18 @@ _templates.env.filters["tojson_plain"] = json.dumps
 
 
 @dataclass(frozen=True)
+class ReplicaReport:
+    """What the node that holds a replica can say of it, from its own storage."""
+
+    ir_state: str  #: the initial replication: not started, in progress, complete
+    applied_sequence: int  #: the last batch applied (0: none yet)
+    generation: int
+    failed_over: bool
+    #: ``(sequence, captured at, applied at)``, newest first (times: seconds since the epoch)
+    points: list[tuple[int, float, float]]
+
+
+@dataclass(frozen=True)
 class ConsoleSource:
     """What a console serves: a cluster store, its keys, and the node serving it."""
 
@@ -90,6 +103,9 @@ class ConsoleSource:
     keys: Keys
     node: str  #: the node agent serving this console (shown on every page)
     store_url: str  #: shown on the cluster page, without any credentials in it
+    #: What this node can say of a replica it owns (``None``: it holds no data of it);
+    #: the recovery points live on the owner's disks, not in the store.
+    replica: Callable[[VMRecord], Awaitable[ReplicaReport | None]] | None = None
 
 
 def _safe_url(url: str) -> str:
@@ -341,6 +357,8 @@ def console_app(source: ConsoleSource) -> Starlette:
         targets = [
             n for n, v in sorted(view.nodes.items()) if n != vm.owner and v.state is NodeState.UP
         ]
+        local = vm.owner == source.node and source.replica is not None
+        report = await source.replica(vm) if local and source.replica else None
         return ctx.page(
             request,
             "vm.html",
@@ -351,6 +369,9 @@ def console_app(source: ConsoleSource) -> Starlette:
             audit=audit,
             message=message,
             error=error,
+            local=local,
+            report=report,
+            now=time.time(),
         )
 
     async def vm(request: Request, ctx: _Context) -> Response:

@@ -25,7 +25,14 @@ import pytest
 import trio
 
 import frproto as fp
-from frtesting.cluster import CAP_ADDRESS, ClusterSite, NodeProcess, node_address, node_name
+from frtesting.cluster import (
+    CAP_ADDRESS,
+    ClusterSite,
+    NodeProcess,
+    node_address,
+    node_name,
+    primary_replicator,
+)
 from frtesting.server import child_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -68,6 +75,7 @@ def browser() -> Iterator[object]:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(20)
+    driver.implicitly_wait(5)
     try:
         yield driver
     finally:
@@ -104,6 +112,27 @@ def _place_vms(site: ClusterSite, count: int) -> list[str]:
     return trio.run(run)
 
 
+def _replicate(site: ClusterSite, cycles: int) -> tuple[str, str]:
+    """A VM really replicated (its initial replication, then ``cycles`` - 1 batches with
+    writes between): its VMID and its owner node's name."""
+    vmid = uuid.uuid4()
+    image = site.root / "disk0.img"
+    image.write_bytes(os.urandom(1 << 20))
+    replicator = primary_replicator(site, vmid, [image])
+
+    async def run() -> None:
+        with trio.fail_after(30):
+            for i in range(cycles):
+                if i:
+                    with image.open("r+b") as f:
+                        f.seek(i * 65536)
+                        f.write(os.urandom(4096))
+                await replicator.cycle()
+
+    trio.run(run)
+    return str(vmid), str(replicator.state.node_name)
+
+
 def _wait_for_log(node: NodeProcess, text: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while text not in node.text():
@@ -114,6 +143,8 @@ def _wait_for_log(node: NodeProcess, text: str, timeout: float = 10.0) -> None:
 def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     assert isinstance(browser, WebDriver)
     driver = browser
@@ -127,14 +158,26 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     def text() -> str:
         return str(driver.find_element(By.TAG_NAME, "body").text)
 
+    def click(by: str, value: str) -> None:
+        """Click what submits a form or follows a link, and wait for the next page (a
+        find right after a click may otherwise meet the page that is going away)."""
+        old = driver.find_element(By.TAG_NAME, "html")
+        driver.find_element(by, value).click()
+        WebDriverWait(driver, 10).until(staleness_of(old))
+
     site.start_all()
     site.authorize_primary()
     _set_password(site)
-    vmids = _place_vms(site, 3)
+    vmids = _place_vms(site, 2)
+    replicated, owner = _replicate(site, 3)
     n1, n2 = site.running[1], site.running[2]
     assert n1.console_port
     assert n2.console_port
-    base = f"https://{node_address(1)}:{n1.console_port}"
+    # The browser uses the console of the node that holds the replicated VM: that node
+    # can tell its recovery points.
+    here = n1 if owner == n1.name else n2
+    assert here.name == owner
+    base = f"https://{node_address(here.index)}:{here.console_port}"
 
     # Each node serves the console with its own certificate, which chains to the CA.
     ca = ssl.create_default_context(cafile=str(site.certs / "ca.pem"))
@@ -157,7 +200,7 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     def log_in(password: str) -> None:
         driver.find_element(By.ID, "user").send_keys("admin")
         driver.find_element(By.ID, "password").send_keys(password)
-        driver.find_element(By.ID, "login").click()
+        click(By.ID, "login")
 
     log_in("not the password")
     assert "Wrong user name or password." in text()
@@ -179,24 +222,40 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     assert "cluster.db: reachable" in body
 
     # The VMs, and one VM.
-    driver.find_element(By.LINK_TEXT, "VMs").click()
+    click(By.LINK_TEXT, "VMs")
     body = text()
-    for vmid in vmids:
+    for vmid in [*vmids, replicated]:
         assert vmid in body
     assert "web-1" in body
     shot("vms")
-    driver.find_element(By.LINK_TEXT, "web-1").click()
-    assert "VM web-1" in text()
-    assert vmids[0] in driver.find_element(By.ID, "record").text
+    name = f"vm-{uuid.UUID(replicated).hex[:6]}"
+    click(By.LINK_TEXT, name)
+    assert f"VM {name}" in text()
+    assert replicated in driver.find_element(By.ID, "record").text
+    # Its owner tells what arrived: a point for the initial replication and each batch.
+    replica = driver.find_element(By.ID, "replica").text
+    assert "Initial replication: complete" in replica
+    rows = driver.find_elements(By.CSS_SELECTOR, "#points tbody tr")
+    assert len(rows) == 3
+    assert "last batch applied: " + rows[0].text.split()[0] in replica
     shot("vm")
+    # A VM the other node holds: this node says where its points are.
+    other = next(v for v in vmids if v != replicated)
+    driver.get(f"{base}/vms/{other}")
+    replica = driver.find_element(By.ID, "replica").text
+    record = driver.find_element(By.ID, "record").text
+    if here.name in record:
+        assert "holds no data of this replica yet" in replica
+    else:
+        assert "its recovery points are on that node's storage" in replica
 
     # Settings: a bad value is refused with frctl's words, nothing is written.
-    driver.find_element(By.LINK_TEXT, "Settings").click()
+    click(By.LINK_TEXT, "Settings")
     points = driver.find_element(By.ID, "recovery_points")
     assert points.get_attribute("value") == "24"
     points.clear()
     points.send_keys("0")
-    driver.find_element(By.ID, "save").click()
+    click(By.ID, "save")
     assert driver.find_element(By.ID, "message").text == "recovery_points must be at least 1"
     shot("settings-refused")
 
@@ -204,7 +263,7 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     points = driver.find_element(By.ID, "recovery_points")
     points.clear()
     points.send_keys("7")
-    driver.find_element(By.ID, "save").click()
+    click(By.ID, "save")
     assert "recovery_points: 24 -> 7" in driver.find_element(By.ID, "message").text
     shot("settings")
     for node in (n1, n2):
@@ -221,9 +280,9 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     shot("cluster")
 
     # The audit log says who changed what.
-    driver.find_element(By.LINK_TEXT, "Audit log").click()
+    click(By.LINK_TEXT, "Audit log")
     audit = driver.find_element(By.ID, "audit").text
-    assert "admin (console at n1.example.com)" in audit
+    assert f"admin (console at {here.name})" in audit
     assert "recovery_points" in audit
     assert "password" in audit  # frctl cluster admin-password's entry
     shot("audit")
