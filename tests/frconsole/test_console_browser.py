@@ -153,7 +153,14 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
     ARTIFACTS.mkdir(parents=True)
 
     def shot(name: str) -> None:
+        # The whole page, not only the window's first screen.
+        height = driver.execute_script(
+            "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
+        )
+        # The window's size counts its frame too: add room for it.
+        driver.set_window_size(1280, max(860, min(int(height) + 160, 2400)))
         driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+        driver.set_window_size(1280, 860)
 
     def text() -> str:
         return str(driver.find_element(By.TAG_NAME, "body").text)
