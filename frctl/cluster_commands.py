@@ -53,6 +53,14 @@ def _run(args: argparse.Namespace, job: Any) -> int:
         return 1
 
 
+def _who() -> str:
+    """Who changes the cluster, as the audit log names a change made with frctl."""
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()} (frctl)"
+
+
 def _cmd_node_run(args: argparse.Namespace) -> int:
     from frcluster.agent import ClusterNode
     from frcluster.config import load_cluster_node_config
@@ -84,7 +92,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
                     print(f"{name} = {json.dumps(value)}")
             return 0
         updates = admin.parse_assignments(args.assignments)
-        done = await admin.update_settings(store, keys, updates)
+        done = await admin.update_settings(store, keys, updates, by=_who())
         for name, (old, value) in (done.old or Settings()).changes(done.new).items():
             print(f"{name}: {json.dumps(old)} -> {json.dumps(value)}")
         return 0
@@ -160,7 +168,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_migration(store, keys, args.vmid, args.node)
+        await admin.request_migration(store, keys, args.vmid, args.node, by=_who())
         print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
         return 0
 
@@ -173,7 +181,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_failover(store, keys, args.vmid, point=args.point)
+        await admin.request_failover(store, keys, args.vmid, point=args.point, by=_who())
         point = "the latest recovery point" if args.point < 0 else f"recovery point {args.point}"
         if not args.json:
             print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
@@ -212,7 +220,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.delete_vm(store, keys, args.vmid)
+        await admin.delete_vm(store, keys, args.vmid, by=_who())
         print(f"VM {args.vmid}: deleted (its primary is told so and stops)")
         return 0
 
@@ -225,7 +233,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.set_draining(store, keys, args.node, draining=not args.undo)
+        await admin.set_draining(store, keys, args.node, draining=not args.undo, by=_who())
         what = "no longer draining" if args.undo else "draining: its replicas move away"
         print(f"{args.node}: {what}")
         return 0
@@ -243,7 +251,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         for item in args.labels:
             name, sep, value = item.partition("=")
             changes[name] = value if sep else None  # NAME alone: remove it
-        done = await admin.set_labels(store, keys, args.node, changes)
+        done = await admin.set_labels(store, keys, args.node, changes, by=_who())
         print(f"{args.node}: labels {json.dumps(done.new.labels)}")
         return 0
 
@@ -264,9 +272,6 @@ def _read_password() -> str:
 
 
 def _cmd_admin_password(args: argparse.Namespace) -> int:
-    import getpass
-    import socket
-
     from broker import admin
     from broker.records import Keys
     from broker.store import ClusterStore
@@ -276,7 +281,7 @@ def _cmd_admin_password(args: argparse.Namespace) -> int:
     except (ValueError, EOFError, KeyboardInterrupt) as exc:
         print(f"frctl: {exc or 'no password given'}", file=sys.stderr)
         return 1
-    by = f"{getpass.getuser()}@{socket.gethostname()} (frctl)"
+    by = _who()
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         await admin.set_console_password(store, keys, args.user, password, by=by)

@@ -77,3 +77,32 @@ def test_the_console_table(tmp_path: Path) -> None:
     path.write_text(NODE_TOML + '[console]\nport = "x"\n')
     with pytest.raises(ConfigError, match=r"\[console\]: 'port' must be 0-65535"):
         load_cluster_node_config(path)
+
+
+def test_changes_made_with_frctl_are_in_the_audit_log(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'cluster.db'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "frctl.main",
+            "cluster",
+            "settings",
+            *("--store", url),
+            "recovery_points=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    async def check() -> None:
+        async with open_store(url) as store:
+            (entry,) = await read_audit(store, Keys())
+            assert entry.what == "settings"
+            assert entry.changes == {"recovery_points": [24, 5]}
+            assert entry.who.endswith("(frctl)")
+
+    trio.run(check)
