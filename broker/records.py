@@ -2,25 +2,25 @@
 
 Every record is a JSON object under ``/frrep/``:
 
-========================  =================================================================
-key                       record
-========================  =================================================================
-``/frrep/nodes/<name>``   :class:`NodeRecord`: a recovery node (FQDN, address, port,
-                          capacity, state). Written by the node itself, attached to its
-                          lease: a node that stops renewing disappears and is down.
-``/frrep/node-admin/<n>`` :class:`NodeAdmin`: what an administrator decided about a node
-                          (draining, labels such as ``maintenance``); not leased.
-``/frrep/vms/<vmid>``     :class:`VMRecord`: a replica VM as a cluster resource (owner
-                          node, storage, primary identity, trust group, state, deleted).
-``/frrep/settings``       :class:`Settings`: the cluster-wide settings every node watches.
-``/frrep/broker``         :class:`ElectionRecord`: who runs the broker, attached to the
-                          holder's lease. Its ``create_revision`` is the fencing token.
-``/frrep/placement``      :class:`PlacementCursor`: where round-robin goes on.
-``/frrep/console/account`` :class:`ConsoleAccount`: the web console's administrator (a
-                          password hash, the secret its session cookies are signed with).
-``/frrep/audit/<t>-<id>`` :class:`AuditEntry`: one administrative change (who, when, what,
-                          old -> new); written in the same transaction as the change.
-========================  =================================================================
+============================  =================================================================
+key                           record
+============================  =================================================================
+``/frrep/nodes/<name>``       :class:`NodeRecord`: a recovery node (FQDN, address, port,
+                              capacity, state). Written by the node itself, attached to its
+                              lease: a node that stops renewing disappears and is down.
+``/frrep/node-admin/<n>``     :class:`NodeAdmin`: what an administrator decided about a node
+                              (draining, labels such as ``maintenance``); not leased.
+``/frrep/vms/<vmid>``         :class:`VMRecord`: a replica VM as a cluster resource (owner
+                              node, storage, primary identity, trust group, state, deleted).
+``/frrep/settings``           :class:`Settings`: the cluster-wide settings every node watches.
+``/frrep/broker``             :class:`ElectionRecord`: who runs the broker, attached to the
+                              holder's lease. Its ``create_revision`` is the fencing token.
+``/frrep/placement``          :class:`PlacementCursor`: where round-robin goes on.
+``/frrep/console/account``    :class:`ConsoleAccount`: the web console's administrator (a
+                              password hash, the secret its session cookies are signed with).
+``/frrep/audit/<t>-<id>``     :class:`AuditEntry`: one administrative change (who, when, what,
+                              old -> new); written in the same transaction as the change.
+============================  =================================================================
 
 Records are plain frozen dataclasses with ``to_json`` / ``from_json``; ``from_json``
 refuses a malformed record with :class:`RecordError` instead of guessing.
