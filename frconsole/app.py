@@ -274,6 +274,13 @@ def console_app(source: ConsoleSource) -> Starlette:
     async def login(request: Request) -> Response:
         if request.method == "GET":
             return await login_page(request)
+        try:
+            return await log_in(request)
+        except (StoreError, RecordError) as exc:
+            log.warning("console: %s", exc)
+            return await login_page(request, f"the cluster store cannot be read: {exc}", 503)
+
+    async def log_in(request: Request) -> Response:
         form = await _form(request)
         if not sessions.tokens_match(form.get("csrf"), request.cookies.get(sessions.LOGIN_COOKIE)):
             return _forbidden("the form's CSRF token is missing or wrong")

@@ -239,3 +239,15 @@ async def test_an_address_that_keeps_guessing_waits(store: ClusterStore) -> None
         assert refused.status_code == 429
         assert "Too many failed logins from 127.0.0.1: try again in" in refused.text
         assert (await client.get("/")).status_code == 303
+
+
+async def test_logging_in_while_the_store_is_unreachable_says_so(store: ClusterStore) -> None:
+    await _seed(store)
+    async with await _client(store) as client:
+        page = await client.get("/login")
+        await store.aclose()
+        answer = await client.post(
+            "/login", data={"csrf": _csrf(page.text), "user": "admin", "password": PASSWORD}
+        )
+        assert answer.status_code == 503
+        assert "the cluster store cannot be read" in answer.text
