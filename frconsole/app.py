@@ -334,6 +334,7 @@ def console_app(source: ConsoleSource) -> Starlette:
                     "broker": holder is not None and holder.holder == name,
                     "labels": decided.labels if decided else {},
                     "applied": node.record.settings_revision if node else None,
+                    "draining": bool(decided and decided.draining),
                 }
             )
         return ctx.page(
@@ -346,6 +347,16 @@ def console_app(source: ConsoleSource) -> Starlette:
             settings_revision=view.settings_revision,
             vm_count=len([v for v in view.vms.values() if not v.deleted]),
         )
+
+    async def node_action(request: Request, ctx: _Context) -> Response:
+        name = request.path_params["node"]
+        action = request.path_params["action"]
+        if action not in ("drain", "undrain"):
+            return ctx.page(request, "error.html", 404, message=f"no action {action!r}")
+        await admin.set_draining(
+            source.store, source.keys, name, draining=action == "drain", by=ctx.who
+        )
+        return RedirectResponse("/", status_code=303)
 
     async def vms(request: Request, ctx: _Context) -> Response:
         view = await read_cluster(source.store, source.keys)
@@ -467,6 +478,7 @@ def console_app(source: ConsoleSource) -> Starlette:
             Route("/login", login, methods=["GET", "POST"]),
             Route("/logout", guarded(logout), methods=["POST"]),
             Route("/", guarded(cluster)),
+            Route("/nodes/{node}/{action}", guarded(node_action), methods=["POST"]),
             Route("/vms", guarded(vms)),
             Route("/vms/{vmid}", guarded(vm)),
             Route("/vms/{vmid}/{action}", guarded(vm_action), methods=["POST"]),

@@ -251,3 +251,30 @@ async def test_logging_in_while_the_store_is_unreachable_says_so(store: ClusterS
         )
         assert answer.status_code == 503
         assert "the cluster store cannot be read" in answer.text
+
+
+async def test_a_node_drained_and_undrained_from_the_cluster_page(store: ClusterStore) -> None:
+    from broker.cluster_view import read_cluster
+
+    await _seed(store)
+    async with await _client(store) as client:
+        await _login(client)
+        page = (await client.get("/")).text
+        assert 'action="/nodes/n2.example.com/drain"' in page
+        token = _csrf(page)
+        assert (await client.post("/nodes/n2.example.com/drain", data={})).status_code == 403
+        done = await client.post("/nodes/n2.example.com/drain", data={"csrf": token})
+        assert done.status_code == 303
+        view = await read_cluster(store, KEYS)
+        assert view.nodes["n2.example.com"].state.value == "draining"
+        page = (await client.get("/")).text
+        assert 'class="state draining"' in page
+        assert 'action="/nodes/n2.example.com/undrain"' in page
+        await client.post("/nodes/n2.example.com/undrain", data={"csrf": token})
+        view = await read_cluster(store, KEYS)
+        assert view.nodes["n2.example.com"].state.value == "up"
+        audit = await read_audit(store, KEYS)
+        assert [(e.what, e.target) for e in audit] == [
+            ("undrain", "n2.example.com"),
+            ("drain", "n2.example.com"),
+        ]
