@@ -26,11 +26,14 @@ from typing import Any, Final
 
 import trio
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import admin
 from broker.cluster_view import read_audit, read_cluster, read_console_account
@@ -128,6 +131,28 @@ _SECURITY_HEADERS: Final = {
 }
 
 
+class _SecurityHeaders:
+    """Every response (pages, redirects, static files, errors) gets the security headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 def _cookie(response: Response, name: str, value: str) -> None:
     response.set_cookie(name, value, httponly=True, secure=True, samesite="strict", path="/")
 
@@ -183,9 +208,7 @@ class _Context:
 
 
 def _render(request: Request, name: str, status: int, context: dict[str, Any]) -> Response:
-    response = _templates.TemplateResponse(request, name, context, status_code=status)
-    response.headers.update(_SECURITY_HEADERS)
-    return response
+    return _templates.TemplateResponse(request, name, context, status_code=status)
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -201,7 +224,6 @@ def _forbidden(why: str) -> Response:
     return HTMLResponse(
         f"<!doctype html><title>Forbidden</title><h1>403 Forbidden</h1><p>{why}</p>",
         status_code=403,
-        headers=_SECURITY_HEADERS,
     )
 
 
@@ -485,7 +507,8 @@ def console_app(source: ConsoleSource) -> Starlette:
             Route("/settings", guarded(settings), methods=["GET", "POST"]),
             Route("/audit", guarded(audit)),
             Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
-        ]
+        ],
+        middleware=[Middleware(_SecurityHeaders)],
     )
 
 

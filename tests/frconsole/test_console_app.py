@@ -278,3 +278,13 @@ async def test_a_node_drained_and_undrained_from_the_cluster_page(store: Cluster
             ("undrain", "n2.example.com"),
             ("drain", "n2.example.com"),
         ]
+
+
+async def test_every_response_carries_the_security_headers(store: ClusterStore) -> None:
+    await _seed(store)
+    async with await _client(store) as client:
+        for path in ("/", "/login", "/static/console.css", "/no-such-page"):
+            answer = await client.get(path)
+            assert answer.headers["content-security-policy"].startswith("default-src 'self'")
+            assert answer.headers["x-content-type-options"] == "nosniff"
+        assert (await client.post("/settings")).headers["cache-control"] == "no-store"
