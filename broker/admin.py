@@ -14,6 +14,7 @@ call                                  record written (and who acts on it)
                                       replicas away and places nothing on it)
 :func:`set_labels`                    ``NodeAdmin.labels`` (placement rules read them)
 :func:`update_settings`               ``Settings`` (every node applies them)
+:func:`set_console_password`          ``ConsoleAccount`` (the web console's login)
 ====================================  ==================================================
 
 **Every write is a compare-and-swap.** Read the record, decide on what was read, write it
@@ -27,6 +28,11 @@ message says why, fit to show a person as it is (``frctl`` prints ``frctl: <mess
 Errors of the store itself (:class:`~broker.store.StoreError`) and malformed records in it
 (:class:`~broker.records.RecordError`) pass through unchanged.
 
+**Changes may be audited.** Given ``by`` (who asks: ``admin (console at n1)``), a call
+writes an :class:`~broker.records.AuditEntry` (who, when, what, old -> new) in the same
+transaction as the change: the log holds every change made so, and nothing that was not
+made. :func:`~broker.cluster_view.read_audit` reads it.
+
 Writes are not fenced by the election (``broker/election.py``): administrators are not the
 broker, and the compare on the record's revision is what keeps their writes and the
 broker's from overwriting each other.
@@ -36,6 +42,8 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +55,8 @@ import trio
 from broker.authorization import authorization_from_settings
 from broker.placement import PlacementError, load_rules
 from broker.records import (
+    AuditEntry,
+    ConsoleAccount,
     FailoverState,
     Keys,
     NodeAdmin,
@@ -55,6 +65,7 @@ from broker.records import (
     VMRecord,
 )
 from broker.store import ClusterStore, Compare, Put
+from frlink.passwords import hash_password
 
 __all__ = [
     "ATTEMPTS",
@@ -73,6 +84,7 @@ __all__ = [
     "parse_assignments",
     "request_failover",
     "request_migration",
+    "set_console_password",
     "set_draining",
     "set_labels",
     "update_settings",
@@ -143,6 +155,35 @@ class Updated(Generic[R]):
     revision: int  #: the store revision of the write
 
 
+def _diff(old: _Record | None, new: _Record) -> dict[str, list[Any]]:
+    """``{field: [old, new]}`` of two records' stored forms (``None`` for an old absent)."""
+    a = {} if old is None else json.loads(old.to_json())
+    b = json.loads(new.to_json())
+    return {k: [a.get(k), b[k]] for k in b if a.get(k) != b[k]}
+
+
+@dataclass(frozen=True)
+class _Audit:
+    """What the audit entry of a change says besides the change itself."""
+
+    keys: Keys
+    who: str
+    what: str
+    target: str
+    describe: Callable[[Any, Any], dict[str, list[Any]]] = _diff
+
+    def put(self, old: _Record | None, new: _Record) -> Put:
+        now = time.time()
+        entry = AuditEntry(now, self.who, self.what, self.target, self.describe(old, new))
+        # Keys sort by time; the random tail keeps two changes in one nanosecond apart.
+        key = f"{self.keys.audit}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        return Put(key, entry.to_json())
+
+
+def _audit(keys: Keys, by: str, what: str, target: str) -> _Audit | None:
+    return _Audit(keys, by, what, target) if by else None
+
+
 async def _swap(
     store: ClusterStore,
     key: str,
@@ -150,6 +191,7 @@ async def _swap(
     change: Callable[[R | None], R],
     *,
     contended: str,
+    audit: _Audit | None = None,
 ) -> Updated[R]:
     """Compare-and-swap ``key``: ``change(record as read)``, written only if the record
     is still the one read; read and decide again otherwise (the one retry loop of this
@@ -161,9 +203,10 @@ async def _swap(
         new = change(old)
         # mod_revision 0 is etcd's "absent": a record created meanwhile fails it too.
         seen = 0 if kv is None else kv.mod_revision
-        result = await store.txn(
-            [Compare.mod_revision(key, "==", seen)], [Put(key, new.to_json())], []
-        )
+        writes = [Put(key, new.to_json())]
+        if audit is not None:
+            writes.append(audit.put(old, new))
+        result = await store.txn([Compare.mod_revision(key, "==", seen)], writes, [])
         if result.succeeded:
             return Updated(old, new, result.revision)
         if attempt + 1 < ATTEMPTS:
@@ -185,7 +228,11 @@ def _vmid(vmid: str | uuid.UUID) -> str:
 
 
 async def _update_vm(
-    store: ClusterStore, keys: Keys, vmid: str, change: Callable[[VMRecord], VMRecord]
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str,
+    change: Callable[[VMRecord], VMRecord],
+    audit: _Audit | None = None,
 ) -> Updated[VMRecord]:
     def existing(vm: VMRecord | None) -> VMRecord:
         if vm is None:
@@ -198,6 +245,7 @@ async def _update_vm(
         VMRecord.from_json,
         existing,
         contended="the VM's record kept changing; try again",
+        audit=audit,
     )
 
 
@@ -205,7 +253,7 @@ async def _update_vm(
 
 
 async def request_migration(
-    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, node: str
+    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, node: str, *, by: str = ""
 ) -> Updated[VMRecord]:
     """Ask that VM ``vmid``'s replica move to ``node`` (``VMRecord.migrate_to``).
 
@@ -235,11 +283,16 @@ async def request_migration(
             raise Refused(f"VM {vmid} was failed over ({vm.failover}): it does not move")
         return replace(vm, migrate_to=node)
 
-    return await _update_vm(store, keys, vmid, ask)
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "migrate", vmid))
 
 
 async def request_failover(
-    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, point: int = LATEST_POINT
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str | uuid.UUID,
+    *,
+    point: int = LATEST_POINT,
+    by: str = "",
 ) -> Updated[VMRecord]:
     """Ask VM ``vmid``'s owner to fail it over to its replica, at recovery point
     ``point`` (:data:`LATEST_POINT`: the latest it keeps).
@@ -266,7 +319,7 @@ async def request_failover(
             raise Refused(f"VM {vmid} is moving to {vm.migrate_to}; fail over after")
         return replace(vm, failover=FailoverState.REQUESTED, failover_point=point, failover_note="")
 
-    return await _update_vm(store, keys, vmid, ask)
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "failover", vmid))
 
 
 async def await_failover(
@@ -304,7 +357,9 @@ async def await_failover(
     )
 
 
-async def delete_vm(store: ClusterStore, keys: Keys, vmid: str | uuid.UUID) -> Updated[VMRecord]:
+async def delete_vm(
+    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, by: str = ""
+) -> Updated[VMRecord]:
     """Delete VM ``vmid``'s replica (``VMRecord.deleted``): its primary, asking the broker
     again, is told so and stops; it is never placed again.
 
@@ -314,14 +369,20 @@ async def delete_vm(store: ClusterStore, keys: Keys, vmid: str | uuid.UUID) -> U
         Contended: the record kept changing.
     """
     vmid = _vmid(vmid)
-    return await _update_vm(store, keys, vmid, lambda vm: replace(vm, deleted=True))
+    return await _update_vm(
+        store, keys, vmid, lambda vm: replace(vm, deleted=True), _audit(keys, by, "delete", vmid)
+    )
 
 
 # --------------------------------------------------------------------------- nodes
 
 
 async def _update_admin(
-    store: ClusterStore, keys: Keys, node: str, change: Callable[[NodeAdmin], NodeAdmin]
+    store: ClusterStore,
+    keys: Keys,
+    node: str,
+    change: Callable[[NodeAdmin], NodeAdmin],
+    audit: _Audit | None = None,
 ) -> Updated[NodeAdmin]:
     # A node nobody decided anything about has no record: the defaults apply.
     return await _swap(
@@ -330,11 +391,12 @@ async def _update_admin(
         NodeAdmin.from_json,
         lambda admin: change(admin or NodeAdmin()),
         contended=f"{node}'s record kept changing; try again",
+        audit=audit,
     )
 
 
 async def set_draining(
-    store: ClusterStore, keys: Keys, node: str, draining: bool = True
+    store: ClusterStore, keys: Keys, node: str, draining: bool = True, *, by: str = ""
 ) -> Updated[NodeAdmin]:
     """Drain ``node`` (or, ``draining=False``, stop draining it).
 
@@ -345,11 +407,17 @@ async def set_draining(
     Raises:
         Contended: the node's record kept changing.
     """
-    return await _update_admin(store, keys, node, lambda a: replace(a, draining=draining))
+    return await _update_admin(
+        store,
+        keys,
+        node,
+        lambda a: replace(a, draining=draining),
+        _audit(keys, by, "drain" if draining else "undrain", node),
+    )
 
 
 async def set_labels(
-    store: ClusterStore, keys: Keys, node: str, labels: Mapping[str, str | None]
+    store: ClusterStore, keys: Keys, node: str, labels: Mapping[str, str | None], *, by: str = ""
 ) -> Updated[NodeAdmin]:
     """Set ``node``'s labels ``{name: value}``; a value of ``None`` removes that label.
     Labels not named are kept, and so is the draining decision.
@@ -369,7 +437,7 @@ async def set_labels(
                 new[name] = value
         return replace(admin, labels=new)
 
-    return await _update_admin(store, keys, node, change)
+    return await _update_admin(store, keys, node, change, _audit(keys, by, "label", node))
 
 
 # --------------------------------------------------------------------------- settings
@@ -421,7 +489,7 @@ def _apply(current: Settings, updates: Mapping[str, Any]) -> Settings:
 
 
 async def update_settings(
-    store: ClusterStore, keys: Keys, updates: Mapping[str, Any]
+    store: ClusterStore, keys: Keys, updates: Mapping[str, Any], *, by: str = ""
 ) -> Updated[Settings]:
     """Change the cluster's settings: ``{name: value}`` (JSON values, as
     :func:`parse_assignments` makes them) over the current ones; every node applies them.
@@ -442,4 +510,50 @@ async def update_settings(
         # Never set: every node runs with the defaults, and so the change starts from them.
         lambda current: _apply(current or Settings(), updates),
         contended="the settings kept changing; try again",
+        # Never set: the nodes ran with the defaults, and so the change is from them.
+        audit=_Audit(keys, by, "settings", "settings", lambda o, n: _diff(o or Settings(), n))
+        if by
+        else None,
+    )
+
+
+# --------------------------------------------------------------------------- the console
+
+
+def _password_change(old: ConsoleAccount | None, new: ConsoleAccount) -> dict[str, list[Any]]:
+    # Never the hash nor the secret: only that the password changed, and for whom.
+    changes: dict[str, list[Any]] = {"password": ["(none)" if old is None else "***", "***"]}
+    if old is None or old.user != new.user:
+        changes["user"] = [None if old is None else old.user, new.user]
+    return changes
+
+
+async def set_console_password(
+    store: ClusterStore, keys: Keys, user: str, password: str, *, by: str = ""
+) -> Updated[ConsoleAccount]:
+    """Set the web console's administrator: ``user`` logs in with ``password`` (stored
+    as a scrypt hash). Every session of the console is logged out (a new session secret).
+
+    Raises:
+        InvalidSetting: an empty user name, or a password shorter than 8 characters.
+        Contended: the account kept changing.
+    """
+    if not user.strip() or any(c.isspace() for c in user):
+        raise InvalidSetting("the user name must be one word")
+    if len(password) < 8:
+        raise InvalidSetting("the password must have at least 8 characters")
+    account = ConsoleAccount(
+        user=user,
+        password_hash=hash_password(password),
+        session_secret=secrets.token_hex(32),
+        changed_at=time.time(),
+    )
+    audit = _Audit(keys, by, "password", "console", _password_change) if by else None
+    return await _swap(
+        store,
+        keys.console_account,
+        ConsoleAccount.from_json,
+        lambda _old: account,
+        contended="the console's account kept changing; try again",
+        audit=audit,
     )

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker.records import (
+    AuditEntry,
+    ConsoleAccount,
     Keys,
     NodeAdmin,
     NodeRecord,
@@ -106,3 +108,21 @@ async def read_cluster(store: ClusterStore, keys: Keys) -> ClusterView:
         settings=settings,
         settings_revision=settings_revision,
     )
+
+
+async def read_console_account(store: ClusterStore, keys: Keys) -> ConsoleAccount | None:
+    """The web console's administrator account (``None``: no password set yet)."""
+    kv = await store.get(keys.console_account)
+    return None if kv is None else ConsoleAccount.from_json(kv.value)
+
+
+async def read_audit(store: ClusterStore, keys: Keys, *, limit: int = 200) -> list[AuditEntry]:
+    """The audit log's last ``limit`` entries, newest first (unreadable ones skipped)."""
+    kvs, _ = await store.range(keys.audit)
+    entries = []
+    for kv in sorted(kvs, key=lambda kv: kv.key, reverse=True)[:limit]:
+        try:
+            entries.append(AuditEntry.from_json(kv.value))
+        except RecordError as exc:
+            log.warning("ignoring %s: %s", kv.key, exc)
+    return entries

@@ -2,21 +2,25 @@
 
 Every record is a JSON object under ``/frrep/``:
 
-========================  =================================================================
-key                       record
-========================  =================================================================
-``/frrep/nodes/<name>``   :class:`NodeRecord`: a recovery node (FQDN, address, port,
-                          capacity, state). Written by the node itself, attached to its
-                          lease: a node that stops renewing disappears and is down.
-``/frrep/node-admin/<n>`` :class:`NodeAdmin`: what an administrator decided about a node
-                          (draining, labels such as ``maintenance``); not leased.
-``/frrep/vms/<vmid>``     :class:`VMRecord`: a replica VM as a cluster resource (owner
-                          node, storage, primary identity, trust group, state, deleted).
-``/frrep/settings``       :class:`Settings`: the cluster-wide settings every node watches.
-``/frrep/broker``         :class:`ElectionRecord`: who runs the broker, attached to the
-                          holder's lease. Its ``create_revision`` is the fencing token.
-``/frrep/placement``      :class:`PlacementCursor`: where round-robin goes on.
-========================  =================================================================
+============================  =================================================================
+key                           record
+============================  =================================================================
+``/frrep/nodes/<name>``       :class:`NodeRecord`: a recovery node (FQDN, address, port,
+                              capacity, state). Written by the node itself, attached to its
+                              lease: a node that stops renewing disappears and is down.
+``/frrep/node-admin/<n>``     :class:`NodeAdmin`: what an administrator decided about a node
+                              (draining, labels such as ``maintenance``); not leased.
+``/frrep/vms/<vmid>``         :class:`VMRecord`: a replica VM as a cluster resource (owner
+                              node, storage, primary identity, trust group, state, deleted).
+``/frrep/settings``           :class:`Settings`: the cluster-wide settings every node watches.
+``/frrep/broker``             :class:`ElectionRecord`: who runs the broker, attached to the
+                              holder's lease. Its ``create_revision`` is the fencing token.
+``/frrep/placement``          :class:`PlacementCursor`: where round-robin goes on.
+``/frrep/console/account``    :class:`ConsoleAccount`: the web console's administrator (a
+                              password hash, the secret its session cookies are signed with).
+``/frrep/audit/<t>-<id>``     :class:`AuditEntry`: one administrative change (who, when, what,
+                              old -> new); written in the same transaction as the change.
+============================  =================================================================
 
 Records are plain frozen dataclasses with ``to_json`` / ``from_json``; ``from_json``
 refuses a malformed record with :class:`RecordError` instead of guessing.
@@ -68,6 +72,16 @@ class Keys:
     def placement(self) -> str:
         """The round-robin cursor."""
         return self.prefix + "placement"
+
+    @property
+    def console_account(self) -> str:
+        """The web console's administrator account."""
+        return self.prefix + "console/account"
+
+    @property
+    def audit(self) -> str:
+        """Prefix of the audit log's entries (their keys sort by time)."""
+        return self.prefix + "audit/"
 
     def node(self, name: str) -> str:
         """The key of a node's record."""
@@ -173,6 +187,9 @@ class NodeRecord:
     #: Where this node keeps replicas; ``shared`` means every node sees the same path.
     storage: str = ""
     shared_storage: bool = False
+    #: The ``mod_revision`` of the settings record this node runs with (0: the defaults,
+    #: never set): an operator sees which nodes applied a change.
+    settings_revision: int = 0
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -191,6 +208,7 @@ class NodeRecord:
                 used_bytes=_typed(d.get("used_bytes", 0), int, "used_bytes"),
                 storage=_typed(d.get("storage", ""), str, "storage"),
                 shared_storage=_typed(d.get("shared_storage", False), bool, "shared_storage"),
+                settings_revision=_typed(d.get("settings_revision", 0), int, "settings_revision"),
             )
         except KeyError as exc:
             raise RecordError(f"node record: missing {exc}") from None
@@ -453,3 +471,65 @@ class PlacementCursor:
             last_node=_typed(d.get("last_node", ""), str, "last_node"),
             placed=_typed(d.get("placed", 0), int, "placed"),
         )
+
+
+@dataclass(frozen=True)
+class ConsoleAccount:
+    """The web console's administrator account (``frctl cluster admin-password``)."""
+
+    user: str
+    #: ``frlink.passwords.hash_password``'s text; never the password.
+    password_hash: str
+    #: Signs the console's session cookies and CSRF tokens (hex). A new one comes with
+    #: every password change, so that a change logs every session out.
+    session_secret: str
+    changed_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ConsoleAccount:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "console account")
+        try:
+            return cls(
+                user=_typed(d["user"], str, "user"),
+                password_hash=_typed(d["password_hash"], str, "password_hash"),
+                session_secret=_typed(d["session_secret"], str, "session_secret"),
+                changed_at=float(_typed(d.get("changed_at", 0.0), (int, float), "changed_at")),  # type: ignore[arg-type]
+            )
+        except KeyError as exc:
+            raise RecordError(f"console account: missing {exc}") from None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One administrative change, as the audit log keeps it."""
+
+    at: float  #: wall-clock time of the change (seconds since the epoch)
+    who: str  #: the person or tool, e.g. ``admin (console at n1.example.com)``
+    what: str  #: the action: ``settings``, ``migrate``, ``failover``, ``delete``, ...
+    target: str  #: what it changed: a VMID, a node's name, ``settings``
+    #: ``{field: [old, new]}`` of the record changed (secrets are never shown).
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> AuditEntry:
+        """Parse a stored record; :class:`RecordError` if malformed."""
+        d = _load(cls, raw, "audit entry")
+        try:
+            return cls(
+                at=float(_typed(d["at"], (int, float), "at")),  # type: ignore[arg-type]
+                who=_typed(d["who"], str, "who"),
+                what=_typed(d["what"], str, "what"),
+                target=_typed(d["target"], str, "target"),
+                changes=_typed(d.get("changes", {}), dict, "changes"),
+            )
+        except KeyError as exc:
+            raise RecordError(f"audit entry: missing {exc}") from None

@@ -11,6 +11,8 @@ Every recovery node runs one (``frctl node run --config node.toml``). It
   (``broker/service.py``), running the ``cap_up``/``cap_down`` hooks around it;
 * moves the replicas the broker asks it to move (``migration.py``), and fails VMs over
   to its replicas when an administrator asks (``failover.py``);
+* serves the web console (``frconsole/``) over HTTPS with its own certificate when its
+  configuration has a ``[console]`` table;
 * when a primary deletes its relationship (RelationshipDelete), removes the VM's record
   from the store once the replica is gone, so that the broker forgets the VM (a later
   query for it places it anew: ``NEW``).
@@ -47,12 +49,16 @@ from broker.store import (
     StoreError,
     open_store,
 )
+from frconsole import ReplicaReport
 from frlink.accept import Accepted
 from frlink.authz import Grant
+from frlink.http import serve_asgi
 from frlink.identity import PrimaryIdentity
-from frlink.tls import server_context
+from frlink.tls import server_context, web_server_context
 from node.config import RecoveryServerConfig
 from node.recovery_server import RecoveryServer
+from node.storage.layout import ReplicaLayout
+from node.storage.state import ReplicaState
 
 from .config import ClusterNodeConfig
 from .failover import FailoverRunner
@@ -94,6 +100,8 @@ class ClusterNode:
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._rng = rng
         self.settings = Settings()
+        #: The settings record's revision this node applies (announced in its record).
+        self.settings_revision = 0
         self.port = 0
         self._store: ClusterStore | None = None
         self._server: RecoveryServer | None = None
@@ -172,6 +180,8 @@ class ClusterNode:
                 nursery.start_soon(election.run, self._lead)
                 nursery.start_soon(Migrator(self, store, self.keys).run)
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
+                if self.config.console_port is not None:
+                    await self._start_console(nursery)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
 
@@ -183,6 +193,54 @@ class ClusterNode:
         if not self.registered:
             return "not registered in the cluster store"
         return None
+
+    async def _start_console(self, nursery: trio.Nursery, *, at_cap: bool = False) -> None:
+        """Serve the web console on this node's address, or (``at_cap``: while this node
+        runs the broker) on the CAP's own address, with the node's certificate (which
+        names the CAP too)."""
+        from frconsole import ConsoleSource, console_app
+
+        config = self.config
+        assert config.console_port is not None
+        app = console_app(
+            ConsoleSource(
+                self.store, self.keys, config.name, config.store_url, self._replica_report
+            )
+        )
+        host = config.cap_address if at_cap else (config.console_listen or config.listen)
+        context = web_server_context(config.tls.cert, config.tls.key)
+        port = await nursery.start(
+            partial(serve_asgi, app, host=host, port=config.console_port, ssl_context=context)
+        )
+        where = "the CAP's " if at_cap else ""
+        log.info("%s: console at %shttps://%s:%d/", config.name, where, host, port)
+
+    async def _replica_report(self, vm: VMRecord) -> ReplicaReport | None:
+        """What this node's storage says of the replica of ``vm`` (for the console):
+        read from its state file, without opening (and so locking) the replica."""
+        layout = ReplicaLayout(self.config.storage / vm.storage, uuid.UUID(vm.vmid))
+        try:
+            state = ReplicaState.from_bytes(await trio.Path(layout.state).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("VM %s: its replica's state cannot be read: %s", vm.vmid, exc)
+            return None
+        return ReplicaReport(
+            ir_state=state.ir_state.name.lower().replace("_", " "),
+            applied_sequence=state.applied_sequence,
+            generation=state.generation,
+            failed_over=state.failed_over,
+            points=[
+                (p.sequence, p.captured_at_ms / 1000, p.applied_at) for p in reversed(state.points)
+            ],
+        )
+
+    def _console_at_cap(self) -> bool:
+        """The console follows the broker to the CAP's own address, unless this node's
+        console listens on every address already (then it answers there too)."""
+        listen = self.config.console_listen
+        return self.config.console_port is not None and listen not in ("0.0.0.0", "::")
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The recovery server's listener, in a cancel scope of its own: a change of the
@@ -207,6 +265,12 @@ class ClusterNode:
             )
             self.server.config = replace(self.server.config, port=old)
             self.port = await self._nursery.start(self._serve)
+        await self._publish()
+        log.info("%s: now listening on %s:%d", self.config.name, self.config.listen, self.port)
+
+    async def _publish(self) -> None:
+        """Announce this node's record again (its port or applied settings changed); the
+        next keepalive round tries again if the store cannot be reached now."""
         if self._lease:
             with contextlib.suppress(StoreError):
                 await self.store.put(
@@ -214,7 +278,6 @@ class ClusterNode:
                     self.node_record().to_json(),
                     lease=self._lease,
                 )
-        log.info("%s: now listening on %s:%d", self.config.name, self.config.listen, self.port)
 
     # -- membership -------------------------------------------------------------------------
 
@@ -227,6 +290,7 @@ class ClusterNode:
             capacity_bytes=self.config.capacity_bytes,
             storage=str(self.config.storage),
             shared_storage=self.config.shared_storage,
+            settings_revision=self.settings_revision,
         )
 
     async def _announce(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -276,22 +340,25 @@ class ClusterNode:
                 kvs, revision = await self.store.range(key)
                 for kv in kvs:
                     if kv.key == key:
-                        self._apply(kv.value)
+                        self._apply(kv.value, kv.mod_revision)
                 async with self.store.watch(key, start_revision=revision + 1) as events:
                     async for event in events:
                         if event.kind is EventKind.PUT:
-                            self._apply(event.kv.value)
+                            self._apply(event.kv.value, event.kv.mod_revision)
             except StoreError as exc:
                 log.warning("watching the settings: %s", exc)
                 await trio.sleep(0.5)
 
-    def _apply(self, raw: bytes) -> None:
+    def _apply(self, raw: bytes, revision: int) -> None:
         try:
             new = Settings.from_json(raw)
             config = self._server_config(new)
         except RecordError as exc:
             log.error("settings not applied (kept the previous ones): %s", exc)
             return
+        if revision != self.settings_revision:
+            self.settings_revision = revision
+            self._nursery.start_soon(self._publish)
         changes = self.settings.changes(new)
         if not changes:
             return
@@ -440,6 +507,12 @@ class ClusterNode:
                     async with trio.open_nursery() as nursery:
                         own_address = bool(self.config.cap_address)
                         await nursery.start(partial(broker.serve, listen=own_address))
+                        if own_address and self._console_at_cap():
+                            try:
+                                await self._start_console(nursery, at_cap=True)
+                            except OSError as exc:
+                                # The broker matters more than its console: serve on.
+                                log.warning("no console at the CAP's address: %s", exc)
                         log.info(
                             "%s: broker serving at the CAP %s (%s:%d), %.2f s after the election",
                             self.config.name,

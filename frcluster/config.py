@@ -24,6 +24,9 @@ Example::
 
     [metrics]                     # optional: /metrics, /livez, /readyz (plain HTTP)
     listen = "127.0.0.1:9464"
+    [console]                     # the web console (absent: none)
+    port = 8443                   # HTTPS, with the node's certificate
+    # listen = "127.0.0.11"       # default: the node's own address
 
     [tls]
     cert = "certs/n1.example.com.pem"
@@ -77,6 +80,10 @@ class ClusterNodeConfig:
     failover_start: str = ""
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
+    #: The web console's port (HTTPS); ``None``: no console on this node.
+    console_port: int | None = None
+    #: The web console's address (the node's own by default).
+    console_listen: str = ""
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -130,6 +137,13 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     prefix = cluster.get("prefix", "/frrep/")
     if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(f"{wc}: 'prefix' must start and end with '/'")
+    console_port: int | None = None
+    console_listen = ""
+    if "console" in data:
+        console = table(data, "console", path)
+        where = f"{path} [console]"
+        console_port = _port(console, "port", where, 8443)
+        console_listen = str(console.get("listen", ""))
     return ClusterNodeConfig(
         name=string(node, "name", wn),
         listen=string(node, "listen", wn),
@@ -148,4 +162,6 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),
         metrics=metrics_listen(data, path),
+        console_port=console_port,
+        console_listen=console_listen,
     )

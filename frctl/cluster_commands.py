@@ -54,6 +54,14 @@ def _run(args: argparse.Namespace, job: Any) -> int:
         return 1
 
 
+def _who() -> str:
+    """Who changes the cluster, as the audit log names a change made with frctl."""
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()} (frctl)"
+
+
 def _cmd_node_run(args: argparse.Namespace) -> int:
     from frcluster.agent import ClusterNode
     from frcluster.config import load_cluster_node_config
@@ -97,7 +105,7 @@ def _cmd_settings(args: argparse.Namespace) -> int:
                     print(f"{name} = {json.dumps(value)}")
             return 0
         updates = admin.parse_assignments(args.assignments)
-        done = await admin.update_settings(store, keys, updates)
+        done = await admin.update_settings(store, keys, updates, by=_who())
         for name, (old, value) in (done.old or Settings()).changes(done.new).items():
             print(f"{name}: {json.dumps(old)} -> {json.dumps(value)}")
         return 0
@@ -173,7 +181,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_migration(store, keys, args.vmid, args.node)
+        await admin.request_migration(store, keys, args.vmid, args.node, by=_who())
         print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
         return 0
 
@@ -186,7 +194,7 @@ def _cmd_failover(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_failover(store, keys, args.vmid, point=args.point)
+        await admin.request_failover(store, keys, args.vmid, point=args.point, by=_who())
         point = "the latest recovery point" if args.point < 0 else f"recovery point {args.point}"
         if not args.json:
             print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
@@ -225,7 +233,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.delete_vm(store, keys, args.vmid)
+        await admin.delete_vm(store, keys, args.vmid, by=_who())
         print(f"VM {args.vmid}: deleted (its primary is told so and stops)")
         return 0
 
@@ -238,7 +246,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.set_draining(store, keys, args.node, draining=not args.undo)
+        await admin.set_draining(store, keys, args.node, draining=not args.undo, by=_who())
         what = "no longer draining" if args.undo else "draining: its replicas move away"
         print(f"{args.node}: {what}")
         return 0
@@ -256,8 +264,44 @@ def _cmd_label(args: argparse.Namespace) -> int:
         for item in args.labels:
             name, sep, value = item.partition("=")
             changes[name] = value if sep else None  # NAME alone: remove it
-        done = await admin.set_labels(store, keys, args.node, changes)
+        done = await admin.set_labels(store, keys, args.node, changes, by=_who())
         print(f"{args.node}: labels {json.dumps(done.new.labels)}")
+        return 0
+
+    return _run(args, job)
+
+
+def _read_password() -> str:
+    """The new password: asked twice at a terminal, else the first line of stdin (never
+    from the command line, where other users would see it in the process list)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("New console password: ")
+        if getpass.getpass("Again: ") != first:
+            raise ValueError("the two passwords differ; nothing was changed")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _cmd_admin_password(args: argparse.Namespace) -> int:
+    from broker import admin
+    from broker.records import Keys
+    from broker.store import ClusterStore
+
+    try:
+        password = _read_password()
+    except (ValueError, EOFError, KeyboardInterrupt) as exc:
+        print(f"frctl: {exc or 'no password given'}", file=sys.stderr)
+        return 1
+    by = _who()
+
+    async def job(store: ClusterStore, keys: Keys) -> int:
+        await admin.set_console_password(store, keys, args.user, password, by=by)
+        if args.json:
+            print(json.dumps({"user": args.user, "changed": True}))
+        else:
+            print(f"console administrator {args.user}: password set (every session logged out)")
         return 0
 
     return _run(args, job)
@@ -339,6 +383,15 @@ def register(sub: Any) -> None:
     label.add_argument("node")
     label.add_argument("labels", nargs="+")
     label.set_defaults(func=_cmd_label)
+
+    password = csub.add_parser(
+        "admin-password",
+        help="set the web console's administrator password (read from stdin or a prompt)",
+    )
+    common(password)
+    password.add_argument("--user", default="admin", help="the administrator's user name")
+    password.add_argument("--json", action="store_true")
+    password.set_defaults(func=_cmd_admin_password)
 
     imp = csub.add_parser(
         "import", help="out-of-band IR: send an export file to the node that owns its VM"

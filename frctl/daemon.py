@@ -48,10 +48,11 @@ async def run_daemon(
         async with trio.open_nursery() as nursery:
             if metrics is not None:
                 app = HealthApp(registry, readiness)
-                binds = await nursery.start(
+                port = await nursery.start(
                     partial(serve_asgi, app, host=metrics.host, port=metrics.port)
                 )
-                log.info("metrics listening on %s", " ".join(binds))
+                host = f"[{metrics.host}]" if ":" in metrics.host else metrics.host
+                log.info("metrics listening on http://%s:%d", host, port)
             await nursery.start(_signals, nursery.cancel_scope, reload)
             await nursery.start(main)
             started = True

@@ -1,7 +1,9 @@
-"""Serving an ASGI application on Trio: Hypercorn's Trio worker, one listener.
+"""Serving an ASGI application on Trio: the web console and the operations listener.
 
-The operations listener (``/metrics``, ``/livez``, ``/readyz``: :mod:`frlink.health`)
-runs on it in plain HTTP; given an SSL context it serves HTTPS.
+:func:`serve_asgi` runs Hypercorn's Trio worker (``hypercorn.trio.serve``) on one address,
+over HTTPS when given a server context (the node's own certificate: the console) or plain
+HTTP (``/metrics``, ``/livez``, ``/readyz``: :mod:`frlink.health`). It is the one place
+that knows Hypercorn: the applications above are plain ASGI.
 """
 
 from __future__ import annotations
@@ -13,23 +15,26 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from hypercorn.typing import Framework
+
+__all__ = ["serve_asgi"]
+
+log = logging.getLogger("frrep.http")
 
 
 class _Config(Config):
-    """Hypercorn's configuration with an SSL context made by the caller (Hypercorn
-    otherwise builds its own from certificate and key file names)."""
+    """Hypercorn's configuration with a ready-made server context instead of certificate
+    files (Hypercorn builds its own context from ``certfile``/``keyfile`` otherwise)."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
         super().__init__()
-        self._ssl_context = ssl_context
+        self._context = ssl_context
 
     @property
     def ssl_enabled(self) -> bool:
-        return self._ssl_context is not None
+        return self._context is not None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._ssl_context
+        return self._context
 
 
 async def serve_asgi(
@@ -38,20 +43,27 @@ async def serve_asgi(
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None = None,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``host:port`` until cancelled; ``task_status.started(binds)``
-    once it listens (Hypercorn's list of URLs, e.g. ``["http://127.0.0.1:9464"]``: the
-    real port when ``port`` is 0).
+    """Serve the ASGI application ``app`` on ``host:port`` until cancelled.
+
+    ``port`` 0 takes a free port; ``task_status.started(port)`` reports the port bound
+    once the listener accepts connections. With ``ssl_context`` (a server context) the
+    application is served over HTTPS (HTTP/2 or HTTP/1.1, by ALPN), else over plain HTTP.
 
     Raises:
         OSError: the address cannot be bound.
     """
+    if ssl_context is not None:
+        ssl_context.set_alpn_protocols(["h2", "http/1.1"])
     config = _Config(ssl_context)
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None  # a scrape every 15 s is not worth a log line
-    # A logger, not "-": its lines go through the process's logging setup, once.
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.insecure_bind = []
+    # Hypercorn's own start-up lines go through our logging, at the level the node runs at.
+    config.errorlog = log
+    config.accesslog = None
     config.graceful_timeout = 1.0
-    framework: Framework = app
-    await serve(framework, config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        bound: list[str] = await nursery.start(serve, app, config)
+        task_status.started(int(bound[0].rsplit(":", 1)[1]))

@@ -50,6 +50,7 @@ __all__ = [
     "describe_tls_error",
     "peer_names",
     "server_context",
+    "web_server_context",
     "tls_connect",
     "tls_handshake_server",
 ]
@@ -121,6 +122,23 @@ def server_context(
     ctx.num_tickets = 0
     ctx.sni_callback = _remember_sni
     _load(ctx, cert, key, ca)
+    return ctx
+
+
+def web_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for browsers (the web console): our certificate and key, TLS 1.2
+    or later, no client certificate asked for (a person logs in with a password).
+
+    Raises :class:`TLSConfigError` like :func:`server_context`.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    _check_key_file(Path(key))
+    try:
+        ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"certificate {cert} with key {key}: {_ssl_reason(exc)}") from exc
     return ctx
 
 

@@ -39,6 +39,8 @@ CAP_ADDRESS = "127.0.0.10"
 PRIMARY_NAME = "p1.primary.example.com"
 PRIMARY_ADDRESS = "127.0.0.3"
 _UP = re.compile(r"node \S+ up at \S+:(\d+)")
+_CONSOLE = re.compile(r"console at https://\S+:(\d+)/")
+_CAP_CONSOLE = re.compile(r"console at the CAP's https://\S+:(\d+)/")
 _BROKER = re.compile(r"broker serving at the CAP .*, ([0-9.]+) s after the election")
 
 
@@ -67,6 +69,8 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
     log: Path
     port: int
+    #: The web console's port (0: the site has no console).
+    console_port: int = 0
 
     @property
     def name(self) -> str:
@@ -98,6 +102,8 @@ class ClusterSite:
     dns_cap: bool = False
     #: Each node's ``failover_start`` hook (a shell command; "" for none).
     failover_start: str = ""
+    #: Each node serves the web console (``[console]``, on a port of its own).
+    console: bool = False
     running: dict[int, NodeProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,6 +157,7 @@ cap_name = "{CAP_NAME}"
 cap_address = "{"" if self.dns_cap else CAP_ADDRESS}"
 cap_port = {self.cap_port}
 lease_ttl = {self.lease_ttl}
+{"[console]" + chr(10) + "port = 0" if self.console else ""}
 
 [tls]
 cert = "certs/{name}.pem"
@@ -182,7 +189,10 @@ ca = "certs/ca.pem"
         while time.monotonic() < deadline:
             match = _UP.search(log.read_text(errors="replace"))
             if match:
-                node = NodeProcess(i, proc, log, int(match.group(1)))
+                console = _CONSOLE.search(log.read_text(errors="replace"))
+                node = NodeProcess(
+                    i, proc, log, int(match.group(1)), int(console.group(1)) if console else 0
+                )
                 self.running[i] = node
                 return node
             if proc.poll() is not None:
@@ -211,6 +221,17 @@ ca = "certs/ca.pem"
                         return node
             time.sleep(0.05)
         raise RuntimeError("no broker elected")
+
+    def cap_console_port(self, node: NodeProcess, *, timeout: float = 10.0) -> int:
+        """The port of the console ``node`` serves at the CAP's address (it runs the
+        broker); the last one it logged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = _CAP_CONSOLE.findall(node.text())
+            if found:
+                return int(found[-1])
+            time.sleep(0.05)
+        raise RuntimeError(f"{node.name} serves no console at the CAP")
 
     async def holder(self) -> str | None:
         from broker.election import current_holder

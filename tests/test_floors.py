@@ -4,10 +4,10 @@ and inside functions, go only downwards.
 From the bottom: the wire (frproto); the link (frlink: TLS, accept, authorization,
 certificates); the broker and the node's roles side by side (the replica storage, the
 recovery server on it, the primary; the out-of-band file format is the one thing the two
-roles share); failover workflows above both roles; the cluster node agent (frcluster)
-above the broker and the node; the testing helpers (frtesting) above all of them; frctl
-on top. frconform, the conformance harness, speaks
-the wire only.
+roles share); failover workflows above both roles; the web console (frconsole) above the
+broker; the cluster node agent (frcluster) above the broker, the console and the node;
+the testing helpers (frtesting) above all of them; frctl on top. frconform, the
+conformance harness, speaks the wire only.
 
 The test parses the source, so an import hidden in a function (to dodge a cycle) counts
 as much as one at the top. ``FRREP_FLOORS_ROOT`` points it at another checkout (that is
@@ -30,6 +30,7 @@ PACKAGES = (
     "frlink",
     "broker",
     "node",
+    "frconsole",
     "frcluster",
     "frtesting",
     "frctl",
@@ -53,11 +54,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "frtesting.server": frozenset(
         {"frproto", "frlink", "node.storage", "node.primary", "node.oob_file", _SERVER}
     ),
+    "frconsole": frozenset({"frproto", "frlink", "broker"}),
     "frcluster": frozenset(
         {
             "frproto",
             "frlink",
             "broker",
+            "frconsole",
             "node.storage",
             "node.oob_file",
             "node.primary",

@@ -315,3 +315,53 @@ async def test_a_record_that_keeps_changing_is_not_overwritten(
     kv = await store.get(keys.admin(NODE))
     assert kv is not None
     assert NodeAdmin.from_json(kv.value).labels == {"x": "1"}
+
+
+async def test_an_audited_change_and_its_entry_are_one_write(
+    store: ClusterStore, keys: Keys
+) -> None:
+    from broker.cluster_view import read_audit
+
+    vmid = await _vm(store, keys)
+    for name in (NODE, "n2.example.com"):
+        await store.put(keys.node(name), NodeRecord(name, "127.0.0.11", 1).to_json())
+    # Refused, lost to a racing writer, or not audited: no entry.
+    with pytest.raises(admin.Refused):
+        await admin.request_migration(store, keys, vmid, NODE, by="alice")
+    with pytest.raises(admin.Contended):
+        await admin.delete_vm(_Racing(store, random.Random(1)), keys, vmid, by="alice")
+    await admin.set_labels(store, keys, NODE, {"rack": "r1"})
+    assert await read_audit(store, keys) == []
+    # Made: the entry says who, what, old -> new, in the change's own transaction.
+    moved = await admin.request_migration(store, keys, vmid, "n2.example.com", by="alice")
+    await admin.update_settings(store, keys, {"recovery_points": 3}, by="bob")
+    await admin.set_draining(store, keys, NODE, by="carol")
+    entries = await read_audit(store, keys)
+    assert [(e.who, e.what, e.target, e.changes) for e in entries] == [
+        ("carol", "drain", NODE, {"draining": [False, True]}),
+        ("bob", "settings", "settings", {"recovery_points": [24, 3]}),
+        ("alice", "migrate", vmid, {"migrate_to": ["", "n2.example.com"]}),
+    ]
+    kvs, _ = await store.range(keys.audit)
+    assert sorted(kv.mod_revision for kv in kvs)[0] == moved.revision
+
+
+async def test_the_console_password_is_stored_hashed_and_checked(
+    store: ClusterStore, keys: Keys
+) -> None:
+    from broker.cluster_view import read_console_account
+    from frlink.passwords import verify_password
+
+    with pytest.raises(admin.InvalidSetting, match="at least 8 characters"):
+        await admin.set_console_password(store, keys, "admin", "short")
+    with pytest.raises(admin.InvalidSetting, match="one word"):
+        await admin.set_console_password(store, keys, "two words", "long enough")
+    assert await read_console_account(store, keys) is None
+    first = await admin.set_console_password(store, keys, "admin", "long enough")
+    account = await read_console_account(store, keys)
+    assert account == first.new
+    assert "long enough" not in account.to_json().decode()
+    assert verify_password("long enough", account.password_hash)
+    assert not verify_password("long enougH", account.password_hash)
+    second = await admin.set_console_password(store, keys, "admin", "long enough")
+    assert second.new.session_secret != first.new.session_secret
