@@ -29,7 +29,17 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: The top-level import names the wheel installs. ``node`` and ``broker`` are generic: the
 #: move under ``frrep.`` is planned in docs/packaging.md ("Import names"); until it is done
 #: this list keeps any other top-level name from creeping in.
-TOP_LEVEL = {"broker", "frcluster", "frconform", "frctl", "frlink", "frproto", "frtesting", "node"}
+TOP_LEVEL = {
+    "broker",
+    "frcluster",
+    "frconform",
+    "frconsole",
+    "frctl",
+    "frlink",
+    "frproto",
+    "frtesting",
+    "node",
+}
 
 #: What a fresh venv gets besides the wheel: the lower bound of the Construct range.
 CONSTRUCT_FLOOR = "construct==2.10.68"
