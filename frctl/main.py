@@ -1,7 +1,9 @@
 """``frctl``: the project's command line.
 
 Each subcommand is a thin shell over a library call. Data goes to stdout, diagnostics to
-stderr; exit codes: 0 ok, 1 failure, 2 usage error (argparse), 130 interrupted.
+stderr; exit codes: 0 ok, 1 failure, 2 usage error (argparse), 3 not in sync / unhealthy,
+4 not found, 130 interrupted. Every expected failure is said in one line by the one
+handler of :mod:`frctl.errors`; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 import frproto
 
 from .cluster_commands import register as register_cluster_commands
+from .config_commands import register as register_config_commands
 from .conform_commands import register as register_conform_commands
 from .failover_commands import register as register_failover_commands
 from .node_commands import register as register_node_commands
@@ -207,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="frctl",
         description="Replication of virtual machines to a recovery cluster.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"frctl {_package_version()}",
+        help="print the version",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of any error (for a bug report)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     version = sub.add_parser("version", help="print library and protocol versions")
@@ -231,16 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     register_cluster_commands(sub)
     register_failover_commands(sub)
     register_conform_commands(sub)
+    register_config_commands(sub)
     return parser
 
 
+def _package_version() -> str:
+    """The installed distribution's version (the source tree's frproto version when run
+    from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("frrep")
+    except PackageNotFoundError:
+        return frproto.__version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run frctl with ``argv`` (default: the process arguments); returns the exit code."""
+    """Run frctl with ``argv`` (default: the process arguments); returns the exit code.
+
+    No expected failure ends in a traceback: :func:`frctl.errors.report` says it in one
+    line with its exit code (``--debug`` shows the traceback too)."""
+    from .errors import report
+
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the one place every failure is said
+        return report(exc, debug=args.debug)
     return result
 
 

@@ -32,10 +32,13 @@ from typing import Any
 from frlink.authz import Authorization, AuthorizationEntry
 from frlink.config import (
     NO_COMPRESSION,
+    TLS_TABLE,
     ConfigError,
+    Schema,
+    Table,
     TLSFiles,
     parse_compression,
-    read_toml,
+    read_checked,
     string,
     table,
     tls_files,
@@ -44,6 +47,7 @@ from frlink.config import (
 __all__ = [
     "NO_COMPRESSION",
     "ConfigError",
+    "RECOVERY_SERVER_SCHEMA",
     "RecoveryServerConfig",
     "TLSFiles",
     "load_recovery_server_config",
@@ -61,6 +65,15 @@ class RecoveryServerConfig:
     tls: TLSFiles
     authorization: Authorization
     recovery_points: int = 24
+
+
+#: Every table and key of a recovery server's file (anything else is refused).
+RECOVERY_SERVER_SCHEMA: Schema = {
+    "server": Table({"name": str, "listen": str, "port": int, "recovery_points": int}),
+    "tls": TLS_TABLE,
+    "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
+    "any_primary": Table({"storage": str, "trust_group": str}),
+}
 
 
 def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
@@ -82,7 +95,7 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    data = read_toml(path)
+    data = read_checked(path, RECOVERY_SERVER_SCHEMA)
     base = path.parent
     server = table(data, "server", path)
     port = server.get("port", 7443)
