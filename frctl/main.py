@@ -142,7 +142,11 @@ def _cmd_cert_show(args: argparse.Namespace) -> int:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(info.to_dict()))
+        from .timefmt import rfc3339
+
+        out = info.to_dict()
+        out.update(not_before=rfc3339(info.not_before), not_after=rfc3339(info.not_after))
+        print(json.dumps(out))
         return 0
     now = dt.datetime.now(dt.UTC)
     if now > info.not_after:

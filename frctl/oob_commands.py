@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -60,14 +59,15 @@ def _fail(message: object) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from node.primary.config import ConfigError, load_primary_config
     from node.primary.locks import LockBusy, cycle_lock, holding
+    from node.primary.operations import find_vm
     from node.primary.state import PrimaryStateStore
 
     try:
         config = load_primary_config(Path(args.config))
-        vmid = str(uuid.UUID(args.vmid))
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         return _fail(exc)
     store = PrimaryStateStore(config.state_dir)
+    vmid = find_vm(store, args.vmid).vmid  # NotEnabled: frctl exits 4
     try:
         # No cycle of the VM (an online IR) may run while its disks are exported.
         with holding(cycle_lock(store.root, vmid), timeout=60):
@@ -180,7 +180,7 @@ def register(sub: Any) -> None:
         "images unchanged while this runs (a paused VM or a snapshot).",
     )
     export.add_argument("--config", required=True, help="primary TOML file")
-    export.add_argument("vmid")
+    export.add_argument("vmid", help="the VM's VMID, or its name")
     export.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     export.add_argument("--vm-config", metavar="FILE", help="the VM's config blob to carry")
     export.add_argument("--json", action="store_true", help="print the result as JSON")
