@@ -278,8 +278,8 @@ def _examples() -> list[tuple[str, str]]:
 
     found = []
     for owner in (node.config, node.primary.config.PrimaryConfig, frcluster.config):
-        doc = inspect.getdoc(owner) or ""
-        block = doc.split("Example::", 1)[1].split("\n\n", 1)[1]
+        text = inspect.getdoc(owner) or ""
+        block = text.split("Example::", 1)[1].split("\n\n", 1)[1]
         lines = []
         for line in block.splitlines():
             if line.strip() and not line.startswith("    "):
