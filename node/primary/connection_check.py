@@ -63,6 +63,20 @@ class ConnectionReport:
         }
 
 
+def _os_reason(exc: OSError) -> str:
+    """The system's words (``Connection refused``): trio's "all attempts to connect
+    failed" keeps the last attempt's error as its cause."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[-1]
+        else:
+            current = current.__cause__ or current.__context__
+    return str(exc) or type(exc).__name__
+
+
 async def _reach(
     host: str, port: int, hosts: Mapping[str, str], local: str | None, timeout: float
 ) -> tuple[Step, str | None]:
@@ -76,7 +90,7 @@ async def _reach(
     except trio.TooSlowError:
         return Step("reach", False, f"{address}:{port}: no answer in {timeout:g} s"), None
     except OSError as exc:
-        return Step("reach", False, f"{address}:{port}: {exc.strerror or exc}"), None
+        return Step("reach", False, f"{address}:{port}: {_os_reason(exc)}"), None
     await stream.aclose()
     return Step("reach", True, f"TCP to {address}:{port}"), address
 
