@@ -95,6 +95,7 @@ def _settings(state: Any) -> dict[str, Any]:
         "paused": state.paused,
         "frequency_s": state.frequency_s,
         "bandwidth_bps": state.bandwidth_bps,
+        "compression": state.compression,
         "recovery_server": f"{state.recovery_host}:{state.recovery_port}",
     }
 
@@ -154,12 +155,26 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
-    """Change an enabled VM's frequency or bandwidth limit (the service sees it next turn)."""
+    """Change an enabled VM's frequency, bandwidth limit or compression (the service sees
+    it next turn)."""
     from node.primary.operations import Refused, set_limits
 
     store = _store(args)
-    if args.frequency is None and args.bandwidth is None and not args.no_bandwidth_limit:
-        print("frctl: set: give --frequency, --bandwidth or --no-bandwidth-limit", file=sys.stderr)
+    if args.recovery_points is not None:
+        print(
+            "frctl: set: recovery points are kept by the recovery side, not the primary "
+            "(the protocol carries no such setting): set [server] recovery_points in the "
+            "recovery server's configuration, or 'frctl cluster settings "
+            f"recovery_points={args.recovery_points}' for a cluster",
+            file=sys.stderr,
+        )
+        return 1
+    wanted = (args.frequency, args.bandwidth, args.compression)
+    if all(w is None for w in wanted) and not args.no_bandwidth_limit:
+        print(
+            "frctl: set: give --frequency, --bandwidth, --no-bandwidth-limit or --compression",
+            file=sys.stderr,
+        )
         return 1
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
@@ -171,6 +186,7 @@ def _cmd_set(args: argparse.Namespace) -> int:
             frequency_s=args.frequency,
             bandwidth_bps=args.bandwidth,
             no_bandwidth_limit=args.no_bandwidth_limit,
+            compression=args.compression,
         )
     except Refused as exc:
         print(f"frctl: set: {exc}", file=sys.stderr)
@@ -179,7 +195,11 @@ def _cmd_set(args: argparse.Namespace) -> int:
         print(json.dumps({"action": "set", **_settings(state)}))
         return 0
     limit = "none" if state.bandwidth_bps is None else f"{state.bandwidth_bps:.0f} B/s"
-    print(f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit {limit}")
+    compression = state.compression or "as configured"
+    print(
+        f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit "
+        f"{limit}, compression {compression}"
+    )
     return 0
 
 
@@ -546,12 +566,22 @@ def _add_checks_and_controls(rsub: Any) -> None:
         )
         action.add_argument("--json", action="store_true", help="one JSON object: what was done")
         action.set_defaults(func=func)
-    set_ = rsub.add_parser("set", help="change a VM's frequency or bandwidth limit")
+    set_ = rsub.add_parser("set", help="change a VM's frequency, bandwidth limit or compression")
     set_.add_argument("--config", required=True)
     set_.add_argument("vmid", help="the VM's VMID, or its name")
     set_.add_argument("--frequency", type=parse_frequency, help="30s, 5m, 15m...")
     set_.add_argument("--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G)")
     set_.add_argument("--no-bandwidth-limit", action="store_true")
+    set_.add_argument(
+        "--compression",
+        metavar="METHODS",
+        help="offered by this VM: zstd, lz4, zstd,lz4, none; 'default': the config's",
+    )
+    set_.add_argument(
+        "--recovery-points",
+        type=int,
+        help="refused with where to set it: the recovery side keeps recovery points",
+    )
     set_.add_argument("--json", action="store_true", help="one JSON object: the new settings")
     set_.set_defaults(func=_cmd_set)
     test = rsub.add_parser(

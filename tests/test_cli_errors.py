@@ -157,6 +157,52 @@ def test_actions_say_what_they_did_in_json(
     assert (code, json.loads(out)["action"]) == (0, "disable")
 
 
+def test_set_refuses_recovery_points_and_a_bad_compression(
+    capsys: pytest.CaptureFixture[str], primary: Path
+) -> None:
+    code, _, err = run(
+        capsys, "replication", "set", "--config", str(primary), "web01", "--recovery-points", "5"
+    )
+    assert code == 1
+    assert "recovery points are kept by the recovery side" in err
+    assert "recovery_points=5" in err
+    code, _, err = run(
+        capsys, "replication", "set", "--config", str(primary), "web01", "--compression", "gzip"
+    )
+    assert (code, err) == (1, "frctl: set: --compression: 'gzip' is not zstd, lz4 or none\n")
+    code, out, _ = run(
+        capsys, "replication", "set", "--config", str(primary), "web01", "--compression", "zstd"
+    )
+    assert (code, out) == (
+        0,
+        "replication/web01: frequency 300 s, bandwidth limit none, compression zstd\n",
+    )
+
+
+def test_enable_refuses_an_enabled_vm(capsys: pytest.CaptureFixture[str], primary: Path) -> None:
+    state = PrimaryStateStore(primary.parent / "state").all()[0]
+    code, _, err = run(
+        capsys,
+        "replication",
+        "enable",
+        "--config",
+        str(primary),
+        "--vmid",
+        state.vmid,
+        "--name",
+        "web01",
+        "--disk",
+        f"d0={primary.parent / 'd0.img'}",
+        "--server",
+        "h:1",
+        "--frequency",
+        "1m",
+    )
+    assert code == 1
+    assert "is already enabled" in err
+    assert PrimaryStateStore(primary.parent / "state").load(state.vmid).frequency_s == 300.0
+
+
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,7 +69,7 @@ STATE_FORMAT: Final = 1
 #: The fields an operator's command sets (``pause``, ``resume``, ``set``). The service
 #: never writes them: its saves keep whatever the file holds
 #: (:meth:`PrimaryStateStore.save_progress`), so a running cycle cannot undo a pause.
-OPERATOR_FIELDS: Final[tuple[str, ...]] = ("paused", "frequency_s", "bandwidth_bps")
+OPERATOR_FIELDS: Final[tuple[str, ...]] = ("paused", "frequency_s", "bandwidth_bps", "compression")
 
 
 def operator_fields(state: VMReplicationState) -> dict[str, Any]:
@@ -221,6 +221,10 @@ class VMReplicationState:
     #: whose replicator finds another's token knows another process (a resync or a
     #: failover from the CLI) moved the VM on, and starts over from the file.
     written_by: str = ""
+    #: The compression methods this VM offers (``"zstd"``, ``"lz4"``, ``"zstd,lz4"``,
+    #: ``"none"``), set by ``frctl replication set --compression``; None: the primary
+    #: configuration's ``compression``.
+    compression: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -310,6 +314,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "last_error": (str, type(None)),
     "incarnation": (str,),
     "written_by": (str,),
+    "compression": (str, type(None)),
 }
 
 
