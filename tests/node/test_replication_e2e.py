@@ -121,8 +121,9 @@ async def test_a_vms_own_compression_is_offered_over_the_configs(
     """``frctl replication set --compression`` (operations.set_limits): the VM offers its
     own methods from its next connection; ``default`` gives it the config's again."""
     from node.primary.operations import set_limits
+    from node.primary.replicator import VMReplicator
 
-    def _negotiated(replicator: Any) -> fp.Compression:
+    def _negotiated(replicator: VMReplicator) -> fp.Compression:
         return replicator.last_compression  # read anew each time (mypy narrows attributes)
 
     vmid = uuid.UUID(bytes=random.Random(12).randbytes(16), version=4)
