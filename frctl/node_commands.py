@@ -422,7 +422,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from .oob_commands import ProgressLine
+    from .progress import ProgressLine
 
     progress = ProgressLine(f"resynchronizing {replicator.state.name}")
     try:
