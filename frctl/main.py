@@ -87,9 +87,21 @@ def _cmd_cert_ca_create(args: argparse.Namespace) -> int:
     except (CertError, OSError) as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {files.key}")
-    print(f"wrote {files.cert}")
-    print(f"CA fingerprint (sha256): {info.fingerprint_sha256}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "action": "ca create",
+                    "key": str(files.key),
+                    "cert": str(files.cert),
+                    "fingerprint_sha256": info.fingerprint_sha256,
+                }
+            )
+        )
+    else:
+        print(f"wrote {files.key}")
+        print(f"wrote {files.cert}")
+        print(f"CA fingerprint (sha256): {info.fingerprint_sha256}", file=sys.stderr)
     print(
         f"keep {files.key} secret and backed up: losing it means re-issuing every host "
         "certificate; copy only ca.pem to hosts",
@@ -123,6 +135,10 @@ def _cmd_cert_issue(args: argparse.Namespace) -> int:
     except (CertError, OSError) as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        wrote = [str(files.key), str(files.cert)] + ([] if ca_copy_existed else [str(files.ca)])
+        print(json.dumps({"action": "cert issue", "name": args.name, "wrote": wrote}))
+        return 0
     print(f"wrote {files.key}")
     print(f"wrote {files.cert}")
     if not ca_copy_existed:
@@ -183,6 +199,7 @@ def _add_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument("--name", default="frrep CA", help="the CA's common name")
     create.add_argument("--days", type=_positive_days, default=3650, help="validity (3650)")
     create.add_argument("--force", action="store_true", help="overwrite existing files")
+    create.add_argument("--json", action="store_true", help="one JSON object: what was written")
     create.set_defaults(func=_cmd_cert_ca_create)
 
     issue = csub.add_parser(
@@ -200,6 +217,7 @@ def _add_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     issue.add_argument("--ip", action="append", metavar="ADDR", help="IP address SAN (repeatable)")
     issue.add_argument("--days", type=_positive_days, default=825, help="validity (825)")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.add_argument("--json", action="store_true", help="one JSON object: what was written")
     issue.set_defaults(func=_cmd_cert_issue)
 
     show = csub.add_parser("show", help="describe a certificate file")
@@ -214,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="frctl",
         description="Replication of virtual machines to a recovery cluster.",
     )
+    major, minor = frproto.limits.PROTOCOL_VERSION
     parser.add_argument(
         "--version",
         action="version",
-        version=f"frctl {_package_version()}",
+        version=f"frctl {_package_version()} (protocol {major}.{minor})",
         help="print the version",
     )
     parser.add_argument(

@@ -349,3 +349,20 @@ def test_every_sample_configuration_passes_the_key_check(tmp_path: Path) -> None
         path.write_text(text)
         _loader(detect_kind(path))(path)  # raises ConfigError with the line
         assert where
+
+
+def test_cert_commands_say_what_they_wrote_in_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca"
+    code, out, _ = run(capsys, "cert", "ca", "create", "--dir", str(ca), "--json")
+    created = json.loads(out)
+    assert (code, created["action"], created["cert"]) == (0, "ca create", str(ca / "ca.pem"))
+    code, out, _ = run(
+        capsys, "cert", "issue", "r1", "--ca", str(ca), "--out", str(tmp_path), "--json"
+    )
+    issued = json.loads(out)
+    assert (code, issued["action"], len(issued["wrote"])) == (0, "cert issue", 3)
+    code, out, _ = run(capsys, "cert", "show", str(tmp_path / "r1.pem"), "--json")
+    shown = json.loads(out)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["not_after"])
