@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 import trio
+from prometheus_client import CollectorRegistry
 
 import frproto as fp
 from broker.authorization import authorization_from_settings
@@ -55,6 +56,7 @@ from node.recovery_server import RecoveryServer
 
 from .config import ClusterNodeConfig
 from .failover import FailoverRunner
+from .metrics import NodeCollector
 from .migration import Migrator
 
 log = logging.getLogger("frrep.node")
@@ -71,6 +73,7 @@ class ClusterNode:
         config: the node's configuration.
         ssl_context: overrides the server context built from ``config.tls`` (tests).
         rng: randomness for the broker's ``random`` placement (tests seed it).
+        registry: where its metrics go (the process's registry; a private one if None).
     """
 
     def __init__(
@@ -79,8 +82,14 @@ class ClusterNode:
         *,
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
+        self.registry = registry or CollectorRegistry()
+        #: The cluster store answered the last request of the keepalive loop.
+        self.store_reachable = False
+        #: This node's record is in the store under a lease not known to have expired.
+        self.registered = False
         self.keys = Keys(config.prefix)
         self._ssl = ssl_context or server_context(config.tls.cert, config.tls.key, config.tls.ca)
         self._rng = rng
@@ -143,7 +152,9 @@ class ClusterNode:
                 # Shared storage is served by every node (ownership decides per VM).
                 claim_storage=not self.config.shared_storage,
                 on_deleted=self._vm_deleted,
+                registry=self.registry,
             )
+            NodeCollector(self, self.registry)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.port = await nursery.start(self._serve)
@@ -163,6 +174,15 @@ class ClusterNode:
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)
                 task_status.started(self.port)
+
+    def ready(self) -> str | None:
+        """None when the node serves and is registered in the cluster store (``/readyz``),
+        else why not."""
+        if self._server is None or not self._server.listening:
+            return "not listening"
+        if not self.registered:
+            return "not registered in the cluster store"
+        return None
 
     async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The recovery server's listener, in a cancel scope of its own: a change of the
@@ -221,9 +241,11 @@ class ClusterNode:
                     self.keys.node(self.config.name), self.node_record().to_json(), lease=lease
                 )
             except StoreError as exc:
+                self.store_reachable = False
                 log.warning("announcing %s: %s; retrying", self.config.name, exc)
                 await trio.sleep(ttl / 4)
                 continue
+            self.store_reachable = self.registered = True
             if not started:
                 task_status.started()
                 started = True
@@ -233,10 +255,13 @@ class ClusterNode:
                     await self.store.keepalive(lease)
                     kvs, _ = await self.store.range(self.keys.nodes)
                     self._peers = {kv.key.removeprefix(self.keys.nodes) for kv in kvs}
+                    self.store_reachable = True
                 except LeaseExpired:
+                    self.store_reachable, self.registered = True, False
                     log.warning("%s: lease expired: announcing again", self.config.name)
                     break
                 except StoreError as exc:
+                    self.store_reachable = False
                     log.warning("%s: keepalive: %s", self.config.name, exc)
 
     # -- settings -------------------------------------------------------------------------

@@ -22,6 +22,9 @@ Example::
     # cap_up = "ip addr add 10.0.0.10/24 dev eth0"    # run when this node becomes broker
     # cap_down = "ip addr del 10.0.0.10/24 dev eth0"  # run when it stops being broker
 
+    [metrics]                     # optional: /metrics, /livez, /readyz (plain HTTP)
+    listen = "127.0.0.1:9464"
+
     [tls]
     cert = "certs/n1.example.com.pem"
     key = "certs/n1.example.com-key.pem"
@@ -36,12 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.store import MissingBackend, etcd_store_class
 from frlink.config import (
+    METRICS_TABLE,
     TLS_TABLE,
     ConfigError,
+    MetricsListen,
     Schema,
     Table,
     TLSFiles,
+    metrics_listen,
     parse_rate,
     read_checked,
     string,
@@ -75,6 +82,7 @@ CLUSTER_NODE_SCHEMA: Schema = {
         }
     ),
     "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
 }
 
 
@@ -100,6 +108,8 @@ class ClusterNodeConfig:
     #: Run after a failover to a replica here (``frctl cluster failover``): starts the VM
     #: from the replica's disks (environment: ``node/failover/test.py``'s CommandHook).
     failover_start: str = ""
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -120,6 +130,10 @@ def _store_url(raw: str, base: Path, where: str) -> str:
             raise ConfigError(f"{where}: 'store' names no SQLite file")
         return f"sqlite://{(base / path).resolve()}{query}"
     if raw.startswith(("etcd://", "etcd+https://")):
+        try:
+            etcd_store_class()  # refused now, not when the node first opens its store
+        except MissingBackend as exc:
+            raise ConfigError(f"{where}: 'store': {exc}") from None
         return raw
     raise ConfigError(f"{where}: 'store' must be a sqlite:// or etcd:// URL")
 
@@ -166,4 +180,5 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),
+        metrics=metrics_listen(data, path),
     )

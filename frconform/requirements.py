@@ -12,22 +12,22 @@ read). The sentence names whom it binds first (one of :data:`SUBJECTS`, after "A
 carries an RFC 2119 keyword (:data:`LEVELS`). A withdrawn requirement keeps its line and
 id with the sentence "Withdrawn." (and why): its id stays taken, but it is not returned.
 
-The document is found in the source tree (this package is installed editable). When a
-copy of the document is shipped as package data, :func:`load_requirements` should read
-that copy (``importlib.resources.files("frconform") / "protocol.md"``) when the tree's
-file is absent; until then it reads only the tree's, and any other copy can be passed as
-``path``.
+The document is package data (:func:`frconform.resources.protocol_document`, the
+repository's ``docs/protocol.md``), so an installed wheel has it; any other copy can be
+passed to :func:`load_requirements`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Final
 
-#: The protocol document in the source tree.
-DOC_PATH: Final = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+from .resources import protocol_document
+
+#: The protocol document, as shipped with this package (``docs/protocol.md``).
+DOCUMENT: Final = protocol_document()
 
 #: Whom a requirement can bind, as its sentence names it after "A" (longest first).
 SUBJECTS: Final = (
@@ -225,17 +225,9 @@ def withdrawn_ids(markdown: str) -> list[str]:
     return [e.id for e, r in _checked(markdown) if r is None]
 
 
-def load_requirements(path: Path | None = None) -> dict[str, Requirement]:
-    """The requirements of the protocol document at ``path`` (default: the source tree's
-    ``docs/protocol.md``, :data:`DOC_PATH`), by id in the document's order."""
-    doc = DOC_PATH if path is None else path
-    try:
-        text = doc.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if path is not None:
-            raise
-        raise FileNotFoundError(
-            f"{doc} not found: frconform reads docs/protocol.md from the source tree "
-            "(an editable install); pass the document's path"
-        ) from None
-    return parse_requirements(text)
+def load_requirements(path: Traversable | None = None) -> dict[str, Requirement]:
+    """The requirements of the protocol document at ``path`` (a :class:`~pathlib.Path` or
+    any traversable; default: the one shipped with this package, :data:`DOCUMENT`), by id
+    in the document's order."""
+    doc = DOCUMENT if path is None else path
+    return parse_requirements(doc.read_text(encoding="utf-8"))

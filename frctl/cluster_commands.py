@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,25 @@ def _cmd_node_run(args: argparse.Namespace) -> int:
     from frcluster.config import load_cluster_node_config
     from frlink.config import ConfigError
 
+    from .daemon import run_daemon
+
     setup_logging(args.log_level)
     try:
         config = load_cluster_node_config(Path(args.config))
     except ConfigError as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
-    trio.run(ClusterNode(config).run)
+    node = ClusterNode(config)
+    trio.run(
+        partial(
+            run_daemon,
+            node.run,
+            registry=node.registry,
+            ready=node.ready,
+            metrics=config.metrics,
+            cert=config.tls.cert,
+        )
+    )
     return 0
 
 

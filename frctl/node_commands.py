@@ -9,6 +9,7 @@ import re
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,30 @@ def _primary_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_primary_run(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
     from node.primary.locks import ServiceAlreadyRunning
+    from node.primary.metrics import PrimaryMetrics
     from node.primary.service import run_primary
+    from node.primary.state import PrimaryStateStore
+
+    from .daemon import run_daemon
 
     setup_logging(args.log_level)
+    config = _primary_config(args)
+    registry = CollectorRegistry()
+    metrics = PrimaryMetrics(registry, PrimaryStateStore(config.state_dir))
     try:
-        trio.run(run_primary, _primary_config(args))
+        trio.run(
+            partial(
+                run_daemon,
+                partial(run_primary, config, metrics=metrics),
+                registry=registry,
+                ready=metrics.ready,
+                metrics=config.metrics,
+                cert=config.tls.cert,
+            )
+        )
     except ServiceAlreadyRunning as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1

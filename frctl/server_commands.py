@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,34 @@ from .logs import setup_logging
 
 
 def _cmd_server_run(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
     from node.config import ConfigError, load_recovery_server_config
     from node.recovery_server import RecoveryServer
 
+    from .daemon import run_daemon
+
     setup_logging(args.log_level)
+    path = Path(args.config)
     try:
-        config = load_recovery_server_config(Path(args.config))
+        config = load_recovery_server_config(path)
     except ConfigError as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
-    trio.run(RecoveryServer(config).serve)
+    registry = CollectorRegistry()
+    server = RecoveryServer(config, registry=registry)
+    trio.run(
+        partial(
+            run_daemon,
+            server.serve,
+            registry=registry,
+            ready=lambda: None if server.listening else "not listening",
+            metrics=config.metrics,
+            cert=config.tls.cert,
+            # SIGHUP: the authorization entries, read again (a bad file is refused).
+            reload=partial(server.reload_authorization, path),
+        )
+    )
     return 0
 
 

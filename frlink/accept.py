@@ -99,18 +99,23 @@ async def accept(
     *,
     what: str = "this recovery server",
     route: Router | None = None,
+    refused: Callable[[str], None] | None = None,
 ) -> Accepted[G] | None:
     """Handshake and negotiate on ``raw``; None when the connection was refused (and
     answered as it should be). ``authorize`` maps certificate names to a grant or raises
     a :class:`frproto.ReplicationError` (its code becomes the negotiation's status).
     ``route``, if given, replaces ``policy`` and ``authorize`` by what it returns for the
-    name the client asked for."""
+    name the client asked for. ``refused``, if given, is told why a connection was
+    refused (``no_tls``, ``tls``, or the negotiation's status code name in lower case:
+    a bounded set, for a metric)."""
+    tell = refused or (lambda reason: None)
     with trio.fail_after(HANDSHAKE_TIMEOUT):
         head = await raw.receive_some(1)
         if not head:
             return None
         if head[0] != _TLS_HANDSHAKE_RECORD:
             log.warning("refused a connection without TLS")
+            tell("no_tls")
             conn = fp.Connection(fp.Role.RECOVERY)
             error = fp.NotAuthorized(f"{what} requires mutual TLS with certificates")
             await raw.send_all(conn.send_error(error))
@@ -122,6 +127,7 @@ async def accept(
             )
         except TLSFailure as exc:
             log.warning("TLS handshake refused: %s", exc)
+            tell("tls")
             return None
         names = peer_names(tls)
         sni = requested_name(tls)
@@ -134,11 +140,13 @@ async def accept(
             grant = authorize(names)
         except fp.ReplicationError as exc:
             log.warning("%s", exc)
+            tell(type(exc).code.name.lower())
             refusal = fp.answer_negotiation(request, policy)
             await framed.send(replace(refusal, status=type(exc).code))
             return None
         answer = fp.answer_negotiation(request, policy)
         await framed.send(answer)
         if not answer.ok:
+            tell(fp.ErrorCode(answer.status).name.lower())
             return None
     return Accepted(framed, grant, names, request, sni)

@@ -18,12 +18,15 @@ from frproto import CompressionSet
 from .config_keys import ConfigKeyError, Schema, Table, check_keys
 
 __all__ = [
+    "METRICS_TABLE",
     "NO_COMPRESSION",
     "TLS_TABLE",
     "ConfigError",
+    "MetricsListen",
     "Schema",
     "TLSFiles",
     "Table",
+    "metrics_listen",
     "parse_compression",
     "parse_rate",
     "read_checked",
@@ -68,6 +71,8 @@ def string(table: dict[str, Any], key: str, where: str) -> str:
 
 #: The [tls] table every configuration file has.
 TLS_TABLE = Table({"cert": str, "key": str, "ca": str})
+#: The optional [metrics] table of every service's file (:func:`metrics_listen`).
+METRICS_TABLE = Table({"listen": str})
 
 
 def _read_text(path: Path) -> str:
@@ -137,3 +142,31 @@ def parse_rate(text: object) -> float:
     if not value > 0:
         raise ValueError(f"a rate must be positive, not {text!r}")
     return value * scale
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsListen:
+    """Where the operations listener (``/metrics``, ``/livez``, ``/readyz``) listens."""
+
+    host: str
+    port: int
+
+
+def metrics_listen(data: dict[str, Any], path: Path) -> MetricsListen | None:
+    """The ``[metrics]`` table: ``listen = "127.0.0.1:9464"`` (``"[::1]:9464"`` for
+    IPv6); None when the table is absent (no listener)."""
+    metrics = data.get("metrics")
+    if metrics is None:
+        return None
+    where = f"{path} [metrics]"
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(metrics) - {"listen"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (only 'listen')")
+    text = string(metrics, "listen", where)
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{where}: 'listen' must be \"address:port\", not {text!r}")
+    return MetricsListen(host, int(port))

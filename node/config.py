@@ -8,6 +8,9 @@ Example::
     port = 7443
     recovery_points = 24         # recovery points kept per replica
 
+    [metrics]                    # optional: /metrics, /livez, /readyz in plain HTTP
+    listen = "127.0.0.1:9464"
+
     [tls]                        # paths are relative to this file
     cert = "certs/r1.example.com.pem"
     key = "certs/r1.example.com-key.pem"
@@ -31,12 +34,15 @@ from typing import Any
 
 from frlink.authz import Authorization, AuthorizationEntry
 from frlink.config import (
+    METRICS_TABLE,
     NO_COMPRESSION,
     TLS_TABLE,
     ConfigError,
+    MetricsListen,
     Schema,
     Table,
     TLSFiles,
+    metrics_listen,
     parse_compression,
     read_checked,
     string,
@@ -65,12 +71,15 @@ class RecoveryServerConfig:
     tls: TLSFiles
     authorization: Authorization
     recovery_points: int = 24
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 #: Every table and key of a recovery server's file (anything else is refused).
 RECOVERY_SERVER_SCHEMA: Schema = {
     "server": Table({"name": str, "listen": str, "port": int, "recovery_points": int}),
     "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
     "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
     "any_primary": Table({"storage": str, "trust_group": str}),
 }
@@ -124,4 +133,5 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
             any_primary=any_entry,
         ),
         recovery_points=points,
+        metrics=metrics_listen(data, path),
     )

@@ -21,10 +21,12 @@ import os
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
+from prometheus_client import CollectorRegistry
 
 import frproto as fp
 from frlink.accept import Accepted, accept
@@ -33,7 +35,8 @@ from frlink.tls import server_context
 from node.storage import ReplicaStore, StorageFaults
 from node.storage.lock import StorageBusy, claim
 
-from .config import RecoveryServerConfig
+from .config import ConfigError, RecoveryServerConfig, load_recovery_server_config
+from .metrics import ServerMetrics, failure_reason
 from .recovery_session import DeletedHook, Session
 
 log = logging.getLogger("frrep.recovery")
@@ -77,6 +80,8 @@ class RecoveryServer:
             serving it; False for storage that cluster nodes share.
         on_deleted: awaited after a RelationshipDelete removed a replica, before the Ack
             (a cluster node has the cluster forget the VM); may refuse the delete.
+        registry: where its metrics are registered (the process's registry; a private
+            one when None).
     """
 
     def __init__(
@@ -91,8 +96,12 @@ class RecoveryServer:
         cap: CapRoute | None = None,
         claim_storage: bool = True,
         on_deleted: DeletedHook | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
+        self.metrics = ServerMetrics(registry or CollectorRegistry())
+        #: True while the listener accepts connections (``/readyz``).
+        self.listening = False
         self.on_deleted = on_deleted
         self._cap = cap
         self._claim_storage = claim_storage
@@ -186,7 +195,32 @@ class RecoveryServer:
             listeners[0].socket.getsockname()[1],
         )
         task_status.started(listeners)
-        await trio.serve_listeners(self.handle, listeners)
+        self.listening = True
+        try:
+            await trio.serve_listeners(self.handle, listeners)
+        finally:
+            self.listening = False
+
+    def reload_authorization(self, path: Path) -> bool:
+        """Read the authorization entries of the configuration file ``path`` again and use
+        them for new connections (``frctl server run`` does it on SIGHUP). A file that does
+        not load is refused and the entries in use are kept; False then (logged). Storage
+        locations that are new are opened at their first use."""
+        try:
+            fresh = load_recovery_server_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, the authorization entries in use are kept: %s", exc)
+            return False
+        old = self.config.authorization
+        self.config = replace(self.config, authorization=fresh.authorization)
+        log.info(
+            "authorization reloaded from %s: %d entries (were %d)%s",
+            path,
+            len(fresh.authorization.entries),
+            len(old.entries),
+            ", any primary of our CA admitted" if fresh.authorization.any_primary else "",
+        )
+        return True
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to its end (never raises for a peer's misbehaviour)."""
@@ -194,14 +228,18 @@ class RecoveryServer:
             await self._handle(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.info("connection ended: %s", exc or type(exc).__name__)
+            self.metrics.failed(failure_reason(exc))
         except fp.RemoteProtocolError as exc:
             log.warning("protocol violation by peer: %s (%s)", exc, type(exc).code.name)
+            self.metrics.failed(failure_reason(exc))
         except fp.FrprotoError as exc:
             log.warning("connection closed: %s", exc)
-        except Exception:
+            self.metrics.failed(failure_reason(exc))
+        except Exception as exc:
             # A failure nobody foresaw ends this connection, never the server (nor, on a
             # cluster node, the agent that shares its nursery): logged whole.
             log.exception("connection failed")
+            self.metrics.failed(failure_reason(exc))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -213,7 +251,9 @@ class RecoveryServer:
             answer = cap.answers(name) if cap is not None else None
             return answer or (self._policy, authorize)
 
-        accepted = await accept(raw, self._ssl, self._policy, authorize, route=route)
+        accepted = await accept(
+            raw, self._ssl, self._policy, authorize, route=route, refused=self.metrics.failed
+        )
         if accepted is None:
             return
         if cap is not None and cap.answers(accepted.requested_name) is not None:
@@ -223,7 +263,8 @@ class RecoveryServer:
         log.info(
             "primary %s connected (trust group %s)", grant.identity.name, grant.identity.trust_group
         )
-        session = Session(self, accepted.conn, grant, await self.store_for(grant.storage))
+        store = await self.store_for(grant.storage)
+        session = Session(self, accepted.conn, grant, store, metrics=self.metrics)
         try:
             await session.run()
         finally:

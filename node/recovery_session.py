@@ -29,6 +29,7 @@ import the server's.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -44,6 +45,7 @@ from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
 from .ir_writes import IRWriteQueue
+from .metrics import ServerMetrics, failure_reason
 
 log = logging.getLogger("frrep.recovery")
 
@@ -87,9 +89,16 @@ class Session:
     """The replication session of one authorized connection."""
 
     def __init__(
-        self, server: SessionHost, conn: FramedStream, grant: Grant, store: ReplicaStore
+        self,
+        server: SessionHost,
+        conn: FramedStream,
+        grant: Grant,
+        store: ReplicaStore,
+        *,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.server = server
+        self.metrics = metrics
         self.conn = conn
         self.grant = grant
         self.connection_grant = grant  # what the certificate was granted; grant may differ per VM
@@ -104,6 +113,8 @@ class Session:
         self.batch_refusal: fp.FrprotoError | None = None
         self.ir_unsynced = 0
         self.ir_cursor = (0, 0)
+        #: Between IRBegin and IREnd (a connection lost then lost part of an IR).
+        self.ir_open = False
         self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
 
     def release(self) -> None:
@@ -143,7 +154,15 @@ class Session:
 
     async def _serve(self, handlers: dict[type[Any], Callable[[Any], Any]]) -> None:
         while True:
-            event = await self.conn.next_event()
+            try:
+                event = await self.conn.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self.batch is None and self.batch_refusal is None and not self.ir_open:
+                    # Gone between two messages, every one answered: how a primary ends
+                    # its cycle, not a failure (none is counted).
+                    log.info("the peer closed the connection (%s)", exc)
+                    return
+                raise
             if isinstance(event, fp.Chunk):
                 await self.on_chunk(event)  # the hot path
                 del event  # its data views the frame buffer, which the next frame reuses
@@ -157,6 +176,8 @@ class Session:
                 await handler(event)
             except fp.ReplicationError as exc:
                 log.info("refused %s: %s", type(event).__name__, exc)
+                if self.metrics is not None:
+                    self.metrics.failed(failure_reason(exc))
                 await self.conn.send_error(exc)
                 if self.conn.connection.state is fp.State.MUST_CLOSE:
                     await linger_and_close(self.conn.stream)
@@ -298,11 +319,14 @@ class Session:
     async def on_ir_begin(self, msg: fp.IRBegin) -> None:
         replica = self._current()
         await trio.to_thread.run_sync(replica.begin_ir, msg.sequence)
+        self.ir_open = True
         self.ir_unsynced = 0
         self.ir_cursor = (msg.start_disk, msg.start_offset)
 
     async def on_chunk(self, chunk: fp.Chunk) -> None:
         data = None if chunk.is_zero else chunk.data
+        if data is not None and self.metrics is not None:
+            self.metrics.received_bytes += chunk.length
         if self.batch is not None:
             if self.batch_refusal is None:
                 self.batch.add(chunk.disk_index, chunk.offset, data, length=chunk.length)
@@ -327,6 +351,7 @@ class Session:
         replica = self._current()
         await self.ir_writes.drain()
         await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
+        self.ir_open = False
         log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.IR_COMPLETE, msg.sequence))
 
@@ -360,11 +385,14 @@ class Session:
             raise refusal
         else:
             assert batch is not None
+            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(batch.commit, msg.aggregate_digest)
             except BaseException:
                 batch.abort()
                 raise
+            if self.metrics is not None:
+                self.metrics.batch_apply.observe(time.monotonic() - started)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.BATCH_APPLIED, msg.sequence))
 
     async def on_digest_request(self, msg: fp.DigestMapRequest) -> None:

@@ -15,17 +15,18 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 import frproto as fp
 
+from ..resources import vectors
 from ..scenario import ANY_KIND, BROKER, REPLICATING, Context, not_applicable, scenario
 from ..session import vm_name, where_to_replicate
 from ..wire import Closed, HarnessError
 
-#: The golden vectors, in the repository.
-VECTORS: Final = Path(__file__).resolve().parents[2] / "tests" / "vectors"
+#: The golden error vectors, as shipped with this package (``tests/vectors/errors``).
+ERROR_VECTORS: Final = vectors("errors")
 
 #: The requirement each error code's cases check, unless a case names its own below.
 CODE_REQUIREMENT: Final[dict[str, str]] = {
@@ -122,10 +123,11 @@ class ErrorCase:
         return fp.ErrorCode[self.code_name]
 
 
-def load_cases(directory: Path = VECTORS / "errors") -> Iterator[ErrorCase]:
+def load_cases(directory: Traversable = ERROR_VECTORS) -> Iterator[ErrorCase]:
     """The cases whose receiver is the recovery side, in file order."""
-    for path in sorted(directory.glob("*.json")):
-        doc: dict[str, Any] = json.loads(path.read_text())
+    files = (f for f in directory.iterdir() if f.name.endswith(".json"))
+    for path in sorted(files, key=lambda f: f.name):
+        doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         for case in doc["cases"]:
             if case["receiver"] != "recovery":
                 continue  # a primary's duty: not what this harness tests

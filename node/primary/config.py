@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from frlink.config import (
+    METRICS_TABLE,
     NO_COMPRESSION,
     TLS_TABLE,
     ConfigError,
+    MetricsListen,
     Schema,
     Table,
     TLSFiles,
+    metrics_listen,
     parse_compression,
     parse_rate,
     read_checked,
@@ -52,6 +55,9 @@ class PrimaryConfig:
         host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
         schedule = [["08:00", "18:00", "50M"]]   # office hours: less
 
+        [metrics]                    # optional: /metrics, /livez, /readyz (plain HTTP)
+        listen = "127.0.0.1:9465"
+
         [tls]
         cert = "certs/p1.example.com.pem"
         key = "certs/p1.example.com-key.pem"
@@ -83,6 +89,8 @@ class PrimaryConfig:
     #: Static name -> IP address table (``[hosts]``), consulted before DNS. Names are
     #: lower case without a trailing dot (see :func:`normalize_host_name`).
     hosts: Mapping[str, str] = field(default_factory=dict)
+    #: The operations listener (``[metrics]``); None: none.
+    metrics: MetricsListen | None = None
 
 
 #: Every table and key of a primary's file (anything else is refused).
@@ -98,6 +106,7 @@ PRIMARY_SCHEMA: Schema = {
     ),
     "bandwidth": Table({"host": (str, float), "schedule": list}),
     "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
     "hosts": Table(values=str),
 }
 
@@ -133,6 +142,7 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         compression=parse_compression(primary.get("compression", "none"), path),
         hosts=parse_hosts(data.get("hosts", {}), path),
         resync_window=_window(primary.get("resync_window"), path),
+        metrics=metrics_listen(data, path),
     )
 
 

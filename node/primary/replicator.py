@@ -64,6 +64,7 @@ from .disks import DiskResized, DiskUnavailable, check_disks, image_size
 from .errors import UNREACHABLE, ReplicationHalted
 from .initial import IR_PROGRESS_SECONDS
 from .locks import cycle_lock
+from .metrics import PrimaryMetrics
 from .oob_export import is_exported, map_path
 from .pending_log import PendingLog, PendingLogCorrupt
 from .plan import (
@@ -138,6 +139,8 @@ class VMReplicator:
     resync_window: TimeWindow | None = None
     #: Local date and time (the window's clock; tests set it).
     wall_clock: Callable[[], datetime] = datetime.now
+    #: The service's metrics (cycle durations, bytes sent, failures), if any.
+    metrics: PrimaryMetrics | None = None
     _maps: list[DigestMap] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +163,7 @@ class VMReplicator:
         self._writer = uuid.uuid4().hex
         self._seen_writer = self.state.written_by
         self._exclusive_depth = 0
+        self._noted: RecoveryClient | None = None
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -274,12 +278,14 @@ class VMReplicator:
                     try:
                         await self.cycle()
                     except (ReplicationHalted, PendingLogCorrupt, DiskResized) as exc:
+                        self._count_failure(exc)
                         log.error("replication of %s halted: %s", self.state.name, exc)
                         self.state.health = Health.CRITICAL
                         self.state.halted = str(exc)  # shown by status; waits for a person
                         self._save()
                         return
                     except DiskUnavailable as exc:
+                        self._count_failure(exc)
                         # Not the network: no backoff message about retrying a server.
                         log.error("cycle of %s failed: %s", self.state.name, exc)
                         self.state.health = Health.CRITICAL
@@ -287,6 +293,7 @@ class VMReplicator:
                         self._save()
                         delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
                     except (*UNREACHABLE, fp.FrprotoError) as exc:
+                        self._count_failure(exc)
                         log.warning(
                             "cycle of %s failed: %s; retry in %.0f s", self.state.name, exc, backoff
                         )
@@ -297,8 +304,14 @@ class VMReplicator:
                     else:
                         backoff = _BACKOFF_START
                         elapsed = time.monotonic() - started
+                        if self.metrics is not None:
+                            self.metrics.cycle_done(elapsed)
                         delay = max(0.0, self.state.frequency_s - elapsed)
             await trio.sleep(delay)
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.cycle_failed(exc)
 
     def _still_ours(self) -> bool:
         """Re-read the file: False when this object must stop (disabled, enabled anew,
@@ -387,6 +400,9 @@ class VMReplicator:
     def _note_session(self, client: RecoveryClient) -> None:
         self.last_compression = client.negotiated.compression
         self.last_chunk_bytes_sent = client.conn.chunk_bytes_sent
+        if self.metrics is not None and client is not self._noted:
+            self._noted = client  # a connection may be seen twice (a failed re-query)
+            self.metrics.sent(client.conn.chunk_bytes_sent)
 
     async def _session(self, client: RecoveryClient) -> None:
         await replicate(

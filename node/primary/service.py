@@ -22,6 +22,7 @@ from node.primary.config import PrimaryConfig
 
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
 from .locks import service_lock
+from .metrics import PrimaryMetrics
 from .replicator import VMReplicator
 from .state import PrimaryStateStore
 from .window import TimeWindow
@@ -33,9 +34,13 @@ POLL_SECONDS = 2.0
 
 
 async def run_primary(
-    config: PrimaryConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: PrimaryConfig,
+    *,
+    metrics: PrimaryMetrics | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Replicate every enabled VM until cancelled.
+    """Replicate every enabled VM until cancelled; ``metrics``, if given, is told of
+    every cycle and of each turn of the service loop (``/readyz``).
 
     Raises:
         ServiceAlreadyRunning: another service runs on ``config.state_dir``.
@@ -43,12 +48,17 @@ async def run_primary(
     store = PrimaryStateStore(config.state_dir)
     lock = service_lock(config.state_dir)
     try:
-        await _serve(config, store, task_status)
+        await _serve(config, store, metrics, task_status)
     finally:
         lock.release()
 
 
-async def _serve(config: PrimaryConfig, store: PrimaryStateStore, task_status: Any) -> None:
+async def _serve(
+    config: PrimaryConfig,
+    store: PrimaryStateStore,
+    metrics: PrimaryMetrics | None,
+    task_status: Any,
+) -> None:
     ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
     running: dict[str, trio.CancelScope] = {}
     host_limit: BandwidthLimiter | None = None
@@ -83,9 +93,12 @@ async def _serve(config: PrimaryConfig, store: PrimaryStateStore, task_status: A
                         resync_window=TimeWindow(*config.resync_window)
                         if config.resync_window
                         else None,
+                        metrics=metrics,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:
                 log.info("replication of %s disabled", vmid)
                 running.pop(vmid).cancel()
+            if metrics is not None:
+                metrics.loop_turned()
             await trio.sleep(POLL_SECONDS)

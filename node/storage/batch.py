@@ -200,7 +200,12 @@ class Batches:
                 journal.sync()
                 io.fsync_dir(journal.path.parent)
         except BaseException:
-            batch.abort()
+            # Never acknowledged: discard it, so that the primary's resend of the same
+            # sequence finds no journal in its way. (``batch.abort()`` is no help here:
+            # the batch is already marked finished, and it used to leave the journal open
+            # and in place.) A journal whose END record reaches the disk anyway is stale
+            # by then, and recovery discards it (``recover.py``).
+            self.discard(batch)
             raise
         io.crash("batch_journal_committed")
         records = journal.records

@@ -10,7 +10,7 @@ import pytest
 
 import frproto
 from frconform.requirements import (
-    DOC_PATH,
+    DOCUMENT,
     LEVELS,
     PREFIXES,
     SUBJECTS,
@@ -34,7 +34,7 @@ def requirements() -> dict[str, Requirement]:
 
 def test_the_document_parses(requirements: dict[str, Requirement]) -> None:
     assert len(requirements) >= 80
-    assert load_requirements(DOC_PATH) == requirements
+    assert load_requirements(DOCUMENT) == requirements
 
 
 def test_ids_are_well_formed_and_match_their_keys(requirements: dict[str, Requirement]) -> None:
@@ -45,7 +45,7 @@ def test_ids_are_well_formed_and_match_their_keys(requirements: dict[str, Requir
 
 
 def test_ids_are_unique_in_the_text() -> None:
-    marks = re.findall(r"\*\*\[([A-Za-z]+-[0-9]+)\]\*\*", DOC_PATH.read_text(encoding="utf-8"))
+    marks = re.findall(r"\*\*\[([A-Za-z]+-[0-9]+)\]\*\*", DOCUMENT.read_text(encoding="utf-8"))
     duplicates = sorted({m for m in marks if marks.count(m) > 1})
     assert not duplicates
 

@@ -425,6 +425,49 @@ def test_eio_maps_to_internal_error(tmp_path: Path) -> None:
         assert r.applied_sequence == 1
 
 
+@pytest.mark.parametrize("fail", ["commit record", "journal fsync"])
+def test_a_failed_commit_record_discards_the_batch_and_it_can_be_sent_again(
+    tmp_path: Path, fail: str
+) -> None:
+    """The commit record's write or fsync fails: the batch was never acknowledged, so it
+    is discarded (journal closed and gone) and the primary's resend of the same sequence
+    goes through on the same open replica, without a restart."""
+    seed = 5
+    failing = [True]
+
+    def before_write(path: Path, nbytes: int) -> None:
+        # The commit record is the last write to the journal before its fsync: fail the
+        # write that comes once every record of the batch is in.
+        if fail == "commit record" and failing[0] and path.suffix == ".jrnl" and armed[0]:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    def before_sync(path: Path) -> None:
+        # Only the fsync fails (this hook also runs before the discard's unlink).
+        if fail == "journal fsync" and failing[0] and path.suffix == ".jrnl":
+            failing[0] = False
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    armed = [False]
+    faults = StorageFaults(before_write=before_write, before_sync=before_sync)
+    with ReplicaStore(tmp_path / "root", keep_points=4, faults=faults) as s:
+        r = make(s)
+        do_ir(r, seed)
+        w = r.begin_batch(2, 1, wl.captured_at(2))
+        for x in wl.batch(seed, 2):
+            w.add(x.disk_index, x.offset, x.data, length=x.length)
+        armed[0] = True
+        with pytest.raises(frproto.InternalError, match=r"commit journal .*jrnl"):
+            w.commit()
+        assert r.applied_sequence == 1
+        vm_dir = r.image_path(0).parent.parent
+        assert os.listdir(vm_dir / "journal") == []
+        failing[0] = False
+        apply_batch(r, seed, 2)
+        assert r.applied_sequence == 2
+        assert images(r) == wl.Oracle(seed).at(2)
+        assert os.listdir(vm_dir / "journal") == []
+
+
 def test_failed_rollback_is_finished_by_recover(tmp_path: Path) -> None:
     """Images fail after the first write and keep failing: the rollback cannot run, the
     committed journal stays, and recover() rolls the batch forward."""
