@@ -366,3 +366,11 @@ def test_cert_commands_say_what_they_wrote_in_json(
     code, out, _ = run(capsys, "cert", "show", str(tmp_path / "r1.pem"), "--json")
     shown = json.loads(out)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["not_after"])
+
+
+@pytest.mark.parametrize("sample", ["server.toml", "primary.toml", "node.toml"])
+def test_config_check_accepts_the_examples(capsys: pytest.CaptureFixture[str], sample: str) -> None:
+    path = ROOT / "examples" / sample
+    code, out, _ = run(capsys, "config", "check", str(path), "--no-tls")
+    assert code == 0
+    assert out.endswith("configuration, OK\n")

@@ -120,3 +120,38 @@ def test_a_certificate_from_another_ca(
     assert code_name == 1
     assert steps_name["tls"]["ok"] is False
     assert "the server's certificate" in str(steps_name["tls"]["detail"])
+
+
+def test_at_a_clusters_cap_the_broker_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from frtesting.cluster import CAP_ADDRESS, CAP_NAME, PRIMARY_ADDRESS, ClusterSite
+    from frtesting.cluster import PRIMARY_NAME as CLUSTER_PRIMARY
+
+    site = ClusterSite(tmp_path / "cluster", nodes=1)
+    config = tmp_path / "primary.toml"
+    config.write_text(
+        f"""
+[primary]
+name = "{CLUSTER_PRIMARY}"
+state_dir = "state"
+local_address = "{PRIMARY_ADDRESS}"
+
+[tls]
+cert = "{site.certs}/{CLUSTER_PRIMARY}.pem"
+key = "{site.certs}/{CLUSTER_PRIMARY}-key.pem"
+ca = "{site.certs}/ca.pem"
+"""
+    )
+    cap = ["--server", f"{CAP_ADDRESS}:{site.cap_port}", "--server-name", CAP_NAME]
+    try:
+        site.start_all()
+        site.broker_node()
+        site.authorize_primary()
+        code, steps = probe(capsys, config, *cap)
+    finally:
+        site.stop_all()
+    assert code == 0
+    assert list(steps) == ["reach", "tls", "negotiation", "authorization", "broker"]
+    assert "a clustering broker" in str(steps["negotiation"]["detail"])
+    assert steps["broker"]["ok"] is True
