@@ -15,6 +15,13 @@ import trio
 from .server_commands import is_cluster_config, replica_places, replica_vmid
 
 
+def _vmid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a VMID (a GUID)") from None
+
+
 def _cmd_test(args: argparse.Namespace) -> int:
     import frproto as fp
     from node.failover.test import CommandHook, HookFailed, start_test_failover
@@ -166,7 +173,7 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
         config = load_recovery_server_config(Path(args.config))
         adopted = adopt_disks(
             config.authorization,
-            uuid.UUID(args.vmid),
+            args.vmid,
             name=args.name,
             disks=disks,
             primary=args.primary,
@@ -205,8 +212,11 @@ def _cmd_reverse(args: argparse.Namespace) -> int:
     from node.primary.state import PrimaryStateStore
 
     host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        print(f"frctl: --to {args.to!r}: use HOST:PORT", file=sys.stderr)
+        return 2
+    vmid = replica_vmid(argparse.Namespace(config=args.server_config), args.vmid)
     try:
-        vmid = uuid.UUID(args.vmid)
         primary = load_primary_config(Path(args.config))
         storage = find_replica(replica_places(argparse.Namespace(config=args.server_config)), vmid)
         state = reverse_state(
@@ -270,7 +280,7 @@ def register(sub: Any) -> None:
         "adopt", help="at the former primary: make its disks the replica to replicate back to"
     )
     adopt.add_argument("--config", required=True, help="this host's recovery server config")
-    adopt.add_argument("vmid")
+    adopt.add_argument("vmid", type=_vmid, help="the VM's VMID")
     adopt.add_argument("--name", required=True)
     adopt.add_argument("--disk", action="append", required=True, metavar="ID=PATH")
     adopt.add_argument("--primary", required=True, help="the failed-over side's name")
@@ -282,7 +292,7 @@ def register(sub: Any) -> None:
     )
     reverse.add_argument("--config", required=True, help="this host's primary config")
     reverse.add_argument("--server-config", required=True, help="this host's server config")
-    reverse.add_argument("vmid")
+    reverse.add_argument("vmid", help="the VM's VMID, or its name")
     reverse.add_argument("--to", required=True, metavar="HOST:PORT")
     reverse.add_argument("--to-name", help="the TLS name of the other side (default: HOST)")
     reverse.add_argument("--json", action="store_true", help="one JSON object: what was done")

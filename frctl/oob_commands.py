@@ -17,6 +17,8 @@ from .progress import ProgressLine
 
 
 def _fail(message: object) -> int:
+    if isinstance(message, OSError) and message.filename is not None:
+        message = f"{message.filename}: {message.strerror or message}"
     print(f"frctl: {message}", file=sys.stderr)
     return 1
 
