@@ -374,3 +374,28 @@ def test_config_check_accepts_the_examples(capsys: pytest.CaptureFixture[str], s
     code, out, _ = run(capsys, "config", "check", str(path), "--no-tls")
     assert code == 0
     assert out.endswith("configuration, OK\n")
+
+
+def test_a_server_whose_port_is_taken_says_which(tmp_path: Path) -> None:
+    import socket
+
+    create_ca(tmp_path / "certs")
+    issue_host_cert(tmp_path / "certs", tmp_path / "certs", "r1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "server.toml"
+        path.write_text(SERVER.replace("port = 7443", f'listen = "127.0.0.2"\nport = {port}'))
+        done = subprocess.run(
+            [sys.executable, "-m", "frctl", "server", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.endswith(
+        f"frctl: cannot listen on 127.0.0.2:{port}: Address already in use\n"
+    )
