@@ -81,6 +81,7 @@ __all__ = [
     "Updated",
     "await_failover",
     "delete_vm",
+    "find_vm",
     "parse_assignments",
     "request_failover",
     "request_migration",
@@ -225,6 +226,32 @@ def _vmid(vmid: str | uuid.UUID) -> str:
     except ValueError as exc:
         raise BadVMID(str(exc)) from None
     return vmid
+
+
+async def find_vm(store: ClusterStore, keys: Keys, text: str) -> str:
+    """The VMID of the cluster's VM named by ``text``: its VMID, or its name when one VM
+    of the cluster has it (as ``frctl`` accepts a VM everywhere).
+
+    Raises:
+        NoSuchVM: no VM of that VMID or name, or a name several VMs share (the message
+            lists their VMIDs).
+    """
+    from broker.cluster_view import read_cluster
+
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        pass
+    view = await read_cluster(store, keys)
+    named = sorted(v.vmid for v in view.vms.values() if v.name == text)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        listed = ", ".join(named)
+        raise NoSuchVM(
+            f"{len(named)} VMs of the cluster are named {text!r}; give the VMID ({listed})"
+        )
+    raise NoSuchVM(f"the cluster has no VM {text!r} (neither a VMID nor a VM's name)")
 
 
 async def _update_vm(

@@ -44,16 +44,50 @@ from typing import Any
 
 from broker.store import MissingBackend, etcd_store_class
 from frlink.config import (
+    METRICS_TABLE,
+    TLS_TABLE,
     ConfigError,
     MetricsListen,
+    Schema,
+    Table,
     TLSFiles,
     metrics_listen,
     parse_rate,
-    read_toml,
+    read_checked,
     string,
     table,
     tls_files,
 )
+
+#: Every table and key of a cluster node's file (anything else is refused).
+CLUSTER_NODE_SCHEMA: Schema = {
+    "node": Table(
+        {
+            "name": str,
+            "listen": str,
+            "port": int,
+            "storage": str,
+            "shared_storage": bool,
+            "capacity": (str, int),
+            "failover_start": str,
+        }
+    ),
+    "cluster": Table(
+        {
+            "store": str,
+            "prefix": str,
+            "cap_name": str,
+            "cap_address": str,
+            "cap_port": int,
+            "lease_ttl": float,
+            "cap_up": str,
+            "cap_down": str,
+        }
+    ),
+    "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
+    "console": Table({"port": int, "listen": str}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +152,7 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    data = read_toml(path)
+    data = read_checked(path, CLUSTER_NODE_SCHEMA)
     base = path.parent
     node = table(data, "node", path)
     cluster = table(data, "cluster", path)

@@ -35,10 +35,11 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run(args: argparse.Namespace, job: Any) -> int:
-    """Run ``await job(store, keys)`` against the cluster store; print errors plainly."""
-    from broker.admin import AdminError
-    from broker.records import Keys, RecordError
-    from broker.store import StoreError, open_store
+    """Run ``await job(store, keys)`` against the cluster store. The store's and the
+    administration's errors are said by frctl's one handler (``frctl.errors``: a VM the
+    cluster does not have exits 4)."""
+    from broker.records import Keys
+    from broker.store import open_store
 
     url, prefix = _target(args)
 
@@ -49,7 +50,7 @@ def _run(args: argparse.Namespace, job: Any) -> int:
 
     try:
         return trio.run(main)
-    except (AdminError, StoreError, RecordError, ValueError) as exc:
+    except ValueError as exc:  # a value the operator gave (a setting, a label)
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
 
@@ -106,7 +107,18 @@ def _cmd_settings(args: argparse.Namespace) -> int:
             return 0
         updates = admin.parse_assignments(args.assignments)
         done = await admin.update_settings(store, keys, updates, by=_who())
-        for name, (old, value) in (done.old or Settings()).changes(done.new).items():
+        changes = (done.old or Settings()).changes(done.new)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "action": "settings",
+                        "changed": {n: {"old": o, "new": v} for n, (o, v) in changes.items()},
+                    }
+                )
+            )
+            return 0
+        for name, (old, value) in changes.items():
             print(f"{name}: {json.dumps(old)} -> {json.dumps(value)}")
         return 0
 
@@ -138,7 +150,12 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
                 }
             )
         if args.json:
-            print(json.dumps({"broker": asdict(holder) if holder else None, "nodes": rows}))
+            from .timefmt import rfc3339
+
+            broker = None
+            if holder is not None:
+                broker = {**asdict(holder), "elected_at": rfc3339(holder.elected_at)}
+            print(json.dumps({"broker": broker, "nodes": rows}))
             return 0
         if holder is not None:
             print(
@@ -181,8 +198,12 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_migration(store, keys, args.vmid, args.node, by=_who())
-        print(f"VM {args.vmid}: to move to {args.node} (its owner moves it)")
+        vmid = await admin.find_vm(store, keys, args.vmid)
+        await admin.request_migration(store, keys, vmid, args.node, by=_who())
+        if args.json:
+            print(json.dumps({"action": "migrate", "vmid": vmid, "to": args.node}))
+        else:
+            print(f"VM {vmid}: to move to {args.node} (its owner moves it)")
         return 0
 
     return _run(args, job)
@@ -194,12 +215,13 @@ def _cmd_failover(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.request_failover(store, keys, args.vmid, point=args.point, by=_who())
+        vmid = await admin.find_vm(store, keys, args.vmid)
+        await admin.request_failover(store, keys, vmid, point=args.point, by=_who())
         point = "the latest recovery point" if args.point < 0 else f"recovery point {args.point}"
         if not args.json:
-            print(f"VM {args.vmid}: failover to {point} asked of its node; waiting")
+            print(f"VM {vmid}: failover to {point} asked of its node; waiting")
         # The owner carries it out (frcluster/failover.py) and records the outcome.
-        vm = await admin.await_failover(store, keys, args.vmid, timeout=args.wait)
+        vm = await admin.await_failover(store, keys, vmid, timeout=args.wait)
         done = vm.failover is FailoverState.DONE
         if args.json:
             print(
@@ -233,8 +255,12 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
-        await admin.delete_vm(store, keys, args.vmid, by=_who())
-        print(f"VM {args.vmid}: deleted (its primary is told so and stops)")
+        vmid = await admin.find_vm(store, keys, args.vmid)
+        await admin.delete_vm(store, keys, vmid, by=_who())
+        if args.json:
+            print(json.dumps({"action": "delete", "vmid": vmid}))
+        else:
+            print(f"VM {vmid}: deleted (its primary is told so and stops)")
         return 0
 
     return _run(args, job)
@@ -247,6 +273,9 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         await admin.set_draining(store, keys, args.node, draining=not args.undo, by=_who())
+        if args.json:
+            print(json.dumps({"action": "drain", "node": args.node, "draining": not args.undo}))
+            return 0
         what = "no longer draining" if args.undo else "draining: its replicas move away"
         print(f"{args.node}: {what}")
         return 0
@@ -265,7 +294,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
             name, sep, value = item.partition("=")
             changes[name] = value if sep else None  # NAME alone: remove it
         done = await admin.set_labels(store, keys, args.node, changes, by=_who())
-        print(f"{args.node}: labels {json.dumps(done.new.labels)}")
+        if args.json:
+            print(json.dumps({"action": "label", "node": args.node, "labels": done.new.labels}))
+        else:
+            print(f"{args.node}: labels {json.dumps(done.new.labels)}")
         return 0
 
     return _run(args, job)
@@ -368,20 +400,23 @@ def register(sub: Any) -> None:
 
     migrate = csub.add_parser("migrate", help="move a replica to another node")
     common(migrate)
-    migrate.add_argument("vmid")
+    migrate.add_argument("vmid", help="the VM's VMID, or its name")
     migrate.add_argument("node")
+    migrate.add_argument("--json", action="store_true", help="one JSON object: what was done")
     migrate.set_defaults(func=_cmd_migrate)
 
     drain = csub.add_parser("drain", help="move a node's replicas away, place nothing on it")
     common(drain)
     drain.add_argument("node")
     drain.add_argument("--undo", action="store_true", help="stop draining")
+    drain.add_argument("--json", action="store_true", help="one JSON object: what was done")
     drain.set_defaults(func=_cmd_drain)
 
     label = csub.add_parser("label", help="set NAME=VALUE (or remove NAME) labels on a node")
     common(label)
     label.add_argument("node")
     label.add_argument("labels", nargs="+")
+    label.add_argument("--json", action="store_true", help="one JSON object: what was done")
     label.set_defaults(func=_cmd_label)
 
     password = csub.add_parser(
@@ -405,7 +440,7 @@ def register(sub: Any) -> None:
         "failover", help="unplanned failover: the VM's node starts it from its replica"
     )
     common(failover)
-    failover.add_argument("vmid")
+    failover.add_argument("vmid", help="the VM's VMID, or its name")
     failover.add_argument(
         "--point", type=int, default=-1, help="a kept recovery point (default: the latest)"
     )
@@ -415,5 +450,6 @@ def register(sub: Any) -> None:
 
     delete = csub.add_parser("delete", help="delete a replica VM (its primary stops)")
     common(delete)
-    delete.add_argument("vmid")
+    delete.add_argument("vmid", help="the VM's VMID, or its name")
+    delete.add_argument("--json", action="store_true", help="one JSON object: what was done")
     delete.set_defaults(func=_cmd_delete)

@@ -12,7 +12,14 @@ from typing import Any
 
 import trio
 
-from .server_commands import is_cluster_config, replica_places
+from .server_commands import is_cluster_config, replica_places, replica_vmid
+
+
+def _vmid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a VMID (a GUID)") from None
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -22,10 +29,12 @@ def _cmd_test(args: argparse.Namespace) -> int:
     # Absolute before anything is loaded: every path the configuration names is relative
     # to its file, and the storage root's containment check needs an absolute root.
     config = Path(args.config).resolve()
+    located = argparse.Namespace(**{**vars(args), "config": str(config)})
+    vmid = replica_vmid(located, args.vmid)
     try:
         copy = start_test_failover(
-            replica_places(argparse.Namespace(**{**vars(args), "config": str(config)})),
-            uuid.UUID(args.vmid),
+            replica_places(located),
+            vmid,
             Path(os.path.abspath(args.out)),
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
@@ -69,7 +78,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     except (HookFailed, OSError, ValueError) as exc:
         print(f"frctl: cleanup: {exc}", file=sys.stderr)
         return 1
-    print(f"removed the test failover in {directory}")
+    if args.json:
+        print(json.dumps({"action": "cleanup", "directory": str(directory)}))
+    else:
+        print(f"removed the test failover in {directory}")
     return 0
 
 
@@ -87,10 +99,11 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    vmid = replica_vmid(args, args.vmid)
     try:
         result = unplanned_failover(
             replica_places(args),
-            uuid.UUID(args.vmid),
+            vmid,
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
         )
@@ -117,11 +130,7 @@ def _cmd_planned(args: argparse.Namespace) -> int:
 
     from .node_commands import replicator_from_args
 
-    try:
-        replicator = replicator_from_args(args)
-    except FileNotFoundError:
-        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
-        return 4
+    replicator = replicator_from_args(args)
     if args.stop_command:
         done = subprocess.run(args.stop_command, shell=True, check=False)
         if done.returncode:
@@ -140,7 +149,8 @@ def _cmd_planned(args: argparse.Namespace) -> int:
         print(
             f"{replicator.state.name}: the replica holds the final state (sequence "
             f"{result.sequence}, {result.blocks} blocks verified); replication stopped. At the "
-            f"recovery server: frctl failover unplanned --config SERVER.toml {args.vmid} "
+            f"recovery server: frctl failover unplanned --config SERVER.toml "
+            f"{replicator.state.vmid} "
             f"--point {result.sequence}"
         )
     return 0
@@ -163,7 +173,7 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
         config = load_recovery_server_config(Path(args.config))
         adopted = adopt_disks(
             config.authorization,
-            uuid.UUID(args.vmid),
+            args.vmid,
             name=args.name,
             disks=disks,
             primary=args.primary,
@@ -172,6 +182,19 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
     except (fp.FrprotoError, OSError, ValueError) as exc:
         print(f"frctl: adopt: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "action": "adopt",
+                    "vmid": str(adopted.vmid),
+                    "storage": str(adopted.storage),
+                    "generation": adopted.generation,
+                    "data_bytes": adopted.data_bytes,
+                }
+            )
+        )
+        return 0
     print(
         f"VM {adopted.vmid}: its disks are the replica in {adopted.storage} (generation "
         f"{adopted.generation}, {adopted.data_bytes} data bytes); the failed-over side may "
@@ -189,8 +212,11 @@ def _cmd_reverse(args: argparse.Namespace) -> int:
     from node.primary.state import PrimaryStateStore
 
     host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        print(f"frctl: --to {args.to!r}: use HOST:PORT", file=sys.stderr)
+        return 2
+    vmid = replica_vmid(argparse.Namespace(config=args.server_config), args.vmid)
     try:
-        vmid = uuid.UUID(args.vmid)
         primary = load_primary_config(Path(args.config))
         storage = find_replica(replica_places(argparse.Namespace(config=args.server_config)), vmid)
         state = reverse_state(
@@ -204,6 +230,9 @@ def _cmd_reverse(args: argparse.Namespace) -> int:
     except (fp.FrprotoError, OSError, ValueError) as exc:
         print(f"frctl: reverse: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps({"action": "reverse", "vmid": state.vmid, "to": args.to}))
+        return 0
     print(
         f"{state.name}: replicates back to {args.to} from its replica's disks; the first "
         "cycle sends only what differs (frctl primary run replicates it)"
@@ -219,7 +248,7 @@ def register(sub: Any) -> None:
         "test", help="build a VM from a kept recovery point, elsewhere, replication going on"
     )
     test.add_argument("--config", required=True, help="the recovery server's configuration")
-    test.add_argument("vmid")
+    test.add_argument("vmid", help="the VM's VMID, or its name")
     test.add_argument("--out", required=True, help="a new directory for the test VM")
     test.add_argument("--point", type=int, default=None, help="recovery point (default: latest)")
     test.add_argument(
@@ -232,7 +261,7 @@ def register(sub: Any) -> None:
         "unplanned", help="the primary site is lost: run the VM from its replica (server stopped)"
     )
     unplanned.add_argument("--config", required=True, help="the recovery server's configuration")
-    unplanned.add_argument("vmid")
+    unplanned.add_argument("vmid", help="the VM's VMID, or its name")
     unplanned.add_argument(
         "--point", type=int, default=None, help="recovery point (default: latest)"
     )
@@ -243,7 +272,7 @@ def register(sub: Any) -> None:
         "planned", help="at the primary: stop the VM, send the rest, verify, stop replicating"
     )
     planned.add_argument("--config", required=True, help="the primary's configuration")
-    planned.add_argument("vmid")
+    planned.add_argument("vmid", help="the VM's VMID, or its name")
     planned.add_argument("--stop-command", help="hook: a shell command that stops the VM")
     planned.add_argument("--json", action="store_true")
     planned.set_defaults(func=_cmd_planned)
@@ -251,22 +280,25 @@ def register(sub: Any) -> None:
         "adopt", help="at the former primary: make its disks the replica to replicate back to"
     )
     adopt.add_argument("--config", required=True, help="this host's recovery server config")
-    adopt.add_argument("vmid")
+    adopt.add_argument("vmid", type=_vmid, help="the VM's VMID")
     adopt.add_argument("--name", required=True)
     adopt.add_argument("--disk", action="append", required=True, metavar="ID=PATH")
     adopt.add_argument("--primary", required=True, help="the failed-over side's name")
     adopt.add_argument("--generation", type=int, required=True, help="as failover printed")
+    adopt.add_argument("--json", action="store_true", help="one JSON object: what was done")
     adopt.set_defaults(func=_cmd_adopt)
     reverse = fsub.add_parser(
         "reverse", help="at the failed-over side: replicate back, differences first"
     )
     reverse.add_argument("--config", required=True, help="this host's primary config")
     reverse.add_argument("--server-config", required=True, help="this host's server config")
-    reverse.add_argument("vmid")
+    reverse.add_argument("vmid", help="the VM's VMID, or its name")
     reverse.add_argument("--to", required=True, metavar="HOST:PORT")
     reverse.add_argument("--to-name", help="the TLS name of the other side (default: HOST)")
+    reverse.add_argument("--json", action="store_true", help="one JSON object: what was done")
     reverse.set_defaults(func=_cmd_reverse)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")
+    cleanup.add_argument("--json", action="store_true", help="one JSON object: what was done")
     cleanup.set_defaults(func=_cmd_cleanup)

@@ -1,7 +1,9 @@
 """``frctl``: the project's command line.
 
 Each subcommand is a thin shell over a library call. Data goes to stdout, diagnostics to
-stderr; exit codes: 0 ok, 1 failure, 2 usage error (argparse), 130 interrupted.
+stderr; exit codes: 0 ok, 1 failure, 2 usage error (argparse), 3 not in sync / unhealthy,
+4 not found, 130 interrupted. Every expected failure is said in one line by the one
+handler of :mod:`frctl.errors`; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 import frproto
 
 from .cluster_commands import register as register_cluster_commands
+from .config_commands import register as register_config_commands
 from .conform_commands import register as register_conform_commands
 from .failover_commands import register as register_failover_commands
 from .node_commands import register as register_node_commands
@@ -84,9 +87,21 @@ def _cmd_cert_ca_create(args: argparse.Namespace) -> int:
     except (CertError, OSError) as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {files.key}")
-    print(f"wrote {files.cert}")
-    print(f"CA fingerprint (sha256): {info.fingerprint_sha256}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "action": "ca create",
+                    "key": str(files.key),
+                    "cert": str(files.cert),
+                    "fingerprint_sha256": info.fingerprint_sha256,
+                }
+            )
+        )
+    else:
+        print(f"wrote {files.key}")
+        print(f"wrote {files.cert}")
+        print(f"CA fingerprint (sha256): {info.fingerprint_sha256}", file=sys.stderr)
     print(
         f"keep {files.key} secret and backed up: losing it means re-issuing every host "
         "certificate; copy only ca.pem to hosts",
@@ -120,6 +135,10 @@ def _cmd_cert_issue(args: argparse.Namespace) -> int:
     except (CertError, OSError) as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        wrote = [str(files.key), str(files.cert)] + ([] if ca_copy_existed else [str(files.ca)])
+        print(json.dumps({"action": "cert issue", "name": args.name, "wrote": wrote}))
+        return 0
     print(f"wrote {files.key}")
     print(f"wrote {files.cert}")
     if not ca_copy_existed:
@@ -139,7 +158,11 @@ def _cmd_cert_show(args: argparse.Namespace) -> int:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(info.to_dict()))
+        from .timefmt import rfc3339
+
+        out = info.to_dict()
+        out.update(not_before=rfc3339(info.not_before), not_after=rfc3339(info.not_after))
+        print(json.dumps(out))
         return 0
     now = dt.datetime.now(dt.UTC)
     if now > info.not_after:
@@ -176,6 +199,7 @@ def _add_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument("--name", default="frrep CA", help="the CA's common name")
     create.add_argument("--days", type=_positive_days, default=3650, help="validity (3650)")
     create.add_argument("--force", action="store_true", help="overwrite existing files")
+    create.add_argument("--json", action="store_true", help="one JSON object: what was written")
     create.set_defaults(func=_cmd_cert_ca_create)
 
     issue = csub.add_parser(
@@ -193,6 +217,7 @@ def _add_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     issue.add_argument("--ip", action="append", metavar="ADDR", help="IP address SAN (repeatable)")
     issue.add_argument("--days", type=_positive_days, default=825, help="validity (825)")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.add_argument("--json", action="store_true", help="one JSON object: what was written")
     issue.set_defaults(func=_cmd_cert_issue)
 
     show = csub.add_parser("show", help="describe a certificate file")
@@ -206,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="frctl",
         description="Replication of virtual machines to a recovery cluster.",
+    )
+    major, minor = frproto.limits.PROTOCOL_VERSION
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"frctl {_package_version()} (protocol {major}.{minor})",
+        help="print the version",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of any error (for a bug report)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -231,16 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
     register_cluster_commands(sub)
     register_failover_commands(sub)
     register_conform_commands(sub)
+    register_config_commands(sub)
     return parser
 
 
+def _package_version() -> str:
+    """The installed distribution's version (the source tree's frproto version when run
+    from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("frrep")
+    except PackageNotFoundError:
+        return frproto.__version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run frctl with ``argv`` (default: the process arguments); returns the exit code."""
+    """Run frctl with ``argv`` (default: the process arguments); returns the exit code.
+
+    No expected failure ends in a traceback: :func:`frctl.errors.report` says it in one
+    line with its exit code (``--debug`` shows the traceback too)."""
+    from .errors import report
+
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the one place every failure is said
+        return report(exc, debug=args.debug)
     return result
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -106,12 +105,28 @@ def _cmd_enable(args: argparse.Namespace) -> int:
         bandwidth_bps=args.bandwidth,
     )
     try:
-        enable(_store(args), request)
+        state = enable(_store(args), request)
     except Refused as exc:
         print(f"frctl: enable: {exc}", file=sys.stderr)
         return 1
-    print(f"replication/{args.name} enabled")
+    if args.json:
+        print(json.dumps({"action": "enable", **_settings(state)}))
+    else:
+        print(f"replication/{args.name} enabled")
     return 0
+
+
+def _settings(state: Any) -> dict[str, Any]:
+    """What ``--json`` says of a VM after an action changed it."""
+    return {
+        "vmid": state.vmid,
+        "name": state.name,
+        "paused": state.paused,
+        "frequency_s": state.frequency_s,
+        "bandwidth_bps": state.bandwidth_bps,
+        "compression": state.compression,
+        "recovery_server": f"{state.recovery_host}:{state.recovery_port}",
+    }
 
 
 def _vm_or_say_why(store: Any, text: str) -> Any:
@@ -150,6 +165,7 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
     state, halted = set_paused(store, state, paused)
     if halted:
         print(f"replication/{state.name} was halted: {halted}", file=sys.stderr)
+    action = "pause" if paused else "resume"
     if paused and not _wait_for_cycle(store, state, args.timeout, "pause"):
         # The pause is recorded and no new cycle starts, but the disks may still be read.
         print(
@@ -157,18 +173,37 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
             f"after {args.timeout:.0f} s; no other will start after it (run pause again to wait)",
             file=sys.stderr,
         )
+        if args.json:
+            print(json.dumps({"action": action, "cycle_still_runs": True, **_settings(state)}))
         return 3
-    print(f"replication/{state.name} {'paused' if paused else 'resumed'}")
+    if args.json:
+        print(json.dumps({"action": action, "halted_before": halted, **_settings(state)}))
+    else:
+        print(f"replication/{state.name} {'paused' if paused else 'resumed'}")
     return 0
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
-    """Change an enabled VM's frequency or bandwidth limit (the service sees it next turn)."""
+    """Change an enabled VM's frequency, bandwidth limit or compression (the service sees
+    it next turn)."""
     from node.primary.operations import Refused, set_limits
 
     store = _store(args)
-    if args.frequency is None and args.bandwidth is None and not args.no_bandwidth_limit:
-        print("frctl: set: give --frequency, --bandwidth or --no-bandwidth-limit", file=sys.stderr)
+    if args.recovery_points is not None:
+        print(
+            "frctl: set: recovery points are kept by the recovery side, not the primary "
+            "(the protocol carries no such setting): set [server] recovery_points in the "
+            "recovery server's configuration, or 'frctl cluster settings "
+            f"recovery_points={args.recovery_points}' for a cluster",
+            file=sys.stderr,
+        )
+        return 1
+    wanted = (args.frequency, args.bandwidth, args.compression)
+    if all(w is None for w in wanted) and not args.no_bandwidth_limit:
+        print(
+            "frctl: set: give --frequency, --bandwidth, --no-bandwidth-limit or --compression",
+            file=sys.stderr,
+        )
         return 1
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
@@ -180,12 +215,20 @@ def _cmd_set(args: argparse.Namespace) -> int:
             frequency_s=args.frequency,
             bandwidth_bps=args.bandwidth,
             no_bandwidth_limit=args.no_bandwidth_limit,
+            compression=args.compression,
         )
     except Refused as exc:
         print(f"frctl: set: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps({"action": "set", **_settings(state)}))
+        return 0
     limit = "none" if state.bandwidth_bps is None else f"{state.bandwidth_bps:.0f} B/s"
-    print(f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit {limit}")
+    compression = state.compression or "as configured"
+    print(
+        f"replication/{state.name}: frequency {state.frequency_s:g} s, bandwidth limit "
+        f"{limit}, compression {compression}"
+    )
     return 0
 
 
@@ -208,7 +251,10 @@ def _cmd_disable(args: argparse.Namespace) -> int:
     except CycleStillRuns as exc:
         print(f"frctl: {exc}", file=sys.stderr)
         return 3
-    print(f"replication/{state.name} disabled")
+    if args.json:
+        print(json.dumps({"action": "disable", "vmid": state.vmid, "name": state.name}))
+    else:
+        print(f"replication/{state.name} disabled")
     return 0
 
 
@@ -242,6 +288,9 @@ def _cmd_reseed(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.update(state.vmid, lambda st: setattr(st, "paused", was_paused))
+    if args.json:
+        print(json.dumps({"action": "reseed", "vmid": state.vmid, "disks": fresh.disks}))
+        return 0
     sizes = ", ".join(f"{d['disk_id']} {d['size']} bytes" for d in fresh.disks)
     print(f"replication/{state.name} seeded anew ({sizes}): initial replication next")
     return 0
@@ -439,21 +488,28 @@ def _watch(store: Any, args: argparse.Namespace) -> int:
 
 
 def replicator_from_args(args: argparse.Namespace, vmid: str | None = None) -> Any:
-    """A VMReplicator for one enabled VM, configured as the primary service would."""
-    from node.primary.operations import replicator_for
+    """A VMReplicator for one enabled VM (``vmid``, else ``args.vmid``: a VMID or a
+    name), configured as the primary service would.
 
-    return replicator_for(_primary_config(args), vmid or str(uuid.UUID(args.vmid)))
+    Raises:
+        NotEnabled: no such VM here, or a name several VMs share (frctl exits 4).
+    """
+    from node.primary.operations import find_vm, replicator_for
+    from node.primary.state import PrimaryStateStore
+
+    config = _primary_config(args)
+    if vmid is None:
+        vmid = find_vm(PrimaryStateStore(config.state_dir), args.vmid).vmid
+    return replicator_for(config, vmid)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Compare the replica with what was acknowledged, by digests; exit 3 if it differs."""
     from node.primary.resync import describe
 
+    replicator = replicator_from_args(args)
     try:
-        result = trio.run(replicator_from_args(args).verify)
-    except FileNotFoundError:
-        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
-        return 4
+        result = trio.run(replicator.verify)
     except Exception as exc:  # the server, TLS or the network said no: say why
         print(f"frctl: verify: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -463,11 +519,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_resync(args: argparse.Namespace) -> int:
     """Send what differs between the disks and the replica (a paused VM's replication)."""
-    try:
-        replicator = replicator_from_args(args)
-    except FileNotFoundError:
-        print(f"frctl: VM {args.vmid} is not enabled for replication here", file=sys.stderr)
-        return 4
+    replicator = replicator_from_args(args)
     if not replicator.state.paused:
         print(
             "frctl: pause the VM's replication first (frctl replication pause): the "
@@ -476,7 +528,7 @@ def _cmd_resync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from .oob_commands import ProgressLine
+    from .progress import ProgressLine
 
     progress = ProgressLine(f"resynchronizing {replicator.state.name}")
     try:
@@ -530,6 +582,7 @@ def register(sub: Any) -> None:
     enable.add_argument(
         "--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G; K/M/G = 10^3..)"
     )
+    enable.add_argument("--json", action="store_true", help="one JSON object: what was done")
     enable.set_defaults(func=_cmd_enable)
     status = rsub.add_parser(
         "status",
@@ -566,6 +619,49 @@ def register(sub: Any) -> None:
     _add_checks_and_controls(rsub)
 
 
+def _cmd_test_connection(args: argparse.Namespace) -> int:
+    """Reach, TLS, negotiation, authorization (and the broker at a CAP), step by step."""
+    from frlink.tls import client_context
+    from node.primary.connection_check import check_connection
+    from node.primary.operations import find_vm
+
+    config = _primary_config(args)
+    if (args.vm is None) == (args.server is None):
+        print("frctl: test-connection: give a VM or --server HOST:PORT", file=sys.stderr)
+        return 2
+    if args.vm is not None:
+        from node.primary.state import PrimaryStateStore
+
+        state = find_vm(PrimaryStateStore(config.state_dir), args.vm)
+        host, port, name = state.recovery_host, state.recovery_port, state.server_name
+    else:
+        host, _, port_text = args.server.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            print(f"frctl: --server {args.server!r}: use HOST:PORT", file=sys.stderr)
+            return 2
+        port, name = int(port_text), args.server_name or host
+    tls = config.tls
+    report = trio.run(
+        lambda: check_connection(
+            host,
+            port,
+            server_name=name,
+            ssl_context=client_context(tls.cert, tls.key, tls.ca),
+            local_address=config.local_address,
+            compression=config.compression,
+            hosts=config.hosts,
+            timeout=args.timeout,
+        )
+    )
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"testing the connection to {report.target}")
+        for step in report.steps:
+            print(f"  {step.name:<14} {'OK' if step.ok else 'FAILED':<7} {step.detail}")
+    return 0 if report.ok else 1
+
+
 def _add_checks_and_controls(rsub: Any) -> None:
     """``replication verify|resync|pause|resume|disable|set|reseed``."""
     verify = rsub.add_parser(
@@ -573,12 +669,12 @@ def _add_checks_and_controls(rsub: Any) -> None:
         help="compare the replica with what was acknowledged, by digests (exit 3: differs)",
     )
     verify.add_argument("--config", required=True)
-    verify.add_argument("vmid")
+    verify.add_argument("vmid", help="the VM's VMID, or its name")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=_cmd_verify)
     resync = rsub.add_parser("resync", help="send only what differs from the replica (a paused VM)")
     resync.add_argument("--config", required=True)
-    resync.add_argument("vmid")
+    resync.add_argument("vmid", help="the VM's VMID, or its name")
     resync.add_argument("--json", action="store_true")
     resync.set_defaults(func=_cmd_resync)
     for name, func, helptext in (
@@ -592,14 +688,38 @@ def _add_checks_and_controls(rsub: Any) -> None:
         action.add_argument(
             "--timeout", type=float, default=60.0, help="seconds to wait for a running cycle"
         )
+        action.add_argument("--json", action="store_true", help="one JSON object: what was done")
         action.set_defaults(func=func)
-    set_ = rsub.add_parser("set", help="change a VM's frequency or bandwidth limit")
+    set_ = rsub.add_parser("set", help="change a VM's frequency, bandwidth limit or compression")
     set_.add_argument("--config", required=True)
     set_.add_argument("vmid", help="the VM's VMID, or its name")
     set_.add_argument("--frequency", type=parse_frequency, help="30s, 5m, 15m...")
     set_.add_argument("--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G)")
     set_.add_argument("--no-bandwidth-limit", action="store_true")
+    set_.add_argument(
+        "--compression",
+        metavar="METHODS",
+        help="offered by this VM: zstd, lz4, zstd,lz4, none; 'default': the config's",
+    )
+    set_.add_argument(
+        "--recovery-points",
+        type=int,
+        help="refused with where to set it: the recovery side keeps recovery points",
+    )
+    set_.add_argument("--json", action="store_true", help="one JSON object: the new settings")
     set_.set_defaults(func=_cmd_set)
+    test = rsub.add_parser(
+        "test-connection",
+        help="test reach, TLS, negotiation and authorization to a VM's recovery server "
+        "or CAP, or to --server (exit 1: a step failed)",
+    )
+    test.add_argument("--config", required=True, help="primary TOML file")
+    test.add_argument("vm", nargs="?", help="the VM's VMID, or its name: test its target")
+    test.add_argument("--server", metavar="HOST:PORT", help="a recovery server or a CAP")
+    test.add_argument("--server-name", help="TLS name of the server or CAP (default: HOST)")
+    test.add_argument("--timeout", type=float, default=10.0, help="seconds per step (10)")
+    test.add_argument("--json", action="store_true", help="one JSON object: every step")
+    test.set_defaults(func=_cmd_test_connection)
     reseed = rsub.add_parser(
         "reseed",
         help="remove the replica and replicate the VM anew at its disks' current sizes "
@@ -609,4 +729,5 @@ def _add_checks_and_controls(rsub: Any) -> None:
     reseed.add_argument("vmid", help="the VM's VMID, or its name")
     reseed.add_argument("--yes", action="store_true", help="remove the replica's recovery points")
     reseed.add_argument("--timeout", type=float, default=60.0, help=argparse.SUPPRESS)
+    reseed.add_argument("--json", action="store_true", help="one JSON object: what was done")
     reseed.set_defaults(func=_cmd_reseed)

@@ -10,49 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-MIB = 1024 * 1024
-
-
-class ProgressLine:
-    """``progress(done, total)`` printed to ``stream`` without flooding it."""
-
-    def __init__(self, label: str, stream: TextIO | None = None) -> None:
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self._last_step = -1
-        self._last_time = 0.0
-        self._shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        percent = 100 if total == 0 else done * 100 // total
-        now = time.monotonic()
-        line = f"{self.label}: {percent:3d}% ({done // MIB} of {total // MIB} MiB)"
-        if self.tty:
-            if percent != self._last_step and (now - self._last_time >= 0.1 or done == total):
-                self.stream.write(f"\r{line}")
-                self.stream.flush()
-                self._last_step, self._last_time, self._shown = percent, now, True
-            return
-        step = percent // 10
-        if step != self._last_step:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self._last_step = step
-
-    def finish(self) -> None:
-        """End the rewritten line on a terminal."""
-        if self.tty and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+from .progress import ProgressLine
 
 
 def _fail(message: object) -> int:
+    if isinstance(message, OSError) and message.filename is not None:
+        message = f"{message.filename}: {message.strerror or message}"
     print(f"frctl: {message}", file=sys.stderr)
     return 1
 
@@ -60,14 +26,19 @@ def _fail(message: object) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from node.primary.config import ConfigError, load_primary_config
     from node.primary.locks import LockBusy, cycle_lock, holding
+    from node.primary.operations import NotEnabled, find_vm
     from node.primary.state import PrimaryStateStore
 
     try:
         config = load_primary_config(Path(args.config))
-        vmid = str(uuid.UUID(args.vmid))
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         return _fail(exc)
     store = PrimaryStateStore(config.state_dir)
+    try:
+        vmid = find_vm(store, args.vmid).vmid
+    except NotEnabled as exc:
+        print(f"frctl: {exc} (frctl replication enable first)", file=sys.stderr)
+        return 4
     try:
         # No cycle of the VM (an online IR) may run while its disks are exported.
         with holding(cycle_lock(store.root, vmid), timeout=60):
@@ -180,7 +151,7 @@ def register(sub: Any) -> None:
         "images unchanged while this runs (a paused VM or a snapshot).",
     )
     export.add_argument("--config", required=True, help="primary TOML file")
-    export.add_argument("vmid")
+    export.add_argument("vmid", help="the VM's VMID, or its name")
     export.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     export.add_argument("--vm-config", metavar="FILE", help="the VM's config blob to carry")
     export.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import uuid
 from functools import partial
 from pathlib import Path
@@ -76,8 +75,41 @@ def replica_places(args: argparse.Namespace) -> list[Path]:
     return sorted(places)
 
 
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+def replica_vmid(args: argparse.Namespace, text: str) -> uuid.UUID:
+    """The VMID of the replica named by ``text`` (a VMID, or the name of one replica in
+    the configuration's storage places).
+
+    Raises:
+        frproto.UnknownVM: no replica of that name, or a name several replicas share
+            (frctl exits 4; the message lists their VMIDs).
+    """
+    import frproto as fp
+    from node.storage import ReplicaStore
+
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        pass
+    found: list[uuid.UUID] = []
+    for place in replica_places(args):
+        if not place.is_dir():
+            continue
+        with ReplicaStore(place) as store:
+            found += [v for v in store.vmids() if store.open(v).name == text]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise fp.UnknownVM(
+            f"{len(found)} replicas are named {text!r}; give the VMID "
+            f"({', '.join(sorted(map(str, found)))})"
+        )
+    raise fp.UnknownVM(f"no replica {text!r} here (neither a VMID nor a replica's name)")
+
+
+def _iso(seconds: float) -> str | None:
+    from .timefmt import rfc3339
+
+    return rfc3339(seconds)
 
 
 def _cmd_replica_list(args: argparse.Namespace) -> int:
@@ -118,7 +150,7 @@ def _cmd_replica_points(args: argparse.Namespace) -> int:
     import frproto as fp
     from node.storage import ReplicaStore
 
-    vmid = uuid.UUID(args.vmid)
+    vmid = replica_vmid(args, args.vmid)
     for place in replica_places(args):
         with ReplicaStore(place) as store:
             if not store.exists(vmid):
@@ -160,6 +192,6 @@ def register(sub: Any) -> None:
     rlist.set_defaults(func=_cmd_replica_list)
     rpoints = rsub_.add_parser("points", help="the recovery points kept for a VM")
     rpoints.add_argument("--config", required=True, help="recovery server TOML file")
-    rpoints.add_argument("vmid")
+    rpoints.add_argument("vmid", help="the VM's VMID, or its name")
     rpoints.add_argument("--json", action="store_true")
     rpoints.set_defaults(func=_cmd_replica_points)

@@ -15,6 +15,27 @@ from typing import Any
 
 from frproto import CompressionSet
 
+from .config_keys import ConfigKeyError, Schema, Table, check_keys
+
+__all__ = [
+    "METRICS_TABLE",
+    "NO_COMPRESSION",
+    "TLS_TABLE",
+    "ConfigError",
+    "MetricsListen",
+    "Schema",
+    "TLSFiles",
+    "Table",
+    "metrics_listen",
+    "parse_compression",
+    "parse_rate",
+    "read_checked",
+    "read_toml",
+    "string",
+    "table",
+    "tls_files",
+]
+
 #: Offer no compression by default: on links faster than about 0.5 GB/s (measured in
 #: perf-baselines, and by bench/ir.py --compression) compressing costs more time than it
 #: saves.
@@ -48,13 +69,50 @@ def string(table: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+#: The [tls] table every configuration file has.
+TLS_TABLE = Table({"cert": str, "key": str, "ca": str})
+#: The optional [metrics] table of every service's file (:func:`metrics_listen`).
+METRICS_TABLE = Table({"listen": str})
+
+
+def _read_text(path: Path) -> str:
     try:
-        return tomllib.loads(path.read_text())
+        return path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason})") from None
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML, unchecked.
+
+    Raises:
+        ConfigError: missing, unreadable, not text, or not TOML."""
+    return _parse(path, _read_text(path))
+
+
+def read_checked(path: Path, schema: Schema) -> dict[str, Any]:
+    """The file's TOML, every table and key known to ``schema`` and of its type.
+
+    Raises:
+        ConfigError: as :func:`read_toml`, or an unknown key or wrong type with its line
+            (``server.toml:4: [server] unknown key 'prot' (did you mean 'port'?)``).
+    """
+    text = _read_text(path)
+    data = _parse(path, text)
+    try:
+        check_keys(data, schema, path, text)
+    except ConfigKeyError as exc:
+        raise ConfigError(str(exc)) from None
+    return data
 
 
 def tls_files(data: dict[str, Any], path: Path) -> TLSFiles:

@@ -228,6 +228,11 @@ def _ssl_reason(exc: BaseException) -> str:
             return f"{_REASONS[reason]} ({reason})"
         return reason or str(exc)
     if isinstance(exc, OSError):
+        if not exc.strerror and isinstance(exc.__cause__, BaseExceptionGroup):
+            # trio's "all attempts to connect to H:P failed": the last attempt says why
+            # (Connection refused, No route to host).
+            last = _ssl_reason(exc.__cause__.exceptions[-1])
+            return last.rsplit("): ", 1)[-1] if last.startswith("Error connecting") else last
         return exc.strerror or str(exc) or type(exc).__name__
     return str(exc) or type(exc).__name__
 

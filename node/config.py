@@ -34,13 +34,17 @@ from typing import Any
 
 from frlink.authz import Authorization, AuthorizationEntry
 from frlink.config import (
+    METRICS_TABLE,
     NO_COMPRESSION,
+    TLS_TABLE,
     ConfigError,
     MetricsListen,
+    Schema,
+    Table,
     TLSFiles,
     metrics_listen,
     parse_compression,
-    read_toml,
+    read_checked,
     string,
     table,
     tls_files,
@@ -49,6 +53,7 @@ from frlink.config import (
 __all__ = [
     "NO_COMPRESSION",
     "ConfigError",
+    "RECOVERY_SERVER_SCHEMA",
     "RecoveryServerConfig",
     "TLSFiles",
     "load_recovery_server_config",
@@ -70,6 +75,16 @@ class RecoveryServerConfig:
     metrics: MetricsListen | None = None
 
 
+#: Every table and key of a recovery server's file (anything else is refused).
+RECOVERY_SERVER_SCHEMA: Schema = {
+    "server": Table({"name": str, "listen": str, "port": int, "recovery_points": int}),
+    "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
+    "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
+    "any_primary": Table({"storage": str, "trust_group": str}),
+}
+
+
 def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -89,7 +104,7 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    data = read_toml(path)
+    data = read_checked(path, RECOVERY_SERVER_SCHEMA)
     base = path.parent
     server = table(data, "server", path)
     port = server.get("port", 7443)

@@ -187,7 +187,12 @@ class RecoveryServer:
             locations.add(self.config.authorization.any_primary.storage)
         for storage in sorted(locations):
             await self.store_for(storage)
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
+        try:
+            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
+        except OSError as exc:
+            # The system's words name no address ("Address already in use"): say which.
+            where = f"{self.config.listen}:{self.config.port}"
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
         log.info(
             "recovery server %s listening on %s:%d",
             self.config.name,

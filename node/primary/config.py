@@ -8,14 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from frlink.config import (
+    METRICS_TABLE,
     NO_COMPRESSION,
+    TLS_TABLE,
     ConfigError,
     MetricsListen,
+    Schema,
+    Table,
     TLSFiles,
     metrics_listen,
     parse_compression,
     parse_rate,
-    read_toml,
+    read_checked,
     string,
     table,
     tls_files,
@@ -25,6 +29,7 @@ from frproto import CompressionSet
 from .window import TimeWindow
 
 __all__ = [
+    "PRIMARY_SCHEMA",
     "ConfigError",
     "PrimaryConfig",
     "load_primary_config",
@@ -88,13 +93,31 @@ class PrimaryConfig:
     metrics: MetricsListen | None = None
 
 
+#: Every table and key of a primary's file (anything else is refused).
+PRIMARY_SCHEMA: Schema = {
+    "primary": Table(
+        {
+            "name": str,
+            "state_dir": str,
+            "local_address": str,
+            "compression": str,
+            "resync_window": list,
+        }
+    ),
+    "bandwidth": Table({"host": (str, float), "schedule": list}),
+    "tls": TLS_TABLE,
+    "metrics": METRICS_TABLE,
+    "hosts": Table(values=str),
+}
+
+
 def load_primary_config(path: Path) -> PrimaryConfig:
     """Read and check a primary configuration file.
 
     Raises:
         ConfigError: with the file and the key that is wrong.
     """
-    data = read_toml(path)
+    data = read_checked(path, PRIMARY_SCHEMA)
     base = path.parent
     primary = table(data, "primary", path)
     local = primary.get("local_address")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import frproto as fp
+from frlink.config import ConfigError, parse_compression
 from frlink.tls import client_context
 
 from .config import PrimaryConfig
@@ -248,13 +249,36 @@ def set_limits(
     frequency_s: float | None = None,
     bandwidth_bps: float | None = None,
     no_bandwidth_limit: bool = False,
+    compression: str | None = None,
 ) -> VMReplicationState:
-    """Change an enabled VM's frequency or bandwidth limit (the service sees it at its
-    next turn)."""
-    if frequency_s is None and bandwidth_bps is None and not no_bandwidth_limit:
-        raise Refused("give --frequency, --bandwidth or --no-bandwidth-limit")
+    """Change an enabled VM's frequency, bandwidth limit or compression (the service sees
+    it at its next turn; a new compression at its next connection's negotiation).
+
+    ``compression``: ``"zstd"``, ``"lz4"``, ``"zstd,lz4"``, ``"none"``, or ``"default"``
+    (the primary configuration's again).
+
+    Raises:
+        Refused: nothing to change, or a compression that is not one of those.
+    """
+    if (
+        frequency_s is None
+        and bandwidth_bps is None
+        and not no_bandwidth_limit
+        and compression is None
+    ):
+        raise Refused("give --frequency, --bandwidth, --no-bandwidth-limit or --compression")
+    own: str | None = None
+    if compression is not None and compression != "default":
+        try:
+            offered = parse_compression(compression, "--compression")
+        except ConfigError as exc:
+            raise Refused(str(exc).replace("[primary] compression: ", "")) from None
+        # One spelling in the state file: the methods in the protocol's order, or none.
+        own = ",".join(str(m.name).lower() for m in fp.CompressionSet if m in offered) or "none"
 
     def change(st: VMReplicationState) -> None:
+        if compression is not None:
+            st.compression = own
         if frequency_s is not None:
             st.frequency_s = frequency_s
         if bandwidth_bps is not None:

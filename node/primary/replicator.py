@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 import frproto as fp
-from frlink.config import NO_COMPRESSION
+from frlink.config import NO_COMPRESSION, parse_compression
 
 from .bandwidth import BandwidthLimiter, RelationshipLimit
 from .client import RecoveryClient
@@ -232,9 +232,16 @@ class VMReplicator:
     def _record(self) -> VMRecord:
         return VMRecord(self.state, self._save, self._maps, self._map_path, self._limiter)
 
+    def _offered(self) -> fp.CompressionSet:
+        """The compression this VM offers: its own (``replication set --compression``),
+        else the primary configuration's."""
+        if self.state.compression is None:
+            return self.compression
+        return parse_compression(self.state.compression)
+
     def _route(self) -> Route:
         return Route(
-            self._record(), self.ssl_context, self.local_address, self.compression, self.hosts
+            self._record(), self.ssl_context, self.local_address, self._offered(), self.hosts
         )
 
     def _deltas(self) -> Deltas:

@@ -81,7 +81,7 @@ STATE_FORMAT: Final = 1
 #: The fields an operator's command sets (``pause``, ``resume``, ``set``). The service
 #: never writes them: its saves keep whatever the file holds
 #: (:meth:`PrimaryStateStore.save_progress`), so a running cycle cannot undo a pause.
-OPERATOR_FIELDS: Final[tuple[str, ...]] = ("paused", "frequency_s", "bandwidth_bps")
+OPERATOR_FIELDS: Final[tuple[str, ...]] = ("paused", "frequency_s", "bandwidth_bps", "compression")
 
 
 def operator_fields(state: VMReplicationState) -> dict[str, Any]:
@@ -256,6 +256,10 @@ class VMReplicationState:
     batch_bytes_sent: int = 0
     batch_bytes_max: int = 0
     stats_since: float | None = None
+    #: The compression methods this VM offers (``"zstd"``, ``"lz4"``, ``"zstd,lz4"``,
+    #: ``"none"``), set by ``frctl replication set --compression``; None: the primary
+    #: configuration's ``compression``.
+    compression: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -366,6 +370,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "batch_bytes_sent": (int,),
     "batch_bytes_max": (int,),
     "stats_since": (int, float, type(None)),
+    "compression": (str, type(None)),
 }
 
 

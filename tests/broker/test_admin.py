@@ -261,6 +261,19 @@ async def test_delete_and_node_decisions(store: ClusterStore, keys: Keys) -> Non
     assert undrained.new == NodeAdmin(draining=False, labels={"b": "2", "c": "3"})
 
 
+async def test_a_vm_is_found_by_vmid_or_by_a_name_only_one_vm_has(
+    store: ClusterStore, keys: Keys
+) -> None:
+    web = await _vm(store, keys, name="web01")
+    twins = sorted([await _vm(store, keys, name="db01"), await _vm(store, keys, name="db01")])
+    assert await admin.find_vm(store, keys, "web01") == web
+    assert await admin.find_vm(store, keys, web.upper()) == web
+    with pytest.raises(admin.NoSuchVM, match=re.escape(f"({twins[0]}, {twins[1]})")):
+        await admin.find_vm(store, keys, "db01")
+    with pytest.raises(admin.NoSuchVM, match="the cluster has no VM 'mail01'"):
+        await admin.find_vm(store, keys, "mail01")
+
+
 async def test_settings_are_checked_before_anything_is_written(
     store: ClusterStore, keys: Keys
 ) -> None:

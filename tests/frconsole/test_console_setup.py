@@ -75,7 +75,13 @@ def test_the_console_table(tmp_path: Path) -> None:
     assert config.console_port == 9443
     assert config.console_listen == ""
     path.write_text(NODE_TOML + '[console]\nport = "x"\n')
+    with pytest.raises(ConfigError, match=r"node.toml:14: \[console\] 'port' must be a whole"):
+        load_cluster_node_config(path)
+    path.write_text(NODE_TOML + "[console]\nport = 70000\n")
     with pytest.raises(ConfigError, match=r"\[console\]: 'port' must be 0-65535"):
+        load_cluster_node_config(path)
+    path.write_text(NODE_TOML + "[console]\nprot = 9443\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'prot' \(did you mean 'port'\?\)"):
         load_cluster_node_config(path)
 
 

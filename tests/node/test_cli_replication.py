@@ -98,17 +98,18 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         assert replicas[0]["primary"] == "p1.primary.example.com"
         assert replicas[0]["trust_group"] == "site-a"
         points = json.loads(
-            frctl("replica", "points", "--config", server_config, vmid, "--json").stdout
+            frctl("replica", "points", "--config", server_config, "web01", "--json").stdout
         )
         assert [p["sequence"] for p in points] == [0]
         unknown = frctl("replica", "points", "--config", server_config, str(uuid.uuid4()))
         assert unknown.returncode == 4
         assert "no replica" in unknown.stderr
 
-        verified = frctl("replication", "verify", "--config", config, vmid, "--json")
+        # A VM by name everywhere a VMID is taken (verify, resync, replica points).
+        verified = frctl("replication", "verify", "--config", config, "web01", "--json")
         assert verified.returncode == 0, verified.stderr
         assert json.loads(verified.stdout)["ok"] is True
-        refused = frctl("replication", "resync", "--config", config, vmid)
+        refused = frctl("replication", "resync", "--config", config, "web01")
         assert refused.returncode == 1
         assert "pause" in refused.stderr
 
@@ -118,7 +119,7 @@ def test_enable_wait_status_pause_resume_disable(site: Site) -> None:
         paused = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
         assert paused["vms"][0]["state"] == "paused"
         assert paused["vms"][0]["health"] == "warning"
-        resynced = frctl("replication", "resync", "--config", config, vmid, "--json")
+        resynced = frctl("replication", "resync", "--config", config, "web01", "--json")
         assert resynced.returncode == 0, resynced.stderr
         assert json.loads(resynced.stdout)["blocks"] > 0
         assert "resynchronizing web01: 100%" in resynced.stderr

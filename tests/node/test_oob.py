@@ -321,7 +321,7 @@ ca = "certs/ca.pem"
     out = tmp_path / "vm.frir"
 
     refused = _frctl("ir", "export", "--config", str(primary_toml), vmid, "--out", str(out))
-    assert refused.returncode == 1
+    assert refused.returncode == 4  # not found
     assert "replication enable" in refused.stderr
 
     enable = _frctl(

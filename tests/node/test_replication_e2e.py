@@ -115,6 +115,37 @@ async def test_compression_as_negotiated(
         assert batch_sent < len(scribble_text) // 2
 
 
+async def test_a_vms_own_compression_is_offered_over_the_configs(
+    site: Site, server: ServerProcess
+) -> None:
+    """``frctl replication set --compression`` (operations.set_limits): the VM offers its
+    own methods from its next connection; ``default`` gives it the config's again."""
+    from node.primary.operations import set_limits
+    from node.primary.replicator import VMReplicator
+
+    def _negotiated(replicator: VMReplicator) -> fp.Compression:
+        return replicator.last_compression  # read anew each time (mypy narrows attributes)
+
+    vmid = uuid.UUID(bytes=random.Random(12).randbytes(16), version=4)
+    image = site.root / "lz.img"
+    image.write_bytes(b"%08d GET / 200\n" % 1 * (MIB // 16))
+    replicator = site.replicator(vmid, "lz", [image], server.port)
+    replicator.compression = fp.CompressionSet.ZSTD  # as the primary's config offers
+    with trio.fail_after(60):
+        await replicator.cycle()
+        assert _negotiated(replicator) is fp.Compression.ZSTD
+        state = set_limits(replicator.store, replicator.state, compression="lz4")
+        assert state.compression == "lz4"
+        replicator.state.compression = state.compression  # as the service's next turn reads
+        await replicator.cycle()
+        assert _negotiated(replicator) is fp.Compression.LZ4
+        state = set_limits(replicator.store, replicator.state, compression="default")
+        assert state.compression is None
+        replicator.state.compression = None
+        await replicator.cycle()
+        assert _negotiated(replicator) is fp.Compression.ZSTD
+
+
 async def test_primary_restart_resumes_without_new_ir(site: Site, server: ServerProcess) -> None:
     rng = random.Random(11)
     vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)

@@ -153,3 +153,15 @@ def test_disable_waits_for_a_running_cycle_and_refuses_while_it_runs(
     assert store.load(state.vmid).paused
     disable(store, state, 1.0)
     assert not store.exists(state.vmid)
+
+
+def test_set_compression_is_checked_and_spelled_one_way(
+    store: PrimaryStateStore, tmp_path: Path
+) -> None:
+    state = enable(store, _request(tmp_path))
+    assert set_limits(store, state, compression="LZ4, zstd").compression == "zstd,lz4"
+    assert set_limits(store, state, compression="none").compression == "none"
+    assert set_limits(store, state, compression="default").compression is None
+    with pytest.raises(Refused, match="'gzip' is not zstd, lz4 or none"):
+        set_limits(store, state, compression="gzip")
+    assert store.load(state.vmid).compression is None
