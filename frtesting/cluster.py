@@ -28,7 +28,7 @@ import frproto as fp
 from broker.records import Keys, Settings
 from broker.store import open_store
 from frlink.certs import create_ca, issue_host_cert
-from frlink.tls import client_context
+from frlink.tls import TLSFailure, client_context
 from node.primary.client import RecoveryClient
 from node.primary.replicator import VMReplicator
 
@@ -261,7 +261,34 @@ ca = "certs/ca.pem"
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{node.name} did not apply the settings")
                 time.sleep(0.02)
+        # The broker's own view of the settings (broker/cluster_cache.py) follows the store
+        # by its own watch: wait until the CAP admits the primary too.
+        if settings.recovery_enabled:
+            trio.run(self._cap_admits_primary, deadline)
         return settings
+
+    async def _cap_admits_primary(self, deadline: float) -> None:
+        """Negotiate at the CAP as the test primary until it is admitted; returns at once
+        when no broker answers at the CAP (a cluster not started yet)."""
+        while True:
+            try:
+                client = await RecoveryClient.connect(
+                    CAP_ADDRESS,
+                    self.cap_port,
+                    server_name=CAP_NAME,
+                    ssl_context=self.primary_context(),
+                    local_address=PRIMARY_ADDRESS,
+                    timeout=2.0,
+                )
+            except fp.NotAuthorized:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the broker did not apply the settings") from None
+                await trio.sleep(0.02)
+                continue
+            except (OSError, TLSFailure):
+                return
+            await client.aclose()
+            return
 
     def primary_context(self) -> ssl.SSLContext:
         """The test primary's client TLS context."""

@@ -28,6 +28,8 @@ from frproto.trio_io import FramedStream
 from .bandwidth import BandwidthLimiter
 from .disks import DiskResized
 
+#: How long a close waits to send TLS's close_notify before it closes the socket anyway.
+CLOSE_SECONDS = 1.0
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
 #: One chunk of a delta batch: (disk index, offset, data, XXH3-128 digest of data).
@@ -114,8 +116,11 @@ class RecoveryClient:
         return cls(conn, answer)
 
     async def aclose(self) -> None:
-        """Close the connection."""
-        await trio.aclose_forcefully(self.conn.stream)
+        """Close the connection, saying so in TLS (``close_notify``) so that the server
+        sees an orderly end rather than a truncation; within :data:`CLOSE_SECONDS`."""
+        with trio.move_on_after(CLOSE_SECONDS):
+            await self.conn.stream.aclose()
+        await trio.aclose_forcefully(self.conn.stream)  # a no-op unless that timed out
 
     @property
     def peer_address(self) -> str | None:

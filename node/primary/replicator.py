@@ -465,8 +465,30 @@ class VMReplicator:
 
     async def verify(self) -> VerifyResult:
         """Compare the replica with what was acknowledged, by digests only (the primary's
-        disks are not read): the differing ranges, if any. Replication may go on."""
-        return await self._verification().verify()
+        disks are not read): the differing ranges, if any. Replication may go on.
+
+        It holds the VM's cycle lock, so it never races a cycle of the running service
+        (whose batch would make the replica newer than the digests read here), and it
+        starts from the state file as the lock found it."""
+        async with self.exclusive():
+            self._catch_up_with_file()
+            return await self._verification().verify()
+
+    def _catch_up_with_file(self) -> None:
+        """Take the state and digest maps from the files when another process (the
+        running service) moved the VM on since this object read them: the operator's
+        commands make their replicator before they hold the cycle lock. A no-op for the
+        process that wrote the file last."""
+        try:
+            fresh = self.store.load(self.state.vmid)
+        except FileNotFoundError:
+            return  # disabled meanwhile: what follows says so
+        if (fresh.written_by, fresh.sequence) == (self.state.written_by, self.state.sequence):
+            return
+        self.state = fresh
+        self._maps = [self._load_map(i) for i in range(len(fresh.disks))]
+        self._operator_seen = operator_fields(fresh)
+        self._seen_writer = fresh.written_by
 
     async def resync(
         self, progress: Progress | None = None, *, by_digests: bool = False

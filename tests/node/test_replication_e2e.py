@@ -358,3 +358,26 @@ async def test_a_resent_sequence_with_other_content_is_refused(
         with pytest.raises(fp.OutOfSequence, match="other content"):
             await send(rng.randbytes(65536))
     assert site.replica_image(vmid, 0).read_bytes()[65536 : 2 * 65536] == batch
+
+
+async def test_a_normal_cycle_ends_its_connection_in_order(
+    site: Site, server: ServerProcess
+) -> None:
+    """The primary ends each connection with TLS's close_notify: the server reads an
+    orderly end, not a truncation (it used to log ``TLS failed: UNEXPECTED_EOF`` after
+    every cycle)."""
+    rng = random.Random(13)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = make_image(site.root / "quiet.img", 2 * MIB, rng)
+    replicator = site.replicator(vmid, "quiet", [image], server.port)
+    with trio.fail_after(60):
+        await replicator.cycle()  # IR
+        scribble(image, rng, writes=3)
+        await replicator.cycle()  # a batch
+        await replicator.cycle()  # nothing to send
+    # The server logs at INFO (each connection): it would have said so.
+    assert server.wait_for_log("complete at sequence 0")
+    log = server.log.read_text(errors="replace")
+    assert log.count("primary p1.primary.example.com connected") == 3, log
+    for noise in ("UNEXPECTED_EOF", "TLS failed", "peer closed the connection", "WARNING"):
+        assert noise not in log, log
