@@ -1,7 +1,5 @@
 """``python -m frctl``: the same as the ``frctl`` command."""
 
-import sys
+from frctl import run
 
-from frctl.main import main
-
-sys.exit(main())
+run()

@@ -15,12 +15,14 @@ import sys
 import traceback
 from typing import TextIO
 
+from frctl import INTERRUPTED as _INTERRUPTED
+
 OK = 0
 FAILURE = 1
 USAGE = 2
 NOT_IN_SYNC = 3
 NOT_FOUND = 4
-INTERRUPTED = 130
+INTERRUPTED = _INTERRUPTED  # Ctrl-C: frctl/__init__.py, which also catches it during imports
 
 #: Expected failures: class (dotted name, subclasses included) -> (exit code, prefix of
 #: the message). The first match along the exception's MRO wins, so a subclass listed

@@ -174,7 +174,7 @@ ca = "certs/ca.pem"
                 [
                     sys.executable,
                     "-m",
-                    "frctl.main",
+                    "frctl",
                     "node",
                     "run",
                     "--config",

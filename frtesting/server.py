@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Where this package and its siblings (frctl, ...) are importable from: the source tree
-#: or site-packages alike, so a child ``python -m frctl.main`` finds the same code.
+#: or site-packages alike, so a child ``python -m frctl`` finds the same code.
 _PACKAGES = str(Path(__file__).resolve().parents[1])
 _LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a child ``python -m frctl.main``: this one, unbuffered, with the
+    """The environment of a child ``python -m frctl``: this one, unbuffered, with the
     directory these packages live in first on its path."""
     path = os.environ.get("PYTHONPATH")
     return {
@@ -67,7 +67,7 @@ class ServerProcess:
 
 
 def start_server_process(
-    config: Path, log_dir: Path, *, timeout: float = 30.0, module: str = "frctl.main"
+    config: Path, log_dir: Path, *, timeout: float = 30.0, module: str = "frctl"
 ) -> ServerProcess:
     """Start a recovery server from ``config`` and wait until it listens.
 
