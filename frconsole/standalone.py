@@ -25,8 +25,10 @@ the replicas' state files): the floors allow it that and nothing else
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shlex
 import time
 import uuid
@@ -41,12 +43,15 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+import frproto
+from broker import admin
 from broker.cluster_view import read_audit
 from broker.records import Keys
 from broker.store import ClusterStore, open_store
 from frlink.http import serve_asgi
 from frlink.tls import web_server_context
 from node.config import RecoveryServerConfig
+from node.failover.test import TEST_MARKER, clean_up_test_failover, start_test_failover
 from node.storage.layout import ReplicaLayout, parse_vmid_dir
 from node.storage.state import ReplicaState
 
@@ -57,6 +62,39 @@ log = logging.getLogger("frrep.console")
 #: The keys of a stand-alone server's console records (the cluster's default prefix: the
 #: file holds nothing else).
 KEYS = Keys()
+#: The directory of the test failovers the console builds, beside its database.
+TEST_FAILOVERS = "test-failovers"
+
+
+@dataclass(frozen=True)
+class TestCopy:
+    """A test failover the console built (a directory under :data:`TEST_FAILOVERS`)."""
+
+    directory: Path
+    vmid: str
+    sequence: int
+    disks: list[str]
+
+
+def test_copies(root: Path) -> list[TestCopy]:
+    """The test failovers under ``root``, from their markers (blocking)."""
+    found = []
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        marker = root / name / TEST_MARKER
+        if os.path.islink(root / name) or not marker.is_file():
+            continue
+        try:
+            doc = json.loads(marker.read_text())
+            found.append(
+                TestCopy(root / name, str(doc["vmid"]), int(doc["sequence"]), list(doc["disks"]))
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable test failover marker: %s", marker, exc)
+    return found
 
 
 @dataclass(frozen=True)
@@ -139,6 +177,13 @@ class StandaloneSource:
     keys: Keys = KEYS
 
     @property
+    def test_failovers(self) -> Path:
+        """Where the console builds test failovers: beside its database."""
+        console = self.config().console
+        base = console.database.parent if console else self.config_path.parent
+        return base / TEST_FAILOVERS
+
+    @property
     def node(self) -> str:
         return self.config().name
 
@@ -178,13 +223,16 @@ def _commands(source: StandaloneSource, replica: HeldReplica) -> list[dict[str, 
     vmid = str(replica.vmid)
     return [
         {
-            "what": "Test failover",
-            "command": f"frctl failover test --config {config} {vmid} --out DIR [--point SEQ]",
+            "what": "Test failover with your hypervisor's hooks",
+            "command": (
+                f"frctl failover test --config {config} {vmid} --out DIR [--point SEQ] "
+                "[--start-command CMD]"
+            ),
             "why": (
-                "Builds a VM from a kept recovery point in a new directory while replication "
-                "goes on; it needs a directory of your choosing and your hypervisor's start "
-                "command (--start-command), which this console does not run on your behalf. "
-                "Remove it with: frctl failover cleanup DIR [--stop-command CMD]."
+                "The console's test failover (above) only builds the VM's disks; one that "
+                "also starts the VM runs your hypervisor's command, which this console does "
+                "not run on your behalf. Remove it with: frctl failover cleanup DIR "
+                "[--stop-command CMD]."
             ),
         },
         {
@@ -217,21 +265,103 @@ def standalone_routes(source: StandaloneSource, guarded: Guard) -> list[BaseRout
     async def vms(request: Request, ctx: Context) -> Response:
         return ctx.page(request, "standalone_vms.html", vms=await replicas())
 
-    async def vm(request: Request, ctx: Context) -> Response:
+    async def held(vmid: str) -> HeldReplica | None:
+        return next((r for r in await replicas() if str(r.vmid) == vmid), None)
+
+    async def vm_page(
+        request: Request, ctx: Context, message: str = "", error: str = "", status: int = 200
+    ) -> Response:
         vmid = request.path_params["vmid"]
-        held = [r for r in await replicas() if str(r.vmid) == vmid]
-        if not held:
+        replica = await held(vmid)
+        if replica is None:
             return ctx.page(request, "error.html", 404, message=f"this server holds no VM {vmid}")
         audit = [e for e in await read_audit(source.store, source.keys) if e.target == vmid]
+        copies = await trio.to_thread.run_sync(test_copies, source.test_failovers)
         return ctx.page(
             request,
             "standalone_vm.html",
-            vm=held[0],
-            report=held[0].report,
-            commands=_commands(source, held[0]),
+            status,
+            vm=replica,
+            report=replica.report,
+            commands=_commands(source, replica),
+            copies=[c for c in copies if c.vmid == vmid],
+            test_failovers=str(source.test_failovers),
             audit=audit,
+            message=message,
+            error=error,
             now=time.time(),
         )
+
+    async def vm(request: Request, ctx: Context) -> Response:
+        return await vm_page(request, ctx)
+
+    async def test_failover(request: Request, ctx: Context) -> Response:
+        """Build a test failover's copy of a kept point (no start hook), while
+        replication goes on, under :attr:`StandaloneSource.test_failovers`."""
+        vmid = request.path_params["vmid"]
+        posted: dict[str, str] = request.state.form
+        replica = await held(vmid)
+        if replica is None:
+            return ctx.page(request, "error.html", 404, message=f"this server holds no VM {vmid}")
+        try:
+            if posted.get("confirm") != "yes":
+                raise ValueError("tick the box to confirm")
+            raw = posted.get("point", "").strip()
+            try:
+                sequence = int(raw) if raw else None
+            except ValueError:
+                raise ValueError(f"recovery point {raw!r}: expected a number") from None
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            # The name is the primary's: only its safe characters make the directory's.
+            label = re.sub(r"[^A-Za-z0-9_-]+", "_", replica.name)[:40].strip("_") or "vm"
+            out = source.test_failovers / f"{label}-{vmid[:8]}-{stamp}"
+            copy = await trio.to_thread.run_sync(
+                partial(
+                    start_test_failover, [replica.storage], replica.vmid, out, sequence=sequence
+                )
+            )
+        except (ValueError, OSError, frproto.ReplicationError) as exc:
+            return await vm_page(request, ctx, error=str(exc), status=400)
+        await admin.record_action(
+            source.store,
+            source.keys,
+            by=ctx.who,
+            what="test failover",
+            target=vmid,
+            changes={"directory": [None, str(copy.directory)], "sequence": [None, copy.sequence]},
+        )
+        log.info("console: %s built a test failover of %s in %s", ctx.who, vmid, copy.directory)
+        return await vm_page(
+            request,
+            ctx,
+            message=f"test failover of point {copy.sequence} built in {copy.directory}",
+        )
+
+    async def test_cleanup(request: Request, ctx: Context) -> Response:
+        """Remove one of the console's test failovers of this VM (no stop hook: the
+        operator confirms the test VM is stopped)."""
+        vmid = request.path_params["vmid"]
+        posted: dict[str, str] = request.state.form
+        name = posted.get("directory", "")
+        try:
+            if posted.get("confirm") != "yes":
+                raise ValueError("tick the box to confirm that the test VM is stopped")
+            copies = await trio.to_thread.run_sync(test_copies, source.test_failovers)
+            mine = [c for c in copies if c.vmid == vmid and c.directory.name == name]
+            if not mine:
+                raise ValueError(f"no test failover {name!r} of this VM")
+            await trio.to_thread.run_sync(clean_up_test_failover, mine[0].directory)
+        except (ValueError, OSError) as exc:
+            return await vm_page(request, ctx, error=str(exc), status=400)
+        await admin.record_action(
+            source.store,
+            source.keys,
+            by=ctx.who,
+            what="test failover cleanup",
+            target=vmid,
+            changes={"directory": [str(mine[0].directory), None]},
+        )
+        return await vm_page(request, ctx, message=f"removed {mine[0].directory}")
 
     async def settings(request: Request, ctx: Context) -> Response:
         config = source.config()
@@ -274,6 +404,8 @@ def standalone_routes(source: StandaloneSource, guarded: Guard) -> list[BaseRout
         Route("/", guarded(home)),
         Route("/vms", guarded(vms)),
         Route("/vms/{vmid}", guarded(vm)),
+        Route("/vms/{vmid}/test-failover", guarded(test_failover), methods=["POST"]),
+        Route("/vms/{vmid}/test-failover/cleanup", guarded(test_cleanup), methods=["POST"]),
         Route("/settings", guarded(settings)),
     ]
 

@@ -58,10 +58,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     "frconsole": frozenset({"frproto", "frlink", "broker"}),
     # A stand-alone recovery server's console reads the server's configuration and its
-    # replicas' state files (read-only, no store opened); the rest of frconsole, the
-    # cluster's pages among them, still knows no node room.
+    # replicas' state files (read-only, no store opened) and builds test failovers
+    # (node/failover/test.py); the rest of frconsole, the cluster's pages among them,
+    # still knows no node room.
     _STANDALONE_CONSOLE: frozenset(
-        {"frproto", "frlink", "broker", "frconsole", "node.storage", _SERVER}
+        {"frproto", "frlink", "broker", "frconsole", "node.storage", "node.failover", _SERVER}
     ),
     "frcluster": frozenset(
         {

@@ -381,11 +381,18 @@ def test_the_standalone_console_in_a_browser(tmp_path: Path, browser: object) ->
         assert len(driver.find_elements(By.CSS_SELECTOR, "#points tbody tr")) == 3
         assert "frctl failover test" in driver.find_element(By.ID, "commands").text
         shot("standalone-vm")
+        driver.find_element(By.ID, "confirm").click()
+        click(By.ID, "start-test")
+        assert "built in" in driver.find_element(By.ID, "message").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#copies tbody tr form")) == 1
+        shot("standalone-test-failover")
         click(By.LINK_TEXT, "Settings")
         assert "*.primary.example.com" in driver.find_element(By.ID, "authorization").text
         shot("standalone-settings")
         click(By.LINK_TEXT, "Audit log")
-        assert "password" in driver.find_element(By.ID, "audit").text
+        audit = driver.find_element(By.ID, "audit").text
+        assert "password" in audit
+        assert "test failover" in audit
         shot("standalone-audit")
     finally:
         server.stop()

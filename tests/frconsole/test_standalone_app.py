@@ -10,6 +10,7 @@ import random
 import re
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -250,3 +251,64 @@ def test_console_table_defaults(site: Site) -> None:
     assert config.console == ServerConsole(
         port=9443, listen="127.0.0.9", database=site.root / "db" / "c.db"
     )
+
+
+async def test_a_test_failover_from_the_console_is_built_audited_and_removed(
+    site: Site, store: ClusterStore
+) -> None:
+    vmid = await _replicate(site, "web-1")
+    image = site.root / "web-1.img"
+    await admin.set_console_password(store, KEYS, "admin", PASSWORD)
+    root = site.root / "state" / "test-failovers"
+    config = replace(_config(site), console=ServerConsole(0, "127.0.0.2", root.parent / "c.db"))
+    app = console_app(StandaloneSource(store, lambda: config, site.server_config))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://console.test"
+    ) as client:
+        await _login(client)
+        page = await client.get(f"/vms/{vmid}")
+        csrf = _csrf(page.text)
+        url = f"/vms/{vmid}/test-failover"
+        # Without the CSRF token: refused, nothing built.
+        refused = await client.post(url, data={"point": "1", "confirm": "yes"})
+        assert refused.status_code == 403
+        assert not root.exists()
+        # Without the confirmation: refused with a reason.
+        unconfirmed = await client.post(url, data={"csrf": csrf, "point": "1"})
+        assert unconfirmed.status_code == 400
+        assert "tick the box" in unconfirmed.text
+        missing = await client.post(url, data={"csrf": csrf, "point": "9", "confirm": "yes"})
+        assert missing.status_code == 400
+        assert not root.exists() or not any(root.iterdir())
+        done = await client.post(url, data={"csrf": csrf, "point": "1", "confirm": "yes"})
+        assert done.status_code == 200, done.text
+        assert "test failover of point 1 built in" in done.text
+        [copy] = list(root.iterdir())
+        assert copy.name.startswith(f"web-1-{str(vmid)[:8]}-")
+        disks = list((copy / "disks").iterdir())
+        assert [d.read_bytes() for d in disks] == [image.read_bytes()]
+        assert copy.name in done.text  # listed, with its Remove button
+        entries = await read_audit(store, KEYS)
+        assert entries[0].what == "test failover"
+        assert entries[0].who == "admin (console at r1.example.com)"
+        assert entries[0].target == str(vmid)
+        assert entries[0].changes["directory"] == [None, str(copy)]
+        # Removing it: confirmed, then gone, audited.
+        cleanup = f"/vms/{vmid}/test-failover/cleanup"
+        unconfirmed = await client.post(cleanup, data={"csrf": csrf, "directory": copy.name})
+        assert unconfirmed.status_code == 400
+        assert copy.exists()
+        outside = await client.post(
+            cleanup, data={"csrf": csrf, "directory": "../replicas", "confirm": "yes"}
+        )
+        assert outside.status_code == 400
+        assert site.storage.exists()
+        removed = await client.post(
+            cleanup, data={"csrf": csrf, "directory": copy.name, "confirm": "yes"}
+        )
+        assert removed.status_code == 200, removed.text
+        assert not copy.exists()
+        entries = await read_audit(store, KEYS)
+        assert entries[0].what == "test failover cleanup"
+        audit = await client.get("/audit")
+        assert "test failover cleanup" in audit.text

@@ -42,6 +42,12 @@ def set_password(site: Site, password: str = PASSWORD) -> subprocess.CompletedPr
     )
 
 
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
 def console_url(server: ServerProcess, timeout: float = 20.0) -> str:
     assert server.wait_for_log("console at https://", timeout), server.log.read_text()
     found = _CONSOLE.search(server.log.read_text())
@@ -126,9 +132,23 @@ async def test_the_console_shows_a_vm_replicated_into_the_server(
             one = await client.get(f"/vms/{vmid}")
             assert one.status_code == 200
             assert re.findall(r"<tr><td>(\d+)</td>", one.text)[:2] == ["1", "0"]
+            # A test failover built by the running server's console, replication going on.
+            built = await client.post(
+                f"/vms/{vmid}/test-failover",
+                data={"csrf": _csrf(one.text), "point": "0", "confirm": "yes"},
+            )
+            assert built.status_code == 200, built.text
+            [copy] = list((site.root / "test-failovers").iterdir())
+            assert (copy / "frrep-test-failover.json").is_file()
             settings = await client.get("/settings")
             assert "*.primary.example.com" in settings.text
             audit = await client.get("/audit")
             assert "password" in audit.text
             assert "(frctl)" in audit.text
+            assert "test failover" in audit.text
+    with trio.fail_after(60):
+        with image.open("r+b") as f:
+            f.write(rng.randbytes(8192))
+        await replicator.cycle()  # replication goes on
+    assert replicator.state.sequence == 2
     assert "console: admin logged in" in server.log.read_text()
