@@ -2,8 +2,9 @@
 (``frconsole/app.py``), without the cluster.
 
 Pages: the VMs (every replica this server holds, across its storage locations), one VM
-(its recovery points, and the ``frctl`` commands of what can be done with it), the
-server's settings as its configuration file gives them (read-only), the audit log.
+(its recovery points; a test failover built and removed, audited; the ``frctl`` commands
+of what the console does not do, and why), the server's settings as its configuration
+file gives them (read-only), the audit log.
 
 Where things are:
 
@@ -17,9 +18,14 @@ Where things are:
   server's own: a SQLite file, ``[console] database`` (``console.db`` beside the first
   storage location by default). ``frctl server admin-password`` sets the password through
   ``broker/admin.py``, with its audit entry.
+* A test failover (``node/failover/test.py``: a copy of a kept point, taken while
+  replication goes on, no lock) is built in ``test-failovers/`` beside the database,
+  without a start hook: the console runs no command of the hypervisor's. Its audit entry
+  is written once the copy is complete (``broker/admin.py`` ``record_action``). An
+  unplanned failover needs the server stopped, so the page gives its command instead.
 
-This is the one module of frconsole that reads the node's rooms (its configuration and
-the replicas' state files): the floors allow it that and nothing else
+This is the one module of frconsole that uses the node's rooms (its configuration, the
+replicas' state files, the test failover): the floors allow it that
 (``tests/test_floors.py``).
 """
 
@@ -50,7 +56,7 @@ from broker.records import Keys
 from broker.store import ClusterStore, open_store
 from frlink.http import serve_asgi
 from frlink.tls import web_server_context
-from node.config import RecoveryServerConfig
+from node.config import RecoveryServerConfig, console_database
 from node.failover.test import TEST_MARKER, clean_up_test_failover, start_test_failover
 from node.storage.layout import ReplicaLayout, parse_vmid_dir
 from node.storage.state import ReplicaState
@@ -179,9 +185,7 @@ class StandaloneSource:
     @property
     def test_failovers(self) -> Path:
         """Where the console builds test failovers: beside its database."""
-        console = self.config().console
-        base = console.database.parent if console else self.config_path.parent
-        return base / TEST_FAILOVERS
+        return console_database(self.config(), self.config_path).parent / TEST_FAILOVERS
 
     @property
     def node(self) -> str:
