@@ -176,9 +176,29 @@ class _Audit:
     def put(self, old: _Record | None, new: _Record) -> Put:
         now = time.time()
         entry = AuditEntry(now, self.who, self.what, self.target, self.describe(old, new))
-        # Keys sort by time; the random tail keeps two changes in one nanosecond apart.
-        key = f"{self.keys.audit}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        return Put(key, entry.to_json())
+        return _audit_put(self.keys, entry)
+
+
+def _audit_put(keys: Keys, entry: AuditEntry) -> Put:
+    # Keys sort by time; the random tail keeps two changes in one nanosecond apart.
+    key = f"{keys.audit}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    return Put(key, entry.to_json())
+
+
+async def record_action(
+    store: ClusterStore,
+    keys: Keys,
+    *,
+    by: str,
+    what: str,
+    target: str,
+    changes: Mapping[str, list[Any]],
+) -> None:
+    """Write the audit entry of an action done outside the store (a stand-alone
+    server's test failover, built on its disk): after the action, on its own, since
+    there is no record to change in the same transaction."""
+    entry = AuditEntry(time.time(), by, what, target, {k: list(v) for k, v in changes.items()})
+    await store.txn([], [_audit_put(keys, entry)], [])
 
 
 def _audit(keys: Keys, by: str, what: str, target: str) -> _Audit | None:

@@ -1,11 +1,14 @@
-"""The web console: the cluster's state and its administration in a browser.
+"""The web console: a recovery site's state and its administration in a browser.
 
-Served by every node agent that has a ``[console]`` table (``frcluster/agent.py``), over
-HTTPS with the node's certificate. It reads the cluster store (``broker/cluster_view.py``)
-and changes it only through ``broker/admin.py``, so the console, ``frctl cluster`` and any
-other tool refuse the same things with the same words. See ``frconsole/app.py``.
+Served over HTTPS with the host's certificate by every cluster node agent that has a
+``[console]`` table (``frcluster/agent.py``, pages in ``frconsole/cluster.py``: they read
+the cluster store, ``broker/cluster_view.py``, and change it only through
+``broker/admin.py``), and by a stand-alone recovery server that has one
+(``frconsole/standalone.py``: the replicas it holds, its configuration). The frame every
+console shares, login, sessions, CSRF, the audit log, is ``frconsole/app.py``.
 """
 
-from .app import ConsoleSource, ReplicaReport, console_app
+from .app import ReplicaReport, Source, console_app
+from .cluster import ConsoleSource
 
-__all__ = ["ConsoleSource", "ReplicaReport", "console_app"]
+__all__ = ["ConsoleSource", "ReplicaReport", "Source", "console_app"]

@@ -1,15 +1,17 @@
-"""The console's pages and actions (a Starlette application, plain server-rendered HTML).
+"""The console's frame (a Starlette application, plain server-rendered HTML): what every
+console shares, whatever it shows.
 
-Starlette runs on anyio, and so under Trio in the node agent (Hypercorn's Trio worker,
-``frlink/http.py``). Pages: the cluster (nodes, the broker, the store), the VMs, one VM
-(its record and the actions ``broker/admin.py`` offers: migrate, failover, delete), the
-cluster-wide settings, the audit log. Every page needs a login; every POST needs the
-session's CSRF token (403 without it); every change is written with an audit entry in the
-same transaction (``broker/admin.py``'s ``by``).
-
-What the cluster store does not know is not shown as if it did: a VM's replication health
-and lag are the primary's to tell (``frctl replication status`` on it); the recovery
-points are on the owner node's disks. The pages say so.
+Starlette runs on anyio, and so under Trio (Hypercorn's Trio worker, ``frlink/http.py``).
+A *source* decides which pages exist (:class:`Source`): a cluster node's
+(``frconsole/cluster.py``: the cluster, the VMs of the store, one VM and its actions, the
+cluster-wide settings) or a stand-alone recovery server's (``frconsole/standalone.py``:
+the replicas it holds, one replica, its configuration). This module gives every one of
+them the same login, sessions (``frconsole/sessions.py``), CSRF check, login throttling,
+security headers, layout and audit log page. Every page needs a login; every POST needs
+the session's CSRF token (403 without it); every change is written with an audit entry in
+the same transaction (``broker/admin.py``'s ``by``). The account and the audit log are
+records of a :class:`~broker.store.ClusterStore` in both cases: the cluster's store, or
+a stand-alone server's own SQLite file.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -30,23 +32,13 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker import admin
-from broker.cluster_view import read_audit, read_cluster, read_console_account
-from broker.election import current_holder
-from broker.records import (
-    PLACEMENT_POLICIES,
-    ConsoleAccount,
-    Keys,
-    NodeState,
-    RecordError,
-    Settings,
-    VMRecord,
-)
+from broker.cluster_view import read_audit, read_console_account
+from broker.records import ConsoleAccount, Keys, RecordError
 from broker.store import ClusterStore, StoreError
 from frlink.passwords import verify_password
 
@@ -98,26 +90,55 @@ class ReplicaReport:
     points: list[tuple[int, float, float]]
 
 
-@dataclass(frozen=True)
-class ConsoleSource:
-    """What a console serves: a cluster store, its keys, and the node serving it."""
-
-    store: ClusterStore
-    keys: Keys
-    node: str  #: the node agent serving this console (shown on every page)
-    store_url: str  #: shown on the cluster page, without any credentials in it
-    #: What this node can say of a replica it owns (``None``: it holds no data of it);
-    #: the recovery points live on the owner's disks, not in the store.
-    replica: Callable[[VMRecord], Awaitable[ReplicaReport | None]] | None = None
+#: ``guarded(handler)``: the endpoint of a page that needs a login (and a POST, the CSRF
+#: token), as :func:`console_app` gives it to a source's :meth:`Source.routes`.
+Guard = Callable[["Handler"], Callable[[Request], Awaitable[Response]]]
 
 
-def _safe_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    return urllib.parse.urlunsplit(parts)
+class Source(Protocol):
+    """What a console serves: where its account and audit log are, and its pages."""
+
+    @property
+    def store(self) -> ClusterStore:
+        """The store of the console's account and audit log."""
+        ...
+
+    @property
+    def keys(self) -> Keys: ...
+
+    @property
+    def node(self) -> str:
+        """The host serving this console (in each audit entry's "who")."""
+        ...
+
+    @property
+    def served_by(self) -> str:
+        """The footer's words: ``node n1.example.com``."""
+        ...
+
+    @property
+    def store_name(self) -> str:
+        """The store in an error message: ``the cluster store``."""
+        ...
+
+    @property
+    def password_hint(self) -> str:
+        """How the administrator's password is set (the login page, before it is)."""
+        ...
+
+    @property
+    def audit_note(self) -> str:
+        """What the audit log holds (its page's first line)."""
+        ...
+
+    @property
+    def nav(self) -> Sequence[tuple[str, str]]:
+        """The menu: ``(path, label)``; ``/audit`` is always there."""
+        ...
+
+    def routes(self, guarded: Guard) -> list[BaseRoute]:
+        """The source's pages (``/`` among them), each handler wrapped in ``guarded``."""
+        ...
 
 
 _SECURITY_HEADERS: Final = {
@@ -183,14 +204,14 @@ class _Throttle:
         self._failures.pop(address, None)
 
 
-Handler = Callable[[Request, "_Context"], Awaitable[Response]]
+Handler = Callable[[Request, "Context"], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
-class _Context:
+class Context:
     """A logged-in request's session and what its pages share."""
 
-    source: ConsoleSource
+    source: Source
     account: ConsoleAccount
     session: sessions.Session
 
@@ -203,15 +224,20 @@ class _Context:
         return f"{self.session.user} (console at {self.source.node})"
 
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
-        context.update(user=self.session.user, csrf=self.csrf, node=self.source.node)
-        return _render(request, name, status, context)
+        context.update(user=self.session.user, csrf=self.csrf)
+        return render(request, self.source, name, status, context)
 
 
-def _render(request: Request, name: str, status: int, context: dict[str, Any]) -> Response:
+def render(
+    request: Request, source: Source, name: str, status: int, context: dict[str, Any]
+) -> Response:
+    """The template ``name`` in the console's layout (its menu, its footer)."""
+    context.setdefault("user", None)
+    context.update(node=source.node, served_by=source.served_by, nav=source.nav)
     return _templates.TemplateResponse(request, name, context, status_code=status)
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def form(request: Request) -> dict[str, str]:
     """The urlencoded form of a POST (parsed here: no multipart parser needed)."""
     body = await request.body()
     if len(body) > MAX_FORM:
@@ -227,13 +253,17 @@ def _forbidden(why: str) -> Response:
     )
 
 
-def console_app(source: ConsoleSource) -> Starlette:
-    """The console as an ASGI application over ``source``."""
+def console_app(source: Source) -> Starlette:
+    """The console as an ASGI application over ``source`` (its pages, and the login,
+    logout and audit log pages every console has)."""
 
     throttle = _Throttle()
 
     async def account() -> ConsoleAccount | None:
         return await read_console_account(source.store, source.keys)
+
+    def unreadable(exc: Exception) -> str:
+        return f"{source.store_name} cannot be read: {exc}"
 
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """Login required; a POST needs the session's CSRF token too; the store being
@@ -253,21 +283,16 @@ def console_app(source: ConsoleSource) -> Starlette:
                     if request.method == "POST":
                         return _forbidden("not logged in")
                     return RedirectResponse("/login", status_code=303)
-                ctx = _Context(source, acct, session)
+                ctx = Context(source, acct, session)
                 if request.method == "POST":
-                    form = await _form(request)
-                    if not sessions.tokens_match(form.get("csrf"), ctx.csrf):
+                    posted = await form(request)
+                    if not sessions.tokens_match(posted.get("csrf"), ctx.csrf):
                         return _forbidden("the form's CSRF token is missing or wrong")
-                    request.state.form = form
+                    request.state.form = posted
                 return await handler(request, ctx)
             except (StoreError, RecordError) as exc:
                 log.warning("console: %s", exc)
-                return _render(
-                    request,
-                    "error.html",
-                    503,
-                    {"message": f"the cluster store cannot be read: {exc}", "node": source.node},
-                )
+                return render(request, source, "error.html", 503, {"message": unreadable(exc)})
 
         return endpoint
 
@@ -278,17 +303,11 @@ def console_app(source: ConsoleSource) -> Starlette:
         try:
             acct = await account()
         except (StoreError, RecordError) as exc:
-            message, acct = f"the cluster store cannot be read: {exc}", None
+            message, acct = unreadable(exc), None
         if acct is None and not message:
-            message = (
-                "No administrator password is set: run `frctl cluster admin-password` "
-                "on a node first."
-            )
-        response = _render(
-            request,
-            "login.html",
-            status,
-            {"csrf": token, "message": message, "node": source.node, "user": None},
+            message = f"No administrator password is set: {source.password_hint}."
+        response = render(
+            request, source, "login.html", status, {"csrf": token, "message": message}
         )
         _cookie(response, sessions.LOGIN_COOKIE, token)
         return response
@@ -300,11 +319,13 @@ def console_app(source: ConsoleSource) -> Starlette:
             return await log_in(request)
         except (StoreError, RecordError) as exc:
             log.warning("console: %s", exc)
-            return await login_page(request, f"the cluster store cannot be read: {exc}", 503)
+            return await login_page(request, unreadable(exc), 503)
 
     async def log_in(request: Request) -> Response:
-        form = await _form(request)
-        if not sessions.tokens_match(form.get("csrf"), request.cookies.get(sessions.LOGIN_COOKIE)):
+        posted = await form(request)
+        if not sessions.tokens_match(
+            posted.get("csrf"), request.cookies.get(sessions.LOGIN_COOKIE)
+        ):
             return _forbidden("the form's CSRF token is missing or wrong")
         address = request.client.host if request.client else "?"
         wait = throttle.wait(address, time.monotonic())
@@ -312,7 +333,7 @@ def console_app(source: ConsoleSource) -> Starlette:
             message = f"Too many failed logins from {address}: try again in {wait:.0f} s."
             return await login_page(request, message, 429)
         acct = await account()
-        user, password = form.get("user", ""), form.get("password", "")
+        user, password = posted.get("user", ""), posted.get("password", "")
         ok = acct is not None and user == acct.user
         if acct is not None:
             # Hashed even for a wrong user, so that the time taken does not tell users apart.
@@ -330,234 +351,22 @@ def console_app(source: ConsoleSource) -> Starlette:
         response.delete_cookie(sessions.LOGIN_COOKIE, path="/")
         return response
 
-    async def logout(request: Request, ctx: _Context) -> Response:
+    async def logout(request: Request, ctx: Context) -> Response:
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(sessions.SESSION_COOKIE, path="/")
         return response
 
-    # -- pages ----------------------------------------------------------------------------
-
-    async def cluster(request: Request, ctx: _Context) -> Response:
-        view = await read_cluster(source.store, source.keys)
-        holder = await current_holder(source.store, source.keys)
-        names = sorted({*view.nodes, *view.admin, *(v.owner for v in view.vms.values())})
-        nodes = []
-        for name in names:
-            node = view.nodes.get(name)
-            decided = view.admin.get(name)
-            nodes.append(
-                {
-                    "name": name,
-                    "state": (node.state if node else NodeState.DOWN).value,
-                    "address": f"{node.record.address}:{node.record.port}" if node else "-",
-                    "capacity": node.record.capacity_bytes if node else 0,
-                    "used": node.record.used_bytes if node else 0,
-                    "vms": len(view.owned_by(name)),
-                    "broker": holder is not None and holder.holder == name,
-                    "labels": decided.labels if decided else {},
-                    "applied": node.record.settings_revision if node else None,
-                    "draining": bool(decided and decided.draining),
-                }
-            )
-        return ctx.page(
-            request,
-            "cluster.html",
-            nodes=nodes,
-            holder=holder,
-            store_url=_safe_url(source.store_url),
-            revision=view.revision,
-            settings_revision=view.settings_revision,
-            vm_count=len([v for v in view.vms.values() if not v.deleted]),
-        )
-
-    async def node_action(request: Request, ctx: _Context) -> Response:
-        name = request.path_params["node"]
-        action = request.path_params["action"]
-        if action not in ("drain", "undrain"):
-            return ctx.page(request, "error.html", 404, message=f"no action {action!r}")
-        await admin.set_draining(
-            source.store, source.keys, name, draining=action == "drain", by=ctx.who
-        )
-        return RedirectResponse("/", status_code=303)
-
-    async def vms(request: Request, ctx: _Context) -> Response:
-        view = await read_cluster(source.store, source.keys)
-        rows = sorted(view.vms.values(), key=lambda v: (v.deleted, v.name, v.vmid))
-        return ctx.page(request, "vms.html", vms=rows, up=sorted(view.nodes))
-
-    async def vm_page(
-        request: Request, ctx: _Context, message: str = "", error: str = "", status: int = 200
-    ) -> Response:
-        vmid = request.path_params["vmid"]
-        view = await read_cluster(source.store, source.keys)
-        vm = view.vms.get(vmid)
-        if vm is None:
-            return ctx.page(request, "error.html", 404, message=f"the cluster has no VM {vmid}")
-        audit = [e for e in await read_audit(source.store, source.keys) if e.target == vmid]
-        targets = [
-            n for n, v in sorted(view.nodes.items()) if n != vm.owner and v.state is NodeState.UP
-        ]
-        local = vm.owner == source.node and source.replica is not None
-        report = await source.replica(vm) if local and source.replica else None
-        return ctx.page(
-            request,
-            "vm.html",
-            status,
-            vm=vm,
-            record=asdict(vm),
-            targets=targets,
-            audit=audit,
-            message=message,
-            error=error,
-            local=local,
-            report=report,
-            now=time.time(),
-        )
-
-    async def vm(request: Request, ctx: _Context) -> Response:
-        return await vm_page(request, ctx)
-
-    async def vm_action(request: Request, ctx: _Context) -> Response:
-        vmid = request.path_params["vmid"]
-        form: dict[str, str] = request.state.form
-        action = request.path_params["action"]
-        try:
-            if form.get("confirm") != "yes":
-                raise admin.Refused("tick the box to confirm")
-            if action == "migrate":
-                node = form.get("node", "")
-                await admin.request_migration(source.store, source.keys, vmid, node, by=ctx.who)
-                done = f"asked to move to {node}: its owner moves it"
-            elif action == "failover":
-                raw = form.get("point", "").strip()
-                try:
-                    point = int(raw) if raw else admin.LATEST_POINT
-                except ValueError:
-                    raise admin.Refused(f"recovery point {raw!r}: expected a number") from None
-                await admin.request_failover(
-                    source.store, source.keys, vmid, point=point, by=ctx.who
-                )
-                done = "failover asked of its owner node"
-            elif action == "delete":
-                await admin.delete_vm(source.store, source.keys, vmid, by=ctx.who)
-                done = "deleted: its primary is told so and stops"
-            else:
-                return ctx.page(request, "error.html", 404, message=f"no action {action!r}")
-        except admin.AdminError as exc:
-            return await vm_page(request, ctx, error=str(exc), status=400)
-        return await vm_page(request, ctx, message=done)
-
-    async def settings_page(
-        request: Request,
-        ctx: _Context,
-        *,
-        message: str = "",
-        error: str = "",
-        status: int = 200,
-        entered: dict[str, str] | None = None,
-    ) -> Response:
-        view = await read_cluster(source.store, source.keys)
-        current = _settings_form(view.settings)
-        return ctx.page(
-            request,
-            "settings.html",
-            status,
-            form=entered or current,
-            policies=PLACEMENT_POLICIES,
-            revision=view.settings_revision,
-            message=message,
-            error=error,
-        )
-
-    async def settings(request: Request, ctx: _Context) -> Response:
-        if request.method == "GET":
-            return await settings_page(request, ctx)
-        form: dict[str, str] = request.state.form
-        current = (await read_cluster(source.store, source.keys)).settings
-        try:
-            updates = _settings_updates(current, form)
-            if not updates:
-                return await settings_page(request, ctx, message="Nothing changed.")
-            done = await admin.update_settings(source.store, source.keys, updates, by=ctx.who)
-        except admin.AdminError as exc:
-            entered = {**_settings_form(current), **form}
-            entered["recovery_enabled"] = "on" if form.get("recovery_enabled") else ""
-            return await settings_page(request, ctx, error=str(exc), status=400, entered=entered)
-        changed = (done.old or Settings()).changes(done.new)
-        text = "; ".join(
-            f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changed.items()
-        )
-        return await settings_page(
-            request, ctx, message=f"Saved (every node applies it within seconds): {text}"
-        )
-
-    async def audit(request: Request, ctx: _Context) -> Response:
+    async def audit(request: Request, ctx: Context) -> Response:
         entries = await read_audit(source.store, source.keys)
-        return ctx.page(request, "audit.html", entries=entries)
+        return ctx.page(request, "audit.html", entries=entries, note=source.audit_note)
 
     return Starlette(
         routes=[
             Route("/login", login, methods=["GET", "POST"]),
             Route("/logout", guarded(logout), methods=["POST"]),
-            Route("/", guarded(cluster)),
-            Route("/nodes/{node}/{action}", guarded(node_action), methods=["POST"]),
-            Route("/vms", guarded(vms)),
-            Route("/vms/{vmid}", guarded(vm)),
-            Route("/vms/{vmid}/{action}", guarded(vm_action), methods=["POST"]),
-            Route("/settings", guarded(settings), methods=["GET", "POST"]),
+            *source.routes(guarded),
             Route("/audit", guarded(audit)),
             Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
         ],
         middleware=[Middleware(_SecurityHeaders)],
     )
-
-
-# -- the settings form -------------------------------------------------------------------
-
-
-def _settings_form(settings: Settings) -> dict[str, str]:
-    """The settings as the form's fields show them."""
-    return {
-        "recovery_enabled": "on" if settings.recovery_enabled else "",
-        "auth_type": settings.auth_type,
-        "port": str(settings.port),
-        "authorization": json.dumps(settings.authorization, indent=2),
-        "default_storage": settings.default_storage,
-        "placement_policy": str(settings.placement_policy),
-        "placement_rules": ", ".join(settings.placement_rules),
-        "recovery_points": str(settings.recovery_points),
-    }
-
-
-def _number(text: str) -> Any:
-    # A number when it is one; otherwise the text, which the settings' check refuses
-    # with the setting's name (as `frctl cluster settings port=abc` is).
-    try:
-        return int(text.strip())
-    except ValueError:
-        return text
-
-
-def _settings_updates(current: Settings, form: dict[str, str]) -> dict[str, Any]:
-    """The settings the form changes, as ``broker/admin.py``'s ``{name: value}``: only
-    those that differ from ``current``, so that a change made meanwhile by someone else
-    to another setting is kept."""
-    raw_auth = form.get("authorization", "").strip() or "[]"
-    try:
-        authorization = json.loads(raw_auth)
-    except ValueError as exc:
-        raise admin.InvalidSetting(f"authorization: not JSON ({exc})") from None
-    entered: dict[str, Any] = {
-        "recovery_enabled": bool(form.get("recovery_enabled")),
-        "auth_type": form.get("auth_type", current.auth_type),
-        "port": _number(form.get("port", str(current.port))),
-        "authorization": authorization,
-        "default_storage": form.get("default_storage", current.default_storage).strip(),
-        "placement_policy": form.get("placement_policy", str(current.placement_policy)),
-        "placement_rules": [
-            r for r in form.get("placement_rules", "").replace(",", " ").split() if r
-        ],
-        "recovery_points": _number(form.get("recovery_points", str(current.recovery_points))),
-    }
-    now = json.loads(current.to_json())
-    return {k: v for k, v in entered.items() if now.get(k) != v}

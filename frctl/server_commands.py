@@ -1,4 +1,5 @@
-"""frctl subcommands of the recovery server: ``server run`` and ``replica list|points``."""
+"""frctl subcommands of the recovery server: ``server run``, ``server admin-password`` and
+``replica list|points``."""
 
 from __future__ import annotations
 
@@ -32,10 +33,23 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         return 1
     registry = CollectorRegistry()
     server = RecoveryServer(config, registry=registry)
+
+    async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # The replication listener first; then, with a [console] table, the web console
+        # (frconsole/standalone.py) beside it, on the configuration the server uses now
+        # (SIGHUP changes its authorization entries).
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            if config.console is not None:
+                from frconsole.standalone import serve_console
+
+                await nursery.start(partial(serve_console, lambda: server.config, path))
+            task_status.started()
+
     trio.run(
         partial(
             run_daemon,
-            server.serve,
+            serve,
             registry=registry,
             ready=lambda: None if server.listening else "not listening",
             metrics=config.metrics,
@@ -44,6 +58,41 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
             reload=partial(server.reload_authorization, path),
         )
     )
+    return 0
+
+
+def _cmd_admin_password(args: argparse.Namespace) -> int:
+    from broker import admin
+    from frconsole.standalone import KEYS, open_console_store
+    from node.config import console_database, load_recovery_server_config
+
+    from .cluster_commands import _read_password, _who
+
+    path = Path(args.config)
+    database = console_database(load_recovery_server_config(path), path)
+    try:
+        password = _read_password()
+    except (ValueError, EOFError, KeyboardInterrupt) as exc:
+        print(f"frctl: {exc or 'no password given'}", file=sys.stderr)
+        return 1
+    by = _who()
+
+    async def main() -> None:
+        async with open_console_store(database) as store:
+            await admin.set_console_password(store, KEYS, args.user, password, by=by)
+
+    try:
+        trio.run(main)
+    except ValueError as exc:  # the password or user refused (too short...)
+        print(f"frctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"user": args.user, "changed": True, "database": str(database)}))
+    else:
+        print(
+            f"console administrator {args.user}: password set in {database} "
+            "(every session logged out)"
+        )
     return 0
 
 
@@ -183,6 +232,14 @@ def register(sub: Any) -> None:
     run.add_argument("--config", required=True, help="recovery server TOML file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_cmd_server_run)
+    password = ssub.add_parser(
+        "admin-password",
+        help="set the web console's administrator password (read from stdin or a prompt)",
+    )
+    password.add_argument("--config", required=True, help="recovery server TOML file")
+    password.add_argument("--user", default="admin", help="the administrator's user name")
+    password.add_argument("--json", action="store_true")
+    password.set_defaults(func=_cmd_admin_password)
 
     replica = sub.add_parser("replica", help="replicas held by this recovery server")
     rsub_ = replica.add_subparsers(dest="replica_command", required=True, metavar="ACTION")

@@ -11,6 +11,9 @@ Example::
     [metrics]                    # optional: /metrics, /livez, /readyz in plain HTTP
     listen = "127.0.0.1:9464"
 
+    [console]                    # optional: the web console over HTTPS
+    port = 8443                  # listen: the server's own by default
+
     [tls]                        # paths are relative to this file
     cert = "certs/r1.example.com.pem"
     key = "certs/r1.example.com-key.pem"
@@ -28,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +58,22 @@ __all__ = [
     "ConfigError",
     "RECOVERY_SERVER_SCHEMA",
     "RecoveryServerConfig",
+    "ServerConsole",
+    "console_database",
     "TLSFiles",
     "load_recovery_server_config",
     "parse_compression",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConsole:
+    """The ``[console]`` table: the web console of a stand-alone recovery server."""
+
+    port: int  #: its HTTPS port (the server's own certificate)
+    listen: str  #: its address
+    #: The SQLite file of the console's account and audit log.
+    database: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +88,16 @@ class RecoveryServerConfig:
     recovery_points: int = 24
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
+    #: The web console (``[console]``); None: none.
+    console: ServerConsole | None = None
+
+    @property
+    def storages(self) -> list[Path]:
+        """Every storage location the authorization entries name, sorted."""
+        places = {e.storage for e in self.authorization.entries}
+        if self.authorization.any_primary is not None:
+            places.add(self.authorization.any_primary.storage)
+        return sorted(places)
 
 
 #: Every table and key of a recovery server's file (anything else is refused).
@@ -82,7 +107,27 @@ RECOVERY_SERVER_SCHEMA: Schema = {
     "metrics": METRICS_TABLE,
     "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
     "any_primary": Table({"storage": str, "trust_group": str}),
+    "console": Table({"port": int, "listen": str, "database": str}),
 }
+
+#: The console database's file name when ``[console] database`` is not given.
+CONSOLE_DATABASE = "console.db"
+
+
+def default_console_database(storages: list[Path], base: Path) -> Path:
+    """Where the console's account and audit log are kept by default: ``console.db``
+    beside the first storage location (in its parent directory, with the server's other
+    state: ``/var/lib/frrep/console.db`` for ``/var/lib/frrep/replicas``), or in
+    ``base`` (the configuration's directory) when no storage is configured."""
+    return (storages[0].parent if storages else base) / CONSOLE_DATABASE
+
+
+def console_database(config: RecoveryServerConfig, path: Path) -> Path:
+    """The console database of the server configured by the file ``path``, whether or
+    not it has a ``[console]`` table (``frctl server admin-password`` may come first)."""
+    if config.console is not None:
+        return config.console.database
+    return default_console_database(config.storages, path.parent)
 
 
 def _entry(item: Any, base: Path, where: str) -> AuthorizationEntry:
@@ -120,18 +165,39 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     any_entry = None
     if any_table is not None:
         any_entry = _entry(dict(any_table, primary="*.any"), base, f"{path} [any_primary]")
-    return RecoveryServerConfig(
+    listen = str(server.get("listen", "0.0.0.0"))
+    authorization = Authorization(
+        entries=tuple(
+            _entry(item, base, f"{path} [[authorization]] #{i + 1}")
+            for i, item in enumerate(entries)
+        ),
+        any_primary=any_entry,
+    )
+    config = RecoveryServerConfig(
         name=string(server, "name", f"{path} [server]"),
-        listen=str(server.get("listen", "0.0.0.0")),
+        listen=listen,
         port=port,
         tls=tls_files(data, path),
-        authorization=Authorization(
-            entries=tuple(
-                _entry(item, base, f"{path} [[authorization]] #{i + 1}")
-                for i, item in enumerate(entries)
-            ),
-            any_primary=any_entry,
-        ),
+        authorization=authorization,
         recovery_points=points,
         metrics=metrics_listen(data, path),
     )
+    if "console" in data:
+        console = table(data, "console", path)
+        console_port = console.get("port", 8443)
+        if not isinstance(console_port, int) or not 0 <= console_port < 65536:
+            raise ConfigError(f"{path}: [console] port must be 0-65535 (0: any free port)")
+        database = (
+            base / string(console, "database", f"{path} [console]")
+            if "database" in console
+            else default_console_database(config.storages, base)
+        )
+        config = replace(
+            config,
+            console=ServerConsole(
+                port=console_port,
+                listen=str(console.get("listen", listen)),
+                database=database,
+            ),
+        )
+    return config

@@ -39,6 +39,8 @@ PACKAGES = (
 
 #: The recovery server's own modules (the rest of ``node`` is in the rooms below).
 _SERVER = "node(server)"
+#: The one module of frconsole that may read the node (frconsole/standalone.py).
+_STANDALONE_CONSOLE = "frconsole.standalone"
 
 #: Room -> the rooms it may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
@@ -55,6 +57,13 @@ ALLOWED: dict[str, frozenset[str]] = {
         {"frproto", "frlink", "node.storage", "node.primary", "node.oob_file", _SERVER}
     ),
     "frconsole": frozenset({"frproto", "frlink", "broker"}),
+    # A stand-alone recovery server's console reads the server's configuration and its
+    # replicas' state files (read-only, no store opened) and builds test failovers
+    # (node/failover/test.py); the rest of frconsole, the cluster's pages among them,
+    # still knows no node room.
+    _STANDALONE_CONSOLE: frozenset(
+        {"frproto", "frlink", "broker", "frconsole", "node.storage", "node.failover", _SERVER}
+    ),
     "frcluster": frozenset(
         {
             "frproto",
@@ -84,6 +93,8 @@ def room(module: str) -> str:
         if len(parts) > 1 and parts[1] in _NODE_ROOMS:
             return f"node.{parts[1]}"
         return _SERVER
+    if module == _STANDALONE_CONSOLE:
+        return _STANDALONE_CONSOLE
     return parts[0]
 
 
@@ -155,6 +166,8 @@ def test_every_package_has_modules() -> None:
         ("node.storage.replica", "node.storage"),
         ("frcluster.agent", "frcluster"),
         ("broker.store.etcd", "broker"),
+        ("frconsole.app", "frconsole"),
+        ("frconsole.standalone", "frconsole.standalone"),
     ],
 )
 def test_rooms_are_named_as_documented(module: str, expected: str) -> None:

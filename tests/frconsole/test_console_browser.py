@@ -1,6 +1,7 @@
 """The web console in a real browser (headless Chromium from Debian, driven by Selenium)
 against a real cluster: two ``frctl node run`` processes on loopback, each serving the
-console over HTTPS with its own certificate.
+console over HTTPS with its own certificate; then against a stand-alone ``frctl server
+run`` process with ``[console]``.
 
 It logs in (after a wrong password is refused), reads every page, changes a setting and
 sees both node agents apply it, sees a bad value refused with the message ``frctl cluster
@@ -11,14 +12,14 @@ without the CSRF token refused. Screenshots of each page go to ``tests/artifacts
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -80,6 +81,29 @@ def browser() -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+def _fresh_artifacts(prefix: str) -> None:
+    """The screenshots directory, without the old screenshots of one test (the cluster's
+    have no prefix; the stand-alone server's are ``standalone-*``)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        if old.name.startswith(prefix) and (prefix or not old.name.startswith("standalone-")):
+            old.unlink()
+
+
+def _shooter(driver: Any) -> Callable[[str], None]:
+    def shot(name: str) -> None:
+        # The whole page, not only the window's first screen.
+        height = driver.execute_script(
+            "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
+        )
+        # The window's size counts its frame too: add room for it.
+        driver.set_window_size(1280, max(860, min(int(height) + 160, 2400)))
+        driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+        driver.set_window_size(1280, 860)
+
+    return shot
 
 
 def _set_password(site: ClusterSite) -> None:
@@ -148,19 +172,9 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
 
     assert isinstance(browser, WebDriver)
     driver = browser
-    if ARTIFACTS.exists():
-        shutil.rmtree(ARTIFACTS)
-    ARTIFACTS.mkdir(parents=True)
+    _fresh_artifacts("")
 
-    def shot(name: str) -> None:
-        # The whole page, not only the window's first screen.
-        height = driver.execute_script(
-            "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)"
-        )
-        # The window's size counts its frame too: add room for it.
-        driver.set_window_size(1280, max(860, min(int(height) + 160, 2400)))
-        driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-        driver.set_window_size(1280, 860)
+    shot = _shooter(driver)
 
     def text() -> str:
         return str(driver.find_element(By.TAG_NAME, "body").text)
@@ -302,3 +316,83 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
         assert refused.status_code == 403
     driver.get(base + "/settings")
     assert driver.find_element(By.ID, "recovery_points").get_attribute("value") == "7"
+
+
+def test_the_standalone_console_in_a_browser(tmp_path: Path, browser: object) -> None:
+    """A stand-alone recovery server's console: log in, the VMs (one really replicated),
+    the VM, the settings; screenshots ``standalone-*.png``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.node.site import Site
+
+    from .test_standalone_server import console_url, set_password
+
+    assert isinstance(browser, WebDriver)
+    driver = browser
+    _fresh_artifacts("standalone-")
+    shot = _shooter(driver)
+
+    def click(by: str, value: str) -> None:
+        old = driver.find_element(By.TAG_NAME, "html")
+        driver.find_element(by, value).click()
+        WebDriverWait(driver, 10).until(staleness_of(old))
+
+    site = Site(tmp_path)
+    site.server_config.write_text(site.server_config.read_text() + "\n[console]\nport = 0\n")
+    assert set_password(site, PASSWORD).returncode == 0
+    server = site.start_server()
+    try:
+        base = console_url(server)
+        vmid = uuid.uuid4()
+        image = site.root / "disk0.img"
+        image.write_bytes(os.urandom(1 << 20))
+        replicator = site.replicator(vmid, "mail-1", [image], server.port)
+
+        async def replicate() -> None:
+            with trio.fail_after(30):
+                for i in range(3):
+                    if i:
+                        with image.open("r+b") as f:
+                            f.seek(i * 65536)
+                            f.write(os.urandom(4096))
+                    await replicator.cycle()
+
+        trio.run(replicate)
+
+        driver.get(base + "/")
+        assert driver.current_url == base + "/login"
+        driver.find_element(By.ID, "user").send_keys("admin")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        shot("standalone-login")
+        click(By.ID, "login")
+        assert driver.current_url == base + "/vms"
+        nav = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "header nav a")]
+        assert nav == ["VMs", "Settings", "Audit log"]
+        rows = driver.find_elements(By.CSS_SELECTOR, "#vms tbody tr")
+        assert len(rows) == 1
+        assert "mail-1" in rows[0].text
+        assert str(vmid) in rows[0].text
+        assert "complete" in rows[0].text
+        shot("standalone-vms")
+        click(By.LINK_TEXT, "mail-1")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#points tbody tr")) == 3
+        assert "frctl failover test" in driver.find_element(By.ID, "commands").text
+        shot("standalone-vm")
+        driver.find_element(By.ID, "confirm").click()
+        click(By.ID, "start-test")
+        assert "built in" in driver.find_element(By.ID, "message").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#copies tbody tr form")) == 1
+        shot("standalone-test-failover")
+        click(By.LINK_TEXT, "Settings")
+        assert "*.primary.example.com" in driver.find_element(By.ID, "authorization").text
+        shot("standalone-settings")
+        click(By.LINK_TEXT, "Audit log")
+        audit = driver.find_element(By.ID, "audit").text
+        assert "password" in audit
+        assert "test failover" in audit
+        shot("standalone-audit")
+    finally:
+        server.stop()
