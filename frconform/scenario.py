@@ -174,9 +174,10 @@ class Context:
 
     # -- talking -----------------------------------------------------------------------------
 
-    async def connect(self, target: Target | None = None) -> Wire:
-        """A new TLS connection (to the endpoint, or to ``target``)."""
-        wire = await connect(target or self.target, self.transcript)
+    async def connect(self, target: Target | None = None, *, half_close: bool = False) -> Wire:
+        """A new TLS connection (to the endpoint, or to ``target``); ``half_close``: one
+        that can end its stream with ``close_notify`` and go on reading."""
+        wire = await connect(target or self.target, self.transcript, half_close=half_close)
         self._wires.append(wire)
         return wire
 
@@ -215,10 +216,16 @@ class Context:
             raise HarnessError(f"negotiation refused: {fp.jsonable.describe(answer)}")
         return wire
 
-    async def expect_error(self, wire: Wire, code: fp.ErrorCode, *, closes: bool) -> fp.Error:
+    async def expect_error(
+        self, wire: Wire, code: fp.ErrorCode, *, closes: bool, answers_first: int = 0
+    ) -> fp.Error:
         """The endpoint's next frame must be an Error with ``code``; with ``closes``, it
-        must then close the connection."""
+        must then close the connection. ``answers_first``: up to that many other messages
+        may come before it (the answers to whole requests sent before the violation)."""
         got = await wire.receive()
+        while answers_first and isinstance(got, fp.Message) and not isinstance(got, fp.Error):
+            answers_first -= 1
+            got = await wire.receive()
         if isinstance(got, Closed):
             raise CheckFailed(f"expected Error {code.name}; the endpoint closed ({got.how})")
         self.expect(isinstance(got, fp.Error), f"Error {code.name}", got)

@@ -79,10 +79,83 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return context
 
 
+class HalfClosingTLS(trio.abc.HalfCloseableStream):
+    """TLS over TCP through :class:`ssl.SSLObject`, whose :meth:`send_eof` sends TLS's
+    ``close_notify`` and goes on reading: the end of the stream inside a frame, which
+    some error vectors need (``"eof": true``), while the endpoint's Error can still
+    come back. (:class:`trio.SSLStream` has no half-close; TLS 1.3 allows one.)"""
+
+    def __init__(
+        self, transport: trio.SocketStream, context: ssl.SSLContext, server_name: str
+    ) -> None:
+        self.transport_stream = transport
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_name)
+
+    async def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await self.transport_stream.send_all(data)
+
+    async def _feed(self) -> None:
+        data = await self.transport_stream.receive_some(65536)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()  # the next read raises SSLEOFError or ZeroReturn
+
+    async def do_handshake(self) -> None:
+        """The TLS handshake (the peer's certificate and name checked by the context)."""
+        while True:
+            try:
+                self._ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+        await self._flush()
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._ssl.write(data)
+        await self._flush()
+
+    async def send_eof(self) -> None:
+        """Send ``close_notify``: the end of what we send; reading goes on."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self._ssl.unwrap()  # writes close_notify, then would wait for the peer's
+        await self._flush()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            try:
+                return self._ssl.read(max_bytes or 65536)
+            except ssl.SSLWantReadError:
+                await self._flush()  # a post-handshake message may want an answer
+                await self._feed()
+            except ssl.SSLZeroReturnError:
+                return b""  # the peer's close_notify
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS failed: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 class Wire:
     """One connection to an endpoint (see the module docstring)."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], target: Target) -> None:
+    def __init__(
+        self,
+        stream: trio.SSLStream[trio.SocketStream] | HalfClosingTLS,
+        target: Target,
+    ) -> None:
         self._stream = stream
         self.target = target
         self.transcript: list[str] = []
@@ -108,6 +181,18 @@ class Wire:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._note(f"   (send failed: the connection is gone: {exc!r})")
             raise HarnessError(f"sending {what}: the connection is gone") from None
+
+    async def send_eof(self) -> None:
+        """End what we send with TLS's ``close_notify`` (a connection made with
+        ``half_close=True``), and keep reading what the endpoint answers."""
+        if not isinstance(self._stream, HalfClosingTLS):
+            raise TypeError("send_eof needs a connection made with half_close=True")
+        self._note("-> (close_notify: the end of our stream)")
+        try:
+            await self._stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._note(f"   (send failed: the connection is gone: {exc!r})")
+            raise HarnessError("sending close_notify: the connection is gone") from None
 
     async def receive(self) -> fp.Message | Closed:
         """The endpoint's next frame, decoded; :class:`Closed` at the end of the stream.
@@ -190,8 +275,11 @@ class Wire:
             await self._stream.aclose()
 
 
-async def connect(target: Target, transcript: list[str] | None = None) -> Wire:
-    """Open a TCP connection to ``target`` and do the TLS handshake with SNI.
+async def connect(
+    target: Target, transcript: list[str] | None = None, *, half_close: bool = False
+) -> Wire:
+    """Open a TCP connection to ``target`` and do the TLS handshake with SNI;
+    ``half_close``: over :class:`HalfClosingTLS`, so that :meth:`Wire.send_eof` works.
 
     Raises:
         HarnessError: cannot connect, or the handshake fails (a certificate the CA does
@@ -200,13 +288,18 @@ async def connect(target: Target, transcript: list[str] | None = None) -> Wire:
     try:
         with trio.fail_after(target.timeout):
             tcp = await trio.open_tcp_stream(target.host, target.port)
-            stream = trio.SSLStream(tcp, target.ssl_context, server_hostname=target.server_name)
+            stream: trio.SSLStream[trio.SocketStream] | HalfClosingTLS
+            if half_close:
+                stream = HalfClosingTLS(tcp, target.ssl_context, target.server_name)
+            else:
+                stream = trio.SSLStream(tcp, target.ssl_context, server_hostname=target.server_name)
             try:
                 await stream.do_handshake()
             except BaseException:
                 await trio.aclose_forcefully(tcp)
                 raise
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        # (ssl.SSLError is an OSError: HalfClosingTLS's handshake raises it as it is.)
         cause = exc.__cause__ or exc
         if isinstance(cause, ssl.SSLError):
             raise HarnessError(f"TLS handshake with {target.describe()} failed: {cause}") from None
