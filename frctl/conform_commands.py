@@ -44,6 +44,15 @@ def _cmd_conform(args: argparse.Namespace) -> int:
 
     if args.list:
         return _list()
+    if args.export_spec:
+        from frconform.resources import export_spec
+
+        written = export_spec(Path(args.export_spec))
+        if args.json:
+            print(json.dumps({"directory": args.export_spec, "files": [str(p) for p in written]}))
+        else:
+            print(f"{args.export_spec}: protocol.md and {len(written) - 1} vector files")
+        return 0
     if args.endpoint is None or not (args.cert and args.key and args.ca):
         print("frctl: conform needs HOST:PORT, --cert, --key and --ca", file=sys.stderr)
         return 2
@@ -109,4 +118,9 @@ def register(sub: Any) -> None:
     conform.add_argument("--junit", metavar="FILE", help="also write JUnit XML to FILE")
     conform.add_argument("--verbose", action="store_true", help="list n/a requirements too")
     conform.add_argument("--list", action="store_true", help="list the requirements and exit")
+    conform.add_argument(
+        "--export-spec",
+        metavar="DIR",
+        help="write the protocol specification and its golden vectors to DIR, and exit",
+    )
     conform.set_defaults(func=_cmd_conform)

@@ -263,6 +263,13 @@ def test_frctl_conform_works_from_the_installed_wheel(installed: Path, tmp_path:
     count, where = cases.stdout.split()
     assert int(count) > 40
     assert not Path(where).is_relative_to(ROOT)  # the installed copy, not the tree's
+    # The specification as published: the document and its vectors, from the wheel.
+    exported = _run(installed, "frctl", "conform", "--export-spec", "spec", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "spec/protocol.md").read_bytes() == (ROOT / "docs/protocol.md").read_bytes()
+    for kind in VECTOR_KINDS:
+        shipped = sorted(p.name for p in (tmp_path / "spec/vectors" / kind).glob("*.json"))
+        assert shipped == sorted(p.name for p in (ROOT / "tests/vectors" / kind).glob("*.json"))
 
 
 def test_the_installed_wheel_has_no_httpx_and_says_which_extra(

@@ -104,7 +104,9 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     env5 = next(r for r in report["requirements"] if r["id"] == "ENV-5")
     assert env5["status"] == "passed"
     ran = {c["scenario"] for c in env5["checks"] if c["status"] == "passed"}
-    assert {f"vector TRUNCATED/{n}" for n in ("envelope_at_eof", "body_at_eof", "after_a_good_frame")} <= ran, ran
+    assert {
+        f"vector TRUNCATED/{n}" for n in ("envelope_at_eof", "body_at_eof", "after_a_good_frame")
+    } <= ran, ran
     # Broker requirements are not applicable to a stand-alone server, with the reason.
     brk = next(r for r in report["requirements"] if r["id"] == "BRK-1")
     assert brk["status"] == "n/a"
