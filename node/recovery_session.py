@@ -398,8 +398,9 @@ class Session:
             disk, offset = coverage.cursor
             await trio.to_thread.run_sync(replica.checkpoint_ir, disk, offset)
             raise fp.OutOfSequence(
-                f"IR {msg.sequence} of {replica.vmid} did not cover its disks: nothing "
-                f"received from disk {disk} offset {offset} on (the IR resumes there)"
+                f"IR {msg.sequence} of {replica.vmid} did not cover its disks: the bytes "
+                f"from disk {disk} offset {offset} on were not all received (the IR "
+                "resumes there)"
             )
         await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
         log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
