@@ -41,6 +41,7 @@ _COMPRESSION_FLAG: Final = {
     Compression.LZ4: ChunkFlags.LZ4,
 }
 _NO_FLAGS: Final = ChunkFlags.NONE
+_COMPRESSED_BITS: Final = int(ChunkFlags.ZSTD | ChunkFlags.LZ4)
 # int(): on Python 3.11, ~ of an IntFlag keeps only the defined bits (so it would be 0).
 _KNOWN_FLAG_BITS: Final = int(KNOWN_CHUNK_FLAGS)
 _ZSTD_LEVEL: Final = 1  # zstd -1/1 is the only level near the TLS link's speed here
@@ -117,12 +118,22 @@ def check_outgoing(disk_index: int, offset: int, length: int, digest: bytes) -> 
         raise BadValue(f"digest must be {DIGEST_SIZE} bytes")
 
 
-def decode_chunk(body: memoryview, max_data: int = MAX_CHUNK_DATA, verify: bool = True) -> Chunk:
+def decode_chunk(
+    body: memoryview,
+    max_data: int = MAX_CHUNK_DATA,
+    verify: bool = True,
+    compression: Compression | None = None,
+) -> Chunk:
     """Check and decode a Chunk body; the payload stays a slice of ``body``.
+
+    ``compression`` is the one negotiated on the connection: a chunk compressed with
+    another algorithm is refused (CHK-24; ``NONE`` refuses every compressed chunk).
+    ``None`` (outside a conversation) takes either algorithm.
 
     Raises:
         TruncatedFrame: the body is shorter than the fixed header.
-        BadValue / MalformedMessage / FrameTooLarge: inconsistent flags or lengths.
+        BadValue / MalformedMessage / FrameTooLarge: inconsistent flags or lengths, or a
+            compression that was not negotiated.
         BadCompressedData: the payload does not decompress to exactly ``length`` bytes.
         DigestMismatch: the data does not match the digest in the header.
     """
@@ -139,6 +150,15 @@ def decode_chunk(body: memoryview, max_data: int = MAX_CHUNK_DATA, verify: bool 
         raise BadValue(f"unknown chunk flag bits {raw_flags & ~_KNOWN_FLAG_BITS:#06x}")
     if raw_flags & (raw_flags - 1):
         raise BadValue(f"chunk flags {raw_flags:#06x} combine exclusive flags")
+    if (
+        compression is not None
+        and raw_flags & _COMPRESSED_BITS
+        and raw_flags != _COMPRESSION_FLAG[compression]
+    ):
+        raise BadValue(
+            f"a {ChunkFlags(raw_flags).name} chunk on a connection that negotiated "
+            f"{compression.name} compression"
+        )
     if length == 0:
         raise MalformedMessage("chunk of length 0")
     if length > max_data:

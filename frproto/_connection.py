@@ -295,7 +295,7 @@ class Connection:
 
     def _receive_chunk(self, body: memoryview) -> Chunk:
         new_state = self._chunk_transition(self.their_role)
-        chunk = decode_chunk(body, self._max_chunk_data, self._verify)
+        chunk = decode_chunk(body, self._max_chunk_data, self._verify, self._compression)
         self._session.accept_chunk(chunk.disk_index, chunk.offset, chunk.length, chunk.digest)
         self._state = new_state
         return chunk

@@ -43,11 +43,20 @@ class IRWriteQueue:
         self._error: fp.FrprotoError | None = None
 
     async def write(
-        self, replica: Replica, disk_index: int, offset: int, data: Buffer | None, *, length: int
+        self,
+        replica: Replica,
+        disk_index: int,
+        offset: int,
+        data: Buffer | None,
+        *,
+        length: int,
+        overwrite: bool = False,
     ) -> None:
         """Queue one chunk (``data`` is copied: it may be reused once this returns).
         ``data=None`` is a zero chunk of ``length`` bytes; it goes through the queue too,
-        because the replica's lock may be held by a write in flight."""
+        because the replica's lock may be held by a write in flight. Writes in flight run
+        in any order: a chunk that may overlap an earlier one is queued only after
+        :meth:`drain` (and with ``overwrite``, so that zeros are written too)."""
         await self._slots.acquire()
         try:
             self._raise_error()  # after acquiring: a write that just failed is seen
@@ -60,7 +69,9 @@ class IRWriteQueue:
         except BaseException:
             self._slots.release()
             raise
-        self._nursery.start_soon(self._write, replica, disk_index, offset, length, buf, view)
+        self._nursery.start_soon(
+            self._write, replica, disk_index, offset, length, buf, view, overwrite
+        )
 
     async def drain(self) -> None:
         """Wait until every queued write is done; raise the first one's error, if any."""
@@ -92,11 +103,18 @@ class IRWriteQueue:
         length: int,
         buf: mmap.mmap | None,
         view: memoryview | None,
+        overwrite: bool,
     ) -> None:
         try:
             await trio.to_thread.run_sync(
                 partial(
-                    replica.write_ir_chunk, disk_index, offset, view, length=length, aligned=True
+                    replica.write_ir_chunk,
+                    disk_index,
+                    offset,
+                    view,
+                    length=length,
+                    aligned=True,
+                    overwrite=overwrite,
                 )
             )
         except fp.FrprotoError as exc:

@@ -10,8 +10,14 @@ authorization, and hands it here; the session then runs the conversation of
   another trust group NOT_AUTHORIZED. A VM open on another connection gets BUSY.
 * IR chunks are written straight into the sparse images; progress is made durable every
   ``IR_CHECKPOINT_BYTES`` and at IREnd, so a restarted server tells the primary where to
-  resume (RelationshipAccepted.resume_disk/resume_offset). IR chunks must come in
-  ascending (disk, offset) order for the resume point to advance.
+  resume (RelationshipAccepted.resume_disk/resume_offset): the end of what the IR covered
+  without a gap from its resume point (:class:`node.ir_coverage.IRCoverage`), so chunks
+  out of ascending order advance it only once the gap before them is filled. An IR is
+  completed only when it covered every byte from its resume point (REP-32), and refused
+  at IREnd otherwise (OUT_OF_SEQUENCE, the replica still IN_PROGRESS at that point), as
+  is an IR that starts past the resume point (REP-31) or an IR for a replica whose IR is
+  complete (EXISTS, REP-30): a refusal sent before the IREnd would close the connection
+  (ERR-6). Where chunks overlap, the later one wins (CHK-25).
 * A delta batch is journaled as its chunks arrive (frproto has already checked each
   chunk's digest and bounds), then applied whole at BatchEnd and only then acknowledged.
   A batch already applied is acknowledged again without being applied; a gap is refused
@@ -44,6 +50,7 @@ from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
+from .ir_coverage import IRCoverage
 from .ir_writes import IRWriteQueue
 from .metrics import ServerMetrics, failure_reason
 
@@ -112,7 +119,11 @@ class Session:
         self.batch: BatchWriter | None = None
         self.batch_refusal: fp.FrprotoError | None = None
         self.ir_unsynced = 0
-        self.ir_cursor = (0, 0)
+        #: What the IR in progress has covered (None while none is, or when it is refused).
+        self.ir_coverage: IRCoverage | None = None
+        #: The refusal of the IR in progress, told at its IREnd (ERR-6); its chunks are
+        #: drained unwritten.
+        self.ir_refusal: fp.ReplicationError | None = None
         #: Between IRBegin and IREnd (a connection lost then lost part of an IR).
         self.ir_open = False
         self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
@@ -318,10 +329,29 @@ class Session:
 
     async def on_ir_begin(self, msg: fp.IRBegin) -> None:
         replica = self._current()
-        await trio.to_thread.run_sync(replica.begin_ir, msg.sequence)
         self.ir_open = True
         self.ir_unsynced = 0
-        self.ir_cursor = (msg.start_disk, msg.start_offset)
+        self.ir_coverage, self.ir_refusal = None, None
+        # A refusal waits for the IREnd, where it leaves the connection usable (ERR-6).
+        if replica.ir_state is fp.IRState.COMPLETE:
+            self.ir_refusal = fp.AlreadyExists(
+                f"replica {replica.vmid}: the initial replication is complete "
+                f"(applied sequence {replica.applied_sequence})"
+            )
+            return
+        resume = (0, 0)
+        if replica.ir_state is fp.IRState.IN_PROGRESS and msg.sequence == replica.ir_sequence:
+            resume = replica.ir_cursor  # as RelationshipAccepted reported it
+        coverage = IRCoverage([d.size for d in replica.disks], resume)
+        if coverage.position(msg.start_disk, msg.start_offset) > coverage.frontier:
+            self.ir_refusal = fp.OutOfSequence(
+                f"IR {msg.sequence} of {replica.vmid} starts at disk {msg.start_disk} offset "
+                f"{msg.start_offset}, past its resume point (disk {resume[0]} offset "
+                f"{resume[1]}): the bytes between would be missing"
+            )
+            return
+        await trio.to_thread.run_sync(replica.begin_ir, msg.sequence)
+        self.ir_coverage = coverage
 
     async def on_chunk(self, chunk: fp.Chunk) -> None:
         data = None if chunk.is_zero else chunk.data
@@ -333,25 +363,46 @@ class Session:
             return
         if self.batch_refusal is not None:
             return  # draining a refused (or already applied) batch
+        coverage = self.ir_coverage
+        if coverage is None:
+            return  # draining a refused IR
         replica = self._current()
+        overlaps = coverage.add(chunk.disk_index, chunk.offset, chunk.length)
+        if overlaps:
+            # Writes in flight may land in any order: the later chunk is written only
+            # after the earlier ones it may overlap, and its zeros too (CHK-25).
+            await self.ir_writes.drain()
         await self.ir_writes.write(
-            replica, chunk.disk_index, chunk.offset, data, length=chunk.length
+            replica, chunk.disk_index, chunk.offset, data, length=chunk.length, overwrite=overlaps
         )
-        end = (chunk.disk_index, chunk.offset + chunk.length)
-        self.ir_cursor = max(self.ir_cursor, end)
         self.ir_unsynced += chunk.length
         if self.ir_unsynced >= IR_CHECKPOINT_BYTES:
             # The cursor may only cover chunks that are on disk: drain the queued writes
             # first. A synchronous checkpoint keeps the order simple (once per 256 MiB).
             await self.ir_writes.drain()
-            replica.checkpoint_ir(*self.ir_cursor)
+            replica.checkpoint_ir(*coverage.cursor)
             self.ir_unsynced = 0
 
     async def on_ir_end(self, msg: fp.IREnd) -> None:
         replica = self._current()
-        await self.ir_writes.drain()
-        await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
+        refusal, self.ir_refusal = self.ir_refusal, None
+        coverage, self.ir_coverage = self.ir_coverage, None
         self.ir_open = False
+        if refusal is not None:
+            raise refusal
+        assert coverage is not None
+        await self.ir_writes.drain()
+        if not coverage.complete:
+            # Keep what was covered, from the resume point without a gap: the primary
+            # resumes there (REP-13), in this conversation or the next.
+            disk, offset = coverage.cursor
+            await trio.to_thread.run_sync(replica.checkpoint_ir, disk, offset)
+            raise fp.OutOfSequence(
+                f"IR {msg.sequence} of {replica.vmid} did not cover its disks: the bytes "
+                f"from disk {disk} offset {offset} on were not all received (the IR "
+                "resumes there)"
+            )
+        await trio.to_thread.run_sync(replica.complete_ir, msg.sequence)
         log.info("IR of %s complete at sequence %d", replica.vmid, msg.sequence)
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.IR_COMPLETE, msg.sequence))
 

@@ -56,6 +56,9 @@ CASE_REQUIREMENT: Final[dict[str, str]] = {
     "BAD_VALUE/auth_type_0": "MSG-3",
     "BAD_VALUE/chunk_unknown_flag": "CHK-2",
     "BAD_VALUE/chunk_exclusive_flags": "CHK-3",
+    "BAD_VALUE/chunk_zstd_not_negotiated": "CHK-24",
+    "BAD_VALUE/chunk_lz4_not_negotiated": "CHK-24",
+    "BAD_VALUE/chunk_compressed_none_negotiated": "CHK-24",
     "BAD_VALUE/error_code_0": "MSG-16",
     "BAD_VALUE/error_text_too_long": "MSG-17",
     "BAD_VALUE/batch_sequence_not_after_base": "MSG-29",
@@ -94,6 +97,7 @@ CASE_REQUIREMENT: Final[dict[str, str]] = {
 #: The endpoint must close the connection after a protocol violation's Error.
 CLOSES: Final = "ERR-9"
 OFFER: Final = {
+    fp.Compression.NONE: fp.CompressionSet(0),
     fp.Compression.ZSTD: fp.CompressionSet.ZSTD,
     fp.Compression.LZ4: fp.CompressionSet.LZ4,
 }
@@ -219,7 +223,11 @@ async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
 
     wanted = _prelude_message(case, 0x0002)
     compressed = None
-    if isinstance(wanted, fp.NegotiateResponse) and wanted.compression != fp.Compression.NONE:
+    if isinstance(wanted, fp.NegotiateResponse) and (
+        wanted.compression != fp.Compression.NONE or _is_compressed_chunk(case.input)
+    ):
+        # The compression the case negotiated: its chunks' own, or none at all for a
+        # compressed chunk the connection must not take (CHK-24).
         compressed = wanted.compression
     # The end of the stream after the input is TLS's close_notify (a half-close: the
     # endpoint's Error can still come back).
@@ -239,7 +247,7 @@ async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
                 ctx.remember(ours, target, tuple(disks))
             continue
         if tag == 0x0001 and compressed is not None:
-            # Offer only the compression the case's chunks use, so that the endpoint
+            # Offer only the compression the case negotiated, so that the endpoint
             # chooses it whatever its own preference.
             request = fp.codec.decode_frame(frame)
             assert isinstance(request, fp.NegotiateRequest)
@@ -274,6 +282,13 @@ async def _replay(ctx: Context, case: ErrorCase, requirement: str) -> None:
         )
     async with ctx.checking(CLOSES):
         ctx.expect(await wire.closed_by_peer(), "the connection closed after the Error")
+
+
+def _is_compressed_chunk(data: bytes) -> bool:
+    """Whether ``data`` begins with a Chunk frame whose flags say ZSTD or LZ4."""
+    if _tag(data) != 0x0031 or len(data) < 12:
+        return False
+    return bool(int.from_bytes(data[10:12], "big") & (fp.ChunkFlags.ZSTD | fp.ChunkFlags.LZ4))
 
 
 def _starts_with_an_error(data: bytes) -> bool:

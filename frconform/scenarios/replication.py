@@ -16,7 +16,9 @@ from ..session import (
     DISKS,
     Session,
     batch_frames,
+    chunk_frame,
     create,
+    data_for,
     initial_replication,
     ir_frames,
     place,
@@ -238,17 +240,163 @@ async def same_vm_on_two_connections(ctx: Context) -> None:
         await ctx.expect_error(other, fp.ErrorCode.BUSY, closes=False)
 
 
-@scenario("REP-15", "ERR-9", kinds=REPLICATING)
+@scenario("REP-30", "ERR-4", kinds=REPLICATING)
 async def initial_replication_twice(ctx: Context) -> None:
-    """An IRBegin for a replica whose IR is complete is refused with EXISTS, which closes
-    the connection (it comes while the IR would be in progress)."""
+    """An IR for a replica whose IR is complete is refused with EXISTS at its IREnd, not
+    before (an Error while the IR is in progress would be fatal), and the connection goes
+    on: the next request is answered, and the replica is unchanged."""
     session = await create(ctx)
     await initial_replication(ctx, session)
-    async with ctx.checking("REP-15"):
-        await session.wire.send(fp.IRBegin(session.vmid, 0))
-        await ctx.expect_error(session.wire, fp.ErrorCode.EXISTS, closes=False)
-    async with ctx.checking("ERR-9"):
-        ctx.expect(await session.wire.closed_by_peer(), "the connection closed after it")
+    wire = session.wire
+    request = fp.DigestMapRequest(session.vmid, 0, CHUNK, 0, 4)
+    before = await ctx.request(wire, request, fp.DigestMap)
+    data = data_for(session.vmid, 0, 0, CHUNK, 7)
+    frame, digest = chunk_frame(0, 0, data)
+    async with ctx.checking("REP-30"):
+        await wire.send(fp.IRBegin(session.vmid, 0))
+        await wire.send_raw(frame, "Chunk disk 0 offset 0")
+        with trio.move_on_after(0.5):
+            early = await wire.receive()
+            ctx.expect(False, "nothing before the IREnd", early)
+        aggregate = fp.codec.AggregateDigest()
+        aggregate.add(digest)
+        await wire.send(fp.IREnd(session.vmid, 0, 1, aggregate.digest()))
+        await ctx.expect_error(wire, fp.ErrorCode.EXISTS, closes=False)
+    async with ctx.checking("ERR-4"):
+        after = await ctx.request(wire, request, fp.DigestMap)
+        ctx.expect(after.digests == before.digests, "the digests of before that IR", after)
+
+
+def _ir_of(
+    session: Session, sequence: int, start: tuple[int, int], chunks: list[tuple[int, int, bytes]]
+) -> list[tuple[bytes, str]]:
+    """IRBegin at ``start``, the chunks (disk, offset, data: all-zero data goes as a ZERO
+    chunk), and IREnd."""
+    begin = fp.IRBegin(session.vmid, sequence, start[0], start[1])
+    frames = [(fp.codec.encode_frame(begin), fp.jsonable.describe(begin))]
+    aggregate = fp.codec.AggregateDigest()
+    for disk_index, offset, data in chunks:
+        if data.count(0) == len(data):
+            digest = fp.codec.zero_digest(len(data))
+            zero = fp.Chunk(disk_index, offset, len(data), digest, b"", fp.ChunkFlags.ZERO)
+            frame = fp.codec.encode_frame(zero)
+            what = f"Chunk ZERO disk {disk_index} offset {offset} length {len(data)}"
+        else:
+            frame, digest = chunk_frame(disk_index, offset, data)
+            what = f"Chunk disk {disk_index} offset {offset} length {len(data)}"
+        aggregate.add(digest)
+        frames.append((frame, what))
+    end = fp.IREnd(session.vmid, sequence, aggregate.count, aggregate.digest())
+    frames.append((fp.codec.encode_frame(end), fp.jsonable.describe(end)))
+    return frames
+
+
+def _whole_disks(
+    session: Session, start: tuple[int, int] = (0, 0), skip: tuple[int, int] | None = None
+) -> list[tuple[int, int, bytes]]:
+    """The chunks of an IR from ``start`` (CHUNK-sized, data in the first block of each
+    disk, zeros elsewhere), without the one at ``skip``."""
+    chunks = []
+    for index, disk in enumerate(session.accepted.disks):
+        for offset in range(0, disk.size, CHUNK):
+            if (index, offset) < start or (index, offset) == skip:
+                continue
+            length = min(CHUNK, disk.size - offset)
+            if offset == 0:
+                chunks.append((index, offset, data_for(session.vmid, index, offset, length, 0)))
+            else:
+                chunks.append((index, offset, bytes(length)))
+    return chunks
+
+
+@scenario("REP-31", "ERR-4", kinds=REPLICATING)
+async def initial_replication_past_the_resume_point(ctx: Context) -> None:
+    """An IR of a new replica that starts past the last disk, with no chunk, is refused
+    with OUT_OF_SEQUENCE at its IREnd (its resume point is the start of the first disk):
+    it is not complete, and the connection goes on."""
+    session = await create(ctx)
+    wire = session.wire
+    async with ctx.checking("REP-31"):
+        await send_frames(wire, _ir_of(session, 0, (len(DISKS), 0), []))
+        await ctx.expect_error(wire, fp.ErrorCode.OUT_OF_SEQUENCE, closes=False)
+    async with ctx.checking("ERR-4"):
+        again = await ctx.request(wire, fp.RelationshipOpen(session.vmid), fp.RelationshipAccepted)
+        ctx.expect(again.ir_state != fp.IRState.COMPLETE, "an IR that is not complete", again)
+        resume = (again.resume_disk, again.resume_offset)
+        ctx.expect(resume == (0, 0), "the resume point still at disk 0 offset 0", again)
+
+
+@scenario("REP-32", "REP-13", kinds=REPLICATING)
+async def initial_replication_with_a_gap(ctx: Context) -> None:
+    """An IR that leaves out one chunk is refused with OUT_OF_SEQUENCE at its IREnd; the
+    replica is IN_PROGRESS with a resume point no later than the gap, and an IR resumed
+    there completes it (on the same connection)."""
+    session = await create(ctx)
+    wire = session.wire
+    gap = (0, 2 * CHUNK)
+    async with ctx.checking("REP-32"):
+        await send_frames(wire, _ir_of(session, 0, (0, 0), _whole_disks(session, skip=gap)))
+        await ctx.expect_error(wire, fp.ErrorCode.OUT_OF_SEQUENCE, closes=False)
+        again = await ctx.request(wire, fp.RelationshipOpen(session.vmid), fp.RelationshipAccepted)
+        ctx.expect(again.ir_state == fp.IRState.IN_PROGRESS, "ir_state IN_PROGRESS", again)
+        resume = (again.resume_disk, again.resume_offset)
+        ctx.expect(resume <= gap, f"a resume point at or before disk 0 offset {gap[1]}", again)
+    async with ctx.checking("REP-13"):
+        # From the chunk boundary at or before the resume point (an IR may start there).
+        start = (resume[0], resume[1] - resume[1] % CHUNK)
+        resumed = _ir_of(session, 0, start, _whole_disks(session, start=start))
+        await send_frames(wire, resumed)
+        ack = await ctx.receive(wire, fp.Ack)
+        ok = ack.kind == fp.AckKind.IR_COMPLETE and ack.sequence == 0
+        ctx.expect(ok, "Ack IR_COMPLETE 0 for the IR resumed there", ack)
+
+
+@scenario("CHK-25", "CHK-19", kinds=REPLICATING)
+async def overlapping_chunks(ctx: Context) -> None:
+    """Where chunks of an IR or a batch overlap, the replica holds the later one's bytes:
+    zeros over data and data over zeros in an IR, data over data in a batch."""
+    session = await create(ctx)
+    wire = session.wire
+    half = CHUNK // 2
+    first = data_for(session.vmid, 0, 0, CHUNK, 0)
+    later = data_for(session.vmid, 0, 2 * CHUNK, CHUNK, 5)
+    chunks = [
+        *_whole_disks(session),
+        (0, half, bytes(half)),  # zeros over the second half of the first chunk's data
+        (0, 2 * CHUNK, later),  # data over zeros
+    ]
+    async with ctx.checking("CHK-19"):
+        await send_frames(wire, _ir_of(session, 0, (0, 0), chunks))
+        await ctx.receive(wire, fp.Ack)
+    async with ctx.checking("CHK-25"):
+        request = fp.DigestMapRequest(session.vmid, 0, half, 0, 6)
+        got = await ctx.request(wire, request, fp.DigestMap)
+        digest = fp.codec.chunk_digest
+        want = (
+            digest(first[:half])
+            + fp.codec.zero_digest(half) * 3
+            + digest(later[:half])
+            + digest(later[half:])
+        )
+        ctx.expect(got.digests == want, "the later chunks' bytes where the IR's overlap", got)
+        one = data_for(session.vmid, 0, 0, CHUNK, 1)
+        two = data_for(session.vmid, 0, half, CHUNK, 2)
+        begin = fp.BatchBegin(session.vmid, 1, 0, 2)
+        frames = [(fp.codec.encode_frame(begin), fp.jsonable.describe(begin))]
+        aggregate = fp.codec.AggregateDigest()
+        for offset, data in ((0, one), (half, two)):
+            frame, chunk_digest = chunk_frame(0, offset, data)
+            aggregate.add(chunk_digest)
+            frames.append((frame, f"Chunk disk 0 offset {offset}"))
+        end = fp.BatchEnd(session.vmid, 1, 2, aggregate.digest())
+        frames.append((fp.codec.encode_frame(end), fp.jsonable.describe(end)))
+        await send_frames(wire, frames)
+        ack = await ctx.receive(wire, fp.Ack)
+        ctx.expect(ack.sequence == 1, "Ack BATCH_APPLIED 1", ack)
+        request = fp.DigestMapRequest(session.vmid, 0, half, 0, 3)
+        got = await ctx.request(wire, request, fp.DigestMap)
+        want = digest(one[:half]) + digest(two[:half]) + digest(two[half:])
+        ctx.expect(got.digests == want, "the later chunk's bytes where the batch's overlap", got)
 
 
 @scenario("REP-17", kinds=REPLICATING)

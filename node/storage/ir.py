@@ -69,7 +69,13 @@ class InitialReplication:
         self._state.save(new)
 
     def write_chunk(
-        self, disk_index: int, offset: int, data: Buffer | None, length: int | None, aligned: bool
+        self,
+        disk_index: int,
+        offset: int,
+        data: Buffer | None,
+        length: int | None,
+        aligned: bool,
+        overwrite: bool = False,
     ) -> None:
         """See :meth:`Replica.write_ir_chunk <node.storage.replica.Replica.write_ir_chunk>`."""
         self._running()
@@ -78,7 +84,7 @@ class InitialReplication:
             if length is None:
                 raise ValueError("a zero range (data=None) needs length=")
             images.check_range(disk_index, offset, length)
-            if self._state.current.ir_resumed and length:
+            if (overwrite or self._state.current.ir_resumed) and length:
                 with mapped("zero range", images.path(disk_index)):
                     images.write_zeros(disk_index, offset, length)
                 self._dirty.add(disk_index)

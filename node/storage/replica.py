@@ -195,10 +195,12 @@ class Replica:
         *,
         length: int | None = None,
         aligned: bool = False,
+        overwrite: bool = False,
     ) -> None:
         """Write one IR chunk straight into the image (no fsync). ``data=None`` is a zero
         range of ``length`` bytes: nothing is written on a fresh IR (the image is sparse),
-        a hole is punched (or zeros written) on a resumed one.
+        a hole is punched (or zeros written) on a resumed one, or when ``overwrite`` says
+        that an earlier chunk of this IR may have written there (the later chunk wins).
 
         ``aligned=True`` says ``data`` lies in page-aligned memory (an ``mmap`` buffer):
         the chunk is then written with O_DIRECT when its offset and length are multiples of
@@ -206,7 +208,7 @@ class Replica:
         several at once."""
         with self._lock:
             self._check_open()
-            self._ir.write_chunk(disk_index, offset, data, length, aligned)
+            self._ir.write_chunk(disk_index, offset, data, length, aligned, overwrite)
 
     def checkpoint_ir(self, disk_index: int, offset: int) -> None:
         """Make everything written so far durable, then record ``(disk_index, offset)`` as

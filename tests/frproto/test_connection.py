@@ -107,6 +107,43 @@ def test_incompressible_data_is_not_compressed() -> None:
         assert _header_fields(pieces[0])[4] == fp.ChunkFlags.NONE
 
 
+_OTHER_FLAG = {
+    fp.Compression.NONE: fp.ChunkFlags.ZSTD,
+    fp.Compression.ZSTD: fp.ChunkFlags.LZ4,
+    fp.Compression.LZ4: fp.ChunkFlags.ZSTD,
+}
+
+
+@pytest.mark.parametrize("negotiated", list(fp.Compression))
+def test_chunk_of_a_compression_not_negotiated_is_refused(negotiated: fp.Compression) -> None:
+    """CHK-24: a valid chunk compressed with another algorithm than the one negotiated
+    (any compressed chunk after NONE) is BAD_VALUE, before it is decompressed."""
+    data = b"A" * 4096
+    flag = _OTHER_FLAG[negotiated]
+    kind = fp.Compression.ZSTD if flag is fp.ChunkFlags.ZSTD else fp.Compression.LZ4
+    packed = fp.codec.compress(data, kind)
+    assert packed is not None
+    digest = fp.codec.chunk_digest(data)
+    header = fp.codec.encode_chunk_header(0, 0, len(data), flag, digest, len(packed))
+    pair = _ir_pair(negotiated)
+    pair.recovery.receive_data(header + packed)
+    with pytest.raises(fp.BadValue, match="negotiated"):
+        pair.recovery.next_event()
+    assert pair.recovery.state is State.ERROR
+    # The negotiated one (when there is one) is taken.
+    if negotiated is not fp.Compression.NONE:
+        packed = fp.codec.compress(data, negotiated)
+        assert packed is not None
+        own = fp.ChunkFlags.ZSTD if negotiated is fp.Compression.ZSTD else fp.ChunkFlags.LZ4
+        pair = _ir_pair(negotiated)
+        pair.recovery.receive_data(
+            fp.codec.encode_chunk_header(0, 0, len(data), own, digest, len(packed)) + packed
+        )
+        chunk = pair.recovery.next_event()
+        assert isinstance(chunk, fp.Chunk)
+        assert bytes(chunk.data) == data
+
+
 def test_supplied_digest_is_used() -> None:
     pair = _ir_pair()
     data = b"payload" * 100

@@ -420,11 +420,16 @@ def run_error_case(
 
 
 def handshake(
-    receiver: Role, recovery_type: RecoveryType = RecoveryType.STANDALONE
+    receiver: Role,
+    recovery_type: RecoveryType = RecoveryType.STANDALONE,
+    compression: frproto.Compression = frproto.Compression.NONE,
 ) -> list[PreludeStep]:
-    """Negotiation, seen from ``receiver``: the connection ends up READY."""
+    """Negotiation, seen from ``receiver``: the connection ends up READY, with
+    ``compression`` chosen (the request offers both algorithms)."""
     request = frproto.NegotiateRequest()
-    response = frproto.NegotiateResponse(recovery_type=recovery_type, server_name=CONTEXT_SERVER)
+    response = frproto.NegotiateResponse(
+        recovery_type=recovery_type, compression=compression, server_name=CONTEXT_SERVER
+    )
     if receiver is Role.RECOVERY:
         return [PreludeStep.of("recv", request), PreludeStep.of("send", response)]
     return [PreludeStep.of("send", request), PreludeStep.of("recv", response)]
@@ -434,14 +439,16 @@ def open_session(
     receiver: Role,
     vmid: uuid.UUID = CONTEXT_VMID,
     disks: tuple[DiskInfo, ...] = CONTEXT_DISKS,
+    compression: frproto.Compression = frproto.Compression.NONE,
 ) -> list[PreludeStep]:
-    """Negotiation and a RelationshipOpen accepted: the connection ends up in SESSION."""
+    """Negotiation (choosing ``compression``) and a RelationshipOpen accepted: the
+    connection ends up in SESSION."""
     opening = frproto.RelationshipOpen(vmid, generation=1)
     accepted = frproto.RelationshipAccepted(vmid, disks, generation=1)
     primary_side: Direction = "send" if receiver is Role.PRIMARY else "recv"
     recovery_side: Direction = "recv" if receiver is Role.PRIMARY else "send"
     return [
-        *handshake(receiver),
+        *handshake(receiver, compression=compression),
         PreludeStep.of(primary_side, opening),
         PreludeStep.of(recovery_side, accepted),
     ]

@@ -529,15 +529,19 @@ def r_ready(recovery_type: RecoveryType = RecoveryType.STANDALONE) -> list[Prelu
     return handshake(R, recovery_type)
 
 
-def r_session() -> list[PreludeStep]:
-    """A recovery server with the relationship of VMID open (SESSION)."""
-    return open_session(R)
+def r_session(compression: Compression = Compression.NONE) -> list[PreludeStep]:
+    """A recovery server with the relationship of VMID open (SESSION), ``compression``
+    negotiated."""
+    return open_session(R, compression=compression)
 
 
-def r_batch(chunk_count: int = 1, *chunks: Chunk) -> list[PreludeStep]:
-    """A recovery server inside batch 2 (base 1) of ``chunk_count`` chunks, some received."""
+def r_batch(
+    chunk_count: int = 1, *chunks: Chunk, compression: Compression = Compression.NONE
+) -> list[PreludeStep]:
+    """A recovery server inside batch 2 (base 1) of ``chunk_count`` chunks, some received
+    (a compressed chunk needs its ``compression`` negotiated, CHK-24)."""
     begin = BatchBegin(VMID, 2, 1, chunk_count)
-    return [*r_session(), recv(begin), *(recv(c) for c in chunks)]
+    return [*r_session(compression), recv(begin), *(recv(c) for c in chunks)]
 
 
 def r_ir(*chunks: Chunk) -> list[PreludeStep]:
@@ -621,14 +625,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "compressed_payload_empty",
             "A zstd chunk with an empty payload.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 128, digest(b"A" * 128), b"", ChunkFlags.ZSTD),
         ),
         ec(
             "compressed_payload_longer_than_length",
             "An LZ4 chunk whose payload (11 bytes) is longer than its length (8).",
             R,
-            r_batch(),
+            r_batch(compression=Compression.LZ4),
             chunk_frame(0, 0, 8, digest(b"A" * 8), LZ4_A64, ChunkFlags.LZ4),
         ),
     ],
@@ -848,6 +852,27 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A128, ChunkFlags.ZSTD | ChunkFlags.LZ4),
         ),
         ec(
+            "chunk_zstd_not_negotiated",
+            "A valid zstd chunk (128 x 'A') on a connection that negotiated LZ4.",
+            R,
+            r_batch(compression=Compression.LZ4),
+            chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A128, ChunkFlags.ZSTD),
+        ),
+        ec(
+            "chunk_lz4_not_negotiated",
+            "A valid LZ4 chunk (64 x 'A') on a connection that negotiated zstd.",
+            R,
+            r_batch(compression=Compression.ZSTD),
+            chunk_frame(0, 0, 64, digest(b"A" * 64), LZ4_A64, ChunkFlags.LZ4),
+        ),
+        ec(
+            "chunk_compressed_none_negotiated",
+            "A valid zstd chunk (128 x 'A') on a connection that negotiated no compression.",
+            R,
+            r_batch(),
+            chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A128, ChunkFlags.ZSTD),
+        ),
+        ec(
             "error_code_0",
             "An Error carrying code OK (0).",
             R,
@@ -956,7 +981,7 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "compressed_chunk_digest_wrong",
             "A valid zstd chunk (128 x 'A') whose digest does not match the data.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 128, WRONG_DIGEST, ZSTD_A128, ChunkFlags.ZSTD),
         ),
         ec(
@@ -1319,63 +1344,63 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "zstd_trailing_bytes",
             "A zstd frame of 128 bytes followed by two stray bytes, in a chunk of length 128.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A128 + b"\0\0", ChunkFlags.ZSTD),
         ),
         ec(
             "zstd_garbage",
             "A zstd chunk whose payload is not a zstd frame.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 64, digest(PLAIN_DATA), b"not a zstd frame", ChunkFlags.ZSTD),
         ),
         ec(
             "zstd_declares_more",
             "A zstd frame declaring 128 bytes of content in a chunk of length 64.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 64, digest(b"A" * 64), ZSTD_A128, ChunkFlags.ZSTD),
         ),
         ec(
             "zstd_declares_less",
             "A zstd frame declaring 128 bytes of content in a chunk of length 256.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 256, digest(b"A" * 256), ZSTD_A128, ChunkFlags.ZSTD),
         ),
         ec(
             "zstd_undeclared_short",
             "A zstd frame without a content size giving 64 bytes, in a chunk of length 128.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 128, digest(b"A" * 128), ZSTD_A64_NO_SIZE, ChunkFlags.ZSTD),
         ),
         ec(
             "zstd_undeclared_long",
             "A zstd frame without a content size giving 64 bytes, in a chunk of length 32.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.ZSTD),
             chunk_frame(0, 0, 32, digest(b"A" * 32), ZSTD_A64_NO_SIZE, ChunkFlags.ZSTD),
         ),
         ec(
             "lz4_garbage",
             "An LZ4 chunk whose payload is not an LZ4 block.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.LZ4),
             chunk_frame(0, 0, 64, digest(PLAIN_DATA), b"\xff" * 20, ChunkFlags.LZ4),
         ),
         ec(
             "lz4_short",
             "An LZ4 block of 64 bytes in a chunk of length 128.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.LZ4),
             chunk_frame(0, 0, 128, digest(b"A" * 128), LZ4_A64, ChunkFlags.LZ4),
         ),
         ec(
             "lz4_long",
             "An LZ4 block of 64 bytes in a chunk of length 32.",
             R,
-            r_batch(),
+            r_batch(compression=Compression.LZ4),
             chunk_frame(0, 0, 32, digest(b"A" * 32), LZ4_A64, ChunkFlags.LZ4),
         ),
     ],
