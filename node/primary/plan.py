@@ -132,8 +132,11 @@ class IRFromCursor:
 
     @property
     def sends(self) -> bool:
-        """Whether any IR data is left to send."""
-        return self.start[0] < self.disk_count
+        """Whether an IR goes over the wire: data is left to send, or the server holds
+        the IR in progress, which only an IREnd completes (one with no chunk, when its
+        resume point is the end of the last disk: its last save came after the last
+        chunk, before the IREnd)."""
+        return self.start[0] < self.disk_count or self.resuming
 
     @property
     def maps_from_replica(self) -> bool:

@@ -120,6 +120,19 @@ def test_ir_resumed_at_the_servers_cursor() -> None:
     assert plan.maps_from_replica
 
 
+def test_an_ir_in_progress_at_its_very_end_still_gets_its_irend() -> None:
+    # The server's last save came after the last chunk, before the IREnd: it reports the
+    # IR in progress with its resume point at the end of the last disk. Only an IR (no
+    # chunk left, then the IREnd) completes it; sending nothing left the primary
+    # believing the IR complete while the server held it IN_PROGRESS.
+    plan = plan_ir(
+        exported=False, server_ir_state=fp.IRState.IN_PROGRESS, resume=(2, 0), disk_count=2
+    )
+    assert plan == IRFromCursor((2, 0), 2, resuming=True)
+    assert plan.sends
+    assert plan.maps_from_replica
+
+
 def test_ir_the_server_completed_is_not_sent_again() -> None:
     plan = plan_ir(exported=False, server_ir_state=fp.IRState.COMPLETE, resume=(0, 0), disk_count=2)
     assert plan == IRFromCursor((2, 0), 2)
