@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from .logs import setup_logging
+from .logs import LOG_FORMATS, setup_logging
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
@@ -70,7 +70,7 @@ def _cmd_node_run(args: argparse.Namespace) -> int:
 
     from .daemon import run_daemon
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = load_cluster_node_config(Path(args.config))
     except ConfigError as exc:
@@ -372,6 +372,12 @@ def register(sub: Any) -> None:
     run = nsub.add_parser("run", help="run the node agent (and the broker when elected)")
     run.add_argument("--config", required=True, help="the node's configuration (TOML)")
     run.add_argument("--log-level", default="INFO")
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line",
+    )
     run.set_defaults(func=_cmd_node_run)
 
     cluster = sub.add_parser("cluster", help="administer a cluster through its store")

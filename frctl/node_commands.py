@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from .logs import setup_logging
+from .logs import LOG_FORMATS, setup_logging
 
 
 def parse_frequency(text: str) -> float:
@@ -64,7 +64,7 @@ def _cmd_primary_run(args: argparse.Namespace) -> int:
 
     from .daemon import run_daemon
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     config = _primary_config(args)
     registry = CollectorRegistry()
     metrics = PrimaryMetrics(registry, PrimaryStateStore(config.state_dir))
@@ -560,6 +560,12 @@ def register(sub: Any) -> None:
     prun = psub.add_parser("run", help="replicate every enabled VM until stopped")
     prun.add_argument("--config", required=True, help="primary TOML file")
     prun.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    prun.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line",
+    )
     prun.set_defaults(func=_cmd_primary_run)
 
     rep = sub.add_parser("replication", help="enable, inspect and control VM replication")

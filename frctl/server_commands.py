@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from .logs import setup_logging
+from .logs import LOG_FORMATS, setup_logging
 
 
 def _cmd_server_run(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
 
     from .daemon import run_daemon
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     path = Path(args.config)
     try:
         config = load_recovery_server_config(path)
@@ -231,6 +231,12 @@ def register(sub: Any) -> None:
     run = ssub.add_parser("run", help="run a recovery server from a config file")
     run.add_argument("--config", required=True, help="recovery server TOML file")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line",
+    )
     run.set_defaults(func=_cmd_server_run)
     password = ssub.add_parser(
         "admin-password",
