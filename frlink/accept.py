@@ -4,7 +4,8 @@ Shared by the recovery server (and cluster node) and the broker at the CAP. A cl
 speaks frproto without TLS gets the protocol's NOT_AUTHORIZED Error in plain text, then
 the connection closes: it is told why instead of seeing a TLS alert it cannot read. After
 the handshake the peer's certificate names are matched by ``authorize``; a peer that
-matches nothing gets a NegotiateResponse with status NOT_AUTHORIZED.
+matches nothing gets a NegotiateResponse with status NOT_AUTHORIZED, built like every
+other refusal by :func:`frproto.refuse_negotiation` (NEG-12).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -141,8 +142,8 @@ async def accept(
         except fp.ReplicationError as exc:
             log.warning("%s", exc)
             tell(type(exc).code.name.lower())
-            refusal = fp.answer_negotiation(request, policy)
-            await framed.send(replace(refusal, status=type(exc).code))
+            # The one refusal of every kind (NEG-12): nothing the server would have chosen.
+            await framed.send(fp.refuse_negotiation(request, policy, type(exc).code))
             return None
         answer = fp.answer_negotiation(request, policy)
         await framed.send(answer)

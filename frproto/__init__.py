@@ -105,7 +105,7 @@ from ._messages import (
     QueryRecoveryServerResponse,
     error_from_message,
 )
-from ._negotiation import ServerPolicy, answer_negotiation
+from ._negotiation import ServerPolicy, answer_negotiation, refuse_negotiation
 from ._replication import (
     Ack,
     BatchBegin,
@@ -232,6 +232,7 @@ __all__ = [
     "answer_negotiation",
     "closes_connection",
     "error_from_message",
+    "refuse_negotiation",
 ]
 
 # The names that moved to frproto.limits, .codec and .jsonable, and the exceptions'

@@ -7,6 +7,12 @@ Rules (``docs/protocol.md``, "Negotiation"):
 * The authentication type must be one the server accepts, else status NOT_AUTHORIZED.
 * The server's encryption level must be among those offered, else NOT_SUPPORTED.
 * Compression: the first of the server's preferences that the primary offered, or NONE.
+
+Every answer whose status is not OK (a *refusal*: these three, and a peer the server does
+not authorize, TLS-4, or a node asked for a broker it does not run, TLS-10) is built by
+:func:`refuse_negotiation` (NEG-12): it carries the refusal's status and what the server
+*is* (version, recovery type, encryption level, name, the auth type echoed), and nothing
+it would have *chosen* (compression NONE).
 """
 
 from __future__ import annotations
@@ -50,35 +56,60 @@ class ServerPolicy:
     version: tuple[int, int] = PROTOCOL_VERSION
 
 
-def answer_negotiation(request: NegotiateRequest, policy: ServerPolicy) -> NegotiateResponse:
-    """The NegotiateResponse that ``policy`` gives to ``request``."""
+def refuse_negotiation(
+    request: NegotiateRequest, policy: ServerPolicy, status: int
+) -> NegotiateResponse:
+    """The NegotiateResponse that refuses ``request`` with ``status`` (NEG-12).
+
+    Every refusal is built here, whatever its cause (a foreign major version, an auth type
+    or encryption level not accepted, a peer not authorized, a broker not run here): the
+    verdict says only whether the major versions differ; the version is the server's own
+    on MISMATCH, else its major and the lower of the two minors; ``recovery_type``,
+    ``encryption`` and ``server_name`` are the listener's (NEG-6), ``auth_type`` echoes the
+    request's; compression is NONE, so that a refusal tells nothing of what the server would
+    have chosen for a conversation it does not hold.
+
+    Raises:
+        ValueError: ``status`` is OK (that is not a refusal).
+    """
+    if status == ErrorCode.OK:
+        raise ValueError("a refusal needs a status other than OK")
     ours_major, ours_minor = policy.version
     theirs_major, theirs_minor = request.version
-    verdict = VersionVerdict.COMPATIBLE
-    version = (ours_major, min(ours_minor, theirs_minor))
-    compression = Compression.NONE
     if theirs_major != ours_major:
-        verdict, version, status = (
-            VersionVerdict.MISMATCH,
-            policy.version,
-            ErrorCode.PROTOCOL_MISMATCH,
-        )
-    elif request.auth_type not in policy.auth_types:
-        status = ErrorCode.NOT_AUTHORIZED
-    elif not request.encryption & ENCRYPTION_OFFER_BIT[policy.encryption]:
-        status = ErrorCode.NOT_SUPPORTED
+        verdict, version = VersionVerdict.MISMATCH, policy.version
     else:
-        status = ErrorCode.OK
-        offered = [
-            c for c in policy.compression if request.compression & COMPRESSION_OFFER_BIT.get(c, 0)
-        ]
-        compression = offered[0] if offered else Compression.NONE
+        verdict, version = VersionVerdict.COMPATIBLE, (ours_major, min(ours_minor, theirs_minor))
     return NegotiateResponse(
         status=status,
         verdict=verdict,
         version=version,
         recovery_type=policy.recovery_type,
-        compression=compression,
+        compression=Compression.NONE,
+        encryption=policy.encryption,
+        auth_type=request.auth_type,
+        server_name=policy.server_name,
+    )
+
+
+def answer_negotiation(request: NegotiateRequest, policy: ServerPolicy) -> NegotiateResponse:
+    """The NegotiateResponse that ``policy`` gives to ``request`` (NEG-1 to NEG-6); a
+    refusal is :func:`refuse_negotiation`'s."""
+    ours_major, ours_minor = policy.version
+    theirs_major, theirs_minor = request.version
+    if theirs_major != ours_major:
+        return refuse_negotiation(request, policy, ErrorCode.PROTOCOL_MISMATCH)
+    if request.auth_type not in policy.auth_types:
+        return refuse_negotiation(request, policy, ErrorCode.NOT_AUTHORIZED)
+    if not request.encryption & ENCRYPTION_OFFER_BIT[policy.encryption]:
+        return refuse_negotiation(request, policy, ErrorCode.NOT_SUPPORTED)
+    offered = [c for c in policy.compression if request.compression & COMPRESSION_OFFER_BIT.get(c, 0)]
+    return NegotiateResponse(
+        status=ErrorCode.OK,
+        verdict=VersionVerdict.COMPATIBLE,
+        version=(ours_major, min(ours_minor, theirs_minor)),
+        recovery_type=policy.recovery_type,
+        compression=offered[0] if offered else Compression.NONE,
         encryption=policy.encryption,
         auth_type=request.auth_type,
         server_name=policy.server_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -925,6 +926,56 @@ def test_answer_negotiation_examples() -> None:
     newer = fp.ServerPolicy(fp.RecoveryType.STANDALONE, "s", version=(1, 4))
     assert fp.answer_negotiation(fp.NegotiateRequest(version=(1, 2)), newer).version == (1, 2)
     assert fp.answer_negotiation(fp.NegotiateRequest(version=(1, 9)), newer).version == (1, 4)
+
+
+
+@settings(max_examples=300)
+@given(
+    fs.negotiate_requests(),
+    POLICIES,
+    st.sampled_from([c for c in fp.ErrorCode if c != fp.ErrorCode.OK]) | st.integers(1, 0xFFFF),
+)
+def test_every_refusal_has_the_fields_of_the_refusal_table(
+    request: fp.NegotiateRequest, policy: fp.ServerPolicy, status: int
+) -> None:
+    # NEG-12: a function of the request and of what the listener is; nothing chosen.
+    refusal = fp.refuse_negotiation(request, policy, status)
+    assert refusal.status == status
+    assert not refusal.ok
+    assert refusal.compression is fp.Compression.NONE
+    assert refusal.recovery_type is policy.recovery_type
+    assert refusal.encryption is policy.encryption
+    assert refusal.auth_type is request.auth_type
+    assert refusal.server_name == policy.server_name
+    if request.version[0] != policy.version[0]:
+        assert (refusal.verdict, refusal.version) == (fp.VersionVerdict.MISMATCH, policy.version)
+    else:
+        assert refusal.verdict is fp.VersionVerdict.COMPATIBLE
+        assert refusal.version == (policy.version[0], min(policy.version[1], request.version[1]))
+    # answer_negotiation's refusals are these very answers.
+    answer = fp.answer_negotiation(request, policy)
+    if not answer.ok:
+        assert answer == fp.refuse_negotiation(request, policy, answer.status)
+    # The refusal goes on the wire and ends the conversation on both sides (NEG-7, NEG-8).
+    recovery, primary = fp.Connection(fp.Role.RECOVERY), fp.Connection(fp.Role.PRIMARY)
+    recovery.receive_data(primary.send(request))
+    assert recovery.next_event() == request
+    primary.receive_data(recovery.send(refusal))
+    assert primary.next_event() == refusal
+    assert primary.state is recovery.state is fp.State.MUST_CLOSE
+
+
+def test_refusal_of_an_unauthorized_peer_tells_nothing_chosen() -> None:
+    policy = fp.ServerPolicy(fp.RecoveryType.CLUSTER_NODE, "node.example")
+    request = fp.NegotiateRequest()  # offers ZSTD|LZ4: an OK answer would choose LZ4
+    assert fp.answer_negotiation(request, policy).compression is fp.Compression.LZ4
+    unauthorized = fp.refuse_negotiation(request, policy, fp.ErrorCode.NOT_AUTHORIZED)
+    kerberos = fp.answer_negotiation(fp.NegotiateRequest(auth_type=fp.AuthType.INTEGRATED), policy)
+    # The two NOT_AUTHORIZED answers differ in the auth type echoed, nothing else.
+    assert unauthorized.compression is fp.Compression.NONE
+    assert replace(kerberos, auth_type=fp.AuthType.CERTIFICATE) == unauthorized
+    with pytest.raises(ValueError, match="other than OK"):
+        fp.refuse_negotiation(request, policy, fp.ErrorCode.OK)
 
 
 # -- Error codes that close even where a refusal may come ------------------------------------

@@ -15,7 +15,8 @@ import trio
 
 import frproto as fp
 from frlink.certs import create_ca, issue_host_cert
-from frlink.tls import TLSFailure, client_context
+from frlink.tls import TLSFailure, client_context, tls_connect
+from frproto.trio_io import FramedStream
 from frtesting.server import ServerProcess
 from node.config import load_recovery_server_config
 from node.primary.client import RecoveryClient
@@ -103,6 +104,33 @@ async def test_unauthorized_primary_is_refused_in_negotiation(
         await _connect(site, server, "intruder.elsewhere.example.org")
     assert server.wait_for_log("is not authorized")
 
+
+
+async def test_an_unauthorized_peers_refusal_tells_nothing_chosen(
+    site: Site, server: ServerProcess
+) -> None:
+    # NEG-12: the refusal of a certificate matching no entry is the one every refusal has:
+    # compression NONE although the request offers LZ4, which an authorized peer gets.
+    issue_host_cert(site.certs, site.certs, "intruder.elsewhere.example.org")
+    request = fp.NegotiateRequest()
+    with trio.fail_after(20):
+        stream = await tls_connect(
+            SERVER_HOST,
+            server.port,
+            site.client_context("intruder.elsewhere.example.org"),
+            server_name=SERVER_NAME,
+            local_address=PRIMARY_HOST,
+        )
+        conn = FramedStream(stream, fp.Connection(fp.Role.PRIMARY))
+        try:
+            await conn.send(request)
+            answer = await conn.expect(fp.NegotiateResponse)
+        finally:
+            await trio.aclose_forcefully(stream)
+    policy = fp.ServerPolicy(fp.RecoveryType.STANDALONE, SERVER_NAME)
+    assert answer == fp.refuse_negotiation(request, policy, fp.ErrorCode.NOT_AUTHORIZED)
+    assert answer.compression is fp.Compression.NONE
+    assert fp.answer_negotiation(request, policy).compression is fp.Compression.LZ4
 
 async def test_vm_this_server_does_not_hold_is_unknown(site: Site, server: ServerProcess) -> None:
     client = await _connect(site, server, "p1.primary.example.com")

@@ -241,6 +241,10 @@ MessageSpec = tuple[str, str, Message]
 LONG_LABEL = "a" * 63
 MAX_SERVER_NAME = ".".join([LONG_LABEL, LONG_LABEL, LONG_LABEL, "b" * 61])  # 253 bytes
 UNICODE_NAME = "Büro-Server (prod) \u00e9t\u00e9 \U0001f5a5"
+#: The listeners whose refusals the vectors show: a cluster node, and the CAP's name at a
+#: node (both with the reference preferences: LZ4 first, so a non-refusal would choose it).
+_NODE_POLICY = frproto.ServerPolicy(RecoveryType.CLUSTER_NODE, "r1.dr.example.com")
+_CAP_POLICY = frproto.ServerPolicy(RecoveryType.CLUSTERING_BROKER, "cap.dr.example.com")
 
 MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
     NegotiateRequest: [
@@ -298,6 +302,48 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
             "max_name_unknown_status",
             "A 253-byte server name (the limit) and a status code this version does not know.",
             NegotiateResponse(status=777, server_name=MAX_SERVER_NAME),
+        ),
+        # Refusals (NEG-12), built by frproto.refuse_negotiation from a request that offers
+        # both compressions: NONE in every one, whatever the server would have chosen.
+        (
+            "refusal_not_authorized_peer",
+            "TLS-4: a peer whose certificate is not authorized, for the default request (1.0, "
+            "ZSTD|LZ4, TLS13, CERTIFICATE): NOT_AUTHORIZED, COMPATIBLE, 1.0, compression NONE.",
+            frproto.refuse_negotiation(NegotiateRequest(), _NODE_POLICY, ErrorCode.NOT_AUTHORIZED),
+        ),
+        (
+            "refusal_integrated_auth",
+            "NEG-3: INTEGRATED auth not accepted: NOT_AUTHORIZED, auth_type INTEGRATED echoed, "
+            "the lower minor (1.0 for a 1.7 request), compression NONE.",
+            frproto.refuse_negotiation(
+                NegotiateRequest(version=(1, 7), auth_type=AuthType.INTEGRATED),
+                _NODE_POLICY,
+                ErrorCode.NOT_AUTHORIZED,
+            ),
+        ),
+        (
+            "refusal_protocol_mismatch",
+            "NEG-2: a 2.0 request: PROTOCOL_MISMATCH, MISMATCH, the server's own 1.0, "
+            "compression NONE.",
+            frproto.refuse_negotiation(
+                NegotiateRequest(version=(2, 0)), _NODE_POLICY, ErrorCode.PROTOCOL_MISMATCH
+            ),
+        ),
+        (
+            "refusal_not_supported",
+            "NEG-4: only an unencrypted stream offered to a TLS 1.3 server: NOT_SUPPORTED, "
+            "encryption TLS13 (the server's own level), compression NONE.",
+            frproto.refuse_negotiation(
+                NegotiateRequest(encryption=EncryptionSet.NONE),
+                _NODE_POLICY,
+                ErrorCode.NOT_SUPPORTED,
+            ),
+        ),
+        (
+            "refusal_busy_cap_at_node",
+            "TLS-10: the CAP's name at a node that does not run the broker now: BUSY, "
+            "CLUSTERING_BROKER, the CAP name, compression NONE.",
+            frproto.refuse_negotiation(NegotiateRequest(), _CAP_POLICY, ErrorCode.BUSY),
         ),
     ],
     QueryRecoveryServer: [
