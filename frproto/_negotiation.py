@@ -103,7 +103,9 @@ def answer_negotiation(request: NegotiateRequest, policy: ServerPolicy) -> Negot
         return refuse_negotiation(request, policy, ErrorCode.NOT_AUTHORIZED)
     if not request.encryption & ENCRYPTION_OFFER_BIT[policy.encryption]:
         return refuse_negotiation(request, policy, ErrorCode.NOT_SUPPORTED)
-    offered = [c for c in policy.compression if request.compression & COMPRESSION_OFFER_BIT.get(c, 0)]
+    offered = [
+        c for c in policy.compression if request.compression & COMPRESSION_OFFER_BIT.get(c, 0)
+    ]
     return NegotiateResponse(
         status=ErrorCode.OK,
         verdict=VersionVerdict.COMPATIBLE,

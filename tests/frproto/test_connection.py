@@ -928,7 +928,6 @@ def test_answer_negotiation_examples() -> None:
     assert fp.answer_negotiation(fp.NegotiateRequest(version=(1, 9)), newer).version == (1, 4)
 
 
-
 @settings(max_examples=300)
 @given(
     fs.negotiate_requests(),

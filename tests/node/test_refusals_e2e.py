@@ -105,7 +105,6 @@ async def test_unauthorized_primary_is_refused_in_negotiation(
     assert server.wait_for_log("is not authorized")
 
 
-
 async def test_an_unauthorized_peers_refusal_tells_nothing_chosen(
     site: Site, server: ServerProcess
 ) -> None:
@@ -131,6 +130,7 @@ async def test_an_unauthorized_peers_refusal_tells_nothing_chosen(
     assert answer == fp.refuse_negotiation(request, policy, fp.ErrorCode.NOT_AUTHORIZED)
     assert answer.compression is fp.Compression.NONE
     assert fp.answer_negotiation(request, policy).compression is fp.Compression.LZ4
+
 
 async def test_vm_this_server_does_not_hold_is_unknown(site: Site, server: ServerProcess) -> None:
     client = await _connect(site, server, "p1.primary.example.com")
