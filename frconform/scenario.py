@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ class Options:
 
     #: A VMID an administrator deleted in the cluster, for the broker's DELETED answer.
     deleted_vmid: uuid.UUID | None = None
+    #: A client context presenting a certificate of the endpoint's CA that no authorization
+    #: entry names (``--unauthorized-cert``/``--unauthorized-key``), for TLS-4.
+    unauthorized_cert: ssl.SSLContext | None = None
 
 
 @dataclass
@@ -281,3 +285,34 @@ async def run_one(ctx: Context) -> str:
 def not_applicable(requirements: Iterable[str], scenario: str, why: str) -> list[Check]:
     """N/A checks for a scenario that does not run."""
     return [Check(r, scenario, Status.NOT_APPLICABLE, why) for r in requirements]
+
+
+def check_refusal(
+    ctx: Context,
+    answer: fp.NegotiateResponse,
+    request: fp.NegotiateRequest,
+    status: int,
+    *,
+    kind: fp.RecoveryType | None = None,
+    server_name: str | None = None,
+) -> None:
+    """Expect ``answer`` to be the refusal of ``request`` with ``status`` that NEG-12's
+    table gives: the listener's kind and name (``ctx``'s unless given), its own
+    encryption level (TLS13: the harness speaks TLS), the auth type echoed, the verdict
+    and version from the two versions alone, and compression NONE."""
+    ours = fp.limits.PROTOCOL_VERSION
+    kind = ctx.kind if kind is None else kind
+    name = (server_name or ctx.target.server_name).lower().rstrip(".")
+    ctx.expect(answer.status == status, f"status {_code_name(status)}", answer)
+    if request.version[0] != ours[0]:
+        ctx.expect(answer.verdict == fp.VersionVerdict.MISMATCH, "verdict MISMATCH", answer)
+        ctx.expect(answer.version[0] != request.version[0], "the endpoint's own version", answer)
+    else:
+        ctx.expect(answer.verdict == fp.VersionVerdict.COMPATIBLE, "verdict COMPATIBLE", answer)
+        lower = (ours[0], min(ours[1], request.version[1]))
+        ctx.expect(answer.version == lower, f"version {lower} (the lower minor)", answer)
+    ctx.expect(answer.compression == fp.Compression.NONE, "compression NONE", answer)
+    ctx.expect(answer.recovery_type == kind, f"recovery_type {kind.name}", answer)
+    ctx.expect(answer.encryption == fp.Encryption.TLS13, "encryption TLS13 (its own)", answer)
+    ctx.expect(answer.auth_type == request.auth_type, f"auth_type {request.auth_type.name}", answer)
+    ctx.expect(answer.server_name.lower().rstrip(".") == name, f"server_name {name}", answer)

@@ -67,6 +67,10 @@ class Target:
         host = self.hosts.get(server_name.lower().rstrip("."), server_name)
         return replace(self, host=host, port=port, server_name=server_name)
 
+    def with_context(self, ssl_context: ssl.SSLContext) -> Target:
+        """The same endpoint reached with another client identity."""
+        return replace(self, ssl_context=ssl_context)
+
     def describe(self) -> str:
         return f"{self.server_name} ({self.host}:{self.port})"
 

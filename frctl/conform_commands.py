@@ -63,7 +63,19 @@ def _cmd_conform(args: argparse.Namespace) -> int:
         print(f"frctl: conform: the harness's certificate: {exc}", file=sys.stderr)
         return 2
     target = Target(host, port, args.name or host, context, _hosts(args.host), timeout=args.timeout)
-    options = Options(deleted_vmid=args.deleted_vmid)
+    unauthorized = None
+    if bool(args.unauthorized_cert) != bool(args.unauthorized_key):
+        print("frctl: conform: --unauthorized-cert needs --unauthorized-key", file=sys.stderr)
+        return 2
+    if args.unauthorized_cert:
+        try:
+            unauthorized = client_context(
+                Path(args.unauthorized_cert), Path(args.unauthorized_key), Path(args.ca)
+            )
+        except (OSError, ValueError) as exc:
+            print(f"frctl: conform: the unauthorized certificate: {exc}", file=sys.stderr)
+            return 2
+    options = Options(deleted_vmid=args.deleted_vmid, unauthorized_cert=unauthorized)
     only = [o.strip() for o in args.only.split(",")] if args.only else []
     try:
         report = trio.run(lambda: run(target, options, only=only))
@@ -112,6 +124,12 @@ def register(sub: Any) -> None:
     conform.add_argument(
         "--deleted-vmid", type=_vmid, help="a VM deleted in the cluster (broker: DELETED)"
     )
+    conform.add_argument(
+        "--unauthorized-cert",
+        metavar="FILE",
+        help="a certificate of the endpoint's CA that it does not authorize (TLS-4)",
+    )
+    conform.add_argument("--unauthorized-key", metavar="FILE", help="its private key")
     conform.add_argument("--only", help="requirement ids or prefixes, comma-separated (NEG,SES-4)")
     conform.add_argument("--timeout", type=float, default=10.0, help="seconds per answer")
     conform.add_argument("--json", action="store_true", help="the report as JSON")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import frproto as fp
 
-from ..scenario import ANY_KIND, Context, scenario
+from ..scenario import ANY_KIND, Context, check_refusal, scenario
 from ..wire import Closed, Wire
 
 OFFER_BIT = {fp.Compression.ZSTD: fp.CompressionSet.ZSTD, fp.Compression.LZ4: fp.CompressionSet.LZ4}
@@ -54,18 +54,21 @@ async def later_minor_version(ctx: Context) -> None:
         )
 
 
-@scenario("NEG-2", "NEG-7", kinds=ANY_KIND)
+@scenario("NEG-2", "NEG-7", "NEG-12", kinds=ANY_KIND)
 async def mismatched_version(ctx: Context) -> None:
     """Another major version (2.0) is answered MISMATCH with PROTOCOL_MISMATCH and the
-    endpoint closes the connection."""
+    endpoint closes the connection; the answer has the fields of every refusal."""
     wire = await ctx.connect()
     async with ctx.checking("NEG-2"):
-        answer = await ctx.negotiate(wire, fp.NegotiateRequest(version=(2, 0)))
+        request = fp.NegotiateRequest(version=(2, 0))
+        answer = await ctx.negotiate(wire, request)
         ctx.expect(answer.verdict == fp.VersionVerdict.MISMATCH, "verdict MISMATCH", answer)
         ctx.expect(answer.status == fp.ErrorCode.PROTOCOL_MISMATCH, "PROTOCOL_MISMATCH", answer)
         ctx.expect(answer.version[0] == fp.limits.PROTOCOL_VERSION[0], "the endpoint's own version")
     async with ctx.checking("NEG-7"):
         ctx.expect(await wire.closed_by_peer(), "the connection closed after the response")
+    async with ctx.checking("NEG-12"):
+        check_refusal(ctx, answer, request, fp.ErrorCode.PROTOCOL_MISMATCH)
 
 
 @scenario("NEG-10", kinds=ANY_KIND)
@@ -92,19 +95,22 @@ async def each_compression_choice(ctx: Context) -> None:
             await wire.aclose()
 
 
-@scenario("NEG-4", "NEG-7", kinds=ANY_KIND)
+@scenario("NEG-4", "NEG-7", "NEG-12", kinds=ANY_KIND)
 async def encryption_not_offered(ctx: Context) -> None:
     """A primary that offers only an unencrypted stream, to an endpoint that runs TLS 1.3,
     is answered NOT_SUPPORTED, and the connection closes."""
     wire = await ctx.connect()
     async with ctx.checking("NEG-4"):
-        answer = await ctx.negotiate(wire, fp.NegotiateRequest(encryption=fp.EncryptionSet.NONE))
+        request = fp.NegotiateRequest(encryption=fp.EncryptionSet.NONE)
+        answer = await ctx.negotiate(wire, request)
         ctx.expect(answer.status == fp.ErrorCode.NOT_SUPPORTED, "NOT_SUPPORTED", answer)
     async with ctx.checking("NEG-7"):
         ctx.expect(await wire.closed_by_peer(), "the connection closed after the response")
+    async with ctx.checking("NEG-12"):
+        check_refusal(ctx, answer, request, fp.ErrorCode.NOT_SUPPORTED)
 
 
-@scenario("NEG-3", "NEG-7", kinds=ANY_KIND)
+@scenario("NEG-3", "NEG-7", "NEG-12", kinds=ANY_KIND)
 async def integrated_authentication(ctx: Context) -> None:
     """INTEGRATED (Kerberos) authentication, which the endpoint does not accept, is
     answered NOT_AUTHORIZED (echoing the auth type asked for), and the connection closes."""
@@ -116,6 +122,25 @@ async def integrated_authentication(ctx: Context) -> None:
         ctx.expect(answer.auth_type == fp.AuthType.INTEGRATED, "auth_type INTEGRATED", answer)
     async with ctx.checking("NEG-7"):
         ctx.expect(await wire.closed_by_peer(), "the connection closed after the response")
+    async with ctx.checking("NEG-12"):
+        check_refusal(ctx, answer, request, fp.ErrorCode.NOT_AUTHORIZED)
+
+
+@scenario("TLS-4", "NEG-7", "NEG-12", kinds=ANY_KIND, needs="unauthorized_cert")
+async def unauthorized_certificate(ctx: Context) -> None:
+    """A peer whose certificate the endpoint's CA issued but no authorization entry names
+    is answered NOT_AUTHORIZED with the fields of every refusal (compression NONE although
+    it offers both), and the connection closes."""
+    assert ctx.options.unauthorized_cert is not None
+    wire = await ctx.connect(ctx.target.with_context(ctx.options.unauthorized_cert))
+    request = fp.NegotiateRequest()
+    async with ctx.checking("TLS-4"):
+        answer = await ctx.negotiate(wire, request)
+        ctx.expect(answer.status == fp.ErrorCode.NOT_AUTHORIZED, "NOT_AUTHORIZED", answer)
+    async with ctx.checking("NEG-7"):
+        ctx.expect(await wire.closed_by_peer(), "the connection closed after the response")
+    async with ctx.checking("NEG-12"):
+        check_refusal(ctx, answer, request, fp.ErrorCode.NOT_AUTHORIZED)
 
 
 @scenario("ENV-7", kinds=ANY_KIND)

@@ -9,7 +9,7 @@ import trio
 
 import frproto as fp
 
-from ..scenario import ANY_KIND, BROKER, Context, scenario
+from ..scenario import ANY_KIND, BROKER, Context, check_refusal, scenario
 from ..session import place
 from ..wire import HarnessError, connect, connect_plain
 
@@ -65,15 +65,20 @@ async def no_tls_at_all(ctx: Context) -> None:
         await stream.aclose()
 
 
-@scenario("TLS-10", kinds=[BROKER])
+@scenario("TLS-10", "NEG-12", kinds=[BROKER])
 async def cap_name_at_a_node(ctx: Context) -> None:
     """A node reached with the CAP's name (SNI) answers as the broker when it runs it, and
-    otherwise with status BUSY (the primary asks the CAP again)."""
+    otherwise with status BUSY (the primary asks the CAP again), a refusal with the fields
+    of every refusal."""
     placed = await place(ctx, ctx.new_vmid())
     node = ctx.target.elsewhere(placed.server_name, placed.port)
     at_node_as_cap = replace(node, server_name=ctx.target.server_name)
+    request = fp.NegotiateRequest()
     async with ctx.checking("TLS-10"):
         wire = await ctx.connect(at_node_as_cap)
-        answer = await ctx.negotiate(wire)
+        answer = await ctx.negotiate(wire, request)
         broker = answer.status == 0 and answer.recovery_type == BROKER
         ctx.expect(broker or answer.status == fp.ErrorCode.BUSY, "the broker, or BUSY", answer)
+    if answer.status == fp.ErrorCode.BUSY:
+        async with ctx.checking("NEG-12"):
+            check_refusal(ctx, answer, request, fp.ErrorCode.BUSY, kind=BROKER)

@@ -20,6 +20,7 @@ from broker.store import open_store
 from frconform.runner import Report, run
 from frconform.scenario import Options, Status
 from frconform.wire import Target, client_context
+from frlink.certs import issue_host_cert
 from frtesting.cluster import (
     CAP_ADDRESS,
     CAP_NAME,
@@ -32,6 +33,8 @@ from frtesting.server import start_server_process
 from tests.node.site import SERVER_HOST, SERVER_NAME, Site
 
 REPO = Path(__file__).resolve().parents[2]
+#: A certificate name the endpoints under test do not authorize.
+INTRUDER = "intruder.elsewhere.example.org"
 
 
 def _replicas(storage: Path) -> list[str]:
@@ -60,6 +63,8 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     site = Site(tmp_path)
     server = site.start_server()
     junit_file = tmp_path / "conform.xml"
+    # A certificate of the server's CA that no authorization entry names (TLS-4, NEG-12).
+    issue_host_cert(site.certs, site.certs, INTRUDER)
     try:
         certs = site.certs
         done = subprocess.run(
@@ -77,6 +82,10 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
                 str(certs / f"{PRIMARY_NAME}-key.pem"),
                 "--ca",
                 str(certs / "ca.pem"),
+                "--unauthorized-cert",
+                str(certs / f"{INTRUDER}.pem"),
+                "--unauthorized-key",
+                str(certs / f"{INTRUDER}-key.pem"),
                 "--json",
                 "--junit",
                 str(junit_file),
@@ -97,7 +106,8 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert totals["failed"] == 0
     assert totals["passed"] >= 60  # every area: negotiation, session, malformed input
     statuses = {r["id"]: r["status"] for r in report["requirements"]}
-    for rid in ("NEG-2", "NEG-7", "REP-4", "REP-18", "REP-20", "ENV-4", "SES-9", "DEL-3"):
+    required = ("NEG-2", "NEG-7", "NEG-12", "TLS-4", "REP-4", "REP-18", "REP-20", "ENV-4", "SES-9")
+    for rid in (*required, "DEL-3"):
         assert statuses[rid] == "passed", rid
     # The stream ended inside a frame (the vectors with "eof"), by TLS's close_notify:
     # the endpoint answers TRUNCATED; these ran, none was set aside as not applicable.
@@ -137,7 +147,12 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
             )
             hosts = {node_name(i): node_address(i) for i in (1, 2)}
             target = Target(CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, timeout=10)
-            report = await run(target, Options(deleted_vmid=uuid.UUID(deleted.vmid)))
+            issue_host_cert(certs, certs, INTRUDER)
+            intruder = client_context(
+                certs / f"{INTRUDER}.pem", certs / f"{INTRUDER}-key.pem", certs / "ca.pem"
+            )
+            options = Options(deleted_vmid=uuid.UUID(deleted.vmid), unauthorized_cert=intruder)
+            report = await run(target, options)
             # A node reached directly: what a node does on its own (no new VMs there).
             node = Target(node_address(1), site.running[1].port, node_name(1), context)
             at_node = await run(node)
@@ -153,7 +168,9 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     assert report.errors == []
     assert report.ok
     passed = _passed(report)
-    for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3", "NEG-2"):
+    for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-4", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3"):
+        assert rid in passed, rid
+    for rid in ("NEG-2", "NEG-12"):
         assert rid in passed, rid
     assert at_node.ok
     assert at_node.kind is fp.RecoveryType.CLUSTER_NODE
