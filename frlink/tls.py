@@ -317,7 +317,10 @@ async def tls_connect(
 
     ``server_name`` is sent as SNI and checked against the server certificate's subject
     alternative names (it may differ from ``host``, e.g. the CAP name while ``host`` is an
-    address). ``local_address`` binds the local end (one address per host on loopback).
+    address). An IP literal (``127.0.0.2``, ``2001:db8::1`` or ``[2001:db8::1]``) is not
+    sent (SNI cannot carry one) and must be an IP address subjectAltName of the
+    certificate (TLS-11); a certificate without it fails with a message that says so.
+    ``local_address`` binds the local end (one address per host on loopback).
     ``timeout`` covers the TCP connect and the handshake together.
 
     Raises :class:`ConnectFailure` (also an :class:`OSError`) if TCP fails and
@@ -335,10 +338,52 @@ async def tls_connect(
         raise ConnectFailure(f"connecting to {target}: timed out after {timeout:g} s") from exc
     except OSError as exc:
         raise ConnectFailure(f"connecting to {target}: {_ssl_reason(exc)}") from exc
+    # An IP literal (TLS-11): Python's ssl sends no SNI for it (RFC 6066) and checks it
+    # against the certificate's iPAddress names; a bracketed IPv6 one would be taken for a
+    # host name.
+    name = _unbracket(server_name)
     try:
-        ssl_stream = BioTLSStream(tcp, ctx, server_hostname=server_name)
+        ssl_stream = BioTLSStream(tcp, ctx, server_hostname=name)
     except (ValueError, ssl.SSLError) as exc:
         await trio.aclose_forcefully(tcp)
         raise TLSFailure(f"TLS to {target}: {exc}") from exc
-    await _handshake(ssl_stream, deadline, f"with {target}", timeout)
+    try:
+        await _handshake(ssl_stream, deadline, f"with {target}", timeout)
+    except TLSFailure as exc:
+        if _address_mismatch(name, exc.__cause__):
+            raise TLSFailure(
+                f"{exc}; {name} is an IP address, so no SNI is sent and the server's "
+                f"certificate must hold it as an IP address subjectAltName "
+                f"(frctl cert issue HOSTNAME --ip {name}), or connect by a name it holds"
+            ) from exc.__cause__
+        raise
     return ssl_stream
+
+
+#: OpenSSL's X509_V_ERR_IP_ADDRESS_MISMATCH.
+_IP_ADDRESS_MISMATCH = 64
+
+
+def _unbracket(name: str) -> str:
+    """``name`` without the brackets of a bracketed IPv6 literal (``[2001:db8::1]``)."""
+    if name.startswith("[") and name.endswith("]") and _is_address(name[1:-1]):
+        return name[1:-1]
+    return name
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _address_mismatch(name: str, cause: BaseException | None) -> bool:
+    """True when the handshake failed because the certificate does not hold the address
+    ``name`` (an IP literal) as an iPAddress subjectAltName."""
+    return (
+        _is_address(name)
+        and isinstance(cause, ssl.SSLCertVerificationError)
+        and cause.verify_code == _IP_ADDRESS_MISMATCH
+    )

@@ -115,6 +115,10 @@ def _target(server: str, server_name: str | None, vmid: uuid.UUID) -> tuple[str,
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise Refused(f"--server {server!r}: use HOST:PORT (port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [2001:db8::1]:7443; the check below refuses a bracketed name
+        if ":" not in host:
+            raise Refused(f"--server {server!r}: brackets are for an IPv6 address only")
     name = server_name or host
     try:
         fp.QueryRecoveryServerResponse(vmid, name, int(port), fp.ExistingVM.NEW)

@@ -13,7 +13,8 @@ import pytest
 import trio
 
 import frproto as fp
-from frtesting.cluster import free_port
+from frtesting.cluster import PRIMARY_ADDRESS, free_port
+from node.primary.client import RecoveryClient
 from tests.broker.cluster_site import ClusterSite, node_name
 
 
@@ -194,6 +195,38 @@ def test_a_cap_moved_by_dns_follows_the_broker(tmp_path: Path) -> None:
         assert trio.run(ask, survivor.index, survivor.port) is fp.ExistingVM.NEW
     finally:
         site.stop_all()
+
+
+def test_a_connection_without_sni_to_the_brokers_node_is_the_nodes(tmp_path: Path) -> None:
+    # TLS-12: the broker's node answers for the CAP's name at its own address (no CAP
+    # address); a primary that connects by IP address sends no SNI (TLS-11) and reaches
+    # the node, never the broker, checking the node's certificate for the address.
+    site = ClusterSite(tmp_path, nodes=2, dns_cap=True)
+    try:
+        site.authorize_primary()
+        site.start_all()
+        broker = site.broker_node()
+        address = f"127.0.0.{10 + broker.index}"
+
+        async def run() -> fp.NegotiateResponse:
+            answer = await site.query(uuid.uuid4(), at=(address, broker.port))
+            assert answer.existing is fp.ExistingVM.NEW  # the broker, for the CAP's name
+            client = await RecoveryClient.connect(
+                address,
+                broker.port,
+                server_name=address,
+                ssl_context=site.primary_context(),
+                local_address=PRIMARY_ADDRESS,
+            )
+            await client.aclose()
+            return client.negotiated
+
+        answer = trio.run(run)
+    finally:
+        site.stop_all()
+    assert answer.ok
+    assert answer.recovery_type is fp.RecoveryType.CLUSTER_NODE
+    assert answer.server_name == node_name(broker.index)
 
 
 def test_the_port_setting_moves_every_nodes_listener(cluster: ClusterSite) -> None:
