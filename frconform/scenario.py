@@ -185,6 +185,12 @@ class Context:
         self._wires.append(wire)
         return wire
 
+    async def connect_without_sni(self, target: Target | None = None) -> Wire:
+        """A new TLS connection that sends no SNI (to the endpoint, or to ``target``)."""
+        wire = await connect(target or self.target, self.transcript, sni=False)
+        self._wires.append(wire)
+        return wire
+
     async def close_all(self) -> None:
         for wire in self._wires:
             await wire.aclose()

@@ -53,6 +53,7 @@ class Target:
         hosts: addresses for names the endpoint answers with (a broker's node names),
             for names that DNS does not resolve (tests, a lab).
         timeout: seconds to wait for each answer.
+        no_sni_context: ``ssl_context`` without the check of the endpoint's name.
     """
 
     host: str
@@ -61,6 +62,9 @@ class Target:
     ssl_context: ssl.SSLContext
     hosts: Mapping[str, str] = field(default_factory=dict)
     timeout: float = 10.0
+    #: The same identity, not checking the endpoint's name: for a connection that sends no
+    #: SNI (a primary reaching it by IP address, TLS-12). None: not checked.
+    no_sni_context: ssl.SSLContext | None = None
 
     def elsewhere(self, server_name: str, port: int) -> Target:
         """The same harness identity pointed at another endpoint (a broker's node)."""
@@ -75,10 +79,13 @@ class Target:
         return f"{self.server_name} ({self.host}:{self.port})"
 
 
-def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """A TLS 1.3 client context presenting ``cert`` and trusting only ``ca``."""
+def client_context(cert: Path, key: Path, ca: Path, *, check_name: bool = True) -> ssl.SSLContext:
+    """A TLS 1.3 client context presenting ``cert`` and trusting only ``ca``; with
+    ``check_name`` False it does not check the endpoint's name (for a connection without
+    SNI: the chain to ``ca`` is still checked)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = check_name
     context.load_cert_chain(str(cert), str(key))
     return context
 
@@ -280,10 +287,15 @@ class Wire:
 
 
 async def connect(
-    target: Target, transcript: list[str] | None = None, *, half_close: bool = False
+    target: Target,
+    transcript: list[str] | None = None,
+    *,
+    half_close: bool = False,
+    sni: bool = True,
 ) -> Wire:
     """Open a TCP connection to ``target`` and do the TLS handshake with SNI;
-    ``half_close``: over :class:`HalfClosingTLS`, so that :meth:`Wire.send_eof` works.
+    ``half_close``: over :class:`HalfClosingTLS`, so that :meth:`Wire.send_eof` works;
+    ``sni`` False: without SNI, and without checking the endpoint's name.
 
     Raises:
         HarnessError: cannot connect, or the handshake fails (a certificate the CA does
@@ -293,7 +305,12 @@ async def connect(
         with trio.fail_after(target.timeout):
             tcp = await trio.open_tcp_stream(target.host, target.port)
             stream: trio.SSLStream[trio.SocketStream] | HalfClosingTLS
-            if half_close:
+            if not sni:
+                if target.no_sni_context is None:
+                    await trio.aclose_forcefully(tcp)
+                    raise HarnessError("no client context for a connection without SNI")
+                stream = trio.SSLStream(tcp, target.no_sni_context, server_hostname=None)
+            elif half_close:
                 stream = HalfClosingTLS(tcp, target.ssl_context, target.server_name)
             else:
                 stream = trio.SSLStream(tcp, target.ssl_context, server_hostname=target.server_name)

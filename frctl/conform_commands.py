@@ -62,7 +62,20 @@ def _cmd_conform(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"frctl: conform: the harness's certificate: {exc}", file=sys.stderr)
         return 2
-    target = Target(host, port, args.name or host, context, _hosts(args.host), timeout=args.timeout)
+    try:
+        no_sni = client_context(Path(args.cert), Path(args.key), Path(args.ca), check_name=False)
+    except (OSError, ValueError) as exc:
+        print(f"frctl: conform: the harness's certificate: {exc}", file=sys.stderr)
+        return 2
+    target = Target(
+        host,
+        port,
+        args.name or host,
+        context,
+        _hosts(args.host),
+        timeout=args.timeout,
+        no_sni_context=no_sni,
+    )
     unauthorized = None
     if bool(args.unauthorized_cert) != bool(args.unauthorized_key):
         print("frctl: conform: --unauthorized-cert needs --unauthorized-key", file=sys.stderr)

@@ -9,7 +9,7 @@ import trio
 
 import frproto as fp
 
-from ..scenario import ANY_KIND, BROKER, Context, check_refusal, scenario
+from ..scenario import ANY_KIND, BROKER, NODE, STANDALONE, Context, check_refusal, scenario
 from ..session import place
 from ..wire import HarnessError, connect, connect_plain
 
@@ -82,3 +82,26 @@ async def cap_name_at_a_node(ctx: Context) -> None:
     if answer.status == fp.ErrorCode.BUSY:
         async with ctx.checking("NEG-12"):
             check_refusal(ctx, answer, request, fp.ErrorCode.BUSY, kind=BROKER)
+
+
+@scenario("TLS-12", kinds=ANY_KIND)
+async def no_sni(ctx: Context) -> None:
+    """A connection that sends no SNI (a primary that connects by IP address) is served as
+    the host itself: a stand-alone server as itself, a cluster node as the node, never as
+    the broker (the node a broker places a VM on, which may be the broker's own)."""
+    if ctx.target.no_sni_context is None:
+        return  # the harness was given no way to connect without SNI: not checked
+    host = ctx.target
+    if ctx.kind == BROKER:
+        placed = await place(ctx, ctx.new_vmid())
+        host = ctx.target.elsewhere(placed.server_name, placed.port)
+    kind = STANDALONE if ctx.kind == STANDALONE else NODE
+    async with ctx.checking("TLS-12"):
+        wire = await ctx.connect_without_sni(host)
+        answer = await ctx.negotiate(wire)
+        ctx.expect(answer.status == fp.ErrorCode.OK, "status OK", answer)
+        ctx.expect(
+            answer.recovery_type == kind, f"recovery_type {kind.name} (never the broker)", answer
+        )
+        name = host.server_name.lower().rstrip(".")
+        ctx.expect(answer.server_name.lower().rstrip(".") == name, f"server_name {name}", answer)

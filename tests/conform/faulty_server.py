@@ -10,18 +10,26 @@ reference stand-alone server with three faults patched in:
   not make the process allocate gigabytes);
 * **skips the version check**: any major version is taken to be ours (breaks NEG-2 and
   MSG-4: the server's own Connection will not send an answer that claims another major
-  than the request's, so the connection ends without one).
+  than the request's, so the connection ends without one);
+* **no SNI is the broker**: a connection that sends no SNI is answered as a clustering
+  broker (breaks TLS-12; connections with SNI, as every other scenario's, are not
+  touched).
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
+from dataclasses import replace
 from typing import Any
 
+import frlink.accept
 import frproto as fp
 import frproto._connection as connection
 
-FAULTS = ("wrong-error-code", "accepts-bad-length", "skips-version-check")
+FAULTS = ("wrong-error-code", "accepts-bad-length", "skips-version-check", "no-sni-is-the-broker")
+#: The SNI of the connection this task accepts (each connection is a task of its own).
+_SNI: contextvars.ContextVar[str | None] = contextvars.ContextVar("sni", default="")
 
 
 def patch() -> None:
@@ -46,6 +54,25 @@ def patch() -> None:
         return real_answer(fp.NegotiateRequest(ours, *_rest(request)), policy)
 
     fp.answer_negotiation = careless
+
+    # No SNI is the broker: the accept loop asks for the SNI, then answers the request.
+    real_requested_name = frlink.accept.requested_name  # type: ignore[attr-defined]
+
+    def remember(stream: Any) -> str | None:
+        name = real_requested_name(stream)
+        _SNI.set(name)
+        return name
+
+    def broker_without_sni(
+        request: fp.NegotiateRequest, policy: fp.ServerPolicy
+    ) -> fp.NegotiateResponse:
+        answer = careless(request, policy)
+        if _SNI.get() is None:
+            return replace(answer, recovery_type=fp.RecoveryType.CLUSTERING_BROKER)
+        return answer
+
+    frlink.accept.requested_name = remember  # type: ignore[attr-defined]
+    fp.answer_negotiation = broker_without_sni
 
 
 def _rest(request: fp.NegotiateRequest) -> tuple[Any, ...]:

@@ -106,8 +106,8 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert totals["failed"] == 0
     assert totals["passed"] >= 60  # every area: negotiation, session, malformed input
     statuses = {r["id"]: r["status"] for r in report["requirements"]}
-    required = ("NEG-2", "NEG-7", "NEG-12", "TLS-4", "REP-4", "REP-18", "REP-20", "ENV-4", "SES-9")
-    for rid in (*required, "DEL-3"):
+    required = ("NEG-2", "NEG-7", "NEG-12", "TLS-4", "TLS-12", "REP-4", "REP-18", "REP-20")
+    for rid in (*required, "ENV-4", "SES-9", "DEL-3"):
         assert statuses[rid] == "passed", rid
     # The stream ended inside a frame (the vectors with "eof"), by TLS's close_notify:
     # the endpoint answers TRUNCATED; these ran, none was set aside as not applicable.
@@ -146,7 +146,15 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
                 certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
             )
             hosts = {node_name(i): node_address(i) for i in (1, 2)}
-            target = Target(CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, timeout=10)
+            no_sni = client_context(
+                certs / f"{PRIMARY_NAME}.pem",
+                certs / f"{PRIMARY_NAME}-key.pem",
+                certs / "ca.pem",
+                check_name=False,
+            )
+            target = Target(
+                CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, 10, no_sni_context=no_sni
+            )
             issue_host_cert(certs, certs, INTRUDER)
             intruder = client_context(
                 certs / f"{INTRUDER}.pem", certs / f"{INTRUDER}-key.pem", certs / "ca.pem"
@@ -154,7 +162,9 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
             options = Options(deleted_vmid=uuid.UUID(deleted.vmid), unauthorized_cert=intruder)
             report = await run(target, options)
             # A node reached directly: what a node does on its own (no new VMs there).
-            node = Target(node_address(1), site.running[1].port, node_name(1), context)
+            node = Target(
+                node_address(1), site.running[1].port, node_name(1), context, no_sni_context=no_sni
+            )
             at_node = await run(node)
             async with open_store(site.store_url) as store:
                 kvs, _ = await store.range(site.keys.vms)
@@ -170,11 +180,11 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     passed = _passed(report)
     for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-4", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3"):
         assert rid in passed, rid
-    for rid in ("NEG-2", "NEG-12"):
+    for rid in ("NEG-2", "NEG-12", "TLS-12"):
         assert rid in passed, rid
     assert at_node.ok
     assert at_node.kind is fp.RecoveryType.CLUSTER_NODE
-    assert {"REP-5", "SM-3", "NEG-2", "ERR-9"} <= _passed(at_node)
+    assert {"REP-5", "SM-3", "NEG-2", "ERR-9", "TLS-12"} <= _passed(at_node)
     # Cleaned up: only the administrator's deleted record is left, no replica anywhere.
     assert [r.vmid for r in records] == [deleted.vmid]
     for i in (1, 2):
@@ -191,7 +201,15 @@ def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path
         context = client_context(
             certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
         )
-        target = Target(SERVER_HOST, server.port, SERVER_NAME, context, timeout=3)
+        no_sni = client_context(
+            certs / f"{PRIMARY_NAME}.pem",
+            certs / f"{PRIMARY_NAME}-key.pem",
+            certs / "ca.pem",
+            check_name=False,
+        )
+        target = Target(
+            SERVER_HOST, server.port, SERVER_NAME, context, timeout=3, no_sni_context=no_sni
+        )
         report = trio.run(run, target)
     finally:
         server.stop()
@@ -199,7 +217,8 @@ def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path
     # limit accepted (ENV-4), a foreign major version taken as ours: the server's own
     # Connection will not send the inconsistent answer, so the connection just ends, for
     # 2.0 (NEG-2) as for 0.0 and 255.255 (MSG-4: never refused for its version).
-    assert _failed(report) == {"REP-4", "DEL-2", "ENV-4", "NEG-2", "MSG-4"}
+    # A connection without SNI answered as a broker (TLS-12).
+    assert _failed(report) == {"REP-4", "DEL-2", "ENV-4", "NEG-2", "MSG-4", "TLS-12"}
     assert not report.ok
     env4 = next(v for v in report.verdicts if v.requirement.id == "ENV-4")
     detail = " ".join(c.detail for c in env4.failures)
