@@ -13,9 +13,11 @@ import pytest
 import trio
 
 import frproto as fp
+from frlink.tls import tls_connect
+from frproto.trio_io import FramedStream
 from frtesting.cluster import PRIMARY_ADDRESS, free_port
 from node.primary.client import RecoveryClient
-from tests.broker.cluster_site import ClusterSite, node_name
+from tests.broker.cluster_site import CAP_NAME, ClusterSite, node_name
 
 
 @pytest.fixture
@@ -172,6 +174,24 @@ def test_a_nodes_listener_answers_for_the_cap_by_sni(cluster: ClusterSite) -> No
         assert answer.existing is fp.ExistingVM.NEW
         with pytest.raises(fp.Busy, match="refused the negotiation"):
             await cluster.query(uuid.uuid4(), at=(f"127.0.0.{10 + other.index}", other.port))
+        # That BUSY (TLS-10) is a refusal like every other (NEG-12): compression NONE
+        # although the request offers both, the CAP's name and kind.
+        stream = await tls_connect(
+            f"127.0.0.{10 + other.index}",
+            other.port,
+            cluster.primary_context(),
+            server_name=CAP_NAME,
+            local_address=PRIMARY_ADDRESS,
+        )
+        conn = FramedStream(stream, fp.Connection(fp.Role.PRIMARY))
+        request = fp.NegotiateRequest()
+        try:
+            await conn.send(request)
+            answer = await conn.expect(fp.NegotiateResponse)
+        finally:
+            await trio.aclose_forcefully(stream)
+        policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, CAP_NAME)
+        assert answer == fp.refuse_negotiation(request, policy, fp.ErrorCode.BUSY)
 
     trio.run(run)
 
