@@ -187,11 +187,11 @@ def test_a_nodes_listener_answers_for_the_cap_by_sni(cluster: ClusterSite) -> No
         request = fp.NegotiateRequest()
         try:
             await conn.send(request)
-            answer = await conn.expect(fp.NegotiateResponse)
+            refusal = await conn.expect(fp.NegotiateResponse)
         finally:
             await trio.aclose_forcefully(stream)
         policy = fp.ServerPolicy(fp.RecoveryType.CLUSTERING_BROKER, CAP_NAME)
-        assert answer == fp.refuse_negotiation(request, policy, fp.ErrorCode.BUSY)
+        assert refusal == fp.refuse_negotiation(request, policy, fp.ErrorCode.BUSY)
 
     trio.run(run)
 
