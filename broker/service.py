@@ -36,6 +36,7 @@ from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Set
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink.accept import accept
 from frlink.authz import Grant
+from frlink.wire_errors import wire_error
 from frproto.trio_io import FramedStream
 
 from .tracking import Tracker
@@ -166,10 +167,12 @@ class Broker:
                 try:
                     answer = await self.locate(event, grant)
                 except StoreError as exc:
-                    raise fp.Busy(f"the cluster store is unavailable: {exc}") from exc
+                    raise fp.Busy("the cluster store is unavailable", detail=str(exc)) from exc
             except fp.ReplicationError as exc:
+                # An Error's text carries no internals (ERR-11): INTERNAL gets a generic
+                # text with an incident id, the detail stays in the log.
                 log.info("query for %s refused: %s", event.vmid, exc)
-                await conn.send_error(exc)
+                await conn.send_error(wire_error(exc, log, what="QueryRecoveryServer"))
                 continue
             await conn.send(answer)
 
@@ -280,7 +283,7 @@ class Broker:
         except NoCapacity as exc:
             raise fp.NoSpace(str(exc)) from None
         except PlacementError as exc:
-            raise fp.InternalError(f"placement failed: {exc}") from None
+            raise fp.InternalError("placement failed", detail=str(exc)) from None
         node = view.nodes[placement.node].record
         vm = VMRecord(
             vmid=request.vmid,

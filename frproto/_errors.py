@@ -66,22 +66,29 @@ class ErrorCode(enum.IntEnum):
 
 
 class FrprotoError(Exception):
-    """Root of every error frproto raises."""
+    """Root of every error frproto raises.
+
+    ``message`` is the text an Error reporting it carries to the peer
+    (:meth:`Error.from_exception`); ``detail``, if given, is for the local log only (a
+    path, the system's words): ``str(exc)`` shows both, the wire never shows ``detail``
+    (ERR-11).
+    """
 
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message if detail is None else f"{message} ({detail})")
         self.message = message
+        self.detail = detail
 
 
 class ProtocolError(FrprotoError):
     """A violation of the protocol; abstract, raise a subclass."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
         if type(self) is ProtocolError:
             raise TypeError("ProtocolError is abstract; raise a subclass")
-        super().__init__(message)
+        super().__init__(message, detail=detail)
 
 
 class LocalProtocolError(ProtocolError):

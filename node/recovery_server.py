@@ -164,7 +164,10 @@ class RecoveryServer:
                 try:
                     claimed = claim(storage)
                 except StorageBusy as exc:
-                    raise fp.Busy(str(exc)) from None
+                    # The lock names the storage's path: the log's, not the peer's.
+                    raise fp.Busy(
+                        "the storage location is held by another process", detail=str(exc)
+                    ) from None
             try:
                 store = ReplicaStore(
                     storage, keep_points=self.config.recovery_points, faults=self._faults

@@ -46,6 +46,7 @@ import trio
 
 import frproto as fp
 from frlink.authz import Grant
+from frlink.wire_errors import wire_error
 from frproto.trio_io import FramedStream, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
@@ -61,7 +62,11 @@ log = logging.getLogger("frrep.recovery")
 #: ReplicationError to refuse the delete.
 DeletedHook = Callable[[uuid.UUID], Awaitable[None]]
 
-#: IR progress is made durable at least this often (and at IREnd).
+#: States in which no Error can be sent any more (a failure there just ends the session).
+_SILENT = frozenset({fp.State.MUST_CLOSE, fp.State.CLOSED})
+
+#: IR progress is made durable at least this often (and at IREnd, and when the connection
+#: ends during the IR): an interrupted IR resends at most this much after a crash (REP-27).
 IR_CHECKPOINT_BYTES = 256 * 1024 * 1024
 
 
@@ -158,6 +163,8 @@ class Session:
                 await self._serve(handlers)
             except Exception as exc:
                 failure = exc
+            if self.ir_open:
+                await self._keep_ir_progress()
         if failure is not None:
             # Re-raised bare once the queued writes are done, so that the caller sees
             # the peer's or the transport's error, not an ExceptionGroup.
@@ -174,22 +181,30 @@ class Session:
                     log.info("the peer closed the connection (%s)", exc)
                     return
                 raise
-            if isinstance(event, fp.Chunk):
-                await self.on_chunk(event)  # the hot path
-                del event  # its data views the frame buffer, which the next frame reuses
-                continue
-            if isinstance(event, (fp.ConnectionClosed, fp.Error)):
-                return
-            handler = handlers.get(type(event))
-            if handler is None:
-                continue  # Keepalive, UnknownMessage
+            what = type(event).__name__
             try:
+                if isinstance(event, fp.Chunk):
+                    await self.on_chunk(event)  # the hot path
+                    del event  # its data views the frame buffer, which the next frame reuses
+                    continue
+                if isinstance(event, (fp.ConnectionClosed, fp.Error)):
+                    return
+                handler = handlers.get(type(event))
+                if handler is None:
+                    continue  # Keepalive, UnknownMessage
                 await handler(event)
-            except fp.ReplicationError as exc:
-                log.info("refused %s: %s", type(event).__name__, exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise  # the transport is gone: nobody to tell
+            except Exception as exc:
+                # A refusal, or a failure of our own (storage, a bug): the peer is told
+                # in an Error that carries no internals (ERR-11); the detail is logged.
+                if isinstance(exc, fp.ReplicationError):
+                    log.info("refused %s: %s", what, exc)
+                if self.conn.connection.state in _SILENT:
+                    raise
                 if self.metrics is not None:
                     self.metrics.failed(failure_reason(exc))
-                await self.conn.send_error(exc)
+                await self.conn.send_error(wire_error(exc, log, what=what))
                 if self.conn.connection.state is fp.State.MUST_CLOSE:
                     await linger_and_close(self.conn.stream)
                     return
@@ -202,7 +217,13 @@ class Session:
             raise fp.Busy(f"VM {replica.vmid} is being replicated on another connection")
         self.replica, self.claimed = replica, replica.vmid
 
-    async def _accept(self, replica: Replica, generation: int = 0) -> None:
+    async def _accept(
+        self,
+        replica: Replica,
+        generation: int = 0,
+        *,
+        identity: tuple[str, bytes] | None = None,
+    ) -> None:
         if replica.failed_over:
             # After a failover the VM runs from this replica: its former primary must
             # never write to it again (no split brain).
@@ -216,6 +237,16 @@ class Session:
                 f"relationship is at {replica.generation}"
             )
         self._take(replica)
+        if identity is not None:
+            # A create resent with the replica's disks: its name and config blob are the
+            # VM's now (renamed or reconfigured on the primary), kept before we answer.
+            try:
+                changed = await trio.to_thread.run_sync(replica.update_identity, *identity)
+            except BaseException:
+                self._let_go()  # refused: no relationship is open (SM-7)
+                raise
+            if changed:
+                log.info("replica %s: VM name %r and config blob taken", replica.vmid, identity[0])
         disk, offset = replica.ir_cursor
         await self.conn.send(
             fp.RelationshipAccepted(
@@ -252,7 +283,8 @@ class Session:
             )
             if replica.disks != msg.disks:
                 raise fp.AlreadyExists(f"a replica of {msg.vmid} with other disks exists")
-            await self._accept(replica)  # a primary resending its create after a restart
+            # A primary resending its create after a restart, or after a rename (REP-28).
+            await self._accept(replica, identity=(msg.vm_name, msg.config))
             return
         replica = await trio.to_thread.run_sync(
             partial(
@@ -382,6 +414,25 @@ class Session:
             await self.ir_writes.drain()
             replica.checkpoint_ir(*coverage.cursor)
             self.ir_unsynced = 0
+
+    async def _keep_ir_progress(self) -> None:
+        """The connection ended during an IR: make what was received durable and record
+        it as the resume point (REP-27), so that the primary resends none of it. A write
+        that failed leaves the last checkpoint as it was."""
+        replica, coverage = self.replica, self.ir_coverage
+        if replica is None or coverage is None or self.ir_unsynced == 0:
+            return  # no IR being written (refused, or nothing since the last checkpoint)
+        cursor = coverage.cursor
+        try:
+            await self.ir_writes.drain()
+            await trio.to_thread.run_sync(replica.checkpoint_ir, *cursor)
+        except fp.FrprotoError as exc:
+            log.warning(
+                "IR of %s: progress not kept at the end of the connection: %s", replica.vmid, exc
+            )
+            return
+        self.ir_unsynced = 0
+        log.info("IR of %s interrupted: resumes at disk %d offset %d", replica.vmid, *cursor)
 
     async def on_ir_end(self, msg: fp.IREnd) -> None:
         replica = self._current()

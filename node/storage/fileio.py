@@ -8,7 +8,8 @@ hole punching) goes through :class:`FileIO`, so that a test can make any of them
 
 ``OSError`` never escapes this module's callers as such: :func:`os_error` turns ENOSPC and
 EDQUOT into :class:`frproto.NoSpace` and every other errno into
-:class:`frproto.InternalError`, with the operation and the path in the message.
+:class:`frproto.InternalError`, with the operation and the path in their ``detail``
+(logged, never sent to a peer: docs/protocol.md ERR-11).
 
 Writes use ``os.pwrite``/``os.writev`` on descriptors the caller keeps open; nothing here
 copies the payload.
@@ -83,8 +84,9 @@ def os_error(exc: OSError, operation: str, path: Path | str) -> frproto.Replicat
     """The frproto error that reports ``exc`` (raised by ``operation`` on ``path``)."""
     text = f"{operation} {path}: {exc.strerror or exc}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return frproto.NoSpace(text)
-    return frproto.InternalError(text)
+        # The path is for the log only (ERR-11): the peer is told that storage is full.
+        return frproto.NoSpace("no space left on the storage location", detail=text)
+    return frproto.InternalError(f"storage failure: {operation}", detail=text)
 
 
 @contextlib.contextmanager

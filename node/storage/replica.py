@@ -54,6 +54,7 @@ class Replica:
         self, io: FileIO, lo: lay.ReplicaLayout, state: ReplicaState, keep_points: int
     ) -> None:
         self._lay = lo
+        self._io = io
         self._state = StateFile(io, lo.state, state)
         self._lock = threading.RLock()
         self._closed = False
@@ -172,6 +173,24 @@ class Replica:
                     return f.read()
             finally:
                 os.close(fd)
+
+    def update_identity(self, name: str, config: bytes) -> bool:
+        """Keep a resent RelationshipCreate's VM name and config blob (a rename or a new
+        configuration on the primary; docs/protocol.md REP-28), durably: the blob is
+        replaced atomically (temp file, fsync, rename), then the name in the state file.
+        True if either changed."""
+        with self._lock:
+            self._check_open()
+            changed = False
+            if self.config_blob() != config:
+                path = self._lay.config
+                with mapped("replace config", path):
+                    self._io.write_file_durably(path, config)
+                changed = True
+            if self._state.current.name != name:
+                self._state.save(replace(self._state.current, name=name))
+                changed = True
+            return changed
 
     def image_path(self, disk_index: int) -> Path:
         count = self._images.count

@@ -10,6 +10,7 @@ rename: a replica is built in ``.staging/`` and renamed into place, and renamed 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,13 @@ from . import layout as lay
 from .fileio import FileIO, StorageFaults, mapped, open_flags
 from .replica import Replica
 from .state import ReplicaState
+
+
+def too_large(disk: DiskInfo, limit: str) -> frproto.NoSpace:
+    """The refusal of a disk the storage cannot hold (REP-23): its id, its size, why."""
+    return frproto.NoSpace(
+        f"disk {disk.disk_id!r} of {disk.size} bytes cannot be held here: it is larger than {limit}"
+    )
 
 
 class ReplicaStore:
@@ -111,6 +119,7 @@ class ReplicaStore:
                     raise frproto.BadValue(f"disk {disk.disk_id} has a negative size")
             if len(set(ids)) != len(ids):
                 raise frproto.BadValue(f"duplicate disk ids in {ids}")
+            self._check_room(disks)
             state = ReplicaState(
                 vmid=vmid,
                 name=name,
@@ -133,7 +142,13 @@ class ReplicaStore:
                         path = staging / lay.DISKS_DIR / sl.image(disk.disk_id).name
                         fd = os.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)
                         try:
-                            io.truncate(fd, disk.size, path)
+                            try:
+                                io.truncate(fd, disk.size, path)
+                            except OSError as exc:
+                                if exc.errno in (errno.EFBIG, errno.EINVAL):
+                                    # Past the file system's largest file (REP-23).
+                                    raise too_large(disk, "the storage's largest file") from exc
+                                raise
                             io.fsync(fd, path)
                         finally:
                             os.close(fd)
@@ -151,6 +166,18 @@ class ReplicaStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             return self._open_locked(vmid)
+
+    def _check_room(self, disks: Sequence[DiskInfo]) -> None:
+        """Refuse a disk this storage can never hold (docs/protocol.md REP-23): one larger
+        than the whole file system of the storage location. Free space is not checked:
+        images are sparse, and storage may be thinly provisioned (running out later is
+        NO_SPACE at the write that finds it)."""
+        with mapped("statvfs", self.root):
+            vfs = os.statvfs(self.root)
+        capacity = vfs.f_blocks * vfs.f_frsize
+        for disk in disks:
+            if disk.size > capacity:
+                raise too_large(disk, "the storage location's file system")
 
     def _write_new(self, path: Path, data: bytes) -> None:
         fd = os.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)

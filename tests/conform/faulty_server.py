@@ -13,12 +13,21 @@ reference stand-alone server with three faults patched in:
   than the request's, so the connection ends without one);
 * **no SNI is the broker**: a connection that sends no SNI is answered as a clustering
   broker (breaks TLS-12; connections with SNI, as every other scenario's, are not
-  touched).
+  touched);
+* **sloppy RelationshipAccepted**: generation 0, and the resume point (0, 0) whatever
+  the IR's state (breaks REP-24 and REP-26);
+* **IR sequence ignored**: a completed IR is recorded at sequence 0, whatever its
+  IRBegin said (breaks REP-25);
+* **forgets IR progress**: a connection lost during an IR keeps only the last 256 MiB
+  checkpoint, the behaviour before REP-27 (breaks REP-27);
+* **refuses renames**: a create resent with another VM name is refused with EXISTS
+  (breaks REP-28).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import sys
 from dataclasses import replace
 from typing import Any
@@ -27,7 +36,16 @@ import frlink.accept
 import frproto as fp
 import frproto._connection as connection
 
-FAULTS = ("wrong-error-code", "accepts-bad-length", "skips-version-check", "no-sni-is-the-broker")
+FAULTS = (
+    "wrong-error-code",
+    "accepts-bad-length",
+    "skips-version-check",
+    "no-sni-is-the-broker",
+    "sloppy-accepted",
+    "ir-sequence-ignored",
+    "forgets-ir-progress",
+    "refuses-renames",
+)
 #: The SNI of the connection this task accepts (each connection is a task of its own).
 _SNI: contextvars.ContextVar[str | None] = contextvars.ContextVar("sni", default="")
 
@@ -73,6 +91,62 @@ def patch() -> None:
 
     frlink.accept.requested_name = remember  # type: ignore[attr-defined]
     fp.answer_negotiation = broker_without_sni
+
+    _patch_relationships()
+
+
+def _patch_relationships() -> None:
+    from node.recovery_session import Session
+    from node.storage import Replica
+
+    # Sloppy RelationshipAccepted: generation 0, resume point (0, 0) in every state.
+    real_send_accepted = Session._accept
+
+    async def sloppy(self: Session, replica: Replica, *args: Any, **kwargs: Any) -> None:
+        real_send = self.conn.send
+
+        async def send(message: fp.Message) -> None:
+            if isinstance(message, fp.RelationshipAccepted):
+                message = dataclasses.replace(message, generation=0, resume_disk=0, resume_offset=0)
+            await real_send(message)
+
+        self.conn.send = send  # type: ignore[method-assign]
+        try:
+            await real_send_accepted(self, replica, *args, **kwargs)
+        finally:
+            del self.conn.send
+
+    Session._accept = sloppy  # type: ignore[method-assign]
+
+    # IR sequence ignored: every IR is recorded at sequence 0 (and acknowledged with its own).
+    real_begin, real_complete = Replica.begin_ir, Replica.complete_ir
+
+    def begin_at_zero(self: Replica, sequence: int) -> None:
+        real_begin(self, 0)
+
+    def complete_at_zero(self: Replica, sequence: int) -> None:
+        real_complete(self, 0)
+
+    Replica.begin_ir = begin_at_zero  # type: ignore[method-assign]
+    Replica.complete_ir = complete_at_zero  # type: ignore[method-assign]
+
+    # Forgets IR progress: nothing is kept when the connection ends during an IR.
+    async def forget(self: Session) -> None:
+        return None
+
+    Session._keep_ir_progress = forget  # type: ignore[method-assign]
+
+    # Refuses renames: a resent create with another name is EXISTS.
+    real_create = Session.on_create
+
+    async def strict(self: Session, msg: fp.RelationshipCreate) -> None:
+        await self._check_owner(msg.vmid)
+        if self.store.exists(msg.vmid) and self.store.open(msg.vmid).name != msg.vm_name:
+            self._let_go()
+            raise fp.AlreadyExists(f"a replica of {msg.vmid} with another name exists")
+        await real_create(self, msg)
+
+    Session.on_create = strict  # type: ignore[method-assign]
 
 
 def _rest(request: fp.NegotiateRequest) -> tuple[Any, ...]:

@@ -254,8 +254,12 @@ async def test_full_disk_refuses_the_batch_and_keeps_everything(site: Site) -> N
             before = site.replica_image(vmid, 0).read_bytes()
             scribble(image, rng, writes=5)
             full["on"] = True
-            with pytest.raises(fp.NoSpace, match="No space left"):
+            with pytest.raises(fp.NoSpace, match="no space left on the storage") as refused:
                 await replicator.cycle()
+            # The path of the journal that could not be written stays in the server's log
+            # (ERR-11): the primary is told only that the storage is full.
+            assert str(site.root) not in refused.value.message
+            assert "/" not in refused.value.message
             assert site.replica_image(vmid, 0).read_bytes() == before
             assert [c.sequence for c in replicator.pending.cycles()] == [1]
             full["on"] = False
