@@ -397,7 +397,9 @@ class ClusterNode:
         try:
             found = await self.vm_record(vmid)
         except StoreError as exc:
-            raise fp.Busy(f"{self.config.name} cannot read the cluster store: {exc}") from None
+            raise fp.Busy(
+                f"{self.config.name} cannot read the cluster store", detail=str(exc)
+            ) from None
         me = self.config.name
         if found is None:
             raise fp.VMNotHere(f"{me} does not hold VM {vmid}: the cluster has no record of it")
@@ -462,9 +464,11 @@ class ClusterNode:
             else:
                 raise fp.Busy(f"the record of VM {vmid} kept changing; ask again")
         except StoreError as exc:
-            raise fp.Busy(f"{me} cannot update the cluster store: {exc}") from None
+            raise fp.Busy(f"{me} cannot update the cluster store", detail=str(exc)) from None
         except RecordError as exc:
-            raise fp.InternalError(f"the record of VM {vmid} is unreadable: {exc}") from None
+            raise fp.InternalError(
+                f"the record of VM {vmid} is unreadable", detail=str(exc)
+            ) from None
         self._confirmed.pop(vmid, None)
 
     # -- the broker -----------------------------------------------------------------------
