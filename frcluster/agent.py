@@ -46,6 +46,7 @@ from broker.store import (
     Delete,
     EventKind,
     LeaseExpired,
+    Put,
     StoreError,
     open_store,
 )
@@ -160,6 +161,7 @@ class ClusterNode:
                 # Shared storage is served by every node (ownership decides per VM).
                 claim_storage=not self.config.shared_storage,
                 on_deleted=self._vm_deleted,
+                on_renamed=self._vm_renamed,
                 registry=self.registry,
             )
             NodeCollector(self, self.registry)
@@ -470,6 +472,34 @@ class ClusterNode:
                 f"the record of VM {vmid} is unreadable", detail=str(exc)
             ) from None
         self._confirmed.pop(vmid, None)
+
+    async def _vm_renamed(self, vmid: uuid.UUID, name: str) -> None:
+        """A resent create renamed the VM (REP-28): its record takes the name, for the
+        console and the broker. Best effort: the replica has the name already, and the
+        next create tries again; a failure is logged, never told to the primary."""
+        key = self.keys.vm(vmid)
+        try:
+            for _ in range(10):
+                kv = await self.store.get(key)
+                if kv is None:
+                    return
+                vm = VMRecord.from_json(kv.value)
+                if vm.owner != self.config.name or vm.name == name:
+                    return
+                result = await self.store.txn(
+                    [Compare.mod_revision(key, "==", kv.mod_revision)],
+                    [Put(key, replace(vm, name=name).to_json())],
+                    [],
+                )
+                if result.succeeded:
+                    # Our own change: what this node has open of the VM is not stale.
+                    if self._confirmed.get(vmid) == kv.mod_revision:
+                        self._confirmed[vmid] = result.revision
+                    log.info("VM %s renamed %r (was %r)", vmid, name, vm.name)
+                    return
+            log.warning("VM %s: its record kept changing; the name %r is not recorded", vmid, name)
+        except (StoreError, RecordError) as exc:
+            log.warning("VM %s: the name %r is not recorded: %s", vmid, name, exc)
 
     # -- the broker -----------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from node.storage.lock import StorageBusy, claim
 
 from .config import ConfigError, RecoveryServerConfig, load_recovery_server_config
 from .metrics import ServerMetrics, failure_reason
-from .recovery_session import DeletedHook, Session
+from .recovery_session import DeletedHook, RenamedHook, Session
 
 log = logging.getLogger("frrep.recovery")
 
@@ -80,6 +80,8 @@ class RecoveryServer:
             serving it; False for storage that cluster nodes share.
         on_deleted: awaited after a RelationshipDelete removed a replica, before the Ack
             (a cluster node has the cluster forget the VM); may refuse the delete.
+        on_renamed: awaited after a resent RelationshipCreate gave a replica another VM
+            name (a cluster node records it in the VM's record); best effort.
         registry: where its metrics are registered (the process's registry; a private
             one when None).
     """
@@ -96,6 +98,7 @@ class RecoveryServer:
         cap: CapRoute | None = None,
         claim_storage: bool = True,
         on_deleted: DeletedHook | None = None,
+        on_renamed: RenamedHook | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
@@ -103,6 +106,7 @@ class RecoveryServer:
         #: True while the listener accepts connections (``/readyz``).
         self.listening = False
         self.on_deleted = on_deleted
+        self.on_renamed = on_renamed
         self._cap = cap
         self._claim_storage = claim_storage
         self._claims: list[int] = []  # lock descriptors, kept while the server runs

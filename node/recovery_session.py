@@ -61,6 +61,9 @@ log = logging.getLogger("frrep.recovery")
 #: before it is acknowledged (a cluster node removes the VM's record); raises a
 #: ReplicationError to refuse the delete.
 DeletedHook = Callable[[uuid.UUID], Awaitable[None]]
+#: ``await renamed(vmid, name)``: after a resent RelationshipCreate gave the VM's replica
+#: another name (a cluster node updates the VM's record); best effort, never refuses.
+RenamedHook = Callable[[uuid.UUID, str], Awaitable[None]]
 
 #: States in which no Error can be sent any more (a failure there just ends the session).
 _SILENT = frozenset({fp.State.MUST_CLOSE, fp.State.CLOSED})
@@ -77,6 +80,7 @@ class SessionHost(Protocol):
     config: RecoveryServerConfig
     recovery_type: fp.RecoveryType
     on_deleted: DeletedHook | None
+    on_renamed: RenamedHook | None
 
     def hold(self, vmid: uuid.UUID) -> bool:
         """Take the VM for this session; False if another session (or task) has it."""
@@ -247,6 +251,8 @@ class Session:
                 raise
             if changed:
                 log.info("replica %s: VM name %r and config blob taken", replica.vmid, identity[0])
+                if self.server.on_renamed is not None:
+                    await self.server.on_renamed(replica.vmid, identity[0])
         disk, offset = replica.ir_cursor
         await self.conn.send(
             fp.RelationshipAccepted(
