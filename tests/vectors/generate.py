@@ -427,8 +427,15 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
     RelationshipAccepted: [
         (
             "defaults",
-            "A new relationship: IR not started.",
+            "The class's defaults: generation 0 (which no relationship has, REP-24), IR not "
+            "started.",
             RelationshipAccepted(VMID, CONTEXT_DISKS),
+        ),
+        (
+            "new_relationship",
+            "What a recovery server answers a RelationshipCreate for a new VM: generation 1 "
+            "(REP-24), IR not started, resume point disk 0 offset 0 (REP-26).",
+            RelationshipAccepted(VMID, CONTEXT_DISKS, generation=1),
         ),
         (
             "ir_in_progress",
