@@ -7,11 +7,14 @@ authorization, and hands it here; the session then runs the conversation of
 * RelationshipCreate makes the replica (bound to the primary's trust group);
   RelationshipOpen carries one on. A VM this server does not hold gets VM_NOT_HERE (a
   primary that talks to a broker asks it again), a deleted one VM_DELETED, a primary of
-  another trust group NOT_AUTHORIZED. A VM open on another connection gets BUSY.
+  another trust group NOT_AUTHORIZED. A VM open on another connection gets BUSY. A create
+  resent with the replica's disks opens it and keeps the create's VM name and config
+  blob (a rename, REP-28; a cluster node records the name, ``on_renamed``).
 * IR chunks are written straight into the sparse images; progress is made durable every
-  ``IR_CHECKPOINT_BYTES`` and at IREnd, so a restarted server tells the primary where to
-  resume (RelationshipAccepted.resume_disk/resume_offset): the end of what the IR covered
-  without a gap from its resume point (:class:`node.ir_coverage.IRCoverage`), so chunks
+  ``IR_CHECKPOINT_BYTES``, when the connection ends during the IR (REP-27) and at IREnd,
+  so a restarted server tells the primary where to resume
+  (RelationshipAccepted.resume_disk/resume_offset): the end of what the IR covered without
+  a gap from its resume point (:class:`node.ir_coverage.IRCoverage`), so chunks
   out of ascending order advance it only once the gap before them is filled. An IR is
   completed only when it covered every byte from its resume point (REP-32), and refused
   at IREnd otherwise (OUT_OF_SEQUENCE, the replica still IN_PROGRESS at that point), as
@@ -27,6 +30,10 @@ authorization, and hands it here; the session then runs the conversation of
   its choice. A cluster node then has the cluster forget the VM (``on_deleted``); only
   then is the VM let go and the Ack sent. A failure is refused (the relationship stays
   open; if only the cluster's part failed, asking again retries just that).
+
+Every refusal and every failure of a handler goes to the peer as an Error built by
+:func:`frlink.wire_errors.wire_error`: no local path or other internal in its text
+(ERR-11), and INTERNAL with an incident id for a failure of our own (ERR-12).
 
 What the session needs of the server is :class:`SessionHost`, so this module does not
 import the server's.
