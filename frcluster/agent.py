@@ -51,6 +51,7 @@ from broker.store import (
     open_store,
 )
 from frconsole import ReplicaReport
+from frconsole.standalone import report_of
 from frlink.accept import Accepted
 from frlink.authz import Grant
 from frlink.http import serve_asgi
@@ -228,15 +229,7 @@ class ClusterNode:
         except (OSError, ValueError) as exc:
             log.warning("VM %s: its replica's state cannot be read: %s", vm.vmid, exc)
             return None
-        return ReplicaReport(
-            ir_state=state.ir_state.name.lower().replace("_", " "),
-            applied_sequence=state.applied_sequence,
-            generation=state.generation,
-            failed_over=state.failed_over,
-            points=[
-                (p.sequence, p.captured_at_ms / 1000, p.applied_at) for p in reversed(state.points)
-            ],
-        )
+        return report_of(state)
 
     def _console_at_cap(self) -> bool:
         """The console follows the broker to the CAP's own address, unless this node's

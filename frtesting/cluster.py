@@ -272,14 +272,7 @@ ca = "certs/ca.pem"
         when no broker answers at the CAP (a cluster not started yet)."""
         while True:
             try:
-                client = await RecoveryClient.connect(
-                    CAP_ADDRESS,
-                    self.cap_port,
-                    server_name=CAP_NAME,
-                    ssl_context=self.primary_context(),
-                    local_address=PRIMARY_ADDRESS,
-                    timeout=2.0,
-                )
+                client = await self._connect_as_primary((CAP_ADDRESS, self.cap_port), timeout=2.0)
             except fp.NotAuthorized:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the broker did not apply the settings") from None
@@ -289,6 +282,18 @@ ca = "certs/ca.pem"
                 return
             await client.aclose()
             return
+
+    async def _connect_as_primary(
+        self, address: tuple[str, int], *, timeout: float = 15.0
+    ) -> RecoveryClient:
+        """Connect and negotiate as the test primary, asking for the CAP's name (SNI)."""
+        return await RecoveryClient.connect(
+            *address,
+            server_name=CAP_NAME,
+            ssl_context=self.primary_context(),
+            local_address=PRIMARY_ADDRESS,
+            timeout=timeout,
+        )
 
     def primary_context(self) -> ssl.SSLContext:
         """The test primary's client TLS context."""
@@ -309,13 +314,7 @@ ca = "certs/ca.pem"
         connect to that address and port instead of the CAP's own, still asking for the
         CAP's name (SNI)."""
         host, port = at or (CAP_ADDRESS, self.cap_port)
-        client = await RecoveryClient.connect(
-            host,
-            port,
-            server_name=CAP_NAME,
-            ssl_context=self.primary_context(),
-            local_address=PRIMARY_ADDRESS,
-        )
+        client = await self._connect_as_primary((host, port))
         try:
             if client.negotiated.recovery_type is not fp.RecoveryType.CLUSTERING_BROKER:
                 raise fp.UnexpectedMessage(f"{host}:{port} is not a clustering broker")

@@ -64,12 +64,15 @@ ALLOWED: dict[str, frozenset[str]] = {
     _STANDALONE_CONSOLE: frozenset(
         {"frproto", "frlink", "broker", "frconsole", "node.storage", "node.failover", _SERVER}
     ),
+    # A node's console shows a replica as the stand-alone console does (report_of): the
+    # stand-alone console's room stands on nothing frcluster may not import itself.
     "frcluster": frozenset(
         {
             "frproto",
             "frlink",
             "broker",
             "frconsole",
+            _STANDALONE_CONSOLE,
             "node.storage",
             "node.oob_file",
             "node.primary",
