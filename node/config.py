@@ -24,11 +24,21 @@ Example::
     # [any_primary]                     # explicit: any primary with a certificate from our CA
     # storage = "replicas"
     # trust_group = "default"
+
+    # [connections]                     # deadlines and bounds (docs/protocol.md 10.2)
+    # negotiate_timeout = 10.0
+    # ready_timeout = 60.0
+    # session_timeout = 120.0
+    # frame_timeout = 30.0
+    # keepalive = 30.0
+    # max = 512
+    # max_per_address = 128
+    # max_negotiating = 128
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ from frlink.config import (
     table,
     tls_files,
 )
+from frlink.connections import CONNECTIONS_TABLE, ConnectionPolicy, connection_policy
 
 __all__ = [
     "NO_COMPRESSION",
@@ -73,6 +84,8 @@ class RecoveryServerConfig:
     recovery_points: int = 24
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
+    #: Deadlines and connection bounds (``[connections]``, docs/protocol.md 10.2).
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
 
 
 #: Every table and key of a recovery server's file (anything else is refused).
@@ -82,6 +95,7 @@ RECOVERY_SERVER_SCHEMA: Schema = {
     "metrics": METRICS_TABLE,
     "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
     "any_primary": Table({"storage": str, "trust_group": str}),
+    "connections": CONNECTIONS_TABLE,
 }
 
 
@@ -120,6 +134,10 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     any_entry = None
     if any_table is not None:
         any_entry = _entry(dict(any_table, primary="*.any"), base, f"{path} [any_primary]")
+    try:
+        connections = connection_policy(data, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return RecoveryServerConfig(
         name=string(server, "name", f"{path} [server]"),
         listen=str(server.get("listen", "0.0.0.0")),
@@ -134,4 +152,5 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
         ),
         recovery_points=points,
         metrics=metrics_listen(data, path),
+        connections=connections,
     )

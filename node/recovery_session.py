@@ -40,7 +40,8 @@ import trio
 
 import frproto as fp
 from frlink.authz import Grant
-from frproto.trio_io import FramedStream, linger_and_close
+from frlink.connections import ANSWERING_STATES
+from frproto.trio_io import FramedStream, keep_alive, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
@@ -141,12 +142,25 @@ class Session:
             fp.RelationshipDelete: self.on_delete,
         }
         failure: Exception | None = None
+        pinging = trio.CancelScope()
+
+        async def ping() -> None:
+            # While the primary awaits an answer we work on (an IREnd's or a batch's
+            # durable write, a delete), a Keepalive now and then (TIM-9).
+            with pinging:
+                await keep_alive(
+                    self.conn, self.server.config.connections.keepalive, states=ANSWERING_STATES
+                )
+
         async with trio.open_nursery() as nursery:
             self.ir_writes = IRWriteQueue(nursery)
+            nursery.start_soon(ping)
             try:
                 await self._serve(handlers)
             except Exception as exc:
                 failure = exc
+            finally:
+                pinging.cancel()
         if failure is not None:
             # Re-raised bare once the queued writes are done, so that the caller sees
             # the peer's or the transport's error, not an ExceptionGroup.
