@@ -54,7 +54,14 @@ def _cmd_conform(args: argparse.Namespace) -> int:
         print(f"frctl: conform: the harness's certificate: {exc}", file=sys.stderr)
         return 2
     target = Target(host, port, args.name or host, context, _hosts(args.host), timeout=args.timeout)
-    options = Options(deleted_vmid=args.deleted_vmid)
+    options = Options(
+        deleted_vmid=args.deleted_vmid,
+        negotiate_timeout=args.negotiate_timeout,
+        ready_timeout=args.ready_timeout,
+        session_timeout=args.session_timeout,
+        frame_timeout=args.frame_timeout,
+        max_per_address=args.max_per_address,
+    )
     only = [o.strip() for o in args.only.split(",")] if args.only else []
     try:
         report = trio.run(lambda: run(target, options, only=only))
@@ -102,6 +109,20 @@ def register(sub: Any) -> None:
     )
     conform.add_argument(
         "--deleted-vmid", type=_vmid, help="a VM deleted in the cluster (broker: DELETED)"
+    )
+    deadlines = (
+        ("--negotiate-timeout", "its negotiation deadline (TIM-1, TIM-2)"),
+        ("--ready-timeout", "its idle deadline in READY (TIM-3, TIM-6)"),
+        ("--session-timeout", "its idle deadline with a relationship open (TIM-4)"),
+        ("--frame-timeout", "its deadline inside a frame (TIM-5)"),
+    )
+    for flag, what in deadlines:
+        conform.add_argument(flag, type=float, metavar="SECONDS", help=f"the endpoint's {what}")
+    conform.add_argument(
+        "--max-per-address",
+        type=int,
+        metavar="N",
+        help="the endpoint's bound on connections from one address (TIM-10, TIM-12)",
     )
     conform.add_argument("--only", help="requirement ids or prefixes, comma-separated (NEG,SES-4)")
     conform.add_argument("--timeout", type=float, default=10.0, help="seconds per answer")
