@@ -117,7 +117,7 @@ def connection_policy(data: dict[str, Any], path: Path) -> ConnectionPolicy:
     Raises:
         ValueError: a value out of range (the message names the key).
     """
-    table = data.get("connections") or {}
+    table = data.get("connections", {})
     where = f"{path}: [connections]"
     values: dict[str, Any] = {}
     for key, attr in _SECONDS:
