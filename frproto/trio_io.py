@@ -373,24 +373,33 @@ async def keep_alive(
     states: Collection[State] = KEEPALIVE_STATES,
 ) -> None:
     """Send a Keepalive whenever nothing was sent on ``framed`` for ``interval`` seconds
-    while its state is one of ``states`` (section 10.2); run it in a task beside the
-    conversation and cancel it at the end. Returns when the connection is over (a
-    terminal state, or the transport gone)."""
+    while its state is one of ``states`` (section 10.2), counting from the later of the
+    last send and the moment the state was seen to become one of them. Run it in a task
+    beside the conversation and cancel it at the end; it returns by itself when the
+    connection is over (a terminal state, or the transport gone)."""
     tokens = itertools.count(1)
+    eligible_since: float | None = None
     while True:
-        await trio.sleep_until(framed.last_sent + interval)
         state = framed.connection.state
         if state in (State.MUST_CLOSE, State.CLOSED, State.ERROR):
             return
-        if trio.current_time() - framed.last_sent < interval:
-            continue  # something was sent meanwhile
+        now = trio.current_time()
         if state not in states:
+            eligible_since = None
             await trio.sleep(interval / 4)  # look again: the state moves on
             continue
+        if eligible_since is None:
+            eligible_since = now
+        due = max(framed.last_sent, eligible_since) + interval
+        if now < due:
+            await trio.sleep(min(due - now, interval / 4))
+            continue
         try:
-            await framed.send_keepalive(next(tokens) & 0xFFFF_FFFF_FFFF_FFFF)
+            sent = await framed.send_keepalive(next(tokens) & 0xFFFF_FFFF_FFFF_FFFF)
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             return
+        if not sent:
+            eligible_since = None
 
 
 async def linger_and_close(stream: trio.abc.Stream) -> None:
