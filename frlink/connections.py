@@ -132,12 +132,14 @@ def connection_policy(data: dict[str, Any], path: Path) -> ConnectionPolicy:
             if not isinstance(count, int) or not 1 <= count <= 1_000_000:
                 raise ValueError(f"{where} {key} must be 1-1000000")
             values[attr] = count
-    policy = ConnectionPolicy(**values)
-    if policy.max_per_address > policy.max_connections:
-        raise ValueError(f"{where} max_per_address must not exceed max")
-    if policy.max_negotiating > policy.max_connections:
-        raise ValueError(f"{where} max_negotiating must not exceed max")
-    return policy
+    defaults = ConnectionPolicy()
+    total = values.get("max_connections", defaults.max_connections)
+    for key, attr in _COUNTS[1:]:
+        if attr not in values:  # a default above a lower max: the max
+            values[attr] = min(total, getattr(defaults, attr))
+        elif values[attr] > total:
+            raise ValueError(f"{where} {key} must not exceed max")
+    return ConnectionPolicy(**values)
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
