@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -142,8 +143,18 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert len(suite.findall("testcase")) == len(report["requirements"]) + 1
 
 
+#: What the harness is told of those deadlines and bounds.
+TIMES = Options(
+    negotiate_timeout=DEADLINE,
+    ready_timeout=DEADLINE,
+    session_timeout=DEADLINE,
+    frame_timeout=DEADLINE,
+    max_per_address=MAX_PER_ADDRESS,
+)
+
+
 def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> None:
-    site = ClusterSite(tmp_path, nodes=2)
+    site = ClusterSite(tmp_path, nodes=2, connections=CONNECTIONS)
     try:
         site.start_all()
         site.authorize_primary()
@@ -158,10 +169,11 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
             )
             hosts = {node_name(i): node_address(i) for i in (1, 2)}
             target = Target(CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, timeout=10)
-            report = await run(target, Options(deleted_vmid=uuid.UUID(deleted.vmid)))
+            options = replace(TIMES, deleted_vmid=uuid.UUID(deleted.vmid))
+            report = await run(target, options)
             # A node reached directly: what a node does on its own (no new VMs there).
             node = Target(node_address(1), site.running[1].port, node_name(1), context)
-            at_node = await run(node)
+            at_node = await run(node, TIMES)
             async with open_store(site.store_url) as store:
                 kvs, _ = await store.range(site.keys.vms)
             return report, at_node, [VMRecord.from_json(kv.value) for kv in kvs]
@@ -176,6 +188,11 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     passed = _passed(report)
     for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3", "NEG-2"):
         assert rid in passed, rid
+    # The deadlines at the broker (the CAP's listener) and at the node a VM is placed on
+    # (TIM-4 runs there), and the bound per address at each listener.
+    tim = {"TIM-1", "TIM-2", "TIM-3", "TIM-4", "TIM-5", "TIM-6", "TIM-10", "TIM-12"}
+    assert tim <= passed
+    assert tim - {"TIM-4"} <= _passed(at_node)
     assert at_node.ok
     assert at_node.kind is fp.RecoveryType.CLUSTER_NODE
     assert {"REP-5", "SM-3", "NEG-2", "ERR-9"} <= _passed(at_node)
