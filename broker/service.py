@@ -21,6 +21,7 @@ import random
 import ssl
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Set
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink.accept import accept
 from frlink.authz import Grant
-from frlink.connections import ConnectionPolicy, Gate
-from frproto.trio_io import FramedStream
+from frlink.connections import ANSWERING_STATES, ConnectionPolicy, Gate
+from frproto.trio_io import FramedStream, keep_alive
 
 from .tracking import Tracker
 
@@ -179,7 +180,23 @@ class Broker:
         await self.serve_queries(accepted.conn, accepted.grant)
 
     async def serve_queries(self, conn: FramedStream, grant: Grant) -> None:
-        """Answer QueryRecoveryServer on a negotiated connection until it closes."""
+        """Answer QueryRecoveryServer on a negotiated connection until it closes; while a
+        placement waits (the store, another placement), a Keepalive now and then (TIM-9)."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(keep_alive, conn, self.connections.keepalive, states=ANSWERING_STATES)
+            )
+            try:
+                await self._answer_queries(conn, grant)
+            except Exception as exc:
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure  # bare, not in an ExceptionGroup: the caller sorts errors by kind
+
+    async def _answer_queries(self, conn: FramedStream, grant: Grant) -> None:
         while True:
             event = await conn.next_event()
             if isinstance(event, (fp.ConnectionClosed, fp.Error)):
