@@ -17,8 +17,10 @@ import trio
 import frproto as fp
 from frlink.tls import tls_connect
 from frproto.trio_io import FramedStream
+from node.config import load_recovery_server_config
 from node.primary import client as client_module
 from node.primary.client import RecoveryClient
+from node.recovery_server import RecoveryServer
 
 from .site import PRIMARY_HOST, SERVER_HOST, SERVER_NAME, Site
 
@@ -187,3 +189,37 @@ async def test_a_primary_keeps_its_connection_by_keepalives(
             await client.aclose()
     finally:
         server.stop()
+
+
+async def test_the_server_sends_keepalives_while_an_answer_takes_long(site: Site) -> None:
+    # TIM-9: a RelationshipDelete whose cluster part (on_deleted) takes 2 s, with the
+    # recovery side's keepalive interval at 0.3 s: Keepalives come before the Ack.
+    site.write_server_config(connections="keepalive = 0.3\n")
+    config = load_recovery_server_config(site.server_config)
+
+    async def slow(vmid: uuid.UUID) -> None:
+        await trio.sleep(2.0)
+
+    server = RecoveryServer(config, on_deleted=slow)
+    vmid = uuid.uuid4()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(server.serve)
+            port = listeners[0].socket.getsockname()[1]
+            client = await RecoveryClient.connect(
+                SERVER_HOST,
+                port,
+                server_name=SERVER_NAME,
+                ssl_context=site.client_context(),
+                local_address=PRIMARY_HOST,
+            )
+            await client.open(vmid, name="vm-slow", disks=(fp.DiskInfo("disk0", 1 << 20),))
+            await client.conn.send(fp.RelationshipDelete(vmid))
+            seen: list[object] = []
+            while not seen or not isinstance(seen[-1], fp.Ack):
+                seen.append(await client.conn.next_event())
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    keepalives = [e for e in seen if isinstance(e, fp.Keepalive)]
+    assert 4 <= len(keepalives) <= 8, seen
+    assert isinstance(seen[-1], fp.Ack)
