@@ -111,13 +111,13 @@ def register(sub: Any) -> None:
         "--deleted-vmid", type=_vmid, help="a VM deleted in the cluster (broker: DELETED)"
     )
     deadlines = (
-        ("--negotiate-timeout", "its negotiation deadline (TIM-1, TIM-2)"),
-        ("--ready-timeout", "its idle deadline in READY (TIM-3, TIM-6)"),
-        ("--session-timeout", "its idle deadline with a relationship open (TIM-4)"),
-        ("--frame-timeout", "its deadline inside a frame (TIM-5)"),
+        ("--negotiate-timeout", "the endpoint's negotiation deadline (TIM-1, TIM-2)"),
+        ("--ready-timeout", "the endpoint's idle deadline in READY (TIM-3, TIM-6)"),
+        ("--session-timeout", "the endpoint's idle deadline, relationship open (TIM-4)"),
+        ("--frame-timeout", "the endpoint's deadline inside a frame (TIM-5)"),
     )
     for flag, what in deadlines:
-        conform.add_argument(flag, type=float, metavar="SECONDS", help=f"the endpoint's {what}")
+        conform.add_argument(flag, type=float, metavar="SECONDS", help=what)
     conform.add_argument(
         "--max-per-address",
         type=int,
