@@ -21,6 +21,7 @@ import random
 import ssl
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Set
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink.accept import accept
 from frlink.authz import Grant
+from frlink.connections import ANSWERING_STATES, ConnectionPolicy, Gate
 from frlink.wire_errors import wire_error
-from frproto.trio_io import FramedStream
+from frproto.trio_io import FramedStream, keep_alive
 
 from .tracking import Tracker
 
@@ -57,6 +59,7 @@ class Broker:
         cap: where to listen (the election record names the CAP).
         ssl_context: a server context whose certificate names the CAP.
         rng: randomness for the ``random`` policy (tests seed it).
+        connections: deadlines and connection bounds at the CAP (docs/protocol.md 10.2).
     """
 
     def __init__(
@@ -68,7 +71,11 @@ class Broker:
         ssl_context: ssl.SSLContext,
         *,
         rng: random.Random | None = None,
+        connections: ConnectionPolicy | None = None,
     ) -> None:
+        self.connections = connections or ConnectionPolicy()
+        #: Counts the CAP listener's connections against the bounds (TIM-12).
+        self.gate = Gate(self.connections)
         self.store = store
         self.keys = keys
         self.term = term
@@ -112,9 +119,19 @@ class Broker:
     # -- connections ----------------------------------------------------------------------
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one primary's connection (never raises for a peer's misbehaviour)."""
+        """Serve one primary's connection (never raises for a peer's misbehaviour); one
+        over a bound of :attr:`connections` is closed at once (TIM-12)."""
+        with self.gate.admit(stream) as admission:
+            if admission is None:
+                await trio.aclose_forcefully(stream)
+                return
+            await self._handle_admitted(stream, admission.negotiated)
+
+    async def _handle_admitted(
+        self, stream: trio.abc.Stream, negotiated: Callable[[], None]
+    ) -> None:
         try:
-            await self._handle(stream)
+            await self._handle(stream, negotiated)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.info("connection ended: %s", exc or type(exc).__name__)
         except fp.FrprotoError as exc:
@@ -143,20 +160,44 @@ class Broker:
 
         return authorize
 
-    async def _handle(self, raw: trio.abc.Stream) -> None:
+    async def _handle(self, raw: trio.abc.Stream, negotiated: Callable[[], None]) -> None:
         # The settings as of now (authorize() runs inside the handshake: it cannot await).
         try:
             authorize = self.authorizer(self.cache.settings)
         except RecordError as exc:
             log.error("the cluster's authorization entries are unusable: %s", exc)
             return
-        accepted = await accept(raw, self._ssl, self._policy, authorize, what="this broker")
+        accepted = await accept(
+            raw,
+            self._ssl,
+            self._policy,
+            authorize,
+            what="this broker",
+            connections=self.connections,
+        )
         if accepted is None:
             return
+        negotiated()
         await self.serve_queries(accepted.conn, accepted.grant)
 
     async def serve_queries(self, conn: FramedStream, grant: Grant) -> None:
-        """Answer QueryRecoveryServer on a negotiated connection until it closes."""
+        """Answer QueryRecoveryServer on a negotiated connection until it closes; while a
+        placement waits (the store, another placement), a Keepalive now and then (TIM-9)."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(keep_alive, conn, self.connections.keepalive, states=ANSWERING_STATES)
+            )
+            try:
+                await self._answer_queries(conn, grant)
+            except Exception as exc:
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure  # bare, not in an ExceptionGroup: the caller sorts errors by kind
+
+    async def _answer_queries(self, conn: FramedStream, grant: Grant) -> None:
         while True:
             event = await conn.next_event()
             if isinstance(event, (fp.ConnectionClosed, fp.Error)):

@@ -139,6 +139,7 @@ class ClusterNode:
                 settings.authorization, self.config.storage, settings.default_storage
             ),
             recovery_points=settings.recovery_points,
+            connections=self.config.connections,
         )
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -527,7 +528,15 @@ class ClusterNode:
         if self.config.cap_up:
             await self._hook("cap_up", self.config.cap_up)
         try:
-            broker = Broker(self.store, self.keys, term, term.record, self._ssl, rng=self._rng)
+            broker = Broker(
+                self.store,
+                self.keys,
+                term,
+                term.record,
+                self._ssl,
+                rng=self._rng,
+                connections=self.config.connections,
+            )
             self.broker = broker
             while True:
                 try:

@@ -38,7 +38,7 @@ A ``sqlite://`` store path may be relative to the file (``sqlite://cluster.db``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from frlink.config import (
     table,
     tls_files,
 )
+from frlink.connections import CONNECTIONS_TABLE, ConnectionPolicy, connection_policy
 
 #: Every table and key of a cluster node's file (anything else is refused).
 CLUSTER_NODE_SCHEMA: Schema = {
@@ -87,6 +88,7 @@ CLUSTER_NODE_SCHEMA: Schema = {
     "tls": TLS_TABLE,
     "metrics": METRICS_TABLE,
     "console": Table({"port": int, "listen": str}),
+    "connections": CONNECTIONS_TABLE,
 }
 
 
@@ -118,6 +120,8 @@ class ClusterNodeConfig:
     console_port: int | None = None
     #: The web console's address (the node's own by default).
     console_listen: str = ""
+    #: Deadlines and connection bounds of its listener and the CAP's (``[connections]``).
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
 
 
 def _port(table: dict[str, Any], key: str, where: str, default: int) -> int:
@@ -171,6 +175,10 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
     prefix = cluster.get("prefix", "/frrep/")
     if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(f"{wc}: 'prefix' must start and end with '/'")
+    try:
+        connections = connection_policy(data, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     console_port: int | None = None
     console_listen = ""
     if "console" in data:
@@ -198,4 +206,5 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         metrics=metrics_listen(data, path),
         console_port=console_port,
         console_listen=console_listen,
+        connections=connections,
     )

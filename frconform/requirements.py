@@ -59,6 +59,7 @@ PREFIXES: Final = {
     "SM": "the state machine (section 9)",
     "SES": "session rules (section 10)",
     "REP": "what a recovery server or cluster node does (section 10.1)",
+    "TIM": "deadlines, keepalive and connection limits (section 10.2)",
     "VEC": "the golden vectors (section 12)",
 }
 

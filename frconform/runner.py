@@ -159,7 +159,12 @@ async def run(
 
     async with trio.open_nursery() as nursery:
         for index, sc in enumerate(runnable):
-            nursery.start_soon(one, index, sc)
+            if not sc.alone:
+                nursery.start_soon(one, index, sc)
+    # Those that fill the endpoint's connection bounds run last, one at a time.
+    for index, sc in enumerate(runnable):
+        if sc.alone:
+            await one(index, sc)
     for index, sc in enumerate(runnable):
         ctx, error = done[index]
         if error:

@@ -89,6 +89,8 @@ class Scenario:
     run: ScenarioFunction
     #: An option the scenario needs (e.g. "deleted_vmid"); without it: not applicable.
     needs: str = ""
+    #: Runs after the others, by itself (it fills the endpoint's connection bounds).
+    alone: bool = False
 
 
 #: Every scenario, in the order they run.
@@ -100,13 +102,22 @@ def scenario(
     kinds: Iterable[fp.RecoveryType] = ANY_KIND,
     needs: str = "",
     name: str = "",
+    alone: bool = False,
 ) -> Callable[[ScenarioFunction], ScenarioFunction]:
     """Register a scenario that checks ``requirements`` on endpoints of ``kinds``."""
 
     def register(fn: ScenarioFunction) -> ScenarioFunction:
         doc = " ".join((fn.__doc__ or "").split())
         SCENARIOS.append(
-            Scenario(name or fn.__name__, tuple(requirements), frozenset(kinds), doc, fn, needs)
+            Scenario(
+                name or fn.__name__,
+                tuple(requirements),
+                frozenset(kinds),
+                doc,
+                fn,
+                needs,
+                alone,
+            )
         )
         return fn
 
@@ -122,6 +133,15 @@ class Options:
     #: A client context presenting a certificate of the endpoint's CA that no authorization
     #: entry names (``--unauthorized-cert``/``--unauthorized-key``), for TLS-4.
     unauthorized_cert: ssl.SSLContext | None = None
+    #: The endpoint's deadlines (docs/protocol.md 10.2), in seconds, as its operator set
+    #: them; the scenarios that check one need it (a run with the defaults would wait
+    #: minutes: give small values to a test endpoint).
+    negotiate_timeout: float | None = None
+    ready_timeout: float | None = None
+    session_timeout: float | None = None
+    frame_timeout: float | None = None
+    #: The endpoint's bound on connections from one address (TIM-10, TIM-12).
+    max_per_address: int | None = None
 
 
 @dataclass

@@ -88,7 +88,15 @@ def _cmd_conform(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"frctl: conform: the unauthorized certificate: {exc}", file=sys.stderr)
             return 2
-    options = Options(deleted_vmid=args.deleted_vmid, unauthorized_cert=unauthorized)
+    options = Options(
+        deleted_vmid=args.deleted_vmid,
+        unauthorized_cert=unauthorized,
+        negotiate_timeout=args.negotiate_timeout,
+        ready_timeout=args.ready_timeout,
+        session_timeout=args.session_timeout,
+        frame_timeout=args.frame_timeout,
+        max_per_address=args.max_per_address,
+    )
     only = [o.strip() for o in args.only.split(",")] if args.only else []
     try:
         report = trio.run(lambda: run(target, options, only=only))
@@ -143,6 +151,20 @@ def register(sub: Any) -> None:
         help="a certificate of the endpoint's CA that it does not authorize (TLS-4)",
     )
     conform.add_argument("--unauthorized-key", metavar="FILE", help="its private key")
+    deadlines = (
+        ("--negotiate-timeout", "the endpoint's negotiation deadline (TIM-1, TIM-2)"),
+        ("--ready-timeout", "the endpoint's idle deadline in READY (TIM-3, TIM-6)"),
+        ("--session-timeout", "the endpoint's idle deadline, relationship open (TIM-4)"),
+        ("--frame-timeout", "the endpoint's deadline inside a frame (TIM-5)"),
+    )
+    for flag, what in deadlines:
+        conform.add_argument(flag, type=float, metavar="SECONDS", help=what)
+    conform.add_argument(
+        "--max-per-address",
+        type=int,
+        metavar="N",
+        help="the endpoint's bound on connections from one address (TIM-10, TIM-12)",
+    )
     conform.add_argument("--only", help="requirement ids or prefixes, comma-separated (NEG,SES-4)")
     conform.add_argument("--timeout", type=float, default=10.0, help="seconds per answer")
     conform.add_argument("--json", action="store_true", help="the report as JSON")

@@ -11,6 +11,7 @@ other refusal by :func:`frproto.refuse_negotiation` (NEG-12).
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +20,16 @@ from typing import Any, Generic, TypeVar
 import trio
 
 import frproto as fp
-from frproto.trio_io import FramedStream, linger_and_close
+from frproto.trio_io import ERROR_SEND_TIMEOUT, LINGER_SECONDS, FramedStream, linger_and_close
 
 from .biotls import transport_receive_into
+from .connections import ConnectionPolicy
 from .tls import TLSFailure, peer_names, requested_name, tls_handshake_server
 
 log = logging.getLogger("frrep.accept")
 
-#: Time allowed for the TLS handshake and the NegotiateRequest.
-HANDSHAKE_TIMEOUT = 15.0
+#: Time allowed for the TLS handshake and the NegotiateRequest, by default (TIM-1).
+HANDSHAKE_TIMEOUT = ConnectionPolicy().negotiate_timeout
 _TLS_HANDSHAKE_RECORD = 0x16
 #: Bytes asked of the TCP socket per read when TLS refills its input (see _Replay).
 TRANSPORT_RECEIVE_SIZE = 1024 * 1024
@@ -101,6 +103,7 @@ async def accept(
     what: str = "this recovery server",
     route: Router | None = None,
     refused: Callable[[str], None] | None = None,
+    connections: ConnectionPolicy | None = None,
 ) -> Accepted[G] | None:
     """Handshake and negotiate on ``raw``; None when the connection was refused (and
     answered as it should be). ``authorize`` maps certificate names to a grant or raises
@@ -108,10 +111,28 @@ async def accept(
     ``route``, if given, replaces ``policy`` and ``authorize`` by what it returns for the
     name the client asked for. ``refused``, if given, is told why a connection was
     refused (``no_tls``, ``tls``, or the negotiation's status code name in lower case:
-    a bounded set, for a metric)."""
+    a bounded set, for a metric). ``connections`` gives the deadlines (section 10.2):
+    the TLS handshake and the NegotiateRequest must be done within its
+    ``negotiate_timeout`` (TIM-1, TIM-2), and the returned connection's reads are bounded
+    by its idle and frame deadlines (TIM-3 to TIM-5).
+
+    Raises:
+        frproto.trio_io.PeerIdle: the NegotiateRequest did not come in time (the Error
+            was sent and the connection closed).
+    """
     tell = refused or (lambda reason: None)
-    with trio.fail_after(HANDSHAKE_TIMEOUT):
+    policy_of_times = connections or ConnectionPolicy()
+    deadline = trio.current_time() + policy_of_times.negotiate_timeout
+    with trio.move_on_at(deadline):
         head = await raw.receive_some(1)
+    if trio.current_time() >= deadline:
+        # Not even TLS started: close without a frame (TIM-1).
+        log.info("closed a connection that sent nothing before the negotiation deadline")
+        tell("negotiation_deadline")
+        return None
+    # The answer's send, and the Error's and the lingering close after a deadline, are
+    # bounded too.
+    with trio.fail_at(deadline + ERROR_SEND_TIMEOUT + LINGER_SECONDS + 1.0):
         if not head:
             return None
         if head[0] != _TLS_HANDSHAKE_RECORD:
@@ -124,7 +145,9 @@ async def accept(
             return None
         try:
             tls = await tls_handshake_server(
-                _Replay(raw, bytes(head)), ssl_context, timeout=HANDSHAKE_TIMEOUT
+                _Replay(raw, bytes(head)),
+                ssl_context,
+                timeout=max(0.0, deadline - trio.current_time()),
             )
         except TLSFailure as exc:
             log.warning("TLS handshake refused: %s", exc)
@@ -134,9 +157,18 @@ async def accept(
         sni = requested_name(tls)
         if route is not None:
             policy, authorize = route(sni)
-        framed = FramedStream(tls, fp.Connection(fp.Role.RECOVERY))
+        framed = FramedStream(
+            tls,
+            fp.Connection(fp.Role.RECOVERY),
+            idle_timeout=policy_of_times.idle_timeout,
+            frame_timeout=policy_of_times.frame_timeout,
+        )
+        # The NegotiateRequest must be complete by the deadline: past it, an Error BUSY
+        # (TRUNCATED inside a frame) and the close (TIM-2), by FramedStream.
+        framed.deadline = deadline
         request = await framed.expect(fp.NegotiateRequest)
         assert isinstance(request, fp.NegotiateRequest)
+        framed.deadline = math.inf
         try:
             grant = authorize(names)
         except fp.ReplicationError as exc:

@@ -13,6 +13,8 @@ __all__ = [
     "CHUNK_HEADER_SIZE",
     "DIGEST_SIZE",
     "ENVELOPE_SIZE",
+    "FRAME_TIMEOUT",
+    "KEEPALIVE_INTERVAL",
     "MAX_BLOCK_SIZE",
     "MAX_CHUNK_DATA",
     "MAX_CONFIG_BLOB",
@@ -24,7 +26,10 @@ __all__ = [
     "MAX_FQDN",
     "MAX_NAME",
     "MIN_BLOCK_SIZE",
+    "NEGOTIATE_TIMEOUT",
     "PROTOCOL_VERSION",
+    "READY_TIMEOUT",
+    "SESSION_TIMEOUT",
 ]
 
 #: The protocol version this library speaks, as (major, minor). Peers with a different
@@ -59,3 +64,17 @@ MAX_DIGESTS: Final = 65536
 #: Smallest and largest block size a digest map may use.
 MIN_BLOCK_SIZE: Final = 4096
 MAX_BLOCK_SIZE: Final = MAX_CHUNK_DATA
+
+# Deadlines (docs/protocol.md section 10.2), in seconds: the defaults, which a recovery
+# side may configure (its own are what count on its connections).
+
+#: The keepalive interval K: a primary sends a Keepalive when it sent nothing this long.
+KEEPALIVE_INTERVAL: Final = 30
+#: From the TCP connection to a complete NegotiateRequest, TLS handshake included.
+NEGOTIATE_TIMEOUT: Final = 10
+#: Nothing received for this long in READY (between frames): the recovery side closes.
+READY_TIMEOUT: Final = 60
+#: Nothing received for this long with a relationship open (SESSION, IR, BATCH).
+SESSION_TIMEOUT: Final = 120
+#: No byte for this long inside a frame.
+FRAME_TIMEOUT: Final = 30

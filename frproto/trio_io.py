@@ -19,19 +19,39 @@ as two ``send_all`` calls so the payload buffer is never concatenated.
 
 On a protocol violation by the peer, :meth:`FramedStream.next_event` sends the Error the
 violation calls for (best effort, bounded in time), closes the stream and re-raises.
+
+Deadlines (``docs/protocol.md`` section 10.2): a :class:`FramedStream` given
+``idle_timeout`` and ``frame_timeout`` bounds every read by the time since the last byte
+came: between frames by ``idle_timeout(state)`` (None: no limit in that state), inside a
+frame by ``frame_timeout``, and both by the absolute :attr:`FramedStream.deadline` (the
+negotiation's). When one passes, :meth:`FramedStream.next_event` sends an Error ``BUSY``
+(between frames) or ``TRUNCATED`` (inside a frame), closes the stream and raises
+:class:`PeerIdle`. :func:`keep_alive` sends a Keepalive whenever nothing was sent for an
+interval.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+import itertools
+import math
+from collections.abc import Awaitable, Callable, Collection
 
 import trio
 
 from ._connection import NEED_DATA, Connection, Event, UnknownMessage
-from ._errors import FrprotoError, RemoteProtocolError, UnexpectedMessage
+from ._errors import (
+    Busy,
+    ErrorCode,
+    FrprotoError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TruncatedFrame,
+    UnexpectedMessage,
+)
 from ._messages import Error, Keepalive, Message, error_from_message
 from ._replication import BatchEnd, IREnd
+from ._state import KEEPALIVE_STATES, State
 from ._wire import Bytes
 from .limits import ENVELOPE_SIZE
 
@@ -50,6 +70,31 @@ LINGER_BYTES = 256 * 1024 * 1024
 #: Frames at least this big (chunks) are read into a reused buffer (see _frame_buffer).
 REUSE_FRAME_SIZE = 64 * 1024
 
+#: Seconds allowed between frames in a state (None: no limit there).
+IdleTimeout = Callable[[State], float | None]
+
+
+class PeerIdle(trio.TooSlowError):
+    """A read deadline passed (section 10.2): the peer sent nothing for too long.
+
+    Raised by :meth:`FramedStream.next_event` after the Error was sent (best effort) and
+    the stream closed. ``code`` is the Error's: ``BUSY`` between frames, ``TRUNCATED``
+    inside a frame.
+    """
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Expired(Exception):
+    """Internal: a read deadline passed (``inside``: within a frame)."""
+
+    def __init__(self, inside: bool, waited: float) -> None:
+        super().__init__()
+        self.inside = inside
+        self.waited = waited
+
 
 def _unexported(buf: bytearray) -> bool:
     """True when no memoryview of ``buf`` is alive: a bytearray refuses to change size
@@ -62,6 +107,13 @@ def _unexported(buf: bytearray) -> bool:
     return True
 
 
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # made outside Trio (a test): the first send sets it
+        return 0.0
+
+
 class FramedStream:
     """A :class:`Connection` driven over a Trio stream.
 
@@ -69,6 +121,9 @@ class FramedStream:
         stream: the transport (already connected; TLS handshake may be lazy).
         connection: the sans-I/O state for this conversation.
         receive_size: bytes requested per ``receive_some``.
+        idle_timeout: seconds a read between frames may wait for the next byte, by the
+            connection's state (None from it: no limit in that state); None: no limit.
+        frame_timeout: seconds a read inside a frame may wait for the next byte.
     """
 
     def __init__(
@@ -77,10 +132,20 @@ class FramedStream:
         connection: Connection,
         *,
         receive_size: int = DEFAULT_RECEIVE_SIZE,
+        idle_timeout: IdleTimeout | None = None,
+        frame_timeout: float | None = None,
     ) -> None:
         self.stream = stream
         self.connection = connection
         self._receive_size = receive_size
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        #: An absolute ``trio.current_time()`` by which every read must be done (the
+        #: negotiation's deadline); ``inf``: none.
+        self.deadline = math.inf
+        #: ``trio.current_time()`` of the last send (Keepalive timing, :func:`keep_alive`).
+        self.last_sent = _now()
+        self._in_frame = False
         self._pending: memoryview = memoryview(b"")
         self._pending_pos = 0
         self._send_lock = trio.Lock()
@@ -111,6 +176,14 @@ class FramedStream:
         except RemoteProtocolError as exc:
             await self._report_and_close(exc)
             raise
+        except _Expired as expired:
+            error: FrprotoError
+            if expired.inside:
+                error = TruncatedFrame(f"no byte of the frame came for {expired.waited:g} s")
+            else:
+                error = Busy(f"nothing came for {expired.waited:g} s: closing")
+            await self._report_and_close(error)
+            raise PeerIdle(str(error), type(error).code) from None
 
     async def expect(self, *kinds: type[Message]) -> Message:
         """The next event, which must be one of ``kinds``; an Error raises its exception.
@@ -133,6 +206,7 @@ class FramedStream:
 
     async def _read_frame(self) -> None:
         envelope = bytearray(ENVELOPE_SIZE)
+        self._in_frame = False
         got = await self._fill(memoryview(envelope))
         if got < ENVELOPE_SIZE:
             # End of stream: give what we have; the connection decides clean or truncated.
@@ -166,6 +240,32 @@ class FramedStream:
         self._spare_frame = spare = bytearray(max(size, REUSE_FRAME_SIZE))
         return spare
 
+    def _read_deadline(self) -> tuple[float, float]:
+        """When the read about to start must be done, and the limit it stems from."""
+        limit: float | None
+        if self._in_frame:
+            limit = self.frame_timeout
+        else:
+            limit = self.idle_timeout(self.connection.state) if self.idle_timeout else None
+        now = trio.current_time()
+        relative = math.inf if limit is None else now + limit
+        if self.deadline < relative:
+            return self.deadline, max(0.0, self.deadline - now)
+        return relative, math.inf if limit is None else limit
+
+    async def _receive_some(self) -> bytes | bytearray:
+        at, limit = self._read_deadline()
+        with trio.move_on_at(at):
+            return await self.stream.receive_some(self._receive_size)
+        raise _Expired(self._in_frame, limit)
+
+    async def _receive_into_bounded(self, target: memoryview) -> int:
+        assert self._receive_into is not None
+        at, limit = self._read_deadline()
+        with trio.move_on_at(at):
+            return await self._receive_into(target)
+        raise _Expired(self._in_frame, limit)
+
     async def _fill(self, target: memoryview) -> int:
         """Fill ``target`` from leftover bytes, then the stream; returns bytes filled."""
         filled = 0
@@ -177,13 +277,14 @@ class FramedStream:
                     return filled
                 if self._receive_into is not None:
                     # Straight into the frame: no intermediate bytes object per read.
-                    got = await self._receive_into(target[filled:])
+                    got = await self._receive_into_bounded(target[filled:])
                     if not got:
                         self._eof = True
                         return filled
                     filled += got
+                    self._in_frame = True
                     continue
-                data = await self.stream.receive_some(self._receive_size)
+                data = await self._receive_some()
                 if not data:
                     self._eof = True
                     return filled
@@ -194,13 +295,17 @@ class FramedStream:
             target[filled : filled + take] = self._pending[start : start + take]
             self._pending_pos += take
             filled += take
+            self._in_frame = True
         return filled
 
     async def send(self, message: Message) -> None:
         """Send a control message (or a Chunk, joined: prefer :meth:`send_chunk`)."""
-        data = self.connection.send(message)
+        # Encoded under the lock: the frames go out in the order the connection's state
+        # saw them, also with a Keepalive sent from another task (keep_alive).
         async with self._send_lock:
+            data = self.connection.send(message)
             await self.stream.send_all(data)
+            self.last_sent = trio.current_time()
 
     async def send_chunk(
         self,
@@ -212,13 +317,24 @@ class FramedStream:
         compress_data: bool = True,
     ) -> None:
         """Send one chunk of the current IR or batch; ``data`` is written, not copied."""
-        pieces = self.connection.send_chunk(
-            disk_index, offset, data, digest=digest, compress_data=compress_data
-        )
         async with self._send_lock:
+            pieces = self.connection.send_chunk(
+                disk_index, offset, data, digest=digest, compress_data=compress_data
+            )
             for piece in pieces:
                 await self.stream.send_all(piece)
                 self.chunk_bytes_sent += len(piece)
+            self.last_sent = trio.current_time()
+
+    async def send_keepalive(self, token: int = 0) -> bool:
+        """Send a Keepalive if the state allows one now (False if not: nothing sent)."""
+        async with self._send_lock:
+            if self.connection.state not in KEEPALIVE_STATES:
+                return False
+            data = self.connection.send(Keepalive(token))
+            await self.stream.send_all(data)
+            self.last_sent = trio.current_time()
+            return True
 
     async def end_ir(self) -> IREnd:
         """Send the IREnd of the IR in progress (:meth:`Connection.end_ir`) and return it."""
@@ -248,6 +364,42 @@ class FramedStream:
     async def aclose(self) -> None:
         """Close the stream."""
         await self.stream.aclose()
+
+
+async def keep_alive(
+    framed: FramedStream,
+    interval: float,
+    *,
+    states: Collection[State] = KEEPALIVE_STATES,
+) -> None:
+    """Send a Keepalive whenever nothing was sent on ``framed`` for ``interval`` seconds
+    while its state is one of ``states`` (section 10.2), counting from the later of the
+    last send and the moment the state was seen to become one of them. Run it in a task
+    beside the conversation and cancel it at the end; it returns by itself when the
+    connection is over (a terminal state, or the transport gone)."""
+    tokens = itertools.count(1)
+    eligible_since: float | None = None
+    while True:
+        state = framed.connection.state
+        if state in (State.MUST_CLOSE, State.CLOSED, State.ERROR):
+            return
+        now = trio.current_time()
+        if state not in states:
+            eligible_since = None
+            await trio.sleep(interval / 4)  # look again: the state moves on
+            continue
+        if eligible_since is None:
+            eligible_since = now
+        due = max(framed.last_sent, eligible_since) + interval
+        if now < due:
+            await trio.sleep(min(due - now, interval / 4))
+            continue
+        try:
+            sent = await framed.send_keepalive(next(tokens) & 0xFFFF_FFFF_FFFF_FFFF)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+            return
+        if not sent:
+            eligible_since = None
 
 
 async def linger_and_close(stream: trio.abc.Stream) -> None:

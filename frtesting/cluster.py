@@ -104,6 +104,8 @@ class ClusterSite:
     failover_start: str = ""
     #: Each node serves the web console (``[console]``, on a port of its own).
     console: bool = False
+    #: The body of each node's ``[connections]`` table (deadlines and bounds); "": none.
+    connections: str = ""
     running: dict[int, NodeProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -164,6 +166,7 @@ cert = "certs/{name}.pem"
 key = "certs/{name}-key.pem"
 ca = "certs/ca.pem"
 """
+            + (f"\n[connections]\n{self.connections}\n" if self.connections else "")
         )
 
     def start(self, i: int, *, timeout: float = 20.0) -> NodeProcess:

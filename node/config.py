@@ -27,11 +27,21 @@ Example::
     # [any_primary]                     # explicit: any primary with a certificate from our CA
     # storage = "replicas"
     # trust_group = "default"
+
+    # [connections]                     # deadlines and bounds (docs/protocol.md 10.2)
+    # negotiate_timeout = 10.0
+    # ready_timeout = 60.0
+    # session_timeout = 120.0
+    # frame_timeout = 30.0
+    # keepalive = 30.0
+    # max = 512
+    # max_per_address = 128
+    # max_negotiating = 128
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,7 @@ from frlink.config import (
     table,
     tls_files,
 )
+from frlink.connections import CONNECTIONS_TABLE, ConnectionPolicy, connection_policy
 
 __all__ = [
     "NO_COMPRESSION",
@@ -88,6 +99,8 @@ class RecoveryServerConfig:
     recovery_points: int = 24
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
+    #: Deadlines and connection bounds (``[connections]``, docs/protocol.md 10.2).
+    connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
     #: The web console (``[console]``); None: none.
     console: ServerConsole | None = None
 
@@ -108,6 +121,7 @@ RECOVERY_SERVER_SCHEMA: Schema = {
     "authorization": Table({"primary": str, "storage": str, "trust_group": str}, array=True),
     "any_primary": Table({"storage": str, "trust_group": str}),
     "console": Table({"port": int, "listen": str, "database": str}),
+    "connections": CONNECTIONS_TABLE,
 }
 
 #: The console database's file name when ``[console] database`` is not given.
@@ -165,6 +179,10 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
     any_entry = None
     if any_table is not None:
         any_entry = _entry(dict(any_table, primary="*.any"), base, f"{path} [any_primary]")
+    try:
+        connections = connection_policy(data, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     listen = str(server.get("listen", "0.0.0.0"))
     authorization = Authorization(
         entries=tuple(
@@ -181,6 +199,7 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
         authorization=authorization,
         recovery_points=points,
         metrics=metrics_listen(data, path),
+        connections=connections,
     )
     if "console" in data:
         console = table(data, "console", path)

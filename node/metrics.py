@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 import frproto as fp
+from frproto.trio_io import PeerIdle
 
 #: Batch apply times run from milliseconds (a few blocks) to minutes (a large batch on a
 #: slow disk).
@@ -24,7 +25,9 @@ APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 def failure_reason(exc: BaseException) -> str:
     """A bounded label for a failure: the wire error code's name in lower case, or one of
-    ``tls``, ``connection_lost``, ``timeout``, ``disk``, ``internal``."""
+    ``tls``, ``connection_lost``, ``idle``, ``timeout``, ``disk``, ``internal``."""
+    if isinstance(exc, PeerIdle):
+        return "idle"  # closed at a deadline of docs/protocol.md 10.2
     if isinstance(exc, fp.FrprotoError):
         return type(exc).code.name.lower()
     if isinstance(exc, trio.TooSlowError):

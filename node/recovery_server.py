@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 import frproto as fp
 from frlink.accept import Accepted, accept
 from frlink.authz import Grant
+from frlink.connections import Gate
 from frlink.tls import server_context
 from node.storage import ReplicaStore, StorageFaults
 from node.storage.lock import StorageBusy, claim
@@ -122,6 +123,8 @@ class RecoveryServer:
         # the claim held (by us) and was closed as if another server held the storage.
         self._opening = trio.Lock()
         self._busy: set[uuid.UUID] = set()
+        #: Counts connections against the bounds of ``config.connections`` (TIM-12).
+        self.gate = Gate(config.connections)
 
     def hold(self, vmid: uuid.UUID) -> bool:
         """Take a VM for a maintenance task (a migration): False if a session has it. While
@@ -235,9 +238,23 @@ class RecoveryServer:
         return True
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection to its end (never raises for a peer's misbehaviour)."""
+        """Serve one connection to its end (never raises for a peer's misbehaviour).
+
+        A connection over a bound of ``config.connections`` is closed at once, before
+        anything is read (TIM-12)."""
+        self.gate.policy = self.config.connections  # a reloaded config's, for new ones
+        with self.gate.admit(stream) as admission:
+            if admission is None:
+                self.metrics.failed("connection_limit")
+                await trio.aclose_forcefully(stream)
+                return
+            await self._handle_admitted(stream, admission.negotiated)
+
+    async def _handle_admitted(
+        self, stream: trio.abc.Stream, negotiated: Callable[[], None]
+    ) -> None:
         try:
-            await self._handle(stream)
+            await self._handle(stream, negotiated)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.info("connection ended: %s", exc or type(exc).__name__)
             self.metrics.failed(failure_reason(exc))
@@ -255,7 +272,7 @@ class RecoveryServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, raw: trio.abc.Stream) -> None:
+    async def _handle(self, raw: trio.abc.Stream, negotiated: Callable[[], None]) -> None:
         authorize = self._authorize or self.config.authorization.authorize
         cap = self._cap
 
@@ -264,10 +281,17 @@ class RecoveryServer:
             return answer or (self._policy, authorize)
 
         accepted = await accept(
-            raw, self._ssl, self._policy, authorize, route=route, refused=self.metrics.failed
+            raw,
+            self._ssl,
+            self._policy,
+            authorize,
+            route=route,
+            refused=self.metrics.failed,
+            connections=self.config.connections,
         )
         if accepted is None:
             return
+        negotiated()
         if cap is not None and cap.answers(accepted.requested_name) is not None:
             await cap.serve(accepted)
             return

@@ -53,8 +53,9 @@ import trio
 
 import frproto as fp
 from frlink.authz import Grant
+from frlink.connections import ANSWERING_STATES
 from frlink.wire_errors import wire_error
-from frproto.trio_io import FramedStream, linger_and_close
+from frproto.trio_io import FramedStream, keep_alive, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
@@ -168,12 +169,25 @@ class Session:
             fp.RelationshipDelete: self.on_delete,
         }
         failure: Exception | None = None
+        pinging = trio.CancelScope()
+
+        async def ping() -> None:
+            # While the primary awaits an answer we work on (an IREnd's or a batch's
+            # durable write, a delete), a Keepalive now and then (TIM-9).
+            with pinging:
+                await keep_alive(
+                    self.conn, self.server.config.connections.keepalive, states=ANSWERING_STATES
+                )
+
         async with trio.open_nursery() as nursery:
             self.ir_writes = IRWriteQueue(nursery)
+            nursery.start_soon(ping)
             try:
                 await self._serve(handlers)
             except Exception as exc:
                 failure = exc
+            finally:
+                pinging.cancel()
             if self.ir_open:
                 await self._keep_ir_progress()
         if failure is not None:

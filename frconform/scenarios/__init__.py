@@ -1,3 +1,12 @@
 """The scenarios, by area; importing this package registers them all, in this order."""
 
-from . import broker, errors, malformed, negotiation, relationship, replication, transport  # noqa: F401
+from . import (  # noqa: F401
+    broker,
+    deadlines,
+    errors,
+    malformed,
+    negotiation,
+    relationship,
+    replication,
+    transport,
+)

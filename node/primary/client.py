@@ -11,6 +11,7 @@ back as frproto exceptions (``VMNotHere``, ``NotAuthorized``, ``OutOfSequence``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import uuid
@@ -23,13 +24,18 @@ import trio
 import frproto as fp
 from frlink.config import NO_COMPRESSION
 from frlink.tls import BioTLSStream, tls_connect
-from frproto.trio_io import FramedStream
+from frproto.trio_io import FramedStream, keep_alive
 
 from .bandwidth import BandwidthLimiter
 from .disks import DiskResized
 
+log = logging.getLogger("frrep.primary")
+
 #: How long a close waits to send TLS's close_notify before it closes the socket anyway.
 CLOSE_SECONDS = 1.0
+#: A Keepalive goes out whenever nothing was sent for this long on a negotiated connection
+#: (TIM-8: the protocol's K, 30 s): a recovery side's idle deadline is at least 2K.
+KEEPALIVE_SECONDS = float(fp.limits.KEEPALIVE_INTERVAL)
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
 #: One chunk of a delta batch: (disk index, offset, data, XXH3-128 digest of data).
@@ -64,6 +70,23 @@ class RecoveryClient:
     def __init__(self, conn: FramedStream, negotiated: fp.NegotiateResponse) -> None:
         self.conn = conn
         self.negotiated = negotiated
+        self._keepalive = trio.CancelScope()
+
+    def _keep_alive(self, interval: float) -> None:
+        """Send a Keepalive whenever nothing was sent for ``interval`` seconds, until
+        :meth:`aclose` (TIM-8): while this side reads a disk, waits on its bandwidth
+        limit or computes digests, the recovery side sees it is alive. A task of its own
+        (a system task: the connection outlives the caller's scopes), ended by aclose."""
+        scope = self._keepalive
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await keep_alive(self.conn, interval)
+                except Exception:  # never let the pinger take the process down
+                    log.exception("keepalive sender failed")
+
+        trio.lowlevel.spawn_system_task(run, name="frrep keepalive")
 
     @property
     def is_broker(self) -> bool:
@@ -113,11 +136,14 @@ class RecoveryClient:
                 f"{server_name} refused the negotiation: status {answer.status}, "
                 f"verdict {answer.verdict.name}"
             )
-        return cls(conn, answer)
+        client = cls(conn, answer)
+        client._keep_alive(KEEPALIVE_SECONDS)
+        return client
 
     async def aclose(self) -> None:
         """Close the connection, saying so in TLS (``close_notify``) so that the server
         sees an orderly end rather than a truncation; within :data:`CLOSE_SECONDS`."""
+        self._keepalive.cancel()
         with trio.move_on_after(CLOSE_SECONDS):
             await self.conn.stream.aclose()
         await trio.aclose_forcefully(self.conn.stream)  # a no-op unless that timed out

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -59,8 +60,24 @@ def _passed(report: Report) -> set[str]:
     return {v.requirement.id for v in report.verdicts if v.status is Status.PASSED}
 
 
+#: Small deadlines and bounds for the stand-alone server under the harness (TIM-*): the
+#: harness is told them, and checks each.
+DEADLINE = 3.0
+MAX_PER_ADDRESS = 40
+CONNECTIONS = f"""
+negotiate_timeout = {DEADLINE}
+ready_timeout = {DEADLINE}
+session_timeout = {DEADLINE}
+frame_timeout = {DEADLINE}
+max = 256
+max_per_address = {MAX_PER_ADDRESS}
+max_negotiating = 128
+"""
+
+
 def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path) -> None:
     site = Site(tmp_path)
+    site.write_server_config(connections=CONNECTIONS)
     server = site.start_server()
     junit_file = tmp_path / "conform.xml"
     # A certificate of the server's CA that no authorization entry names (TLS-4, NEG-12).
@@ -89,6 +106,16 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
                 "--json",
                 "--junit",
                 str(junit_file),
+                "--negotiate-timeout",
+                str(DEADLINE),
+                "--ready-timeout",
+                str(DEADLINE),
+                "--session-timeout",
+                str(DEADLINE),
+                "--frame-timeout",
+                str(DEADLINE),
+                "--max-per-address",
+                str(MAX_PER_ADDRESS),
             ],
             capture_output=True,
             text=True,
@@ -117,6 +144,9 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert {
         f"vector TRUNCATED/{n}" for n in ("envelope_at_eof", "body_at_eof", "after_a_good_frame")
     } <= ran, ran
+    # The deadlines and the bound per address, with the values the harness was given.
+    for rid in ("TIM-1", "TIM-2", "TIM-3", "TIM-4", "TIM-5", "TIM-6", "TIM-10", "TIM-12"):
+        assert statuses[rid] == "passed", rid
     # Broker requirements are not applicable to a stand-alone server, with the reason.
     brk = next(r for r in report["requirements"] if r["id"] == "BRK-1")
     assert brk["status"] == "n/a"
@@ -131,8 +161,18 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert len(suite.findall("testcase")) == len(report["requirements"]) + 1
 
 
+#: What the harness is told of those deadlines and bounds.
+TIMES = Options(
+    negotiate_timeout=DEADLINE,
+    ready_timeout=DEADLINE,
+    session_timeout=DEADLINE,
+    frame_timeout=DEADLINE,
+    max_per_address=MAX_PER_ADDRESS,
+)
+
+
 def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> None:
-    site = ClusterSite(tmp_path, nodes=2)
+    site = ClusterSite(tmp_path, nodes=2, connections=CONNECTIONS)
     try:
         site.start_all()
         site.authorize_primary()
@@ -153,19 +193,27 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
                 check_name=False,
             )
             target = Target(
-                CAP_ADDRESS, site.cap_port, CAP_NAME, context, hosts, 10, no_sni_context=no_sni
+                CAP_ADDRESS,
+                site.cap_port,
+                CAP_NAME,
+                context,
+                hosts,
+                timeout=10,
+                no_sni_context=no_sni,
             )
             issue_host_cert(certs, certs, INTRUDER)
             intruder = client_context(
                 certs / f"{INTRUDER}.pem", certs / f"{INTRUDER}-key.pem", certs / "ca.pem"
             )
-            options = Options(deleted_vmid=uuid.UUID(deleted.vmid), unauthorized_cert=intruder)
+            options = replace(
+                TIMES, deleted_vmid=uuid.UUID(deleted.vmid), unauthorized_cert=intruder
+            )
             report = await run(target, options)
             # A node reached directly: what a node does on its own (no new VMs there).
             node = Target(
                 node_address(1), site.running[1].port, node_name(1), context, no_sni_context=no_sni
             )
-            at_node = await run(node)
+            at_node = await run(node, TIMES)
             async with open_store(site.store_url) as store:
                 kvs, _ = await store.range(site.keys.vms)
             return report, at_node, [VMRecord.from_json(kv.value) for kv in kvs]
@@ -182,6 +230,11 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
         assert rid in passed, rid
     for rid in ("NEG-2", "NEG-12", "TLS-12"):
         assert rid in passed, rid
+    # The deadlines at the broker (the CAP's listener) and at the node a VM is placed on
+    # (TIM-4 runs there), and the bound per address at each listener.
+    tim = {"TIM-1", "TIM-2", "TIM-3", "TIM-4", "TIM-5", "TIM-6", "TIM-10", "TIM-12"}
+    assert tim <= passed
+    assert tim - {"TIM-4"} <= _passed(at_node)
     assert at_node.ok
     assert at_node.kind is fp.RecoveryType.CLUSTER_NODE
     assert {"REP-5", "SM-3", "NEG-2", "ERR-9", "TLS-12"} <= _passed(at_node)

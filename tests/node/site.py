@@ -44,8 +44,15 @@ class Site:
         self.write_server_config()
 
     def write_server_config(
-        self, *, port: int = 0, primary: str = "*.primary.example.com", trust_group: str = "site-a"
+        self,
+        *,
+        port: int = 0,
+        primary: str = "*.primary.example.com",
+        trust_group: str = "site-a",
+        connections: str = "",
     ) -> None:
+        """Write ``server.toml``; ``connections``: the body of a ``[connections]`` table
+        (deadlines and bounds), none when empty."""
         self.server_config.write_text(
             f"""
 [server]
@@ -64,6 +71,7 @@ primary = "{primary}"
 storage = "replicas"
 trust_group = "{trust_group}"
 """
+            + (f"\n[connections]\n{connections}\n" if connections else "")
         )
 
     def start_server(self, *, port: int | None = None, timeout: float = 20.0) -> ServerProcess:
