@@ -116,7 +116,11 @@ def replica_places(args: argparse.Namespace) -> list[Path]:
         from frcluster.config import load_cluster_node_config
 
         root = load_cluster_node_config(path).storage
-        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        # Not the root's own bookkeeping (.staging, .trash...): a peer node's connection
+        # opens the root as a store.
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     config = load_recovery_server_config(path)
     places = {e.storage for e in config.authorization.entries}
     if config.authorization.any_primary is not None:

@@ -228,9 +228,9 @@ class RecoveryServer:
         """
         found = await self.holders(vmid)
         if len(found) > 1:
-            for store in found:
-                store.forget(vmid)  # neither copy stays open while it is refused
-            log.error(
+            # Nothing is closed here: a session that opened the VM before the second copy
+            # appeared goes on; only new creates and opens are refused.
+            log.warning(
                 "VM %s has a replica in %d storage locations (%s): refused until an operator "
                 "removes one (frctl replica duplicates)",
                 vmid,
