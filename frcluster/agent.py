@@ -414,6 +414,14 @@ class ClusterNode:
         if vm.owner != me:
             self.forget(vmid)
             raise fp.VMNotHere(f"{me} does not hold VM {vmid} (it is on {vm.owner})")
+        if vm.trust_group and vm.trust_group != grant.identity.trust_group:
+            # The VM is bound to the group its record names, wherever its replica is (or
+            # before it is created): another group's primary, come straight to this node
+            # with storage of its own, must not make a second replica (REP-9, REP-33).
+            raise fp.NotAuthorized(
+                f"VM {vmid} is bound to trust group {vm.trust_group!r}; primary "
+                f"{grant.identity.name} is in {grant.identity.trust_group!r}"
+            )
         if self._confirmed.get(vmid) != revision:
             # The record changed since we last served this VM (a move away and back, a
             # re-home): what we have open may be stale; read the replica from disk again.

@@ -133,6 +133,10 @@ class Options:
     #: A client context presenting a certificate of the endpoint's CA that no authorization
     #: entry names (``--unauthorized-cert``/``--unauthorized-key``), for TLS-4.
     unauthorized_cert: ssl.SSLContext | None = None
+    #: A client context presenting a certificate that the endpoint authorizes in another
+    #: trust group than the harness's own (``--other-group-cert``/``--other-group-key``),
+    #: for BRK-4, REP-9 and REP-33.
+    other_group_cert: ssl.SSLContext | None = None
     #: The endpoint's deadlines (docs/protocol.md 10.2), in seconds, as its operator set
     #: them; the scenarios that check one need it (a run with the defaults would wait
     #: minutes: give small values to a test endpoint).

@@ -88,9 +88,22 @@ def _cmd_conform(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"frctl: conform: the unauthorized certificate: {exc}", file=sys.stderr)
             return 2
+    other_group = None
+    if bool(args.other_group_cert) != bool(args.other_group_key):
+        print("frctl: conform: --other-group-cert needs --other-group-key", file=sys.stderr)
+        return 2
+    if args.other_group_cert:
+        try:
+            other_group = client_context(
+                Path(args.other_group_cert), Path(args.other_group_key), Path(args.ca)
+            )
+        except (OSError, ValueError) as exc:
+            print(f"frctl: conform: the other trust group's certificate: {exc}", file=sys.stderr)
+            return 2
     options = Options(
         deleted_vmid=args.deleted_vmid,
         unauthorized_cert=unauthorized,
+        other_group_cert=other_group,
         negotiate_timeout=args.negotiate_timeout,
         ready_timeout=args.ready_timeout,
         session_timeout=args.session_timeout,
@@ -151,6 +164,13 @@ def register(sub: Any) -> None:
         help="a certificate of the endpoint's CA that it does not authorize (TLS-4)",
     )
     conform.add_argument("--unauthorized-key", metavar="FILE", help="its private key")
+    conform.add_argument(
+        "--other-group-cert",
+        metavar="FILE",
+        help="a certificate the endpoint authorizes in another trust group than --cert's, "
+        "best with storage of its own (BRK-4, REP-9, REP-33)",
+    )
+    conform.add_argument("--other-group-key", metavar="FILE", help="its private key")
     deadlines = (
         ("--negotiate-timeout", "the endpoint's negotiation deadline (TIM-1, TIM-2)"),
         ("--ready-timeout", "the endpoint's idle deadline in READY (TIM-3, TIM-6)"),

@@ -116,7 +116,11 @@ def replica_places(args: argparse.Namespace) -> list[Path]:
         from frcluster.config import load_cluster_node_config
 
         root = load_cluster_node_config(path).storage
-        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        # Not the root's own bookkeeping (.staging, .trash...): a peer node's connection
+        # opens the root as a store.
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     config = load_recovery_server_config(path)
     places = {e.storage for e in config.authorization.entries}
     if config.authorization.any_primary is not None:
@@ -224,6 +228,61 @@ def _cmd_replica_points(args: argparse.Namespace) -> int:
     return 4
 
 
+def _cmd_replica_duplicates(args: argparse.Namespace) -> int:
+    """The VMIDs held in more than one storage location (REP-34: the server refuses them
+    until one copy is removed), each copy on a line; exit code 3 when there are any."""
+    from node.storage.duplicates import find_duplicates
+
+    found = find_duplicates(replica_places(args))
+    if args.json:
+        print(json.dumps([c.to_dict() for copies in found.values() for c in copies], indent=2))
+        return 3 if found else 0
+    if not found:
+        print("no VMID has a replica in more than one storage location")
+        return 0
+    print(f"{'VMID':<36}  {'VM':<20} {'TRUST GROUP':<16} {'SEQ':>6}  STORAGE")
+    for copies in found.values():
+        for c in copies:
+            print(
+                f"{c.vmid!s:<36}  {c.name:<20} {c.trust_group:<16} "
+                f"{c.applied_sequence:>6}  {c.storage}"
+            )
+    print(
+        f"{len(found)} VMID(s) refused until one copy is removed: "
+        "frctl replica remove-duplicate VMID --storage PATH --yes",
+        file=sys.stderr,
+    )
+    return 3
+
+
+def _cmd_replica_remove_duplicate(args: argparse.Namespace) -> int:
+    """Remove one copy of a duplicated replica (never the last)."""
+    import frproto as fp
+    from node.storage.duplicates import remove_duplicate
+
+    try:
+        vmid = uuid.UUID(args.vmid)  # not a name: both copies may bear it
+    except ValueError:
+        raise fp.UnknownVM(f"{args.vmid!r} is not a VMID") from None
+    storage = Path(args.storage)
+    if not args.yes:
+        print(
+            f"frctl: remove-duplicate removes the replica of {vmid} in {storage} (its images "
+            "and every recovery point), keeping the other copy; add --yes to do it",
+            file=sys.stderr,
+        )
+        return 1
+    removed = remove_duplicate(replica_places(args), vmid, storage)
+    if args.json:
+        print(json.dumps({"removed": removed.to_dict()}))
+    else:
+        print(
+            f"removed the replica of {vmid} ({removed.name}, trust group "
+            f"{removed.trust_group}, sequence {removed.applied_sequence}) from {removed.storage}"
+        )
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add the recovery server's subcommands to frctl's subparsers."""
     server = sub.add_parser("server", help="the recovery server")
@@ -258,3 +317,19 @@ def register(sub: Any) -> None:
     rpoints.add_argument("vmid", help="the VM's VMID, or its name")
     rpoints.add_argument("--json", action="store_true")
     rpoints.set_defaults(func=_cmd_replica_points)
+    rdup = rsub_.add_parser(
+        "duplicates",
+        help="VMIDs with a replica in more than one storage location (refused until resolved)",
+    )
+    rdup.add_argument("--config", required=True, help="recovery server TOML file")
+    rdup.add_argument("--json", action="store_true")
+    rdup.set_defaults(func=_cmd_replica_duplicates)
+    rrm = rsub_.add_parser(
+        "remove-duplicate", help="remove one copy of a VMID held in two storage locations"
+    )
+    rrm.add_argument("--config", required=True, help="recovery server TOML file")
+    rrm.add_argument("vmid", help="the VM's VMID")
+    rrm.add_argument("--storage", required=True, help="the storage location of the copy to remove")
+    rrm.add_argument("--yes", action="store_true", help="remove it (refused without)")
+    rrm.add_argument("--json", action="store_true")
+    rrm.set_defaults(func=_cmd_replica_remove_duplicate)

@@ -38,6 +38,9 @@ CAP_NAME = "cap.example.com"
 CAP_ADDRESS = "127.0.0.10"
 PRIMARY_NAME = "p1.primary.example.com"
 PRIMARY_ADDRESS = "127.0.0.3"
+#: A primary of another trust group (``tg-other``, storage ``replicas-other``) when the
+#: settings admit it (:meth:`ClusterSite.authorize_primary` with ``other_group``).
+OTHER_GROUP_NAME = "p2.other.example.org"
 _UP = re.compile(r"node \S+ up at \S+:(\d+)")
 _CONSOLE = re.compile(r"console at https://\S+:(\d+)/")
 _CAP_CONSOLE = re.compile(r"console at the CAP's https://\S+:(\d+)/")
@@ -120,6 +123,7 @@ class ClusterSite:
                 ip_addresses=[node_address(i), CAP_ADDRESS],
             )
         issue_host_cert(self.certs, self.certs, PRIMARY_NAME, ip_addresses=[PRIMARY_ADDRESS])
+        issue_host_cert(self.certs, self.certs, OTHER_GROUP_NAME, ip_addresses=[PRIMARY_ADDRESS])
         if not self.store_url:
             self.store_url = f"sqlite://{self.root / 'cluster.db'}"
         if not self.cap_port:
@@ -247,12 +251,18 @@ ca = "certs/ca.pem"
         async with open_store(self.store_url) as store:
             await store.put(self.keys.settings, settings.to_json())
 
-    def authorize_primary(self, **extra: object) -> Settings:
-        """Settings admitting the test primary (trust group tg), plus ``extra``."""
+    def authorize_primary(self, *, other_group: bool = False, **extra: object) -> Settings:
+        """Settings admitting the test primary (trust group tg), plus ``extra``;
+        ``other_group``: also :data:`OTHER_GROUP_NAME`, in trust group tg-other with storage
+        of its own."""
+        authorization = [
+            {"primary": "*.primary.example.com", "storage": "replicas", "trust_group": "tg"}
+        ]
+        if other_group:
+            other = {"primary": OTHER_GROUP_NAME, "trust_group": "tg-other"}
+            authorization.append({**other, "storage": "replicas-other"})
         settings = Settings(
-            authorization=[
-                {"primary": "*.primary.example.com", "storage": "replicas", "trust_group": "tg"}
-            ],
+            authorization=authorization,
             **extra,  # type: ignore[arg-type]
         )
         trio.run(self.set_settings, settings)
@@ -298,12 +308,10 @@ ca = "certs/ca.pem"
             timeout=timeout,
         )
 
-    def primary_context(self) -> ssl.SSLContext:
-        """The test primary's client TLS context."""
+    def primary_context(self, name: str = PRIMARY_NAME) -> ssl.SSLContext:
+        """The test primary's client TLS context (or that of the primary ``name``)."""
         certs = self.certs
-        return client_context(
-            certs / f"{PRIMARY_NAME}.pem", certs / f"{PRIMARY_NAME}-key.pem", certs / "ca.pem"
-        )
+        return client_context(certs / f"{name}.pem", certs / f"{name}-key.pem", certs / "ca.pem")
 
     async def query(
         self,

@@ -12,6 +12,13 @@ An authorized connection is served by a :class:`~node.recovery_session.Session`
 keeps what outlives a connection: the replica store of each storage location (claimed and
 recovered on first use), which VM each session holds (:meth:`RecoveryServer.hold`), and a
 cluster node's hooks (ownership, the CAP's route, ``on_deleted``).
+
+A VMID names one VM on the whole server, whatever storage location its replica is in
+(REP-33): :meth:`RecoveryServer.locate` looks it up in every location served before a
+session creates or opens anything, so that a primary of another trust group, given
+storage of its own, is refused NOT_AUTHORIZED instead of getting a second replica. A
+VMID found in two locations (storage moved by hand, a restored backup) is not served at
+all until an operator removes one copy (REP-34, ``frctl replica remove-duplicate``).
 """
 
 from __future__ import annotations
@@ -123,6 +130,10 @@ class RecoveryServer:
         # the claim held (by us) and was closed as if another server held the storage.
         self._opening = trio.Lock()
         self._busy: set[uuid.UUID] = set()
+        #: Held from the look-up of a VMID across every location to the creation of its
+        #: replica: two sessions creating the same VM in two locations would both find
+        #: it nowhere (REP-33).
+        self.creating = trio.Lock()
         #: Counts connections against the bounds of ``config.connections`` (TIM-12).
         self.gate = Gate(config.connections)
 
@@ -190,13 +201,72 @@ class RecoveryServer:
             self._stores[storage] = store
         return store
 
+    def locations(self) -> list[Path]:
+        """Every storage location this server serves: its authorization's, and any opened
+        since (a reload may have dropped an entry whose replicas are still here)."""
+        places = {e.storage for e in self.config.authorization.entries}
+        if self.config.authorization.any_primary is not None:
+            places.add(self.config.authorization.any_primary.storage)
+        return sorted(places | set(self._stores))
+
+    async def holders(self, vmid: uuid.UUID) -> list[ReplicaStore]:
+        """The stores, over every location served, that hold a replica of ``vmid``."""
+        found = []
+        for storage in self.locations():
+            store = await self.store_for(storage)
+            if store.exists(vmid):
+                found.append(store)
+        return found
+
+    async def locate(self, vmid: uuid.UUID, default: ReplicaStore) -> ReplicaStore:
+        """Where the replica of ``vmid`` is, over every location served (REP-33): the store
+        that holds it, or ``default`` when none does (a new replica goes there).
+
+        Raises:
+            frproto.Busy: two locations hold it (REP-34): it is not served until an
+                operator removes one copy (``frctl replica remove-duplicate``).
+        """
+        found = await self.holders(vmid)
+        if len(found) > 1:
+            # Nothing is closed here: a session that opened the VM before the second copy
+            # appeared goes on; only new creates and opens are refused.
+            log.warning(
+                "VM %s has a replica in %d storage locations (%s): refused until an operator "
+                "removes one (frctl replica duplicates)",
+                vmid,
+                len(found),
+                ", ".join(str(s.root) for s in found),
+            )
+            raise fp.Busy(
+                f"VM {vmid} has two replicas on this server: it is not served until an "
+                "operator removes one"
+            )
+        return found[0] if found else default
+
+    def duplicates(self) -> dict[uuid.UUID, list[Path]]:
+        """VMIDs with a replica in more than one of the stores opened, and where."""
+        where: dict[uuid.UUID, list[Path]] = {}
+        for storage, store in sorted(self._stores.items()):
+            for vmid in store.vmids():
+                where.setdefault(vmid, []).append(storage)
+        return {vmid: places for vmid, places in where.items() if len(places) > 1}
+
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Recover every configured store, listen, and serve until cancelled."""
-        locations = {e.storage for e in self.config.authorization.entries}
-        if self.config.authorization.any_primary is not None:
-            locations.add(self.config.authorization.any_primary.storage)
-        for storage in sorted(locations):
+        for storage in self.locations():
             await self.store_for(storage)
+        duplicates = await trio.to_thread.run_sync(self.duplicates)
+        for vmid, places in duplicates.items():
+            self.forget(vmid)  # recovery opened both copies: neither stays open
+            log.error(
+                "VM %s has a replica in %d storage locations (%s): it is refused until an "
+                "operator removes one (frctl replica duplicates; frctl replica "
+                "remove-duplicate %s --storage PATH --yes)",
+                vmid,
+                len(places),
+                ", ".join(map(str, places)),
+                vmid,
+            )
         try:
             listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
         except OSError as exc:

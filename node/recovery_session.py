@@ -5,9 +5,13 @@ authorization, and hands it here; the session then runs the conversation of
 ``docs/protocol.md`` on the replica storage:
 
 * RelationshipCreate makes the replica (bound to the primary's trust group);
-  RelationshipOpen carries one on. A VM this server does not hold gets VM_NOT_HERE (a
-  primary that talks to a broker asks it again), a deleted one VM_DELETED, a primary of
-  another trust group NOT_AUTHORIZED. A VM open on another connection gets BUSY. A create
+  RelationshipOpen carries one on. Both look the VMID up in every storage location of
+  the server first (REP-33): a replica held in another location is this VM's, so a
+  primary of another trust group is refused NOT_AUTHORIZED and nothing is created; a
+  VMID held in two locations is refused BUSY until an operator resolves it (REP-34).
+  A VM this server does not hold gets VM_NOT_HERE (a primary that talks to a broker
+  asks it again), a deleted one VM_DELETED, a primary of another trust group
+  NOT_AUTHORIZED. A VM open on another connection gets BUSY. A create
   resent with the replica's disks opens it and keeps the create's VM name and config
   blob (a rename, REP-28; a cluster node records the name, ``on_renamed``).
 * IR chunks are written straight into the sparse images; progress is made durable every
@@ -106,6 +110,14 @@ class SessionHost(Protocol):
 
     async def store_for(self, storage: Path) -> ReplicaStore:
         """The replica store at ``storage``, opened (and recovered) on first use."""
+        ...
+
+    #: Held from a VMID's look-up across every location to the creation of its replica.
+    creating: trio.Lock
+
+    async def locate(self, vmid: uuid.UUID, default: ReplicaStore) -> ReplicaStore:
+        """The store holding ``vmid`` over every location served, else ``default``;
+        BUSY when two hold it (REP-33, REP-34)."""
         ...
 
 
@@ -291,41 +303,55 @@ class Session:
         if self.store.is_deleted(vmid):
             raise fp.VMDeleted(f"the replica of {vmid} was deleted by an administrator")
 
-    async def _check_owner(self, vmid: uuid.UUID) -> None:
+    async def _check_owner(self, vmid: uuid.UUID, *, locate: bool = True) -> None:
         override = await self.server.check_owner(vmid, self.connection_grant)
-        grant = override or self.connection_grant
-        if grant != self.grant:
-            self.grant = grant
-            self.store = await self.server.store_for(grant.storage)
+        self.grant = override or self.connection_grant
+        if locate:
+            await self._locate(vmid)
+
+    async def _locate(self, vmid: uuid.UUID) -> None:
+        """The grant's store, or wherever else on this server the VM's replica is
+        (REP-33): a replica in another location is still this VM's, bound to the trust
+        group that created it (REP-9 then refuses a primary of another)."""
+        store = await self.server.store_for(self.grant.storage)
+        self.store = await self.server.locate(vmid, store)
 
     async def on_create(self, msg: fp.RelationshipCreate) -> None:
         self._let_go()  # sending it closed any open relationship (SM-7), refused or not
-        await self._check_owner(msg.vmid)
-        self._check_deleted(msg.vmid)
-        identity = self.grant.identity
-        if self.store.exists(msg.vmid):
-            replica = self.store.open(msg.vmid)
-            self.server.config.authorization.check_binding(
-                identity, replica.trust_group, f"the replica of {msg.vmid}"
-            )
-            if replica.disks != msg.disks:
-                raise fp.AlreadyExists(f"a replica of {msg.vmid} with other disks exists")
-            # A primary resending its create after a restart, or after a rename (REP-28).
-            await self._accept(replica, identity=(msg.vm_name, msg.config))
+        # No other session may create this VM between the look-up in every location
+        # and the creation (REP-33: one VMID, one replica on this server).
+        await self._check_owner(msg.vmid, locate=False)
+        async with self.server.creating:
+            await self._locate(msg.vmid)
+            self._check_deleted(msg.vmid)
+            identity = self.grant.identity
+            created = False
+            if self.store.exists(msg.vmid):
+                replica = self.store.open(msg.vmid)
+            else:
+                replica = await trio.to_thread.run_sync(
+                    partial(
+                        self.store.create,
+                        msg.vmid,
+                        name=msg.vm_name,
+                        config=msg.config,
+                        disks=msg.disks,
+                        primary=identity.name,
+                        trust_group=identity.trust_group,
+                    )
+                )
+                log.info("created replica %s (%s) for %s", msg.vmid, msg.vm_name, identity.name)
+                created = True
+        if created:
+            await self._accept(replica)
             return
-        replica = await trio.to_thread.run_sync(
-            partial(
-                self.store.create,
-                msg.vmid,
-                name=msg.vm_name,
-                config=msg.config,
-                disks=msg.disks,
-                primary=identity.name,
-                trust_group=identity.trust_group,
-            )
+        self.server.config.authorization.check_binding(
+            identity, replica.trust_group, f"the replica of {msg.vmid}"
         )
-        log.info("created replica %s (%s) for %s", msg.vmid, msg.vm_name, identity.name)
-        await self._accept(replica)
+        if replica.disks != msg.disks:
+            raise fp.AlreadyExists(f"a replica of {msg.vmid} with other disks exists")
+        # A primary resending its create after a restart, or after a rename (REP-28).
+        await self._accept(replica, identity=(msg.vm_name, msg.config))
 
     async def on_open(self, msg: fp.RelationshipOpen) -> None:
         self._let_go()  # sending it closed any open relationship (SM-7), refused or not

@@ -9,4 +9,5 @@ from . import (  # noqa: F401
     relationship,
     replication,
     transport,
+    trust_groups,
 )

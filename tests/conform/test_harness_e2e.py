@@ -25,6 +25,7 @@ from frlink.certs import issue_host_cert
 from frtesting.cluster import (
     CAP_ADDRESS,
     CAP_NAME,
+    OTHER_GROUP_NAME,
     PRIMARY_NAME,
     ClusterSite,
     node_address,
@@ -36,6 +37,13 @@ from tests.node.site import SERVER_HOST, SERVER_NAME, Site
 REPO = Path(__file__).resolve().parents[2]
 #: A certificate name the endpoints under test do not authorize.
 INTRUDER = "intruder.elsewhere.example.org"
+#: The stand-alone server's second trust group, with storage of its own (REP-33).
+OTHER_GROUP = f"""
+[[authorization]]
+primary = "{OTHER_GROUP_NAME}"
+storage = "replicas-other"
+trust_group = "site-b"
+"""
 
 
 def _replicas(storage: Path) -> list[str]:
@@ -77,11 +85,13 @@ max_negotiating = 128
 
 def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    site.write_server_config(connections=CONNECTIONS)
+    site.write_server_config(connections=CONNECTIONS, authorization=OTHER_GROUP)
     server = site.start_server()
     junit_file = tmp_path / "conform.xml"
     # A certificate of the server's CA that no authorization entry names (TLS-4, NEG-12).
     issue_host_cert(site.certs, site.certs, INTRUDER)
+    # A primary of another trust group (BRK-4, REP-9, REP-33).
+    issue_host_cert(site.certs, site.certs, OTHER_GROUP_NAME)
     try:
         certs = site.certs
         done = subprocess.run(
@@ -103,6 +113,10 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
                 str(certs / f"{INTRUDER}.pem"),
                 "--unauthorized-key",
                 str(certs / f"{INTRUDER}-key.pem"),
+                "--other-group-cert",
+                str(certs / f"{OTHER_GROUP_NAME}.pem"),
+                "--other-group-key",
+                str(certs / f"{OTHER_GROUP_NAME}-key.pem"),
                 "--json",
                 "--junit",
                 str(junit_file),
@@ -134,8 +148,10 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert totals["passed"] >= 60  # every area: negotiation, session, malformed input
     statuses = {r["id"]: r["status"] for r in report["requirements"]}
     required = ("NEG-2", "NEG-7", "NEG-12", "TLS-4", "TLS-12", "REP-4", "REP-18", "REP-20")
-    for rid in (*required, "ENV-4", "SES-9", "DEL-3"):
+    for rid in (*required, "ENV-4", "SES-9", "DEL-3", "REP-9", "REP-33"):
         assert statuses[rid] == "passed", rid
+    # The other trust group's storage got nothing (REP-33).
+    assert _replicas(tmp_path / "replicas-other") == []
     # The stream ended inside a frame (the vectors with "eof"), by TLS's close_notify:
     # the endpoint answers TRUNCATED; these ran, none was set aside as not applicable.
     env5 = next(r for r in report["requirements"] if r["id"] == "ENV-5")
@@ -175,7 +191,7 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     site = ClusterSite(tmp_path, nodes=2, connections=CONNECTIONS)
     try:
         site.start_all()
-        site.authorize_primary()
+        site.authorize_primary(other_group=True)
         deleted = VMRecord(str(uuid.uuid4()), node_name(1), "replicas", deleted=True)
 
         async def main() -> tuple[Report, Report, list[VMRecord]]:
@@ -205,8 +221,16 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
             intruder = client_context(
                 certs / f"{INTRUDER}.pem", certs / f"{INTRUDER}-key.pem", certs / "ca.pem"
             )
+            other_group = client_context(
+                certs / f"{OTHER_GROUP_NAME}.pem",
+                certs / f"{OTHER_GROUP_NAME}-key.pem",
+                certs / "ca.pem",
+            )
             options = replace(
-                TIMES, deleted_vmid=uuid.UUID(deleted.vmid), unauthorized_cert=intruder
+                TIMES,
+                deleted_vmid=uuid.UUID(deleted.vmid),
+                unauthorized_cert=intruder,
+                other_group_cert=other_group,
             )
             report = await run(target, options)
             # A node reached directly: what a node does on its own (no new VMs there).
@@ -228,6 +252,9 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     passed = _passed(report)
     for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-4", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3"):
         assert rid in passed, rid
+    # A primary of another trust group, at the broker and at the VM's node.
+    for rid in ("BRK-4", "REP-9", "REP-33"):
+        assert rid in passed, rid
     for rid in ("NEG-2", "NEG-12", "TLS-12"):
         assert rid in passed, rid
     # The deadlines at the broker (the CAP's listener) and at the node a VM is placed on
@@ -242,6 +269,7 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     assert [r.vmid for r in records] == [deleted.vmid]
     for i in (1, 2):
         assert _replicas(site.storage(i) / "replicas") == []
+        assert _replicas(site.storage(i) / "replicas-other") == []
 
 
 def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path) -> None:

@@ -50,9 +50,11 @@ class Site:
         primary: str = "*.primary.example.com",
         trust_group: str = "site-a",
         connections: str = "",
+        authorization: str = "",
     ) -> None:
         """Write ``server.toml``; ``connections``: the body of a ``[connections]`` table
-        (deadlines and bounds), none when empty."""
+        (deadlines and bounds), none when empty; ``authorization``: more
+        ``[[authorization]]`` tables, as TOML."""
         self.server_config.write_text(
             f"""
 [server]
@@ -71,6 +73,7 @@ primary = "{primary}"
 storage = "replicas"
 trust_group = "{trust_group}"
 """
+            + (f"\n{authorization}\n" if authorization else "")
             + (f"\n[connections]\n{connections}\n" if connections else "")
         )
 
