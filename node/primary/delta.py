@@ -43,6 +43,8 @@ class Deltas:
         tracker: the embedding tool's change tracker; None: scan for changes.
         before_capture / after_capture: hooks around the capture window.
         chunk_fault: test seam, transforms a chunk's data after its digest was taken.
+        phases: where the capture and the send note when they passed their steps
+            (``captured``, ``batch_begin``, ``acked``; ``time.time()``), if anywhere.
     """
 
     vm: VMRecord
@@ -51,6 +53,11 @@ class Deltas:
     before_capture: Callable[[], None] | None
     after_capture: Callable[[], None] | None
     chunk_fault: Callable[[bytes], bytes] | None = None
+    phases: dict[str, float] | None = None
+
+    def _note(self, phase: str) -> None:
+        if self.phases is not None:
+            self.phases[phase] = time.time()
 
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""
@@ -77,6 +84,7 @@ class Deltas:
             if self.after_capture is not None:
                 self.after_capture()
         self.vm.save()
+        self._note("captured")
 
     async def _append(
         self, changed: dict[int, list[int]], known: dict[tuple[int, int], bytes]
@@ -158,6 +166,7 @@ class Deltas:
                 yield disk_index, offset, data if fault is None else fault(data), digest
 
         total = pending.nbytes
+        self._note("batch_begin")
         try:
             await client.send_batch(
                 self.vm.vmid,
@@ -175,6 +184,7 @@ class Deltas:
             # refused resends).
             await trio.to_thread.run_sync(self.pending.check_cycle, sequence)
             raise
+        self._note("acked")
         # The acknowledged sequence is recorded *before* the cycle leaves the pending log:
         # killed in between, the primary finds a cycle it already had acknowledged (it is
         # dropped unsent, see plan_pending_cycle). The other order could let a restarted
