@@ -64,13 +64,15 @@ block = int(sys.argv[7])
 data = bytearray(count * block)
 view = memoryview(data)
 jfd = os.open(journal, os.O_WRONLY)
-got = 0
+got = written = 0
 while got < len(data):
     k = tls.recv_into(view[got:got + (1 << 20)])
     if not k:
         raise SystemExit("short stream")
-    os.pwrite(jfd, view[got:got + k], got)  # journaled as it arrives
     got += k
+    if got - written >= (1 << 20) or got == len(data):
+        os.pwrite(jfd, view[written:got], written)  # journaled as it arrives, 1 MiB a write
+        written = got
 received = time.time()
 os.fdatasync(jfd)
 os.close(jfd)
