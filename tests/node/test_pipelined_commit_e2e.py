@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from node.config import load_recovery_server_config
+from node.primary.verify import VerifyResult
 from node.recovery_server import RecoveryServer
 from node.storage import ReplicaStore, StorageFaults
 from node.storage.layout import ReplicaLayout
@@ -53,6 +54,7 @@ async def test_the_ack_comes_before_the_apply_and_a_crash_between_loses_nothing(
                 await replicator.cycle()  # returns at the Ack
                 assert replicator.state.sequence == 1
                 assert replicator.pending.cycles() == []
+                at_1 = image.read_bytes()
                 # The apply has begun and is held: the images are untouched, the state
                 # says the IR, the committed journal is there.
                 assert await trio.to_thread.run_sync(undo_started.wait, 10)
@@ -63,7 +65,7 @@ async def test_the_ack_comes_before_the_apply_and_a_crash_between_loses_nothing(
                 shutil.copytree(site.storage, crashed, symlinks=True)
                 # A reader meanwhile (a verification's digest maps) waits for the apply,
                 # so it sees the batch whole.
-                results = []
+                results: list[VerifyResult] = []
 
                 async def verify() -> None:
                     results.append(await replicator.verify())
@@ -76,6 +78,28 @@ async def test_the_ack_comes_before_the_apply_and_a_crash_between_loses_nothing(
                     await trio.sleep(0.05)
                 assert results[0].ok
                 assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+                # A maintenance task (a cluster's move) that takes the VM once its session
+                # ended waits for the apply too, before it reads the files itself.
+                undo_started.clear()
+                release.clear()
+                scribble(image, rng, writes=5)
+                await replicator.cycle()
+                assert await trio.to_thread.run_sync(undo_started.wait, 10)
+                assert server.hold(vmid)  # the session let the VM go: no BUSY for the next
+                settled: list[bool] = []
+
+                async def settle() -> None:
+                    await server.settle(vmid)
+                    settled.append(True)
+
+                nursery.start_soon(settle)
+                await trio.sleep(0.3)
+                assert settled == []
+                release.set()
+                while not settled:
+                    await trio.sleep(0.05)
+                assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+                server.release(vmid)
                 nursery.cancel_scope.cancel()
     finally:
         release.set()
@@ -84,4 +108,4 @@ async def test_the_ack_comes_before_the_apply_and_a_crash_between_loses_nothing(
         assert any("re-applied committed batch 1" in line for line in log), log
         replica = store.open(vmid)
         assert replica.applied_sequence == 1
-        assert replica.image_path(0).read_bytes() == image.read_bytes()
+        assert replica.image_path(0).read_bytes() == at_1
