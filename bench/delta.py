@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{floors[-1].seconds:.3f} s, rsync {rsyncs[-1].seconds:.3f} s; scan "
                 f"{scans[-1].seconds:.3f} s, rsync {rsyncs_scan[-1].seconds:.3f} s"
             )
-        if not same_content(image, replica):
+        if not same_content(image, site.replica_image(vmid)):  # once the last apply ended
             raise RuntimeError("the replica differs from the image")
         if not same_content(image, copy):
             raise RuntimeError("the rsync copy differs from the image")

@@ -58,7 +58,7 @@ async def test_the_ack_comes_before_the_apply_and_a_crash_between_loses_nothing(
                 # The apply has begun and is held: the images are untouched, the state
                 # says the IR, the committed journal is there.
                 assert await trio.to_thread.run_sync(undo_started.wait, 10)
-                assert site.replica_image(vmid, 0).read_bytes() == before
+                assert site.replica_image(vmid, 0, applied=False).read_bytes() == before
                 assert [p.name for p in lo.journal_dir.iterdir()] == [f"{1:020d}.jrnl"]
                 # The disk as a crash at this instant leaves it.
                 crashed = tmp_path / "crashed"
