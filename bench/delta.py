@@ -25,6 +25,18 @@ A second change set of the same round measures the **scan cycle**: the same repl
 no tracker, so the capture reads the whole image and compares every block's XXH3-128 digest
 with its digest map; against rsync on the same second change set.
 
+Each tracker round also measures the **floor** on the same change set
+(bench/delta_floor.py): a plain program doing only the work no design can avoid (read the
+changed blocks, write them once to a log with one sync, send them over the TLS pipe of
+bench/ir.py, write them once to a journal with one sync and once into an image), order
+alternating with the cycle; ``floor_ratio`` is the median of cycle / floor. The tracker
+cycle's **phases** come from timestamps both sides record (``VMReplicator.phases`` here,
+the server's per-batch ``timings`` log line): capture, connect (TLS, negotiation, the
+relationship open, which waits for the previous batch's apply), send (BatchBegin to the
+server's receipt of BatchEnd), server receive, journal durable, ack (journal durable to
+the primary's receipt of the Ack), and, after the Ack (off the cycle's path: the
+pipelined commit), undo and apply.
+
 Every value is image size / wall time ("effective" GB/s, as rsync reports speedup). The
 image and the rsync copy are read once before each timed step (hot page cache on both
 sides; the replica was written by the IR and the previous cycles). The ratios are medians
@@ -52,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from delta_floor import Floor, FloorResult
 from ir import (
     BLOCK,
     GIB,
@@ -72,7 +85,19 @@ from node.primary.tracker import ChangeTracker
 RSYNC_HOST = "127.0.0.4"
 CHANGED = 0.10
 GOAL = 10.0
-SCAN_GOAL = 2.0
+SCAN_GOAL = 4.0
+FLOOR_GOAL = 1.5
+#: The phases of a tracker cycle, in order; the last two run after the Ack.
+PHASES = (
+    "capture",
+    "connect",
+    "send",
+    "server_receive",
+    "journal_durable",
+    "ack",
+    "undo",
+    "apply",
+)
 
 
 # -- rsync -----------------------------------------------------------------------------
@@ -232,6 +257,34 @@ def measure_cycle(
     return result
 
 
+def server_timings(server: ServerProcess, vmid: uuid.UUID, sequence: int) -> dict[str, float]:
+    """The server's timestamps of one batch, from its log line (written once applied)."""
+    prefix = f"batch {sequence} of {vmid} applied: timings "
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in server.log.read_text(errors="replace").splitlines():
+            at = line.find(prefix)
+            if at >= 0:
+                pairs = (kv.split("=") for kv in line[at + len(prefix) :].split())
+                return {k: float(v) for k, v in pairs}
+        time.sleep(0.05)
+    raise RuntimeError(f"the server logged no timings for batch {sequence}")
+
+
+def cycle_phases(primary: dict[str, float], server: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of one tracker cycle (PHASES), from both sides' timestamps."""
+    return {
+        "capture": primary["captured"] - primary["start"],
+        "connect": primary["batch_begin"] - primary["captured"],
+        "send": server["received"] - primary["batch_begin"],
+        "server_receive": server["received"] - server["began"],
+        "journal_durable": server["durable"] - server["received"],
+        "ack": primary["acked"] - server["durable"],
+        "undo": server["undone"] - server["acked"],
+        "apply": server["applied"] - server["undone"],
+    }
+
+
 def measure_rsync(daemon: RsyncDaemon, image: Path, copy: Path, blocks: list[int]) -> RsyncResult:
     # rsync skips a file whose size and mtime match (its quick check); the copy was last
     # written by the previous rsync, possibly within the same second as the change: date it
@@ -295,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             f"       every source and target read once before each timed step (hot page "
             f"cache); {args.rounds} rounds, order alternating, medians"
         )
+        floor = Floor(site, root, image, int(size // BLOCK * CHANGED) * BLOCK)
+        floors: list[FloorResult] = []  # paired with tracked
+        phases: list[dict[str, float]] = []
         tracked: list[CycleResult] = []
         scans: list[CycleResult] = []
         rsyncs: list[RsyncResult] = []  # paired with tracked
@@ -313,12 +369,18 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     cycles.append(measure_cycle(replicator, server, image, replica, blocks))
                     peers.append(measure_rsync(daemon, image, copy, blocks))
+                if kind == "tracker":
+                    seq = replicator.state.sequence
+                    timings = server_timings(server, vmid, seq)
+                    phases.append(cycle_phases(dict(replicator.phases), timings))
+                    read_through(image)
+                    floors.append(floor.run(image, blocks))
             print(
-                f"       round {r + 1}: tracker {gb / tracked[-1].seconds:.2f} / rsync "
-                f"{gb / rsyncs[-1].seconds:.3f} GB/s eff.; scan {gb / scans[-1].seconds:.2f} / "
-                f"rsync {gb / rsyncs_scan[-1].seconds:.3f} GB/s eff."
+                f"       round {r + 1}: tracker {tracked[-1].seconds:.3f} s, floor "
+                f"{floors[-1].seconds:.3f} s, rsync {rsyncs[-1].seconds:.3f} s; scan "
+                f"{scans[-1].seconds:.3f} s, rsync {rsyncs_scan[-1].seconds:.3f} s"
             )
-        if not same_content(image, replica):
+        if not same_content(image, site.replica_image(vmid)):  # once the last apply ended
             raise RuntimeError("the replica differs from the image")
         if not same_content(image, copy):
             raise RuntimeError("the rsync copy differs from the image")
@@ -336,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     ratios = sorted(p.seconds / c.seconds for p, c in zip(rsyncs, tracked, strict=True))
     scan_ratios = sorted(p.seconds / c.seconds for p, c in zip(rsyncs_scan, scans, strict=True))
     ratio, scan_ratio = statistics.median(ratios), statistics.median(scan_ratios)
+    floor_ratios = sorted(c.seconds / f.seconds for c, f in zip(tracked, floors, strict=True))
+    floor_ratio = statistics.median(floor_ratios)
+    floor_rsync = statistics.median(
+        p.seconds / f.seconds for p, f in zip(rsyncs, floors, strict=True)
+    )
+    floor_seconds = med(f.seconds for f in floors)
+    phase = {k: med(p[k] for p in phases) for k in PHASES}
+    floor_phase = {k: med(f.phases()[k] for f in floors) for k in floors[0].phases()}
     base = gb / med(p.seconds for p in all_rsync)
     value = gb / med(c.seconds for c in tracked)
     scan_value = gb / med(c.seconds for c in scans)
@@ -375,6 +445,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{scan_ratios[-1]:.2f}) {'MET' if scan_ratio >= SCAN_GOAL else 'MISSED'}"
     )
     print("          (CPU s/GB: per GB of image, as the effective rates)")
+    print(
+        f"floor     read, log+sync, TLS send, journal+sync, image write "
+        f"{gb / floor_seconds:7.3f} GB/s eff.  ({floor_seconds:.3f} s; "
+        f"{floor_rsync:.2f}x rsync: the most any design reaches here)"
+    )
+    print("          " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in floor_phase.items()))
+    print(
+        f"          cycle / floor {floor_ratio:.2f} (goal <= {FLOOR_GOAL:g}; rounds "
+        f"{floor_ratios[0]:.2f}-{floor_ratios[-1]:.2f}) "
+        f"{'MET' if floor_ratio <= FLOOR_GOAL else 'MISSED'}"
+    )
+    if floor_rsync < GOAL:
+        print(
+            f"          {GOAL:g}x rsync is out of reach on this machine: the floor itself is "
+            f"{floor_rsync:.2f}x rsync"
+        )
+    # server_receive lies within send (the same bytes, seen from the other end).
+    on_path = sum(phase[k] for k in ("capture", "connect", "send", "journal_durable", "ack"))
+    print(
+        "phases    tracker cycle, medians (ms): "
+        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[:6])
+        + f" (on the path, server_receive within send: {on_path * 1000:.0f} of "
+        + f"{med(c.seconds for c in tracked) * 1000:.0f}); after the Ack: "
+        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[6:])
+    )
     result: dict[str, Any] = {
         "name": "delta",
         "value": round(value, 3),
@@ -386,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         "scan_value": round(scan_value, 3),
         "goal_ratio": GOAL,
         "goal_scan_ratio": SCAN_GOAL,
+        "floor_ratio": round(floor_ratio, 2),
+        "floor_seconds": round(floor_seconds, 3),
+        "floor_vs_rsync": round(floor_rsync, 2),
+        "goal_floor_ratio": FLOOR_GOAL,
+        "phases": {k: round(v, 4) for k, v in phase.items()},
+        "floor_phases": {k: round(v, 4) for k, v in floor_phase.items()},
+        "floor_ratio_min_round": round(floor_ratios[0], 2),
+        "floor_ratio_max_round": round(floor_ratios[-1], 2),
         "ratio_min_round": round(ratios[0], 2),
         "ratio_max_round": round(ratios[-1], 2),
         "scan_ratio_min_round": round(scan_ratios[0], 2),

@@ -55,11 +55,11 @@ from frlink.certs import create_ca, issue_host_cert
 from frlink.config import NO_COMPRESSION, parse_compression
 from frlink.tls import client_context
 from frproto import CompressionSet
+from frtesting.replicas import applied_image
 from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
 from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 from node.primary.tracker import ChangeTracker
-from node.storage.layout import ReplicaLayout
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -220,8 +220,9 @@ trust_group = "bench"
         return VMReplicator(state, store, ctx, tracker=tracker, local_address=PRIMARY_HOST)
 
     def replica_image(self, vmid: uuid.UUID) -> Path:
-        """The replica's image file of disk 0."""
-        return ReplicaLayout(self.storage, vmid).image("disk0")
+        """The replica's image file of disk 0, once the last acknowledged batch is applied
+        to it (the server applies after the Ack: ``frtesting.replicas``)."""
+        return applied_image(self.storage, vmid, "disk0")
 
     def clear_storage(self) -> None:
         """Remove every replica and the primary's state (server stopped)."""

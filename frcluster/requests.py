@@ -85,8 +85,8 @@ async def follow_requests(store: ClusterStore, keys: Keys, select: Select, act: 
 @contextlib.asynccontextmanager
 async def held(server: RecoveryServer, vmid: uuid.UUID) -> AsyncIterator[bool]:
     """Hold the VM on the node's recovery server for the block (a primary's session for
-    it gets BUSY meanwhile, and retries); yields False, holding nothing, when the VM's
-    session did not end within ``HOLD_TIMEOUT``."""
+    it gets BUSY meanwhile, and retries), its last acknowledged batch applied; yields
+    False, holding nothing, when the VM's session did not end within ``HOLD_TIMEOUT``."""
     with trio.move_on_after(HOLD_TIMEOUT) as waited:
         while not server.hold(vmid):
             await trio.sleep(0.05)
@@ -94,6 +94,9 @@ async def held(server: RecoveryServer, vmid: uuid.UUID) -> AsyncIterator[bool]:
         yield False
         return
     try:
+        # The session may have ended with its last batch acknowledged and still being
+        # applied: the block sees the replica whole.
+        await server.settle(vmid)
         yield True
     finally:
         server.release(vmid)

@@ -337,10 +337,11 @@ ca = "certs/ca.pem"
 
 
 def replica_path(site: ClusterSite, i: int, vmid: uuid.UUID, disk: int = 0) -> Path:
-    """Where node ``i`` keeps disk ``disk`` of the replica of ``vmid``."""
-    from node.storage.layout import ReplicaLayout
+    """Where node ``i`` keeps disk ``disk`` of the replica of ``vmid``, once the last
+    acknowledged batch is applied to it (``frtesting.replicas``)."""
+    from .replicas import applied_image
 
-    return ReplicaLayout(site.storage(i) / "replicas", vmid).image(f"disk{disk}")
+    return applied_image(site.storage(i) / "replicas", vmid, f"disk{disk}")
 
 
 def primary_replicator(site: ClusterSite, vmid: uuid.UUID, images: list[Path]) -> VMReplicator:

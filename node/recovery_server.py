@@ -23,6 +23,7 @@ all until an operator removes one copy (REP-34, ``frctl replica remove-duplicate
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
@@ -148,6 +149,18 @@ class RecoveryServer:
     def release(self, vmid: uuid.UUID) -> None:
         """Give back a VM taken with :meth:`hold`."""
         self._busy.discard(vmid)
+
+    async def settle(self, vmid: uuid.UUID) -> None:
+        """Wait until the VM's last acknowledged batch is applied. A session lets its VM go
+        at the end of the connection while that apply may still run (the pipelined
+        commit, ``docs/storage.md``): a maintenance task that took the VM with
+        :meth:`hold` calls this before it reads the replica's files itself or hands them
+        to another node. A failed apply is left to recovery (logged by the session)."""
+        for store in list(self._stores.values()):
+            replica = store.opened(vmid)
+            if replica is not None:
+                with contextlib.suppress(fp.ReplicationError):
+                    await trio.to_thread.run_sync(replica.apply_committed)
 
     def forget(self, vmid: uuid.UUID) -> None:
         """Drop any open handle on the VM's replica, in every store (the next use reads

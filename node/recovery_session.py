@@ -26,7 +26,11 @@ authorization, and hands it here; the session then runs the conversation of
   complete (EXISTS, REP-30): a refusal sent before the IREnd would close the connection
   (ERR-6). Where chunks overlap, the later one wins (CHK-25).
 * A delta batch is journaled as its chunks arrive (frproto has already checked each
-  chunk's digest and bounds), then applied whole at BatchEnd and only then acknowledged.
+  chunk's digest and bounds); at BatchEnd the journal is made durable and the batch is
+  acknowledged, then applied (undo capture, images, state) off the acknowledgement path,
+  in the session's nursery: the pipelined commit (``docs/storage.md``). Whatever reads the
+  replica next (the next batch, a digest map, a new relationship's RelationshipAccepted,
+  a failover) waits for that apply, so it sees only applied, whole batches.
   A batch already applied is acknowledged again without being applied; a gap is refused
   with OUT_OF_SEQUENCE at BatchEnd (refusing earlier would have to close the connection).
 * RelationshipDelete removes the open relationship's replica (images, journal, recovery
@@ -147,6 +151,7 @@ class Session:
         self.removed = False
         self.batch: BatchWriter | None = None
         self.batch_refusal: fp.FrprotoError | None = None
+        self.batch_began = 0.0  # when the BatchBegin of the batch being received came
         self.ir_unsynced = 0
         #: What the IR in progress has covered (None while none is, or when it is refused).
         self.ir_coverage: IRCoverage | None = None
@@ -156,6 +161,7 @@ class Session:
         #: Between IRBegin and IREnd (a connection lost then lost part of an IR).
         self.ir_open = False
         self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
+        self.nursery: trio.Nursery  # made by run(): the applies after an Ack run in it
 
     def release(self) -> None:
         if self.batch is not None:
@@ -192,6 +198,7 @@ class Session:
                 )
 
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             self.ir_writes = IRWriteQueue(nursery)
             nursery.start_soon(ping)
             try:
@@ -202,6 +209,10 @@ class Session:
                 pinging.cancel()
             if self.ir_open:
                 await self._keep_ir_progress()
+            # The apply of the last acknowledged batch may still run in this nursery. The
+            # VM is let go now all the same: the primary's next connection must not find
+            # it BUSY, and whatever it does first waits for that apply (the replica's lock).
+            self.release()
         if failure is not None:
             # Re-raised bare once the queued writes are done, so that the caller sees
             # the peer's or the transport's error, not an ExceptionGroup.
@@ -286,6 +297,9 @@ class Session:
                 log.info("replica %s: VM name %r and config blob taken", replica.vmid, identity[0])
                 if self.server.on_renamed is not None:
                     await self.server.on_renamed(replica.vmid, identity[0])
+        # A batch acknowledged on an earlier connection may still be being applied: the
+        # applied_sequence reported must include it (REP-12).
+        await trio.to_thread.run_sync(replica.apply_committed)
         disk, offset = replica.ir_cursor
         await self.conn.send(
             fp.RelationshipAccepted(
@@ -515,7 +529,11 @@ class Session:
     async def on_batch_begin(self, msg: fp.BatchBegin) -> None:
         replica = self._current()
         self.batch_refusal = None
+        self.batch_began = time.time()
         try:
+            # The previous batch's apply first (in a thread: it may hold the lock a while);
+            # its failure is the new batch's refusal, and recovery retries it then.
+            await trio.to_thread.run_sync(replica.apply_committed)
             self.batch = replica.begin_batch(msg.sequence, msg.base_sequence, msg.captured_at_ms)
         except AlreadyApplied:
             self.batch_refusal = _AlreadyApplied(f"batch {msg.sequence} already applied")
@@ -540,15 +558,41 @@ class Session:
             raise refusal
         else:
             assert batch is not None
+            timing = BatchTiming(msg.sequence, began=self.batch_began, received=time.time())
             started = time.monotonic()
             try:
-                await trio.to_thread.run_sync(batch.commit, msg.aggregate_digest)
+                await trio.to_thread.run_sync(batch.make_durable, msg.aggregate_digest)
             except BaseException:
                 batch.abort()
                 raise
-            if self.metrics is not None:
-                self.metrics.batch_apply.observe(time.monotonic() - started)
+            timing.durable = time.time()
+            await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.BATCH_APPLIED, msg.sequence))
+            timing.acked = time.time()
+            self.nursery.start_soon(self._apply, replica, batch, timing, started)
+            return
         await self.conn.send(fp.Ack(replica.vmid, fp.AckKind.BATCH_APPLIED, msg.sequence))
+
+    async def _apply(
+        self, replica: Replica, batch: BatchWriter, timing: BatchTiming, started: float
+    ) -> None:
+        """Apply an acknowledged batch (off the acknowledgement path). A failure is logged,
+        not raised: the journal stays and recovery applies it before the replica's next
+        batch or read (whose failure then reaches the primary)."""
+        try:
+            await trio.to_thread.run_sync(replica.apply_committed)
+        except Exception:
+            log.exception(
+                "replica %s: the apply of acknowledged batch %d failed; its journal is kept "
+                "and applied before the next batch or read",
+                replica.vmid,
+                timing.sequence,
+            )
+            return
+        timing.applied = time.time()
+        timing.undone = batch.undo_captured_at
+        if self.metrics is not None:
+            self.metrics.batch_apply.observe(time.monotonic() - started)
+        log.info("%s", timing.line(replica.vmid))
 
     async def on_digest_request(self, msg: fp.DigestMapRequest) -> None:
         replica = self._current()
@@ -559,6 +603,29 @@ class Session:
         await self.conn.send(
             fp.DigestMap(msg.vmid, msg.disk_index, msg.block_size, msg.offset, digests)
         )
+
+
+class BatchTiming:
+    """When one batch passed each step on the recovery server (wall clock, ``time.time()``,
+    so that bench/delta.py can line them up with the primary's): its BatchBegin and
+    BatchEnd received, journal durable, Ack sent, undo data captured, applied. Logged as
+    one line per batch (:data:`TIMING_FIELDS`, in that order)."""
+
+    __slots__ = ("acked", "applied", "began", "durable", "received", "sequence", "undone")
+
+    def __init__(self, sequence: int, *, began: float, received: float) -> None:
+        self.sequence = sequence
+        self.began = began
+        self.received = received
+        self.durable = self.acked = self.undone = self.applied = 0.0
+
+    def line(self, vmid: uuid.UUID) -> str:
+        times = " ".join(f"{k}={getattr(self, k):.6f}" for k in TIMING_FIELDS)
+        return f"batch {self.sequence} of {vmid} applied: timings {times}"
+
+
+#: The fields of a batch's timings line, in the order they happen.
+TIMING_FIELDS = ("began", "received", "durable", "acked", "undone", "applied")
 
 
 class _AlreadyApplied(fp.FrprotoError):

@@ -92,6 +92,13 @@ def test_delta_slice(tmp_path: Path) -> None:
     )
     assert result["changed_bytes"] > 0
     assert result["scan_value"] > 0
+    # The in-run floor and the cycle's phases, from both sides' timestamps (issue 16).
+    assert result["floor_seconds"] > 0
+    assert result["floor_ratio"] > 0
+    assert set(result["phases"]) == {
+        "capture", "connect", "send", "server_receive", "journal_durable", "ack", "undo", "apply"
+    }  # fmt: skip
+    assert all(v >= 0 for v in result["phases"].values())
 
 
 def test_broker_slice(tmp_path: Path) -> None:

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
+import frproto as fp
+
 from .client import BatchChunk, RecoveryClient
-from .pending_log import PendingCycle, PendingLog, PendingLogFull
+from .pending_log import LogChunk, PendingCycle, PendingLog, PendingLogFull
 from .plan import Capture, next_capture_sequence, plan_capture
 from .record import VMRecord, count_batch
 from .scan import read_blocks, scan_changes
@@ -41,6 +43,8 @@ class Deltas:
         tracker: the embedding tool's change tracker; None: scan for changes.
         before_capture / after_capture: hooks around the capture window.
         chunk_fault: test seam, transforms a chunk's data after its digest was taken.
+        phases: where the capture and the send note when they passed their steps
+            (``captured``, ``batch_begin``, ``acked``; ``time.time()``), if anywhere.
     """
 
     vm: VMRecord
@@ -49,6 +53,11 @@ class Deltas:
     before_capture: Callable[[], None] | None
     after_capture: Callable[[], None] | None
     chunk_fault: Callable[[bytes], bytes] | None = None
+    phases: dict[str, float] | None = None
+
+    def _note(self, phase: str) -> None:
+        if self.phases is not None:
+            self.phases[phase] = time.time()
 
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""
@@ -60,10 +69,10 @@ class Deltas:
         if self.before_capture is not None:
             self.before_capture()
         try:
-            changed = await trio.to_thread.run_sync(self._changed_blocks, source)
+            changed, known = await trio.to_thread.run_sync(self._changed_blocks, source)
             if not any(changed.values()):
                 return
-            captured = await self._append(changed)
+            captured = await self._append(changed, known)
             if captured is None:
                 return
             # The maps now describe what was *captured* (durable in the pending log), so
@@ -75,20 +84,28 @@ class Deltas:
             if self.after_capture is not None:
                 self.after_capture()
         self.vm.save()
+        self._note("captured")
 
-    async def _append(self, changed: dict[int, list[int]]) -> list[tuple[int, int, bytes]] | None:
+    async def _append(
+        self, changed: dict[int, list[int]], known: dict[tuple[int, int], bytes]
+    ) -> list[tuple[int, int, bytes]] | None:
         """Append the ``changed`` blocks as a new pending cycle: ``(disk, block, digest)``
-        of each, or None when the log passed its bound."""
+        of each, or None when the log passed its bound. ``known``: digests the scan took
+        of these blocks within the same capture window (the disks did not change since),
+        used instead of digesting the blocks again."""
         block = self.vm.state.block_size
         disks, images = self.vm.disks, self.vm.images
         captured: list[tuple[int, int, bytes]] = []
 
-        def chunks() -> Iterator[tuple[int, int, bytes | memoryview]]:
+        def chunks() -> Iterator[LogChunk]:
             for disk_index, blocks in sorted(changed.items()):
                 size = disks[disk_index].size
                 for b, offset, data in read_blocks(images[disk_index], block, blocks, size):
-                    captured.append((disk_index, b, xxhash.xxh3_128_digest(data)))
-                    yield disk_index, offset, data
+                    # The one digest of this block: the digest map, the pending log's
+                    # record and the chunk header all carry this one.
+                    digest = known.get((disk_index, b)) or xxhash.xxh3_128_digest(data)
+                    captured.append((disk_index, b, digest))
+                    yield disk_index, offset, data, digest
 
         try:
             sequences = [c.sequence for c in self.pending.cycles()]
@@ -119,16 +136,22 @@ class Deltas:
         if self.tracker is not None and taken:
             self.tracker.restore(taken)
 
-    def _changed_blocks(self, source: Capture) -> dict[int, list[int]]:
+    def _changed_blocks(
+        self, source: Capture
+    ) -> tuple[dict[int, list[int]], dict[tuple[int, int], bytes]]:
+        """The changed blocks per disk, and the digests a scan took of them (keyed by
+        ``(disk, block)``; none from a tracker)."""
         if source is Capture.FROM_TRACKER:
             assert self.tracker is not None
-            return self.tracker.take()
+            return self.tracker.take(), {}
         changed: dict[int, list[int]] = {}
+        known: dict[tuple[int, int], bytes] = {}
         for disk_index, path in enumerate(self.vm.images):
-            blocks, _digests = scan_changes(path, self.vm.maps[disk_index])
+            blocks, digests = scan_changes(path, self.vm.maps[disk_index])
             if blocks:
                 changed[disk_index] = blocks
-        return changed
+                known.update(((disk_index, b), d) for b, d in digests.items())
+        return changed, known
 
     async def send(self, client: RecoveryClient, pending: PendingCycle) -> None:
         """Send one pending cycle as its delta batch; once acknowledged, record it and
@@ -137,21 +160,31 @@ class Deltas:
         fault = self.chunk_fault
 
         def chunks() -> Iterator[BatchChunk]:
-            # Streamed from the pending log: a large cycle never sits in memory whole.
-            for disk_index, offset, data in self.pending.read_cycle(sequence):
-                digest = xxhash.xxh3_128_digest(data)
+            # Streamed from the pending log: a large cycle never sits in memory whole. The
+            # digest is the capture's (digest once): the server's check is the only one.
+            for disk_index, offset, data, digest in self.pending.read_chunks(sequence):
                 yield disk_index, offset, data if fault is None else fault(data), digest
 
         total = pending.nbytes
-        await client.send_batch(
-            self.vm.vmid,
-            sequence,
-            chunks(),
-            chunk_count=pending.chunk_count,
-            total_bytes=total,
-            captured_at_ms=pending.captured_at_ms,
-            limiter=self.vm.limiter(),
-        )
+        self._note("batch_begin")
+        try:
+            await client.send_batch(
+                self.vm.vmid,
+                sequence,
+                chunks(),
+                chunk_count=pending.chunk_count,
+                total_bytes=total,
+                captured_at_ms=pending.captured_at_ms,
+                limiter=self.vm.limiter(),
+            )
+        except fp.DigestMismatch:
+            # Damaged in flight, or in the pending log since the capture (its data is not
+            # digested again on the way out): the log's own check tells them apart, and
+            # a damaged log raises PendingLogCorrupt (a resynchronization, not a loop of
+            # refused resends).
+            await trio.to_thread.run_sync(self.pending.check_cycle, sequence)
+            raise
+        self._note("acked")
         # The acknowledged sequence is recorded *before* the cycle leaves the pending log:
         # killed in between, the primary finds a cycle it already had acknowledged (it is
         # dropped unsent, see plan_pending_cycle). The other order could let a restarted

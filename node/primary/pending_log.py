@@ -18,7 +18,7 @@ Cycle file format (integers big-endian)::
 
     header   32 bytes
         magic           4s   b"FRPL"
-        version         u16  1
+        version         u16  2
         reserved        u16  0
         sequence        u64
         captured_at_ms  u64
@@ -27,8 +27,9 @@ Cycle file format (integers big-endian)::
         disk_index      u32
         length          u32  bytes of data
         offset          u64  byte offset in the disk
-        checksum        u64  XXH3-64 of the 16 bytes above and the data, seeded with
-                             the previous record's checksum (the first: the header's)
+        digest          16s  XXH3-128 of the data, taken once at capture
+        checksum        u64  XXH3-64 of the 32 bytes above, seeded with the previous
+                             record's checksum (the first: the header's)
         data            length bytes
     trailer  40 bytes, at the end of the file
         magic           4s   b"FRPE"
@@ -40,6 +41,19 @@ Cycle file format (integers big-endian)::
 
 The chained checksums make a torn, truncated, reordered or foreign record detectable;
 :meth:`PendingLog.read_cycle` raises :class:`PendingLogCorrupt` on any of them.
+
+**Digest once** (format 2). A record carries the XXH3-128 digest the capture took of its
+data (the capture needs it anyway, for the digest map); the chain covers the digest, and
+the digest covers the data. Sending reads the records with :meth:`PendingLog.read_chunks`,
+which checks the chain but does not digest the data again: the digest goes into the
+chunk header as it is, and the recovery server's check of it is the one check of the data
+(docs/protocol.md: a chunk's digest is verified by its receiver). A data byte damaged in
+the log therefore shows as the server's DIGEST_MISMATCH;
+:meth:`PendingLog.check_cycle` then tells it from damage in flight.
+:meth:`PendingLog.read_cycle` (verification, resynchronization) digests each record.
+
+There is no reader of format 1: no release wrote it. A format 1 file found on open reads
+as not intact (:class:`PendingLogCorrupt`, hence a resynchronization, never a silent gap).
 :meth:`PendingLog.extents` walks only the record headers (which blocks a cycle holds,
 for a resynchronization from a surviving dirty bitmap), checking what needs no data.
 """
@@ -62,11 +76,11 @@ from .state import fsync_dir
 
 _MAGIC: Final = b"FRPL"
 _END_MAGIC: Final = b"FRPE"
-_VERSION: Final = 1
+_VERSION: Final = 2
 _HEADER: Final = struct.Struct(">4sHHQQQ")
-_RECORD: Final = struct.Struct(">IIQQ")
+_RECORD: Final = struct.Struct(">IIQ16sQ")
 _TRAILER: Final = struct.Struct(">4sIQQQQ")
-_RECORD_FIELDS: Final = 16  # bytes of a record header covered by its checksum
+_RECORD_FIELDS: Final = 32  # bytes of a record header covered by its checksum
 _TRAILER_FIELDS: Final = 32
 _NAME: Final = re.compile(r"^(\d{20})\.cycle$")
 _OVERFLOW_MARK: Final = "OVERFLOWED"
@@ -82,6 +96,11 @@ def is_overflowed(directory: Path) -> bool:
     """Whether the pending log in ``directory`` is marked overflowed, read from disk
     without opening the log (what status reads, whether or not a service runs)."""
     return (Path(directory) / _OVERFLOW_MARK).exists()
+
+
+#: One chunk handed to :meth:`PendingLog.append_cycle`: ``(disk_index, offset, data)``,
+#: or with the XXH3-128 digest of ``data`` the caller already took as a fourth item.
+LogChunk = tuple[int, int, bytes | memoryview] | tuple[int, int, bytes | memoryview, bytes]
 
 
 class PendingLogError(Exception):
@@ -193,7 +212,7 @@ class PendingLog:
         self,
         sequence: int,
         captured_at_ms: int,
-        chunks: Iterable[tuple[int, int, bytes | memoryview]],
+        chunks: Iterable[LogChunk],
     ) -> int:
         """Write one cycle, durably, as a whole.
 
@@ -203,7 +222,9 @@ class PendingLog:
         Args:
             sequence: the batch sequence; larger than every cycle already in the log.
             captured_at_ms: capture time, ms since the epoch.
-            chunks: ``(disk_index, offset, data)``.
+            chunks: ``(disk_index, offset, data)`` or ``(disk_index, offset, data,
+                digest)``: with the XXH3-128 ``digest`` of ``data`` the caller took (the
+                capture does, for its digest map), the log does not digest it again.
 
         Returns:
             The size of the cycle's file (framing included).
@@ -264,7 +285,7 @@ class PendingLog:
         fd: int,
         sequence: int,
         captured_at_ms: int,
-        chunks: Iterable[tuple[int, int, bytes | memoryview]],
+        chunks: Iterable[LogChunk],
         budget: int,
     ) -> tuple[int, int, int]:
         head = _HEADER.pack(_MAGIC, _VERSION, 0, sequence, captured_at_ms, 0)[:24]
@@ -273,19 +294,22 @@ class PendingLog:
         first_seed = seed
         written = _write_all(fd, [header])
         count = nbytes = 0
-        for disk_index, offset, data in chunks:
+        for chunk in chunks:
+            disk_index, offset, data = chunk[0], chunk[1], chunk[2]
             length = len(data)
             if not 0 <= disk_index <= 0xFFFFFFFF or offset < 0 or length > _MAX_CHUNK:
                 raise ValueError(f"bad chunk: disk {disk_index} offset {offset} len {length}")
+            digest = chunk[3] if len(chunk) == 4 else xxhash.xxh3_128_digest(data)
+            if len(digest) != 16:
+                raise ValueError(f"bad digest for disk {disk_index} offset {offset}")
             if written + _RECORD.size + length + _TRAILER.size > budget:
                 raise PendingLogFull(
                     f"cycle {sequence} would pass the pending log's bound of "
                     f"{self.max_bytes} bytes: resynchronize"
                 )
-            fields = _RECORD.pack(disk_index, length, offset, 0)[:_RECORD_FIELDS]
-            hasher = xxhash.xxh3_64(fields, seed=seed)
-            hasher.update(data)
-            seed = hasher.intdigest()
+            # The chain covers the digest, which covers the data: no second pass over it.
+            fields = _RECORD.pack(disk_index, length, offset, digest, 0)[:_RECORD_FIELDS]
+            seed = xxhash.xxh3_64_intdigest(fields, seed=seed)
             written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data])
             count += 1
             nbytes += length
@@ -318,12 +342,41 @@ class PendingLog:
             KeyError: no such cycle in the log.
             PendingLogCorrupt: torn or damaged file.
         """
+        records = self._records(sequence, verify=True)  # KeyError here, not at the first next()
+        return ((disk_index, offset, data) for disk_index, offset, data, _digest in records)
+
+    def read_chunks(self, sequence: int) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """The chunks of one cycle with the digests the capture took, ``(disk_index,
+        offset, data, digest)``, for sending: the framing and the chain are checked as by
+        :meth:`read_cycle`, but the data is not digested (the receiver checks ``digest``).
+
+        Raises:
+            KeyError: no such cycle in the log.
+            PendingLogCorrupt: torn or damaged framing.
+        """
+        return self._records(sequence, verify=False)
+
+    def check_cycle(self, sequence: int) -> None:
+        """Read one cycle whole and check every record's data against its digest
+        (:class:`PendingLogCorrupt` if one differs): after the receiver refused a digest,
+        this says whether the log's copy is damaged.
+
+        Raises:
+            KeyError: no such cycle in the log.
+            PendingLogCorrupt: torn or damaged file.
+        """
+        for _ in self._records(sequence, verify=True):
+            pass
+
+    def _records(self, sequence: int, *, verify: bool) -> Iterator[tuple[int, int, bytes, bytes]]:
         with self._lock:
             if sequence not in self._cycles:
                 raise KeyError(f"no cycle {sequence} in the pending log")
-        return self._read(self.path_of(sequence), sequence)
+        return self._read(self.path_of(sequence), sequence, verify)
 
-    def _read(self, path: Path, sequence: int) -> Iterator[tuple[int, int, bytes]]:
+    def _read(
+        self, path: Path, sequence: int, verify: bool
+    ) -> Iterator[tuple[int, int, bytes, bytes]]:
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
         except FileNotFoundError as exc:
@@ -340,18 +393,18 @@ class PendingLog:
                 raw = f.read(_RECORD.size)
                 if len(raw) != _RECORD.size or pos + _RECORD.size > end:
                     raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
-                disk_index, length, offset, checksum = _RECORD.unpack(raw)
+                disk_index, length, offset, digest, checksum = _RECORD.unpack(raw)
                 pos += _RECORD.size + length
                 if pos > end:
                     raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")
                 data = f.read(length)
-                hasher = xxhash.xxh3_64(raw[:_RECORD_FIELDS], seed=seed)
-                hasher.update(data)
-                seed = hasher.intdigest()
+                seed = xxhash.xxh3_64_intdigest(raw[:_RECORD_FIELDS], seed=seed)
                 if len(data) != length or seed != checksum:
                     raise PendingLogCorrupt(f"{path.name}: record {index} checksum mismatch")
+                if verify and xxhash.xxh3_128_digest(data) != digest:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} data mismatch")
                 total += length
-                yield disk_index, offset, data
+                yield disk_index, offset, data, digest
             if pos != end or seed != last or total != nbytes:
                 raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
         finally:
@@ -365,9 +418,9 @@ class PendingLog:
         Checked: the header (magic, version, checksum, sequence), the trailer (magic,
         checksum, file size), every record within the file, and the records against the
         trailer (count, data bytes, last checksum). Not checked: the record checksums,
-        which cover the data. A record header damaged in place with its lengths intact
-        can therefore go unnoticed here (:meth:`read_cycle` notices it); callers check
-        the extents against what they expect.
+        which cover the digests of the data. A record header damaged in place with its
+        lengths intact can therefore go unnoticed here (:meth:`read_cycle` notices it);
+        callers check the extents against what they expect.
 
         The whole-cycle checks run when the iterator is exhausted: trust none of a
         cycle's extents before that.
@@ -400,7 +453,7 @@ class PendingLog:
                 raw = os.pread(fd, _RECORD.size, pos) if pos + _RECORD.size <= end else b""
                 if len(raw) != _RECORD.size:
                     raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
-                disk_index, length, offset, checksum = _RECORD.unpack(raw)
+                disk_index, length, offset, _digest, checksum = _RECORD.unpack(raw)
                 pos += _RECORD.size + length
                 if pos > end:
                     raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")

@@ -153,6 +153,10 @@ class VMReplicator:
     wall_clock: Callable[[], datetime] = datetime.now
     #: The service's metrics (cycle durations, bytes sent, failures), if any.
     metrics: PrimaryMetrics | None = None
+    #: When the last cycle passed each step (``time.time()``): ``start``, ``captured``,
+    #: ``batch_begin``, ``acked``, ``end`` (those it reached). The recovery server logs
+    #: its own side of each batch; bench/delta.py lines both up into phases.
+    phases: dict[str, float] = field(default_factory=dict, init=False)
     _maps: list[DigestMap] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -252,6 +256,7 @@ class VMReplicator:
             self.before_capture,
             self.after_capture,
             self.chunk_fault,
+            self.phases,
         )
 
     def _verification(self) -> Verification:
@@ -400,6 +405,8 @@ class VMReplicator:
 
     async def _cycle(self) -> None:
         self.state.last_cycle_started_at = time.time()
+        self.phases.clear()
+        self.phases["start"] = self.state.last_cycle_started_at
         try:
             # Before anything is read: a resized disk cannot be replicated by batches
             # (node/primary/disks.py), and a missing one must say so, not look like a
@@ -440,6 +447,7 @@ class VMReplicator:
             s.last_synced_at = time.time()
         self._update_health()
         self._save()
+        self.phases["end"] = time.time()
 
     def _note_session(self, client: RecoveryClient) -> None:
         self.last_compression = client.negotiated.compression

@@ -10,7 +10,8 @@ Synchronous; the server calls the long operations through ``trio.to_thread``::
     replica.begin_ir(1); replica.write_ir_chunk(0, 0, data); replica.complete_ir(1)
     batch = replica.begin_batch(2, 1, captured_at_ms)
     batch.add(0, offset, data)
-    batch.commit()                        # acknowledge only after this returns
+    batch.make_durable()                  # acknowledge once this returns, then
+    replica.apply_committed()             # apply (readers apply it first themselves)
 """
 
 from __future__ import annotations

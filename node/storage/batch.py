@@ -1,23 +1,29 @@
 """Where a delta batch is received, committed and applied to a replica's images.
 
 :meth:`BatchWriter.add` appends DATA/ZERO records to ``journal/<seq>.jrnl`` (no fsync
-yet). :meth:`BatchWriter.commit` then takes these steps, each durable before the next
-starts (numbered as in ``docs/storage.md``, which argues why a crash at any instant leaves
-the replica at one recovery point):
+yet). The commit then takes these steps, each durable before the next starts (numbered as
+in ``docs/storage.md``, which argues why a crash at any instant leaves the replica at one
+recovery point):
 
 1. append the END (commit) record, fsync the journal and its directory; from here on the
-   batch *will* be applied, now or by recovery (:mod:`node.storage.recover`);
+   batch *will* be applied, now or by recovery (:mod:`node.storage.recover`); reserve the
+   ranges in the images (``posix_fallocate``), which changes no data.
+   :meth:`BatchWriter.make_durable` returns here: the server acknowledges the batch
+   (the *pipelined commit*), and steps 2-5 run after, off the acknowledgement path
+   (:meth:`Batches.apply_committed`, which every reader of the replica runs first);
 2. read the ranges the batch covers from the images into ``undo/<seq>.undo``, which gets
-   its own END record and is fsynced (:meth:`node.storage.undo.UndoFiles.capture`), and
-   reserve the ranges in the images (``posix_fallocate``); the images are still untouched;
+   its own END record and is fsynced (:meth:`node.storage.undo.UndoFiles.capture`); the
+   images are still untouched;
 3. write the ranges (:func:`apply_records`: the journal read back in windows, zero ranges
    punched) and fsync every touched image once;
 4. replace ``state.json`` atomically with the new ``applied_sequence`` and point list;
 5. move the journal, and the undo files of pruned points, to ``spare/``.
 
-A failure before step 1 completes, or in step 2, discards the batch (the images are
-untouched); a failure in step 3 or 4 puts the images back from the undo file, or, if that
-fails too, leaves the committed journal for recovery (:attr:`Batches.needs_recovery`).
+A failure before step 1 completes, or in its reservation, discards the batch (the images
+are untouched, nothing acknowledged). A failure in steps 2-4 of an acknowledged batch
+leaves the committed journal for recovery (:attr:`Batches.needs_recovery`: roll forward);
+:meth:`BatchWriter.commit` (all five steps, nothing acknowledged in between) puts the
+images back from the undo file instead, or, if that fails too, leaves the journal.
 
 :func:`apply_records` and :func:`reserve_records` are also how recovery re-applies a
 committed journal, and how the roll back writes the undo data back.
@@ -29,6 +35,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import frproto
@@ -133,9 +140,13 @@ class Batches:
         self.keep_points = keep_points
         #: The batch being received, if any.
         self.active: BatchWriter | None = None
-        #: A journal was left behind (a failed cleanup or roll back, or found at open):
-        #: recovery must run before the next batch or read.
+        #: A journal was left behind (a failed cleanup, roll back or apply, or found at
+        #: open): recovery must run before the next batch or read.
         self.needs_recovery = False
+        #: The batch committed by :meth:`make_durable` (acknowledged, maybe) and not
+        #: applied yet: :meth:`apply_committed` applies it, and everything that reads the
+        #: replica calls that first, so that it sees only applied, whole batches.
+        self.committed: BatchWriter | None = None
 
     def abort_active(self) -> None:
         if self.active is not None:
@@ -185,13 +196,13 @@ class Batches:
         except frproto.ReplicationError:
             self.needs_recovery = True
 
-    def commit(self, batch: BatchWriter) -> None:
-        """Steps 1-5 of the module docstring; returns once the replica is durably at the
-        batch's sequence."""
+    def make_durable(self, batch: BatchWriter) -> None:
+        """Step 1 (and the reservation of step 2): returns once the batch is committed,
+        i.e. will be applied, now or by recovery. The server may acknowledge it from
+        here; the rest (:meth:`apply_committed`) runs off the acknowledgement path."""
         self.active = None
         io = self.io
         journal = batch.journal
-        seq = batch.sequence
         # 1. commit record: durable journal
         try:
             io.crash("batch_before_commit_record")
@@ -208,14 +219,43 @@ class Batches:
             self.discard(batch)
             raise
         io.crash("batch_journal_committed")
-        records = journal.records
-        # 2. undo data and space reservation, images untouched
+        # The images' blocks are reserved before the acknowledgement, so that ENOSPC on
+        # the images refuses the batch (discarded: the images are untouched) instead of
+        # leaving an acknowledged batch that cannot be applied. ``posix_fallocate`` of
+        # blocks already allocated, as a replica's mostly are, is cheap.
         try:
-            self._undo.capture(seq, batch.base_sequence, batch.captured_at_ms, records)
-            reserve_records(self.images, records)
+            reserve_records(self.images, journal.records)
         except BaseException:
             self._discard_committed(batch)
             raise
+        self.committed = batch
+
+    def apply_committed(self, *, roll_back: bool = False) -> None:
+        """Steps 2-5 for the batch :meth:`make_durable` committed, if any (no effect
+        otherwise): returns once the replica is durably at its sequence.
+
+        A failure here cannot discard an acknowledged batch: its journal stays and the
+        replica is marked for recovery (:attr:`needs_recovery`), which applies it before
+        the next batch or read. ``roll_back=True`` (:meth:`commit`, nothing acknowledged
+        yet) puts the images back and discards the batch instead."""
+        batch = self.committed
+        if batch is None:
+            return
+        self.committed = None
+        io = self.io
+        journal = batch.journal
+        seq = batch.sequence
+        records = journal.records
+        # 2. undo data, images untouched
+        try:
+            self._undo.capture(seq, batch.base_sequence, batch.captured_at_ms, records)
+        except BaseException:
+            if roll_back:
+                self._discard_committed(batch)
+            else:
+                self._leave_for_recovery(batch)
+            raise
+        batch.undo_captured_at = time.time()
         io.crash("batch_undo_written")
         # 3. apply, 4. state
         try:
@@ -226,7 +266,10 @@ class Batches:
             )
             self._state.save(new)
         except BaseException:
-            self._roll_back(batch)
+            if roll_back:
+                self._roll_back(batch)
+            else:
+                self._leave_for_recovery(batch)
             raise
         io.crash("batch_state_written")
         # 5. cleanup (failures here leave only files recovery removes). The journal
@@ -240,6 +283,18 @@ class Batches:
             self._undo.drop(obsolete)
         except frproto.ReplicationError:
             self.needs_recovery = True
+
+    def commit(self, batch: BatchWriter) -> None:
+        """Steps 1-5 of the module docstring back to back; returns once the replica is
+        durably at the batch's sequence. A failure leaves the replica where it was."""
+        self.make_durable(batch)
+        self.apply_committed(roll_back=True)
+
+    def _leave_for_recovery(self, batch: BatchWriter) -> None:
+        """An acknowledged batch whose apply failed: its committed journal stays, and
+        recovery applies it (roll forward) before the next batch or read."""
+        batch.journal.close()
+        self.needs_recovery = True
 
     def _discard_committed(self, batch: BatchWriter) -> None:
         """Forget a committed batch whose images were never touched."""
@@ -291,6 +346,9 @@ class BatchWriter:
         self.base_sequence = base_sequence
         self.captured_at_ms = captured_at_ms
         self.digest = ""
+        #: When the undo capture of the commit ended (``time.time()``; 0 before): the
+        #: server logs it among the batch's timings.
+        self.undo_captured_at = 0.0
         self._done = False
 
     def _check(self) -> None:
@@ -325,14 +383,28 @@ class BatchWriter:
 
     def commit(self, digest: bytes = b"") -> None:
         """Make the batch durable and apply it to every disk; returns once the replica is
-        durably at ``sequence`` (only then may the server acknowledge it). ``digest`` (the
-        batch's aggregate digest) is kept with the recovery point, to check resends."""
+        durably at ``sequence``. ``digest`` (the batch's aggregate digest) is kept with
+        the recovery point, to check resends. A failure leaves the replica at the
+        sequence it was at (the batch discarded)."""
         b = self._batches
         with b.lock:
             self._check()
             self.digest = digest.hex()
             self._done = True
             b.commit(self)
+
+    def make_durable(self, digest: bytes = b"") -> None:
+        """Commit the batch without applying it yet (the pipelined commit): returns once
+        its journal is durable, from when on the batch will be applied, by
+        :meth:`Replica.apply_committed <node.storage.replica.Replica.apply_committed>`,
+        by whatever reads the replica next (it applies it first), or by recovery after a
+        crash. The server acknowledges here, then applies off the acknowledgement path."""
+        b = self._batches
+        with b.lock:
+            self._check()
+            self.digest = digest.hex()
+            self._done = True
+            b.make_durable(self)
 
     def abort(self) -> None:
         """Discard the journal (no effect after commit or abort)."""

@@ -25,6 +25,7 @@ point.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import replace
@@ -121,6 +122,8 @@ class Replica:
 
     @property
     def applied_sequence(self) -> int:
+        """The sequence the images are durably at. A batch committed and still being
+        applied (:meth:`apply_committed`) counts once it is applied; take no lock here."""
         return self._state.current.applied_sequence
 
     @property
@@ -144,9 +147,14 @@ class Replica:
 
     # -- helpers ----------------------------------------------------------------------
     def close(self) -> None:
-        """Close the image descriptors (the store does this on close and delete)."""
+        """Close the image descriptors (the store does this on close and delete). A
+        committed batch not applied yet is applied first (else recovery does it at the
+        next open: its journal is durable)."""
         with self._lock:
             self._batches.abort_active()
+            if not self._closed:
+                with contextlib.suppress(frproto.ReplicationError):
+                    self._batches.apply_committed()
             self._images.close()
             self._closed = True
 
@@ -160,8 +168,27 @@ class Replica:
             raise frproto.InternalError(f"replica {self.vmid} is closed")
 
     def _ensure_recovered(self) -> None:
+        """Bring the replica to its last committed batch: apply the batch committed but
+        not applied yet (the pipelined commit), and run recovery if a failure left a
+        journal. Everything that reads the replica calls this first."""
+        # A failure leaves its journal (needs_recovery): recovery tries it again below.
+        with contextlib.suppress(frproto.ReplicationError):
+            self._batches.apply_committed()
         if self._batches.needs_recovery:
             self._recover_journals([])
+
+    def apply_committed(self) -> None:
+        """Apply the batch :meth:`BatchWriter.make_durable
+        <node.storage.batch.BatchWriter.make_durable>` committed, if it is not applied yet
+        (no effect otherwise); returns once the replica is durably at its sequence. The
+        server calls this after acknowledging the batch; a reader that comes first applies
+        it itself (under the replica's lock), so none sees a batch half applied.
+
+        A failure raises (``frproto.NoSpace``, ``frproto.InternalError``) and leaves the
+        committed journal for recovery, which the next batch or read runs."""
+        with self._lock:
+            self._check_open()
+            self._batches.apply_committed()
 
     # -- configuration ------------------------------------------------------------------
     def config_blob(self) -> bytes:
@@ -291,6 +318,8 @@ class Replica:
         """The aggregate digest batch ``sequence`` was applied with, if this replica still
         keeps its point and knows it ("" otherwise)."""
         with self._lock:
+            self._check_open()
+            self._ensure_recovered()
             for point in self._state.current.points:
                 if point.sequence == sequence:
                     return point.digest
@@ -309,6 +338,10 @@ class Replica:
 
     # -- recovery (node.storage.recover) ------------------------------------------------------
     def _recover_journals(self, log: list[str]) -> None:
+        # A batch committed and not applied is this instance's to apply (its journal is
+        # open): recovery would otherwise apply it behind its back.
+        with contextlib.suppress(frproto.ReplicationError):
+            self._batches.apply_committed()
         active = self._batches.active
         skip = active.journal.path if active is not None else None
         self._recovery.run(log, skip=skip, keep_points=self._batches.keep_points)
@@ -331,6 +364,8 @@ class Replica:
 
     # -- reading ----------------------------------------------------------------------------
     def recovery_points(self) -> list[RecoveryPoint]:
+        """The kept points, oldest first: whole, applied batches only (a batch committed
+        and still being applied is listed once it is applied). Takes no lock."""
         return list(self._state.current.points)
 
     def read(

@@ -229,6 +229,11 @@ class ReplicaStore:
             for replica in self._open.values():
                 replica.set_keep_points(keep_points)
 
+    def opened(self, vmid: UUID) -> Replica | None:
+        """The replica's instance if it is open (None otherwise; nothing is opened)."""
+        with self._lock:
+            return self._open.get(vmid)
+
     def forget(self, vmid: UUID) -> None:
         """Close the replica if it is open; the next :meth:`open` reads it from disk again
         (another node may have written it meanwhile: shared storage changed hands)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from frlink.certs import create_ca, issue_host_cert
 from frlink.tls import client_context
+from frtesting.replicas import applied_image
 from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
 from node.primary.state import PrimaryStateStore, VMReplicationState
@@ -141,6 +142,10 @@ ca = "certs/ca.pem"
             **options,  # type: ignore[arg-type]
         )
 
-    def replica_image(self, vmid: uuid.UUID, disk_index: int) -> Path:
-        """The replica's image file of one disk on the recovery server."""
+    def replica_image(self, vmid: uuid.UUID, disk_index: int, *, applied: bool = True) -> Path:
+        """The replica's image file of one disk on the recovery server; with ``applied``,
+        once the last acknowledged batch is applied to it (the server applies after the
+        Ack: ``frtesting.replicas``)."""
+        if applied:
+            return applied_image(self.storage, vmid, f"disk{disk_index}")
         return ReplicaLayout(self.storage, vmid).image(f"disk{disk_index}")

@@ -48,13 +48,13 @@ from frlink.tls import (
     tls_handshake_server,
 )
 from frproto.trio_io import FramedStream
+from frtesting.replicas import applied_image
 from node.config import ConfigError, RecoveryServerConfig, TLSFiles
 from node.primary.config import load_primary_config
 from node.primary.replicator import MAX_REQUERIES, ReplicationHalted, VMReplicator
 from node.primary.resolve import resolve_host
 from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.recovery_server import RecoveryServer
-from node.storage.layout import ReplicaLayout
 
 MIB = 1024 * 1024
 CAP_NAME = "cap.example.com"
@@ -127,7 +127,7 @@ class Node:
     sni: list[str]
 
     def image(self, vmid: uuid.UUID, disk_index: int = 0) -> Path:
-        return ReplicaLayout(self.storage, vmid).image(f"disk{disk_index}")
+        return applied_image(self.storage, vmid, f"disk{disk_index}")
 
     def holds(self, vmid: uuid.UUID) -> bool:
         return (self.storage / str(vmid) / "state.json").is_file()

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from node.primary.pending_log import (
     CYCLE_OVERHEAD,
@@ -115,7 +116,7 @@ def test_leftover_temp_file_removed_on_open(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("cut", [CYCLE_OVERHEAD // 2, 32 + 10, 32 + 24 + 100, -1])
+@pytest.mark.parametrize("cut", [CYCLE_OVERHEAD // 2, 32 + 10, 32 + 40 + 100, -1])
 def test_torn_tail_detected(tmp_path: Path, cut: int) -> None:
     log = PendingLog(tmp_path, max_bytes=1 << 20)
     log.append_cycle(1, 0, _chunks(1))
@@ -133,7 +134,7 @@ def test_torn_tail_detected(tmp_path: Path, cut: int) -> None:
     assert reopened.cycles() == []
 
 
-@pytest.mark.parametrize("where", [40, 32 + 24 + 5000, -10])
+@pytest.mark.parametrize("where", [40, 32 + 40 + 5000, -10])
 def test_flipped_byte_detected(tmp_path: Path, where: int) -> None:
     log = PendingLog(tmp_path, max_bytes=1 << 20)
     log.append_cycle(1, 0, _chunks(1))
@@ -177,7 +178,7 @@ def test_extents_without_reading_the_data(tmp_path: Path) -> None:
     assert list(reopened.extents(1)) == list(log.extents(1))
 
 
-@pytest.mark.parametrize("cut", [CYCLE_OVERHEAD // 2, 32 + 10, 32 + 24 + 100, -1])
+@pytest.mark.parametrize("cut", [CYCLE_OVERHEAD // 2, 32 + 10, 32 + 40 + 100, -1])
 def test_extents_of_a_torn_cycle(tmp_path: Path, cut: int) -> None:
     log = PendingLog(tmp_path, max_bytes=1 << 20)
     log.append_cycle(1, 0, _chunks(1))
@@ -189,10 +190,10 @@ def test_extents_of_a_torn_cycle(tmp_path: Path, cut: int) -> None:
         list(PendingLog(tmp_path, max_bytes=1 << 20).extents(1))
 
 
-# 10: the header; 38: the first record's length; 32 + 24 + 4096 + 6: the second record's
-# length; 32 + 4 * (24 + 4096) + 20: the last record's checksum (against the trailer's);
+# 10: the header; 38: the first record's length; 32 + 40 + 4096 + 6: the second record's
+# length; 32 + 4 * (40 + 4096) + 36: the last record's checksum (against the trailer's);
 # -10: the trailer.
-@pytest.mark.parametrize("where", [10, 38, 32 + 24 + 4096 + 6, 32 + 4 * (24 + 4096) + 20, -10])
+@pytest.mark.parametrize("where", [10, 38, 32 + 40 + 4096 + 6, 32 + 4 * (40 + 4096) + 36, -10])
 def test_extents_notice_damaged_framing(tmp_path: Path, where: int) -> None:
     log = PendingLog(tmp_path, max_bytes=1 << 20)
     log.append_cycle(1, 0, _chunks(1))
@@ -212,8 +213,56 @@ def test_extents_do_not_check_the_data(tmp_path: Path) -> None:
     log.append_cycle(1, 0, a)
     path = log.path_of(1)
     raw = bytearray(path.read_bytes())
-    raw[32 + 24 + 100] ^= 1  # inside the first record's data
+    raw[32 + 40 + 100] ^= 1  # inside the first record's data
     path.write_bytes(raw)
     assert list(log.extents(1)) == [(d, o, len(x)) for d, o, x in a]
     with pytest.raises(PendingLogCorrupt):
         list(log.read_cycle(1))
+
+
+def test_the_capture_digest_travels_with_the_record(tmp_path: Path) -> None:
+    """Digest once: a digest handed in is kept as it is (not recomputed) and comes back
+    with the data from read_chunks, which does not digest the data; read_cycle and
+    check_cycle do, and so notice a digest that does not match the data."""
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    a = _chunks(1)
+    given = [(d, o, x, xxhash.xxh3_128_digest(x)) for d, o, x in a]
+    log.append_cycle(1, 0, given)
+    assert list(log.read_chunks(1)) == given
+    log.check_cycle(1)
+    # A digest the capture got wrong (or data damaged after it) travels unnoticed by the
+    # sender's read: the receiver's check is the one check of the data.
+    wrong = [(d, o, x, bytes(16)) for d, o, x in a]
+    log.append_cycle(2, 0, wrong)
+    assert [c[3] for c in log.read_chunks(2)] == [bytes(16)] * len(a)
+    with pytest.raises(PendingLogCorrupt, match="data mismatch"):
+        log.check_cycle(2)
+    with pytest.raises(PendingLogCorrupt, match="data mismatch"):
+        list(log.read_cycle(2))
+    # Without a digest given, the log takes one.
+    log.append_cycle(3, 0, a)
+    assert [c[3] for c in log.read_chunks(3)] == [d for *_, d in given]
+
+
+def test_a_damaged_data_byte_is_left_to_the_receiver(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    log.append_cycle(1, 0, _chunks(1))
+    path = log.path_of(1)
+    raw = bytearray(path.read_bytes())
+    raw[32 + RECORD_OVERHEAD + 100] ^= 1  # inside the first record's data
+    path.write_bytes(raw)
+    (first, *_rest) = list(log.read_chunks(1))
+    assert xxhash.xxh3_128_digest(first[2]) != first[3]  # the server will refuse it
+    with pytest.raises(PendingLogCorrupt):
+        log.check_cycle(1)
+
+
+def test_a_format_1_file_reads_as_not_intact(tmp_path: Path) -> None:
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    log.append_cycle(1, 0, _chunks(1))
+    path = log.path_of(1)
+    raw = bytearray(path.read_bytes())
+    raw[4:6] = (1).to_bytes(2, "big")
+    path.write_bytes(raw)
+    (cycle,) = PendingLog(tmp_path, max_bytes=1 << 20).cycles()
+    assert not cycle.intact

@@ -5,7 +5,10 @@ Usage: ``python crash_worker.py ROOT SEED MODE [UPTO] [KEEP]``, with the reposit
 
 * ``MODE=batches``: recover the store, open the test replica and apply batches
   ``applied_sequence + 1 .. UPTO``, printing ``BEGIN <seq>`` before ``begin_batch`` and
-  ``ACK <seq>`` once ``commit()`` has returned (each line flushed).
+  ``ACK <seq>`` once the batch is committed (each line flushed): for a sequence that is a
+  multiple of 3 after ``commit()``, for the others after ``make_durable()`` (the pipelined
+  commit: acknowledged before it is applied), then ``apply_committed()`` for ``seq % 3 ==
+  1`` and a ``read`` (which applies it first) for ``seq % 3 == 2``.
 * ``MODE=ir``: recover, create the replica if needed, begin or resume the IR from
   ``ir_cursor``, checkpoint every 3 chunks (``CKPT <disk> <offset>`` after it returns),
   then ``COMPLETING`` and, after ``complete_ir``, ``DONE``.
@@ -58,8 +61,19 @@ def run_batches(store: ReplicaStore, seed: int, upto: int) -> None:
         writer = replica.begin_batch(seq, seq - 1, wl.captured_at(seq))
         for r in wl.batch(seed, seq):
             writer.add(r.disk_index, r.offset, r.data, length=r.length)
-        writer.commit()
+        if seq % 3 == 0:
+            writer.commit()
+            _say(f"ACK {seq}")
+            continue
+        # The pipelined commit, as the recovery server does it: acknowledged once the
+        # journal is durable, applied after; every other time by a reader, which applies
+        # it first (before the next BEGIN, which the test takes as the highest batch).
+        writer.make_durable()
         _say(f"ACK {seq}")
+        if seq % 3 == 1:
+            replica.apply_committed()
+        else:
+            replica.read(0, 0, 1)
     _say("DONE")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -639,3 +640,101 @@ def test_fail_over_brings_a_kept_point_back_even_across_a_crash(tmp_path: Path) 
     assert again.applied_sequence == 3
     assert images(again) == expected[3]
     assert [p.sequence for p in again.recovery_points()][-1] == 3
+
+
+# -- the pipelined commit (acknowledged once the journal is durable, applied after) ------
+
+
+def _durable_batch(replica: Replica, seed: int, seq: int) -> None:
+    w = replica.begin_batch(seq, seq - 1, wl.captured_at(seq))
+    for r in wl.batch(seed, seq):
+        w.add(r.disk_index, r.offset, r.data, length=r.length)
+    w.make_durable(b"\x01" * 16)
+
+
+def test_a_batch_made_durable_is_not_applied_until_asked_or_read(store: ReplicaStore) -> None:
+    seed = 21
+    oracle = wl.Oracle(seed)
+    r = make(store)
+    do_ir(r, seed)
+    _durable_batch(r, seed, 2)
+    # Acknowledged, not applied: the images and the points still say the IR...
+    assert r.applied_sequence == wl.IR_SEQUENCE
+    assert images(r) == oracle.at(wl.IR_SEQUENCE)
+    assert [p.sequence for p in r.recovery_points()] == [wl.IR_SEQUENCE]
+    # ...and the apply, whoever runs it, leaves the replica at the batch.
+    r.apply_committed()
+    assert r.applied_sequence == 2
+    assert images(r) == oracle.at(2)
+    assert r.applied_digest(2) == "01" * 16
+    r.apply_committed()  # nothing left: no effect
+    # A reader that comes before the apply applies it first: it never sees a half batch.
+    _durable_batch(r, seed, 3)
+    assert r.read(1, 0, wl.DISKS[1].size) == oracle.at(3)[1]
+    assert r.applied_sequence == 3
+    _durable_batch(r, seed, 4)
+    d = r.digests(0, 0, 65536, 4)
+    assert d == b"".join(
+        xxhash.xxh3_128_digest(oracle.at(4)[0][i : i + 65536]) for i in range(0, 4 * 65536, 65536)
+    )
+    _durable_batch(r, seed, 5)
+    _durable_batch(r, seed, 6)  # begin_batch applied 5 first
+    assert [p.sequence for p in r.recovery_points()][-1] == 5
+    assert r.read(0, 0, MiB, at_sequence=4) == oracle.at(4)[0][:MiB]
+    assert r.read(0, 0, MiB, at_sequence=6) == oracle.at(6)[0][:MiB]
+
+
+def test_a_crash_after_the_ack_and_before_the_apply_loses_nothing(tmp_path: Path) -> None:
+    """The files as a crash between the acknowledgement and the apply leaves them (copied
+    aside while the batch is durable and not applied): recovery replays the journal."""
+    seed = 22
+    oracle = wl.Oracle(seed)
+    root = tmp_path / "root"
+    with ReplicaStore(root, keep_points=4) as s:
+        r = make(s)
+        do_ir(r, seed)
+        apply_batch(r, seed, 2)
+        _durable_batch(r, seed, 3)
+        assert r.applied_sequence == 2  # not applied yet
+        assert images(r) == oracle.at(2)
+        crashed = tmp_path / "crashed"
+        shutil.copytree(root, crashed, symlinks=True)  # the disk at the crash
+        r.apply_committed()
+    with ReplicaStore(crashed, keep_points=4) as s:
+        log = s.recover()
+        assert any("re-applied committed batch 3" in line for line in log), log
+        r = s.open(wl.VMID)
+        assert r.applied_sequence == 3
+        assert images(r) == oracle.at(3)
+        assert r.read(0, 0, MiB, at_sequence=2) == oracle.at(2)[0][:MiB]
+        assert os.listdir(r.layout.journal_dir) == []
+
+
+@pytest.mark.parametrize("where", [".undo", ".img"])
+def test_a_failed_apply_after_the_ack_rolls_forward(tmp_path: Path, where: str) -> None:
+    """An acknowledged batch is never discarded: when its apply fails (ENOSPC on the undo
+    file or the images after the reservation), the journal stays, and the next read or
+    batch applies it once there is room."""
+    seed = 23
+    oracle = wl.Oracle(seed)
+    root = tmp_path / "root"
+    with ReplicaStore(root, keep_points=4) as s:
+        r = make(s)
+        do_ir(r, seed)
+    faults = StorageFaults()
+    with ReplicaStore(root, keep_points=4, faults=faults) as s:
+        r = s.open(wl.VMID)
+        _durable_batch(r, seed, 2)
+        faults.before_write = _enospc_on(where).before_write
+        with pytest.raises(frproto.NoSpace):
+            r.apply_committed()
+        assert r.applied_sequence == wl.IR_SEQUENCE
+        assert os.listdir(r.layout.journal_dir) == [f"{2:020d}.jrnl"]  # kept
+        with pytest.raises(frproto.NoSpace):
+            r.read(0, 0, 10)  # still no room: no read of a half-applied batch
+        faults.before_write = None
+        assert r.read(0, 0, MiB) == oracle.at(2)[0][:MiB]
+        assert r.applied_sequence == 2
+        assert images(r) == oracle.at(2)
+        apply_batch(r, seed, 3)
+        assert images(r) == oracle.at(3)

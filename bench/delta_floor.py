@@ -1,0 +1,196 @@
+"""The in-run floor of a delta cycle (bench/delta.py): only the work no design can avoid.
+
+For one change set (the changed 64 KiB blocks of an image), a plain program that
+
+1. reads the changed blocks from the image (one ``pread`` each, into one buffer);
+2. writes them once to a log file with one data sync (the primary must keep what it
+   captured until the recovery side has it: a VM may run on meanwhile);
+3. sends them (a header of their offsets, then the data) over the same TLS pipe as the
+   IR baseline of bench/ir.py: a stdlib TLS socket over loopback, from this process to a
+   receiver process, PRIMARY_HOST to SERVER_HOST, the handshake included;
+4. in the receiver: writes them once to a journal as they arrive and syncs it once
+   (the recovery side must have them durably before it says so), then writes them once
+   into the image at their offsets, and answers one byte.
+
+No digest, no framing, no undo data, no state file, no event loop: a lower bound for
+this machine, measured in the same run as the cycle it bounds. The log and the journal
+are preallocated and written over (as a design may do; writing into fresh files costs
+block allocation), the image is a full copy (its blocks allocated, as a replica's are).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ir import BLOCK, MIB, PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, BenchSite
+
+from frlink.tls import client_context
+
+#: The receiver, run as ``python -c`` (the repository root on sys.path): listens, prints
+#: its port, serves one connection, prints its timestamps.
+_RECEIVER = r"""
+import os, socket, struct, sys, time
+from pathlib import Path
+from frlink.tls import server_context
+cert, key, ca, host, journal, image = sys.argv[1:7]
+ctx = server_context(Path(cert), Path(key), Path(ca))
+listener = socket.create_server((host, 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+tls = ctx.wrap_socket(conn, server_side=True)
+began = time.time()
+
+def exactly(n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = tls.recv_into(view[got:])
+        if not k:
+            raise SystemExit("short stream")
+        got += k
+    return buf
+
+(count,) = struct.unpack(">Q", exactly(8))
+offsets = struct.unpack(f">{count}Q", exactly(8 * count))
+block = int(sys.argv[7])
+data = bytearray(count * block)
+view = memoryview(data)
+jfd = os.open(journal, os.O_WRONLY)
+got = written = 0
+while got < len(data):
+    k = tls.recv_into(view[got:got + (1 << 20)])
+    if not k:
+        raise SystemExit("short stream")
+    got += k
+    if got - written >= (1 << 20) or got == len(data):
+        os.pwrite(jfd, view[written:got], written)  # journaled as it arrives, 1 MiB a write
+        written = got
+received = time.time()
+os.fdatasync(jfd)
+os.close(jfd)
+durable = time.time()
+ifd = os.open(image, os.O_WRONLY)
+for i, off in enumerate(offsets):
+    os.pwrite(ifd, view[i * block:(i + 1) * block], off)
+os.close(ifd)
+applied = time.time()
+tls.sendall(b"A")
+tls.close()
+print(began, received, durable, applied, flush=True)
+"""
+
+
+@dataclass
+class FloorResult:
+    """One floor run: its wall time and when it passed each step (``time.time()``)."""
+
+    seconds: float
+    times: dict[str, float] = field(default_factory=dict)
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per step, in the order they run."""
+        t = self.times
+        return {
+            "read": t["read"] - t["start"],
+            "log_durable": t["logged"] - t["read"],
+            "connect": t["connected"] - t["logged"],
+            "send_receive": t["received"] - t["connected"],
+            "journal_durable": t["durable"] - t["received"],
+            "image_write": t["applied"] - t["durable"],
+            "answer": t["answered"] - t["applied"],
+        }
+
+
+class Floor:
+    """The floor's files under ``root`` for change sets of ``payload`` bytes, and a copy of
+    ``image`` as its target; :meth:`run` measures one change set."""
+
+    def __init__(self, site: BenchSite, root: Path, image: Path, payload: int) -> None:
+        self.site = site
+        self.log = root / "floor-log"
+        self.journal = root / "floor-journal"
+        self.image = root / "floor-image.img"
+        for path in (self.log, self.journal):
+            _preallocate(path, payload)
+        with image.open("rb") as src, self.image.open("wb") as dst:
+            while piece := src.read(8 * MIB):
+                dst.write(piece)
+            os.fsync(dst.fileno())
+
+    def run(self, source: Path, blocks: list[int]) -> FloorResult:
+        """Read ``blocks`` of ``source``, log, send, journal and write them; timed."""
+        receiver = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _RECEIVER,
+                *map(str, self.site.cert(SERVER_NAME)),
+                SERVER_HOST,
+                str(self.journal),
+                str(self.image),
+                str(BLOCK),
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        try:
+            assert receiver.stdout is not None
+            port = int(receiver.stdout.readline())
+            ctx = client_context(*self.site.cert(PRIMARY_NAME))
+            times: dict[str, float] = {}
+            start = time.perf_counter()
+            times["start"] = time.time()
+            data = bytearray(len(blocks) * BLOCK)
+            view = memoryview(data)
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                for i, b in enumerate(blocks):
+                    os.preadv(fd, [view[i * BLOCK : (i + 1) * BLOCK]], b * BLOCK)
+            finally:
+                os.close(fd)
+            times["read"] = time.time()
+            log = os.open(self.log, os.O_WRONLY)
+            try:
+                os.pwrite(log, data, 0)
+                os.fdatasync(log)
+            finally:
+                os.close(log)
+            times["logged"] = time.time()
+            raw = socket.create_connection((SERVER_HOST, port), source_address=(PRIMARY_HOST, 0))
+            with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+                times["connected"] = time.time()
+                header = struct.pack(f">Q{len(blocks)}Q", len(blocks), *(b * BLOCK for b in blocks))
+                tls.sendall(header)
+                for lo in range(0, len(data), MIB):
+                    tls.sendall(view[lo : lo + MIB])
+                if tls.recv(1) != b"A":
+                    raise RuntimeError("the floor's receiver did not answer")
+                times["answered"] = time.time()
+                seconds = time.perf_counter() - start
+            report = receiver.stdout.readline().split()
+            began, received, durable, applied = map(float, report)
+            times.update(began=began, received=received, durable=durable, applied=applied)
+            return FloorResult(seconds, times)
+        finally:
+            receiver.wait(timeout=30)
+
+
+def _preallocate(path: Path, size: int) -> None:
+    """A file of ``size`` bytes whose blocks are allocated and written (zeros), durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        zeros = bytes(MIB)
+        for lo in range(0, size, MIB):
+            os.pwrite(fd, zeros[: min(MIB, size - lo)], lo)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
