@@ -19,7 +19,10 @@ are the invariants of ``docs/storage.md``, "What a power cut may leave"):
   to do;
 * ``S6 failover decided``: an unplanned failover whose decision was written finishes at
   its point when run again; one that returned is at its point;
-* ``S7 nothing outside``: the engine changed no file outside its storage root.
+* ``S7 nothing outside``: the engine changed no file outside its storage root (a point
+  copy writes only its own directory, and leaves the replica as it was);
+* ``S8 a finished copy is whole``: a point copy that returned reads, after the power
+  cut, exactly as the primary's image at its point.
 
 ``python -m tests.node.storage.crash_states --states N`` (``scripts/crashes``) runs the
 workloads until ``N`` states were checked; its last line is one JSON object.
@@ -39,11 +42,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from frproto import IRState
-from frtesting.powerloss import CrashState, CrashStates, RecordingFileIO
+from frtesting.powerloss import DATA_KINDS, ENTRY_KINDS, CrashState, CrashStates, RecordingFileIO
 from node.storage import ReplicaStore
+from node.storage.point_copy import copy_point
 from tests.node.storage import workload as wl
 
 KEEP = 2  # small, so that the batch workloads prune points
+#: Where the replica store lies in a recorded run's directory, and the point copies.
+STORE = "store"
+COPIES = "copies"
+
+
+def _inside(path: str, root: Path, workload: Workload) -> bool:
+    """Whether a recorded change lies where the workload may write: the storage root,
+    and for the point-copy workload the copy's directory."""
+    rel = path[len(str(root)) + 1 :] if path.startswith(str(root) + "/") else path
+    allowed = (STORE,) + ((COPIES,) if workload.copy_at is not None else ())
+    return rel.split("/", 1)[0] in allowed or rel.split(" -> ")[0].split("/", 1)[0] in allowed
 
 
 # -- workloads --------------------------------------------------------------------------------
@@ -100,6 +115,7 @@ class Workload:
     batches: Callable[[int, int], list[wl.Range]]
     keep: int = KEEP
     failover_to: int | None = None
+    copy_at: int | None = None
 
 
 def _nothing(root: Path, seed: int) -> None:
@@ -138,6 +154,12 @@ def _run_ir_and_batches(store: ReplicaStore, io: RecordingFileIO, seed: int) -> 
         _batch(store, io, seed, seq, wl.batch(seed, seq))
 
 
+def _run_point_copy(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
+    out = store.root.parent / COPIES / "c1"
+    copy_point(store.root, wl.VMID, out, 3, io=io)
+    io.mark("copied", 3)
+
+
 def _run_failover(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
     r = store.open(wl.VMID)
     io.mark("failing_over", 3)
@@ -150,6 +172,9 @@ WORKLOADS: dict[str, Workload] = {
     "ir-3-batches": Workload("ir-3-batches", _nothing, _run_ir_and_batches, wl.batch),
     "failover-revert": Workload(
         "failover-revert", _setup_three_batches, _run_failover, wl.batch, KEEP + 1, 3
+    ),
+    "point-copy": Workload(
+        "point-copy", _setup_three_batches, _run_point_copy, wl.batch, KEEP + 1, copy_at=3
     ),
 }
 
@@ -196,6 +221,8 @@ def verify(
         r = store.open(wl.VMID)
         if workload.failover_to is not None:
             return _verify_failover(r, marks, expected, workload.failover_to, start_seq)
+        if workload.copy_at is not None:
+            return _verify_copy(root.parent / COPIES / "c1", r, marks, expected, workload.copy_at)
         acks = [int(m[1]) for m in marks if m[0] == "ack"]  # type: ignore[call-overload]
         begun = [int(m[1]) for m in marks if m[0] == "begin"]  # type: ignore[call-overload]
         if start_seq:
@@ -243,6 +270,28 @@ def _verify_ir(r: object, marks: list[tuple[object, ...]], expected: Expected) -
         upto = d.size if i < cursor[0] else (cursor[1] if i == cursor[0] else 0)
         if r.read(i, 0, upto) != image[i][:upto]:
             return f"S3 IR cursor: disk {i} before the cursor {cursor} differs"
+    return None
+
+
+def _verify_copy(
+    out: Path, r: object, marks: list[tuple[object, ...]], expected: Expected, point: int
+) -> str | None:
+    from node.storage import Replica
+
+    assert isinstance(r, Replica)
+    want = expected.at(r.applied_sequence)
+    for i in range(len(wl.DISKS)):
+        if r.image_path(i).read_bytes() != want[i]:
+            return f"S7 nothing outside: the copy changed disk {i} of the replica"
+    if _last(marks, "copied") is None:
+        return None  # a copy cut short may be partial: nothing was promised
+    config = out / "config.bin"
+    if not config.exists() or config.read_bytes() != b"cfg":
+        return "S8 a finished copy is whole: config.bin differs"
+    for i, d in enumerate(wl.DISKS):
+        img = out / "disks" / f"{d.disk_id}.img"
+        if not img.exists() or img.read_bytes() != expected.at(point)[i]:
+            return f"S8 a finished copy is whole: disk {i} is not the image of {point}"
     return None
 
 
@@ -313,15 +362,23 @@ class Recorded:
 def record(workload: Workload, seed: int, workdir: Path) -> Recorded:
     """Run ``workload`` once through the recording layer."""
     root = workdir / "run"
-    root.mkdir(parents=True)
-    workload.setup(root, seed)
+    storage = root / STORE
+    storage.mkdir(parents=True)
+    workload.setup(storage, seed)
     start_seq = 0
     if workload.setup is not _nothing:
-        with ReplicaStore(root, keep_points=workload.keep) as store:
+        with ReplicaStore(storage, keep_points=workload.keep) as store:
             start_seq = store.open(wl.VMID).applied_sequence
     io = RecordingFileIO(root, workdir / "snapshot")
-    with ReplicaStore(root, keep_points=workload.keep, io=io) as store:
+    with ReplicaStore(storage, keep_points=workload.keep, io=io) as store:
         workload.run(store, io, seed)
+    outside = [
+        op.path
+        for op in io.ops
+        if op.kind in DATA_KINDS | ENTRY_KINDS and not _inside(op.path, root, workload)
+    ]
+    if outside:
+        raise AssertionError(f"S7 nothing outside: changed {outside}")
     if io.violations:
         raise AssertionError(f"S7 nothing outside: changed {io.violations}")
     return Recorded(workload, seed, CrashStates(io), start_seq, Expected(workload, seed), workdir)
@@ -332,7 +389,11 @@ def check_state(rec: Recorded, state: CrashState, serial: int) -> str | None:
     rec.crashes.materialize(state, target)
     try:
         return verify(
-            target, rec.crashes.marks(state.point), rec.expected, rec.workload, rec.start_seq
+            target / STORE,
+            rec.crashes.marks(state.point),
+            rec.expected,
+            rec.workload,
+            rec.start_seq,
         )
     except Exception as exc:  # recovery refusing the state is a failure, not a crash
         return f"recovery raised {type(exc).__name__}: {exc}"
