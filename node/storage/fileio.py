@@ -74,11 +74,14 @@ class StorageFaults:
       every rename and unlink.
     * ``crash_point(name)``: called at the named points of :data:`CRASH_POINTS`; a test
       worker calls ``os.kill(os.getpid(), SIGKILL)`` there.
+    * ``before_open(path)``: called before every open through the seam (a file the
+      engine writes through, or creates) and every mkdir.
     """
 
     before_write: Callable[[Path, int], None] | None = None
     before_sync: Callable[[Path], None] | None = None
     crash_point: Callable[[str], None] | None = None
+    before_open: Callable[[Path], None] | None = None
 
 
 def os_error(exc: OSError, operation: str, path: Path | str) -> frproto.ReplicationError:
@@ -230,10 +233,16 @@ class FileIO:
         """``os.open`` for a descriptor the engine will write through (or a file it
         creates): the power-loss layer (``frtesting.powerloss``) learns here which file a
         descriptor names and whether the open created it."""
+        f = self._faults
+        if f is not None and f.before_open is not None:
+            f.before_open(path)
         return os.open(path, flags, mode)
 
     def mkdir(self, path: Path, *, exist_ok: bool = False) -> None:
         """Create a directory (durable only once its parent is synced)."""
+        f = self._faults
+        if f is not None and f.before_open is not None:
+            f.before_open(path)
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
