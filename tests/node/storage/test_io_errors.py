@@ -32,7 +32,7 @@ import frproto
 from frproto import IRState
 from frtesting.powerloss import CrashState
 from node.storage import ReplicaStore, StorageFaults
-from node.storage.fileio import FileIO
+from node.storage.fileio import Buffer, FileIO
 from node.storage.point_copy import copy_point
 from tests.node.storage import crash_states as cs
 from tests.node.storage import workload as wl
@@ -139,9 +139,16 @@ class Run:
     acked: int = 0
     copies: int = 0
     errors: list[BaseException] = field(default_factory=list)
+    #: Replaces the seam (``LosingFileIO``); by default the real one with the faults.
+    io: FileIO | None = None
 
     def store(self) -> ReplicaStore:
+        if self.io is not None:
+            return ReplicaStore(self.root, keep_points=KEEP, io=self.io)
         return ReplicaStore(self.root, keep_points=KEEP, faults=self.faults.hooks())
+
+    def copy_io(self) -> FileIO:
+        return self.io if self.io is not None else FileIO(self.faults.hooks())
 
 
 def _fault_of(run: Run, step: Callable[[], None]) -> frproto.FrprotoError | None:
@@ -252,7 +259,7 @@ def workload(run: Run) -> None:
             run.copies += 1
             out = run.root.parent / "copies" / f"copy-{run.copies}"
             try:
-                copy_point(run.root, wl.VMID, out, 4, io=FileIO(run.faults.hooks()))
+                copy_point(run.root, wl.VMID, out, 4, io=run.copy_io())
             except OSError as exc:
                 shutil.rmtree(out, ignore_errors=True)
                 # the copy's own calls raise OSError (frctl reports them); count it as the
@@ -281,6 +288,17 @@ def workload(run: Run) -> None:
         assert r.failed_over
         for i in range(len(wl.DISKS)):
             assert r.read(i, 0, wl.DISKS[i].size) == run.expected.at(4)[i]
+        # what a restart finds: the same replica, read from disk
+        with ReplicaStore(run.root, keep_points=KEEP) as fresh:
+            fresh.recover()
+            again = fresh.open(wl.VMID)
+            assert again.applied_sequence == 4
+            for i in range(len(wl.DISKS)):
+                assert again.image_path(i).read_bytes() == run.expected.at(4)[i]
+            for p in again.recovery_points()[:-1]:
+                for i, d in enumerate(wl.DISKS):
+                    got = again.read(i, 0, d.size, at_sequence=p.sequence)
+                    assert got == run.expected.at(p.sequence)[i]
         run.acked = 0  # what follows removes the replica on purpose
 
         def delete() -> None:
@@ -299,6 +317,78 @@ def workload(run: Run) -> None:
             assert store.open(wl.VMID).ir_state == IRState.NOT_STARTED
 
         _guard(run, store, create_again)
+
+
+class LosingFileIO(FileIO):
+    """Linux after a failed fsync: the file's dirty pages may be gone, and the next fsync
+    succeeds (PostgreSQL's "fsyncgate"). The ``faults.fail_at``-th fsync/fdatasync puts
+    back what every write since the file's last sync overwrote, then fails with EIO; an
+    engine that retried the sync and carried on would keep data that is not there."""
+
+    __slots__ = ("_dirty", "faults")
+
+    def __init__(self, faults: CallFaults) -> None:
+        super().__init__(None)
+        self.faults = faults
+        # inode -> (offset, bytes overwritten, size before, length), oldest first
+        self._dirty: dict[int, list[tuple[int, bytes, int]]] = {}
+
+    def _save(self, fd: int, offset: int, length: int) -> None:
+        st = os.fstat(fd)
+        # through /proc: the engine's descriptor may be write-only
+        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            old = os.pread(rfd, length, offset)
+        finally:
+            os.close(rfd)
+        self._dirty.setdefault(st.st_ino, []).append((offset, old, st.st_size))
+
+    def pwrite(self, fd: int, data: Buffer, offset: int, path: Path) -> None:
+        self._save(fd, offset, len(data))
+        super().pwrite(fd, data, offset, path)
+
+    def writev(self, fd: int, parts: list[Buffer], path: Path) -> None:
+        self._save(fd, os.lseek(fd, 0, os.SEEK_CUR), sum(len(p) for p in parts))
+        super().writev(fd, parts, path)
+
+    def write_zeros(self, fd: int, offset: int, length: int, path: Path) -> None:
+        self._save(fd, offset, length)
+        super().write_zeros(fd, offset, length, path)
+
+    def copy_range(
+        self, src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, path: Path
+    ) -> None:
+        self._save(dst_fd, dst_offset, length)
+        super().copy_range(src_fd, src_offset, dst_fd, dst_offset, length, path)
+
+    def truncate(self, fd: int, size: int, path: Path) -> None:
+        old = os.fstat(fd).st_size
+        self._save(fd, size, max(0, old - size))
+        super().truncate(fd, size, path)
+
+    def reserve(self, fd: int, offset: int, length: int, path: Path) -> None:
+        self._save(fd, offset, 0)
+        super().reserve(fd, offset, length, path)
+
+    def _sync(self, fd: int, path: Path, real: Callable[[int, Path], None]) -> None:
+        f = self.faults
+        f.calls += 1
+        ino = os.fstat(fd).st_ino
+        if f.calls == f.fail_at:
+            for offset, old, size in reversed(self._dirty.pop(ino, [])):
+                os.pwrite(fd, old, offset)
+                os.ftruncate(fd, size)
+            f.fired = True
+            f.fired_site = _caller()
+            raise OSError(errno.EIO, "write-back failed, dirty pages dropped", str(path))
+        real(fd, path)
+        self._dirty.pop(ino, None)
+
+    def fsync(self, fd: int, path: Path) -> None:
+        self._sync(fd, path, super().fsync)
+
+    def fdatasync(self, fd: int, path: Path) -> None:
+        self._sync(fd, path, super().fdatasync)
 
 
 def _errnos(n: int) -> tuple[int, ...]:
@@ -341,6 +431,53 @@ def test_a_fault_at_every_call_of_the_workload(
             reached |= faults.sites
             shutil.rmtree(run.root.parent)
     assert failed_sites == clean.sites, "a call site was never failed"
+
+
+def test_a_failed_sync_loses_the_dirty_pages(tmp_path: Path) -> None:
+    """Each fsync/fdatasync of the workload fails in turn, taking the file's unsynced
+    writes with it: the engine must not take the data for safe (no retry of the sync
+    that then succeeds): it fails the call, and the retried step ends with the replica
+    exactly as the primary's image (checked by the workload after every step)."""
+    clean = CallFaults()
+    run = Run(tmp_path / "clean" / "store", clean, _expected(), io=LosingFileIO(clean))
+    run.root.mkdir(parents=True)
+    workload(run)
+    total = clean.calls
+    assert total > 30
+    for n in range(1, total + 1):
+        faults = CallFaults(fail_at=n, err=errno.EIO)
+        run = Run(tmp_path / str(n) / "store", faults, _expected(), io=LosingFileIO(faults))
+        run.root.mkdir(parents=True)
+        workload(run)
+        assert faults.fired, f"sync {n} of {total} was never made"
+        assert run.errors, f"sync {n} failed and nobody noticed"
+        shutil.rmtree(run.root.parent)
+
+
+class _RetriesFailedSyncs(LosingFileIO):
+    """An engine that retries a failed sync, which then succeeds, and carries on."""
+
+    __slots__ = ()
+
+    def _sync(self, fd: int, path: Path, real: Callable[[int, Path], None]) -> None:
+        try:
+            super()._sync(fd, path, real)
+        except OSError:
+            real(fd, path)
+
+
+def test_the_check_catches_an_engine_that_retries_a_failed_sync(tmp_path: Path) -> None:
+    caught = 0
+    for n in range(1, 47):
+        faults = CallFaults(fail_at=n, err=errno.EIO)
+        run = Run(tmp_path / str(n) / "store", faults, _expected(), io=_RetriesFailedSyncs(faults))
+        run.root.mkdir(parents=True)
+        try:
+            workload(run)
+        except Exception:  # any failure of the checks, or a damaged file
+            caught += 1
+    # (with the real engine, test_a_failed_sync_loses_the_dirty_pages passes every n)
+    assert caught >= 10, "retrying a failed sync lost data and nothing noticed"
 
 
 def _recovery_bases(tmp: Path) -> dict[str, Path]:
