@@ -28,6 +28,7 @@ from . import layout as lay
 from .fileio import FileIO
 from .journal import Record, read_undo
 from .points import RecoveryPoint, overlay
+from .state import state_document
 
 #: Bytes read per piece.
 PIECE = 4 * 1024 * 1024
@@ -64,7 +65,10 @@ def _snapshot(lo: lay.ReplicaLayout) -> tuple[bytes, bool]:
 
 
 def _points(raw: bytes) -> tuple[dict[str, object], list[RecoveryPoint]]:
-    doc = json.loads(raw)
+    try:
+        doc = state_document(raw)
+    except ValueError as exc:
+        raise frproto.InternalError(f"the replica's state file is damaged: {exc}") from exc
     return doc, [RecoveryPoint.from_json(p) for p in doc.get("points", [])]
 
 

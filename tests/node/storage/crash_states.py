@@ -452,7 +452,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--point", type=int, help="replay one state (with --choices, --tears)")
     parser.add_argument("--choices", default="-")
     parser.add_argument("--tears", default="-")
+    parser.add_argument(
+        "--flips",
+        action="store_true",
+        help="instead: flip every bit of the first 4 KiB of each on-disk file kind",
+    )
     args = parser.parse_args(argv)
+    if args.flips:
+        from tests.node.storage import bit_flips
+
+        started = time.monotonic()
+        report = bit_flips.run_flips(None, args.seed)
+        for kind, got in report.items():
+            for line in got.failures[:20]:
+                print(f"FAIL {kind} {line}")
+        print(
+            json.dumps(
+                {
+                    "flips": {kind: got.flips for kind, got in report.items()},
+                    "failures": sum(len(got.failures) for got in report.values()),
+                    "seconds": round(time.monotonic() - started, 1),
+                }
+            )
+        )
+        return 1 if any(got.failures for got in report.values()) else 0
     if args.point is not None:
         what = replay(WORKLOADS[args.workload], args.seed, args.point, args.choices, args.tears)
         print(json.dumps({"states": 1, "failures": [what] if what else []}))
