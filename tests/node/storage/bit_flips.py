@@ -138,7 +138,7 @@ def run_flips(count: int | None, seed: int = 1) -> dict[str, FlipReport]:
     """Flip ``count`` bits (all with None) of each kind; what each kind gave."""
     expected = cs.Expected(cs.WORKLOADS["one-batch"], 1)
     report: dict[str, FlipReport] = {}
-    with tempfile.TemporaryDirectory(prefix="frflip-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="frflip-", dir=cs.FAST_TMP) as tmp:
         work = Path(tmp)
         (work / "bases").mkdir()
         for kind, base in bases(work / "bases").items():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -48,6 +49,10 @@ from node.storage.point_copy import copy_point
 from tests.node.storage import workload as wl
 
 KEEP = 2  # small, so that the batch workloads prune points
+#: Where the states are built: a tmpfs where there is one (a state is recovered with real
+#: fsyncs, which cost milliseconds each on a disk and nothing on tmpfs; what is checked
+#: is the state's content, built by the layer, not the device's durability).
+FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 #: Where the replica store lies in a recorded run's directory, and the point copies.
 STORE = "store"
 COPIES = "copies"
@@ -418,7 +423,7 @@ def run(
     limit: int | None = None,
 ) -> None:
     """Check the crash states of one recorded run of ``workload``."""
-    with tempfile.TemporaryDirectory(prefix="frcrash-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="frcrash-", dir=FAST_TMP) as tmp:
         rec = record(workload, seed, Path(tmp))
         tally.crash_points += len(rec.crashes.crash_points)
         for state in states_of(rec, exhaustive_up_to=exhaustive_up_to, samples=samples):
@@ -433,7 +438,7 @@ def run(
 
 
 def replay(workload: Workload, seed: int, point: int, choices: str, tears: str) -> str | None:
-    with tempfile.TemporaryDirectory(prefix="frcrash-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="frcrash-", dir=FAST_TMP) as tmp:
         rec = record(workload, seed, Path(tmp))
         unc = tuple(rec.crashes.uncertain(point))
         ch = tuple(int(c) for c in choices) if choices != "-" else ()

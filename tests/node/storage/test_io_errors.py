@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -399,6 +399,20 @@ def _expected() -> cs.Expected:
     return cs.Expected(cs.Workload("io", cs._nothing, cs._run_ir_and_batches, wl.batch), 1)
 
 
+@pytest.fixture
+def fast_path(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs where there is one: every run syncs for real, which costs
+    nothing there (the faults, not the device, are under test)."""
+    if cs.FAST_TMP is None:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="frio-", dir=cs.FAST_TMP))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def reached() -> set[tuple[str, int]]:
     """The call sites reached by the faults of the tests below (filled as they run)."""
@@ -406,13 +420,13 @@ def reached() -> set[tuple[str, int]]:
 
 
 def test_a_fault_at_every_call_of_the_workload(
-    tmp_path: Path, reached: set[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+    fast_path: Path, reached: set[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Ranges larger than the apply's read window are copied in the kernel (copy_range):
     # with a small window the test's batches take that path too.
     monkeypatch.setattr("node.storage.batch.WINDOW", 16 << 10)
     clean = CallFaults()
-    run = Run(tmp_path / "clean" / "store", clean, _expected())
+    run = Run(fast_path / "clean" / "store", clean, _expected())
     run.root.mkdir(parents=True)
     workload(run)
     total = clean.calls
@@ -422,7 +436,7 @@ def test_a_fault_at_every_call_of_the_workload(
     for n in range(1, total + 1):
         for err in _errnos(n):
             faults = CallFaults(fail_at=n, err=err)
-            run = Run(tmp_path / f"{n}-{err}" / "store", faults, _expected())
+            run = Run(fast_path / f"{n}-{err}" / "store", faults, _expected())
             run.root.mkdir(parents=True)
             workload(run)
             assert faults.fired, f"call {n} of {total} was never made"
@@ -433,20 +447,20 @@ def test_a_fault_at_every_call_of_the_workload(
     assert failed_sites == clean.sites, "a call site was never failed"
 
 
-def test_a_failed_sync_loses_the_dirty_pages(tmp_path: Path) -> None:
+def test_a_failed_sync_loses_the_dirty_pages(fast_path: Path) -> None:
     """Each fsync/fdatasync of the workload fails in turn, taking the file's unsynced
     writes with it: the engine must not take the data for safe (no retry of the sync
     that then succeeds): it fails the call, and the retried step ends with the replica
     exactly as the primary's image (checked by the workload after every step)."""
     clean = CallFaults()
-    run = Run(tmp_path / "clean" / "store", clean, _expected(), io=LosingFileIO(clean))
+    run = Run(fast_path / "clean" / "store", clean, _expected(), io=LosingFileIO(clean))
     run.root.mkdir(parents=True)
     workload(run)
     total = clean.calls
     assert total > 30
     for n in range(1, total + 1):
         faults = CallFaults(fail_at=n, err=errno.EIO)
-        run = Run(tmp_path / str(n) / "store", faults, _expected(), io=LosingFileIO(faults))
+        run = Run(fast_path / str(n) / "store", faults, _expected(), io=LosingFileIO(faults))
         run.root.mkdir(parents=True)
         workload(run)
         assert faults.fired, f"sync {n} of {total} was never made"
@@ -466,11 +480,11 @@ class _RetriesFailedSyncs(LosingFileIO):
             real(fd, path)
 
 
-def test_the_check_catches_an_engine_that_retries_a_failed_sync(tmp_path: Path) -> None:
+def test_the_check_catches_an_engine_that_retries_a_failed_sync(fast_path: Path) -> None:
     caught = 0
     for n in range(1, 47):
         faults = CallFaults(fail_at=n, err=errno.EIO)
-        run = Run(tmp_path / str(n) / "store", faults, _expected(), io=_RetriesFailedSyncs(faults))
+        run = Run(fast_path / str(n) / "store", faults, _expected(), io=_RetriesFailedSyncs(faults))
         run.root.mkdir(parents=True)
         try:
             workload(run)
@@ -517,16 +531,18 @@ def _recovery_bases(tmp: Path) -> dict[str, Path]:
     return bases
 
 
-def test_a_fault_at_every_call_of_a_recovery(tmp_path: Path, reached: set[tuple[str, int]]) -> None:
+def test_a_fault_at_every_call_of_a_recovery(
+    fast_path: Path, reached: set[tuple[str, int]]
+) -> None:
     """Recovery of what power cuts leave, with a fault at each of its calls; the next
     recovery, without the fault, ends at one batch boundary with the right images."""
     expected = cs.Expected(cs.WORKLOADS["one-batch"], 1)
-    (tmp_path / "bases").mkdir()
-    for name, base in _recovery_bases(tmp_path / "bases").items():
+    (fast_path / "bases").mkdir()
+    for name, base in _recovery_bases(fast_path / "bases").items():
         n = 0
         while True:
             n += 1
-            root = tmp_path / f"{name}-{n}"
+            root = fast_path / f"{name}-{n}"
             shutil.copytree(base, root)
             faults = CallFaults(fail_at=n, err=_errnos(n)[0])
             raised: frproto.FrprotoError | None = None

@@ -188,7 +188,7 @@ def test_the_oracle_finds_a_missing_sync(
 ) -> None:
     monkeypatch.setattr(cs, "RecordingFileIO", layer)
     tally = cs.Tally()
-    cs.run(cs.WORKLOADS[workload], 1, tally, exhaustive_up_to=256, samples=16)
+    cs.run(cs.WORKLOADS[workload], 1, tally, exhaustive_up_to=64, samples=4)
     assert tally.failures, "a missing sync went unnoticed"
     assert all(
         f.what.startswith(("S1", "S2", "S4", "S5", "S8")) or "Error" in f.what
