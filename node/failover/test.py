@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Final
 
 import frproto
+from node.storage.fileio import FileIO
 from node.storage.layout import CONFIG_FILE, DISKS_DIR
 from node.storage.point_copy import PointCopy, copy_point
 
@@ -142,8 +143,11 @@ def start_test_failover(
             "sequence": copy.sequence,
             "disks": [str(p) for p in copy.disks],
         }
-        (staging / TEST_MARKER).write_text(json.dumps(marker) + "\n")
-        os.rename(staging, out)
+        io = FileIO(None)
+        io.write_file_durably(staging / TEST_MARKER, (json.dumps(marker) + "\n").encode())
+        io.rename(staging, out)
+        # the rename survives a power cut only once the parent is synced
+        io.fsync_dir(out.parent)
     except BaseException:
         # Whatever the failure (a full disk, a pruned point, ^C), remove all of it.
         shutil.rmtree(staging, ignore_errors=True)

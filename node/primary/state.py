@@ -31,6 +31,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
+import xxhash
+
 from .locks import holding, state_lock
 
 log = logging.getLogger("frrep.primary")
@@ -75,8 +77,12 @@ IR_STATES: Final[tuple[str, ...]] = tuple(stage.value for stage in IRStage)
 #: Name of a VM's state file inside its directory.
 STATE_FILE: Final = "state.json"
 
-#: Version of the JSON document; a file with another version is refused.
-STATE_FORMAT: Final = 1
+#: Version of the JSON document; a file with another version is refused. Version 2 adds
+#: ``checksum``: a flipped bit in an acknowledged sequence would otherwise read as another
+#: valid state. Version 1 (no checksum) is still read; a single flipped bit cannot turn a
+#: 2 into a 1 (they differ in two bits).
+STATE_FORMAT: Final = 2
+LEGACY_STATE_FORMAT: Final = 1
 
 #: The fields an operator's command sets (``pause``, ``resume``, ``set``). The service
 #: never writes them: its saves keep whatever the file holds
@@ -302,6 +308,7 @@ class VMReplicationState:
         """The JSON document (with its ``format`` version)."""
         doc = asdict(self)
         doc["format"] = STATE_FORMAT
+        doc["checksum"] = state_checksum(doc)
         return doc
 
     @classmethod
@@ -313,8 +320,13 @@ class VMReplicationState:
         Raises:
             StateCorrupt: not an object, wrong format, wrong types or impossible values.
         """
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in (
+            STATE_FORMAT,
+            LEGACY_STATE_FORMAT,
+        ):
             raise StateCorrupt("not a primary state document of a known format")
+        if doc["format"] == STATE_FORMAT and doc.get("checksum") != state_checksum(doc):
+            raise StateCorrupt("the state's checksum does not match (a damaged file)")
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in doc:
@@ -329,6 +341,14 @@ class VMReplicationState:
         except (TypeError, ValueError) as exc:
             raise StateCorrupt(f"bad primary state: {exc}") from exc
         return state
+
+
+def state_checksum(doc: dict[str, Any]) -> str:
+    """XXH3-64 (hex) of the document without its ``checksum``, serialized canonically."""
+    body = json.dumps(
+        {k: v for k, v in doc.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")
+    )
+    return xxhash.xxh3_64_hexdigest(body.encode())
 
 
 _TYPES: Final[dict[str, tuple[type, ...]]] = {

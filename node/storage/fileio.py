@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,14 @@ class StorageFaults:
       every rename and unlink.
     * ``crash_point(name)``: called at the named points of :data:`CRASH_POINTS`; a test
       worker calls ``os.kill(os.getpid(), SIGKILL)`` there.
+    * ``before_open(path)``: called before every open through the seam (a file the
+      engine writes through, or creates) and every mkdir.
     """
 
     before_write: Callable[[Path, int], None] | None = None
     before_sync: Callable[[Path], None] | None = None
     crash_point: Callable[[str], None] | None = None
+    before_open: Callable[[Path], None] | None = None
 
 
 def os_error(exc: OSError, operation: str, path: Path | str) -> frproto.ReplicationError:
@@ -224,6 +228,32 @@ class FileIO:
         self._before_write(path, 0)
         os.ftruncate(fd, size)
 
+    # -- names ---------------------------------------------------------------------
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        """``os.open`` for a descriptor the engine will write through (or a file it
+        creates): the power-loss layer (``frtesting.powerloss``) learns here which file a
+        descriptor names and whether the open created it."""
+        f = self._faults
+        if f is not None and f.before_open is not None:
+            f.before_open(path)
+        return os.open(path, flags, mode)
+
+    def mkdir(self, path: Path, *, exist_ok: bool = False) -> None:
+        """Create a directory (durable only once its parent is synced)."""
+        f = self._faults
+        if f is not None and f.before_open is not None:
+            f.before_open(path)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if not exist_ok or not path.is_dir():
+                raise
+
+    def remove_tree(self, path: Path) -> None:
+        """Remove a directory and everything under it, ignoring errors (a half-created or
+        half-deleted replica that nothing reads any more)."""
+        shutil.rmtree(path, ignore_errors=True)
+
     # -- durability and names ------------------------------------------------------
     def fsync(self, fd: int, path: Path) -> None:
         self._before_sync(path)
@@ -260,7 +290,7 @@ class FileIO:
     def write_file_durably(self, path: Path, data: bytes, *, tmp_suffix: str = ".tmp") -> None:
         """Atomically replace ``path`` with ``data``: temp file, fsync, rename, fsync dir."""
         tmp = path.with_name(path.name + tmp_suffix)
-        fd = os.open(
+        fd = self.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:

@@ -50,7 +50,7 @@ class ImageSet:
         try:
             for path, want in zip(self._paths, self._sizes, strict=True):
                 with mapped("open image", path):
-                    self._fds.append(os.open(path, open_flags(write=True)))
+                    self._fds.append(io.open(path, open_flags(write=True)))
                 with mapped("stat image", path):
                     size = os.fstat(self._fds[-1]).st_size
                 if size != want:
@@ -133,7 +133,7 @@ class ImageSet:
         if fd is None and self._direct_ok:
             path = self._paths[disk_index]
             try:
-                fd = os.open(path, open_flags(write=True) | _O_DIRECT)
+                fd = self._io.open(path, open_flags(write=True) | _O_DIRECT)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise os_error(exc, "open image (O_DIRECT)", path) from exc

@@ -131,7 +131,7 @@ class FileWriter:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         if not reuse:
             flags |= os.O_CREAT | os.O_TRUNC
-        self.fd = os.open(path, flags, 0o600)
+        self.fd = io.open(path, flags, 0o600)
         try:
             header = _header_bytes(magic, sequence, base_sequence, captured_at_ms)
             io.writev(self.fd, [header], path)

@@ -25,8 +25,10 @@ from pathlib import Path
 import frproto
 
 from . import layout as lay
+from .fileio import FileIO
 from .journal import Record, read_undo
 from .points import RecoveryPoint, overlay
+from .state import state_document
 
 #: Bytes read per piece.
 PIECE = 4 * 1024 * 1024
@@ -48,21 +50,41 @@ class PointCopy:
 
 
 def _snapshot(lo: lay.ReplicaLayout) -> tuple[bytes, bool]:
-    """The state file's bytes, and whether a batch may be in progress."""
+    """The state file's bytes, and whether a batch may be in progress: a journal newer
+    than the applied sequence. A journal of an applied batch is one whose removal failed
+    (the images hold it already; recovery removes it): waiting for it would make a test
+    failover fail BUSY until the next batch came."""
     raw = lo.state.read_bytes()
-    busy = any(n.endswith(lay.JOURNAL_SUFFIX) for n in os.listdir(lo.journal_dir))
+    applied = int(json.loads(raw).get("applied_sequence", 0))
+    busy = False
+    for name in os.listdir(lo.journal_dir):
+        if name.endswith(lay.JOURNAL_SUFFIX):
+            seq = lay.parse_seq_name(name, lay.JOURNAL_SUFFIX)
+            busy = busy or seq is None or seq > applied
     return raw, busy
 
 
 def _points(raw: bytes) -> tuple[dict[str, object], list[RecoveryPoint]]:
-    doc = json.loads(raw)
+    try:
+        doc = state_document(raw)
+    except ValueError as exc:
+        raise frproto.InternalError(f"the replica's state file is damaged: {exc}") from exc
     return doc, [RecoveryPoint.from_json(p) for p in doc.get("points", [])]
 
 
-def copy_point(storage: Path, vmid: uuid.UUID, out: Path, sequence: int | None = None) -> PointCopy:
+def copy_point(
+    storage: Path,
+    vmid: uuid.UUID,
+    out: Path,
+    sequence: int | None = None,
+    *,
+    io: FileIO | None = None,
+) -> PointCopy:
     """Copy the replica of ``vmid`` (under ``storage``) as of recovery point ``sequence``
     (default: the latest) into the new directory ``out``: ``config.bin`` and one sparse
-    image per disk under ``disks/``.
+    image per disk under ``disks/``. Durable on return: every file and directory of the
+    copy is synced, and ``out``'s entry in its parent. ``io`` replaces the system calls
+    that write the copy (the power-loss and I/O-error tests).
 
     Raises:
         frproto.UnknownVM: no such replica; frproto.OutOfSequence: the point is not kept
@@ -74,16 +96,23 @@ def copy_point(storage: Path, vmid: uuid.UUID, out: Path, sequence: int | None =
         raise frproto.UnknownVM(f"no replica of {vmid} under {storage}")
     raw, _ = _snapshot(lo)
     doc, points = _points(raw)
+    if int(doc.get("reverting_to", -1)) >= 0:  # type: ignore[call-overload]
+        # the images are part way between two points until the failover's revert ends
+        raise frproto.Busy(f"replica {vmid}: a failover is being finished; try again")
     if sequence is None:
         sequence = int(doc["applied_sequence"])  # type: ignore[call-overload]
     if all(p.sequence != sequence for p in points):
         raise frproto.OutOfSequence(f"replica {vmid}: no recovery point {sequence} is kept")
     disks = [(str(d["disk_id"]), int(d["size"])) for d in doc["disks"]]  # type: ignore[attr-defined]
     undo_cache: dict[int, list[Record]] = {}
-    out.mkdir(parents=True)
-    (out / "disks").mkdir()
+    io = io if io is not None else FileIO(None)
+    missing = [d for d in out.parents if not d.exists()]
+    for d in reversed(missing):
+        io.mkdir(d, exist_ok=True)
+    io.mkdir(out)
+    io.mkdir(out / "disks")
     config = out / "config.bin"
-    config.write_bytes(lo.config.read_bytes())
+    _write_new(io, config, lo.config.read_bytes())
     written = 0
     images = []
     for index, (disk_id, size) in enumerate(disks):
@@ -91,22 +120,41 @@ def copy_point(storage: Path, vmid: uuid.UUID, out: Path, sequence: int | None =
         target = out / "disks" / f"{disk_id}.img"
         images.append(target)
         src = os.open(lo.image(disk_id), os.O_RDONLY)
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(dst, size)
+            dst = io.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            os.close(src)
+            raise
+        try:
+            io.truncate(dst, size, target)
             for offset in range(0, size, PIECE):
                 n = min(PIECE, size - offset)
                 piece = _read_piece(lo, src, index, offset, n, sequence, undo_cache)
                 if any(piece):  # zeros stay a hole
-                    os.pwrite(dst, piece, offset)
+                    io.pwrite(dst, piece, offset, target)
                     written += len(piece)
-            os.fsync(dst)
+            io.fsync(dst, target)
         finally:
             os.close(src)
             os.close(dst)
+    # A power cut must not leave a copy whose names are missing (POSIX makes a new name
+    # durable only with a sync of its directory).
+    io.fsync_dir(out / "disks")
+    for d in (out, *missing):
+        io.fsync_dir(d.parent)
+    io.fsync_dir(out)
     return PointCopy(
         vmid, sequence, out, config, tuple(images), written, time.monotonic() - started
     )
+
+
+def _write_new(io: FileIO, path: Path, data: bytes) -> None:
+    fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        io.pwrite(fd, data, 0, path)
+        io.fsync(fd, path)
+    finally:
+        os.close(fd)
 
 
 def _read_piece(

@@ -176,6 +176,11 @@ class Replica:
             self._batches.apply_committed()
         if self._batches.needs_recovery:
             self._recover_journals([])
+        if self._state.current.reverting_to >= 0:
+            # A failover was decided but its revert failed (a full disk) or was cut short:
+            # the images are part way between two points, so nothing may read them before
+            # the revert is finished.
+            self._finish_revert()
 
     def apply_committed(self) -> None:
         """Apply the batch :meth:`BatchWriter.make_durable
@@ -289,7 +294,13 @@ class Replica:
         (idempotent: calling this again after a crash finishes the same revert)."""
         with self._lock:
             self._check_open()
-            self._ensure_recovered()
+            # Not _ensure_recovered(): it would finish a decided revert, and this call
+            # would then decide a second failover (another generation) on top of it. An
+            # acknowledged batch not applied yet is applied first: it is the latest point.
+            with contextlib.suppress(frproto.ReplicationError):
+                self._batches.apply_committed()
+            if self._batches.needs_recovery:
+                self._recover_journals([])
             st = self._state.current
             if st.ir_state != IRState.COMPLETE:
                 raise frproto.OutOfSequence(f"replica {self.vmid}: no complete replica")
@@ -303,15 +314,21 @@ class Replica:
                     st, failed_over=True, generation=st.generation + 1, reverting_to=target
                 )
                 self._state.save(st)
-            target = st.reverting_to
-            newer = [p.sequence for p in st.points if p.sequence > target]
-            for seq in reversed(newer):
-                self._undo.revert(seq)
-            self._images.sync_all()
-            kept = tuple(p for p in st.points if p.sequence <= target)
-            self._state.save(replace(st, applied_sequence=target, points=kept, reverting_to=-1))
-            self._undo.drop(set(newer))
+            self._finish_revert()
             return self._state.current.generation
+
+    def _finish_revert(self) -> None:
+        """Bring the images back to a decided failover's point (``reverting_to``): the
+        newer points' undo data, newest first, then the state. Idempotent."""
+        st = self._state.current
+        target = st.reverting_to
+        newer = [p.sequence for p in st.points if p.sequence > target]
+        for seq in reversed(newer):
+            self._undo.revert(seq)
+        self._images.sync_all()
+        kept = tuple(p for p in st.points if p.sequence <= target)
+        self._state.save(replace(st, applied_sequence=target, points=kept, reverting_to=-1))
+        self._undo.drop(set(newer))
 
     # -- delta batches (node.storage.batch) -----------------------------------------------------
     def applied_digest(self, sequence: int) -> str:
@@ -354,6 +371,10 @@ class Replica:
             self._check_open()
             log: list[str] = []
             self._recover_journals(log)
+            target = self._state.current.reverting_to
+            if target >= 0:
+                self._finish_revert()
+                log.append(f"replica {self.vmid}: finished the failover's revert to {target}")
             st = self._state.current
             if st.ir_state == IRState.IN_PROGRESS:
                 log.append(

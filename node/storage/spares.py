@@ -81,7 +81,7 @@ class SpareFiles:
             return
         spare_dir = self._lay.checked(self._lay.spare_dir)
         with contextlib.suppress(FileExistsError):
-            spare_dir.mkdir()
+            self._io.mkdir(spare_dir)
         self._serial += 1
         spare = spare_dir / f"{self._serial}{lay.SPARE_SUFFIX}"
         self._io.rename(path, spare)

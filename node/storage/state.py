@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import Any, Final
 from uuid import UUID
 
+import xxhash
+
 from frproto import DiskInfo, IRState
 
 from . import layout as lay
 from .fileio import FileIO, mapped
 from .points import RecoveryPoint, needed_undo, prune
 
-STATE_FORMAT: Final = 1
+STATE_FORMAT: Final = 2
+#: Written before the checksum came in; still read (a flipped bit cannot turn a 2 into a
+#: 1: they differ in two bits).
+LEGACY_STATE_FORMAT: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +86,12 @@ class ReplicaState:
             doc["failed_over"] = True
         if self.reverting_to >= 0:
             doc["reverting_to"] = self.reverting_to
+        doc["checksum"] = _checksum(doc)
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ReplicaState:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-            raise ValueError("unknown state format")
+        doc = state_document(raw)
 
         def get(key: str, kind: type | tuple[type, ...]) -> Any:
             value = doc.get(key)
@@ -123,6 +127,29 @@ class ReplicaState:
             failed_over=bool(doc.get("failed_over", False)),
             reverting_to=int(doc.get("reverting_to", -1)),
         )
+
+
+def _checksum(doc: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in doc.items() if k != "checksum"}, indent=1, sort_keys=True)
+    return xxhash.xxh3_64_hexdigest(body.encode())
+
+
+def state_document(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a ``state.json``, its checksum checked: a flipped bit in an
+    applied sequence or a recovery point would otherwise read as another valid state.
+
+    Raises:
+        ValueError: not a state file of a known format, or the checksum fails.
+    """
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("unknown state format")
+    if doc.get("format") == STATE_FORMAT:
+        if doc.get("checksum") != _checksum(doc):
+            raise ValueError("the state's checksum does not match (a damaged file)")
+    elif doc.get("format") != LEGACY_STATE_FORMAT:
+        raise ValueError("unknown state format")
+    return doc
 
 
 class StateFile:

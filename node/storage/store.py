@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -41,19 +40,26 @@ class ReplicaStore:
     """Every replica under ``root`` (see :mod:`node.storage.layout`)."""
 
     def __init__(
-        self, root: Path, *, keep_points: int = 24, faults: StorageFaults | None = None
+        self,
+        root: Path,
+        *,
+        keep_points: int = 24,
+        faults: StorageFaults | None = None,
+        io: FileIO | None = None,
     ) -> None:
+        """``io`` replaces the engine's system calls (the power-loss tests record them);
+        by default they are the real ones, with ``faults`` applied."""
         if keep_points < 1:
             raise ValueError("keep_points must be at least 1")
         root = Path(root)
+        self._io = io if io is not None else FileIO(faults)
         with mapped("create storage root", root):
             root.mkdir(parents=True, exist_ok=True)
             self.root = root.resolve(strict=True)
             for sub in (lay.TOMBSTONES_DIR, lay.STAGING_DIR, lay.TRASH_DIR):
                 path = lay.check_inside(self.root, self.root / sub)
-                path.mkdir(exist_ok=True)
+                self._io.mkdir(path, exist_ok=True)
         self.keep_points = keep_points
-        self._io = FileIO(faults)
         self._lock = threading.RLock()
         self._open: dict[UUID, Replica] = {}
 
@@ -132,15 +138,15 @@ class ReplicaStore:
             io = self._io
             try:
                 with mapped("create replica", staging):
-                    staging.mkdir()
+                    io.mkdir(staging)
                     sl = lay.ReplicaLayout(staging.parent, vmid)
                     for sub in (lay.DISKS_DIR, lay.JOURNAL_DIR, lay.UNDO_DIR):
-                        (staging / sub).mkdir()
+                        io.mkdir(staging / sub)
                     self._write_new(staging / lay.CONFIG_FILE, config)
                     self._write_new(staging / lay.STATE_FILE, state.to_bytes())
                     for disk in state.disks:
                         path = staging / lay.DISKS_DIR / sl.image(disk.disk_id).name
-                        fd = os.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)
+                        fd = io.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)
                         try:
                             try:
                                 io.truncate(fd, disk.size, path)
@@ -163,7 +169,7 @@ class ReplicaStore:
                         io.unlink(tomb)
                         io.fsync_dir(tomb.parent)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                io.remove_tree(staging)
                 raise
             return self._open_locked(vmid)
 
@@ -180,7 +186,7 @@ class ReplicaStore:
                 raise too_large(disk, "the storage location's file system")
 
     def _write_new(self, path: Path, data: bytes) -> None:
-        fd = os.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)
+        fd = self._io.open(path, open_flags(write=True, create=True) | os.O_EXCL, 0o600)
         try:
             self._io.pwrite(fd, data, 0, path)
             self._io.fsync(fd, path)
@@ -263,7 +269,7 @@ class ReplicaStore:
                 io.rename(lo.dir, trash)
                 io.fsync_dir(self.root)
                 io.fsync_dir(trash.parent)
-            shutil.rmtree(trash, ignore_errors=True)
+            io.remove_tree(trash)
 
     def recover(self) -> list[str]:
         """At startup: finish or discard interrupted batches of every replica and report
@@ -275,7 +281,7 @@ class ReplicaStore:
                 with mapped("list", base):
                     names = os.listdir(base)
                 for name in names:
-                    shutil.rmtree(lay.check_inside(self.root, base / name), ignore_errors=True)
+                    self._io.remove_tree(lay.check_inside(self.root, base / name))
                     log.append(f"removed leftover {sub}/{name}")
             for vmid in self.vmids():
                 try:

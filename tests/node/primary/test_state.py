@@ -93,10 +93,30 @@ def test_corrupt_state(tmp_path: Path) -> None:
 
 def test_old_file_takes_defaults(tmp_path: Path) -> None:
     doc = _state().to_json()
-    for key in ("health", "broker", "pending_bytes"):
+    # a file of format 1 (before the checksum), written before these fields existed
+    doc["format"] = 1
+    for key in ("health", "broker", "pending_bytes", "checksum"):
         del doc[key]
     state = VMReplicationState.from_json({**doc, "future_field": 1})
     assert (state.health, state.broker, state.pending_bytes) == ("initial replication", None, 0)
+
+
+def test_a_flipped_bit_is_refused(tmp_path: Path) -> None:
+    """Every single-bit flip of a saved state is refused (StateCorrupt), never read as
+    another valid state; the sequence's digits are where a flip would do most harm."""
+    store = PrimaryStateStore(tmp_path)
+    good = _state(sequence=23)
+    store.save(good)
+    path = store.vm_dir(good.vmid) / STATE_FILE
+    raw = path.read_bytes()
+    for bit in range(len(raw) * 8):
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(StateCorrupt):
+            store.load(good.vmid)
+    path.write_bytes(raw)
+    assert store.load(good.vmid).sequence == 23
 
 
 def test_bad_vmid_and_values_refused(tmp_path: Path) -> None:
