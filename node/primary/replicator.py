@@ -41,6 +41,7 @@ primary resumes without a new IR.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -63,12 +64,14 @@ from .delta import Deltas
 from .digest_map import DigestMap
 from .disks import DiskResized, DiskUnavailable, check_disks, image_size
 from .errors import UNREACHABLE, ReplicationHalted
+from .image_view import viewing
 from .initial import IR_PROGRESS_SECONDS
 from .locks import cycle_lock
 from .metrics import PrimaryMetrics
 from .oob_export import is_exported, map_path
 from .pending_log import PendingLog, PendingLogCorrupt
 from .plan import CycleStart, plan_cycle, resync_due
+from .qemu import PointInTime, QemuSource
 from .record import VMRecord, disks_of, images_of
 from .resync import Progress, Resynchronization, ResyncResult, VerifyResult
 from .route import MAX_REQUERIES, Route
@@ -153,13 +156,18 @@ class VMReplicator:
     wall_clock: Callable[[], datetime] = datetime.now
     #: The service's metrics (cycle durations, bytes sent, failures), if any.
     metrics: PrimaryMetrics | None = None
+    #: QEMU as the change source (``docs/qemu.md``); made from ``state.qemu`` when None.
+    qemu: QemuSource | None = None
     _maps: list[DigestMap] = field(default_factory=list, init=False)
+    _point: PointInTime | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.vmid = uuid.UUID(self.state.vmid)
         self.dir = self.store.root / self.state.vmid
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending = PendingLog(self.dir / "pending", max_bytes=self.pending_bytes)
+        if self.qemu is None and self.state.qemu is not None:
+            self.qemu = QemuSource.of_state(self.state.qemu, self.state.disks, self.dir / "qemu")
         self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
         self._limit = RelationshipLimit()
         #: What the last session negotiated and how many chunk bytes it put on the wire.
@@ -252,6 +260,7 @@ class VMReplicator:
             self.before_capture,
             self.after_capture,
             self.chunk_fault,
+            self._point,
         )
 
     def _verification(self) -> Verification:
@@ -261,7 +270,9 @@ class VMReplicator:
         return Resynchronization(
             self._record(),
             self.pending,
-            self.tracker,
+            # QEMU's bitmaps are not a tracker's: its resynchronization goes by digests,
+            # read through the cycle's point in time.
+            self.tracker if self.qemu is None else None,
             self.before_capture,
             self.after_capture,
             self._route().open_existing,
@@ -400,6 +411,45 @@ class VMReplicator:
 
     async def _cycle(self) -> None:
         self.state.last_cycle_started_at = time.time()
+        if self.qemu is None:
+            await self._cycle_steps()
+            return
+        qemu = self.qemu
+        # The point in time of every disk at once (docs/qemu.md); its fleecing state is
+        # removed whatever happens, its frozen bitmaps merged back unless committed.
+        point = await trio.to_thread.run_sync(
+            functools.partial(
+                qemu.open_point, expect_bitmaps=self.state.ir_state != IRStage.NOT_STARTED
+            )
+        )
+        self._point = point
+        try:
+            self._note_bitmaps(point)
+            views = {str(path): view for path, view in zip(self.images, point.views, strict=True)}
+            with viewing(views):
+                await self._cycle_steps()
+        finally:
+            self._point = None
+            with trio.CancelScope(shield=True):
+                await self._close_point(point)
+
+    async def _close_point(self, point: PointInTime) -> None:
+        await trio.to_thread.run_sync(functools.partial(point.close, commit=point.commit))
+
+    def _note_bitmaps(self, point: PointInTime) -> None:
+        """Say what the point found of QEMU's bitmaps; a lost one means a resync."""
+        s = self.state
+        if point.lost and s.ir_state != IRStage.NOT_STARTED:
+            # What the guest wrote while nobody tracked it is unknown: compare digests.
+            s.needs_resync = True
+            s.qemu_bitmap = f"lost ({'; '.join(point.lost)}): resynchronizing by digests"
+            log.warning("%s: QEMU's dirty bitmap %s", s.name, s.qemu_bitmap)
+            self._save()
+        elif not s.needs_resync:
+            s.qemu_bitmap = "intact"
+
+    async def _cycle_steps(self) -> None:
+        point = self._point
         try:
             # Before anything is read: a resized disk cannot be replicated by batches
             # (node/primary/disks.py), and a missing one must say so, not look like a
@@ -412,7 +462,13 @@ class VMReplicator:
             )
             if start is CycleStart.CAPTURE:
                 await self.capture()
-            if resync_due(start, overflowed=self.pending.overflowed):
+                if point is not None:
+                    point.commit = point.captured
+            resyncing = resync_due(start, overflowed=self.pending.overflowed)
+            if point is not None and start is CycleStart.CAPTURE and not resyncing:
+                # The send reads the pending log, not the disks: no fleecing meanwhile.
+                await self._close_point(point)
+            if resyncing:
                 window = self.resync_window
                 if window is not None and not window.contains(self.wall_clock().time()):
                     log.info(
@@ -425,6 +481,9 @@ class VMReplicator:
                     self._save()
                     return
                 await self.resync()
+                if point is not None:
+                    point.commit = True  # every block was compared at the point
+                    self.state.qemu_bitmap = "intact"
             await self._route().follow(self._session, self._note_session)
         except (ReplicationHalted, DiskResized) as exc:
             self.state.halted = str(exc)
