@@ -66,6 +66,8 @@ class QemuDaemon:
 
     root: Path
     disks: Sequence[Disk]
+    #: Start QEMU's NBD server with the guest's exports (else frrep starts its own).
+    guest_nbd: bool = True
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -96,18 +98,23 @@ class QemuDaemon:
             f"socket,id=mon,path={self.qmp_socket},server=on,wait=off",
             "--monitor",
             "chardev=mon",
-            "--nbd-server",
-            f"addr.type=unix,addr.path={self.nbd_socket}",
         ]
+        if not self.guest_nbd:
+            return self._spawn(args)
+        args += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
         for d in self.disks:
             args += [
                 "--export",
                 f"type=nbd,id=guest-{d.node},node-name={d.node},name=guest-{d.node},writable=on",
             ]
+        return self._spawn(args)
+
+    def _spawn(self, args: list[str]) -> QemuDaemon:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        while not (os.path.exists(self.qmp_socket) and os.path.exists(self.nbd_socket)):
+        sockets = [self.qmp_socket] + ([self.nbd_socket] if self.guest_nbd else [])
+        while not all(os.path.exists(s) for s in sockets):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qemu-storage-daemon did not start: {self.log.read_text()}")
             time.sleep(0.02)

@@ -8,12 +8,20 @@ import os
 import random
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from frtesting.qemu import BackgroundWriter, Disk, QemuDaemon, create_image, missing_qemu
+from frtesting.qemu import (
+    BackgroundWriter,
+    Disk,
+    GuestWriter,
+    QemuDaemon,
+    create_image,
+    missing_qemu,
+)
 from frtesting.server import ServerProcess
 from node.primary.qemu import PointInTime, QemuSource
 from node.primary.replicator import VMReplicator
@@ -65,7 +73,13 @@ class Recording(QemuSource):
 
 
 def qemu_replicator(
-    site: Site, daemon: QemuDaemon, port: int, vmid: uuid.UUID, **options: Any
+    site: Site,
+    daemon: QemuDaemon,
+    port: int,
+    vmid: uuid.UUID,
+    *,
+    own_nbd: bool = False,
+    **options: Any,
 ) -> VMReplicator:
     """A replicator of the daemon's VM, as ``frctl replication enable --qemu-qmp`` makes."""
     store = PrimaryStateStore(site.state_dir)
@@ -81,7 +95,7 @@ def qemu_replicator(
         recovery_port=port,
         server_name=SERVER_NAME,
         frequency_s=1.0,
-        qemu={"qmp": daemon.qmp_socket, "nbd": daemon.nbd_socket},
+        qemu={"qmp": daemon.qmp_socket, "nbd": None if own_nbd else daemon.nbd_socket},
     )
     store.save(state)
     return VMReplicator(state, store, site.client_context(), local_address=PRIMARY_HOST, **options)
@@ -158,3 +172,250 @@ async def test_guest_writing_during_cycles_replica_is_each_point_in_time(
     assert rec.points[-1] != rec.points[-2]
     for w in writers:
         w.close()
+
+
+async def _replicated(
+    site: Site, server: ServerProcess, daemon: QemuDaemon, seed: int
+) -> tuple[uuid.UUID, VMReplicator, Recording, list[GuestWriter]]:
+    """A VM past its IR and one cycle, with its guest writers."""
+    rng = random.Random(seed)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    writers = [daemon.writer(d.node) for d in daemon.disks]
+    for w in writers:
+        w.random_writes(rng, 10)
+    replicator = qemu_replicator(site, daemon, server.port, vmid)
+    rec = recording(replicator)
+    await replicator.cycle()
+    for w in writers:
+        w.random_writes(rng, 5)
+    await replicator.cycle()
+    return vmid, replicator, rec, writers
+
+
+def assert_replica_is_last_point(site: Site, vmid: uuid.UUID, rec: Recording) -> None:
+    for index, disk in enumerate(("disk0", "disk1")):
+        assert replica(site, vmid, disk) == rec.points[-1][index], disk
+
+
+def bitmap_counts(daemon: QemuDaemon) -> dict[str, int]:
+    """Dirty bytes of frrep's recording bitmap, per disk."""
+    return {
+        n["node-name"]: sum(
+            b["count"] for b in n.get("dirty-bitmaps", []) if b.get("name", "").startswith("frrep-")
+        )
+        for n in daemon.qmp("query-named-block-nodes", {"flat": True})
+        if n["node-name"] in ("disk0", "disk1")
+    }
+
+
+async def test_a_failed_capture_merges_the_bitmap_back(
+    site: Site, server: ServerProcess, daemon: QemuDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capture fails after the point was taken (the pending log cannot be written):
+    the frozen bitmap is merged back, nothing of QEMU's fleecing is left, and the next
+    cycle replicates what the failed one would have."""
+    vmid, replicator, rec, writers = await _replicated(site, server, daemon, 21)
+    rng = random.Random(5)
+    for w in writers:
+        w.random_writes(rng, 8)
+    before = bitmap_counts(daemon)
+    assert all(before.values())
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(replicator.pending, "append_cycle", full)
+        with pytest.raises(OSError, match="No space"):
+            await replicator.cycle()
+    assert_clean(daemon)
+    after = bitmap_counts(daemon)
+    for disk, count in before.items():
+        assert after[disk] >= count, (disk, before, after)  # merged back, none lost
+    # A cancelled cycle (the service stopping mid-cycle) merges back too.
+    with trio.move_on_after(0.001):
+        await replicator.cycle()
+    assert_clean(daemon)
+    sequence = replicator.state.sequence
+    await replicator.cycle()
+    assert replicator.state.sequence == sequence + 1
+    assert_replica_is_last_point(site, vmid, rec)
+
+
+async def test_a_bitmap_removed_behind_our_back_resyncs_by_digests(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """Someone removes frrep's bitmap: the next cycle says it is lost, resynchronizes by
+    digests (the writes made while nobody tracked reach the replica) and tracks again."""
+    vmid, replicator, rec, writers = await _replicated(site, server, daemon, 22)
+    for n in daemon.qmp("query-named-block-nodes", {"flat": True}):
+        for b in n.get("dirty-bitmaps", []):
+            if n["node-name"] == "disk0" and b.get("name", "").startswith("frrep-"):
+                daemon.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": b["name"]})
+    writers[0].write(3 * MIB, b"untracked" * 1000)  # nobody tracks this write
+    await replicator.cycle()
+    assert replicator.last_resync is not None
+    assert replicator.last_resync.method == "digests"
+    assert replicator.state.qemu_bitmap == "intact"
+    assert not replicator.state.needs_resync
+    assert_replica_is_last_point(site, vmid, rec)
+    assert b"untracked" in replica(site, vmid, "disk0")[3 * MIB : 3 * MIB + 20]
+    assert_clean(daemon)
+    writers[1].write(MIB, b"tracked again" * 100)
+    await replicator.cycle()
+    assert_replica_is_last_point(site, vmid, rec)
+
+
+_OPEN_AND_HANG = """
+import sys, time
+from pathlib import Path
+from node.primary.qemu import QemuSource
+source = QemuSource(sys.argv[1], ["disk0", "disk1"], Path(sys.argv[2]), sys.argv[3])
+point = source.open_point(expect_bitmaps=True)
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_primary_killed_mid_cycle_leaves_leftovers_the_next_start_cleans(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """kill -9 of a primary holding a point in time (fleecing jobs, exports, a frozen
+    bitmap in QEMU): the next start removes it all, merges the frozen bitmap back, and
+    replicates the writes of both intervals without a new IR."""
+    import subprocess
+    import sys
+
+    from frtesting.server import child_env
+
+    vmid, replicator, _rec, writers = await _replicated(site, server, daemon, 23)
+    source = replicator.qemu
+    assert source is not None
+    writers[0].write(2 * MIB, b"before the kill" * 100)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _OPEN_AND_HANG,
+            source.qmp_socket,
+            str(source.work_dir),
+            str(source.nbd_socket),
+        ],
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"open\n"
+    child.kill()
+    child.wait(10)
+    left = frrep_objects(daemon)
+    assert left["exports"]
+    assert left["jobs"]
+    assert left["nodes"]
+    assert any(b.endswith(":frozen") for b in left["disk0"])
+    writers[1].write(MIB, b"after the kill" * 100)
+    restarted = site.restarted(replicator)
+    rec2 = recording(restarted)
+    await restarted.cycle()
+    assert restarted.state.ir_state == IRStage.COMPLETE
+    assert restarted.last_chunk_bytes_sent < SIZE // 4  # the changes, not a new IR
+    assert_replica_is_last_point(site, vmid, rec2)
+    assert b"before the kill" in replica(site, vmid, "disk0")[2 * MIB : 2 * MIB + 20]
+    assert b"after the kill" in replica(site, vmid, "disk1")[MIB : MIB + 20]
+    assert_clean(daemon)
+
+
+async def test_qemu_killed_and_restarted_resyncs_by_digests(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """kill -9 of QEMU: the raw disk's bitmap is gone and the qcow2's is left in use
+    (inconsistent); on restart the next cycle resynchronizes by digests, no new IR."""
+    vmid, replicator, rec, writers = await _replicated(site, server, daemon, 24)
+    writers[0].write(5 * MIB, b"last words" * 100)
+    for w in writers:
+        w.close()
+    daemon.kill()
+    with pytest.raises(Exception, match="cannot be reached"):
+        await replicator.cycle()  # QEMU is down: the cycle fails and says why
+    daemon.start()
+    await replicator.cycle()
+    assert replicator.last_resync is not None
+    assert replicator.last_resync.method == "digests"
+    assert replicator.last_chunk_bytes_sent < SIZE // 4
+    assert_replica_is_last_point(site, vmid, rec)
+    assert b"last words" in replica(site, vmid, "disk0")[5 * MIB : 5 * MIB + 20]
+    assert replicator.state.qemu_bitmap == "intact"
+
+
+async def test_a_qcow2_bitmap_survives_a_clean_qemu_restart(
+    site: Site, server: ServerProcess
+) -> None:
+    """A qcow2's bitmap is persistent: QEMU stopped cleanly and started again, the next
+    cycle captures from it (no resynchronization); frrep's own NBD server is used."""
+    disks = [Disk("disk0", create_image(site.root / "solo.qcow2", SIZE, "qcow2"), "qcow2")]
+    subprocess_write(disks[0].image, "qcow2", MIB, 0xAB)
+    daemon = QemuDaemon(site.root / "qemu-solo", disks, guest_nbd=False).start()
+    try:
+        vmid = uuid.UUID(int=25, version=4)
+        replicator = qemu_replicator(site, daemon, server.port, vmid, own_nbd=True)
+        rec = recording(replicator)
+        await replicator.cycle()
+        assert replica(site, vmid, "disk0") == rec.points[-1][0]
+        daemon.stop()
+        subprocess_write(disks[0].image, "qcow2", 4 * MIB, 0xCD)  # QEMU down: tracked? no
+        daemon.start()
+        await replicator.cycle()
+    finally:
+        daemon.kill()
+    assert replicator.last_resync is None  # the bitmap was there, intact
+    assert replicator.state.qemu_bitmap == "intact"
+    # qemu-io wrote with QEMU stopped, through the qcow2 itself: the persistent bitmap
+    # recorded it (qemu-io is QEMU's block layer too), so the replica has it.
+    assert replica(site, vmid, "disk0") == rec.points[-1][0]
+    assert replica(site, vmid, "disk0")[4 * MIB] == 0xCD
+
+
+def subprocess_write(image: Path, fmt: str, offset: int, pattern: int) -> None:
+    """Write 64 KiB of ``pattern`` at ``offset`` with qemu-io (QEMU not running)."""
+    import subprocess
+
+    subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", f"write -P {pattern} {offset} 64k", str(image)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+async def test_ir_reads_only_allocated_extents(site: Site, server: ServerProcess) -> None:
+    """A mostly empty 64 MiB qcow2: the IR reads only its allocated extents from QEMU
+    (base:allocation), and zero space travels as ZERO chunks."""
+    image = create_image(site.root / "sparse.qcow2", 64 * MIB, "qcow2")
+    for offset in (0, 20 * MIB, 40 * MIB + 65536):
+        subprocess_write(image, "qcow2", offset, 0x5A)
+    daemon = QemuDaemon(site.root / "qemu-sparse", [Disk("disk0", image, "qcow2")]).start()
+    try:
+        vmid = uuid.UUID(int=26, version=4)
+        replicator = qemu_replicator(site, daemon, server.port, vmid)
+        read: list[int] = []
+        rec = recording(replicator)
+        original = rec.open_point
+
+        def counting(*, expect_bitmaps: bool) -> PointInTime:
+            point = original(expect_bitmaps=expect_bitmaps)
+            read.append(sum(v.bytes_read for v in point.views))
+            reads.append(point)
+            return point
+
+        reads: list[PointInTime] = []
+        rec.open_point = counting  # type: ignore[method-assign]
+        await replicator.cycle()
+    finally:
+        daemon.kill()
+    assert replicator.state.ir_state == IRStage.COMPLETE
+    assert replica(site, vmid, "disk0") == rec.points[-1][0]
+    # The copy the test took read 3 x 64 KiB; the IR the same again, not 64 MiB.
+    ir_read = sum(v.bytes_read for v in reads[0].views) - read[0]
+    assert ir_read <= 4 * 65536 * 2, ir_read
+    # Three 1 MiB IR chunks hold data; the other 61 MiB went as ZERO chunks (no payload).
+    assert replicator.last_chunk_bytes_sent <= 3 * MIB + 4096

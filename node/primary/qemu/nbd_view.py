@@ -72,6 +72,8 @@ class NbdDiskView:
         except lib.Error as exc:
             raise DiskUnavailable(f"the NBD export {export} at {socket_path}: {exc}") from None
         self._size: int = self._h.get_size()
+        #: Bytes read from the export so far (zero extents are never read).
+        self.bytes_read = 0
         #: (start, end) of every range base:allocation says reads as zeros.
         self._zero_starts: list[int] = []
         self._zero_ends: list[int] = []
@@ -148,6 +150,7 @@ class NbdDiskView:
             while at < stop:
                 n = min(MAX_REQUEST, stop - at)
                 out[at - offset : at - offset + n] = self._h.pread(n, at)
+                self.bytes_read += n
                 at += n
         return bytes(out)
 

@@ -30,9 +30,11 @@ digests, never a silent gap.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ _JOB: Final = "frrep-job-"
 _EXPORT: Final = "frrep-pit-"
 #: Marks that frrep started QEMU's NBD server (so that it stops it, even after a crash).
 _OUR_SERVER: Final = "nbd-server-ours"
+#: Longest UNIX socket path (sun_path, less its terminating NUL).
+_SUN_PATH: Final = 107
 #: Bitmap granularity asked for (QEMU's default for qcow2 clusters too).
 GRANULARITY: Final = 65536
 
@@ -84,6 +88,15 @@ class QemuSource:
             work_dir=work_dir,
             nbd_socket=qemu.get("nbd"),
         )
+
+    def own_nbd_socket(self) -> str:
+        """Where frrep's own NBD server listens: the VM's directory, or a short name in
+        the temporary directory when that path is too long for a UNIX socket."""
+        socket = self.work_dir / "nbd.sock"
+        if len(os.fsencode(socket)) < _SUN_PATH:
+            return str(socket)
+        digest = hashlib.sha256(os.fsencode(self.work_dir)).hexdigest()[:16]
+        return str(Path(tempfile.gettempdir()) / f"frrep-nbd-{digest}.sock")
 
     def connect(self) -> QMPConnection:
         """A new QMP session (one per cycle: QEMU may have restarted in between)."""
@@ -203,7 +216,7 @@ class QemuSource:
     def _export(self, qmp: QMPConnection, point: PointInTime) -> None:
         socket = self.nbd_socket
         if socket is None:
-            socket = str(self.work_dir / "nbd.sock")
+            socket = self.own_nbd_socket()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket)
             (self.work_dir / _OUR_SERVER).write_text(socket)
