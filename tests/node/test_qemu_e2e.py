@@ -419,3 +419,64 @@ async def test_ir_reads_only_allocated_extents(site: Site, server: ServerProcess
     assert ir_read <= 4 * 65536 * 2, ir_read
     # Three 1 MiB IR chunks hold data; the other 61 MiB went as ZERO chunks (no payload).
     assert replicator.last_chunk_bytes_sent <= 3 * MIB + 4096
+
+
+def test_cli_enable_a_qemu_vm_the_service_replicates_it(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """``frctl replication enable --qemu-qmp --qemu-disk``, the primary service, and
+    status showing QEMU as the change source with its bitmap intact."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from .test_cli_replication import frctl
+
+    config = str(site.write_primary_config())
+    writers = [daemon.writer(d.node) for d in daemon.disks]
+    rng = random.Random(30)
+    for w in writers:
+        w.random_writes(rng, 10)
+    vmid = str(uuid.UUID(int=30, version=4))
+    enabled = frctl(
+        "replication", "enable", "--config", config, "--vmid", vmid, "--name", "qvm",
+        "--disk", f"os={daemon.disks[0].image}", "--disk", f"data={daemon.disks[1].image}",
+        "--qemu-qmp", daemon.qmp_socket, "--qemu-disk", "os=disk0", "--qemu-disk", "data=disk1",
+        "--qemu-nbd", daemon.nbd_socket,
+        "--server", f"{SERVER_HOST}:{server.port}", "--server-name", SERVER_NAME,
+        "--frequency", "1s",
+    )  # fmt: skip
+    assert enabled.returncode == 0, enabled.stderr
+    state = PrimaryStateStore(site.state_dir).load(vmid)
+    assert [d["size"] for d in state.disks] == [SIZE, SIZE - 3 * 65536]  # QEMU's sizes
+    primary = subprocess.Popen(
+        [sys.executable, "-m", "frctl.main", "primary", "run", "--config", config],
+        stdout=subprocess.DEVNULL,
+        stderr=(site.root / "primary.log").open("ab"),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        waited = frctl("replication", "wait", "--config", config, vmid, "--timeout", "60")
+        assert waited.returncode == 0, waited.stderr
+        for w in writers:
+            w.random_writes(rng, 5)
+        deadline = time.monotonic() + 30
+        while True:  # until the cycles after the writes carried them
+            doc = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)
+            row = doc["vms"][0]
+            if row["sequence"] >= 1 and all(
+                replica(site, uuid.UUID(vmid), name) == w.read(0, w.size)
+                for w, name in zip(writers, ("os", "data"), strict=True)
+            ):
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.3)
+        assert row["change_source"] == "qemu"
+        assert row["qemu_bitmap"] == "intact"
+        table = frctl("replication", "status", "--config", config).stdout
+        assert f"change source: QEMU at {daemon.qmp_socket}, bitmap intact" in table
+    finally:
+        primary.send_signal(2)
+        primary.wait(20)
+    assert_clean(daemon)
