@@ -419,6 +419,27 @@ async def test_ir_reads_only_allocated_extents(site: Site, server: ServerProcess
     assert ir_read <= 4 * 65536 * 2, ir_read
     # Three 1 MiB IR chunks hold data; the other 61 MiB went as ZERO chunks (no payload).
     assert replicator.last_chunk_bytes_sent <= 3 * MIB + 4096
+    # A test failover hands the replica out as qcow2 for a hypervisor that wants it.
+    import subprocess
+    import sys
+
+    out = site.root / "tfo"
+    built = subprocess.run(
+        [sys.executable, "-m", "frctl.main", "failover", "test", "--config",
+         str(site.server_config), str(vmid), "--out", str(out), "--format", "qcow2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    qcow2 = out / "disks" / "disk0.qcow2"
+    assert not (out / "disks" / "disk0.img").exists()
+    raw = site.root / "point.raw"
+    raw.write_bytes(rec.points[-1][0])
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow2), str(raw)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert qcow2.stat().st_size < 4 * MIB  # the zeros stay unallocated
 
 
 def test_cli_enable_a_qemu_vm_the_service_replicates_it(
