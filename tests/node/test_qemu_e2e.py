@@ -501,3 +501,91 @@ def test_cli_enable_a_qemu_vm_the_service_replicates_it(
         primary.send_signal(2)
         primary.wait(20)
     assert_clean(daemon)
+
+
+def _churn(shadow: Path, rng: random.Random, step: int) -> None:
+    """Change the ext4 file system in ``shadow``: new files, one removed, one rewritten."""
+    import subprocess
+
+    data = shadow.parent / "payload"
+    commands = []
+    for n in range(3):
+        data.with_suffix(f".{n}").write_bytes(rng.randbytes(rng.randrange(1000, 300_000)))
+        commands.append(f"write {data.with_suffix(f'.{n}')} f{step}-{n}")
+    if step:
+        commands.append(f"rm f{step - 1}-0")
+    commands.append(f"mkdir d{step}")
+    script = shadow.parent / "cmds"
+    script.write_text("\n".join(commands) + "\n")
+    subprocess.run(
+        ["debugfs", "-w", "-f", str(script), str(shadow)], check=True, capture_output=True
+    )
+
+
+def _push(shadow: Path, before: bytes, writer: GuestWriter) -> None:
+    """Write the 4 KiB blocks of ``shadow`` that differ from ``before`` through QEMU."""
+    after = shadow.read_bytes()
+    for at in range(0, len(after), 4096):
+        if after[at : at + 4096] != before[at : at + 4096]:
+            writer.write(at, after[at : at + 4096])
+
+
+def _fsck(image: Path) -> None:
+    import subprocess
+
+    checked = subprocess.run(
+        ["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_an_ext4_guest_file_system_every_recovery_point_passes_e2fsck(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """An ext4 file system inside the qcow2, changed through QEMU between cycles while the
+    guest writes to its other disk during them: the replica after each cycle and every
+    recovery point the server keeps pass ``e2fsck -fn``."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("debugfs") is None or shutil.which("e2fsck") is None:
+        pytest.fail("debugfs and e2fsck are needed: apt-get install e2fsprogs")
+    rng = random.Random(40)
+    shadow = site.root / "shadow.ext4"
+    shadow.write_bytes(bytes(SIZE))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(shadow)], check=True)
+    writers = [daemon.writer(d.node) for d in daemon.disks]
+    _push(shadow, bytes(SIZE), writers[0])
+    vmid = uuid.UUID(int=40, version=4)
+    replicator = qemu_replicator(site, daemon, server.port, vmid)
+    rec = recording(replicator)
+    with trio.fail_after(90), BackgroundWriter(writers[1:], seed=41):
+        for step in range(6):
+            before = shadow.read_bytes()
+            _churn(shadow, rng, step)
+            _push(shadow, before, writers[0])
+            await replicator.cycle()
+            assert replica(site, vmid, "disk0") == rec.points[-1][0]
+            assert rec.points[-1][0] == shadow.read_bytes()
+            copy = site.root / "replica.ext4"
+            copy.write_bytes(replica(site, vmid, "disk0"))
+            _fsck(copy)
+    points = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "frctl.main", "replica", "points", "--config",
+             str(site.server_config), str(vmid), "--json"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+    )  # fmt: skip
+    assert len(points) >= 3
+    for point in points:
+        out = site.root / f"tfo-{point['sequence']}"
+        subprocess.run(
+            [sys.executable, "-m", "frctl.main", "failover", "test", "--config",
+             str(site.server_config), str(vmid), "--out", str(out), "--point",
+             str(point["sequence"])],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        _fsck(out / "disks" / "disk0.img")
