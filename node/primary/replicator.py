@@ -433,6 +433,25 @@ class VMReplicator:
             with trio.CancelScope(shield=True):
                 await self._close_point(point)
 
+    @contextlib.asynccontextmanager
+    async def _disks_seen(self) -> AsyncIterator[None]:
+        """Outside a cycle, read the disks as they are: through a QEMU point in time
+        (its bitmaps merged back afterwards: nothing is captured) or as the files."""
+        if self.qemu is None:
+            yield
+            return
+        point = await trio.to_thread.run_sync(
+            functools.partial(self.qemu.open_point, expect_bitmaps=True)
+        )
+        try:
+            self._note_bitmaps(point)  # a bitmap lost meanwhile: the next cycle resyncs
+            views = {str(path): view for path, view in zip(self.images, point.views, strict=True)}
+            with viewing(views):
+                yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_point(point)
+
     async def _close_point(self, point: PointInTime) -> None:
         await trio.to_thread.run_sync(functools.partial(point.close, commit=point.commit))
 
@@ -586,7 +605,8 @@ class VMReplicator:
         async with self.exclusive():
             started = time.monotonic()
             await self.cycle()
-            result = await self._verification().compare_disks()
+            async with self._disks_seen():
+                result = await self._verification().compare_disks()
             result.seconds = time.monotonic() - started
             if not result.ok:
                 raise ReplicationHalted(
@@ -618,7 +638,8 @@ class VMReplicator:
             The new state (also saved).
         """
         async with self.exclusive():
-            sizes = [image_size(str(d["disk_id"]), Path(d["path"])) for d in self.state.disks]
+            async with self._disks_seen():
+                sizes = [image_size(str(d["disk_id"]), Path(d["path"])) for d in self.state.disks]
             await self._route().delete_replica()
             self.pending.clear()
             self.pending.clear_overflow()

@@ -589,3 +589,18 @@ async def test_an_ext4_guest_file_system_every_recovery_point_passes_e2fsck(
             capture_output=True, text=True, check=True, timeout=60,
         )  # fmt: skip
         _fsck(out / "disks" / "disk0.img")
+
+
+async def test_a_planned_failover_compares_through_qemu(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """The guest stopped writing: a planned failover's last cycle and its comparison of
+    the replica with the disks read QEMU's point in time (the qcow2's virtual disk, not
+    its file), and find them equal."""
+    vmid, replicator, rec, writers = await _replicated(site, server, daemon, 50)
+    writers[0].write(6 * MIB, b"final words" * 100)
+    result = await replicator.prepare_failover()
+    assert result.ok
+    assert result.blocks == sum(-(-d["size"] // 65536) for d in replicator.state.disks)
+    assert_replica_is_last_point(site, vmid, rec)
+    assert_clean(daemon)
