@@ -60,7 +60,7 @@ class NbdDiskView:
     """
 
     def __init__(self, socket_path: str, export: str, bitmap: str | None = None) -> None:
-        lib = require_libnbd()
+        lib = self._lib = require_libnbd()
         self.export, self.bitmap = export, bitmap
         self._h = lib.NBD()
         self._h.add_meta_context(_ALLOCATION)
@@ -113,7 +113,10 @@ class NbdDiskView:
                         at += entries[i]
                 return 0
 
-            self._h.block_status(span, offset, on_status)
+            try:
+                self._h.block_status(span, offset, on_status)
+            except self._lib.Error as exc:
+                raise DiskUnavailable(f"the NBD export {self.export}: {exc}") from None
             if not got:
                 raise DiskUnavailable(f"the NBD export {self.export} gave no {context} status")
             for start, length, flags in got:
@@ -149,7 +152,10 @@ class NbdDiskView:
             stop = end if index >= len(self._zero_starts) else min(end, self._zero_starts[index])
             while at < stop:
                 n = min(MAX_REQUEST, stop - at)
-                out[at - offset : at - offset + n] = self._h.pread(n, at)
+                try:
+                    out[at - offset : at - offset + n] = self._h.pread(n, at)
+                except self._lib.Error as exc:
+                    raise DiskUnavailable(f"the NBD export {self.export}: {exc}") from None
                 self.bytes_read += n
                 at += n
         return bytes(out)

@@ -24,8 +24,9 @@ T = TypeVar("T")
 COMMAND_TIMEOUT = 30.0
 
 
-class QemuError(Exception):
-    """QEMU refused a command (its ``desc`` is in the message)."""
+class QemuError(DiskUnavailable):
+    """QEMU refused a command (its ``desc`` is in the message). The cycle fails as one
+    whose disk cannot be read (a later cycle tries again after the cleanup)."""
 
     def __init__(self, command: str, desc: str) -> None:
         super().__init__(f"QEMU refused {command}: {desc}")

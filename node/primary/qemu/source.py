@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import subprocess
@@ -165,7 +166,12 @@ class QemuSource:
             bad = [b for b in ours if b.get("inconsistent")]
             for bitmap in bad:
                 qmp.execute("block-dirty-bitmap-remove", {"node": name, "name": bitmap["name"]})
-            if bad or not [b for b in ours if b.get("recording") and b not in bad]:
+            recording = [b["name"] for b in ours if b.get("recording") and b not in bad]
+            if not bad and len(recording) > 1:
+                # Two of ours recording (never made so by frrep): keep one, lose nothing.
+                _merge_back(qmp, name, recording[1:], recording[0])
+                continue
+            if bad or not recording:
                 for bitmap in ours:
                     if bitmap not in bad:
                         qmp.execute(
@@ -343,9 +349,13 @@ class PointInTime:
 # -- helpers --------------------------------------------------------------------------------
 
 
+_NAMES = itertools.count()
+
+
 def _bitmap_name() -> str:
-    # Unique per cycle: QEMU cannot rename a bitmap, so the new one gets a new name.
-    return f"{BITMAP_PREFIX}{time.time_ns() // 1_000_000:x}"
+    # Unique per cycle: QEMU cannot rename a bitmap, so the new one gets a new name (the
+    # clock keeps names apart across processes, the counter within one).
+    return f"{BITMAP_PREFIX}{time.time_ns() // 1_000_000:x}-{next(_NAMES)}"
 
 
 def _new_bitmap(node: dict[str, Any], name: str) -> dict[str, Any]:
