@@ -647,3 +647,28 @@ async def test_primary_and_qemu_both_killed_mid_cycle_then_restarted(
     assert_replica_is_last_point(site, vmid, rec)
     assert b"during the point" in replica(site, vmid, "disk0")[7 * MIB : 7 * MIB + 20]
     assert_clean(daemon)
+
+
+async def test_an_overflowed_pending_log_resyncs_by_digests_through_the_point(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """A capture bigger than the pending log's bound: the frozen bitmap is kept (not
+    dropped with a capture that did not happen), the cycle resynchronizes by digests from
+    the same point in time, and the replica is that point."""
+    rng = random.Random(70)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    writers = [daemon.writer(d.node) for d in daemon.disks]
+    replicator = qemu_replicator(site, daemon, server.port, vmid, pending_bytes=256 * 1024)
+    rec = recording(replicator)
+    await replicator.cycle()
+    for w in writers:
+        w.random_writes(rng, 10)  # far more than 256 KiB
+    await replicator.cycle()
+    assert replicator.last_resync is not None
+    assert replicator.last_resync.method == "digests"
+    assert not replicator.pending.overflowed
+    assert_replica_is_last_point(site, vmid, rec)
+    assert_clean(daemon)
+    writers[0].write(MIB, b"small again" * 10)
+    await replicator.cycle()
+    assert_replica_is_last_point(site, vmid, rec)
