@@ -417,10 +417,11 @@ class VMReplicator:
         qemu = self.qemu
         # The point in time of every disk at once (docs/qemu.md); its fleecing state is
         # removed whatever happens, its frozen bitmaps merged back unless committed.
+        # Once something was sent or exported (docs/oob-ir.md), a missing bitmap is a
+        # lost one; before, it is simply created.
+        started = self.state.ir_state != IRStage.NOT_STARTED or is_exported(self.dir)
         point = await trio.to_thread.run_sync(
-            functools.partial(
-                qemu.open_point, expect_bitmaps=self.state.ir_state != IRStage.NOT_STARTED
-            )
+            functools.partial(qemu.open_point, expect_bitmaps=started)
         )
         self._point = point
         try:
@@ -458,7 +459,7 @@ class VMReplicator:
     def _note_bitmaps(self, point: PointInTime) -> None:
         """Say what the point found of QEMU's bitmaps; a lost one means a resync."""
         s = self.state
-        if point.lost and s.ir_state != IRStage.NOT_STARTED:
+        if point.lost and (s.ir_state != IRStage.NOT_STARTED or is_exported(self.dir)):
             # What the guest wrote while nobody tracked it is unknown: compare digests.
             s.needs_resync = True
             s.qemu_bitmap = f"lost ({'; '.join(point.lost)}): resynchronizing by digests"
