@@ -113,24 +113,6 @@ class QemuSource:
         finally:
             qmp.close()
 
-    def bitmap_state(self) -> str:
-        """``intact`` when every disk has exactly one recording, consistent bitmap of
-        ours; else what is wrong (for ``frctl replication status``)."""
-        qmp = self.connect()
-        try:
-            found = _nodes_by_name(qmp)
-            problems = []
-            for name in self.nodes:
-                ours = _our_bitmaps(_node(found, name))
-                recording = [b for b in ours if b.get("recording")]
-                if not recording:
-                    problems.append(f"{name}: no bitmap")
-                elif any(b.get("inconsistent") for b in ours):
-                    problems.append(f"{name}: inconsistent bitmap")
-            return "intact" if not problems else "; ".join(problems)
-        finally:
-            qmp.close()
-
     # -- one cycle ------------------------------------------------------------------------
 
     def open_point(self, *, expect_bitmaps: bool) -> PointInTime:
