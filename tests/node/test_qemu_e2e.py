@@ -243,10 +243,13 @@ async def test_a_failed_capture_merges_the_bitmap_back(
 
 
 async def test_a_bitmap_removed_behind_our_back_resyncs_by_digests(
-    site: Site, server: ServerProcess, daemon: QemuDaemon
+    site: Site, server: ServerProcess, daemon: QemuDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Someone removes frrep's bitmap: the next cycle says it is lost, resynchronizes by
     digests (the writes made while nobody tracked reach the replica) and tracks again."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="frrep.primary")
     vmid, replicator, rec, writers = await _replicated(site, server, daemon, 22)
     for n in daemon.qmp("query-named-block-nodes", {"flat": True}):
         for b in n.get("dirty-bitmaps", []):
@@ -256,6 +259,9 @@ async def test_a_bitmap_removed_behind_our_back_resyncs_by_digests(
     await replicator.cycle()
     assert replicator.last_resync is not None
     assert replicator.last_resync.method == "digests"
+    said = [m for m in caplog.messages if "resynchronizing by digests" in m]
+    assert said
+    assert "disk0: bitmap missing" in said[0]
     assert replicator.state.qemu_bitmap == "intact"
     assert not replicator.state.needs_resync
     assert_replica_is_last_point(site, vmid, rec)
@@ -742,4 +748,71 @@ async def test_out_of_band_ir_of_a_running_qemu_vm(
     assert "IR of" not in restarted.log.read_text()
     for w, disk in zip(writers, daemon.disks, strict=True):
         assert replica(site, vmid, disk.node) == w.read(0, w.size), disk.node
+    assert_clean(daemon)
+
+
+def test_the_primary_service_killed_mid_ir_then_restarted_converges(
+    site: Site, server: ServerProcess, daemon: QemuDaemon
+) -> None:
+    """``frctl primary run`` killed with SIGKILL while its IR holds a point in time
+    (slowed by a bandwidth limit), the guest writing on: the restarted service removes
+    the leftovers, resumes the IR, and the replica converges on the guest's disks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_cli_replication import frctl
+
+    config = str(site.write_primary_config())
+    writers = [daemon.writer(d.node) for d in daemon.disks]
+    rng = random.Random(90)
+    for w in writers:
+        w.random_writes(rng, 30)
+    vmid = str(uuid.UUID(int=90, version=4))
+    enabled = frctl(
+        "replication", "enable", "--config", config, "--vmid", vmid, "--name", "qkill",
+        "--disk", f"disk0={daemon.disks[0].image}", "--disk", f"disk1={daemon.disks[1].image}",
+        "--qemu-qmp", daemon.qmp_socket, "--qemu-nbd", daemon.nbd_socket,
+        "--server", f"{SERVER_HOST}:{server.port}", "--server-name", SERVER_NAME,
+        "--frequency", "1s", "--bandwidth", "4M",
+    )  # fmt: skip
+    assert enabled.returncode == 0, enabled.stderr
+
+    def run() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "frctl.main", "primary", "run", "--config", config],
+            stdout=subprocess.DEVNULL,
+            stderr=(site.root / "primary.log").open("ab"),
+            stdin=subprocess.DEVNULL,
+        )
+
+    primary = run()
+    deadline = time.monotonic() + 30
+    while not frrep_objects(daemon)["exports"]:  # the IR's point in time is open
+        assert time.monotonic() < deadline, "the IR never opened a point in time"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    primary.send_signal(signal.SIGKILL)
+    primary.wait(10)
+    assert frrep_objects(daemon)["jobs"]  # left behind by the kill
+    for w in writers:
+        w.random_writes(rng, 5)
+    primary = run()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            state = PrimaryStateStore(site.state_dir).load(vmid)
+            if state.ir_state == IRStage.COMPLETE and state.sequence >= 1:
+                converged = all(
+                    replica(site, uuid.UUID(vmid), d.node) == w.read(0, w.size)
+                    for w, d in zip(writers, daemon.disks, strict=True)
+                )
+                if converged:
+                    break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.3)
+    finally:
+        primary.send_signal(signal.SIGINT)
+        primary.wait(20)
     assert_clean(daemon)

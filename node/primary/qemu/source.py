@@ -126,15 +126,19 @@ class QemuSource:
         """
         self.work_dir.mkdir(parents=True, exist_ok=True)
         qmp = self.connect()
-        point = PointInTime(self, qmp)
+        point = PointInTime(self)
         try:
             self._clean_leftovers(qmp)
             point.lost = self._check_bitmaps(qmp, expect_bitmaps)
             self._take(qmp, point)
             self._export(qmp, point)
         except BaseException:
-            point.close(commit=False)
+            point.close(commit=False, qmp=qmp)
             raise
+        finally:
+            # The monitor is free while the point is read (an IR may take hours, and a
+            # QMP socket serves one client at a time); close() connects again.
+            qmp.close()
         return point
 
     def _check_bitmaps(self, qmp: QMPConnection, expect: bool) -> list[str]:
@@ -285,7 +289,6 @@ class PointInTime:
     """
 
     source: QemuSource
-    qmp: QMPConnection
     views: list[NbdDiskView] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     active: str = ""
@@ -306,26 +309,31 @@ class PointInTime:
             if (blocks := view.dirty_blocks(block_size))
         }
 
-    def close(self, *, commit: bool) -> None:
+    def close(self, *, commit: bool, qmp: QMPConnection | None = None) -> None:
         """Remove the fleecing state; then drop the frozen bitmaps (``commit``) or merge
-        them back into the recording ones. Idempotent; a step QEMU refuses is left for
-        the next cycle's cleanup (which merges back)."""
+        them back into the recording ones. Idempotent; a step QEMU refuses (or QEMU gone)
+        is left for the next cycle's cleanup, which merges back. ``qmp``: a session to
+        use (else a new one)."""
         if self.closed:
             return
         self.closed = True
         for view in self.views:
             view.close()
+        session = None
         try:
+            if qmp is None:
+                qmp = session = self.source.connect()
             if commit:
-                self.source._remove_fleecing(self.qmp)
+                self.source._remove_fleecing(qmp)
                 for name, frozen in zip(self.source.nodes, self.frozen, strict=True):
-                    self.qmp.execute("block-dirty-bitmap-remove", {"node": name, "name": frozen})
+                    qmp.execute("block-dirty-bitmap-remove", {"node": name, "name": frozen})
             else:
-                self.source._clean_leftovers(self.qmp)
+                self.source._clean_leftovers(qmp)
         except (QemuError, QemuUnavailable, DiskUnavailable) as exc:
             log.warning("cleaning up the point in time failed (the next cycle does): %s", exc)
         finally:
-            self.qmp.close()
+            if session is not None:
+                session.close()
 
 
 # -- helpers --------------------------------------------------------------------------------
