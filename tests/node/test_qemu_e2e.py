@@ -65,10 +65,14 @@ class Recording(QemuSource):
     """Keeps a copy of every point in time it opens, read whole at once (the check)."""
 
     points: list[list[bytes]]
+    #: Run once the point is taken, while the cycle goes on (the guest writing then).
+    during: Any = None
 
     def open_point(self, *, expect_bitmaps: bool) -> PointInTime:
         point = super().open_point(expect_bitmaps=expect_bitmaps)
         self.points.append([v.pread(v.size, 0) for v in point.views])
+        if self.during is not None:
+            self.during()
         return point
 
 
@@ -548,9 +552,11 @@ def _fsck(image: Path) -> None:
 async def test_an_ext4_guest_file_system_every_recovery_point_passes_e2fsck(
     site: Site, server: ServerProcess, daemon: QemuDaemon
 ) -> None:
-    """An ext4 file system inside the qcow2, changed through QEMU between cycles while the
-    guest writes to its other disk during them: the replica after each cycle and every
-    recovery point the server keeps pass ``e2fsck -fn``."""
+    """An ext4 file system inside the qcow2, changed through QEMU between cycles and
+    during them (a whole change right after the cycle's point was taken, while the cycle
+    reads it), the guest writing its other disk all along: the replica after each cycle
+    is the point, not the file system changed since, and it and every recovery point the
+    server keeps pass ``e2fsck -fn``."""
     import json
     import shutil
     import subprocess
@@ -567,14 +573,23 @@ async def test_an_ext4_guest_file_system_every_recovery_point_passes_e2fsck(
     vmid = uuid.UUID(int=40, version=4)
     replicator = qemu_replicator(site, daemon, server.port, vmid)
     rec = recording(replicator)
+    steps = iter(range(100))
+
+    def churn() -> None:
+        before = shadow.read_bytes()
+        _churn(shadow, rng, next(steps))
+        _push(shadow, before, writers[0])
+
     with trio.fail_after(90), BackgroundWriter(writers[1:], seed=41):
-        for step in range(6):
-            before = shadow.read_bytes()
-            _churn(shadow, rng, step)
-            _push(shadow, before, writers[0])
+        for _ in range(6):
+            churn()  # between cycles
+            at_start = shadow.read_bytes()
+            rec.during = churn  # and during the cycle, after its point
             await replicator.cycle()
+            rec.during = None
             assert replica(site, vmid, "disk0") == rec.points[-1][0]
-            assert rec.points[-1][0] == shadow.read_bytes()
+            assert rec.points[-1][0] == at_start  # what the guest wrote later is not in it
+            assert shadow.read_bytes() != at_start
             copy = site.root / "replica.ext4"
             copy.write_bytes(replica(site, vmid, "disk0"))
             _fsck(copy)
