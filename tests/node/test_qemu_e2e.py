@@ -479,6 +479,19 @@ def test_cli_enable_a_qemu_vm_the_service_replicates_it(
         "--frequency", "1s",
     )  # fmt: skip
     assert enabled.returncode == 0, enabled.stderr
+    for wrong, said in (
+        (["--qemu-qmp", str(site.root / "nowhere.sock")], "cannot be reached"),
+        (["--qemu-qmp", daemon.qmp_socket, "--qemu-disk", "swap=disk1"], "no --disk 'swap'"),
+        (["--qemu-qmp", daemon.qmp_socket, "--qemu-disk", "os=nonode"], "no block node"),
+        (["--qemu-nbd", daemon.nbd_socket], "go with --qemu-qmp"),
+    ):
+        other = frctl(
+            "replication", "enable", "--config", config, "--vmid", str(uuid.uuid4()),
+            "--name", "other", "--disk", f"os={site.root / 'server.toml'}",
+            "--server", f"{SERVER_HOST}:{server.port}", *wrong,
+        )  # fmt: skip
+        assert other.returncode == 1, (wrong, other.stderr)
+        assert said in other.stderr, (wrong, other.stderr)
     state = PrimaryStateStore(site.state_dir).load(vmid)
     assert [d["size"] for d in state.disks] == [SIZE, SIZE - 3 * 65536]  # QEMU's sizes
     primary = subprocess.Popen(
