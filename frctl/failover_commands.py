@@ -38,6 +38,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
             Path(os.path.abspath(args.out)),
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
+            disk_format=args.format,
         )
     except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
         print(f"frctl: test failover: {exc}", file=sys.stderr)
@@ -254,6 +255,12 @@ def register(sub: Any) -> None:
     test.add_argument(
         "--start-command",
         help="hook: a shell command that starts the VM (FRREP_VM_DIR, FRREP_DISKS... set)",
+    )
+    test.add_argument(
+        "--format",
+        choices=("raw", "qcow2"),
+        default="raw",
+        help="the test VM's disk images: raw copies, or qcow2 (qemu-img convert; docs/qemu.md)",
     )
     test.add_argument("--json", action="store_true")
     test.set_defaults(func=_cmd_test)

@@ -103,6 +103,9 @@ def _cmd_enable(args: argparse.Namespace) -> int:
         frequency_s=args.frequency,
         block_size=args.block_size,
         bandwidth_bps=args.bandwidth,
+        qemu_qmp=args.qemu_qmp,
+        qemu_disks=args.qemu_disk or (),
+        qemu_nbd=args.qemu_nbd,
     )
     try:
         state = enable(_store(args), request)
@@ -406,6 +409,10 @@ def _status_document(store: Any) -> tuple[Any, dict[str, Any]]:
         row["broker"] = broker  # through a clustering broker: which one
         row["recovery_node"] = node  # and the node holding the replica now
         row["server"] = server
+        # Where changes come from: QEMU's dirty bitmaps (docs/qemu.md), else the files.
+        row["change_source"] = "qemu" if state.qemu is not None else "files"
+        row["qemu_qmp"] = None if state.qemu is None else state.qemu["qmp"]
+        row["qemu_bitmap"] = state.qemu_bitmap
     return report, doc
 
 
@@ -429,6 +436,7 @@ def _status_table(report: Any, doc: dict[str, Any]) -> str:
         f"{'BATCH AVG/MAX':>17}  SERVER",
     ]
     servers = {row["vmid"]: row.get("server", "") for row in doc["vms"]}
+    rows = {row["vmid"]: row for row in doc["vms"]}
     for vm in report.vms:
         lag = "-" if vm.lag_seconds is None else duration(vm.lag_seconds)
         ack = rfc3339(vm.last_acknowledged_at) or "-"
@@ -448,6 +456,10 @@ def _status_table(report: Any, doc: dict[str, Any]) -> str:
         )
         if vm.reasons:
             lines.append(f"{'':<16} " + _paint(vm.health.value, vm.health_text))
+        row = rows.get(vm.vmid, {})
+        if row.get("change_source") == "qemu":
+            bitmap = row.get("qemu_bitmap") or "not checked yet"
+            lines.append(f"{'':<16} change source: QEMU at {row['qemu_qmp']}, bitmap {bitmap}")
     return "\n".join(lines)
 
 
@@ -587,6 +599,24 @@ def register(sub: Any) -> None:
     enable.add_argument("--block-size", type=int, default=65536)
     enable.add_argument(
         "--bandwidth", type=_rate, help="limit of this VM, bytes/s (200M, 1.5G; K/M/G = 10^3..)"
+    )
+    enable.add_argument(
+        "--qemu-qmp",
+        metavar="SOCKET",
+        help="QEMU's QMP socket: QEMU is the change source (dirty bitmaps, a point in time "
+        "per cycle without pausing the guest; docs/qemu.md)",
+    )
+    enable.add_argument(
+        "--qemu-disk",
+        action="append",
+        metavar="ID=NODE",
+        help="the QEMU block node of disk ID (default: a node named like the disk ID)",
+    )
+    enable.add_argument(
+        "--qemu-nbd",
+        metavar="SOCKET",
+        help="the UNIX socket of an NBD server QEMU already runs (default: frrep starts "
+        "one per cycle)",
     )
     enable.add_argument("--json", action="store_true", help="one JSON object: what was done")
     enable.set_defaults(func=_cmd_enable)

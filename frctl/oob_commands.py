@@ -50,6 +50,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace, store: Any, vmid: str, state_dir: Path) -> int:
     import frproto as fp
     from node.oob_file import OOBError
+    from node.primary.disks import DiskUnavailable
     from node.primary.oob_export import export_ir
     from node.primary.state import StateCorrupt
 
@@ -70,8 +71,15 @@ def _export(args: argparse.Namespace, store: Any, vmid: str, state_dir: Path) ->
             return _fail(f"--vm-config: {exc}")
     progress = ProgressLine(f"exporting {state.name}")
     try:
-        result = export_ir(state, state_dir, Path(args.out), config=blob, progress=progress)
-    except (OOBError, OSError, fp.FrprotoError) as exc:
+        if state.qemu is not None:  # read through QEMU, the guest running (docs/qemu.md)
+            from node.primary.qemu.oob import export_ir_from_qemu
+
+            result = export_ir_from_qemu(
+                state, state_dir, Path(args.out), config=blob, progress=progress
+            )
+        else:
+            result = export_ir(state, state_dir, Path(args.out), config=blob, progress=progress)
+    except (OOBError, OSError, fp.FrprotoError, DiskUnavailable) as exc:
         progress.finish()
         return _fail(exc)
     progress.finish()

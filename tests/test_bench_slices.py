@@ -133,3 +133,19 @@ def test_resync_slice(tmp_path: Path) -> None:
     assert 20 <= result["blocks_sent_median"] <= 30
     assert result["verify_gbps"] > 0
     assert result["cold_read_gbps"] > 0
+
+
+def test_qemu_source_slice(tmp_path: Path) -> None:
+    # QEMU and libnbd: scripts/bootstrap installs them as root; never skipped in CI.
+    from frtesting.qemu import missing_qemu
+
+    missing = missing_qemu()
+    if missing is not None and not os.environ.get("CI"):
+        pytest.skip(missing)
+    result = run_bench(
+        "qemu_source.py", "--size-mib", "16", "--rounds", "1", "--tmp", str(tmp_path),
+        tmp=tmp_path,
+    )  # fmt: skip
+    assert result["changed_bytes"] > 0
+    assert result["ir_value"] > 0
+    assert result["ir_baseline_value"] > 0

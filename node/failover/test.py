@@ -106,6 +106,27 @@ def _rebased(copy: PointCopy, staging: Path, out: Path) -> PointCopy:
     )
 
 
+def _to_qcow2(raw: Path) -> Path:
+    """``raw`` converted to a qcow2 beside it (``NAME.qcow2``); the raw copy removed."""
+    qcow2 = raw.with_suffix(".qcow2")
+    try:
+        subprocess.run(
+            ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+            check=True,
+            capture_output=True,
+        )
+    except FileNotFoundError:
+        raise OSError(
+            errno.ENOENT, "qcow2 disks need qemu-img: install Debian's qemu-utils"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        raise OSError(
+            errno.EIO, f"qemu-img convert: {exc.stderr.decode(errors='replace')}"
+        ) from None
+    raw.unlink()
+    return qcow2
+
+
 def start_test_failover(
     storages: list[Path],
     vmid: uuid.UUID,
@@ -113,8 +134,13 @@ def start_test_failover(
     *,
     sequence: int | None = None,
     start: CommandHook | None = None,
+    disk_format: str = "raw",
 ) -> PointCopy:
     """Build the test VM in ``out`` (a new directory) and run the start hook, if any.
+
+    ``disk_format`` ``qcow2`` hands out the disks as qcow2 images (``qemu-img convert``
+    from the raw copies, zeros left unallocated) for a hypervisor that wants them; the
+    replica itself stays raw (``docs/qemu.md``).
 
     If building fails, nothing it wrote is left (not even the parent directories it
     made). If the start hook fails, the complete, marked directory is left: the hook may
@@ -137,6 +163,10 @@ def start_test_failover(
     staging = out.parent / f".{out.name}.{STAGING_INFIX}-{uuid.uuid4().hex[:12]}"
     try:
         built = copy_point(storage, vmid, staging, sequence=sequence)
+        if disk_format == "qcow2":
+            built = replace(built, disks=tuple(_to_qcow2(p) for p in built.disks))
+        elif disk_format != "raw":
+            raise ValueError(f"disk format {disk_format!r}: raw or qcow2")
         copy = _rebased(built, staging, out)
         marker = {
             "vmid": str(vmid),

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -28,6 +29,7 @@ from frproto.trio_io import FramedStream, keep_alive
 
 from .bandwidth import BandwidthLimiter
 from .disks import DiskResized
+from .image_view import ImageView, view_of
 
 log = logging.getLogger("frrep.primary")
 
@@ -54,6 +56,30 @@ def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with contextlib.suppress(OSError):
             transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SEND_LOWAT)
+
+
+class _ViewReader:
+    """The two calls of a file the IR makes, served by an :class:`ImageView`."""
+
+    def __init__(self, view: ImageView) -> None:
+        self._view, self._at = view, 0
+
+    def seek(self, offset: int) -> None:
+        self._at = offset
+
+    def readinto(self, into: memoryview) -> int:
+        data = self._view.pread(len(into), self._at)
+        into[: len(data)] = data
+        self._at += len(data)
+        return len(data)
+
+
+def _ir_reader(path: Path) -> contextlib.AbstractContextManager[Any]:
+    """The IR's reader of one image: its view if one is installed, else the file."""
+    view = view_of(path)
+    if view is not None:
+        return contextlib.nullcontext(_ViewReader(view))
+    return path.open("rb", buffering=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +244,8 @@ class RecoveryClient:
             if disk_index < start[0]:
                 continue
             offset = start[1] if disk_index == start[0] else 0
-            with path.open("rb", buffering=0) as image:
+            # A hypervisor's point in time (node/primary/image_view.py) or the file.
+            with _ir_reader(path) as image:
                 image.seek(offset)
                 while offset < sizes[disk_index]:
                     want = min(IR_CHUNK, sizes[disk_index] - offset)

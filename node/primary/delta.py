@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 import xxhash
@@ -29,6 +30,9 @@ from .plan import Capture, next_capture_sequence, plan_capture
 from .record import VMRecord, count_batch
 from .scan import read_blocks, scan_changes
 from .tracker import ChangeTracker
+
+if TYPE_CHECKING:
+    from .qemu import PointInTime
 
 log = logging.getLogger("frrep.primary")
 
@@ -54,6 +58,9 @@ class Deltas:
     after_capture: Callable[[], None] | None
     chunk_fault: Callable[[bytes], bytes] | None = None
     phases: dict[str, float] | None = None
+    #: QEMU's point in time of this cycle (``node/primary/qemu``): its frozen dirty
+    #: bitmaps say what changed, and the images are read through its views.
+    point: PointInTime | None = None
 
     def _note(self, phase: str) -> None:
         if self.phases is not None:
@@ -62,7 +69,8 @@ class Deltas:
     async def capture(self) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point)."""
         source = plan_capture(
-            overflowed=self.pending.overflowed, has_tracker=self.tracker is not None
+            overflowed=self.pending.overflowed,
+            has_tracker=self.tracker is not None or self.point is not None,
         )
         if source is Capture.NOTHING:
             return  # the cycle resynchronizes instead
@@ -133,6 +141,9 @@ class Deltas:
 
     def give_back(self, taken: dict[int, list[int]]) -> None:
         """Blocks taken from the tracker that were not captured or sent: dirty again."""
+        if self.point is not None:
+            # QEMU's frozen bitmaps are merged back when the point closes uncommitted.
+            self.point.captured = False
         if self.tracker is not None and taken:
             self.tracker.restore(taken)
 
@@ -140,7 +151,11 @@ class Deltas:
         self, source: Capture
     ) -> tuple[dict[int, list[int]], dict[tuple[int, int], bytes]]:
         """The changed blocks per disk, and the digests a scan took of them (keyed by
-        ``(disk, block)``; none from a tracker)."""
+        ``(disk, block)``; none from a tracker or from QEMU's bitmaps)."""
+        if self.point is not None:
+            dirty = self.point.dirty_blocks(self.vm.state.block_size)
+            self.point.captured = True  # until give_back: commit the bitmaps at close
+            return dirty, {}
         if source is Capture.FROM_TRACKER:
             assert self.tracker is not None
             return self.tracker.take(), {}

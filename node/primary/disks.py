@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .image_view import view_of
+
 
 class DiskProblem(Exception):
     """A disk image cannot be replicated as it is."""
@@ -52,9 +54,15 @@ def size_text(size: int) -> str:
 def image_size(disk_id: str, path: Path) -> int:
     """The size of one disk image.
 
+    Read through the view installed for ``path``, if any (a hypervisor's point in
+    time, :mod:`node.primary.image_view`): then the disk's size, not the file's.
+
     Raises:
         DiskUnavailable: the image is missing, cannot be looked at, or is not a file.
     """
+    view = view_of(path)
+    if view is not None:
+        return view.size
     try:
         info = os.stat(path)
     except FileNotFoundError:

@@ -26,6 +26,7 @@ import frproto as fp
 from node.oob_file import CHUNK, MAGIC, OOBRefused, Progress
 
 from .digest_map import DigestMap
+from .image_view import view_of
 from .scan import read_full
 from .state import (
     IRStage,
@@ -223,7 +224,8 @@ def _export_chunks(
     for disk_index, (path, disk) in enumerate(zip(images, disks, strict=True)):
         dmap = maps[disk_index]
         block = dmap.block_size
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        source = view_of(path)  # a QEMU VM's point in time (node/primary/qemu/oob.py)
+        fd = os.open(os.devnull if source else path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, disk.size, os.POSIX_FADV_SEQUENTIAL)
@@ -231,7 +233,11 @@ def _export_chunks(
             while offset < disk.size:
                 n = min(CHUNK, disk.size - offset)
                 data = view[:n]
-                got = read_full(fd, data, offset)
+                if source is not None:
+                    got = len(piece := source.pread(n, offset))
+                    data[:got] = piece
+                else:
+                    got = read_full(fd, data, offset)
                 if got < n:  # an image shorter than its disk reads as zeros (as a scan does)
                     data[got:] = zeros[: n - got]
                 if buffer.startswith(zeros[:n]):

@@ -76,6 +76,45 @@ class EnableRequest:
     frequency_s: float = 300.0
     block_size: int = 65536
     bandwidth_bps: float | None = None
+    #: QEMU as the change source (``docs/qemu.md``): its QMP socket, each disk's block
+    #: node as ``ID=NODE``, and the socket of an NBD server QEMU runs already, if any.
+    qemu_qmp: str | None = None
+    qemu_disks: Sequence[str] = ()
+    qemu_nbd: str | None = None
+
+
+def qemu_disks(
+    disks: list[dict[str, Any]], request: EnableRequest, work_dir: Path
+) -> dict[str, Any] | None:
+    """With ``--qemu-qmp``: each disk's block node, its size as QEMU sees it (a qcow2's
+    virtual size), QEMU reached and the nodes found; the state's ``qemu`` field."""
+    if request.qemu_qmp is None:
+        if request.qemu_disks or request.qemu_nbd:
+            raise Refused("--qemu-disk and --qemu-nbd go with --qemu-qmp")
+        return None
+    from .qemu import QemuError, QemuSource
+
+    nodes: dict[str, str] = {}
+    for spec in request.qemu_disks:
+        disk_id, _, node = spec.partition("=")
+        if not disk_id or not node:
+            raise Refused(f"--qemu-disk {spec!r}: use ID=NODE (a disk's QEMU block node)")
+        nodes[disk_id] = node
+    unknown = set(nodes) - {d["disk_id"] for d in disks}
+    if unknown:
+        raise Refused(f"--qemu-disk names no --disk {sorted(unknown)[0]!r}")
+    for disk in disks:
+        disk["qemu_node"] = nodes.get(disk["disk_id"], disk["disk_id"])
+    source = QemuSource(
+        request.qemu_qmp, [d["qemu_node"] for d in disks], work_dir, request.qemu_nbd
+    )
+    try:
+        sizes = source.disk_sizes()
+    except (DiskUnavailable, QemuError) as exc:
+        raise Refused(f"--qemu-qmp: {exc}") from None
+    for disk, size in zip(disks, sizes, strict=True):
+        disk["size"] = size
+    return {"qmp": request.qemu_qmp, "nbd": request.qemu_nbd}
 
 
 def new_disks(specs: Sequence[str]) -> list[dict[str, Any]]:
@@ -157,6 +196,7 @@ def enable(store: PrimaryStateStore, request: EnableRequest) -> VMReplicationSta
     except ValueError:
         raise Refused(f"--vmid {request.vmid!r} is not a GUID") from None
     disks = new_disks(request.disk_specs)
+    qemu = qemu_disks(disks, request, store.vm_dir(str(vmid)) / "qemu")
     _check_like_the_protocol(vmid, request.name, disks)
     host, port, server_name = _target(request.server, request.server_name, vmid)
     _refuse_held(store, vmid, disks)
@@ -172,6 +212,7 @@ def enable(store: PrimaryStateStore, request: EnableRequest) -> VMReplicationSta
         bandwidth_bps=request.bandwidth_bps,
         ir_state=IRStage.NOT_STARTED,
         incarnation=uuid.uuid4().hex,
+        qemu=qemu,
     )
     try:
         state.validate()

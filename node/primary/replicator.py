@@ -41,6 +41,7 @@ primary resumes without a new IR.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -63,12 +64,14 @@ from .delta import Deltas
 from .digest_map import DigestMap
 from .disks import DiskResized, DiskUnavailable, check_disks, image_size
 from .errors import UNREACHABLE, ReplicationHalted
+from .image_view import viewing
 from .initial import IR_PROGRESS_SECONDS
 from .locks import cycle_lock
 from .metrics import PrimaryMetrics
 from .oob_export import is_exported, map_path
 from .pending_log import PendingLog, PendingLogCorrupt
 from .plan import CycleStart, plan_cycle, resync_due
+from .qemu import PointInTime, QemuSource
 from .record import VMRecord, disks_of, images_of
 from .resync import Progress, Resynchronization, ResyncResult, VerifyResult
 from .route import MAX_REQUERIES, Route
@@ -153,17 +156,22 @@ class VMReplicator:
     wall_clock: Callable[[], datetime] = datetime.now
     #: The service's metrics (cycle durations, bytes sent, failures), if any.
     metrics: PrimaryMetrics | None = None
+    #: QEMU as the change source (``docs/qemu.md``); made from ``state.qemu`` when None.
+    qemu: QemuSource | None = None
     #: When the last cycle passed each step (``time.time()``): ``start``, ``captured``,
     #: ``batch_begin``, ``acked``, ``end`` (those it reached). The recovery server logs
     #: its own side of each batch; bench/delta.py lines both up into phases.
     phases: dict[str, float] = field(default_factory=dict, init=False)
     _maps: list[DigestMap] = field(default_factory=list, init=False)
+    _point: PointInTime | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.vmid = uuid.UUID(self.state.vmid)
         self.dir = self.store.root / self.state.vmid
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending = PendingLog(self.dir / "pending", max_bytes=self.pending_bytes)
+        if self.qemu is None and self.state.qemu is not None:
+            self.qemu = QemuSource.of_state(self.state.qemu, self.state.disks, self.dir / "qemu")
         self._maps = [self._load_map(i) for i in range(len(self.state.disks))]
         self._limit = RelationshipLimit()
         #: What the last session negotiated and how many chunk bytes it put on the wire.
@@ -257,6 +265,7 @@ class VMReplicator:
             self.after_capture,
             self.chunk_fault,
             self.phases,
+            self._point,
         )
 
     def _verification(self) -> Verification:
@@ -266,7 +275,9 @@ class VMReplicator:
         return Resynchronization(
             self._record(),
             self.pending,
-            self.tracker,
+            # QEMU's bitmaps are not a tracker's: its resynchronization goes by digests,
+            # read through the cycle's point in time.
+            self.tracker if self.qemu is None else None,
             self.before_capture,
             self.after_capture,
             self._route().open_existing,
@@ -407,6 +418,65 @@ class VMReplicator:
         self.state.last_cycle_started_at = time.time()
         self.phases.clear()
         self.phases["start"] = self.state.last_cycle_started_at
+        if self.qemu is None:
+            await self._cycle_steps()
+            return
+        qemu = self.qemu
+        # The point in time of every disk at once (docs/qemu.md); its fleecing state is
+        # removed whatever happens, its frozen bitmaps merged back unless committed.
+        # Once something was sent or exported (docs/oob-ir.md), a missing bitmap is a
+        # lost one; before, it is simply created.
+        started = self.state.ir_state != IRStage.NOT_STARTED or is_exported(self.dir)
+        point = await trio.to_thread.run_sync(
+            functools.partial(qemu.open_point, expect_bitmaps=started)
+        )
+        self._point = point
+        try:
+            self._note_bitmaps(point)
+            views = {str(path): view for path, view in zip(self.images, point.views, strict=True)}
+            with viewing(views):
+                await self._cycle_steps()
+        finally:
+            self._point = None
+            with trio.CancelScope(shield=True):
+                await self._close_point(point)
+
+    @contextlib.asynccontextmanager
+    async def _disks_seen(self) -> AsyncIterator[None]:
+        """Outside a cycle, read the disks as they are: through a QEMU point in time
+        (its bitmaps merged back afterwards: nothing is captured) or as the files."""
+        if self.qemu is None:
+            yield
+            return
+        point = await trio.to_thread.run_sync(
+            functools.partial(self.qemu.open_point, expect_bitmaps=True)
+        )
+        try:
+            self._note_bitmaps(point)  # a bitmap lost meanwhile: the next cycle resyncs
+            views = {str(path): view for path, view in zip(self.images, point.views, strict=True)}
+            with viewing(views):
+                yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_point(point)
+
+    async def _close_point(self, point: PointInTime) -> None:
+        await trio.to_thread.run_sync(functools.partial(point.close, commit=point.commit))
+
+    def _note_bitmaps(self, point: PointInTime) -> None:
+        """Say what the point found of QEMU's bitmaps; a lost one means a resync."""
+        s = self.state
+        if point.lost and (s.ir_state != IRStage.NOT_STARTED or is_exported(self.dir)):
+            # What the guest wrote while nobody tracked it is unknown: compare digests.
+            s.needs_resync = True
+            s.qemu_bitmap = f"lost ({'; '.join(point.lost)}): resynchronizing by digests"
+            log.warning("%s: QEMU's dirty bitmap %s", s.name, s.qemu_bitmap)
+            self._save()
+        elif not s.needs_resync:
+            s.qemu_bitmap = "intact"
+
+    async def _cycle_steps(self) -> None:
+        point = self._point
         try:
             # Before anything is read: a resized disk cannot be replicated by batches
             # (node/primary/disks.py), and a missing one must say so, not look like a
@@ -419,7 +489,13 @@ class VMReplicator:
             )
             if start is CycleStart.CAPTURE:
                 await self.capture()
-            if resync_due(start, overflowed=self.pending.overflowed):
+                if point is not None:
+                    point.commit = point.captured
+            resyncing = resync_due(start, overflowed=self.pending.overflowed)
+            if point is not None and start is CycleStart.CAPTURE and not resyncing:
+                # The send reads the pending log, not the disks: no fleecing meanwhile.
+                await self._close_point(point)
+            if resyncing:
                 window = self.resync_window
                 if window is not None and not window.contains(self.wall_clock().time()):
                     log.info(
@@ -432,6 +508,9 @@ class VMReplicator:
                     self._save()
                     return
                 await self.resync()
+                if point is not None:
+                    point.commit = True  # every block was compared at the point
+                    self.state.qemu_bitmap = "intact"
             await self._route().follow(self._session, self._note_session)
         except (ReplicationHalted, DiskResized) as exc:
             self.state.halted = str(exc)
@@ -535,7 +614,8 @@ class VMReplicator:
         async with self.exclusive():
             started = time.monotonic()
             await self.cycle()
-            result = await self._verification().compare_disks()
+            async with self._disks_seen():
+                result = await self._verification().compare_disks()
             result.seconds = time.monotonic() - started
             if not result.ok:
                 raise ReplicationHalted(
@@ -567,7 +647,8 @@ class VMReplicator:
             The new state (also saved).
         """
         async with self.exclusive():
-            sizes = [image_size(str(d["disk_id"]), Path(d["path"])) for d in self.state.disks]
+            async with self._disks_seen():
+                sizes = [image_size(str(d["disk_id"]), Path(d["path"])) for d in self.state.disks]
             await self._route().delete_replica()
             self.pending.clear()
             self.pending.clear_overflow()

@@ -32,6 +32,7 @@ import xxhash
 
 from .digest_map import DIGEST_SIZE, UNKNOWN, DigestMap
 from .disks import DiskResized, size_text
+from .image_view import ImageView, view_of
 
 #: Size of the buffer :func:`scan_changes` reads into (rounded down to whole blocks).
 #: 1-8 MiB measure the same; smaller buffers lose to syscall overhead.
@@ -84,6 +85,10 @@ def scan_changes(
     digest = xxhash.xxh3_128_digest
     changed: list[int] = []
     digests: dict[int, bytes] = {}
+    source = view_of(image)
+    if source is not None:
+        _scan_view(source, image, digest_map, len(buffer), changed, digests, progress)
+        return changed, digests
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _FADVISE:
@@ -110,6 +115,37 @@ def scan_changes(
     finally:
         os.close(fd)
     return changed, digests
+
+
+def _scan_view(
+    source: ImageView,
+    image: Path,
+    digest_map: DigestMap,
+    per_read: int,
+    changed: list[int],
+    digests: dict[int, bytes],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """:func:`scan_changes` through a view (a hypervisor's point in time)."""
+    block_size, size = digest_map.block_size, digest_map.size
+    known = memoryview(digest_map.digests)
+    offset = block = 0
+    while offset < size:
+        want = min(per_read, size - offset)
+        data = source.pread(want, offset)
+        if len(data) < want:
+            raise _ended_early(image, offset + len(data), size)
+        chunk = memoryview(data)
+        for start in range(0, want, block_size):
+            new = xxhash.xxh3_128_digest(chunk[start : start + block_size])
+            old = known[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE]
+            if old != new or old == UNKNOWN:
+                changed.append(block)
+                digests[block] = new
+            block += 1
+        offset += want
+        if progress is not None:
+            progress(offset)
 
 
 def _runs(blocks: Sequence[int], blocks_per_read: int) -> list[tuple[int, int]]:
@@ -166,6 +202,18 @@ def _read_runs(
     image: Path, block_size: int, runs: list[tuple[int, int]], size: int
 ) -> Iterator[tuple[int, int, memoryview]]:
     if not runs:
+        return
+    source = view_of(image)
+    if source is not None:
+        for first, n in runs:
+            offset = first * block_size
+            length = min(n * block_size, size - offset)
+            got = memoryview(source.pread(length, offset))
+            if len(got) < length:
+                raise _ended_early(image, offset + len(got), size)
+            for i in range(n):
+                start = i * block_size
+                yield first + i, offset + start, got[start : start + block_size]
         return
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:

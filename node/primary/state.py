@@ -266,6 +266,13 @@ class VMReplicationState:
     #: ``"none"``), set by ``frctl replication set --compression``; None: the primary
     #: configuration's ``compression``.
     compression: str | None = None
+    #: QEMU as the change source (``docs/qemu.md``): ``{"qmp": SOCKET, "nbd": SOCKET or
+    #: null}``, each disk then naming its block node as ``"qemu_node"``; None: the disks
+    #: are image files (a tracker or the digest scan finds what changed).
+    qemu: dict[str, Any] | None = None
+    #: The QEMU change source's dirty bitmaps as the last cycle found them: ``intact``,
+    #: or what was lost (and that the VM resynchronizes by digests); None without QEMU.
+    qemu_bitmap: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -300,6 +307,13 @@ class VMReplicationState:
             raise ValueError(f"last_error_kind {self.last_error_kind!r} is not a known kind")
         if not math.isfinite(self.frequency_s) or self.frequency_s <= 0:
             raise ValueError("frequency_s must be a positive number of seconds")
+        if self.qemu is not None:
+            if not isinstance(self.qemu.get("qmp"), str) or not isinstance(
+                self.qemu.get("nbd"), str | None
+            ):
+                raise ValueError("qemu needs a string 'qmp' and a string or null 'nbd'")
+            if not all(isinstance(d.get("qemu_node"), str) for d in self.disks):
+                raise ValueError("with qemu, every disk needs its block node as 'qemu_node'")
         for port in (self.recovery_port, self.broker_port, self.node_port):
             if not 0 <= port <= 0xFFFF:
                 raise ValueError(f"port {port} is not 0-65535")
@@ -391,6 +405,8 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "batch_bytes_max": (int,),
     "stats_since": (int, float, type(None)),
     "compression": (str, type(None)),
+    "qemu": (dict, type(None)),
+    "qemu_bitmap": (str, type(None)),
 }
 
 
