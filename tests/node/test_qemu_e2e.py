@@ -115,9 +115,11 @@ def recording(replicator: VMReplicator) -> Recording:
 
 
 def replica(site: Site, vmid: uuid.UUID, disk: str) -> bytes:
-    from node.storage.layout import ReplicaLayout
+    """The replica's image, once the server has applied the last acknowledged batch
+    (it acknowledges first, then applies: the pipelined commit)."""
+    from frtesting.replicas import applied_image
 
-    return ReplicaLayout(site.storage, vmid).image(disk).read_bytes()
+    return applied_image(site.storage, vmid, disk).read_bytes()
 
 
 def frrep_objects(daemon: QemuDaemon) -> dict[str, list[str]]:
