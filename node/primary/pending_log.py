@@ -72,7 +72,7 @@ from typing import BinaryIO, Final
 
 import xxhash
 
-from .state import fsync_dir
+from .durable import files, makedirs
 
 _MAGIC: Final = b"FRPL"
 _END_MAGIC: Final = b"FRPE"
@@ -156,14 +156,14 @@ class PendingLog:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
+        makedirs(self.directory)
         self._lock = threading.Lock()
         self._cycles: dict[int, PendingCycle] = {}
         self._appending = False
         for entry in self.directory.iterdir():
             if entry.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
-                    entry.unlink()
+                    files().unlink(entry)
                 continue
             match = _NAME.match(entry.name)
             if match:
@@ -187,9 +187,8 @@ class PendingLog:
     def clear_overflow(self) -> None:
         """Forget the overflow (after a resynchronization); durable."""
         with self._lock:
-            with contextlib.suppress(FileNotFoundError):
-                (self.directory / _OVERFLOW_MARK).unlink()
-            fsync_dir(self.directory)
+            files().unlink(self.directory / _OVERFLOW_MARK)
+            files().fsync_dir(self.directory)
             self._overflowed = False
 
     def clear(self) -> None:
@@ -253,24 +252,25 @@ class PendingLog:
         try:
             path = self.path_of(sequence)
             tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            io = files()
+            fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 try:
                     written, count, nbytes = self._write(
-                        fd, sequence, captured_at_ms, chunks, budget
+                        fd, tmp, sequence, captured_at_ms, chunks, budget
                     )
-                    os.fsync(fd)
+                    io.fsync(fd, tmp)
                 finally:
                     os.close(fd)
-                os.replace(tmp, path)
+                io.rename(tmp, path)
             except BaseException as exc:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    io.unlink(tmp)
                 if isinstance(exc, PendingLogFull):
                     with self._lock:
                         self._mark_overflowed()
                 raise
-            fsync_dir(self.directory)
+            io.fsync_dir(self.directory)
             with self._lock:
                 self._cycles[sequence] = PendingCycle(
                     sequence, captured_at_ms, nbytes, count, True, written
@@ -283,6 +283,7 @@ class PendingLog:
     def _write(
         self,
         fd: int,
+        path: Path,
         sequence: int,
         captured_at_ms: int,
         chunks: Iterable[LogChunk],
@@ -292,7 +293,7 @@ class PendingLog:
         seed = xxhash.xxh3_64_intdigest(head)
         header = head + seed.to_bytes(8, "big")
         first_seed = seed
-        written = _write_all(fd, [header])
+        written = _write_all(fd, [header], path)
         count = nbytes = 0
         for chunk in chunks:
             disk_index, offset, data = chunk[0], chunk[1], chunk[2]
@@ -310,24 +311,25 @@ class PendingLog:
             # The chain covers the digest, which covers the data: no second pass over it.
             fields = _RECORD.pack(disk_index, length, offset, digest, 0)[:_RECORD_FIELDS]
             seed = xxhash.xxh3_64_intdigest(fields, seed=seed)
-            written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data])
+            written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data], path)
             count += 1
             nbytes += length
         if written + _TRAILER.size > budget:
             raise PendingLogFull(f"cycle {sequence} would pass the pending log's bound")
         body = _TRAILER.pack(_END_MAGIC, 0, count, nbytes, seed, 0)[:_TRAILER_FIELDS]
         check = xxhash.xxh3_64_intdigest(body, seed=first_seed)
-        written += _write_all(fd, [body + check.to_bytes(8, "big")])
+        written += _write_all(fd, [body + check.to_bytes(8, "big")], path)
         return written, count, nbytes
 
     def _mark_overflowed(self) -> None:
         mark = self.directory / _OVERFLOW_MARK
-        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        io = files()
+        fd = io.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.fsync(fd)
+            io.fsync(fd, mark)
         finally:
             os.close(fd)
-        fsync_dir(self.directory)
+        io.fsync_dir(self.directory)
         self._overflowed = True
 
     # -- read -------------------------------------------------------------------------------
@@ -474,31 +476,17 @@ class PendingLog:
     def _drop(self, sequences: list[int]) -> None:
         if not sequences:
             return
+        io = files()
         for s in sequences:
-            with contextlib.suppress(FileNotFoundError):
-                self.path_of(s).unlink()
+            io.unlink(self.path_of(s))
             del self._cycles[s]
-        fsync_dir(self.directory)
+        io.fsync_dir(self.directory)
 
 
-def _write_all(fd: int, parts: list[bytes | memoryview]) -> int:
-    """``writev`` every byte of ``parts``; returns the byte count."""
-    views = [memoryview(p).cast("B") for p in parts]
-    written = total = sum(len(v) for v in views)
-    done = os.writev(fd, views)
-    while done < total:
-        skip = done
-        rest = []
-        for v in views:
-            if skip >= len(v):
-                skip -= len(v)
-                continue
-            rest.append(v[skip:])
-            skip = 0
-        views = rest
-        total -= done
-        done = os.writev(fd, views)
-    return written
+def _write_all(fd: int, parts: list[bytes | memoryview], path: Path) -> int:
+    """Append every byte of ``parts`` (through the file layer); returns the byte count."""
+    files().writev(fd, list(parts), path)
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def _check_header(raw: bytes, path: Path, sequence: int) -> tuple[int, int, int]:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +32,7 @@ from typing import Any, Final
 
 import xxhash
 
+from .durable import files, makedirs
 from .locks import holding, state_lock
 
 log = logging.getLogger("frrep.primary")
@@ -105,11 +105,7 @@ class StateCorrupt(ValueError):
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or unlink inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files().fsync_dir(directory)
 
 
 def write_file_atomic(path: Path, parts: Buffer | Sequence[Buffer]) -> int:
@@ -125,26 +121,23 @@ def write_file_atomic(path: Path, parts: Buffer | Sequence[Buffer]) -> int:
     if isinstance(parts, bytes | bytearray | memoryview):
         parts = (parts,)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    total = 0
+    io = files()
+    fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    views: list[memoryview] = []
     try:
         try:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    total += written
-            os.fsync(fd)
+            views = [memoryview(part).cast("B") for part in parts]
+            io.writev(fd, list(views), tmp)
+            io.fsync(fd, tmp)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        io.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            io.unlink(tmp)
         raise
-    fsync_dir(path.parent)
-    return total
+    io.fsync_dir(path.parent)
+    return sum(v.nbytes for v in views)
 
 
 def canonical_vmid(vmid: str) -> str:
@@ -429,7 +422,7 @@ class PrimaryStateStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        makedirs(self.root)
 
     def vm_dir(self, vmid: str) -> Path:
         """The directory of one VM (its state file and the replicator's files)."""
@@ -445,7 +438,7 @@ class PrimaryStateStore:
 
     def _write(self, state: VMReplicationState) -> None:
         directory = self.vm_dir(state.vmid)
-        directory.mkdir(parents=True, exist_ok=True)
+        makedirs(directory)
         raw = json.dumps(state.to_json(), indent=1, sort_keys=True).encode() + b"\n"
         write_file_atomic(directory / STATE_FILE, raw)
 
@@ -544,11 +537,11 @@ class PrimaryStateStore:
         directory = self.vm_dir(vmid)
         with holding(state_lock(self.root, canonical_vmid(vmid))):
             try:
-                (directory / STATE_FILE).unlink()
+                files().unlink(directory / STATE_FILE, missing_ok=False)
             except FileNotFoundError:
                 pass
             else:
                 fsync_dir(directory)
         if purge and directory.is_dir():
-            shutil.rmtree(directory, ignore_errors=True)
+            files().remove_tree(directory)
             fsync_dir(self.root)

@@ -21,6 +21,10 @@ are the invariants of ``docs/storage.md``, "What a power cut may leave"):
   its point when run again; one that returned is at its point;
 * ``S7 nothing outside``: the engine changed no file outside its storage root (a point
   copy writes only its own directory, and leaves the replica as it was);
+* ``P1``-``P3`` (the primary's files): a VM whose enable returned has its state; the
+  state never says less was acknowledged than was; every cycle captured and not
+  acknowledged is still pending, whole (so no change is lost, and no acknowledged cycle
+  is resent under a new sequence);
 * ``S8 a finished copy is whole``: a point copy that returned reads, after the power
   cut, exactly as the primary's image at its point.
 
@@ -44,6 +48,9 @@ from pathlib import Path
 
 from frproto import IRState
 from frtesting.powerloss import DATA_KINDS, ENTRY_KINDS, CrashState, CrashStates, RecordingFileIO
+from node.primary.durable import using
+from node.primary.pending_log import PendingLog
+from node.primary.state import PrimaryStateStore, VMReplicationState
 from node.storage import ReplicaStore
 from node.storage.point_copy import copy_point
 from tests.node.storage import workload as wl
@@ -124,6 +131,8 @@ class Workload:
     keep: int = KEEP
     failover_to: int | None = None
     copy_at: int | None = None
+    #: The primary's files (state, pending log), not a replica's.
+    primary: bool = False
 
 
 def _nothing(root: Path, seed: int) -> None:
@@ -168,6 +177,89 @@ def _run_point_copy(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None
     io.mark("copied", 3)
 
 
+# -- the primary's side: capture into the pending log, acknowledge, drop ----------------
+PRIMARY_VMID = "0b9e3f51-7c2d-4a6e-9d1f-2a3b4c5d6e7f"
+
+
+def primary_chunks(seq: int) -> list[tuple[int, int, bytes]]:
+    rng = random.Random(f"primary:{seq}")
+    return [(0, 65536 * rng.randrange(16), rng.randbytes(3000)), (0, 4096, rng.randbytes(700))]
+
+
+def _primary_state() -> VMReplicationState:
+    return VMReplicationState(
+        vmid=PRIMARY_VMID,
+        name="vm1",
+        disks=[{"disk_id": "d0", "path": "/images/vm1-d0.raw", "size": 1 << 20}],
+        recovery_host="r1.example.com",
+        recovery_port=7443,
+        server_name="r1.example.com",
+        frequency_s=30.0,
+    )
+
+
+def _primary_paths(storage: Path) -> tuple[PrimaryStateStore, Path]:
+    store = PrimaryStateStore(storage / "state")
+    return store, store.vm_dir(PRIMARY_VMID) / "pending"
+
+
+def _run_primary(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
+    """What a primary writes for three cycles: enable (state), capture (a cycle file),
+    the acknowledgement (state), the drop (unlink); the second and third cycles are both
+    captured before either is acknowledged (a send that failed once)."""
+    with using(io):
+        states, pending_dir = _primary_paths(store.root)
+        state = _primary_state()
+        states.save(state)
+        io.mark("enabled")
+        log = PendingLog(pending_dir, max_bytes=1 << 24)
+
+        def capture(seq: int) -> None:
+            log.append_cycle(seq, wl.captured_at(seq), primary_chunks(seq))
+            io.mark("captured", seq)
+
+        def ack(seq: int) -> None:
+            state.sequence = seq
+            states.save(state)
+            io.mark("acked", seq)
+            log.drop_through(seq)
+
+        capture(1)
+        ack(1)
+        capture(2)
+        capture(3)
+        ack(2)
+        ack(3)
+
+
+def _verify_primary(storage: Path, marks: list[tuple[object, ...]]) -> str | None:
+    states, pending_dir = _primary_paths(storage)
+    try:
+        state = states.load(PRIMARY_VMID)
+    except FileNotFoundError:
+        if _last(marks, "enabled") is not None:
+            return "P1 enabled: the VM's state is gone after its enable returned"
+        return None
+    acked = [int(m[1]) for m in marks if m[0] == "acked"]  # type: ignore[call-overload]
+    captured = [int(m[1]) for m in marks if m[0] == "captured"]  # type: ignore[call-overload]
+    if acked and state.sequence < acked[-1]:
+        return (
+            f"P2 not resent as new: the state says {state.sequence} was acknowledged, "
+            f"but {acked[-1]} was"
+        )
+    log = PendingLog(pending_dir, max_bytes=1 << 24)
+    intact = {c.sequence for c in log.cycles() if c.intact}
+    for seq in captured:
+        if seq <= state.sequence:
+            continue
+        if seq not in intact:
+            return f"P3 no change lost: cycle {seq} captured, not acknowledged, not pending"
+        got = [(d, o, bytes(b)) for d, o, b in log.read_cycle(seq)]
+        if got != primary_chunks(seq):
+            return f"P3 no change lost: pending cycle {seq} differs"
+    return None
+
+
 def _run_failover(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
     r = store.open(wl.VMID)
     io.mark("failing_over", 3)
@@ -181,6 +273,7 @@ WORKLOADS: dict[str, Workload] = {
     "failover-revert": Workload(
         "failover-revert", _setup_three_batches, _run_failover, wl.batch, KEEP + 1, 3
     ),
+    "primary-cycles": Workload("primary-cycles", _nothing, _run_primary, wl.batch, primary=True),
     "point-copy": Workload(
         "point-copy", _setup_three_batches, _run_point_copy, wl.batch, KEEP + 1, copy_at=3
     ),
@@ -219,6 +312,8 @@ def verify(
     start_seq: int,
 ) -> str | None:
     """Recover the state under ``root`` and check it; the failed invariant, or None."""
+    if workload.primary:
+        return _verify_primary(root, marks)
     keep = workload.keep
     with ReplicaStore(root, keep_points=keep) as store:
         store.recover()
