@@ -14,6 +14,11 @@ moving an offset; the tail is never re-sliced into a new object. A stream that h
 ``receive_into(memoryview) -> int`` method (duck typed, e.g. frlink.biotls.BioTLSStream)
 is read straight into the frame instead, with no intermediate object at all.
 
+Memory: buffers of large frames (chunks, large control messages) come from
+:data:`FRAME_POOL`, shared by every connection of the process, and go back to it when the
+connection waits for its next frame (or closes): a connection idle between frames holds
+no large buffer, whatever it received before.
+
 Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
 as two ``send_all`` calls so the payload buffer is never concatenated.
 
@@ -67,7 +72,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * 1024 * 1024
 
 
-#: Frames at least this big (chunks) are read into a reused buffer (see _frame_buffer).
+#: Frames at least this big (chunks) are read into a pooled buffer (see _frame_buffer).
 REUSE_FRAME_SIZE = 64 * 1024
 
 #: Seconds allowed between frames in a state (None: no limit there).
@@ -105,6 +110,40 @@ def _unexported(buf: bytearray) -> bool:
         return False
     del buf[-1]
     return True
+
+
+class BufferPool:
+    """Large buffers lent to connections while they use them, kept for the next one.
+
+    ``take(size)`` hands out a free buffer of at least ``size`` bytes (or a new one of
+    ``max(size, minimum)``); ``give`` takes one back when nothing refers to it any more
+    (a buffer still exported, e.g. a Chunk event's data in use, is left to the garbage
+    collector) and keeps at most ``keep`` of them. Trio runs one task at a time: no lock.
+    """
+
+    def __init__(self, keep: int = 4, minimum: int = 0) -> None:
+        self.keep = keep
+        self.minimum = minimum
+        self.free: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (its content is whatever it held before)."""
+        for i, buffer in enumerate(self.free):
+            if len(buffer) >= size:
+                return self.free.pop(i)
+        return bytearray(max(size, self.minimum))
+
+    def give(self, buffer: bytearray) -> bool:
+        """Take ``buffer`` back; False if it is still in use or the pool is full (it is
+        then left to the garbage collector)."""
+        if len(self.free) >= self.keep or not _unexported(buffer):
+            return False
+        self.free.append(buffer)
+        return True
+
+
+#: The buffers of large frames, shared by every FramedStream of the process.
+FRAME_POOL = BufferPool(keep=4, minimum=REUSE_FRAME_SIZE)
 
 
 def _now() -> float:
@@ -204,7 +243,17 @@ class FramedStream:
         names = "/".join(k.__name__ for k in kinds)
         raise UnexpectedMessage(f"expected {names}, got {type(event).__name__}")
 
+    def _return_frame_buffer(self) -> None:
+        """Give the last large frame's buffer back to the pool (the caller is done with
+        its event, or the connection is over)."""
+        spare, self._spare_frame = self._spare_frame, None
+        if spare is not None:
+            FRAME_POOL.give(spare)
+
     async def _read_frame(self) -> None:
+        # The previous frame was handed over and its event consumed: while we wait for
+        # the next one (maybe for long), its buffer serves other connections.
+        self._return_frame_buffer()
         envelope = bytearray(ENVELOPE_SIZE)
         self._in_frame = False
         got = await self._fill(memoryview(envelope))
@@ -227,17 +276,15 @@ class FramedStream:
     def _frame_buffer(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes for the next frame.
 
-        Big frames (chunks) reuse the previous big frame's buffer once nothing refers to
-        it any more: a Chunk event's ``data`` is a view of its frame, so the buffer is
-        reused only when every such view is gone (the consumer dropped the event). A
-        fresh 1 MiB buffer per frame cost the IR receiver ~0.2 CPU s/GB in page faults.
+        Big frames (chunks) are read into a buffer of :data:`FRAME_POOL`, given back
+        before the next frame is awaited once nothing refers to it any more (a Chunk
+        event's ``data`` is a view of its frame: the pool takes back only buffers whose
+        views are all gone). A fresh 1 MiB buffer per frame cost the IR receiver ~0.2
+        CPU s/GB in page faults; the pool hands the same few buffers out again.
         """
         if size < REUSE_FRAME_SIZE:
             return bytearray(size)
-        spare = self._spare_frame
-        if spare is not None and len(spare) >= size and _unexported(spare):
-            return spare
-        self._spare_frame = spare = bytearray(max(size, REUSE_FRAME_SIZE))
+        self._spare_frame = spare = FRAME_POOL.take(size)
         return spare
 
     def _read_deadline(self) -> tuple[float, float]:
@@ -360,9 +407,11 @@ class FramedStream:
             ):
                 await self.send_error(error)
         await linger_and_close(self.stream)
+        self._return_frame_buffer()
 
     async def aclose(self) -> None:
-        """Close the stream."""
+        """Close the stream (and give a pooled frame buffer back)."""
+        self._return_frame_buffer()
         await self.stream.aclose()
 
 
