@@ -125,17 +125,21 @@ class BufferPool:
         self.keep = keep
         self.minimum = minimum
         self.free: list[bytearray] = []
+        #: Buffers taken and not given back yet (what the connections hold now).
+        self.lent = 0
 
     def take(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes (its content is whatever it held before)."""
-        for i, buffer in enumerate(self.free):
-            if len(buffer) >= size:
+        self.lent += 1
+        for i in range(len(self.free) - 1, -1, -1):  # the last given first: warm in cache
+            if len(self.free[i]) >= size:
                 return self.free.pop(i)
         return bytearray(max(size, self.minimum))
 
     def give(self, buffer: bytearray) -> bool:
         """Take ``buffer`` back; False if it is still in use or the pool is full (it is
         then left to the garbage collector)."""
+        self.lent -= 1
         if len(self.free) >= self.keep or not _unexported(buffer):
             return False
         self.free.append(buffer)
