@@ -56,6 +56,8 @@ TRANSPORT_RECEIVE_SIZE = 1024 * 1024
 SEND_PIECE = 1024 * 1024
 #: Ciphertext written to the incoming BIO at a time (see the module's docstring).
 FEED_SIZE = 64 * 1024
+#: How long a read may wait holding a pooled refill buffer before it gives it back.
+HOLD_SECONDS = 0.01
 #: Free refill buffers the pool keeps for later refills (more are freed).
 POOL_KEEP = 4
 #: ``receive_some()`` without ``max_bytes`` returns at most this much.
@@ -158,7 +160,9 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         #: Ciphertext read but not yet fed to OpenSSL, and the pooled buffer it lives in.
         self._backlog: memoryview | None = None
         self._backlog_buffer: bytearray | None = None
-        self._bulk = False  #: the last refill filled FEED_SIZE: read big next time
+        #: Bytes flow (a refill filled its buffer, and no read waited HOLD_SECONDS since):
+        #: refills read up to ``receive_size``, not FEED_SIZE.
+        self._bulk = False
         self._flush_lock = trio.Lock()  # one task writes to the transport at a time
         self._handshake_lock = trio.Lock()
         self._handshake_done = False
@@ -247,6 +251,40 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
             REFILL_POOL.give(self._backlog_buffer)
             self._backlog_buffer = None
 
+    async def _receive_pooled(self, receive_into: ReceiveInto, size: int) -> tuple[bytearray, int]:
+        """Read up to ``size`` bytes into a buffer borrowed from REFILL_POOL: the buffer
+        and the count (0: end of stream, the buffer already given back).
+
+        If nothing comes within :data:`HOLD_SECONDS`, the buffer goes back to the pool
+        while we wait for bytes, and one is borrowed again when they are there. Reading
+        first spares a bulk stream a wait per refill (its bytes are usually there
+        already); an idle stream holds no buffer for longer than that."""
+        buffer = REFILL_POOL.take(size)
+        lent = True
+        try:
+            if self._transport_wait_readable is not None:
+                with trio.move_on_after(HOLD_SECONDS):
+                    got = await receive_into(memoryview(buffer)[:size])
+                    return self._keep(buffer, got)
+                REFILL_POOL.give(buffer)
+                lent = False
+                self._bulk = False  # idle: small reads again until bytes flow
+                await self._transport_wait_readable()
+                buffer = REFILL_POOL.take(size)
+                lent = True
+            got = await receive_into(memoryview(buffer)[:size])
+        except BaseException:
+            if lent:
+                REFILL_POOL.give(buffer)
+            raise
+        return self._keep(buffer, got)
+
+    @staticmethod
+    def _keep(buffer: bytearray, got: int) -> tuple[bytearray, int]:
+        if not got:
+            REFILL_POOL.give(buffer)  # end of stream: nothing to keep
+        return buffer, got
+
     async def _refill(self) -> None:
         """Read once from the transport and feed OpenSSL its first piece (the rest waits
         in the backlog: :meth:`_feed`); EOF is written as EOF."""
@@ -256,23 +294,16 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         receive_into = self._transport_receive_into
         try:
             if receive_into is not None:
-                if self._transport_wait_readable is not None:
-                    await self._transport_wait_readable()  # no buffer held while idle
                 # Small reads until the peer sends in bulk: concurrent handshakes and
                 # small messages then borrow 64 KiB each, not 1 MiB (a burst of large
                 # transient buffers leaves the C heap fragmented at its peak size).
                 size = self._receive_size if self._bulk else min(FEED_SIZE, self._receive_size)
-                buffer = REFILL_POOL.take(size)
-                try:
-                    got = await receive_into(memoryview(buffer)[:size])
-                except BaseException:
-                    REFILL_POOL.give(buffer)
-                    raise
+                buffer, got = await self._receive_pooled(receive_into, size)
                 if not got:
-                    REFILL_POOL.give(buffer)
                     self._incoming.write_eof()
                     return
-                self._bulk = got >= FEED_SIZE
+                if got == size:
+                    self._bulk = True  # bytes flow: read big until the stream idles
                 self._backlog_buffer = buffer
                 self._backlog = memoryview(buffer)[:got]
                 self._feed()

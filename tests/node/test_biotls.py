@@ -11,7 +11,7 @@ import trio
 import trio.testing
 import trustme
 
-from frlink.biotls import REFILL_POOL, BioTLSStream
+from frlink.biotls import HOLD_SECONDS, REFILL_POOL, BioTLSStream
 
 SERVER_NAME = "r1.example.com"
 
@@ -175,6 +175,7 @@ async def test_an_idle_stream_holds_no_refill_buffer(
 ) -> None:
     lent = REFILL_POOL.lent
     client, server = await _tcp_pair(contexts)
+    await trio.sleep(HOLD_SECONDS * 5)
     assert REFILL_POOL.lent == lent  # the handshake's buffers went back
     payload = os.urandom(3 * 1024 * 1024)
     received = bytearray()
@@ -188,6 +189,8 @@ async def test_an_idle_stream_holds_no_refill_buffer(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.receive_some, 100)  # waits for bytes: idle
         await trio.testing.wait_all_tasks_blocked()
+        assert REFILL_POOL.lent == lent + 1  # the first HOLD_SECONDS of the wait
+        await trio.sleep(HOLD_SECONDS * 5)
         assert REFILL_POOL.lent == lent
         assert server._backlog_buffer is None
         await client.send_all(b"x")
