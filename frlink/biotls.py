@@ -161,7 +161,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         self._backlog: memoryview | None = None
         self._backlog_buffer: bytearray | None = None
         #: Bytes flow (a refill filled its buffer, and no read waited HOLD_SECONDS since):
-        #: refills read up to ``receive_size``, not FEED_SIZE.
+        #: refills read up to ``receive_size``, not FEED_SIZE (see _receive_pooled).
         self._bulk = False
         self._flush_lock = trio.Lock()  # one task writes to the transport at a time
         self._handshake_lock = trio.Lock()
@@ -251,39 +251,46 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
             REFILL_POOL.give(self._backlog_buffer)
             self._backlog_buffer = None
 
-    async def _receive_pooled(self, receive_into: ReceiveInto, size: int) -> tuple[bytearray, int]:
-        """Read up to ``size`` bytes into a buffer borrowed from REFILL_POOL: the buffer
-        and the count (0: end of stream, the buffer already given back).
+    async def _receive_pooled(self, receive_into: ReceiveInto) -> tuple[bytearray, int, bool]:
+        """Read into a buffer borrowed from REFILL_POOL: the buffer, the count (0: end of
+        stream, the buffer already given back) and whether the read filled it.
 
-        If nothing comes within :data:`HOLD_SECONDS`, the buffer goes back to the pool
-        while we wait for bytes, and one is borrowed again when they are there. Reading
-        first spares a bulk stream a wait per refill (its bytes are usually there
-        already); an idle stream holds no buffer for longer than that."""
-        buffer = REFILL_POOL.take(size)
-        lent = True
-        try:
-            if self._transport_wait_readable is not None:
+        Reads are small (:data:`FEED_SIZE`) until one fills its buffer, then big
+        (``receive_size``) until the stream idles: concurrent handshakes and small
+        messages borrow 64 KiB each, not 1 MiB (a burst of large transient buffers leaves
+        the C heap fragmented at its peak size). While bytes flow (``_bulk``), the read
+        is tried at once, holding the buffer for at most :data:`HOLD_SECONDS` (the bytes
+        are usually there: no wait per refill); otherwise, and after that, the buffer is
+        borrowed only once the transport is readable: an idle stream holds none."""
+        wait_readable = self._transport_wait_readable
+        if wait_readable is not None and self._bulk:
+            size = self._receive_size
+            buffer = REFILL_POOL.take(size)
+            try:
                 with trio.move_on_after(HOLD_SECONDS):
                     got = await receive_into(memoryview(buffer)[:size])
-                    return self._keep(buffer, got)
+                    return self._keep(buffer, got), got, got == size
+            except BaseException:
                 REFILL_POOL.give(buffer)
-                lent = False
-                self._bulk = False  # idle: small reads again until bytes flow
-                await self._transport_wait_readable()
-                buffer = REFILL_POOL.take(size)
-                lent = True
+                raise
+            REFILL_POOL.give(buffer)
+            self._bulk = False  # idle: small reads again until bytes flow
+        if wait_readable is not None:
+            await wait_readable()
+        size = self._receive_size if self._bulk else min(FEED_SIZE, self._receive_size)
+        buffer = REFILL_POOL.take(size)
+        try:
             got = await receive_into(memoryview(buffer)[:size])
         except BaseException:
-            if lent:
-                REFILL_POOL.give(buffer)
+            REFILL_POOL.give(buffer)
             raise
-        return self._keep(buffer, got)
+        return self._keep(buffer, got), got, got == size
 
     @staticmethod
-    def _keep(buffer: bytearray, got: int) -> tuple[bytearray, int]:
+    def _keep(buffer: bytearray, got: int) -> bytearray:
         if not got:
             REFILL_POOL.give(buffer)  # end of stream: nothing to keep
-        return buffer, got
+        return buffer
 
     async def _refill(self) -> None:
         """Read once from the transport and feed OpenSSL its first piece (the rest waits
@@ -294,15 +301,11 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         receive_into = self._transport_receive_into
         try:
             if receive_into is not None:
-                # Small reads until the peer sends in bulk: concurrent handshakes and
-                # small messages then borrow 64 KiB each, not 1 MiB (a burst of large
-                # transient buffers leaves the C heap fragmented at its peak size).
-                size = self._receive_size if self._bulk else min(FEED_SIZE, self._receive_size)
-                buffer, got = await self._receive_pooled(receive_into, size)
+                buffer, got, full = await self._receive_pooled(receive_into)
                 if not got:
                     self._incoming.write_eof()
                     return
-                if got == size:
+                if full:
                     self._bulk = True  # bytes flow: read big until the stream idles
                 self._backlog_buffer = buffer
                 self._backlog = memoryview(buffer)[:got]
