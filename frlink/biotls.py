@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import operator
 import ssl
 from collections.abc import Awaitable, Callable
@@ -159,7 +160,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         self._transport_wait_readable = transport_wait_readable(transport_stream)
         #: Ciphertext read but not yet fed to OpenSSL, and the pooled buffer it lives in.
         self._backlog: memoryview | None = None
-        self._backlog_buffer: bytearray | None = None
+        self._backlog_buffer: mmap.mmap | None = None
         #: Bytes flow (a refill filled its buffer, and no read waited HOLD_SECONDS since):
         #: refills read up to ``receive_size``, not FEED_SIZE (see _receive_pooled).
         self._bulk = False
@@ -251,7 +252,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
             REFILL_POOL.give(self._backlog_buffer)
             self._backlog_buffer = None
 
-    async def _receive_pooled(self, receive_into: ReceiveInto) -> tuple[bytearray, int, bool]:
+    async def _receive_pooled(self, receive_into: ReceiveInto) -> tuple[mmap.mmap, int, bool]:
         """Read into a buffer borrowed from REFILL_POOL: the buffer, the count (0: end of
         stream, the buffer already given back) and whether the read filled it.
 
@@ -287,7 +288,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         return self._keep(buffer, got), got, got == size
 
     @staticmethod
-    def _keep(buffer: bytearray, got: int) -> bytearray:
+    def _keep(buffer: mmap.mmap, got: int) -> mmap.mmap:
         if not got:
             REFILL_POOL.give(buffer)  # end of stream: nothing to keep
         return buffer

@@ -44,8 +44,8 @@ def trim(*, idle: bool = False) -> bool:
     if idle:
         from .biotls import REFILL_POOL  # here: biotls is heavier than this module
 
-        FRAME_POOL.free.clear()
-        REFILL_POOL.free.clear()
+        FRAME_POOL.clear()
+        REFILL_POOL.clear()
         gc.collect()
     function = _malloc_trim()
     if function is None:

@@ -6,7 +6,7 @@ node/ use it for every connection.
 
 Reading: :class:`FramedStream` reads the 8-byte envelope first and asks the connection
 to check it (:meth:`Connection.frame_size`), so a hostile length is refused before any
-of the body is read. It then reads exactly one frame into a fresh ``bytearray`` and
+of the body is read. It then reads exactly one frame into a buffer (see Memory) and
 hands that whole frame to the connection, which keeps it as a view: the payload of a
 chunk is copied once (out of Trio's receive bytes into the frame) and never again.
 Bytes read past the end of a frame stay in a view of the received object, consumed by
@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import mmap
 from collections.abc import Awaitable, Callable, Collection
 
 import trio
@@ -101,14 +102,13 @@ class _Expired(Exception):
         self.waited = waited
 
 
-def _unexported(buf: bytearray) -> bool:
-    """True when no memoryview of ``buf`` is alive: a bytearray refuses to change size
-    while it is exported."""
+def _unexported(buf: mmap.mmap) -> bool:
+    """True when no memoryview of ``buf`` is alive: an mmap refuses to resize while it
+    is exported (resizing to its own size is a no-op otherwise)."""
     try:
-        buf.append(0)
+        buf.resize(len(buf))
     except BufferError:
         return False
-    del buf[-1]
     return True
 
 
@@ -119,31 +119,45 @@ class BufferPool:
     ``max(size, minimum)``); ``give`` takes one back when nothing refers to it any more
     (a buffer still exported, e.g. a Chunk event's data in use, is left to the garbage
     collector) and keeps at most ``keep`` of them. Trio runs one task at a time: no lock.
+
+    The buffers are anonymous mmaps, not bytearrays: their pages are committed only
+    when written (a frame declared 2 MiB that stalls after 1 MiB holds 1 MiB), and one
+    freed goes back to the system at once (a large bytearray is zero-filled, and once
+    freed it stays in the C heap: glibc raises its mmap threshold after such a free).
     """
 
     def __init__(self, keep: int = 4, minimum: int = 0) -> None:
         self.keep = keep
         self.minimum = minimum
-        self.free: list[bytearray] = []
+        self.free: list[mmap.mmap] = []
         #: Buffers taken and not given back yet (what the connections hold now).
         self.lent = 0
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> mmap.mmap:
         """A buffer of at least ``size`` bytes (its content is whatever it held before)."""
         self.lent += 1
         for i in range(len(self.free) - 1, -1, -1):  # the last given first: warm in cache
             if len(self.free[i]) >= size:
                 return self.free.pop(i)
-        return bytearray(max(size, self.minimum))
+        return mmap.mmap(-1, max(size, self.minimum, mmap.PAGESIZE))
 
-    def give(self, buffer: bytearray) -> bool:
-        """Take ``buffer`` back; False if it is still in use or the pool is full (it is
-        then left to the garbage collector)."""
+    def give(self, buffer: mmap.mmap) -> bool:
+        """Take ``buffer`` back; False if it is still in use (it is then left to the
+        garbage collector) or the pool is full (it is then unmapped)."""
         self.lent -= 1
-        if len(self.free) >= self.keep or not _unexported(buffer):
+        if not _unexported(buffer):
+            return False
+        if len(self.free) >= self.keep:
+            buffer.close()
             return False
         self.free.append(buffer)
         return True
+
+    def clear(self) -> None:
+        """Unmap the free buffers (they return to the system)."""
+        free, self.free = self.free, []
+        for buffer in free:
+            buffer.close()
 
 
 #: The buffers of large frames, shared by every FramedStream of the process.
@@ -193,7 +207,7 @@ class FramedStream:
         self._pending_pos = 0
         self._send_lock = trio.Lock()
         self._eof = False
-        self._spare_frame: bytearray | None = None
+        self._spare_frame: mmap.mmap | None = None
         #: Bytes of chunk frames sent so far (headers and payloads, after compression).
         self.chunk_bytes_sent = 0
         # Duck typing: a stream with ``receive_into(memoryview) -> int`` (frlink.biotls's
@@ -277,7 +291,7 @@ class FramedStream:
             return
         self.connection.receive_data(frame)
 
-    def _frame_buffer(self, size: int) -> bytearray:
+    def _frame_buffer(self, size: int) -> bytearray | mmap.mmap:
         """A buffer of at least ``size`` bytes for the next frame.
 
         Big frames (chunks) are read into a buffer of :data:`FRAME_POOL`, given back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import ssl
 import uuid
@@ -334,7 +335,7 @@ async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_clos
     chunk = await recovery.expect(fp.Chunk)
     assert isinstance(chunk, fp.Chunk)
     frame = memoryview(chunk.data).obj
-    assert isinstance(frame, bytearray)
+    assert isinstance(frame, mmap.mmap)
     assert FRAME_POOL.lent == lent + 1  # held while its event is in use
     del chunk
 
@@ -354,12 +355,19 @@ async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_clos
 
 
 def test_the_pool_keeps_no_buffer_still_in_use_and_at_most_keep() -> None:
-    pool = BufferPool(keep=1, minimum=100)
-    first, second = pool.take(10), pool.take(200)
-    assert (len(first), len(second), pool.lent) == (100, 200, 2)
+    pool = BufferPool(keep=1, minimum=2 * mmap.PAGESIZE)
+    first, second = pool.take(10), pool.take(3 * mmap.PAGESIZE)
+    assert (len(first), len(second), pool.lent) == (2 * mmap.PAGESIZE, 3 * mmap.PAGESIZE, 2)
     view = memoryview(first)
     assert not pool.give(first)  # a view of it is alive: left to the garbage collector
+    assert not first.closed
     view.release()
     assert pool.give(second)
-    assert not pool.give(bytearray(300))  # full
-    assert pool.take(150) is second
+    third = pool.take(4 * mmap.PAGESIZE)
+    assert third is not second  # too small for it
+    pool.give(pool.take(1))  # second again
+    assert not pool.give(third)  # full: unmapped at once
+    assert third.closed
+    assert pool.take(2 * mmap.PAGESIZE) is second
+    pool.clear()
+    assert pool.free == []
