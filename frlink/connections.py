@@ -17,7 +17,7 @@ Cost of a connection held (for the bounds, measured by ``bench/connections.py``)
 8 KiB before TLS, about 35 KiB with the TLS state, before and after the negotiation;
 buffers of large frames and of TLS refills are taken from pools only while bytes flow
 (``frproto.trio_io``, ``frlink.biotls``), so an idle connection holds none, and a stalled
-frame holds at most its own size (``MAX_CONTROL_BODY``, ``MAX_CHUNK_DATA`` + header).
+frame holds what came of it (at most ``MAX_CONTROL_BODY``, ``MAX_CHUNK_DATA`` + header).
 """
 
 from __future__ import annotations
