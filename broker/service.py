@@ -37,7 +37,7 @@ from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Set
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink.accept import accept
 from frlink.authz import Grant
-from frlink.connections import ANSWERING_STATES, ConnectionPolicy, Gate
+from frlink.connections import ANSWERING_STATES, Admission, ConnectionPolicy, Gate
 from frlink.wire_errors import wire_error
 from frproto.trio_io import FramedStream, keep_alive
 
@@ -125,13 +125,11 @@ class Broker:
             if admission is None:
                 await trio.aclose_forcefully(stream)
                 return
-            await self._handle_admitted(stream, admission.negotiated)
+            await self._handle_admitted(stream, admission)
 
-    async def _handle_admitted(
-        self, stream: trio.abc.Stream, negotiated: Callable[[], None]
-    ) -> None:
+    async def _handle_admitted(self, stream: trio.abc.Stream, admission: Admission) -> None:
         try:
-            await self._handle(stream, negotiated)
+            await self._handle(stream, admission)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.info("connection ended: %s", exc or type(exc).__name__)
         except fp.FrprotoError as exc:
@@ -160,7 +158,7 @@ class Broker:
 
         return authorize
 
-    async def _handle(self, raw: trio.abc.Stream, negotiated: Callable[[], None]) -> None:
+    async def _handle(self, raw: trio.abc.Stream, admission: Admission) -> None:
         # The settings as of now (authorize() runs inside the handshake: it cannot await).
         try:
             authorize = self.authorizer(self.cache.settings)
@@ -174,10 +172,11 @@ class Broker:
             authorize,
             what="this broker",
             connections=self.connections,
+            handshaken=admission.handshaken,
         )
         if accepted is None:
             return
-        negotiated()
+        admission.negotiated()
         await self.serve_queries(accepted.conn, accepted.grant)
 
     async def serve_queries(self, conn: FramedStream, grant: Grant) -> None:

@@ -22,7 +22,7 @@ import trio
 import frproto as fp
 from frproto.trio_io import ERROR_SEND_TIMEOUT, LINGER_SECONDS, FramedStream, linger_and_close
 
-from .biotls import transport_receive_into
+from .biotls import transport_receive_into, transport_wait_readable
 from .connections import ConnectionPolicy
 from .tls import TLSFailure, peer_names, requested_name, tls_handshake_server
 
@@ -44,6 +44,7 @@ class _Replay(trio.abc.Stream):
         self._inner = inner
         self._head = head
         self._inner_receive_into = transport_receive_into(inner)
+        self._inner_wait_readable = transport_wait_readable(inner)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._head:
@@ -54,6 +55,13 @@ class _Replay(trio.abc.Stream):
         # call cuts the socket reads and trio round trips of a bulk IR (perf-baselines,
         # "BigRecv"). Only the size of the raw read changes, never the bytes delivered.
         return await self._inner.receive_some(max_bytes or TRANSPORT_RECEIVE_SIZE)
+
+    async def wait_readable(self) -> None:
+        """Return once a read would not wait (see ``frlink.biotls.transport_wait_readable``)."""
+        if self._head or self._inner_wait_readable is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._inner_wait_readable()
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Read into ``buffer`` (see ``frlink.biotls.transport_receive_into``)."""
@@ -104,6 +112,7 @@ async def accept(
     route: Router | None = None,
     refused: Callable[[str], None] | None = None,
     connections: ConnectionPolicy | None = None,
+    handshaken: Callable[[], None] | None = None,
 ) -> Accepted[G] | None:
     """Handshake and negotiate on ``raw``; None when the connection was refused (and
     answered as it should be). ``authorize`` maps certificate names to a grant or raises
@@ -114,7 +123,8 @@ async def accept(
     a bounded set, for a metric). ``connections`` gives the deadlines (section 10.2):
     the TLS handshake and the NegotiateRequest must be done within its
     ``negotiate_timeout`` (TIM-1, TIM-2), and the returned connection's reads are bounded
-    by its idle and frame deadlines (TIM-3 to TIM-5).
+    by its idle and frame deadlines (TIM-3 to TIM-5). ``handshaken``, if given, is called
+    once the TLS handshake is done (the connection leaves the gate's handshaking count).
 
     Raises:
         frproto.trio_io.PeerIdle: the NegotiateRequest did not come in time (the Error
@@ -153,6 +163,8 @@ async def accept(
             log.warning("TLS handshake refused: %s", exc)
             tell("tls")
             return None
+        if handshaken is not None:
+            handshaken()
         names = peer_names(tls)
         sni = requested_name(tls)
         if route is not None:

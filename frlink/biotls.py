@@ -23,18 +23,28 @@ Behaviour, as ``SSLStream`` with ``https_compatible=False``:
   transport EOF without it is a :class:`trio.BrokenResourceError` (truncation);
 * :meth:`aclose` sends ``close_notify`` (best effort, not waiting for the reply), then
   closes the transport.
+
+Memory (issue 21, ``bench/connections.py``): an idle connection holds only OpenSSL's own
+state (about 30 KiB). The refill buffer is taken from a pool shared by every stream once
+the transport is readable, and given back when its bytes went to OpenSSL; the incoming
+BIO is fed at most :data:`FEED_SIZE` at a time (it keeps the capacity of its largest
+write for the life of the connection); a failure is remembered as its text, not as the
+exception, whose traceback would keep the failed call's frames and buffers alive.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import operator
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, cast
 
 import trio
+
+from frproto.trio_io import BufferPool
 
 __all__ = ["BioTLSStream"]
 
@@ -45,6 +55,12 @@ T_Stream = TypeVar("T_Stream", bound=trio.abc.Stream)
 TRANSPORT_RECEIVE_SIZE = 1024 * 1024
 #: Plaintext encrypted per flush of ``send_all``: bounds the ciphertext held in memory.
 SEND_PIECE = 1024 * 1024
+#: Ciphertext written to the incoming BIO at a time (see the module's docstring).
+FEED_SIZE = 64 * 1024
+#: How long a read may wait holding a pooled refill buffer before it gives it back.
+HOLD_SECONDS = 0.01
+#: Free refill buffers the pool keeps for later refills (more are freed).
+POOL_KEEP = 4
 #: ``receive_some()`` without ``max_bytes`` returns at most this much.
 DEFAULT_MAX_BYTES = 64 * 1024
 #: How long we try to deliver the alert of a failed handshake.
@@ -52,6 +68,27 @@ ALERT_TIMEOUT = 0.5
 
 
 ReceiveInto = Callable[[memoryview], Awaitable[int]]
+WaitReadable = Callable[[], Awaitable[None]]
+
+
+#: The refill buffers of every BioTLSStream.
+REFILL_POOL = BufferPool(keep=POOL_KEEP)
+
+
+def transport_wait_readable(stream: trio.abc.Stream) -> WaitReadable | None:
+    """An ``await wait_readable()`` that returns once ``stream`` has bytes (or its end,
+    or an error) to read, or None when ``stream`` offers no such wait."""
+    own = getattr(stream, "wait_readable", None)
+    if own is not None:
+        return cast("WaitReadable", own)
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = stream.socket
+
+    async def wait_readable() -> None:
+        await trio.lowlevel.wait_readable(sock)
+
+    return wait_readable
 
 
 def transport_receive_into(stream: trio.abc.Stream) -> ReceiveInto | None:
@@ -118,14 +155,23 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         # refill (CPython's socket.recv allocates, then shrinks it: mmap/mremap and page
         # faults that cost the IR receiver ~0.3 CPU s/GB here).
         self._transport_receive_into = transport_receive_into(transport_stream)
-        self._refill_buffer: memoryview | None = None
+        # The refill buffer is borrowed from REFILL_POOL once the transport is readable:
+        # an idle connection holds none.
+        self._transport_wait_readable = transport_wait_readable(transport_stream)
+        #: Ciphertext read but not yet fed to OpenSSL, and the pooled buffer it lives in.
+        self._backlog: memoryview | None = None
+        self._backlog_buffer: mmap.mmap | None = None
+        #: Bytes flow (a refill filled its buffer, and no read waited HOLD_SECONDS since):
+        #: refills read up to ``receive_size``, not FEED_SIZE (see _receive_pooled).
+        self._bulk = False
         self._flush_lock = trio.Lock()  # one task writes to the transport at a time
         self._handshake_lock = trio.Lock()
         self._handshake_done = False
         self._sending = False
         self._receiving = False
         self._closed = False
-        self._broken: BaseException | None = None
+        #: Why the stream is unusable (the failure's text; see the module's docstring).
+        self._broken: str | None = None
         self._eof = False
 
     # -- information -------------------------------------------------------------------
@@ -153,7 +199,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         if self._closed:
             raise trio.ClosedResourceError("this TLS stream is closed")
         if self._broken is not None:
-            raise trio.BrokenResourceError("this TLS stream is broken") from self._broken
+            raise trio.BrokenResourceError(f"this TLS stream is broken: {self._broken}")
 
     def _transport_failed(
         self, exc: BaseException
@@ -162,11 +208,11 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         unless we closed it ourselves meanwhile)."""
         if self._closed:
             return trio.ClosedResourceError("this TLS stream was closed")
-        self._broken = exc
+        self._broken = repr(exc)
         return trio.BrokenResourceError(f"TLS transport failed: {exc!r}")
 
     def _tls_failed(self, exc: ssl.SSLError) -> trio.BrokenResourceError:
-        self._broken = exc
+        self._broken = str(exc)
         return trio.BrokenResourceError(f"TLS failed: {exc}")
 
     # -- transport ---------------------------------------------------------------------
@@ -183,25 +229,95 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
                 raise self._transport_failed(exc) from exc
             except trio.Cancelled as exc:
                 # Part of a record may have gone out: the stream cannot be used again.
-                self._broken = exc
+                self._broken = "cancelled while sending"
+                raise exc from None
+
+    def _feed(self) -> bool:
+        """Feed OpenSSL the next piece of the backlog; False when there is none."""
+        backlog = self._backlog
+        if backlog is None:
+            return False
+        self._incoming.write(backlog[:FEED_SIZE])  # MemoryBIO copies
+        if len(backlog) > FEED_SIZE:
+            self._backlog = backlog[FEED_SIZE:]
+        else:
+            self._release_backlog()
+        return True
+
+    def _release_backlog(self) -> None:
+        if self._backlog is not None:
+            self._backlog.release()
+            self._backlog = None
+        if self._backlog_buffer is not None:
+            REFILL_POOL.give(self._backlog_buffer)
+            self._backlog_buffer = None
+
+    async def _receive_pooled(self, receive_into: ReceiveInto) -> tuple[mmap.mmap, int, bool]:
+        """Read into a buffer borrowed from REFILL_POOL: the buffer, the count (0: end of
+        stream, the buffer already given back) and whether the read filled it.
+
+        Reads are small (:data:`FEED_SIZE`) until one fills its buffer, then big
+        (``receive_size``) until the stream idles: concurrent handshakes and small
+        messages borrow 64 KiB each, not 1 MiB (a burst of large transient buffers leaves
+        the C heap fragmented at its peak size). While bytes flow (``_bulk``), the read
+        is tried at once, holding the buffer for at most :data:`HOLD_SECONDS` (the bytes
+        are usually there: no wait per refill); otherwise, and after that, the buffer is
+        borrowed only once the transport is readable: an idle stream holds none."""
+        wait_readable = self._transport_wait_readable
+        if wait_readable is not None and self._bulk:
+            size = self._receive_size
+            buffer = REFILL_POOL.take(size)
+            try:
+                with trio.move_on_after(HOLD_SECONDS):
+                    got = await receive_into(memoryview(buffer)[:size])
+                    return self._keep(buffer, got), got, got == size
+            except BaseException:
+                REFILL_POOL.give(buffer)
                 raise
+            REFILL_POOL.give(buffer)
+            self._bulk = False  # idle: small reads again until bytes flow
+        if wait_readable is not None:
+            await wait_readable()
+        size = self._receive_size if self._bulk else min(FEED_SIZE, self._receive_size)
+        buffer = REFILL_POOL.take(size)
+        try:
+            got = await receive_into(memoryview(buffer)[:size])
+        except BaseException:
+            REFILL_POOL.give(buffer)
+            raise
+        return self._keep(buffer, got), got, got == size
+
+    @staticmethod
+    def _keep(buffer: mmap.mmap, got: int) -> mmap.mmap:
+        if not got:
+            REFILL_POOL.give(buffer)  # end of stream: nothing to keep
+        return buffer
 
     async def _refill(self) -> None:
-        """Read once from the transport into the incoming BIO (EOF is written as EOF)."""
+        """Read once from the transport and feed OpenSSL its first piece (the rest waits
+        in the backlog: :meth:`_feed`); EOF is written as EOF."""
+        if self._feed():
+            await trio.lowlevel.checkpoint()
+            return
         receive_into = self._transport_receive_into
         try:
             if receive_into is not None:
-                if self._refill_buffer is None:
-                    self._refill_buffer = memoryview(bytearray(self._receive_size))
-                got = await receive_into(self._refill_buffer)
-                data: bytes | bytearray | memoryview = self._refill_buffer[:got]
-            else:
-                data = await self.transport_stream.receive_some(self._receive_size)
+                buffer, got, full = await self._receive_pooled(receive_into)
+                if not got:
+                    self._incoming.write_eof()
+                    return
+                if full:
+                    self._bulk = True  # bytes flow: read big until the stream idles
+                self._backlog_buffer = buffer
+                self._backlog = memoryview(buffer)[:got]
+                self._feed()
+                return
+            data = await self.transport_stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise self._transport_failed(exc) from exc
-        if data:
-            self._incoming.write(data)  # MemoryBIO copies: the buffer is free again
-        else:
+        for start in range(0, len(data), FEED_SIZE):
+            self._incoming.write(data[start : start + FEED_SIZE])
+        if not data:
             self._incoming.write_eof()
 
     # -- handshake ---------------------------------------------------------------------
@@ -332,6 +448,8 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
                     waited = True
                 if filled or self._eof:
                     break
+                if self._feed():  # ciphertext already read: no await for it
+                    continue
                 await self._refill()
                 waited = True
             if not waited:
@@ -361,6 +479,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._release_backlog()
         try:
             if self._handshake_done and self._broken is None and not self._flush_lock.locked():
                 with contextlib.suppress(ssl.SSLError):

@@ -4,17 +4,20 @@ Shared by the recovery server (and cluster node) and the broker at the CAP:
 
 * :class:`ConnectionPolicy`: the negotiation deadline, the idle deadlines by state, the
   frame deadline, the recovery side's Keepalive interval, and the bounds on connections
-  (in all, per peer address, not yet negotiated). Read from the ``[connections]`` table of
-  a server's or node's file (:func:`connection_policy`, ``docs/configuration.md``).
+  (in all, per peer address, not yet negotiated, not yet through the TLS handshake).
+  Read from the ``[connections]`` table of a server's or node's file
+  (:func:`connection_policy`, ``docs/configuration.md``).
 * :class:`Gate`: counts a listener's connections and refuses one over a bound. A refused
   connection is closed at once, before the TLS handshake, with nothing read or sent
   (TIM-12): answering it (a TLS handshake, then a negotiation refused with BUSY) would
   spend on every refused connection the handshake CPU and the time a flood is after, and a
   primary treats a closed connection as it treats BUSY: it tries again later.
 
-Cost of a connection held (for the bounds): one file descriptor; before negotiation the
-TLS state (tens of KiB); after it a ``FramedStream`` (its receive buffers, at most one
-frame: ``MAX_CHUNK_DATA`` + header while a chunk is read).
+Cost of a connection held (for the bounds, measured by ``bench/connections.py``): about
+8 KiB before TLS, about 35 KiB with the TLS state, before and after the negotiation;
+buffers of large frames and of TLS refills are taken from pools only while bytes flow
+(``frproto.trio_io``, ``frlink.biotls``), so an idle connection holds none, and a stalled
+frame holds what came of it (at most ``MAX_CONTROL_BODY``, ``MAX_CHUNK_DATA`` + header).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import trio
 import frproto as fp
 from frproto import limits
 
+from . import memory
 from .config_keys import Table
 
 log = logging.getLogger("frrep.connections")
@@ -73,6 +78,9 @@ class ConnectionPolicy:
     max_per_address: int = 128
     #: Connections held at once that have not negotiated yet.
     max_negotiating: int = 128
+    #: Connections held at once that have not completed the TLS handshake yet (a subset
+    #: of the not negotiated ones): the cheapest state to hold many of.
+    max_handshaking: int = 64
 
     def idle_timeout(self, state: fp.State) -> float | None:
         """The idle deadline between frames in ``state`` (None: none applies there)."""
@@ -94,6 +102,7 @@ CONNECTIONS_TABLE = Table(
         "max": int,
         "max_per_address": int,
         "max_negotiating": int,
+        "max_handshaking": int,
     }
 )
 
@@ -108,6 +117,7 @@ _COUNTS = (
     ("max", "max_connections"),
     ("max_per_address", "max_per_address"),
     ("max_negotiating", "max_negotiating"),
+    ("max_handshaking", "max_handshaking"),
 )
 
 
@@ -153,6 +163,13 @@ def peer_address(stream: trio.abc.Stream) -> str:
         return ""
 
 
+#: Refusals are logged at most once per this many seconds, with their count (a flood of
+#: refused connections must not become a flood of log lines).
+REFUSAL_LOG_INTERVAL = 10.0
+#: Freed memory is handed back to the system (``malloc_trim``) at most this often.
+TRIM_INTERVAL = 1.0
+
+
 @dataclass
 class Admission:
     """A connection the gate let in (see :meth:`Gate.admit`)."""
@@ -160,9 +177,17 @@ class Admission:
     gate: Gate
     address: str
     negotiating: bool = True
+    handshaking: bool = True
+
+    def handshaken(self) -> None:
+        """The TLS handshake is done: no longer counts against ``max_handshaking``."""
+        if self.handshaking:
+            self.handshaking = False
+            self.gate.handshaking -= 1
 
     def negotiated(self) -> None:
         """The connection negotiated: it no longer counts against ``max_negotiating``."""
+        self.handshaken()
         if self.negotiating:
             self.negotiating = False
             self.gate.negotiating -= 1
@@ -170,14 +195,32 @@ class Admission:
 
 @dataclass
 class Gate:
-    """Counts a listener's connections against its :class:`ConnectionPolicy`'s bounds."""
+    """Counts a listener's connections against its :class:`ConnectionPolicy`'s bounds.
+
+    A refused connection costs a counter and, once per :data:`REFUSAL_LOG_INTERVAL`, one
+    log line that says how many were refused since the last one. When connections close,
+    the memory they freed is handed back to the system (:func:`frlink.memory.trim`, at
+    most once per :data:`TRIM_INTERVAL`, a close within it trimmed at its end by a
+    Trio system task): otherwise the C allocator keeps it and the process stays at its
+    peak size.
+    """
 
     policy: ConnectionPolicy
     total: int = 0
     negotiating: int = 0
+    handshaking: int = 0
     by_address: Counter[str] = field(default_factory=Counter)
-    #: Connections refused at a bound so far (by bound: total, address, negotiating).
+    #: Connections refused at a bound so far (by bound: total, address, negotiating,
+    #: handshaking).
     refused: Counter[str] = field(default_factory=Counter)
+    #: Monotonic seconds (a test may substitute its own clock).
+    clock: Callable[[], float] = time.monotonic
+    #: Hands freed memory back to the system (a test may count the calls).
+    trim: Callable[..., object] = memory.trim
+    _refusals_unlogged: int = 0
+    _logged_at: float = -math.inf
+    _trimmed_at: float = -math.inf
+    _trim_due: bool = False
 
     def _over(self, address: str) -> str:
         if self.total >= self.policy.max_connections:
@@ -186,7 +229,51 @@ class Gate:
             return "address"
         if self.negotiating >= self.policy.max_negotiating:
             return "negotiating"
+        if self.handshaking >= self.policy.max_handshaking:
+            return "handshaking"
         return ""
+
+    def _log_refusal(self, over: str, address: str) -> None:
+        self._refusals_unlogged += 1
+        now = self.clock()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        log.warning(
+            "%d connection(s) refused in the last %g s, the last from %s: %s bound reached "
+            "(%d connections in all, %d from it, %d negotiating, %d handshaking)",
+            self._refusals_unlogged,
+            REFUSAL_LOG_INTERVAL,
+            address or "?",
+            over,
+            self.total,
+            self.by_address[address],
+            self.negotiating,
+            self.handshaking,
+        )
+        self._refusals_unlogged = 0
+        self._logged_at = now
+
+    def _closed(self) -> None:
+        """A connection closed: trim now, or once the interval since the last trim is over
+        (one delayed trim at a time)."""
+        wait = self._trimmed_at + TRIM_INTERVAL - self.clock()
+        if wait <= 0:
+            self._trim_now()
+        elif not self._trim_due:
+            self._trim_due = True
+            try:
+                trio.lowlevel.spawn_system_task(self._trim_later, wait)
+            except RuntimeError:  # outside Trio (a test)
+                self._trim_now()
+
+    async def _trim_later(self, wait: float) -> None:
+        await trio.sleep(wait)
+        self._trim_now()
+
+    def _trim_now(self) -> None:
+        self.trim(idle=self.total == 0)
+        self._trimmed_at = self.clock()
+        self._trim_due = False
 
     @contextlib.contextmanager
     def admit(self, stream: trio.abc.Stream) -> Iterator[Admission | None]:
@@ -196,20 +283,13 @@ class Gate:
         over = self._over(address)
         if over:
             self.refused[over] += 1
-            log.warning(
-                "connection from %s refused: %s connections held (%d in all, %d from it, "
-                "%d negotiating)",
-                address or "?",
-                over,
-                self.total,
-                self.by_address[address],
-                self.negotiating,
-            )
+            self._log_refusal(over, address)
             yield None
             return
         admission = Admission(self, address)
         self.total += 1
         self.negotiating += 1
+        self.handshaking += 1
         self.by_address[address] += 1
         try:
             yield admission
@@ -219,3 +299,4 @@ class Gate:
             self.by_address[address] -= 1
             if not self.by_address[address]:
                 del self.by_address[address]
+            self._closed()

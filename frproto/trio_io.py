@@ -6,13 +6,18 @@ node/ use it for every connection.
 
 Reading: :class:`FramedStream` reads the 8-byte envelope first and asks the connection
 to check it (:meth:`Connection.frame_size`), so a hostile length is refused before any
-of the body is read. It then reads exactly one frame into a fresh ``bytearray`` and
+of the body is read. It then reads exactly one frame into a buffer (see Memory) and
 hands that whole frame to the connection, which keeps it as a view: the payload of a
 chunk is copied once (out of Trio's receive bytes into the frame) and never again.
 Bytes read past the end of a frame stay in a view of the received object, consumed by
 moving an offset; the tail is never re-sliced into a new object. A stream that has a
 ``receive_into(memoryview) -> int`` method (duck typed, e.g. frlink.biotls.BioTLSStream)
 is read straight into the frame instead, with no intermediate object at all.
+
+Memory: buffers of large frames (chunks, large control messages) come from
+:data:`FRAME_POOL`, shared by every connection of the process, and go back to it when the
+connection waits for its next frame (or closes): a connection idle between frames holds
+no large buffer, whatever it received before.
 
 Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
 as two ``send_all`` calls so the payload buffer is never concatenated.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import mmap
 from collections.abc import Awaitable, Callable, Collection
 
 import trio
@@ -67,7 +73,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * 1024 * 1024
 
 
-#: Frames at least this big (chunks) are read into a reused buffer (see _frame_buffer).
+#: Frames at least this big (chunks) are read into a pooled buffer (see _frame_buffer).
 REUSE_FRAME_SIZE = 64 * 1024
 
 #: Seconds allowed between frames in a state (None: no limit there).
@@ -96,15 +102,66 @@ class _Expired(Exception):
         self.waited = waited
 
 
-def _unexported(buf: bytearray) -> bool:
-    """True when no memoryview of ``buf`` is alive: a bytearray refuses to change size
-    while it is exported."""
+def _unexported(buf: mmap.mmap) -> bool:
+    """True when no memoryview of ``buf`` is alive: an mmap refuses to resize while it
+    is exported (resizing to its own size is a no-op otherwise)."""
     try:
-        buf.append(0)
+        buf.resize(len(buf))
     except BufferError:
         return False
-    del buf[-1]
     return True
+
+
+class BufferPool:
+    """Large buffers lent to connections while they use them, kept for the next one.
+
+    ``take(size)`` hands out a free buffer of at least ``size`` bytes (or a new one of
+    ``max(size, minimum)``); ``give`` takes one back when nothing refers to it any more
+    (a buffer still exported, e.g. a Chunk event's data in use, is left to the garbage
+    collector) and keeps at most ``keep`` of them. Trio runs one task at a time: no lock.
+
+    The buffers are anonymous mmaps, not bytearrays: their pages are committed only
+    when written (a frame declared 2 MiB that stalls after 1 MiB holds 1 MiB), and one
+    freed goes back to the system at once (a large bytearray is zero-filled, and once
+    freed it stays in the C heap: glibc raises its mmap threshold after such a free).
+    """
+
+    def __init__(self, keep: int = 4, minimum: int = 0) -> None:
+        self.keep = keep
+        self.minimum = minimum
+        self.free: list[mmap.mmap] = []
+        #: Buffers taken and not given back yet (what the connections hold now).
+        self.lent = 0
+
+    def take(self, size: int) -> mmap.mmap:
+        """A buffer of at least ``size`` bytes (its content is whatever it held before)."""
+        self.lent += 1
+        for i in range(len(self.free) - 1, -1, -1):  # the last given first: warm in cache
+            if len(self.free[i]) >= size:
+                return self.free.pop(i)
+        return mmap.mmap(-1, max(size, self.minimum, mmap.PAGESIZE))
+
+    def give(self, buffer: mmap.mmap) -> bool:
+        """Take ``buffer`` back; False if it is still in use (it is then left to the
+        garbage collector) or the pool is full (it is then unmapped)."""
+        self.lent -= 1
+        if not _unexported(buffer):
+            return False
+        if len(self.free) >= self.keep:
+            buffer.close()
+            return False
+        self.free.append(buffer)
+        return True
+
+    def clear(self) -> None:
+        """Unmap the free buffers (they return to the system)."""
+        free, self.free = self.free, []
+        for buffer in free:
+            buffer.close()
+
+
+#: The buffers of large frames, shared by every FramedStream of the process.
+FRAME_POOL = BufferPool(keep=4, minimum=REUSE_FRAME_SIZE)
 
 
 def _now() -> float:
@@ -150,7 +207,7 @@ class FramedStream:
         self._pending_pos = 0
         self._send_lock = trio.Lock()
         self._eof = False
-        self._spare_frame: bytearray | None = None
+        self._spare_frame: mmap.mmap | None = None
         #: Bytes of chunk frames sent so far (headers and payloads, after compression).
         self.chunk_bytes_sent = 0
         # Duck typing: a stream with ``receive_into(memoryview) -> int`` (frlink.biotls's
@@ -204,7 +261,17 @@ class FramedStream:
         names = "/".join(k.__name__ for k in kinds)
         raise UnexpectedMessage(f"expected {names}, got {type(event).__name__}")
 
+    def _return_frame_buffer(self) -> None:
+        """Give the last large frame's buffer back to the pool (the caller is done with
+        its event, or the connection is over)."""
+        spare, self._spare_frame = self._spare_frame, None
+        if spare is not None:
+            FRAME_POOL.give(spare)
+
     async def _read_frame(self) -> None:
+        # The previous frame was handed over and its event consumed: while we wait for
+        # the next one (maybe for long), its buffer serves other connections.
+        self._return_frame_buffer()
         envelope = bytearray(ENVELOPE_SIZE)
         self._in_frame = False
         got = await self._fill(memoryview(envelope))
@@ -224,20 +291,18 @@ class FramedStream:
             return
         self.connection.receive_data(frame)
 
-    def _frame_buffer(self, size: int) -> bytearray:
+    def _frame_buffer(self, size: int) -> bytearray | mmap.mmap:
         """A buffer of at least ``size`` bytes for the next frame.
 
-        Big frames (chunks) reuse the previous big frame's buffer once nothing refers to
-        it any more: a Chunk event's ``data`` is a view of its frame, so the buffer is
-        reused only when every such view is gone (the consumer dropped the event). A
-        fresh 1 MiB buffer per frame cost the IR receiver ~0.2 CPU s/GB in page faults.
+        Big frames (chunks) are read into a buffer of :data:`FRAME_POOL`, given back
+        before the next frame is awaited once nothing refers to it any more (a Chunk
+        event's ``data`` is a view of its frame: the pool takes back only buffers whose
+        views are all gone). A fresh 1 MiB buffer per frame cost the IR receiver ~0.2
+        CPU s/GB in page faults; the pool hands the same few buffers out again.
         """
         if size < REUSE_FRAME_SIZE:
             return bytearray(size)
-        spare = self._spare_frame
-        if spare is not None and len(spare) >= size and _unexported(spare):
-            return spare
-        self._spare_frame = spare = bytearray(max(size, REUSE_FRAME_SIZE))
+        self._spare_frame = spare = FRAME_POOL.take(size)
         return spare
 
     def _read_deadline(self) -> tuple[float, float]:
@@ -360,9 +425,11 @@ class FramedStream:
             ):
                 await self.send_error(error)
         await linger_and_close(self.stream)
+        self._return_frame_buffer()
 
     async def aclose(self) -> None:
-        """Close the stream."""
+        """Close the stream (and give a pooled frame buffer back)."""
+        self._return_frame_buffer()
         await self.stream.aclose()
 
 

@@ -37,6 +37,7 @@ Example::
     # max = 512
     # max_per_address = 128
     # max_negotiating = 128
+    # max_handshaking = 64
 """
 
 from __future__ import annotations

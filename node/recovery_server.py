@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 import frproto as fp
 from frlink.accept import Accepted, accept
 from frlink.authz import Grant
-from frlink.connections import Gate
+from frlink.connections import Admission, Gate
 from frlink.tls import server_context
 from node.storage import ReplicaStore, StorageFaults
 from node.storage.lock import StorageBusy, claim
@@ -331,13 +331,11 @@ class RecoveryServer:
                 self.metrics.failed("connection_limit")
                 await trio.aclose_forcefully(stream)
                 return
-            await self._handle_admitted(stream, admission.negotiated)
+            await self._handle_admitted(stream, admission)
 
-    async def _handle_admitted(
-        self, stream: trio.abc.Stream, negotiated: Callable[[], None]
-    ) -> None:
+    async def _handle_admitted(self, stream: trio.abc.Stream, admission: Admission) -> None:
         try:
-            await self._handle(stream, negotiated)
+            await self._handle(stream, admission)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.info("connection ended: %s", exc or type(exc).__name__)
             self.metrics.failed(failure_reason(exc))
@@ -355,7 +353,7 @@ class RecoveryServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, raw: trio.abc.Stream, negotiated: Callable[[], None]) -> None:
+    async def _handle(self, raw: trio.abc.Stream, admission: Admission) -> None:
         authorize = self._authorize or self.config.authorization.authorize
         cap = self._cap
 
@@ -371,10 +369,11 @@ class RecoveryServer:
             route=route,
             refused=self.metrics.failed,
             connections=self.config.connections,
+            handshaken=admission.handshaken,
         )
         if accepted is None:
             return
-        negotiated()
+        admission.negotiated()
         if cap is not None and cap.answers(accepted.requested_name) is not None:
             await cap.serve(accepted)
             return

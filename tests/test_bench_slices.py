@@ -149,3 +149,27 @@ def test_qemu_source_slice(tmp_path: Path) -> None:
     assert result["changed_bytes"] > 0
     assert result["ir_value"] > 0
     assert result["ir_baseline_value"] > 0
+
+
+def test_connections_slice(tmp_path: Path) -> None:
+    result = run_bench(
+        "connections.py",
+        "--connections",
+        "12",
+        "--hold",
+        "6",
+        "--mid-body",
+        "2",
+        "--settle",
+        "0.2",
+        "--tmp",
+        str(tmp_path),
+        tmp=tmp_path,
+        timeout=180,
+    )
+    assert result["unit"] == "KiB per idle connection"
+    for target in ("server", "broker"):
+        figures = result["results"][target]
+        assert set(figures["per_conn_kib"]) == {"tcp", "tls", "negotiated", "mid-frame", "mid-body"}
+        assert figures["start_kib"] > 0
+        assert figures["end_kib"] > 0

@@ -3,13 +3,14 @@ connections (TIM-10 to TIM-12)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import trio
 
 import frproto as fp
-from frlink.connections import ConnectionPolicy, Gate, connection_policy
+from frlink.connections import TRIM_INTERVAL, ConnectionPolicy, Gate, connection_policy
 
 
 class _Socket:
@@ -112,3 +113,68 @@ async def test_a_listener_over_its_bound_closes_at_once_with_nothing_sent() -> N
             await stream.aclose()
         nursery.cancel_scope.cancel()
     assert gate.refused["address"] == 1
+
+
+def test_max_handshaking_is_read_checked_and_defaults_within_max(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    assert ConnectionPolicy().max_handshaking == 64
+    policy = connection_policy({"connections": {"max_handshaking": 7}}, path)
+    assert policy.max_handshaking == 7
+    assert connection_policy({"connections": {"max": 10}}, path).max_handshaking == 10
+    for bad in ({"max_handshaking": 0}, {"max": 5, "max_handshaking": 6}):
+        with pytest.raises(ValueError, match=r"\[connections\] max_handshaking"):
+            connection_policy({"connections": bad}, path)
+
+
+def test_the_gate_refuses_past_max_handshaking_and_admits_below_it() -> None:
+    gate = Gate(ConnectionPolicy(max_handshaking=2), trim=lambda **_: None)
+    with gate.admit(_Peer.at("10.0.0.1")) as a1, gate.admit(_Peer.at("10.0.0.2")) as a2:
+        assert a1 is not None
+        assert a2 is not None
+        assert gate.handshaking == 2
+        with gate.admit(_Peer.at("10.0.0.3")) as refused:
+            assert refused is None  # two still in the TLS handshake
+        assert gate.refused["handshaking"] == 1
+        a1.handshaken()
+        assert (gate.handshaking, gate.negotiating) == (1, 2)
+        with gate.admit(_Peer.at("10.0.0.3")) as a3:
+            assert a3 is not None  # below the bound again
+            a3.negotiated()  # negotiated implies handshaken
+            assert (gate.handshaking, gate.negotiating) == (1, 2)
+    assert (gate.total, gate.handshaking, gate.negotiating) == (0, 0, 0)
+
+
+def test_refusals_are_logged_once_per_interval_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    gate = Gate(ConnectionPolicy(max_connections=1), clock=lambda: now[0], trim=lambda **_: None)
+    caplog.set_level(logging.WARNING, logger="frrep.connections")
+    with gate.admit(_Peer.at("10.0.0.1")) as held:
+        assert held is not None
+        for step in range(6):  # 0, 2, 4, 6, 8, 10 s: only the first one logged at once
+            now[0] = 1000.0 + 2 * step
+            with gate.admit(_Peer.at("10.0.0.2")) as refused:
+                assert refused is None
+            lines = [r.getMessage() for r in caplog.records]
+            assert len(lines) == (1 if step < 5 else 2), lines
+    assert gate.refused["total"] == 6
+    assert lines[0].startswith("1 connection(s) refused in the last 10 s")
+    assert lines[1].startswith("5 connection(s) refused in the last 10 s, the last from 10.0.0.2")
+    assert "total bound reached" in lines[1]
+
+
+async def test_memory_is_trimmed_after_closes_at_most_once_per_interval() -> None:
+    calls: list[bool] = []
+    gate = Gate(ConnectionPolicy(), trim=lambda *, idle: calls.append(idle))
+    with gate.admit(_Peer.at("10.0.0.1")) as holder:
+        assert holder is not None
+        for _ in range(3):
+            with gate.admit(_Peer.at("10.0.0.2")):
+                pass
+        assert calls == [False]  # the first close trimmed; the next two wait their turn
+        await trio.sleep(TRIM_INTERVAL + 0.3)
+        assert calls == [False, False]  # one trim for both, once the interval was over
+    await trio.sleep(TRIM_INTERVAL + 0.3)
+    # The last connection closed: the pools go too (idle).
+    assert calls == [False, False, True]

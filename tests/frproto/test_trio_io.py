@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import ssl
 import uuid
@@ -12,7 +13,7 @@ import trio.testing
 import trustme
 
 import frproto as fp
-from frproto.trio_io import FramedStream
+from frproto.trio_io import FRAME_POOL, BufferPool, FramedStream
 
 VM = uuid.UUID("5b3a1f6e-2c4d-4e8f-9a0b-1c2d3e4f5a6b")
 DISK = fp.DiskInfo("disk0", 64 * 1024 * 1024)
@@ -321,3 +322,52 @@ async def test_chunk_data_held_across_frames_is_never_overwritten(into: bool) ->
     # dropped (chunks 3, 4, 5), one buffer served them all.
     assert len(set(addresses[:3])) == 3
     assert addresses[3] == addresses[4] == addresses[5]
+
+
+async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_close() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    primary, recovery = _pair(a, b)
+    await _open_session(primary, recovery)
+    lent = FRAME_POOL.lent
+    await primary.send(fp.BatchBegin(VM, 1, 0, 2, 2 * 256 * 1024))
+    await primary.send_chunk(0, 0, os.urandom(256 * 1024))
+    await recovery.expect(fp.BatchBegin)
+    chunk = await recovery.expect(fp.Chunk)
+    assert isinstance(chunk, fp.Chunk)
+    frame = memoryview(chunk.data).obj
+    assert isinstance(frame, mmap.mmap)
+    assert FRAME_POOL.lent == lent + 1  # held while its event is in use
+    del chunk
+
+    async with trio.open_nursery() as nursery:
+        # Waiting for the next frame (an idle connection): the buffer is back in the pool.
+        nursery.start_soon(recovery.next_event)
+        await trio.testing.wait_all_tasks_blocked()
+        assert FRAME_POOL.lent == lent
+        assert any(buffer is frame for buffer in FRAME_POOL.free)
+        # The next large frame borrows it again, and closing gives it back.
+        await primary.send_chunk(0, 256 * 1024, os.urandom(256 * 1024))
+    assert FRAME_POOL.lent == lent + 1
+    assert not any(buffer is frame for buffer in FRAME_POOL.free)
+    await recovery.aclose()
+    assert FRAME_POOL.lent == lent
+    assert any(buffer is frame for buffer in FRAME_POOL.free)
+
+
+def test_the_pool_keeps_no_buffer_still_in_use_and_at_most_keep() -> None:
+    pool = BufferPool(keep=1, minimum=2 * mmap.PAGESIZE)
+    first, second = pool.take(10), pool.take(3 * mmap.PAGESIZE)
+    assert (len(first), len(second), pool.lent) == (2 * mmap.PAGESIZE, 3 * mmap.PAGESIZE, 2)
+    view = memoryview(first)
+    assert not pool.give(first)  # a view of it is alive: left to the garbage collector
+    assert not first.closed
+    view.release()
+    assert pool.give(second)
+    third = pool.take(4 * mmap.PAGESIZE)
+    assert third is not second  # too small for it
+    pool.give(pool.take(1))  # second again
+    assert not pool.give(third)  # full: unmapped at once
+    assert third.closed
+    assert pool.take(2 * mmap.PAGESIZE) is second
+    pool.clear()
+    assert pool.free == []

@@ -3,6 +3,7 @@ end of stream and truncation, handshake refusals with their alert."""
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import pytest
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 import trustme
 
-from frlink.biotls import BioTLSStream
+from frlink.biotls import HOLD_SECONDS, REFILL_POOL, BioTLSStream
 
 SERVER_NAME = "r1.example.com"
 
@@ -148,3 +149,66 @@ async def test_refused_client_gets_the_alert(
     with pytest.raises(trio.ClosedResourceError):
         await server.send_all(b"x")
     await client.aclose()
+
+
+async def _tcp_pair(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> tuple[BioTLSStream[trio.SocketStream], BioTLSStream[trio.SocketStream]]:
+    """(client, server) BioTLSStreams over loopback TCP, handshaken (the pooled path: a
+    SocketStream is read into a borrowed buffer)."""
+    server_ctx, client_ctx = contexts
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    raw_client = await trio.open_tcp_stream("127.0.0.1", port)
+    raw_server = await listener.accept()
+    await listener.aclose()
+    client = BioTLSStream(raw_client, client_ctx, server_hostname=SERVER_NAME)
+    server = BioTLSStream(raw_server, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_an_idle_stream_holds_no_refill_buffer(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    lent = REFILL_POOL.lent
+    client, server = await _tcp_pair(contexts)
+    await trio.sleep(HOLD_SECONDS * 5)
+    assert REFILL_POOL.lent == lent  # the handshake's buffers went back
+    payload = os.urandom(3 * 1024 * 1024)
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            while len(received) < len(payload):
+                received += await server.receive_some(1024 * 1024)
+    assert received == payload  # through 64 KiB feeds of large reads
+    assert REFILL_POOL.lent == lent
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.receive_some, 100)  # waits for bytes: idle
+        await trio.testing.wait_all_tasks_blocked()
+        assert REFILL_POOL.lent == lent + 1  # the first HOLD_SECONDS of the wait
+        await trio.sleep(HOLD_SECONDS * 5)
+        assert REFILL_POOL.lent == lent
+        assert server._backlog_buffer is None
+        await client.send_all(b"x")
+    await client.aclose()
+    await server.aclose()
+    assert REFILL_POOL.lent == lent
+
+
+async def test_a_broken_stream_keeps_no_traceback(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    # The failure is remembered as text: an exception (its traceback's frames) would keep
+    # the stream and the failed call's buffers alive in a reference cycle.
+    client, server = await _tcp_pair(contexts)
+    await client.transport_stream.aclose()  # truncation: no close_notify
+    with pytest.raises(trio.BrokenResourceError):
+        await server.receive_some(100)
+    assert isinstance(server._broken, str)
+    with pytest.raises(trio.BrokenResourceError, match="broken"):
+        await server.receive_some(100)
+    await server.aclose()

@@ -37,6 +37,7 @@ frame_timeout = {READY}
 max = 400
 max_per_address = {PER_ADDRESS}
 max_negotiating = {PER_ADDRESS}
+max_handshaking = {PER_ADDRESS}
 """
 
 
