@@ -321,6 +321,7 @@ def test_the_console_in_a_browser(site: ClusterSite, browser: object) -> None:
 def test_the_standalone_console_in_a_browser(tmp_path: Path, browser: object) -> None:
     """A stand-alone recovery server's console: log in, the VMs (one really replicated),
     the VM, the settings; screenshots ``standalone-*.png``."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.expected_conditions import staleness_of
@@ -337,7 +338,17 @@ def test_the_standalone_console_in_a_browser(tmp_path: Path, browser: object) ->
 
     def click(by: str, value: str) -> None:
         old = driver.find_element(By.TAG_NAME, "html")
-        driver.find_element(by, value).click()
+        for attempt in range(5):
+            # On a loaded machine Chromium may still be swapping the document in when
+            # the element is found ("Node with given id does not belong to the
+            # document"): find it again in the document that is there now.
+            try:
+                driver.find_element(by, value).click()
+                break
+            except WebDriverException as exc:
+                if attempt == 4 or "does not belong to the document" not in str(exc):
+                    raise
+                time.sleep(0.2)
         WebDriverWait(driver, 10).until(staleness_of(old))
 
     site = Site(tmp_path)
