@@ -506,6 +506,13 @@ class PrimaryStateStore:
         except ValueError as exc:
             raise StateCorrupt(f"{path}: not JSON: {exc}") from exc
         state = VMReplicationState.from_json(doc)
+        if (
+            doc.get("format") == STATE_FORMAT
+            and json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n" != raw
+        ):
+            # A flip that leaves the meaning as it was (a float's last digit) still
+            # changes the bytes, which must be exactly what was written.
+            raise StateCorrupt(f"{path}: not as it was written (a damaged file)")
         if state.vmid != canonical_vmid(vmid):
             raise StateCorrupt(f"{path}: holds the state of {state.vmid}")
         return state

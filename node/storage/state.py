@@ -147,6 +147,11 @@ def state_document(raw: bytes) -> dict[str, Any]:
     if doc.get("format") == STATE_FORMAT:
         if doc.get("checksum") != _checksum(doc):
             raise ValueError("the state's checksum does not match (a damaged file)")
+        # The checksum covers what the document says; a flip that leaves the meaning as
+        # it was (the 17th digit of a float that parses to the same number) still
+        # changes the bytes, which must be exactly what was written.
+        if json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n" != raw:
+            raise ValueError("the state file is not as it was written (a damaged file)")
     elif doc.get("format") != LEGACY_STATE_FORMAT:
         raise ValueError("unknown state format")
     return doc
