@@ -124,5 +124,7 @@ def test_resync_slice(tmp_path: Path) -> None:
     )
     # 10 % of the 256 blocks changed: about that many were sent, not the whole image.
     assert 20 <= result["blocks_sent_median"] <= 30
+    assert result["ratio"] > 0
+    assert 0 < result["compare_seconds"] < result["compare_seconds"] + result["batch_seconds"]
     assert result["verify_gbps"] > 0
     assert result["cold_read_gbps"] > 0
