@@ -107,6 +107,13 @@ def test_broker_slice(tmp_path: Path) -> None:
     )  # fmt: skip
     assert [s["store"] for s in result["stores"]] == ["sqlite", "etcd"]
     assert result["p99_ms"] >= result["p50_ms"] > 0
+    # The baseline is one placement-shaped transaction per store; on etcd, where the time
+    # goes: the gateway and etcd alone, with the HTTP client, our JSON.
+    assert all(s["txn_p99_ms"] >= s["txn_p50_ms"] > 0 for s in result["stores"])
+    steps = result["stores"][1]["breakdown"]
+    assert steps["raw_http_p50_ms"] > 0
+    assert steps["httpx_p50_ms"] > 0
+    assert steps["json_p50_ms"] > 0
 
 
 def test_failover_slice(tmp_path: Path) -> None:
