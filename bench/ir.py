@@ -257,10 +257,11 @@ def same_content(a: Path, b: Path) -> bool:
 # -- the baseline: a raw TLS pipe with the stdlib ---------------------------------------
 
 _RECEIVER = r"""
-import resource, socket, sys, time
+import os, resource, socket, sys, time
 from pathlib import Path
 from frlink.tls import server_context
 cert, key, ca, host = sys.argv[1:5]
+out = os.open(sys.argv[5], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if len(sys.argv) > 5 else -1
 ctx = server_context(Path(cert), Path(key), Path(ca))
 listener = socket.create_server((host, 0))
 print(listener.getsockname()[1], flush=True)
@@ -274,7 +275,12 @@ while True:
     n = tls.recv_into(view)
     if not n:
         break
+    if out >= 0:
+        os.pwrite(out, view[:n], total)
     total += n
+if out >= 0:
+    os.fsync(out)
+    os.close(out)
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(total, usage.ru_utime + usage.ru_stime - cpu0, tls.cipher()[0], flush=True)
 """
@@ -288,10 +294,12 @@ class PipeResult:
     cipher: str
 
 
-def tls_pipe(site: BenchSite, image: Path) -> PipeResult:
-    """Send ``image`` over a blocking stdlib TLS socket to a receiver subprocess."""
+def tls_pipe(site: BenchSite, image: Path, *, write_to: Path | None = None) -> PipeResult:
+    """Send ``image`` over a blocking stdlib TLS socket to a receiver subprocess; with
+    ``write_to``, the receiver also writes every byte there and fsyncs it at the end."""
+    extra = [] if write_to is None else [str(write_to)]
     receiver = subprocess.Popen(
-        [sys.executable, "-c", _RECEIVER, *map(str, site.cert(SERVER_NAME)), SERVER_HOST],
+        [sys.executable, "-c", _RECEIVER, *map(str, site.cert(SERVER_NAME)), SERVER_HOST, *extra],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
@@ -318,6 +326,8 @@ def tls_pipe(site: BenchSite, image: Path) -> PipeResult:
         return PipeResult(seconds, cpu, float(report[1]), report[2].decode())
     finally:
         receiver.wait(timeout=30)
+        if write_to is not None:
+            write_to.unlink(missing_ok=True)
 
 
 # -- the measured path ------------------------------------------------------------------
@@ -366,9 +376,15 @@ def ir_round(
 
 
 def measure_rounds(
-    site: BenchSite, image: Path, rounds: int, compression: CompressionSet, what: str
+    site: BenchSite,
+    image: Path,
+    rounds: int,
+    compression: CompressionSet,
+    what: str,
+    floors: list[PipeResult] | None = None,
 ) -> tuple[list[PipeResult], list[CycleResult]]:
-    """``rounds`` pairs of (pipe, IR) of ``image``, their order alternating."""
+    """``rounds`` pairs of (pipe, IR) of ``image``, their order alternating; with
+    ``floors``, each round also runs the pipe whose receiver writes and fsyncs a file."""
     pipes: list[PipeResult] = []
     irs: list[CycleResult] = []
     size = image.stat().st_size
@@ -379,6 +395,8 @@ def measure_rounds(
                 pipes.append(tls_pipe(site, image))
             else:
                 irs.append(ir_round(site, image, compression))
+        if floors is not None:
+            floors.append(tls_pipe(site, image, write_to=site.root / "floor.img"))
         print(
             f"     {what} round {r + 1}: baseline {size / pipes[-1].seconds / 1e9:.3f} GB/s, "
             f"IR {size / irs[-1].seconds / 1e9:.3f} GB/s"
@@ -456,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             f"incompressible): every byte crosses as payload, as in the pipe"
         )
         pipes, irs = measure_rounds(site, image, args.rounds, compression, "mixed")
-        rpipes, rirs = measure_rounds(site, random_image, args.rounds, compression, "random")
+        floors: list[PipeResult] = []
+        rpipes, rirs = measure_rounds(
+            site, random_image, args.rounds, compression, "random", floors
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -483,6 +504,16 @@ def main(argv: list[str] | None = None) -> int:
         f"chunk frames on the wire {wire:.3f} GB ({wire / gb:.0%} of the image; all-zero "
         f"1 MiB chunks travel as a flag, compression as negotiated; the baseline sends "
         f"every byte)"
+    )
+    floor = gb / med(f.seconds for f in floors)
+    floor_ratio = statistics.median(
+        p.seconds / f.seconds for p, f in zip(rpipes, floors, strict=True)
+    )
+    print(
+        f"random  floor: the same pipe whose receiver also writes every byte to a file and "
+        f"fsyncs it {floor:7.3f} GB/s = {floor_ratio:.3f} of the pipe (CPU s/GB receiver "
+        f"{med(f.receiver_cpu for f in floors) / gb:.2f}); IR = "
+        f"{rvalue / floor:.3f} of that floor"
     )
     print(
         f"random  ratio {rratio:.3f} (goal >= {RANDOM_GOAL}; rounds {rratios[0]:.3f}-"
@@ -518,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         "random_ratio_min_round": round(rratios[0], 3),
         "random_ratio_max_round": round(rratios[-1], 3),
         **{f"random_{k}": round(v, 3) for k, v in rcpu.items()},
+        "random_floor_value": round(floor, 3),
+        "random_floor_ratio": round(floor_ratio, 3),
+        "random_floor_receiver_cpu_s_per_gb": round(med(f.receiver_cpu for f in floors) / gb, 3),
         "random_ir_seconds": [round(i.seconds, 3) for i in rirs],
         "random_baseline_seconds": [round(p.seconds, 3) for p in rpipes],
         "rounds": args.rounds,
