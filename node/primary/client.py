@@ -27,7 +27,7 @@ from frlink.tls import BioTLSStream, tls_connect
 from frproto.trio_io import FramedStream, keep_alive
 
 from .bandwidth import BandwidthLimiter
-from .ir_read import IRReadAhead
+from .disks import DiskResized
 
 log = logging.getLogger("frrep.primary")
 
@@ -203,10 +203,8 @@ class RecoveryClient:
     ) -> None:
         """Send the images from ``start`` (disk index, offset) to the end, then IREnd.
 
-        ``on_block(disk, offset, data)`` sees every chunk sent (to build the digest map),
-        called in a worker thread: the images are read and digested ahead of the send
-        (``node/primary/ir_read.py``). The images must not change while this runs (a
-        paused VM or a snapshot).
+        ``on_block(disk, offset, data)`` sees every chunk sent (to build the digest map).
+        The images must not change while this runs (a paused VM or a snapshot).
         """
         sizes = [d.size for d in self.conn.connection.disks]
         total = sum(sizes)
@@ -214,31 +212,32 @@ class RecoveryClient:
         await self.conn.send(
             fp.IRBegin(vmid, sequence, start[0], start[1], total_bytes=total - done)
         )
-        reader = IRReadAhead(images, sizes, start, chunk=IR_CHUNK, on_block=on_block)
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader.run)
-            try:
-                async with reader.reads:
-                    async for read in reader.reads:
-                        for piece in read.pieces:
-                            want = len(piece.data)
-                            if limiter is not None:
-                                await trio.sleep(limiter.reserve(want))
-                            await self.conn.send_chunk(
-                                piece.disk_index, piece.offset, piece.data, digest=piece.digest
-                            )
-                            done += want
-                            if on_progress is not None:
-                                on_progress(IRProgress(done, total))
-                        reader.release(read)
-            except Exception as exc:
-                failure = exc
-                nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure  # bare, not in an ExceptionGroup: callers sort errors by kind
-        if reader.error is not None:
-            raise reader.error
+        buffer = bytearray(IR_CHUNK)
+        view = memoryview(buffer)
+        for disk_index, path in enumerate(images):
+            if disk_index < start[0]:
+                continue
+            offset = start[1] if disk_index == start[0] else 0
+            with path.open("rb", buffering=0) as image:
+                image.seek(offset)
+                while offset < sizes[disk_index]:
+                    want = min(IR_CHUNK, sizes[disk_index] - offset)
+                    got = image.readinto(view[:want])
+                    if got != want:
+                        raise DiskResized(
+                            f"{path} ends at {offset + got}, before its disk's "
+                            f"{sizes[disk_index]} bytes: it shrank during the IR"
+                        )
+                    data = view[:want]
+                    if on_block is not None:
+                        on_block(disk_index, offset, data)
+                    if limiter is not None:
+                        await trio.sleep(limiter.reserve(want))
+                    await self.conn.send_chunk(disk_index, offset, data)
+                    offset += want
+                    done += want
+                    if on_progress is not None:
+                        on_progress(IRProgress(done, total))
         await self.conn.end_ir()
         await self.conn.expect(fp.Ack)
 
