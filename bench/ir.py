@@ -384,7 +384,8 @@ def measure_rounds(
     floors: list[PipeResult] | None = None,
 ) -> tuple[list[PipeResult], list[CycleResult]]:
     """``rounds`` pairs of (pipe, IR) of ``image``, their order alternating; with
-    ``floors``, each round also runs the pipe whose receiver writes and fsyncs a file."""
+    ``floors``, each round also runs the pipe whose receiver writes and fsyncs a file
+    (what a plain buffered write adds to the receiving side)."""
     pipes: list[PipeResult] = []
     irs: list[CycleResult] = []
     size = image.stat().st_size
@@ -510,10 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         p.seconds / f.seconds for p, f in zip(rpipes, floors, strict=True)
     )
     print(
-        f"random  floor: the same pipe whose receiver also writes every byte to a file and "
-        f"fsyncs it {floor:7.3f} GB/s = {floor_ratio:.3f} of the pipe (CPU s/GB receiver "
-        f"{med(f.receiver_cpu for f in floors) / gb:.2f}); IR = "
-        f"{rvalue / floor:.3f} of that floor"
+        f"random  pipe + write: the same pipe whose receiver also pwrite()s every piece into "
+        f"a new file (page cache) and fsyncs it {floor:7.3f} GB/s = {floor_ratio:.3f} of the "
+        f"pipe (CPU s/GB receiver {med(f.receiver_cpu for f in floors) / gb:.2f}); the IR "
+        f"(O_DIRECT writes in worker threads) = {rvalue / floor:.3f} of it"
+    )
+    server_cpu = rcpu["ir_server_cpu_s_per_gb"]
+    print(
+        f"random  one core's worth: the IR's server needs {server_cpu:.2f} CPU s/GB (at most "
+        f"{1 / server_cpu:.2f} GB/s on one core), the pipe's receiver "
+        f"{rcpu['pipe_receiver_cpu_s_per_gb']:.2f}"
     )
     print(
         f"random  ratio {rratio:.3f} (goal >= {RANDOM_GOAL}; rounds {rratios[0]:.3f}-"
@@ -549,9 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         "random_ratio_min_round": round(rratios[0], 3),
         "random_ratio_max_round": round(rratios[-1], 3),
         **{f"random_{k}": round(v, 3) for k, v in rcpu.items()},
-        "random_floor_value": round(floor, 3),
-        "random_floor_ratio": round(floor_ratio, 3),
-        "random_floor_receiver_cpu_s_per_gb": round(med(f.receiver_cpu for f in floors) / gb, 3),
+        "random_pipe_write_value": round(floor, 3),
+        "random_pipe_write_ratio": round(floor_ratio, 3),
+        "random_pipe_write_receiver_cpu_s_per_gb": round(
+            med(f.receiver_cpu for f in floors) / gb, 3
+        ),
         "random_ir_seconds": [round(i.seconds, 3) for i in rirs],
         "random_baseline_seconds": [round(p.seconds, 3) for p in rpipes],
         "rounds": args.rounds,

@@ -76,7 +76,7 @@ def test_ir_slice(tmp_path: Path, compression: str) -> None:
     # The random image (no zero chunk) is measured too, against the pipe of its bytes.
     assert result["random_ratio"] > 0
     assert result["random_baseline_value"] > 0
-    assert result["random_floor_value"] > 0  # the pipe whose receiver writes and fsyncs
+    assert result["random_pipe_write_value"] > 0  # the pipe whose receiver writes, fsyncs
     # A quarter of the image is zeros (sent as flags), half is text-like: compressed,
     # the chunk frames carry far less than the 3/4 of non-zero bytes.
     share = result["wire_bytes"] / result["image_bytes"]
