@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import trio
 import xxhash
@@ -50,7 +49,7 @@ from .plan import (
     with_dirty,
 )
 from .record import VMRecord, count_batch
-from .scan import digest_image, read_blocks
+from .scan import read_blocks
 from .tracker import ChangeTracker
 from .verify import (
     Difference,
@@ -59,6 +58,7 @@ from .verify import (
     coalesce,
     describe,
     differing_blocks,
+    disks_and_replica,
     pending_blocks,
     replica_map,
 )
@@ -121,10 +121,6 @@ Progress = Callable[[int, int], None]
 
 
 # -- carrying it out ---------------------------------------------------------------------
-
-
-def _report_scan(progress: Progress, before: int, total: int, done: int) -> None:
-    progress(before + done, total)
 
 
 @dataclass(frozen=True)
@@ -315,41 +311,8 @@ class Resynchronization:
         {block: digest}}`` of what was sent."""
         block = self.vm.state.block_size
         disks, images, vmid = self.vm.disks, self.vm.images, self.vm.vmid
-        total = sum(d.size for d in disks)
         started = time.monotonic()
-        theirs: list[DigestMap] = []
-        ours: list[DigestMap] = []
-
-        async def fetch_theirs() -> None:
-            for i, d in enumerate(disks):
-                theirs.append(await replica_map(client, vmid, i, d.size, block))
-
-        async def digest_ours() -> None:
-            before = 0
-            for index, path in enumerate(images):
-                report = (
-                    None if progress is None else partial(_report_scan, progress, before, total)
-                )
-                ours.append(await digest_image(path, disks[index].size, block, progress=report))
-                before += disks[index].size
-
-        # The recovery server reads and digests the replica while we read and digest the
-        # disks: each side is bound by its own read of the whole image, so done one after
-        # the other they would add up.
-        failures: list[Exception] = []
-
-        async def first_failure_cancels(work: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await work()
-            except Exception as exc:
-                failures.append(exc)
-                nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_failure_cancels, fetch_theirs)
-            nursery.start_soon(first_failure_cancels, digest_ours)
-        if failures:
-            raise failures[0]  # bare, not in an ExceptionGroup: callers sort errors by kind
+        ours, theirs = await disks_and_replica(client, self.vm, progress)
         changed: dict[int, dict[int, bytes]] = {}
         for index, (mine, replica) in enumerate(zip(ours, theirs, strict=True)):
             changed[index] = {b: mine.get(b) for b in differing_blocks(mine, replica)}
