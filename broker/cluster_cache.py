@@ -55,6 +55,9 @@ class ClusterCache:
         #: Counts changes of the node and node-admin records (tracking waits for them).
         self.membership_changes = 0
         self._changed = trio.Condition()
+        #: :meth:`view`'s last answer, until the copy changes (a query asks for it each
+        #: time; building it walks every node and the load table).
+        self._view: ClusterView | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Load everything, then follow the store's changes until cancelled."""
@@ -77,6 +80,7 @@ class ClusterCache:
 
     async def _load(self) -> None:
         kvs, revision = await self.store.range(self.keys.prefix)
+        self._view = None
         self.nodes.clear()
         self.admin.clear()
         self.vms.clear()
@@ -91,6 +95,7 @@ class ClusterCache:
     async def _advance(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
+            self._view = None
             async with self._changed:
                 self._changed.notify_all()
 
@@ -114,6 +119,7 @@ class ClusterCache:
         self.vm_revisions[vm.vmid] = revision
 
     def _set_vm(self, vmid: str, vm: VMRecord | None) -> None:
+        self._view = None
         old = self.vms.pop(vmid, None)
         if old is not None and not old.deleted:
             count = self.owned[old.owner]
@@ -128,10 +134,12 @@ class ClusterCache:
 
     def put_cursor(self, cursor: PlacementCursor, revision: int) -> None:
         """Our own write of the cursor succeeded at ``revision``."""
+        self._view = None
         self.cursor, self.cursor_revision = cursor, revision
 
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
         k, key = self.keys, kv.key
+        self._view = None
         try:
             if key.startswith((k.nodes, k.node_admin)):
                 self.membership_changes += 1
@@ -177,13 +185,16 @@ class ClusterCache:
         return self._rules.rules(view.settings_revision, view.settings.placement_rules)
 
     def view(self) -> ClusterView:
-        """The copy as a :class:`ClusterView` (shares the VM tables: do not modify)."""
+        """The copy as a :class:`ClusterView` (shares the VM tables: do not modify); the
+        same object until the copy changes."""
+        if self._view is not None:
+            return self._view
         nodes = {}
         for name, record in self.nodes.items():
             admin = self.admin.get(name, NodeAdmin())
             state = NodeState.DRAINING if admin.draining else NodeState.UP
             nodes[name] = NodeView(record, admin, state)
-        return ClusterView(
+        self._view = ClusterView(
             revision=self.revision,
             nodes=nodes,
             admin=self.admin,
@@ -195,3 +206,4 @@ class ClusterCache:
             owned={owner: (c[0], c[1]) for owner, c in self.owned.items()},
             settings_revision=self.settings_revision,
         )
+        return self._view

@@ -73,6 +73,10 @@ def test_ir_slice(tmp_path: Path, compression: str) -> None:
     )
     assert result["image_bytes"] == 16 * 1024 * 1024
     assert result["compression"] == compression
+    # The random image (no zero chunk) is measured too, against the pipe of its bytes.
+    assert result["random_ratio"] > 0
+    assert result["random_baseline_value"] > 0
+    assert result["random_pipe_write_value"] > 0  # the pipe whose receiver writes, fsyncs
     # A quarter of the image is zeros (sent as flags), half is text-like: compressed,
     # the chunk frames carry far less than the 3/4 of non-zero bytes.
     share = result["wire_bytes"] / result["image_bytes"]
@@ -111,6 +115,13 @@ def test_broker_slice(tmp_path: Path) -> None:
     )  # fmt: skip
     assert [s["store"] for s in result["stores"]] == ["sqlite", "etcd"]
     assert result["p99_ms"] >= result["p50_ms"] > 0
+    # The baseline is one placement-shaped transaction per store; on etcd, where the time
+    # goes: the gateway and etcd alone, with the HTTP client, our JSON.
+    assert all(s["txn_p99_ms"] >= s["txn_p50_ms"] > 0 for s in result["stores"])
+    steps = result["stores"][1]["breakdown"]
+    assert steps["raw_http_p50_ms"] > 0
+    assert steps["httpx_p50_ms"] > 0
+    assert steps["json_p50_ms"] > 0
 
 
 def test_failover_slice(tmp_path: Path) -> None:
@@ -131,6 +142,8 @@ def test_resync_slice(tmp_path: Path) -> None:
     )
     # 10 % of the 256 blocks changed: about that many were sent, not the whole image.
     assert 20 <= result["blocks_sent_median"] <= 30
+    assert result["ratio"] > 0
+    assert 0 < result["compare_seconds"] < result["compare_seconds"] + result["batch_seconds"]
     assert result["verify_gbps"] > 0
     assert result["cold_read_gbps"] > 0
 

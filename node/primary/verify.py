@@ -25,7 +25,7 @@ from .digest_map import DIGEST_SIZE, DigestMap
 from .disks import size_differences
 from .pending_log import PendingLog
 from .record import VMRecord
-from .scan import scan_changes
+from .scan import digest_image
 
 #: Opens the relationship where the replica lives (never creating it).
 OpenExisting = Callable[[], Awaitable[tuple[RecoveryClient, fp.RelationshipAccepted]]]
@@ -92,6 +92,60 @@ async def replica_map(
         start = first * DIGEST_SIZE
         dmap.digests[start : start + len(digests)] = digests
     return dmap
+
+
+async def disks_and_replica(
+    client: RecoveryClient,
+    vm: VMRecord,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[DigestMap], list[DigestMap]]:
+    """``(ours, theirs)``: the digest maps of the VM's disks as they are now, read and
+    digested here, and of the replica, fetched from the recovery server, both at once.
+
+    Each side is bound by its own read of the whole image (XXH3-128 runs far faster than
+    the read), so the server reads and digests the replica while we read the disks, not
+    after. ``progress(done, total)`` reports the bytes of the disks digested.
+    """
+    block = vm.state.block_size
+    disks = vm.disks
+    total = sum(d.size for d in disks)
+    ours: list[DigestMap] = []
+    theirs: list[DigestMap] = []
+
+    async def fetch_theirs() -> None:
+        for i, d in enumerate(disks):
+            theirs.append(await replica_map(client, vm.vmid, i, d.size, block))
+
+    async def digest_ours() -> None:
+        before = 0
+        for path, disk in zip(vm.images, disks, strict=True):
+            report = None
+            if progress is not None:
+                report = _reporter(progress, before, total)
+            ours.append(await digest_image(path, disk.size, block, progress=report))
+            before += disk.size
+
+    failures: list[Exception] = []
+
+    async def first_failure_cancels(work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except Exception as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_failure_cancels, fetch_theirs)
+        nursery.start_soon(first_failure_cancels, digest_ours)
+    if failures:
+        raise failures[0]  # bare, not in an ExceptionGroup: callers sort errors by kind
+    return ours, theirs
+
+
+def _reporter(
+    progress: Callable[[int, int], None], before: int, total: int
+) -> Callable[[int], None]:
+    return lambda done: progress(before + done, total)
 
 
 def differing_blocks(ours: DigestMap, theirs: DigestMap) -> Iterator[int]:
@@ -204,12 +258,10 @@ class Verification:
         client, accepted = await self.open_existing()
         try:
             result = VerifyResult(self.vm.state.vmid, accepted.applied_sequence)
+            ours, theirs = await disks_and_replica(client, self.vm)
             for index, disk in enumerate(self.vm.disks):
-                theirs = await replica_map(client, self.vm.vmid, index, disk.size, block)
-                blocks, _ = await trio.to_thread.run_sync(
-                    scan_changes, self.vm.images[index], theirs
-                )
-                result.blocks += theirs.block_count
+                blocks = list(differing_blocks(ours[index], theirs[index]))
+                result.blocks += theirs[index].block_count
                 result.differences += coalesce(index, blocks, block, disk.size)
         finally:
             await client.aclose()

@@ -12,7 +12,7 @@ import xxhash
 
 from node.primary.digest_map import DigestMap
 from node.primary.disks import DiskResized
-from node.primary.scan import MAX_READ, read_blocks, scan_changes
+from node.primary.scan import MAX_READ, digest_image, read_blocks, scan_changes
 
 BS = 65536
 
@@ -69,6 +69,31 @@ def test_random_writes_found_exactly(tmp_path: Path, buffer_size: int) -> None:
     for b, d in digests.items():  # the caller records them after the ack
         dmap.set(b, d)
     assert scan_changes(path, dmap) == ([], {})
+
+
+@pytest.mark.parametrize(("read_size", "ahead"), [(BS, 1), (3 * BS, 2), (8 * 1024 * 1024, 3)])
+async def test_digest_image_equals_the_map_of_its_bytes(
+    tmp_path: Path, read_size: int, ahead: int
+) -> None:
+    # Reads overlapped with hashing: every block lands at its own index, whatever the
+    # read size and number of buffers in flight (the last block partial).
+    size = 70 * BS + 777
+    path = tmp_path / "img"
+    data = _image(path, size + BS)  # bytes past the disk's size are ignored
+    seen: list[int] = []
+    dmap = await digest_image(
+        path, size, BS, read_size=read_size, ahead=ahead, progress=seen.append
+    )
+    assert dmap == _map_of(data[:size], BS)
+    assert seen == sorted(seen)
+    assert seen[-1] == size
+
+
+async def test_digest_image_refuses_a_shrunk_image(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(b"\x01" * (BS + 10))
+    with pytest.raises(DiskResized, match="ends at"):
+        await digest_image(path, 3 * BS, BS, read_size=BS)
 
 
 def test_an_image_that_ends_before_its_disk_is_refused_not_read_as_zeros(
