@@ -662,7 +662,7 @@ class VMReplicator:
                 state.ir_state, state.ir_cursor = IRStage.NOT_STARTED, [0, 0]
                 state.ir_bytes_done = state.ir_bytes_total = 0
                 state.sequence, state.generation, state.pending_bytes = 0, 0, 0
-                state.last_replicated_at = None
+                state.last_replicated_at = state.last_captured_at = None
                 state.health, state.halted = Health.INITIAL_REPLICATION, None
                 state.last_error, state.needs_resync = None, False
                 state.last_error_kind = state.unreachable_since = None
