@@ -100,6 +100,25 @@ def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """What ``pid``'s descriptors are: sockets, images, journals, the store, locks..."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("socket:", "pipe:", "anon_inode:")):
+            kind = target.split(":")[0]
+        elif ".db" in target:
+            kind = "store"
+        else:
+            suffix = Path(target.split(" ")[0]).suffix.lstrip(".")
+            kind = suffix or "other"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 @dataclass
 class Watched:
     """One process whose CPU, RSS and descriptors are followed."""
@@ -112,6 +131,7 @@ class Watched:
     rss_max: int = 0
     rss_end: int = 0
     fds_max: int = 0
+    fds_end: dict[str, int] = field(default_factory=dict)
 
     def sample(self) -> None:
         try:
@@ -343,12 +363,14 @@ def node_of(site: ClusterSite, vm: VM) -> int | None:
     return None
 
 
-def start_site(args: argparse.Namespace, root: Path) -> Run:
-    site = ClusterSite(root, nodes=NODES, lease_ttl=args.lease_ttl)
+def start_site(args: argparse.Namespace, site: ClusterSite, primaries: list[Primary]) -> Run:
+    """Start the nodes, make the images, enable the VMs, start the primaries (each
+    appended to ``primaries`` as it is made, so that the caller stops what started)."""
+    root = site.root
     site.start_all()
     site.broker_node(timeout=60)
     site.authorize_primary(recovery_points=args.points)
-    primaries = [make_primary(site, k) for k in range(1, args.primaries + 1)]
+    primaries.extend(make_primary(site, k) for k in range(1, args.primaries + 1))
     rng = random.Random(args.seed)
     images = root / "images"
     images.mkdir()
@@ -415,18 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.minutes:g} min measured",
         flush=True,
     )
-    run: Run | None = None
-    site: ClusterSite | None = None
+    primaries: list[Primary] = []
     try:
-        run = start_site(args, root)
-        site = run.site
-        result = measure(run)
-    finally:
-        if run is not None:
-            for primary in run.primaries:
+        site = ClusterSite(root, nodes=NODES, lease_ttl=args.lease_ttl)
+        try:
+            result = measure(start_site(args, site, primaries))
+        finally:
+            for primary in primaries:
                 primary.stop()
-        if site is not None:
             site.stop_all()
+    finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result))
     return 0
@@ -465,6 +485,7 @@ def measure(run: Run) -> dict[str, Any]:
     for w in run.watched:
         w.cpu1 = proc_cpu(w.pid)
         w.rss_end = proc_rss(w.pid)
+        w.fds_end = fd_kinds(w.pid)
     run.measuring = False
     payload = sum((vm.state.batch_bytes_sent if vm.state else 0) - vm.batch_bytes0 for vm in vms)
     failed = sum((vm.state.cycles_failed if vm.state else 0) - vm.cycles_failed0 for vm in vms)
@@ -520,7 +541,7 @@ def report(
     print(
         f"payload acknowledged: {payload / window / 1e6:.2f} MB/s ({payload / 1e9:.2f} GB in "
         f"{window:.0f} s); failed cycles in the window: {failed}; connections refused by "
-        f"the nodes' bounds: {refused}"
+        f"the nodes' bounds (whole run, the initial replications included): {refused}"
     )
     per_vm = []
     processes = []
@@ -528,7 +549,8 @@ def report(
         cpu = (w.cpu1 - w.cpu0) / window * 100
         line = (
             f"  {w.label:<12} CPU {cpu:5.1f} % of a core, RSS {w.rss_end / 2**20:7.1f} MiB "
-            f"(max {w.rss_max / 2**20:.1f}), fds max {w.fds_max}"
+            f"(max {w.rss_max / 2**20:.1f}), fds max {w.fds_max} (at the end: "
+            f"{', '.join(f'{n} {k}' for k, n in w.fds_end.items())})"
         )
         entry: dict[str, Any] = {
             "process": w.label,
@@ -536,6 +558,7 @@ def report(
             "rss_mib": round(w.rss_end / 2**20, 1),
             "rss_max_mib": round(w.rss_max / 2**20, 1),
             "fds_max": w.fds_max,
+            "fds_end": w.fds_end,
         }
         if w.label.startswith("node"):
             index = int(w.label[-1])
