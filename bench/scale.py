@@ -71,6 +71,7 @@ from frtesting.cluster import (
     replica_path,
 )
 from frtesting.server import child_env
+from node.primary.config import DEFAULT_MAX_SESSIONS
 from node.primary.operations import EnableRequest, enable
 from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 
@@ -199,7 +200,7 @@ class Primary:
             self.proc.wait(timeout=10)
 
 
-def make_primary(site: ClusterSite, k: int) -> Primary:
+def make_primary(site: ClusterSite, k: int, max_sessions: int) -> Primary:
     name = primary_name(k)
     issue_host_cert(site.certs, site.certs, name, ip_addresses=[primary_address(k)])
     hosts = "\n".join(f'"{node_name(i)}" = "{node_address(i)}"' for i in range(1, NODES + 1))
@@ -210,6 +211,7 @@ def make_primary(site: ClusterSite, k: int) -> Primary:
 name = "{name}"
 state_dir = "primary{k}-state"
 local_address = "{primary_address(k)}"
+max_sessions = {max_sessions}
 
 [tls]
 cert = "certs/{name}.pem"
@@ -370,7 +372,7 @@ def start_site(args: argparse.Namespace, site: ClusterSite, primaries: list[Prim
     site.start_all()
     site.broker_node(timeout=60)
     site.authorize_primary(recovery_points=args.points)
-    primaries.extend(make_primary(site, k) for k in range(1, args.primaries + 1))
+    primaries.extend(make_primary(site, k, args.max_sessions) for k in range(1, args.primaries + 1))
     rng = random.Random(args.seed)
     images = root / "images"
     images.mkdir()
@@ -422,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-mib", type=int, default=4, help="data in each image at start")
     parser.add_argument("--write-blocks", type=int, default=8, help="64 KiB blocks per cycle")
     parser.add_argument("--primaries", type=int, default=4, help="frctl primary run processes")
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS,
+        help="[primary] max_sessions of each primary",
+    )
     parser.add_argument("--points", type=int, default=4, help="recovery points per replica")
     parser.add_argument("--lease-ttl", type=float, default=5.0, help="the election's lease")
     parser.add_argument("--sample", type=float, default=2.0, help="seconds between looks")
@@ -433,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"scale: {args.vms} VMs of {args.size_mib} MiB ({args.seed_mib} MiB of data each), "
         f"every {args.interval:g} s, {args.write_blocks} blocks of 64 KiB written between "
-        f"cycles; {NODES} node processes, {args.primaries} primary processes; "
+        f"cycles; {NODES} node processes, {args.primaries} primary processes "
+        f"(max_sessions {args.max_sessions} each); "
         f"{args.minutes:g} min measured",
         flush=True,
     )
