@@ -283,6 +283,10 @@ class Run:
     rng: random.Random
     watched: list[Watched] = field(default_factory=list)
     lag_samples: list[float] = field(default_factory=list)
+    #: Per acknowledged batch in the window: capture to acknowledgement, and the time
+    #: since the VM's previous capture (the interval as kept); their sum is the lag peak.
+    capture_to_ack: list[float] = field(default_factory=list)
+    capture_spacing: list[float] = field(default_factory=list)
     measuring: bool = False
     writing: bool = True
 
@@ -307,6 +311,8 @@ class Run:
                 if self.measuring and vm.captured is not None and s.last_replicated_at:
                     # The lag peaked just before this acknowledgement.
                     vm.worst_lag = max(vm.worst_lag, s.last_replicated_at - vm.captured)
+                    self.capture_to_ack.append(s.last_replicated_at - s.last_captured_at)
+                    self.capture_spacing.append(s.last_captured_at - vm.captured)
                 vm.captured = s.last_captured_at
             if self.measuring and vm.captured is not None:
                 lag = now - vm.captured
@@ -547,6 +553,14 @@ def report(
         f"{statistics.median(worst) if worst else 0:.1f} s; VMs over 2x the interval: "
         f"{len(over)} (goal 0)"
     )
+    to_ack, spacing = run.capture_to_ack, run.capture_spacing
+    print(
+        f"where the lag peak comes from, over {len(to_ack)} batches: capture to ack p50 "
+        f"{percentile(to_ack, 0.5):.1f} s, p99 {percentile(to_ack, 0.99):.1f} s, max "
+        f"{max(to_ack, default=0):.1f} s; time since the VM's previous capture p50 "
+        f"{percentile(spacing, 0.5):.1f} s, p99 {percentile(spacing, 0.99):.1f} s, max "
+        f"{max(spacing, default=0):.1f} s"
+    )
     print(
         f"payload acknowledged: {payload / window / 1e6:.2f} MB/s ({payload / 1e9:.2f} GB in "
         f"{window:.0f} s); failed cycles in the window: {failed}; connections refused by "
@@ -606,6 +620,11 @@ def report(
         "over_2x_interval": len(over),
         "rss_per_vm_mib": round(rss_per_vm, 3),
         "mismatched_replicas": len(mismatched),
+        "capture_to_ack_p50_s": round(percentile(to_ack, 0.5), 2),
+        "capture_to_ack_p99_s": round(percentile(to_ack, 0.99), 2),
+        "capture_to_ack_max_s": round(max(to_ack, default=0.0), 2),
+        "capture_spacing_p99_s": round(percentile(spacing, 0.99), 2),
+        "capture_spacing_max_s": round(max(spacing, default=0.0), 2),
         "payload_mbps": round(payload / window / 1e6, 3),
         "failed_cycles": failed,
         "refused_connections": refused,
