@@ -113,6 +113,8 @@ def fd_kinds(pid: int) -> dict[str, int]:
             kind = target.split(":")[0]
         elif ".db" in target:
             kind = "store"
+        elif "/.locks/" in target:
+            kind = "lock"  # the primary's service and cycle locks (pending logs: "cycle")
         else:
             suffix = Path(target.split(" ")[0]).suffix.lstrip(".")
             kind = suffix or "other"
