@@ -186,3 +186,29 @@ def test_connections_slice(tmp_path: Path) -> None:
         assert set(figures["per_conn_kib"]) == {"tcp", "tls", "negotiated", "mid-frame", "mid-body"}
         assert figures["start_kib"] > 0
         assert figures["end_kib"] > 0
+
+
+def test_scale_slice(tmp_path: Path) -> None:
+    # 6 VMs on the 3-node site, 2 primary processes, 18 s measured: the keys tools read,
+    # every VM measured, and every replica equal to its image after the last write.
+    result = run_bench(
+        "scale.py",
+        "--vms", "6", "--minutes", "0.3", "--interval", "5", "--size-mib", "8",
+        "--seed-mib", "1", "--primaries", "2", "--tmp", str(tmp_path),
+        tmp=tmp_path,
+        timeout=240,
+    )  # fmt: skip
+    for key in (
+        "vms", "minutes", "lag_p50_s", "lag_p99_s", "lag_max_s", "over_2x_interval",
+        "rss_per_vm_mib", "mismatched_replicas",
+    ):  # fmt: skip
+        assert key in result, key
+    assert result["vms"] == 6
+    assert result["minutes"] == 0.3
+    assert result["mismatched_replicas"] == 0
+    assert result["caught_up"] is True
+    assert result["lag_max_s"] >= result["lag_p99_s"] >= result["lag_p50_s"] > 0
+    nodes = [p for p in result["processes"] if p["process"].startswith("node")]
+    assert len(nodes) == 3
+    assert sum(p["vms"] for p in nodes) == 6
+    assert sum(p["cap"] for p in nodes) == 1

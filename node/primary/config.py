@@ -29,6 +29,7 @@ from frproto import CompressionSet
 from .window import TimeWindow
 
 __all__ = [
+    "DEFAULT_MAX_SESSIONS",
     "PRIMARY_SCHEMA",
     "ConfigError",
     "PrimaryConfig",
@@ -36,6 +37,13 @@ __all__ = [
     "normalize_host_name",
     "parse_hosts",
 ]
+
+
+#: Default of ``[primary] max_sessions``. A delta cycle of a small change takes well under
+#: a second, so 16 at once serve thousands of VMs at a 30 s frequency, while 16 frame
+#: buffers and 16 connections stay far below a node's bounds (``[connections]``
+#: ``max_per_address`` 128); ``bench/scale.py`` measures it.
+DEFAULT_MAX_SESSIONS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +58,7 @@ class PrimaryConfig:
         # local_address = "127.0.0.3"  # source address for connections (tests)
         # compression = "zstd"         # offer "zstd", "lz4", "zstd,lz4" or "none" (default)
         # resync_window = ["22:00", "06:00"]  # automatic resyncs only then (default: any time)
+        # max_sessions = 16            # cycles (and connections) of this host's VMs at once
 
         [bandwidth]                  # optional: for all VMs of this host together
         host = "200M"                # bytes per second; K, M, G = 10^3, 10^6, 10^9
@@ -91,6 +100,11 @@ class PrimaryConfig:
     hosts: Mapping[str, str] = field(default_factory=dict)
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
+    #: How many of this host's VMs run a cycle (scan, connection, batch or IR) at once;
+    #: the others wait their turn. Bounds this process's connections and read buffers,
+    #: and what it asks of the recovery side at once (each session holds a frame buffer
+    #: there): a host of 500 VMs starting together must not open 500 connections.
+    max_sessions: int = DEFAULT_MAX_SESSIONS
 
 
 #: Every table and key of a primary's file (anything else is refused).
@@ -102,6 +116,7 @@ PRIMARY_SCHEMA: Schema = {
             "local_address": str,
             "compression": str,
             "resync_window": list,
+            "max_sessions": int,
         }
     ),
     "bandwidth": Table({"host": (str, float), "schedule": list}),
@@ -132,6 +147,9 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: [bandwidth]: {exc}") from None
+    sessions = primary.get("max_sessions", DEFAULT_MAX_SESSIONS)
+    if isinstance(sessions, bool) or not isinstance(sessions, int) or not 1 <= sessions <= 10000:
+        raise ConfigError(f"{path}: [primary] max_sessions must be an integer 1-10000")
     return PrimaryConfig(
         name=string(primary, "name", f"{path} [primary]"),
         state_dir=base / string(primary, "state_dir", f"{path} [primary]"),
@@ -143,6 +161,7 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         hosts=parse_hosts(data.get("hosts", {}), path),
         resync_window=_window(primary.get("resync_window"), path),
         metrics=metrics_listen(data, path),
+        max_sessions=sessions,
     )
 
 

@@ -208,6 +208,7 @@ class Deltas:
         s = self.vm.state
         s.sequence = sequence
         s.last_replicated_at = time.time()
+        s.last_captured_at = pending.captured_at_ms / 1000
         count_batch(s, total)
         self.vm.save()
         self.pending.drop_through(sequence)

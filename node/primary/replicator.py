@@ -158,6 +158,10 @@ class VMReplicator:
     metrics: PrimaryMetrics | None = None
     #: QEMU as the change source (``docs/qemu.md``); made from ``state.qemu`` when None.
     qemu: QemuSource | None = None
+    #: Shared by the VMs of one primary service: :meth:`run` holds one of its tokens for
+    #: each turn, so at most so many cycles (connections) run at once (``[primary]
+    #: max_sessions``). None: no bound.
+    sessions: trio.CapacityLimiter | None = None
     #: When the last cycle passed each step (``time.time()``): ``start``, ``captured``,
     #: ``batch_begin``, ``acked``, ``end`` (those it reached). The recovery server logs
     #: its own side of each batch; bench/delta.py lines both up into phases.
@@ -296,7 +300,9 @@ class VMReplicator:
         task_status.started()
         backoff = _BACKOFF_START
         while True:
-            async with self.exclusive():
+            # The turn is taken before the VM's cycle lock: a VM waiting for its turn
+            # does not keep an operator's pause waiting too.
+            async with self._turn(), self.exclusive():
                 if not self._still_ours():
                     return
                 if self.state.paused:
@@ -318,6 +324,15 @@ class VMReplicator:
                     self.state.next_cycle_at = time.time() + delay
                     self._save()
             await trio.sleep(delay)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """One of the service's session tokens (:attr:`sessions`), if it has a bound."""
+        if self.sessions is None:
+            yield
+            return
+        async with self.sessions:
+            yield
 
     def _count_failure(self, exc: BaseException) -> None:
         if self.metrics is not None:
@@ -662,7 +677,7 @@ class VMReplicator:
                 state.ir_state, state.ir_cursor = IRStage.NOT_STARTED, [0, 0]
                 state.ir_bytes_done = state.ir_bytes_total = 0
                 state.sequence, state.generation, state.pending_bytes = 0, 0, 0
-                state.last_replicated_at = None
+                state.last_replicated_at = state.last_captured_at = None
                 state.health, state.halted = Health.INITIAL_REPLICATION, None
                 state.last_error, state.needs_resync = None, False
                 state.last_error_kind = state.unreachable_since = None

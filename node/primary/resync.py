@@ -152,6 +152,8 @@ class Resynchronization:
         if not by_digests and self._bitmap_survived():
             known = await trio.to_thread.run_sync(self._pending_blocks)
         client, accepted = await self.open_existing()
+        # The disks are read from here on, under the capture hooks: the batch's point.
+        point = time.time()
         taken: dict[int, list[int]] = {}
         try:
             try:
@@ -173,6 +175,7 @@ class Resynchronization:
             s.sequence = max(s.sequence, accepted.applied_sequence, result.sequence)
             s.last_replicated_at = time.time()
             if result.sequence:
+                s.last_captured_at = point
                 count_batch(s, result.bytes_sent)
             self.vm.save()
         except BaseException:

@@ -64,6 +64,9 @@ async def _serve(
 ) -> None:
     ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
     running: dict[str, trio.CancelScope] = {}
+    # One turn at a time for at most max_sessions VMs: a host of hundreds of VMs started
+    # together (or all due at once) must not hold a connection and buffers for each.
+    sessions = trio.CapacityLimiter(config.max_sessions)
     host_limit: BandwidthLimiter | None = None
     if config.bandwidth_bps or config.bandwidth_schedule:
         schedule = BandwidthSchedule(config.bandwidth_schedule, default=config.bandwidth_bps)
@@ -100,6 +103,7 @@ async def _serve(
                         if config.resync_window
                         else None,
                         metrics=metrics,
+                        sessions=sessions,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

@@ -266,6 +266,10 @@ class VMReplicationState:
     #: The QEMU change source's dirty bitmaps as the last cycle found them: ``intact``,
     #: or what was lost (and that the VM resynchronizes by digests); None without QEMU.
     qemu_bitmap: str | None = None
+    #: When the last acknowledged batch was captured (wall clock): the point in time the
+    #: replica holds. ``now`` minus this is the VM's lag as an RPO counts it (the
+    #: acknowledgement comes a cycle's duration later, or more after a failed cycle).
+    last_captured_at: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError when a field has an impossible value."""
@@ -400,6 +404,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "compression": (str, type(None)),
     "qemu": (dict, type(None)),
     "qemu_bitmap": (str, type(None)),
+    "last_captured_at": (int, float, type(None)),
 }
 
 

@@ -52,6 +52,7 @@ class ImageSet:
         self._fds: list[int] = []
         self._direct_fds: dict[int, int] = {}
         self._direct_ok = True
+        self._direct_used = False
         try:
             for path, want in zip(self._paths, self._sizes, strict=True):
                 with mapped("open image", path):
@@ -70,6 +71,14 @@ class ImageSet:
         self._fds = []
         self._direct_fds = {}
 
+    def close_direct(self) -> None:
+        """Close the ``O_DIRECT`` descriptors (only IR chunks use them): a node holds
+        every replica open, and a second descriptor per image for the replica's life
+        would halve how many replicas fit under the process's descriptor limit."""
+        for fd in self._direct_fds.values():
+            os.close(fd)
+        self._direct_fds = {}
+
     @property
     def count(self) -> int:
         return len(self._paths)
@@ -78,7 +87,7 @@ class ImageSet:
     def direct_io(self) -> bool | None:
         """Whether IR chunks went through ``O_DIRECT``: True once a descriptor is open,
         False where the file system refused it, None before any aligned chunk."""
-        if self._direct_fds:
+        if self._direct_used:
             return True
         return None if self._direct_ok else False
 
@@ -145,6 +154,7 @@ class ImageSet:
                 self._direct_ok = False
                 return None
             self._direct_fds[disk_index] = fd
+            self._direct_used = True
         return fd
 
     # -- reads --------------------------------------------------------------------------------

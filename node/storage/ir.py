@@ -132,6 +132,7 @@ class InitialReplication:
                 f"({st.ir_state.name}, sequence {st.ir_sequence})"
             )
         self._images.sync_all()
+        self._images.close_direct()  # no IR chunk comes after this one
         self._dirty.clear()
         self._io.crash("ir_images_synced")
         point = RecoveryPoint(sequence, _now_ms(), time.time())
