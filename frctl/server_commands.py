@@ -166,13 +166,34 @@ def _iso(seconds: float) -> str | None:
 
 
 def _cmd_replica_list(args: argparse.Namespace) -> int:
+    import frproto as fp
     from node.storage import ReplicaStore
 
-    rows = []
+    rows: list[dict[str, object]] = []
+    damaged = 0
     for place in replica_places(args):
         with ReplicaStore(place) as store:
             for vmid in store.vmids():
-                replica = store.open(vmid)
+                try:
+                    replica = store.open(vmid)
+                except fp.InternalError as exc:
+                    # One damaged replica must not hide the others, nor be hidden.
+                    damaged += 1
+                    rows.append(
+                        {
+                            "vmid": str(vmid),
+                            "name": str(vmid),
+                            "ir": "DAMAGED",
+                            "applied_sequence": None,
+                            "recovery_points": 0,
+                            "latest_point_at": None,
+                            "primary": "",
+                            "trust_group": "",
+                            "storage": str(place),
+                            "damaged": str(exc),
+                        }
+                    )
+                    continue
                 points = replica.recovery_points()
                 rows.append(
                     {
@@ -189,13 +210,25 @@ def _cmd_replica_list(args: argparse.Namespace) -> int:
                 )
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'VM':<20} {'IR':<12} {'SEQ':>6} {'POINTS':>6}  {'PRIMARY':<28} TRUST GROUP")
-    for r in rows:
-        print(
-            f"{r['name']:<20} {r['ir']:<12} {r['applied_sequence']:>6} "
-            f"{r['recovery_points']:>6}  {r['primary']:<28} {r['trust_group']}"
-        )
+    else:
+        print(f"{'VM':<20} {'IR':<12} {'SEQ':>6} {'POINTS':>6}  {'PRIMARY':<28} TRUST GROUP")
+        for r in rows:
+            seq = "-" if r["applied_sequence"] is None else r["applied_sequence"]
+            print(
+                f"{r['name']!s:<20} {r['ir']!s:<12} {seq!s:>6} "
+                f"{r['recovery_points']!s:>6}  {r['primary']!s:<28} {r['trust_group']}"
+            )
+    if damaged:
+        for r in rows:
+            if "damaged" in r:
+                print(
+                    f"frctl: the replica of {r['vmid']} in {r['storage']} is damaged "
+                    f"({r['damaged']}): its VM is refused; `frctl replica quarantine "
+                    f"{r['vmid']} --storage {r['storage']} --yes` sets it aside, and the "
+                    "primary's next cycle starts a new initial replication",
+                    file=sys.stderr,
+                )
+        return 3
     return 0
 
 
@@ -283,6 +316,34 @@ def _cmd_replica_remove_duplicate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replica_quarantine(args: argparse.Namespace) -> int:
+    """Set a damaged replica aside (docs/storage.md, "Damaged files")."""
+    import frproto as fp
+    from node.storage.quarantine import quarantine
+
+    try:
+        vmid = uuid.UUID(args.vmid)
+    except ValueError:
+        raise fp.UnknownVM(f"{args.vmid!r} is not a VMID") from None
+    storage = Path(args.storage)
+    if storage.resolve() not in {p.resolve() for p in replica_places(args)}:
+        raise fp.UnknownVM(f"{storage} is not a storage location of this server")
+    if not args.yes:
+        print(
+            f"frctl: quarantine moves the damaged replica of {vmid} in {storage} to "
+            f"{storage}/.quarantine/ (kept, never read again); its primary's next cycle "
+            "starts a new initial replication; add --yes to do it",
+            file=sys.stderr,
+        )
+        return 1
+    moved = quarantine(storage, vmid)
+    if args.json:
+        print(json.dumps({"quarantined": str(vmid), "to": str(moved)}))
+    else:
+        print(f"moved the damaged replica of {vmid} to {moved}")
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add the recovery server's subcommands to frctl's subparsers."""
     server = sub.add_parser("server", help="the recovery server")
@@ -333,3 +394,13 @@ def register(sub: Any) -> None:
     rrm.add_argument("--yes", action="store_true", help="remove it (refused without)")
     rrm.add_argument("--json", action="store_true")
     rrm.set_defaults(func=_cmd_replica_remove_duplicate)
+    rq = rsub_.add_parser(
+        "quarantine",
+        help="set a damaged replica aside (its VM starts a new initial replication)",
+    )
+    rq.add_argument("--config", required=True, help="recovery server TOML file")
+    rq.add_argument("vmid", help="the VM's VMID")
+    rq.add_argument("--storage", required=True, help="the storage location of the replica")
+    rq.add_argument("--yes", action="store_true", help="move it (refused without)")
+    rq.add_argument("--json", action="store_true")
+    rq.set_defaults(func=_cmd_replica_quarantine)

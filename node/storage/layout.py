@@ -55,6 +55,7 @@ SPARE_SUFFIX: Final = ".spare"
 TOMBSTONES_DIR: Final = ".tombstones"
 STAGING_DIR: Final = ".staging"
 TRASH_DIR: Final = ".trash"
+QUARANTINE_DIR: Final = ".quarantine"  # damaged replicas an operator set aside
 JOURNAL_SUFFIX: Final = ".jrnl"
 UNDO_SUFFIX: Final = ".undo"
 TMP_SUFFIX: Final = ".tmp"
