@@ -113,6 +113,9 @@ class HeldReplica:
     trust_group: str
     storage: Path  #: the storage location it is kept in
     report: ReplicaReport
+    #: Why its state file cannot be read ("" when it can): the server refuses the VM
+    #: until an operator sets the replica aside (``frctl replica quarantine``).
+    damaged: str = ""
 
     @property
     def last_applied(self) -> float:
@@ -153,7 +156,20 @@ def read_replicas(storages: Sequence[Path]) -> list[HeldReplica]:
             except FileNotFoundError:
                 continue  # being created, or a directory a delete is removing
             except (OSError, ValueError) as exc:
+                # Shown, not left out: a VM that vanished from the console would look as
+                # if nobody needed to act, while its primary is refused.
                 log.warning("VM %s: its replica's state cannot be read: %s", vmid, exc)
+                found.append(
+                    HeldReplica(
+                        vmid=vmid,
+                        name="",
+                        primary="",
+                        trust_group="",
+                        storage=storage,
+                        report=ReplicaReport("damaged", 0, 0, False, []),
+                        damaged=str(exc) or type(exc).__name__,
+                    )
+                )
                 continue
             found.append(
                 HeldReplica(
@@ -225,6 +241,20 @@ def _commands(source: StandaloneSource, replica: HeldReplica) -> list[dict[str, 
     """What can be done with a replica, as the ``frctl`` commands to run on this host."""
     config = shlex.quote(str(source.config_path))
     vmid = str(replica.vmid)
+    if replica.damaged:
+        storage = shlex.quote(str(replica.storage))
+        return [
+            {
+                "what": "Set the damaged replica aside",
+                "command": f"frctl replica quarantine --config {config} {vmid} "
+                f"--storage {storage} --yes",
+                "why": (
+                    "Its state file fails its checksum, so the server refuses the VM. The "
+                    "replica is moved to the storage's .quarantine/ folder (kept for "
+                    "inspection); the primary's next cycle starts a new initial replication."
+                ),
+            }
+        ]
     return [
         {
             "what": "Test failover with your hypervisor's hooks",

@@ -312,3 +312,34 @@ async def test_a_test_failover_from_the_console_is_built_audited_and_removed(
         assert entries[0].what == "test failover cleanup"
         audit = await client.get("/audit")
         assert "test failover cleanup" in audit.text
+
+
+async def test_a_damaged_replica_is_shown_with_what_mends_it(
+    site: Site, store: ClusterStore
+) -> None:
+    """A replica whose state fails its checksum stays on the VMs page, marked damaged,
+    and its page says so and gives the command that sets it aside; mended, it is shown
+    as before."""
+    vmid = await _replicate(site, "web-1")
+    state = site.storage / str(vmid) / "state.json"
+    good = state.read_bytes()
+    bad = bytearray(good)
+    bad[bad.index(b'"generation": ') + 14] ^= 0x02  # one bit of the generation's digit
+    state.write_bytes(bytes(bad))
+    await admin.set_console_password(store, KEYS, "admin", PASSWORD)
+    async with await _client(site, store) as client:
+        await _login(client)
+        vms = await client.get("/vms")
+        assert vms.status_code == 200
+        assert str(vmid) in vms.text
+        assert "damaged: refused until set aside" in vms.text
+        page = await client.get(f"/vms/{vmid}")
+        assert page.status_code == 200
+        assert 'id="damaged"' in page.text
+        assert "frctl replica quarantine --config" in page.text
+        state.write_bytes(good)
+        vms = await client.get("/vms")
+        assert "damaged: refused" not in vms.text  # (the tmp path says "damaged")
+        assert "complete" in vms.text
+        page = await client.get(f"/vms/{vmid}")
+        assert 'id="damaged"' not in page.text
