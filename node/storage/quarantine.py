@@ -35,8 +35,9 @@ def is_damaged(storage: Path, vmid: uuid.UUID) -> str | None:
     return None
 
 
-def quarantine(storage: Path, vmid: uuid.UUID) -> Path:
+def quarantine(storage: Path, vmid: uuid.UUID, *, io: FileIO | None = None) -> Path:
     """Move the damaged replica of ``vmid`` aside, durably; returns where it went.
+    ``io`` replaces the system calls (the I/O-error tests).
 
     Raises:
         frproto.UnknownVM: no replica of ``vmid`` there. frproto.AlreadyExists: the
@@ -51,7 +52,7 @@ def quarantine(storage: Path, vmid: uuid.UUID) -> Path:
     aside = lay.check_inside(root, root / lay.QUARANTINE_DIR)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = aside / f"{vmid}.{stamp}"
-    io = FileIO(None)
+    io = io if io is not None else FileIO(None)
     with mapped("quarantine replica", source):
         io.mkdir(aside, exist_ok=True)
         io.fsync_dir(root)

@@ -34,6 +34,7 @@ from frtesting.powerloss import CrashState
 from node.storage import ReplicaStore, StorageFaults
 from node.storage.fileio import Buffer, FileIO
 from node.storage.point_copy import copy_point
+from node.storage.quarantine import quarantine
 from tests.node.storage import crash_states as cs
 from tests.node.storage import workload as wl
 
@@ -187,9 +188,9 @@ def _check_nothing_lost(run: Run, store: ReplicaStore) -> None:
     if not store.exists(wl.VMID):
         assert run.acked == 0, "the replica vanished"
         return
-    r = store.open(wl.VMID)
     if run.acked == 0:
-        return
+        return  # nothing promised (the replica is being removed, or set aside)
+    r = store.open(wl.VMID)
     if r.ir_state != IRState.COMPLETE:
         return
     r.read(0, 0, 1)  # a read finishes what a failed call left (a journal, a revert)
@@ -322,6 +323,20 @@ def workload(run: Run) -> None:
             assert store.open(wl.VMID).ir_state == IRState.NOT_STARTED
 
         _guard(run, store, create_again)
+
+        # The replica's state damaged (one bit), then set aside by the operator's command.
+        state = run.root / str(wl.VMID) / "state.json"
+        raw = bytearray(state.read_bytes())
+        raw[raw.index(b'"generation": ') + 14] ^= 0x02
+        state.write_bytes(bytes(raw))
+
+        def set_aside() -> None:
+            if (run.root / str(wl.VMID)).exists():
+                quarantine(run.root, wl.VMID, io=FileIO(run.faults.hooks()))
+            assert not (run.root / str(wl.VMID)).exists()
+            assert len(list((run.root / ".quarantine").iterdir())) == 1
+
+        _guard(run, store, set_aside)
 
 
 class LosingFileIO(FileIO):
