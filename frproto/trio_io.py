@@ -130,12 +130,15 @@ class BufferPool:
         self.keep = keep
         self.minimum = minimum
         self.free: list[mmap.mmap] = []
+        #: Given back while a view of them was alive; reclaimed by the next take().
+        self.viewed: list[mmap.mmap] = []
         #: Buffers taken and not given back yet (what the connections hold now).
         self.lent = 0
 
     def take(self, size: int) -> mmap.mmap:
         """A buffer of at least ``size`` bytes (its content is whatever it held before)."""
         self.lent += 1
+        self._reclaim()
         for i in range(len(self.free) - 1, -1, -1):  # the last given first: warm in cache
             if len(self.free[i]) >= size:
                 return self.free.pop(i)
@@ -146,6 +149,12 @@ class BufferPool:
         garbage collector) or the pool is full (it is then unmapped)."""
         self.lent -= 1
         if not _unexported(buffer):
+            # Still viewed (a frame's payload the caller holds until its next event):
+            # kept aside and taken back by the next take() once the view is gone. Left
+            # to the garbage collector, every frame would map a fresh buffer and fault
+            # its pages in again (about 0.4 CPU s per GB of IR on the server).
+            self.viewed.append(buffer)
+            del self.viewed[:-64]  # (views held for good: left to the collector)
             return False
         if len(self.free) >= self.keep:
             buffer.close()
@@ -153,8 +162,23 @@ class BufferPool:
         self.free.append(buffer)
         return True
 
+    def _reclaim(self) -> None:
+        """Move the buffers given back while viewed, now free of views, to the free list."""
+        if not self.viewed:
+            return
+        still = []
+        for buffer in self.viewed:
+            if not _unexported(buffer):
+                still.append(buffer)
+            elif len(self.free) < self.keep:
+                self.free.append(buffer)
+            else:
+                buffer.close()
+        self.viewed = still
+
     def clear(self) -> None:
         """Unmap the free buffers (they return to the system)."""
+        self.viewed = []
         free, self.free = self.free, []
         for buffer in free:
             buffer.close()

@@ -371,3 +371,24 @@ def test_the_pool_keeps_no_buffer_still_in_use_and_at_most_keep() -> None:
     assert pool.take(2 * mmap.PAGESIZE) is second
     pool.clear()
     assert pool.free == []
+
+
+def test_a_buffer_given_back_while_viewed_is_taken_back_once_the_view_is_gone() -> None:
+    """A frame's payload view outlives the give() (the caller holds it until its next
+    event): the buffer must come back at the next take(), not be dropped for a fresh
+    mapping whose pages fault in again on every frame."""
+    from frproto.trio_io import BufferPool
+
+    pool = BufferPool(keep=2, minimum=1 << 20)
+    first = pool.take(1 << 20)
+    view = memoryview(first)[:10]
+    assert pool.give(first) is False  # viewed: not free yet
+    assert pool.free == []
+    again = pool.take(1 << 20)
+    assert again is not first  # still viewed: a new one
+    view.release()
+    pool.give(again)
+    third = pool.take(1 << 20)
+    assert third is first or third is again
+    reclaimed = {id(b) for b in pool.free} | {id(third)}
+    assert id(first) in reclaimed  # the once-viewed buffer came back
