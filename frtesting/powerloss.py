@@ -418,10 +418,7 @@ class CrashStates:
         ``samples`` seeded random states."""
         unc = tuple(self.uncertain(point))
         ranges = [range(self.ops[i].uncertain_choices) for i in unc]
-        total = 1
-        for r in ranges:
-            total *= len(r)
-        if total <= exhaustive_up_to:
+        if self.state_count(point) <= exhaustive_up_to:
             for choices in itertools.product(*ranges):
                 tears = tuple(
                     self._tear(self.ops[i], None) if c == 2 else 0
@@ -441,6 +438,7 @@ class CrashStates:
             yield CrashState(point, unc, choices, tears)
 
     def state_count(self, point: int) -> int:
+        """How many states a crash before ``point`` may leave."""
         total = 1
         for i in self.uncertain(point):
             total *= self.ops[i].uncertain_choices
