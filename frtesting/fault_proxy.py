@@ -10,8 +10,9 @@ fault starts where the primary's stream (primary to server) passes ``at_byte``, 
 past the TLS handshake, the negotiation and the relationship's opening, so it falls inside
 a delta batch (the test makes each connection carry more than that). The kinds:
 
-* ``cut``: the primary's stream stops at ``at_byte`` and both sides are closed (FIN): the
-  server sees a batch end mid-frame, the primary an orderly end of stream;
+* ``cut``: the primary's stream stops at ``at_byte`` and both sides are closed: the server
+  sees its stream end (FIN) mid-batch; the primary's side is closed with the rest of its
+  batch unread, which the kernel answers with an RST;
 * ``stall``: nothing is forwarded either way for ``duration`` seconds, then the connection
   carries on (``close`` False) or is closed;
 * ``truncate``: the server's next write after that point (the batch's Ack, most often)

@@ -28,11 +28,13 @@ import random
 import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import trio
 
 from frtesting.fault_proxy import FaultKind, FaultProxy, FaultSchedule
+from node.primary.locks import FileLock, cycle_lock
 from node.primary.state import PrimaryStateStore
 from node.storage.layout import ReplicaLayout
 from node.storage.state import state_document
@@ -47,13 +49,21 @@ SEED = int(os.environ.get("FRREP_SEED", "19"))
 BLOCK = 65536
 
 
-def _write_blocks(image: bytes | str | os.PathLike[str], rng: random.Random, count: int) -> None:
-    """Overwrite ``count`` random whole blocks of the image (what a guest would do)."""
-    with open(image, "r+b") as f:
-        blocks = os.fstat(f.fileno()).st_size // BLOCK
-        for _ in range(count):
-            f.seek(rng.randrange(blocks) * BLOCK)
-            f.write(rng.randbytes(BLOCK))
+def _write_blocks(lock: FileLock, image: Path, rng: random.Random, count: int) -> None:
+    """Overwrite ``count`` random whole blocks of the image (what a guest would do), unless
+    a cycle is under way: the disks must not change while a cycle captures (README, "What
+    the library expects"), and the primary service has no capture hooks to ask for that,
+    so the writes take the VM's cycle lock (``node/primary/locks.py``), as a pause does."""
+    if not lock.try_acquire():
+        return
+    try:
+        with image.open("r+b") as f:
+            blocks = os.fstat(f.fileno()).st_size // BLOCK
+            for _ in range(count):
+                f.seek(rng.randrange(blocks) * BLOCK)
+                f.write(rng.randbytes(BLOCK))
+    finally:
+        lock.release()
 
 
 @pytest.mark.timeout(120 + 20 * FAULTS * len(FaultKind))
@@ -81,9 +91,10 @@ async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_
             # The IR went through untouched; now the faults, while the disk changes (each
             # connection carries more than the span the fault points are drawn from).
             schedule.enabled = True
+            lock = cycle_lock(site.state_dir, vmid)
             with trio.fail_after(20 * FAULTS * len(FaultKind)):
                 while min(proxy.triggered[k] for k in FaultKind) < FAULTS:
-                    _write_blocks(image, rng, 3)
+                    _write_blocks(lock, image, rng, 6)
                     await trio.sleep(0.1)
             schedule.enabled = False
             await trio.to_thread.run_sync(lambda: operator.in_sync(vmid, timeout=120))
