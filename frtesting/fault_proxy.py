@@ -39,7 +39,7 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -86,6 +86,15 @@ class Fault:
         elif self.kind is FaultKind.TRICKLE:
             text += f", {self.rate} B per {TICK * 1000:.0f} ms for {self.duration:.2f} s"
         return text
+
+
+class Schedule(Protocol):
+    """What the proxy asks of a schedule (:class:`FaultSchedule`, or a test's own)."""
+
+    def next_fault(self, triggered: collections.Counter[FaultKind]) -> Fault | None:
+        """The fault of the next connection (None: none); ``triggered``: the faults of
+        each kind that happened so far."""
+        ...
 
 
 class FaultSchedule:
@@ -200,7 +209,7 @@ class _Connection:
                         )
             await trio.aclose_forcefully(self.downstream)
             await trio.aclose_forcefully(upstream)
-            if self.fault is not None and not self.started:
+            if self.fault is not None and (not self.started or self.truncate_armed):
                 self.proxy.record(
                     self.number, "missed", f"{self.fault}: ended at byte {self.up_bytes}"
                 )
@@ -290,14 +299,20 @@ class FaultProxy:
     with the faults ``schedule`` gives (the module's docstring)."""
 
     def __init__(
-        self, listen_host: str, upstream_host: str, upstream_port: int, schedule: FaultSchedule
+        self,
+        listen_host: str,
+        upstream_host: str,
+        upstream_port: int,
+        schedule: Schedule,
+        *,
+        seed: int = 0,
     ) -> None:
         self.listen_host = listen_host
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.schedule = schedule
         #: For the parts of a fault chosen as it happens (how much of a write to keep).
-        self.rng = random.Random(schedule.rng.random())
+        self.rng = random.Random(seed)
         self.port = 0
         self.triggered: collections.Counter[FaultKind] = collections.Counter()
         self.events: list[ProxyEvent] = []

@@ -74,7 +74,7 @@ async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_
     server = site.start_server()
     operator = Operator(site, server)
     schedule = FaultSchedule(SEED)
-    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, schedule)
+    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, schedule, seed=SEED)
     vmid = new_vm(rng)
     image = disk(site.root / "disk0.img", 8 * MIB, rng)
     started = time.monotonic()
