@@ -14,7 +14,8 @@ a delta batch (the test makes each connection carry more than that). The kinds:
   sees its stream end (FIN) mid-batch; the primary's side is closed with the rest of its
   batch unread, which the kernel answers with an RST;
 * ``stall``: nothing is forwarded either way for ``duration`` seconds, then the connection
-  carries on (``close`` False) or is closed;
+  carries on (``close`` False) or is closed; from ``at_byte`` on, or (``on_answer``) from
+  the server's next write after it, so that the Ack waits;
 * ``truncate``: the server's next write after that point (the batch's Ack, most often)
   is forwarded only in part, then both sides are closed: the server made the batch
   durable and acknowledged it, the primary never learns it (it resends the batch);
@@ -78,11 +79,16 @@ class Fault:
     close: bool = False
     #: ``trickle``: bytes per tick.
     rate: int = 0
+    #: The fault starts at the server's first write after ``at_byte`` (the answer to what
+    #: the primary sent, often an Ack) rather than at ``at_byte`` (``truncate``: always).
+    on_answer: bool = False
 
     def __str__(self) -> str:
         text = f"{self.kind.value} at byte {self.at_byte}"
         if self.kind is FaultKind.STALL:
             text += f" for {self.duration:.2f} s, then {'close' if self.close else 'resume'}"
+        if self.on_answer:
+            text += ", at the answer"
         elif self.kind is FaultKind.TRICKLE:
             text += f", {self.rate} B per {TICK * 1000:.0f} ms for {self.duration:.2f} s"
         return text
@@ -133,7 +139,8 @@ class FaultSchedule:
         kind = self.rng.choice([k for k in self.kinds if triggered[k] == fewest])
         at_byte = FIRST_FAULT_BYTE + self.rng.randrange(self.span)
         if kind is FaultKind.STALL:
-            return Fault(kind, at_byte, self.rng.uniform(0.2, 2.0), self.rng.random() < 0.5)
+            duration, close = self.rng.uniform(0.2, 2.0), self.rng.random() < 0.5
+            return Fault(kind, at_byte, duration, close, on_answer=self.rng.random() < 0.5)
         if kind is FaultKind.TRICKLE:
             return Fault(
                 kind, at_byte, self.rng.uniform(0.3, 1.5), rate=self.rng.choice([16, 64, 512, 4096])
@@ -172,14 +179,13 @@ class _Connection:
         self.downstream = downstream  # the primary's side
         self.up_bytes = 0  # of the primary's stream, forwarded
         self.started = False
-        self.truncate_armed = False
+        self.answer_armed = False  # the fault waits for the server's next write
         self.stall_until = 0.0
         self.trickle_until = 0.0
         self.close: _Close | None = None
 
     def _happened(self, detail: str) -> None:
         assert self.fault is not None
-        self.started = True
         self.proxy.triggered[self.fault.kind] += 1
         self.proxy.record(self.number, self.fault.kind.value, detail)
 
@@ -209,7 +215,7 @@ class _Connection:
                         )
             await trio.aclose_forcefully(self.downstream)
             await trio.aclose_forcefully(upstream)
-            if self.fault is not None and (not self.started or self.truncate_armed):
+            if self.fault is not None and (not self.started or self.answer_armed):
                 self.proxy.record(
                     self.number, "missed", f"{self.fault}: ended at byte {self.up_bytes}"
                 )
@@ -245,34 +251,34 @@ class _Connection:
             head = fault.at_byte - self.up_bytes
             await self._send(data[:head], dst, up)
             data = data[head:]
-            await self._start(fault)  # may raise _Close
-        elif self.truncate_armed and not up:
-            # The server's first write after the fault point: forward a part of it only.
-            keep = self.proxy.rng.randrange(len(data))
-            await self._send(data[:keep], dst, up)
-            self.truncate_armed = False
-            self._happened(f"{fault}: {keep} of {len(data)} bytes from the server forwarded")
-            raise _Close(reset=False)
+            self.started = True
+            if fault.kind is FaultKind.TRUNCATE or fault.on_answer:
+                self.answer_armed = True  # it starts at the server's next write
+            else:
+                await self._start(fault, "")  # may raise _Close
+        elif self.answer_armed and not up:
+            assert fault is not None
+            self.answer_armed = False
+            if fault.kind is FaultKind.TRUNCATE:
+                # The server's first write after the fault point: forward a part of it.
+                keep = self.proxy.rng.randrange(len(data))
+                await self._send(data[:keep], dst, up)
+                self._happened(f"{fault}: {keep} of {len(data)} bytes from the server forwarded")
+                raise _Close(reset=False)
+            await self._start(fault, f", before the server's next {len(data)} bytes")
         await self._send(data, dst, up)
 
-    async def _start(self, fault: Fault) -> None:
-        now = trio.current_time()
+    async def _start(self, fault: Fault, where: str) -> None:
+        self._happened(f"{fault}{where}")
         if fault.kind is FaultKind.CUT:
-            self._happened(str(fault))
             raise _Close(reset=False)
         if fault.kind is FaultKind.RESET:
-            self._happened(str(fault))
             raise _Close(reset=True)
-        if fault.kind is FaultKind.TRUNCATE:
-            self.started = True  # counted when the server's write comes
-            self.truncate_armed = True
-            return
+        now = trio.current_time()
         if fault.kind is FaultKind.TRICKLE:
             self.trickle_until = now + fault.duration
-            self._happened(str(fault))
             return
         self.stall_until = now + fault.duration
-        self._happened(str(fault))
         await trio.sleep_until(self.stall_until)
         if fault.close:
             raise _Close(reset=False)

@@ -38,6 +38,15 @@ CLOSE_SECONDS = 1.0
 #: A Keepalive goes out whenever nothing was sent for this long on a negotiated connection
 #: (TIM-8: the protocol's K, 30 s): a recovery side's idle deadline is at least 2K.
 KEEPALIVE_SECONDS = float(fp.limits.KEEPALIVE_INTERVAL)
+#: How long the primary waits for the next byte from the recovery side (between frames
+#: or inside one) before it gives the connection up as dead (``frproto.trio_io.PeerIdle``, a
+#: ``trio.TooSlowError``: the cycle fails as unreachable and is retried). The primary
+#: reads only while it awaits an answer, and the recovery side sends a Keepalive every K
+#: seconds meanwhile (TIM-9), so only a connection gone silent reaches this: a NAT or a
+#: firewall that forgot the flow, a middlebox that stalled. Without it the primary waited
+#: for the Ack forever (TCP gives up after many minutes, or never while something on the
+#: way keeps acknowledging). Read when each connection is made.
+ANSWER_TIMEOUT = 4 * KEEPALIVE_SECONDS
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
 #: One chunk of a delta batch: (disk index, offset, data, XXH3-128 digest of data).
@@ -146,7 +155,13 @@ class RecoveryClient:
             timeout=timeout,
         )
         _raise_notsent_lowat(stream)
-        conn = FramedStream(stream, fp.Connection(fp.Role.PRIMARY))
+        answer_timeout = ANSWER_TIMEOUT
+        conn = FramedStream(
+            stream,
+            fp.Connection(fp.Role.PRIMARY),
+            idle_timeout=lambda _state: answer_timeout,
+            frame_timeout=answer_timeout,
+        )
         try:
             with trio.fail_after(timeout):
                 await conn.send(fp.NegotiateRequest(compression=compression))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 import re
@@ -33,7 +34,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from frtesting.fault_proxy import FaultKind, FaultProxy, FaultSchedule
+import frproto as fp
+from frtesting.fault_proxy import FIRST_FAULT_BYTE, Fault, FaultKind, FaultProxy, FaultSchedule
+from node.primary import client as client_module
 from node.primary.locks import FileLock, cycle_lock
 from node.primary.state import PrimaryStateStore
 from node.storage.layout import ReplicaLayout
@@ -131,3 +134,63 @@ async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_
     assert first == replica["ir_sequence"] + 1, (first, replica["ir_sequence"])
     assert "with other content" not in text
     assert "Traceback" not in text, text[-4000:]
+
+
+class _Armed:
+    """No fault until :attr:`fault` is set; then that fault, once."""
+
+    def __init__(self) -> None:
+        self.fault: Fault | None = None
+
+    def next_fault(self, triggered: collections.Counter[FaultKind]) -> Fault | None:
+        fault, self.fault = self.fault, None
+        return fault
+
+
+async def test_a_connection_gone_silent_is_given_up_and_the_next_one_carries_on(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection on which nothing comes any more (a NAT that forgot the flow, a
+    middlebox that stalled) used to hold the primary forever while it awaited the Ack: it
+    had no deadline of its own, and TCP gives up only after many minutes, or never if
+    something on the way keeps acknowledging (here: the stalled proxy's kernel)."""
+    monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 1.0, raising=False)
+    rng = random.Random(SEED)
+    # The server's end of the silent connection holds the VM (BUSY to the next) until its
+    # session deadline: short here.
+    site.write_server_config(connections="session_timeout = 2")
+    server = site.start_server()
+    schedule = _Armed()
+    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, schedule, seed=SEED)
+    vmid = uuid.UUID(new_vm(rng))
+    image = disk(site.root / "disk0.img", 4 * MIB, rng)
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(proxy.serve)
+            replicator = site.replicator(vmid, "silent01", [image], port, host=PROXY_HOST)
+            await replicator.cycle()  # the IR, untouched
+            _write_blocks(cycle_lock(site.state_dir, str(vmid)), image, rng, 8)
+            # Stalled from the server's answer to the batch on, for good: the Ack (or a
+            # Keepalive before it) never comes through.
+            schedule.fault = Fault(FaultKind.STALL, FIRST_FAULT_BYTE, math.inf, on_answer=True)
+            with trio.move_on_after(30) as waited:
+                with pytest.raises(trio.TooSlowError):
+                    await replicator.cycle()
+            assert not waited.cancelled_caught, "the primary still waits on a silent connection"
+            assert proxy.triggered[FaultKind.STALL] == 1
+            # A new connection: BUSY while the server still holds the silent one, then
+            # the batch again (acknowledged again, not applied twice).
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        await replicator.cycle()
+                        break
+                    except fp.Busy:
+                        await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+    assert replicator.pending.cycles() == []
+    assert site.replica_image(vmid, 0).read_bytes() == image.read_bytes()
+    text = server.log.read_text()
+    assert len(re.findall(rf"batch 1 of {vmid} applied: timings", text)) == 1
