@@ -7,12 +7,17 @@ slows them to a trickle and resets them. Then the writes stop and the faults wit
 and:
 
 * the primary converges (``frctl replication wait``: in sync, health normal);
-* no acknowledged batch is lost: every sequence from the first batch to the primary's
-  last acknowledged one was applied on the server, and the replica is at that sequence;
+* no acknowledged batch is lost: while the faults go on, every batch the primary was told
+  is durable is applied on the server or journaled there; at the end every sequence from
+  the first batch to the primary's last acknowledged one was applied, and the replica is
+  at that sequence;
 * no batch is applied twice: the server logs one ``batch N of VM applied`` line per
   apply (:class:`node.recovery_session.BatchTiming`), each sequence once, and never
   refused a resent batch for other content;
 * the replica equals the primary's disk, block for block.
+
+A second test stalls a connection for good at the server's answer: the primary gives it
+up (it used to wait for the Ack forever) and the next connection carries on.
 
 ``FRREP_NET_FAULTS`` sets how many faults of each kind (default 2: the CI slice; the long
 run is ``FRREP_NET_FAULTS=50``), ``FRREP_SEED`` the seed. The counts are printed as one
@@ -22,6 +27,7 @@ JSON line (``pytest -s`` shows it).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -39,7 +45,7 @@ from frtesting.fault_proxy import FIRST_FAULT_BYTE, Fault, FaultKind, FaultProxy
 from node.primary import client as client_module
 from node.primary.locks import FileLock, cycle_lock
 from node.primary.state import PrimaryStateStore
-from node.storage.layout import ReplicaLayout
+from node.storage.layout import JOURNAL_SUFFIX, ReplicaLayout, parse_seq_name
 from node.storage.state import state_document
 
 from .site import SERVER_HOST, Site
@@ -69,6 +75,20 @@ def _write_blocks(lock: FileLock, image: Path, rng: random.Random, count: int) -
         lock.release()
 
 
+def _check_nothing_acked_is_lost(site: Site, vmid: str) -> int:
+    """While the faults go on: every batch the primary was told is durable is, on the
+    server: applied, or its journal is there to be applied. Read in this order (the
+    acknowledged sequence, the journals, the applied sequence), a batch applied meanwhile
+    shows in the applied sequence. Returns how many acknowledged batches were checked."""
+    acked = PrimaryStateStore(site.state_dir).load(vmid).sequence
+    layout = ReplicaLayout(site.storage, uuid.UUID(vmid))
+    journals = {parse_seq_name(p.name, JOURNAL_SUFFIX) for p in layout.journal_dir.iterdir()}
+    applied = state_document(layout.state.read_bytes())["applied_sequence"]
+    missing = [n for n in range(applied + 1, acked + 1) if n not in journals]
+    assert not missing, f"acknowledged {acked}, applied {applied}, no journal of {missing}"
+    return acked
+
+
 @pytest.mark.timeout(120 + 20 * FAULTS * len(FaultKind))
 async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_resets(
     site: Site,
@@ -95,9 +115,14 @@ async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_
             # connection carries more than the span the fault points are drawn from).
             schedule.enabled = True
             lock = cycle_lock(site.state_dir, vmid)
+            checked = 0
             with trio.fail_after(20 * FAULTS * len(FaultKind)):
-                while min(proxy.triggered[k] for k in FaultKind) < FAULTS:
+                for tick in itertools.count():
+                    if min(proxy.triggered[k] for k in FaultKind) >= FAULTS:
+                        break
                     _write_blocks(lock, image, rng, 6)
+                    if tick % 5 == 0:
+                        checked = _check_nothing_acked_is_lost(site, vmid)
                     await trio.sleep(0.1)
             schedule.enabled = False
             await trio.to_thread.run_sync(lambda: operator.in_sync(vmid, timeout=120))
@@ -120,6 +145,7 @@ async def test_a_primary_converges_through_cuts_stalls_truncations_trickles_and_
         "applied": sum(applies.values()),
         "duplicate_applies": sum(n - 1 for n in applies.values() if n > 1),
         "acked_again": text.count("already applied: ack again"),
+        "checked_while_faulty": checked,
         "seconds": round(elapsed, 1),
     }
     print(json.dumps(report))
