@@ -45,7 +45,9 @@ KEEPALIVE_SECONDS = float(fp.limits.KEEPALIVE_INTERVAL)
 #: seconds meanwhile (TIM-9), so only a connection gone silent reaches this: a NAT or a
 #: firewall that forgot the flow, a middlebox that stalled. Without it the primary waited
 #: for the Ack forever (TCP gives up after many minutes, or never while something on the
-#: way keeps acknowledging). Read when each connection is made.
+#: way keeps acknowledging). The send side has the same bound: the kernel gives the
+#: connection up when what it sends cannot go for this long (TCP_USER_TIMEOUT). Read when
+#: each connection is made.
 ANSWER_TIMEOUT = 4 * KEEPALIVE_SECONDS
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
@@ -65,6 +67,19 @@ def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with contextlib.suppress(OSError):
             transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SEND_LOWAT)
+
+
+def _bound_unacknowledged(stream: BioTLSStream[trio.SocketStream], seconds: float) -> None:
+    """Have the kernel give the connection up (ETIMEDOUT) when what it sent stays
+    unacknowledged, or what it holds to send cannot go (the peer's window stays shut), for
+    ``seconds``: the send side of :data:`ANSWER_TIMEOUT`. A send into a connection gone
+    silent otherwise blocks until TCP's own retries end (many minutes), or for good while
+    something on the way keeps acknowledging. Linux only (TCP_USER_TIMEOUT)."""
+    transport = stream.transport_stream
+    if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_USER_TIMEOUT"):
+        with contextlib.suppress(OSError):
+            milliseconds = max(1, int(seconds * 1000))
+            transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
 
 class _ViewReader:
@@ -156,6 +171,7 @@ class RecoveryClient:
         )
         _raise_notsent_lowat(stream)
         answer_timeout = ANSWER_TIMEOUT
+        _bound_unacknowledged(stream, answer_timeout)
         conn = FramedStream(
             stream,
             fp.Connection(fp.Role.PRIMARY),

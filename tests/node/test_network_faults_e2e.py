@@ -43,6 +43,7 @@ import trio
 import frproto as fp
 from frtesting.fault_proxy import FIRST_FAULT_BYTE, Fault, FaultKind, FaultProxy, FaultSchedule
 from node.primary import client as client_module
+from node.primary.errors import UNREACHABLE
 from node.primary.locks import FileLock, cycle_lock
 from node.primary.state import PrimaryStateStore
 from node.storage.layout import JOURNAL_SUFFIX, ReplicaLayout, parse_seq_name
@@ -173,34 +174,42 @@ class _Armed:
         return fault
 
 
+@pytest.mark.parametrize(
+    ("fault", "writes"),
+    [
+        # From the server's answer to the batch on: the Ack never comes through.
+        (Fault(FaultKind.STALL, FIRST_FAULT_BYTE, math.inf, on_answer=True), 8),
+        # Mid-batch, a batch larger than the sockets' buffers: the send blocks.
+        (Fault(FaultKind.STALL, FIRST_FAULT_BYTE, math.inf), 200),
+    ],
+    ids=["awaiting-the-ack", "sending-the-batch"],
+)
 async def test_a_connection_gone_silent_is_given_up_and_the_next_one_carries_on(
-    site: Site, monkeypatch: pytest.MonkeyPatch
+    site: Site, monkeypatch: pytest.MonkeyPatch, fault: Fault, writes: int
 ) -> None:
-    """A connection on which nothing comes any more (a NAT that forgot the flow, a
-    middlebox that stalled) used to hold the primary forever while it awaited the Ack: it
-    had no deadline of its own, and TCP gives up only after many minutes, or never if
-    something on the way keeps acknowledging (here: the stalled proxy's kernel)."""
+    """A connection on which nothing moves any more (a NAT that forgot the flow, a
+    middlebox that stalled) used to hold the primary forever, awaiting the Ack or sending
+    the batch: it had no deadline of its own, and TCP gives up only after many minutes, or
+    never if something on the way keeps acknowledging (here: the stalled proxy's kernel)."""
     monkeypatch.setattr(client_module, "ANSWER_TIMEOUT", 1.0, raising=False)
     rng = random.Random(SEED)
     # The server's end of the silent connection holds the VM (BUSY to the next) until its
-    # session deadline: short here.
-    site.write_server_config(connections="session_timeout = 2")
+    # session or frame deadline: short here.
+    site.write_server_config(connections="session_timeout = 2\nframe_timeout = 2")
     server = site.start_server()
     schedule = _Armed()
     proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, schedule, seed=SEED)
     vmid = uuid.UUID(new_vm(rng))
-    image = disk(site.root / "disk0.img", 4 * MIB, rng)
+    image = disk(site.root / "disk0.img", 8 * MIB, rng)
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(proxy.serve)
             replicator = site.replicator(vmid, "silent01", [image], port, host=PROXY_HOST)
             await replicator.cycle()  # the IR, untouched
-            _write_blocks(cycle_lock(site.state_dir, str(vmid)), image, rng, 8)
-            # Stalled from the server's answer to the batch on, for good: the Ack (or a
-            # Keepalive before it) never comes through.
-            schedule.fault = Fault(FaultKind.STALL, FIRST_FAULT_BYTE, math.inf, on_answer=True)
+            _write_blocks(cycle_lock(site.state_dir, str(vmid)), image, rng, writes)
+            schedule.fault = fault  # for good
             with trio.move_on_after(30) as waited:
-                with pytest.raises(trio.TooSlowError):
+                with pytest.raises(UNREACHABLE):
                     await replicator.cycle()
             assert not waited.cancelled_caught, "the primary still waits on a silent connection"
             assert proxy.triggered[FaultKind.STALL] == 1
