@@ -47,7 +47,7 @@ KEEPALIVE_SECONDS = float(fp.limits.KEEPALIVE_INTERVAL)
 #: for the Ack forever (TCP gives up after many minutes, or never while something on the
 #: way keeps acknowledging). The send side has the same bound: the kernel gives the
 #: connection up when what it sends cannot go for this long (TCP_USER_TIMEOUT). Read when
-#: each connection is made.
+#: each connection is made (TIM-13).
 ANSWER_TIMEOUT = 4 * KEEPALIVE_SECONDS
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
