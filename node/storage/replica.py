@@ -88,6 +88,8 @@ class Replica:
         self._failover = FailoverFiles(io, lo)
         #: ``failover/`` may hold a complete or cancel to finish (checked at reads).
         self._failover_unsettled = self._failover.exists()
+        #: The sequence a cancel finished since the open went back to (None: none).
+        self._cancelled_from: int | None = None
 
     # -- attributes -----------------------------------------------------------------
     @property
@@ -495,6 +497,10 @@ class Replica:
             st = self._state.current
             record = self._failover.read()
             if not st.failed_over:
+                if self._cancelled_from is not None:
+                    # A cancel a crash cut short, finished since this replica was opened
+                    # (by the store's recovery or a read): this call returns as it would.
+                    return self._cancelled_from
                 raise frproto.OutOfSequence(f"replica {self.vmid} is not failed over")
             if record is None:
                 raise frproto.OutOfSequence(
@@ -537,6 +543,7 @@ class Replica:
             files.move(files.set_aside(seq), self._lay.undo(seq))
             self._undo.forget(seq)
         files.remove()
+        self._cancelled_from = record.from_sequence
 
     # -- delta batches (node.storage.batch) -----------------------------------------------------
     def applied_digest(self, sequence: int) -> str:
