@@ -498,10 +498,10 @@ def _verify_ending(
     got = [p.sequence for p in r.recovery_points()]
     if got != want:
         return f"S9 complete and cancel: points {got} after the {ending}, want {want}"
-    for p in got:
+    for kept in got:
         for i, d in enumerate(wl.DISKS):
-            if r.read(i, 0, d.size, at_sequence=p) != expected.at(p)[i]:
-                return f"S2 kept points: point {p} disk {i} differs after the {ending}"
+            if r.read(i, 0, d.size, at_sequence=kept) != expected.at(kept)[i]:
+                return f"S2 kept points: point {kept} disk {i} differs after the {ending}"
     if (r.layout.dir / "failover").exists():
         return f"S9 complete and cancel: failover/ is left after the {ending}"
     return None
