@@ -10,9 +10,11 @@ stop) also ``FRREP_VMID``, ``FRREP_VM_DIR``, ``FRREP_SEQUENCE``, ``FRREP_CONFIG`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,22 +47,30 @@ def run_hook(what: str, command: str, env: Mapping[str, str], *, timeout: float,
     """
     if timeout <= 0:
         raise StepFailed(f"{what}: the step's timeout ran out before it could start")
+    # A session of its own: on a timeout the hook's whole process group is killed, not
+    # only the shell (a script's children would run on after the plan stopped).
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        env={**os.environ, **env},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            command,
-            shell=True,
-            env={**os.environ, **env},
-            cwd=cwd,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise StepFailed(f"{what} {command!r}: still running after {timeout:g} s") from None
-    if done.returncode:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         raise StepFailed(
-            f"{what} {command!r} exited {done.returncode}: "
-            f"{done.stderr.decode(errors='replace').strip()[-400:]}"
+            f"{what} {command!r} ran past the step's timeout (it had {timeout:.1f} s left): killed"
+        ) from None
+    if proc.returncode:
+        raise StepFailed(
+            f"{what} {command!r} exited {proc.returncode}: "
+            f"{err.decode(errors='replace').strip()[-400:]}"
         )
 
 
