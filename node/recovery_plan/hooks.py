@@ -68,9 +68,9 @@ def run_hook(what: str, command: str, env: Mapping[str, str], *, timeout: float,
             f"{what} {command!r} ran past the step's timeout (it had {timeout:.1f} s left): killed"
         ) from None
     if proc.returncode:
+        said = err.decode(errors="replace").strip()[-400:]
         raise StepFailed(
-            f"{what} {command!r} exited {proc.returncode}: "
-            f"{err.decode(errors='replace').strip()[-400:]}"
+            f"{what} {command!r} exited {proc.returncode}" + (f": {said}" if said else "")
         )
 
 
