@@ -80,13 +80,14 @@ def test_a_plan_of_five_vms_in_three_boot_groups(site: Site) -> None:
     plan = str(_plan(site, log, flag))
 
     # The group's moment, captured at the primary in one window; then each VM moves on.
-    for vm in names:
+    for vm in names[:-1]:  # web1 did not change: it gets an empty cycle of the moment
         change_blocks(images[vm], rng, [1])
     captured = frctl("plan", "capture", plan, "--json")
     assert captured.returncode == 0, captured.stderr
     moment = {vm: images[vm].read_bytes() for vm in names}
     sequences = json.loads(captured.stdout)["sequences"]
-    assert set(sequences) == {str(v) for v in vmids.values()}
+    # One new cycle each, sent: web1's too, though empty.
+    assert sequences == {str(vmids[vm]): reps[vm].state.sequence + 1 for vm in names}
     for vm in names:
         reps[vm] = site.restarted(reps[vm])
         change_blocks(images[vm], rng, [3])
