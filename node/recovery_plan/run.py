@@ -36,7 +36,12 @@ from typing import Any
 
 import frproto
 from node.config import load_recovery_server_config
-from node.failover.test import HookFailed, clean_up_test_failover, start_test_failover
+from node.failover.test import (
+    TEST_MARKER,
+    HookFailed,
+    clean_up_test_failover,
+    start_test_failover,
+)
 from node.failover.unplanned import unplanned_failover
 from node.storage.lock import StorageBusy
 from node.storage.point_copy import PointCopy
@@ -270,7 +275,7 @@ def _test_copy(
     if plan.test_dir is None:
         raise StepFailed(f"{plan.path}: [plan] test_dir is needed for a test failover")
     out = plan.test_dir / plan.name / name
-    copy = start_test_failover(storages, vmid, out, sequence=point)
+    copy = _built_before(out, vmid) or start_test_failover(storages, vmid, out, sequence=point)
     record.note(
         name,
         stage="built",
@@ -280,6 +285,19 @@ def _test_copy(
         disks=[str(p) for p in copy.disks],
     )
     return copy
+
+
+def _built_before(out: Path, vmid: uuid.UUID) -> PointCopy | None:
+    """The test copy of ``vmid`` a run killed before it recorded it left in ``out``
+    (whole and marked: the copy is renamed into place only then), or None."""
+    try:
+        marker = json.loads((out / TEST_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("vmid") != str(vmid):
+        return None
+    disks = tuple(out / "disks" / Path(str(d)).name for d in marker.get("disks", []))
+    return PointCopy(vmid, int(marker["sequence"]), out, out / "config.bin", disks, 0, 0.0)
 
 
 def clean_up_test(plan: RecoveryPlan) -> PlanReport:

@@ -147,3 +147,62 @@ def test_a_hook_past_the_step_timeout_stops_the_plan(site: Site) -> None:
     table = report.table()
     assert "STOPPED at group app" in table
     assert "db1" in table
+
+
+def test_a_run_killed_at_any_step_carries_on_when_run_again(site: Site) -> None:
+    """``frctl plan run`` killed with SIGKILL inside a group's after hook, a VM's start
+    hook (its failover done, not recorded as started) and the next group's before hook;
+    each run again carries on, and each VM is failed over once."""
+    from .test_cli_replication import frctl
+
+    vmids = _replicas(site, stamps={"db1": [1, 2], "app1": [1, 2], "app2": [1, 2]})
+    marks = site.root / "marks"
+    marks.mkdir()
+
+    def kill_once(tag: str, extra: str = "true") -> str:
+        # $PPID of the hook's shell is frctl itself.
+        return (
+            f"if [ ! -e {marks}/{tag} ]; then touch {marks}/{tag}; kill -9 $PPID; "
+            f"sleep 5; fi; {extra}"
+        )
+
+    started = site.root / "started.log"
+    start = f'echo "$FRREP_VMID" >> {started}'
+    app1 = str(vmids["app1"])
+    body = (
+        '[[group]]\nname = "db"\nvms = ["db1"]\n'
+        f"start = {json.dumps(start)}\nafter = {json.dumps(kill_once('db-after'))}\n"
+        '[[group]]\nname = "app"\nvms = ["app1", "app2"]\n'
+        f"before = {json.dumps(kill_once('app-before'))}\n"
+        "start = "
+        + json.dumps(
+            f'{start}; if [ "$FRREP_VMID" = {app1} ]; then '
+            + kill_once("app1-start").replace("; true", "")
+            + "; fi"
+        )
+        + "\n"
+    )
+    plan = str(_plan(site.root, body))
+    kills = 0
+    for _ in range(3):
+        done = frctl("plan", "run", plan, "--mode", "unplanned", "--json")
+        assert done.returncode == -9, done.stdout + done.stderr
+        kills += 1
+    done = frctl("plan", "run", plan, "--mode", "unplanned", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert [s["status"] for s in report["steps"]] == ["done-before", "ok"]
+    assert kills == 3
+    with ReplicaStore(site.storage) as store:
+        for vm, vmid in vmids.items():
+            replica = store.open(vmid)
+            assert replica.failed_over, vm
+            assert replica.generation == 2, vm  # one failover, not one per run
+            assert replica.applied_sequence == 3, vm
+    # db1 started once; app1 twice (killed inside its start hook); app2 once.
+    assert started.read_text().split() == [
+        str(vmids["db1"]),
+        app1,
+        app1,
+        str(vmids["app2"]),
+    ]
