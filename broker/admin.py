@@ -388,14 +388,26 @@ async def await_failover(
         BadVMID: ``vmid`` is not a UUID.
         NoFailoverOutcome: none within ``timeout`` seconds (or the record went away).
     """
-    vmid = _vmid(vmid)
+    return await _await_vm(store, keys, _vmid(vmid), lambda vm: vm.failover.settled, timeout, poll)
+
+
+async def _await_vm(
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str,
+    done: Callable[[VMRecord], bool],
+    timeout: float,
+    poll: float,
+) -> VMRecord:
+    """VM ``vmid``'s record once ``done`` says so (:class:`NoFailoverOutcome` if not
+    within ``timeout`` seconds, or if the record went away)."""
     with trio.move_on_after(timeout):
         while True:
             kv = await store.get(keys.vm(vmid))
             if kv is None:
                 break
             vm = VMRecord.from_json(kv.value)
-            if vm.failover.settled:
+            if done(vm):
                 return vm
             # Polled rather than watched: one read a tenth of a second, on either backend,
             # and nothing to re-establish when the store hiccups.
@@ -658,14 +670,6 @@ async def await_failover_ending(
         BadVMID: ``vmid`` is not a UUID.
         NoFailoverOutcome: none within ``timeout`` seconds (or the record went away).
     """
-    vmid = _vmid(vmid)
-    with trio.move_on_after(timeout):
-        while True:
-            kv = await store.get(keys.vm(vmid))
-            if kv is None:
-                break
-            vm = VMRecord.from_json(kv.value)
-            if not vm.failover.ending:
-                return vm
-            await trio.sleep(poll)
-    raise NoFailoverOutcome(f"VM {vmid}: its owner carried out no complete or cancel in time")
+    return await _await_vm(
+        store, keys, _vmid(vmid), lambda vm: not vm.failover.ending, timeout, poll
+    )

@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import trio
 
 import frproto as fp
-from broker.records import FailoverState, Keys, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, Put
+from broker.records import FailoverState, RecordError, VMRecord
 from node.failover.test import CommandHook, HookFailed
 from node.failover.unplanned import in_place
 
+from .failover import FailoverRunner
 from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
-
-if TYPE_CHECKING:
-    from .agent import ClusterNode
 
 log = logging.getLogger("frrep.node")
 
@@ -45,13 +40,9 @@ _ASKED = (
 )
 
 
-class FailoverEndingRunner:
-    """Carries out the completes and cancels asked of this node's replicas."""
-
-    def __init__(self, node: ClusterNode, store: ClusterStore, keys: Keys) -> None:
-        self.node = node
-        self.store = store
-        self.keys = keys
+class FailoverEndingRunner(FailoverRunner):
+    """Carries out the completes and cancels asked of this node's replicas (the
+    outcome is recorded as the failover's is: :meth:`FailoverRunner._record`)."""
 
     async def run(self) -> None:
         """Carry them out, one at a time, until cancelled."""
@@ -123,13 +114,3 @@ class FailoverEndingRunner:
         return await self._record(
             vm, revision, failover=FailoverState.COMPLETED, failover_point=sequence
         )
-
-    async def _record(self, vm: VMRecord, revision: int, **outcome: object) -> bool:
-        key = self.keys.vm(vm.vmid)
-        new = replace(vm, **outcome)  # type: ignore[arg-type]
-        result = await self.store.txn(
-            [Compare.mod_revision(key, "==", revision)], [Put(key, new.to_json())], []
-        )
-        if not result.succeeded:
-            log.warning("failover ending of %s: its record changed meanwhile", vm.vmid)
-        return result.succeeded

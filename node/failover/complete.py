@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.storage import ReplicaStore
+from node.storage import Replica, ReplicaStore
 from node.storage.lock import claim
 
 from .test import CommandHook, find_replica
@@ -56,6 +57,25 @@ class Ending:
         }
 
 
+def _ended(
+    action: str, storages: list[Path], vmid: uuid.UUID, end: Callable[[Replica], int]
+) -> Ending:
+    """Run ``end`` on the replica of ``vmid``, its storage claimed (a recovery server
+    serving it must be stopped first)."""
+    started = time.monotonic()
+    storage = find_replica(storages, vmid)
+    lock = claim(storage)
+    try:
+        with ReplicaStore(storage) as store:
+            replica = store.open(vmid)
+            sequence = end(replica)
+            points = tuple(p.sequence for p in replica.recovery_points())
+            generation = replica.generation
+    finally:
+        os.close(lock)
+    return Ending(action, vmid, sequence, generation, points, time.monotonic() - started)
+
+
 def complete_failover(storages: list[Path], vmid: uuid.UUID) -> Ending:
     """Complete the failover of ``vmid`` (see the module docstring).
 
@@ -63,18 +83,7 @@ def complete_failover(storages: list[Path], vmid: uuid.UUID) -> Ending:
         node.storage.lock.StorageBusy: a recovery server still serves the storage.
         frproto.UnknownVM / OutOfSequence: no such replica, or it is not failed over.
     """
-    started = time.monotonic()
-    storage = find_replica(storages, vmid)
-    lock = claim(storage)
-    try:
-        with ReplicaStore(storage) as store:
-            replica = store.open(vmid)
-            sequence = replica.complete_failover()
-            points = tuple(p.sequence for p in replica.recovery_points())
-            generation = replica.generation
-    finally:
-        os.close(lock)
-    return Ending("complete", vmid, sequence, generation, points, time.monotonic() - started)
+    return _ended("complete", storages, vmid, lambda replica: replica.complete_failover())
 
 
 def cancel_failover(
@@ -93,17 +102,10 @@ def cancel_failover(
             or the VM wrote to its disks (see the module docstring).
         HookFailed: the stop hook failed (nothing was changed).
     """
-    started = time.monotonic()
-    storage = find_replica(storages, vmid)
-    lock = claim(storage)
-    try:
-        with ReplicaStore(storage) as store:
-            replica = store.open(vmid)
-            if stop is not None and replica.failed_over:
-                stop(in_place(replica))
-            sequence = replica.cancel_failover(discard_writes=discard_writes)
-            points = tuple(p.sequence for p in replica.recovery_points())
-            generation = replica.generation
-    finally:
-        os.close(lock)
-    return Ending("cancel", vmid, sequence, generation, points, time.monotonic() - started)
+
+    def end(replica: Replica) -> int:
+        if stop is not None and replica.failed_over:
+            stop(in_place(replica))
+        return replica.cancel_failover(discard_writes=discard_writes)
+
+    return _ended("cancel", storages, vmid, end)

@@ -21,12 +21,12 @@ from .site import PRIMARY_NAME, Site
 VMS = {"db": ["db1"], "app": ["app1", "app2"]}
 
 
-def _replicas(site: Site, *, stamps: dict[str, list[int]]) -> dict[str, uuid.UUID]:
+def _replicas(site: Site, *, stamps: dict[str, list[int]], first: int = 1) -> dict[str, uuid.UUID]:
     """One replica per VM of ``stamps``, with a batch per capture time given."""
     vmids = {}
     with ReplicaStore(site.storage) as store:
         for n, (vm, times) in enumerate(stamps.items()):
-            vmid = uuid.UUID(int=n + 1)
+            vmid = uuid.UUID(int=n + first)
             r = store.create(
                 vmid,
                 name=vm,
@@ -109,30 +109,13 @@ def test_dry_run_finds_every_problem_and_changes_nothing(site: Site) -> None:
     assert [s.status for s in report.steps] == ["problem", "problem"]
     assert sorted(str(p) for p in site.root.rglob("*")) == before
     # With the problems gone: ready, at the group point (the newest common moment).
-    _replicas_more(site)
+    _replicas(site, stamps={"app2": [100, 200]}, first=99)
     plan = load_plan(_plan(site.root, _groups(start="true"), head="consistent = true"))
     report = check_plan(plan, Mode.TEST)
     assert report.ok, report.table()
     assert report.group_point is not None
     assert set(report.group_point.values()) == {3}
     assert "ready" in report.table()
-
-
-def _replicas_more(site: Site) -> None:
-    with ReplicaStore(site.storage) as store:
-        r = store.create(
-            uuid.UUID(int=99),
-            name="app2",
-            config=b"c",
-            disks=wl.DISKS,
-            primary=PRIMARY_NAME,
-            trust_group="site-a",
-        )
-        r.begin_ir(1)
-        r.complete_ir(1)
-        for seq, at in ((2, 100), (3, 200)):
-            w = r.begin_batch(seq, seq - 1, at)
-            w.commit()
 
 
 def test_a_hook_past_the_step_timeout_stops_the_plan(site: Site) -> None:
