@@ -131,6 +131,8 @@ def test_a_plan_of_five_vms_in_three_boot_groups(site: Site) -> None:
 
     # The planned failover: prepare at the primary, last group first.
     flag.unlink()
+    ready = _report(frctl("plan", "check", plan, "--mode", "prepare", "--json"))
+    assert ready["ok"], ready  # every VM enabled, its recovery server answers
     prepared = _report(frctl("plan", "run", plan, "--mode", "prepare", "--json"))
     assert prepared["ok"], prepared
     stops = [x.split() for x in log.read_text().splitlines() if x.startswith("planned")]
