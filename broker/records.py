@@ -130,11 +130,34 @@ class FailoverState(enum.StrEnum):
     REQUESTED = "requested"  #: an administrator asked; the owner carries it out
     DONE = "done"  #: the VM runs from the replica: its former primary is refused from now on
     FAILED = "failed"  #: the owner could not (``VMRecord.failover_note`` says why)
+    #: Done, and an administrator asked to complete it (keep its point, remove the others)
+    COMPLETE_REQUESTED = "complete-requested"
+    #: Done and completed: it can no longer be cancelled
+    COMPLETED = "completed"
+    #: Done, and an administrator asked to cancel it: the owner stops the VM and brings
+    #: the replica back to where replication left it; the record then says ``NONE``
+    #: again (or ``DONE``, with the reason in the note, if the cancel was refused)
+    CANCEL_REQUESTED = "cancel-requested"
 
     @property
     def settled(self) -> bool:
         """The owner has recorded an outcome (done or failed)."""
         return self in (FailoverState.DONE, FailoverState.FAILED)
+
+    @property
+    def in_force(self) -> bool:
+        """The VM runs from its replica: its former primary is refused."""
+        return self in (
+            FailoverState.DONE,
+            FailoverState.COMPLETE_REQUESTED,
+            FailoverState.COMPLETED,
+            FailoverState.CANCEL_REQUESTED,
+        )
+
+    @property
+    def ending(self) -> bool:
+        """A complete or a cancel is asked and not carried out yet."""
+        return self in (FailoverState.COMPLETE_REQUESTED, FailoverState.CANCEL_REQUESTED)
 
 
 class PlacementPolicy(enum.StrEnum):

@@ -64,6 +64,7 @@ from node.storage.state import ReplicaState
 
 from .config import ClusterNodeConfig
 from .failover import FailoverRunner
+from .failover_endings import FailoverEndingRunner
 from .metrics import NodeCollector
 from .migration import Migrator
 
@@ -184,6 +185,7 @@ class ClusterNode:
                 nursery.start_soon(election.run, self._lead)
                 nursery.start_soon(Migrator(self, store, self.keys).run)
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
+                nursery.start_soon(FailoverEndingRunner(self, store, self.keys).run)
                 if self.config.console_port is not None:
                     await self._start_console(nursery)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)

@@ -383,6 +383,8 @@ def register(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="administer a cluster through its store")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
 
+    from .cluster_failover_endings import register as register_failover_endings
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="any node's configuration (names the store)")
         p.add_argument("--store", help="the store URL (sqlite:///... or etcd://...)")
@@ -453,6 +455,7 @@ def register(sub: Any) -> None:
     failover.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it")
     failover.add_argument("--json", action="store_true")
     failover.set_defaults(func=_cmd_failover)
+    register_failover_endings(csub, common)
 
     delete = csub.add_parser("delete", help="delete a replica VM (its primary stops)")
     common(delete)

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from .failover_ending_commands import register as register_endings
 from .server_commands import is_cluster_config, replica_places, replica_vmid
 
 
@@ -304,6 +305,7 @@ def register(sub: Any) -> None:
     reverse.add_argument("--to-name", help="the TLS name of the other side (default: HOST)")
     reverse.add_argument("--json", action="store_true", help="one JSON object: what was done")
     reverse.set_defaults(func=_cmd_reverse)
+    register_endings(fsub)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")

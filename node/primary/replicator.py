@@ -41,6 +41,7 @@ primary resumes without a new IR.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import ssl
@@ -559,9 +560,14 @@ class VMReplicator:
             exported_maps=lambda: [self._load_map(i) for i in range(len(self.state.disks))],
         )
 
-    async def capture(self) -> None:
-        """Copy this cycle's changed blocks into the pending log (one consistent point)."""
-        await self._deltas().capture()
+    async def capture(self, *, captured_at_ms: int | None = None) -> None:
+        """Copy this cycle's changed blocks into the pending log (one consistent point).
+        ``captured_at_ms``: a group capture's moment (``node/primary/group_capture.py``):
+        the cycle carries it, and is captured even when nothing changed."""
+        deltas = self._deltas()
+        if captured_at_ms is not None:
+            deltas = dataclasses.replace(deltas, captured_at_ms=captured_at_ms)
+        await deltas.capture()
 
     # -- verification, resynchronization, failover, reseeding ----------------------------
 
