@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,34 +127,56 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
 
 
 def _cmd_planned(args: argparse.Namespace) -> int:
-    """The primary's side: stop hook, last cycle, verification, stop replicating."""
-    import subprocess
+    """At the primary, one step: stop hook, last batch, the recovery side takes the VM
+    over (protocol 1.1); with --server-config this host becomes its recovery side and
+    the other side replicates back by itself (node/failover/planned.py)."""
+    import frproto as fp
+    from node.config import ConfigError, load_recovery_server_config
+    from node.failover.planned import planned_failover
+    from node.failover.test import HookFailed
 
     from .node_commands import replicator_from_args
 
     replicator = replicator_from_args(args)
-    if args.stop_command:
-        done = subprocess.run(args.stop_command, shell=True, check=False)
-        if done.returncode:
-            print(
-                f"frctl: the stop hook exited {done.returncode}: not failing over", file=sys.stderr
-            )
+    server = None
+    if args.server_config:
+        try:
+            server = load_recovery_server_config(Path(args.server_config))
+        except ConfigError as exc:
+            print(f"frctl: {exc}", file=sys.stderr)
             return 1
     try:
-        result = trio.run(replicator.prepare_failover)
-    except Exception as exc:  # the last cycle or the check failed: nothing was switched
+        result = trio.run(
+            partial(
+                planned_failover,
+                replicator,
+                stop_command=args.stop_command,
+                server=server,
+                reverse_port=args.reverse_port,
+            )
+        )
+    except HookFailed as exc:
+        print(f"frctl: planned failover: {exc}: not failing over", file=sys.stderr)
+        return 1
+    except (fp.FrprotoError, OSError, ValueError) as exc:
+        print(f"frctl: planned failover: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last cycle failed: nothing was switched
         print(f"frctl: planned failover: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result.to_json()))
-    else:
-        print(
-            f"{replicator.state.name}: the replica holds the final state (sequence "
-            f"{result.sequence}, {result.blocks} blocks verified); replication stopped. At the "
-            f"recovery server: frctl failover unplanned --config SERVER.toml "
-            f"{replicator.state.vmid} "
-            f"--point {result.sequence}"
-        )
+        return 0
+    reverse = (
+        f"; this host is its recovery side now ({result.reverse.storage}) and the other "
+        "side replicates back, differences first"
+        if result.reverse is not None
+        else ""
+    )
+    print(
+        f"{result.name}: failed over at sequence {result.sequence} (generation "
+        f"{result.generation}), nothing lost; this primary replicates it no more{reverse}"
+    )
     return 0
 
 
@@ -276,11 +299,22 @@ def register(sub: Any) -> None:
     unplanned.add_argument("--json", action="store_true")
     unplanned.set_defaults(func=_cmd_unplanned)
     planned = fsub.add_parser(
-        "planned", help="at the primary: stop the VM, send the rest, verify, stop replicating"
+        "planned",
+        help="at the primary: stop the VM, send the rest, the recovery side takes it over",
     )
     planned.add_argument("--config", required=True, help="the primary's configuration")
     planned.add_argument("vmid", help="the VM's VMID, or its name")
     planned.add_argument("--stop-command", help="hook: a shell command that stops the VM")
+    planned.add_argument(
+        "--server-config",
+        help="this host's recovery server config: become the VM's recovery side (reverse)",
+    )
+    planned.add_argument(
+        "--reverse-port",
+        type=int,
+        default=None,
+        help="the port the other side replicates back to (default: the server config's)",
+    )
     planned.add_argument("--json", action="store_true")
     planned.set_defaults(func=_cmd_planned)
     adopt = fsub.add_parser(

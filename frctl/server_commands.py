@@ -20,6 +20,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from node.config import ConfigError, load_recovery_server_config
+    from node.failover.reverse_service import ReverseReplication
     from node.recovery_server import RecoveryServer
 
     from .daemon import run_daemon
@@ -32,7 +33,10 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
     registry = CollectorRegistry()
-    server = RecoveryServer(config, registry=registry)
+    # A VM taken over in a planned failover is replicated back by this server's own
+    # primary service (node/failover/reverse_service.py).
+    reverse = ReverseReplication(config)
+    server = RecoveryServer(config, registry=registry, on_failed_over=reverse.taken_over)
 
     async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The replication listener first; then, with a [console] table, the web console
@@ -40,6 +44,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         # (SIGHUP changes its authorization entries).
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            await nursery.start(reverse.run)
             if config.console is not None:
                 from frconsole.standalone import serve_console
 
