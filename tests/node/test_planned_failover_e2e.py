@@ -18,7 +18,7 @@ import trio
 from frtesting.server import ServerProcess, start_server_process
 from node.storage.layout import ReplicaLayout
 
-from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_NAME, Site
+from .site import PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, Site
 from .test_cli_replication import frctl
 from .test_replication_e2e import MIB, make_image
 
@@ -70,6 +70,25 @@ trust_group = "reverse"
 """
     )
     return config
+
+
+def b_primary_config(site: Site) -> Path:
+    """A primary configuration for B's reverse replication (what B's server runs)."""
+    path = site.root / "b-primary.toml"
+    path.write_text(
+        f"""
+[primary]
+name = "{SERVER_NAME}"
+state_dir = "{site.root / "reverse-primary"}"
+local_address = "{SERVER_HOST}"
+
+[tls]
+cert = "certs/{SERVER_NAME}.pem"
+key = "certs/{SERVER_NAME}-key.pem"
+ca = "certs/ca.pem"
+"""
+    )
+    return path
 
 
 def wait_until_equal(a: Path, b: Path, timeout: float = 30.0) -> None:
@@ -134,11 +153,24 @@ def test_planned_failover_in_one_step_then_reverse(site: Site, tmp_path: Path) -
                 f.seek(block * BLOCK)
                 f.write(rng.randbytes(BLOCK))
         wait_until_equal(a_disk, b_disk)
-        # A's old primary refuses to replicate it again (halted), B refuses it (generation).
+        # A's old primary replicates it no more (halted, and B would refuse it).
         status = frctl(
             "replication", "status", "--config", str(site.write_primary_config()), "--json"
         )
         assert "planned failover" in status.stdout
+        # Failback: the same command at B (its reverse replication's primary), the VM
+        # stopped there: A takes it over at exactly B's final disk, nothing lost.
+        b_final = b_disk.read_bytes()
+        back = frctl(
+            "failover", "planned", "--config", str(b_primary_config(site)), str(vmid),
+            "--stop-command", "true", "--json",
+        )  # fmt: skip
+        assert back.returncode == 0, back.stderr
+        assert json.loads(back.stdout)["generation"] == 3
+        assert a_disk.read_bytes() == b_final
+        a_state = json.loads((tmp_path / "a-replicas" / str(vmid) / "state.json").read_text())
+        assert a_state["failed_over"] is True
+        assert a_state["generation"] == 3
     finally:
         if writer is not None and writer.poll() is None:
             writer.kill()
