@@ -109,9 +109,9 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
         )
-    except StorageBusy as exc:
-        print(f"frctl: unplanned failover: {exc}: stop the recovery server first", file=sys.stderr)
-        return 1
+    except StorageBusy:
+        # A running server: it does the failover itself (node/failover/control.py).
+        return _unplanned_at_running_server(args, vmid)
     except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
         print(f"frctl: unplanned failover: {exc}", file=sys.stderr)
         return 1
@@ -122,6 +122,48 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
             f"VM {result.vmid} failed over at recovery point {result.sequence} (generation "
             f"{result.generation}); its former primary is refused from now on; disks: "
             + ", ".join(str(p) for p in result.disks)
+        )
+    return 0
+
+
+def _unplanned_at_running_server(args: argparse.Namespace, vmid: uuid.UUID) -> int:
+    from node.failover.control import ask_running_server, running_copy
+    from node.failover.test import CommandHook, HookFailed, find_replica
+
+    places = replica_places(args)
+    try:
+        reply = ask_running_server(places, vmid, args.point)
+    except OSError as exc:
+        print(
+            f"frctl: unplanned failover: the recovery server holds the storage and does not "
+            f"answer on its control socket ({exc}): stop it, or try again",
+            file=sys.stderr,
+        )
+        return 1
+    if not reply.get("ok"):
+        print(f"frctl: unplanned failover: {reply.get('error')}", file=sys.stderr)
+        return 1
+    copy = running_copy(find_replica(places, vmid), vmid, int(reply["sequence"]))
+    if args.start_command:
+        try:
+            CommandHook(args.start_command)(copy)
+        except HookFailed as exc:
+            print(f"frctl: unplanned failover: {exc}", file=sys.stderr)
+            return 1
+    result = {
+        "vmid": str(vmid),
+        "sequence": copy.sequence,
+        "generation": int(reply["generation"]),
+        "disks": [str(p) for p in copy.disks],
+        "server_running": True,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"VM {vmid} failed over at recovery point {copy.sequence} (generation "
+            f"{result['generation']}) by the running recovery server; its former primary is "
+            "refused from now on; disks: " + ", ".join(map(str, copy.disks))
         )
     return 0
 
@@ -288,7 +330,7 @@ def register(sub: Any) -> None:
     test.add_argument("--json", action="store_true")
     test.set_defaults(func=_cmd_test)
     unplanned = fsub.add_parser(
-        "unplanned", help="the primary site is lost: run the VM from its replica (server stopped)"
+        "unplanned", help="the primary site is lost: run the VM from its replica"
     )
     unplanned.add_argument("--config", required=True, help="the recovery server's configuration")
     unplanned.add_argument("vmid", help="the VM's VMID, or its name")

@@ -20,6 +20,7 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from node.config import ConfigError, load_recovery_server_config
+    from node.failover.control import serve_control
     from node.failover.reverse_service import ReverseReplication
     from node.recovery_server import RecoveryServer
 
@@ -45,6 +46,8 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             await nursery.start(reverse.run)
+            # frctl failover unplanned asks the running server on it.
+            await nursery.start(serve_control, server)
             if config.console is not None:
                 from frconsole.standalone import serve_console
 
