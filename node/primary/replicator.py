@@ -690,6 +690,7 @@ class VMReplicator:
                 f"{done.sequence} (generation {done.generation}); this primary replicates "
                 "it no more"
             )
+            self.state.failed_over_generation = done.generation
             self._save()
         log.info(
             "%s: failed over at sequence %d, generation %d",
