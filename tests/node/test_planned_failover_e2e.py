@@ -153,11 +153,19 @@ def test_planned_failover_in_one_step_then_reverse(site: Site, tmp_path: Path) -
                 f.seek(block * BLOCK)
                 f.write(rng.randbytes(BLOCK))
         wait_until_equal(a_disk, b_disk)
-        # A's old primary replicates it no more (halted, and B would refuse it).
+        # A's old primary replicates it no more (failed over, and B would refuse it).
         status = frctl(
             "replication", "status", "--config", str(site.write_primary_config()), "--json"
         )
-        assert "planned failover" in status.stdout
+        a_row = json.loads(status.stdout)["vms"][0]
+        assert a_row["state"] == "failed over"
+        assert a_row["failover"] == {"generation": 2}
+        # B replicates it back: status at B shows the direction and the generation.
+        b_status = frctl("replication", "status", "--config", str(b_primary_config(site)), "--json")
+        b_row = json.loads(b_status.stdout)["vms"][0]
+        assert b_row["direction"] == "reverse"
+        assert b_row["generation"] == 2
+        assert b_row["failover"] is None
         # Failback: the same command at B (its reverse replication's primary), the VM
         # stopped there: A takes it over at exactly B's final disk, nothing lost.
         b_final = b_disk.read_bytes()
@@ -171,6 +179,11 @@ def test_planned_failover_in_one_step_then_reverse(site: Site, tmp_path: Path) -
         a_state = json.loads((tmp_path / "a-replicas" / str(vmid) / "state.json").read_text())
         assert a_state["failed_over"] is True
         assert a_state["generation"] == 3
+        back_row = json.loads(
+            frctl("replication", "status", "--config", str(b_primary_config(site)), "--json").stdout
+        )["vms"][0]
+        assert back_row["state"] == "failed over"
+        assert back_row["failover"] == {"generation": 3}
     finally:
         if writer is not None and writer.poll() is None:
             writer.kill()
