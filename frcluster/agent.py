@@ -63,7 +63,7 @@ from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
 from .config import ClusterNodeConfig
-from .failover import FailoverRunner
+from .failover import FailoverRunner, record_planned_failover
 from .metrics import NodeCollector
 from .migration import Migrator
 
@@ -164,6 +164,10 @@ class ClusterNode:
                 claim_storage=not self.config.shared_storage,
                 on_deleted=self._vm_deleted,
                 on_renamed=self._vm_renamed,
+                # A planned failover (FailoverRequest) is recorded in the VM's record.
+                on_failed_over=partial(
+                    record_planned_failover, self.store, self.keys, self.config.name
+                ),
                 registry=self.registry,
             )
             NodeCollector(self, self.registry)
