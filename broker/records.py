@@ -298,6 +298,11 @@ class VMRecord:
     failover_generation: int = 0
     #: Why a failover failed, or what the start hook said.
     failover_note: str = ""
+    #: Reverse replication after a failover (``frctl cluster reverse``): the owner
+    #: replicates the VM to this recovery server, ``HOST:PORT`` ("" for none), named
+    #: :attr:`reverse_name` in TLS (``frcluster/reverse.py``).
+    reverse_to: str = ""
+    reverse_name: str = ""
 
     def __post_init__(self) -> None:
         # Code that still says failover="done" gets the member, so ``is`` compares hold
@@ -334,6 +339,8 @@ class VMRecord:
                     d.get("failover_generation", 0), int, "failover_generation"
                 ),
                 failover_note=_typed(d.get("failover_note", ""), str, "failover_note"),
+                reverse_to=_typed(d.get("reverse_to", ""), str, "reverse_to"),
+                reverse_name=_typed(d.get("reverse_name", ""), str, "reverse_name"),
             )
         except KeyError as exc:
             raise RecordError(f"VM record: missing {exc}") from None

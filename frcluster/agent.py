@@ -66,6 +66,7 @@ from .config import ClusterNodeConfig
 from .failover import FailoverRunner, record_planned_failover
 from .metrics import NodeCollector
 from .migration import Migrator
+from .reverse import ReverseRunner
 
 log = logging.getLogger("frrep.node")
 
@@ -188,6 +189,7 @@ class ClusterNode:
                 nursery.start_soon(election.run, self._lead)
                 nursery.start_soon(Migrator(self, store, self.keys).run)
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
+                nursery.start_soon(ReverseRunner(self, store, self.keys).run)
                 if self.config.console_port is not None:
                     await self._start_console(nursery)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)

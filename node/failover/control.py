@@ -97,13 +97,24 @@ async def fail_over_held(server: ControlHost, vmid: uuid.UUID, point: int | None
 async def serve_control(
     server: ControlHost, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Listen on the control socket until cancelled."""
-    path = socket_path(server.locations())
-    path.unlink(missing_ok=True)  # a socket left by a server that was killed
+    """Listen on the control socket until cancelled. Without one (no storage location, a
+    path too long for a Unix socket) the server runs on, and says so: an unplanned
+    failover then needs it stopped."""
+    locations = server.locations()
+    if not locations:
+        task_status.started(None)
+        return
+    path = socket_path(locations)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o077)
     try:
+        path.unlink(missing_ok=True)  # a socket left by a server that was killed
         await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        log.warning("no control socket (%s): an unplanned failover needs the server stopped", exc)
+        task_status.started(None)
+        return
     finally:
         os.umask(old)
     sock.listen(8)

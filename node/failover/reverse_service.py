@@ -35,16 +35,21 @@ log = logging.getLogger("frrep.failover")
 
 def reverse_state_dir(config: RecoveryServerConfig) -> Path:
     """Where a recovery server keeps the replication state of the VMs it replicates back:
-    ``reverse-primary`` beside its first storage location."""
+    ``reverse-primary`` beside its first storage location (in the working directory when
+    it has none)."""
+    if not config.storages:
+        return Path("reverse-primary").resolve()
     return config.storages[0].parent / "reverse-primary"
 
 
 class ReverseReplication:
     """The reverse replication of a recovery server's taken-over VMs."""
 
-    def __init__(self, config: RecoveryServerConfig) -> None:
+    def __init__(self, config: RecoveryServerConfig, *, state_dir: Path | None = None) -> None:
+        """``state_dir``: where the state lives (default: :func:`reverse_state_dir`; a
+        cluster node's is under its storage root)."""
         self.config = config
-        self.state_dir = reverse_state_dir(config)
+        self.state_dir = state_dir or reverse_state_dir(config)
         self.frequency_s = config.reverse_frequency_s
         #: Set once there is a VM to replicate back (the service starts then: a server
         #: that never took a VM over keeps no directory for it).
