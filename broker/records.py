@@ -310,8 +310,16 @@ class VMRecord:
         object.__setattr__(self, "failover", FailoverState(self.failover))
 
     def to_json(self) -> bytes:
-        """The record as stored."""
-        return _dump(self)
+        """The record as stored (without the reverse fields while they are empty: a record
+        written before they existed reads and writes back byte for byte)."""
+        if self.reverse_to or self.reverse_name:
+            return _dump(self)
+        data = {
+            name: getattr(self, name)
+            for name in _field_names(type(self))
+            if name not in ("reverse_to", "reverse_name")
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> VMRecord:
