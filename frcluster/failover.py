@@ -140,8 +140,10 @@ async def record_planned_failover(
 ) -> None:
     """A planned failover (protocol 1.1) took a VM over at this node: record it in the VM
     record as a failover done, with the point and the new generation, so that the broker
-    and ``frctl cluster vms`` show it (and the broker refuses the former primary). Best
-    effort: the failover itself is durable in the replica; a failure is logged."""
+    and ``frctl cluster vms`` show it (and the broker refuses the former primary). A
+    request that named a ``reverse_port`` is recorded as the VM's reverse direction, to
+    the primary's address (``frcluster/reverse.py`` starts it, FOV-9). Best effort: the
+    failover itself is durable in the replica; a failure is logged."""
     key = keys.vm(taken.vmid)
     try:
         for _ in range(10):
@@ -158,6 +160,12 @@ async def record_planned_failover(
                 failover_generation=taken.generation,
                 failover_note=f"planned failover asked by its primary {taken.primary_name}",
             )
+            if taken.reverse_port and taken.primary_address:
+                new = replace(
+                    new,
+                    reverse_to=f"{taken.primary_address}:{taken.reverse_port}",
+                    reverse_name=taken.primary_name,
+                )
             result = await store.txn(
                 [Compare.mod_revision(key, "==", kv.mod_revision)], [Put(key, new.to_json())], []
             )

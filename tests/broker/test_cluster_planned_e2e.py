@@ -14,7 +14,13 @@ import pytest
 import trio
 
 from frctl.main import main as frctl
-from frtesting.cluster import ClusterSite, primary_replicator, replica_path
+from frtesting.cluster import (
+    PRIMARY_ADDRESS,
+    PRIMARY_NAME,
+    ClusterSite,
+    primary_replicator,
+    replica_path,
+)
 from tests.broker.test_migration_e2e import cycle_until_done, index, make_image, owner, scribble
 
 
@@ -48,7 +54,9 @@ def test_planned_failover_at_a_node_that_keeps_serving_its_other_vms(
                         cycles += 1
 
                 nursery.start_soon(keep_replicating)
-                done = await vm.hand_over()
+                # Port 7443 of the primary's address: where its own recovery server
+                # would listen (none does here: the reverse direction is only recorded).
+                done = await vm.hand_over(reverse_port=7443)
                 while cycles < 2:  # the other VM's cycles go on after the takeover too
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
@@ -66,6 +74,8 @@ def test_planned_failover_at_a_node_that_keeps_serving_its_other_vms(
         assert record.failover_generation == 2
         assert record.failover_point == done.sequence
         assert "planned" in record.failover_note
+        assert record.reverse_to == f"{PRIMARY_ADDRESS}:7443"
+        assert record.reverse_name == PRIMARY_NAME
         where = ["--store", site.store_url, "--prefix", site.prefix]
         assert frctl(["cluster", "vms", *where, "--json"]) == 0
         rows = {r["vmid"]: r for r in json.loads(capsys.readouterr().out)}
