@@ -30,10 +30,10 @@ import trio
 import frproto as fp
 from broker.records import FailoverState, Keys, RecordError, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
-from node.failover.takeover import TakenOver
 from node.failover.test import CommandHook, HookFailed
 from node.failover.unplanned import in_place
 from node.storage.point_copy import PointCopy
+from node.takeover import TakenOver
 
 from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 

@@ -22,7 +22,6 @@ import trio
 from broker.records import FailoverState, Keys, VMRecord
 from broker.store import ClusterStore
 from node.failover.reverse_service import ReverseReplication
-from node.failover.takeover import TakenOver
 from node.primary.state import PrimaryStateStore
 
 from .requests import RETRY_SECONDS, follow_requests, owned_requests
@@ -40,8 +39,13 @@ class ReverseRunner:
         self.node = node
         self.store = store
         self.keys = keys
+        config = node.server.config
         self.reverse = ReverseReplication(
-            node.server.config, state_dir=node.config.storage / "reverse-primary"
+            name=config.name,
+            tls=config.tls,
+            listen=config.listen,
+            state_dir=node.config.storage / "reverse-primary",
+            frequency_s=config.reverse_frequency_s,
         )
 
     async def run(self) -> None:
@@ -66,17 +70,14 @@ class ReverseRunner:
         if await trio.to_thread.run_sync(self._reversing, vm.vmid):
             return
         host, _, port = vm.reverse_to.rpartition(":")
-        taken = TakenOver(
-            uuid.UUID(vm.vmid),
-            vm.failover_generation,
-            vm.failover_point,
-            self.node.config.storage / vm.storage,
-            vm.reverse_name or host,
-            host,
-            int(port),
-        )
         try:
-            await self.reverse.taken_over(taken)
+            await self.reverse.taken_over(
+                uuid.UUID(vm.vmid),
+                storage=self.node.config.storage / vm.storage,
+                primary_name=vm.reverse_name or host,
+                primary_address=host,
+                reverse_port=int(port),
+            )
         except Exception as exc:
             log.warning("reverse replication of %s not started: %s; later", vm.vmid, exc)
             await trio.sleep(RETRY_SECONDS)

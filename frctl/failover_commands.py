@@ -193,8 +193,8 @@ def _cmd_planned(args: argparse.Namespace) -> int:
                 planned_failover,
                 replicator,
                 stop_command=args.stop_command,
-                server=server,
-                reverse_port=args.reverse_port,
+                authorization=None if server is None else server.authorization,
+                reverse_port=0 if server is None else (args.reverse_port or server.port),
             )
         )
     except HookFailed as exc:

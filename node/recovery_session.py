@@ -39,7 +39,7 @@ authorization, and hands it here; the session then runs the conversation of
   then is the VM let go and the Ack sent. A failure is refused (the relationship stays
   open; if only the cluster's part failed, asking again retries just that).
 * FailoverRequest (1.1, a planned failover): the replica is checked to hold the primary's
-  final state and failed over at a new generation (``node/failover/takeover.py``); then
+  final state and failed over at a new generation (``node/takeover.py``); then
   ``on_failed_over`` (reverse replication, the cluster's record) and FailoverDone. A
   replica that differs is refused (OUT_OF_SEQUENCE), nothing changed.
 
@@ -71,10 +71,10 @@ from frproto.trio_io import FramedStream, keep_alive, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
 
 from .config import RecoveryServerConfig
-from .failover.takeover import TakenOver, take_over
 from .ir_coverage import IRCoverage
 from .ir_writes import IRWriteQueue
 from .metrics import ServerMetrics, failure_reason
+from .takeover import TakenOver, take_over
 
 log = logging.getLogger("frrep.recovery")
 

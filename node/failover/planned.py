@@ -8,7 +8,7 @@
    take the VM over at that final state (:meth:`VMReplicator.hand_over`, FailoverRequest).
    The recovery side checks that its replica holds exactly that state (sequence and
    state digest), fails over to it at the next generation and answers FailoverDone
-   (``node/failover/takeover.py``). A replica that differs is refused and nothing changes
+   (``node/takeover.py``). A replica that differs is refused and nothing changes
    on either side but the stopped VM.
 3. **Reverse.** With this host's recovery server configuration given, this host becomes
    the VM's recovery side: its disks, as they are now (the final state), are made the
@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from node.config import RecoveryServerConfig
+from frlink.authz import Authorization
 from node.storage import ReplicaStore
 
 from .reverse import Adopted, adopt_disks
@@ -89,18 +89,19 @@ async def planned_failover(
     replicator: Any,
     *,
     stop_command: str | None = None,
-    server: RecoveryServerConfig | None = None,
-    reverse_port: int | None = None,
+    authorization: Authorization | None = None,
+    reverse_port: int = 0,
 ) -> PlannedFailover:
     """Fail the VM of ``replicator`` (a :class:`node.primary.replicator.VMReplicator`)
     over to its recovery side (see the module docstring).
 
     Args:
         stop_command: the stop hook; None when the VM's writes are stopped already.
-        server: this host's recovery server configuration: this host becomes the VM's
-            recovery side; None: it does not (no reverse replication).
-        reverse_port: the port the recovery side replicates back to (default: the
-            server configuration's).
+        authorization: this host's recovery server's authorization: this host becomes
+            the VM's recovery side, its replica where that gives the other side; None:
+            it does not (no reverse replication).
+        reverse_port: the port of this host's recovery server, which the recovery side
+            replicates back to (0: none).
 
     Raises:
         HookFailed: the stop hook failed (nothing was asked).
@@ -113,11 +114,11 @@ async def planned_failover(
     if stop_command:
         await run_stop_hook(stop_command, vmid, [p for _, p in disks])
     adopted: Adopted | None = None
-    if server is not None:
+    if authorization is not None:
         # The recovery side carries the relationship on at the next generation (FOV-6).
         adopted = await trio.to_thread.run_sync(
             lambda: adopt_disks(
-                server.authorization,
+                authorization,
                 vmid,
                 name=state.name,
                 disks=disks,
@@ -125,7 +126,7 @@ async def planned_failover(
                 generation=state.generation + 1,
             )
         )
-    port = 0 if server is None else (reverse_port or server.port)
+    port = 0 if authorization is None else reverse_port
     try:
         done = await replicator.hand_over(reverse_port=port)
     except BaseException:

@@ -1,6 +1,6 @@
 """Reverse replication that starts by itself after a planned failover (FOV-9).
 
-A stand-alone recovery server that took a VM over (``node/failover/takeover.py``) is where
+A stand-alone recovery server that took a VM over (``node/takeover.py``) is where
 the VM runs now; when the FailoverRequest named a ``reverse_port``, it replicates the VM
 back to the former primary's own recovery server (at the connection's peer address,
 named as the primary's certificate), at the new generation, from the replica's image
@@ -17,40 +17,43 @@ primary configuration that names that directory shows it.
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from node.config import RecoveryServerConfig
+from frlink.config import TLSFiles
 from node.primary.config import PrimaryConfig
 from node.primary.service import run_primary
 from node.primary.state import PrimaryStateStore
 
 from .reverse import reverse_state
-from .takeover import TakenOver
 
 log = logging.getLogger("frrep.failover")
 
 
-def reverse_state_dir(config: RecoveryServerConfig) -> Path:
-    """Where a recovery server keeps the replication state of the VMs it replicates back:
-    ``reverse-primary`` beside its first storage location (in the working directory when
-    it has none)."""
-    if not config.storages:
+def reverse_state_dir(storages: list[Path]) -> Path:
+    """Where a recovery server with these storage locations keeps the replication state
+    of the VMs it replicates back: ``reverse-primary`` beside its first storage location
+    (in the working directory when it has none)."""
+    if not storages:
         return Path("reverse-primary").resolve()
-    return config.storages[0].parent / "reverse-primary"
+    return sorted(storages)[0].parent / "reverse-primary"
 
 
 class ReverseReplication:
     """The reverse replication of a recovery server's taken-over VMs."""
 
-    def __init__(self, config: RecoveryServerConfig, *, state_dir: Path | None = None) -> None:
-        """``state_dir``: where the state lives (default: :func:`reverse_state_dir`; a
-        cluster node's is under its storage root)."""
-        self.config = config
-        self.state_dir = state_dir or reverse_state_dir(config)
-        self.frequency_s = config.reverse_frequency_s
+    def __init__(
+        self, *, name: str, tls: TLSFiles, listen: str, state_dir: Path, frequency_s: float
+    ) -> None:
+        """The server's ``name``, ``tls`` identity and ``listen`` address (its connections'
+        source), the state directory (:func:`reverse_state_dir`; a cluster node's is
+        under its storage root) and the seconds between cycles."""
+        self.name, self.tls, self.listen = name, tls, listen
+        self.state_dir = state_dir
+        self.frequency_s = frequency_s
         #: Set once there is a VM to replicate back (the service starts then: a server
         #: that never took a VM over keeps no directory for it).
         self._wanted = trio.Event()
@@ -58,44 +61,53 @@ class ReverseReplication:
     def primary_config(self) -> PrimaryConfig:
         """The primary service's configuration: this server's name, TLS identity and
         listening address (the source of its connections)."""
-        listen = self.config.listen
+        listen = self.listen
         return PrimaryConfig(
-            name=self.config.name,
+            name=self.name,
             state_dir=self.state_dir,
-            tls=self.config.tls,
+            tls=self.tls,
             local_address=None if listen in ("0.0.0.0", "::", "") else listen,
         )
 
-    async def taken_over(self, taken: TakenOver) -> None:
-        """Enable the reverse replication of a VM just taken over (a no-op without a
-        ``reverse_port`` or a peer address)."""
-        if not taken.reverse_port or not taken.primary_address:
+    async def taken_over(
+        self,
+        vmid: uuid.UUID,
+        *,
+        storage: Path,
+        primary_name: str,
+        primary_address: str | None,
+        reverse_port: int,
+    ) -> None:
+        """Enable the reverse replication of a VM just taken over, whose replica is in
+        ``storage``, to the recovery server at ``primary_address:reverse_port`` named
+        ``primary_name`` (a no-op without a port or an address)."""
+        if not reverse_port or not primary_address:
             log.info(
                 "VM %s taken over; no reverse replication (port %d, peer address %s)",
-                taken.vmid,
-                taken.reverse_port,
-                taken.primary_address,
+                vmid,
+                reverse_port,
+                primary_address,
             )
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = await trio.to_thread.run_sync(
             lambda: reverse_state(
                 PrimaryStateStore(self.state_dir),
-                taken.storage,
-                taken.vmid,
-                host=str(taken.primary_address),
-                port=taken.reverse_port,
-                server_name=taken.primary_name,
+                storage,
+                vmid,
+                host=primary_address,
+                port=reverse_port,
+                server_name=primary_name,
                 frequency_s=self.frequency_s,
             )
         )
         log.info(
             "VM %s (%s): replicating back to %s (%s:%d), differences first",
-            taken.vmid,
+            vmid,
             state.name,
-            taken.primary_name,
-            taken.primary_address,
-            taken.reverse_port,
+            primary_name,
+            primary_address,
+            reverse_port,
         )
         self._wanted.set()
 

@@ -651,7 +651,7 @@ class VMReplicator:
         VM's writes stopped (the caller's stop hook has run): a last cycle sends what is
         still pending, the disks are read and their state digest computed, and the
         recovery side is asked to take the VM over at that final state (FailoverRequest;
-        it checks and answers, ``node/failover/takeover.py``). Then this primary
+        it checks and answers, ``node/takeover.py``). Then this primary
         replicates the VM no more (``state.halted``).
 
         Raises:

@@ -7,9 +7,11 @@ the primary's last acknowledged sequence, and the state digest of its disks
 the replica failed over (:meth:`node.storage.Replica.fail_over`, at its latest point: no
 revert) at the relationship's next generation, durably, before the answer (FOV-6).
 
-Runs inside the recovery server, which holds the storage (no lock to take), in a worker
-thread: reading the whole replica to digest it is the long part, and the server goes on
-serving every other VM meanwhile (FOV-8).
+One of the recovery server's own modules (``docs/architecture.md``: the failover
+workflows above it may not be imported by it). Runs inside the recovery server, which
+holds the storage (no lock to take), in a worker thread: reading the whole replica to
+digest it is the long part, and the server goes on serving every other VM meanwhile
+(FOV-8).
 """
 
 from __future__ import annotations
