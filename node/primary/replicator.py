@@ -683,6 +683,14 @@ class VMReplicator:
             client, _ = await self._route().open_existing()
             try:
                 done = await client.fail_over(request)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # Asked, but the answer was lost: the recovery side may have taken the VM
+                # over (it is durable there before it answers, FOV-6), or not.
+                raise ReplicationHalted(
+                    f"{self.state.name}: the answer to the failover request was lost ({exc}): "
+                    "the recovery side may have taken the VM over; see its log or its "
+                    "replica's state before running the VM here again"
+                ) from exc
             finally:
                 await client.aclose()
             self.state.halted = (

@@ -252,7 +252,7 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
     NegotiateRequest: [
         (
             "defaults",
-            "Version 1.0, offers zstd and LZ4, TLS 1.3, certificates.",
+            "Version 1.1, offers zstd and LZ4, TLS 1.3, certificates.",
             NegotiateRequest(),
         ),
         (
@@ -309,14 +309,14 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
         # both compressions: NONE in every one, whatever the server would have chosen.
         (
             "refusal_not_authorized_peer",
-            "TLS-4: a peer whose certificate is not authorized, for the default request (1.0, "
-            "ZSTD|LZ4, TLS13, CERTIFICATE): NOT_AUTHORIZED, COMPATIBLE, 1.0, compression NONE.",
+            "TLS-4: a peer whose certificate is not authorized, for the default request (1.1, "
+            "ZSTD|LZ4, TLS13, CERTIFICATE): NOT_AUTHORIZED, COMPATIBLE, 1.1, compression NONE.",
             frproto.refuse_negotiation(NegotiateRequest(), _NODE_POLICY, ErrorCode.NOT_AUTHORIZED),
         ),
         (
             "refusal_integrated_auth",
             "NEG-3: INTEGRATED auth not accepted: NOT_AUTHORIZED, auth_type INTEGRATED echoed, "
-            "the lower minor (1.0 for a 1.7 request), compression NONE.",
+            "the lower minor (1.1 for a 1.7 request), compression NONE.",
             frproto.refuse_negotiation(
                 NegotiateRequest(version=(1, 7), auth_type=AuthType.INTEGRATED),
                 _NODE_POLICY,
@@ -325,7 +325,7 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
         ),
         (
             "refusal_protocol_mismatch",
-            "NEG-2: a 2.0 request: PROTOCOL_MISMATCH, MISMATCH, the server's own 1.0, "
+            "NEG-2: a 2.0 request: PROTOCOL_MISMATCH, MISMATCH, the server's own 1.1, "
             "compression NONE.",
             frproto.refuse_negotiation(
                 NegotiateRequest(version=(2, 0)), _NODE_POLICY, ErrorCode.PROTOCOL_MISMATCH
@@ -861,14 +861,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
         ec(
             "negotiated_major_differs",
-            "A NegotiateResponse marking version 2.0 compatible with an offer of 1.0.",
+            "A NegotiateResponse marking version 2.0 compatible with an offer of 1.1.",
             P,
             [send(NegotiateRequest())],
             frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(2, 0))),
         ),
         ec(
             "negotiated_minor_above_offer",
-            "A NegotiateResponse choosing minor version 5 when 1.0 was offered.",
+            "A NegotiateResponse choosing minor version 5 when 1.1 was offered.",
             P,
             [send(NegotiateRequest())],
             frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(1, 5))),
