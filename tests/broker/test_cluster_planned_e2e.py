@@ -81,5 +81,13 @@ def test_planned_failover_at_a_node_that_keeps_serving_its_other_vms(
         rows = {r["vmid"]: r for r in json.loads(capsys.readouterr().out)}
         assert rows[str(vmid)]["failover"] == "done"
         assert rows[str(other)]["failover"] == ""
+        assert rows[str(vmid)]["reverse_to"] == f"{PRIMARY_ADDRESS}:7443"
+        assert rows[str(other)]["reverse_to"] == ""
+        assert frctl(["cluster", "vms", *where]) == 0
+        lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+        assert "failover done (generation 2)" in lines[str(vmid)]
+        assert f"reverse -> {PRIMARY_ADDRESS}:7443" in lines[str(vmid)]
+        assert "failover" not in lines[str(other)]
+        assert "reverse" not in lines[str(other)]
     finally:
         site.stop_all()
