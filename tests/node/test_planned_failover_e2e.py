@@ -201,6 +201,16 @@ def test_planned_failover_refused_when_the_replica_differs(site: Site, tmp_path:
     try:
         vm = site.replicator(vmid, "db01", [image], server.port)
         trio.run(vm.cycle)
+        # A stop hook that fails stops it all: nothing is asked, nothing changes.
+        hook_failed = frctl(
+            "failover", "planned", "--config", str(site.write_primary_config()), str(vmid),
+            "--stop-command", "echo cannot >&2; exit 3",
+            "--server-config", str(a_server_config(site, tmp_path)),
+        )  # fmt: skip
+        assert hook_failed.returncode == 1
+        assert "exited 3" in hook_failed.stderr
+        assert not (tmp_path / "a-replicas" / str(vmid)).exists()
+        assert vm.store.load(str(vmid)).halted is None
         # The replica is damaged behind the server's back (a bit rot, say).
         replica = site.replica_image(vmid, 0)
         with replica.open("r+b") as f:
