@@ -371,6 +371,36 @@ async def request_failover(
     return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "failover", vmid))
 
 
+async def request_reverse(
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str | uuid.UUID,
+    *,
+    to: str,
+    name: str,
+    by: str = "",
+) -> Updated[VMRecord]:
+    """Ask the node that VM ``vmid`` failed over to to replicate it back, to the recovery
+    server at ``to`` (``HOST:PORT``) named ``name`` in TLS: the former primary's, or any
+    recovery server holding the VM's replica at the failed-over generation
+    (``frctl failover adopt``). The owner starts it (``frcluster/reverse.py``), sending
+    only what differs first.
+
+    Raises:
+        Refused: the VM was deleted, or it was not failed over (nothing to reverse).
+    """
+    vmid = _vmid(vmid)
+
+    def ask(vm: VMRecord) -> VMRecord:
+        if vm.deleted:
+            raise Refused(f"VM {vmid} was deleted")
+        if vm.failover is not FailoverState.DONE:
+            raise Refused(f"VM {vmid} was not failed over: nothing to reverse (fail over first)")
+        return replace(vm, reverse_to=to, reverse_name=name)
+
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "reverse", vmid))
+
+
 async def await_failover(
     store: ClusterStore,
     keys: Keys,

@@ -154,8 +154,10 @@ class RecoveryClient:
         local_address: str | None = None,
         compression: fp.CompressionSet = NO_COMPRESSION,
         timeout: float = 15.0,
+        version: tuple[int, int] = fp.limits.PROTOCOL_VERSION,
     ) -> RecoveryClient:
-        """Connect, handshake and negotiate.
+        """Connect, handshake and negotiate (at ``version``: tests stand for an older
+        primary with it).
 
         Raises:
             frlink.tls.TLSFailure, OSError: the server could not be reached or trusted.
@@ -180,7 +182,7 @@ class RecoveryClient:
         )
         try:
             with trio.fail_after(timeout):
-                await conn.send(fp.NegotiateRequest(compression=compression))
+                await conn.send(fp.NegotiateRequest(version, compression=compression))
                 # In TLS 1.3 a refused client certificate shows up here, at the first read.
                 answer = await conn.expect(fp.NegotiateResponse)
         except BaseException:
@@ -342,3 +344,21 @@ class RecoveryClient:
         """
         await self.conn.send(fp.RelationshipDelete(vmid))
         await self.conn.expect(fp.Ack)
+
+    async def fail_over(self, request: fp.FailoverRequest) -> fp.FailoverDone:
+        """Ask the recovery side to take the open relationship's VM over at the final
+        state ``request`` describes (protocol 1.1, FOV-2); its answer. A refusal raises
+        its frproto exception and leaves the relationship open, nothing changed.
+
+        Raises:
+            frproto.NotSupported: the recovery side speaks protocol 1.0 only (NEG-13).
+        """
+        if self.negotiated.version < (1, 1):
+            raise fp.NotSupported(
+                "the recovery side speaks protocol 1.0: a planned failover in one step needs "
+                "1.1 (take the VM over there with 'frctl failover unplanned --point SEQ')"
+            )
+        await self.conn.send(request)
+        done = await self.conn.expect(fp.FailoverDone)
+        assert isinstance(done, fp.FailoverDone)
+        return done

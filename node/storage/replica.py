@@ -335,7 +335,9 @@ class Replica:
                 return st.generation
             if st.reverting_to < 0:
                 target = st.applied_sequence if sequence is None else sequence
-                if all(p.sequence != target for p in st.points):
+                # The applied sequence needs no kept point (nothing to revert): a replica
+                # with its IR only, or taken over at its latest state (a planned failover).
+                if target != st.applied_sequence and all(p.sequence != target for p in st.points):
                     raise frproto.OutOfSequence(
                         f"replica {self.vmid}: no recovery point {target} is kept"
                     )
