@@ -115,6 +115,8 @@ def reverse_state(
             raise fp.OutOfSequence(
                 f"VM {vmid} was not failed over here: nothing to reverse (fail over first)"
             )
+        # Before any state of the reverse side exists: a cancel is refused from here on.
+        replica.mark_reversed(f"{server_name} ({host}:{port})")
         state = VMReplicationState(
             vmid=str(vmid),
             name=replica.name,

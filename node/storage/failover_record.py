@@ -18,6 +18,9 @@ former generation, so the primary carries on), the failover keeps here::
       fingerprint.bin    XXH3-128 of every 1 MiB block of the disks at P, before the
                          VM started: a cancel refuses when the VM wrote since (it ran
                          from these images, and what it overwrote is not kept)
+      reversed           where reverse replication from this replica goes, once it
+                         was set up: a cancel refuses from then on (the other side
+                         holds the VM at the failover's generation)
 
 ``record.json`` is written (atomically) only once ``redo.undo`` is whole: its presence for
 the failover's generation says the images may be touched. Every step after is
@@ -43,6 +46,7 @@ FAILOVER_DIR: Final = "failover"
 RECORD_FILE: Final = "record.json"
 REDO_FILE: Final = "redo.undo"
 FINGERPRINT_FILE: Final = "fingerprint.bin"
+REVERSED_FILE: Final = "reversed"
 #: The block of the disks' fingerprint.
 FINGERPRINT_BLOCK: Final = 1 << 20
 
@@ -194,6 +198,20 @@ class FailoverFiles:
             return None
         with mapped("read fingerprint", path):
             return path.read_bytes()
+
+    def mark_reversed(self, destination: str) -> None:
+        """Record, durably, that reverse replication to ``destination`` was set up."""
+        path = self._lay.checked(self.dir / REVERSED_FILE)
+        with mapped("mark failover reversed", path):
+            self._io.write_file_durably(path, destination.encode())
+
+    def reversed_to(self) -> str | None:
+        """Where reverse replication from this replica goes, or None if it was not set up."""
+        path = self._lay.checked(self.dir / REVERSED_FILE)
+        if not os.path.lexists(path):
+            return None
+        with mapped("read failover reversed", path):
+            return path.read_bytes().decode(errors="replace")
 
     def remove(self) -> None:
         """Remove ``failover/``: the record first (atomically), so that what a crash

@@ -421,6 +421,22 @@ class Replica:
             self._ensure_recovered()
             return self._failover.read() if self._state.current.failed_over else None
 
+    def mark_reversed(self, destination: str) -> None:
+        """Record that reverse replication from this failed-over replica to
+        ``destination`` is set up: a cancel of the failover is refused from then on (a
+        completed failover keeps no record, and cannot be cancelled anyway).
+
+        Raises:
+            frproto.OutOfSequence: the replica is not failed over.
+        """
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            if not self._state.current.failed_over:
+                raise frproto.OutOfSequence(f"replica {self.vmid} is not failed over")
+            if self._failover.read() is not None:
+                self._failover.mark_reversed(destination)
+
     def blocks_written_since_failover(self) -> int:
         """How many 1 MiB blocks of the disks differ from the failover's fingerprint
         (what the failed-over VM wrote); 0 when there is no fingerprint."""
@@ -508,6 +524,17 @@ class Replica:
                 raise frproto.OutOfSequence(
                     f"replica {self.vmid}: its failover was completed; it cannot be cancelled"
                 )
+            if record.phase != CANCELLING:
+                reversed_to = self._failover.reversed_to()
+                if reversed_to is not None:
+                    # The other side then holds the VM at this failover's generation: a
+                    # cancel would give the former primary its writes back while the
+                    # other side replicates its own, two sides writing.
+                    raise frproto.OutOfSequence(
+                        f"replica {self.vmid}: reverse replication to {reversed_to} has "
+                        "started from it; a failover reversed cannot be cancelled (fail "
+                        "back with a planned failover instead)"
+                    )
             written = self.blocks_written_since_failover()
             if written and not discard_writes:
                 raise frproto.OutOfSequence(

@@ -646,6 +646,44 @@ def test_fail_over_brings_a_kept_point_back_even_across_a_crash(tmp_path: Path) 
     assert [p.sequence for p in again.recovery_points()][-1] == 3
 
 
+
+def test_a_failover_reversed_cannot_be_cancelled_but_can_be_completed(tmp_path: Path) -> None:
+    """Once reverse replication from the failed-over replica is set up, the other side
+    holds the VM at the failover's generation: a cancel (which would hand the former
+    primary its writes back) is refused, even with discard_writes, and changes nothing."""
+    with ReplicaStore(tmp_path) as store:
+        r = make(store)
+        do_ir(r)
+        for seq in range(2, 5):
+            apply_batch(r, 9, seq)
+        r.fail_over(3)
+        at_three, generation = images(r), r.generation
+        with pytest.raises(frproto.OutOfSequence):
+            make(store, uuid4()).mark_reversed("b")  # not failed over: refused
+        r.mark_reversed("a.example.com (127.0.0.3:7443)")
+    with ReplicaStore(tmp_path) as store:  # the mark is durable
+        r = store.open(wl.VMID)
+        for discard in (False, True):
+            with pytest.raises(frproto.OutOfSequence, match="reverse replication to a.example"):
+                r.cancel_failover(discard_writes=discard)
+        assert r.failed_over and r.generation == generation and images(r) == at_three
+        assert r.complete_failover() == 3
+        assert [p.sequence for p in r.recovery_points()] == [3]
+
+
+def test_a_failover_not_reversed_is_still_cancelled(tmp_path: Path) -> None:
+    """The mark is what refuses: without it the same cancel goes back to sequence 4."""
+    with ReplicaStore(tmp_path) as store:
+        r = make(store)
+        do_ir(r)
+        for seq in range(2, 5):
+            apply_batch(r, 9, seq)
+        at_four = images(r)
+        r.fail_over(3)
+        assert r.cancel_failover() == 4
+        assert not r.failed_over and images(r) == at_four
+
+
 # -- the pipelined commit (acknowledged once the journal is durable, applied after) ------
 
 
