@@ -82,6 +82,12 @@ def check(data: bytes) -> None:
     encoded = frproto.codec.encode_frame(decoded)
     if encoded == data:
         return
+    # A RelationshipDelete under its 1.0 tag decodes to the message its 1.1 tag encodes
+    # (NEG-15); the rest of the frame must be the same.
+    legacy = frproto.codec.LEGACY_RELATIONSHIP_DELETE
+    as_legacy = data[2:4] == legacy.to_bytes(2, "big")
+    if isinstance(decoded, frproto.RelationshipDelete) and as_legacy and encoded[4:] == data[4:]:
+        return
     # Bad UTF-8 in an Error's text is replaced on purpose; the result must be stable.
     lossy_text = isinstance(decoded, frproto.Error) and "\ufffd" in decoded.text
     if lossy_text and frproto.codec.decode_frame(encoded) == decoded:
