@@ -52,6 +52,7 @@ from broker.store import (
 )
 from frconsole import ReplicaReport
 from frconsole.standalone import report_of
+from frlink import network
 from frlink.accept import Accepted
 from frlink.authz import Grant
 from frlink.http import serve_asgi
@@ -245,7 +246,7 @@ class ClusterNode:
             self._serve_scope = scope
             async with trio.open_nursery() as inner:
                 listeners = await inner.start(self.server.serve)
-                task_status.started(listeners[0].socket.getsockname()[1])
+                task_status.started(network.bound_port(listeners[0]))
 
     async def _rebind(self, port: int) -> None:
         """Move the replication listener to ``port`` (the setting changed) and announce

@@ -308,13 +308,16 @@ class VMReplicator:
                 if self.state.paused:
                     delay = min(self.state.frequency_s, 1.0)
                 else:
-                    started = time.monotonic()
+                    # Trio's clock, the one the sleep below runs on (a simulation's
+                    # MockClock drives both; real time there would make the next cycle's
+                    # moment depend on the machine).
+                    started = trio.current_time()
                     outcome = await self._counted_cycle(backoff)
                     if outcome is _Outcome.HALTED:
                         return
                     if outcome is _Outcome.OK:
                         backoff = _BACKOFF_START
-                        elapsed = time.monotonic() - started
+                        elapsed = trio.current_time() - started
                         if self.metrics is not None:
                             self.metrics.cycle_done(elapsed)
                         delay = max(0.0, self.state.frequency_s - elapsed)

@@ -1,0 +1,41 @@
+"""The fault schedule of one run: drawn from the seed, applied by the runner.
+
+A schedule is a list of :class:`Fault` in time order; the runner can replay any subset of
+it (``scripts/simulate --seed N --faults 0,3``), which is how a failing run is shrunk.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+#: Fault kinds, in the order of the summary table.
+KINDS = ("server_kill", "server_power_loss", "link_cut", "link_slow", "primary_restart")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One fault: at ``at`` seconds, of ``kind``, on primary ``target`` (links and
+    primary restarts), lasting ``length`` seconds (down, cut, slowed)."""
+
+    at: float
+    kind: str
+    target: int
+    length: float
+
+    def describe(self) -> str:
+        what = f"p{self.target + 1}" if self.kind in ("link_cut", "link_slow", "primary_restart") else "server"
+        return f"{self.kind} {what} for {self.length:.1f}s"
+
+
+def draw_schedule(seed: int, primaries: int, window: float) -> list[Fault]:
+    """The faults of run ``seed`` within ``window`` seconds: 2 to 8 of them."""
+    rng = random.Random(f"{seed}:faults")
+    faults = []
+    for _ in range(rng.randint(2, 8)):
+        kind = rng.choice(KINDS)
+        at = round(rng.uniform(5.0, window - 20.0), 3)
+        length = round(rng.choice([rng.uniform(0.0, 3.0), rng.uniform(3.0, 40.0)]), 3)
+        faults.append(Fault(at, kind, rng.randrange(primaries), length))
+    faults.sort(key=lambda f: (f.at, f.kind, f.target))
+    return faults

@@ -1,0 +1,288 @@
+"""Running one simulated site from a seed, deterministically, and shrinking a failure.
+
+:func:`run_seed` runs the world of ``frtesting/sim/world.py`` under Trio's ``MockClock``
+(autojump: simulated time jumps to the next deadline whenever every task waits), with the
+faults of :func:`~frtesting.sim.faults.draw_schedule` (or a subset of them), and returns
+the event trace, the faults applied and the invariant violations. What would make two
+runs of one seed differ is pinned for the run's duration (:func:`_deterministic`):
+
+* Trio's scheduler orders each batch of runnable tasks by creation, then shuffles it with
+  its own generator, seeded from the run's seed (Trio's Hypothesis mode);
+* ``trio.to_thread.run_sync`` runs the function inline: a worker thread would let the
+  clock jump while it works, at a moment that depends on the machine;
+* ``uuid.uuid4`` draws from a generator seeded from the run's seed (names of staging
+  directories and writers' tokens end up in logs).
+
+The trace holds the world's events and the production code's own log lines (paths
+relative to the run's directory), each with its simulated time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from . import invariants
+from .faults import Fault, draw_schedule
+from .world import SERVER_ADDRESS, World, certificates
+
+#: Faults happen in the first FAULT_WINDOW simulated seconds; then the links heal, every
+#: host runs, the disks stop changing, and after QUIET more seconds the run is checked.
+FAULT_WINDOW = 150.0
+QUIET = 150.0
+#: The world's state is traced every so many simulated seconds.
+TICK = 10.0
+
+
+@dataclass
+class RunResult:
+    """What one run did."""
+
+    seed: int
+    schedule: list[Fault]
+    applied: list[int]  #: indices (in ``schedule``) of the faults replayed
+    trace: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    simulated_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def replay_command(self) -> str:
+        """The command that replays this run."""
+        command = f"scripts/simulate --seed {self.seed}"
+        if len(self.applied) != len(self.schedule):
+            command += " --faults " + (",".join(map(str, self.applied)) or "none")
+        return command
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    run_module: Any = trio._core._run  # noqa: SLF001 - the scheduler's own generator
+    saved = (run_module._ALLOW_DETERMINISTIC_SCHEDULING, run_module._r.getstate())
+    saved_uuid4, saved_to_thread = uuid.uuid4, trio.to_thread.run_sync
+    ids = random.Random(f"{seed}:uuid")
+
+    def uuid4() -> uuid.UUID:
+        return uuid.UUID(int=ids.getrandbits(128), version=4)
+
+    async def inline(fn: Any, *args: Any, **_options: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    run_module._ALLOW_DETERMINISTIC_SCHEDULING = True
+    run_module._r.seed(seed)
+    uuid.uuid4 = uuid4
+    trio.to_thread.run_sync = inline
+    try:
+        yield
+    finally:
+        run_module._ALLOW_DETERMINISTIC_SCHEDULING, state = saved
+        run_module._r.setstate(state)
+        uuid.uuid4 = saved_uuid4
+        trio.to_thread.run_sync = saved_to_thread
+
+
+_WALL_TIME = re.compile(r"\b1[0-9]{9}\.[0-9]+")
+
+
+class _TraceLogs(logging.Handler):
+    """Production log lines into the trace (INFO and above), paths made relative."""
+
+    def __init__(self, trace: list[str], root: Path) -> None:
+        super().__init__(logging.INFO)
+        self._trace, self._root = trace, str(root)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            return
+        # Wall-clock times (a batch's timings) are the machine's, not the simulation's.
+        text = _WALL_TIME.sub("T", record.getMessage().replace(self._root, "~"))
+        self._trace.append(f"{now:10.3f} log {record.name}: {text}")
+
+
+def _certs_dir() -> Path:
+    return certificates(Path(tempfile.mkdtemp(prefix="frrep-sim-certs-")))
+
+
+_CERTS: list[Path] = []
+
+
+def _default_base() -> Path | None:
+    """Memory-backed storage when the machine has it: the engine's syncs are real system
+    calls, and on a disk they would cost most of a run's time (power loss is modelled
+    by the recording layer, not by the disk)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def run_seed(
+    seed: int, *, keep: Sequence[int] | None = None, base: Path | None = None
+) -> RunResult:
+    """Run seed ``seed`` with every fault of its schedule, or only those at the indices
+    ``keep``; ``base``: where the run's directory is made (a temporary one by default)."""
+    if not _CERTS:
+        _CERTS.append(_certs_dir())
+    root = Path(tempfile.mkdtemp(prefix=f"frrep-sim-{seed}-", dir=base or _default_base()))
+    trace: list[str] = []
+    handler = _TraceLogs(trace, root)
+    logger = logging.getLogger("frrep")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with _deterministic(seed):
+            world = World(root / "site", _CERTS[0], seed, lambda line: None)
+            schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW)
+            applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
+            result = RunResult(seed, schedule, applied, trace)
+
+            def event(text: str) -> None:
+                trace.append(f"{trio.current_time():10.3f} {text}")
+
+            world.trace = event
+            clock = trio.testing.MockClock(autojump_threshold=0)
+            trio.run(_main, world, [schedule[i] for i in applied], result, clock=clock)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
+    event = world.trace
+    digests: dict[tuple[str, int], str] = {}
+    rng = random.Random(f"{world.seed}:powerloss")
+    event(
+        f"world seed={world.seed} primaries={len(world.primaries)} vms={len(world.vms)} "
+        f"frequency={world.frequency:g}s recovery_points={world.recovery_points}"
+    )
+    for vm in world.vms:
+        event(f"vm {vm.name} {vm.vmid} disks={[p.stat().st_size for p in vm.images]}")
+
+    def fail(found: list[str]) -> None:
+        for line in found:
+            event(f"INVARIANT {line}")
+        result.failures += found
+
+    async with trio.open_nursery() as nursery:
+        await world.start_server(nursery)
+        for primary in world.primaries:
+            await world.start_primary(nursery, primary)
+        for vm in world.vms:
+            nursery.start_soon(world.write_disks, vm, FAULT_WINDOW)
+
+        async def ticks() -> None:
+            while True:
+                await trio.sleep(TICK)
+                world.observe()
+                states = " ".join(
+                    f"{vm.name}={'-' if vm.replicator is None else vm.replicator.state.sequence}"
+                    f"/{vm.acked}"
+                    for vm in world.vms
+                )
+                event(f"tick {states}")
+
+        nursery.start_soon(ticks)
+        server_down = trio.Event()
+        server_down.set()  # "not down"
+        busy_until: dict[str, float] = {}
+
+        async def restart_server(after: float) -> None:
+            await trio.sleep(after)
+            await world.start_server(nursery)
+            event("server started")
+            fail(await invariants.check_durable(world, digests))
+            server_down.set()
+
+        async def restart_primary(index: int, after: float) -> None:
+            await trio.sleep(after)
+            await world.start_primary(nursery, world.primaries[index])
+            event(f"primary p{index + 1} started")
+
+        async def heal(index: int, after: float) -> None:
+            await trio.sleep(after)
+            world.net.heal(world.primaries[index].address, SERVER_ADDRESS)
+            event(f"link p{index + 1} healed")
+
+        for fault in faults:
+            await trio.sleep_until(fault.at)
+            world.observe()
+            key = fault.kind if fault.kind.startswith("server") else f"{fault.kind}:{fault.target}"
+            if fault.kind.startswith("server"):
+                key = "server"
+            if busy_until.get(key, -1.0) >= trio.current_time():
+                event(f"fault skipped (already under a fault): {fault.describe()}")
+                continue
+            busy_until[key] = trio.current_time() + fault.length + 0.001
+            result.faults[fault.kind] += 1
+            event(f"fault {fault.describe()}")
+            if fault.kind in ("server_kill", "server_power_loss"):
+                server_down = trio.Event()
+                what = await world.kill_server(
+                    power_loss=fault.kind == "server_power_loss", rng=rng
+                )
+                event(f"server killed ({what})")
+                nursery.start_soon(restart_server, fault.length)
+            elif fault.kind == "link_cut":
+                primary = world.primaries[fault.target]
+                broken = world.net.cut(primary.address, SERVER_ADDRESS)
+                event(f"link p{fault.target + 1} cut ({broken} stream ends broken)")
+                nursery.start_soon(heal, fault.target, fault.length)
+            elif fault.kind == "link_slow":
+                primary = world.primaries[fault.target]
+                world.net.slow(primary.address, SERVER_ADDRESS, 0.25)
+                nursery.start_soon(heal, fault.target, fault.length)
+            elif fault.kind == "primary_restart":
+                await world.kill_primary(world.primaries[fault.target])
+                event(f"primary p{fault.target + 1} killed")
+                nursery.start_soon(restart_primary, fault.target, fault.length)
+        await trio.sleep_until(FAULT_WINDOW)
+        world.net.heal_all()
+        await server_down.wait()
+        event("faults over: quiet from now on")
+        await trio.sleep(QUIET)
+        world.observe()
+        # Stop the primaries first: the check reads the replicas as they are.
+        for primary in world.primaries:
+            if primary.scope is not None:
+                primary.scope.cancel()
+        await trio.lowlevel.checkpoint()
+        fail(await invariants.check_durable(world, digests))
+        fail(await invariants.check_quiet(world))
+        result.simulated_seconds = trio.current_time()
+        event(f"end: {len(result.failures)} invariant failures")
+        nursery.cancel_scope.cancel()
+
+
+def shrink(result: RunResult) -> RunResult:
+    """A shorter schedule with the same failure (the first invariant's number): drop one
+    fault at a time and keep each drop that still fails."""
+    assert result.failures
+    want = result.failures[0].split()[0]
+    best = result
+    for index in list(result.applied):
+        keep = [i for i in best.applied if i != index]
+        trial = run_seed(result.seed, keep=keep)
+        if any(f.split()[0] == want for f in trial.failures):
+            best = trial
+    return best
