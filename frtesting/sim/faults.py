@@ -10,7 +10,16 @@ import random
 from dataclasses import dataclass
 
 #: Fault kinds, in the order of the summary table.
-KINDS = ("server_kill", "server_power_loss", "link_cut", "link_slow", "primary_restart")
+KINDS = (
+    "server_kill",
+    "server_power_loss",
+    "link_cut",
+    "link_slow",
+    "primary_restart",
+    "primary_power_loss",
+)
+#: The kinds aimed at one primary (``Fault.target``); the others hit the server.
+PRIMARY_KINDS = frozenset({"link_cut", "link_slow", "primary_restart", "primary_power_loss"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,17 +33,23 @@ class Fault:
     length: float
 
     def describe(self) -> str:
-        what = f"p{self.target + 1}" if self.kind in ("link_cut", "link_slow", "primary_restart") else "server"
+        what = f"p{self.target + 1}" if self.kind in PRIMARY_KINDS else "server"
         return f"{self.kind} {what} for {self.length:.1f}s"
 
 
-def draw_schedule(seed: int, primaries: int, window: float) -> list[Fault]:
-    """The faults of run ``seed`` within ``window`` seconds: 2 to 8 of them."""
+def draw_schedule(seed: int, primaries: int, window: float, frequency: float) -> list[Fault]:
+    """The faults of run ``seed`` within ``window`` seconds: 2 to 8 of them. Half of them
+    fall just after a cycle's start (cycles start every ``frequency`` seconds, once the
+    primaries are caught up), when a batch is most likely on the wire or being applied."""
     rng = random.Random(f"{seed}:faults")
     faults = []
     for _ in range(rng.randint(2, 8)):
         kind = rng.choice(KINDS)
-        at = round(rng.uniform(5.0, window - 20.0), 3)
+        if rng.random() < 0.5:
+            cycle = rng.randrange(1, int((window - 20.0) // frequency))
+            at = round(cycle * frequency + rng.uniform(0.0, 0.4), 3)
+        else:
+            at = round(rng.uniform(5.0, window - 20.0), 3)
         length = round(rng.choice([rng.uniform(0.0, 3.0), rng.uniform(3.0, 40.0)]), 3)
         faults.append(Fault(at, kind, rng.randrange(primaries), length))
     faults.sort(key=lambda f: (f.at, f.kind, f.target))

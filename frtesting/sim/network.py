@@ -49,9 +49,10 @@ class SimStream(trio.abc.Stream):
     """One end of a simulated connection."""
 
     def __init__(
-        self, inner: trio.StapledStream[Any, Any], link: _Link, socket: _Peer
+        self, inner: trio.StapledStream[Any, Any], link: _Link, socket: _Peer, latency: float
     ) -> None:
         self._inner = inner
+        self._latency = latency
         self._link = link
         self.socket = socket
         self.broken = False
@@ -67,8 +68,9 @@ class SimStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
-        if self._link.delay:
-            await trio.sleep(self._link.delay)
+        delay = self._link.delay + self._latency
+        if delay:
+            await trio.sleep(delay)
             self._check()
         try:
             await self._inner.send_all(data)
@@ -124,7 +126,8 @@ class SimListener(trio.abc.Listener[trio.abc.Stream]):
 class SimNetwork:
     """Every simulated host's links and listeners."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
         self._listeners: dict[tuple[str, int], SimListener] = {}
         self._links: dict[frozenset[str], _Link] = {}
         self._next_port = 40000
@@ -150,6 +153,18 @@ class SimNetwork:
         for stream in broken:
             stream.break_()
         return len(broken)
+
+    def isolate(self, address: str) -> int:
+        """Break every open stream of the host at ``address`` (it was killed: its peers
+        see its connections end at once). How many stream ends were broken."""
+        broken = 0
+        for key, link in self._links.items():
+            if address in key:
+                streams, link.streams = link.streams, []
+                for stream in streams:
+                    stream.break_()
+                broken += len(streams)
+        return broken
 
     def slow(self, a: str, b: str, delay: float) -> None:
         """Delay every send on the link by ``delay`` seconds (0: at full speed)."""
@@ -188,8 +203,8 @@ class SimNetwork:
         self._next_port += 1
         ephemeral = self._next_port
         near, far = trio.testing.memory_stream_pair()
-        client = SimStream(near, link, _Peer((host, port), (source, ephemeral)))
-        server = SimStream(far, link, _Peer((source, ephemeral), (host, port)))
+        client = SimStream(near, link, _Peer((host, port), (source, ephemeral)), self.latency)
+        server = SimStream(far, link, _Peer((source, ephemeral), (host, port)), self.latency)
         link.streams += [client, server]
         listener.deliver(server)
         return client

@@ -151,7 +151,7 @@ def run_seed(
     try:
         with _deterministic(seed):
             world = World(root / "site", _CERTS[0], seed, lambda line: None)
-            schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW)
+            schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW, world.frequency)
             applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
             result = RunResult(seed, schedule, applied, trace)
 
@@ -174,7 +174,8 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
     rng = random.Random(f"{world.seed}:powerloss")
     event(
         f"world seed={world.seed} primaries={len(world.primaries)} vms={len(world.vms)} "
-        f"frequency={world.frequency:g}s recovery_points={world.recovery_points}"
+        f"frequency={world.frequency:g}s recovery_points={world.recovery_points} "
+        f"latency={world.latency * 1000:g}ms"
     )
     for vm in world.vms:
         event(f"vm {vm.name} {vm.vmid} disks={[p.stat().st_size for p in vm.images]}")
@@ -227,9 +228,14 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
         for fault in faults:
             await trio.sleep_until(fault.at)
             world.observe()
-            key = fault.kind if fault.kind.startswith("server") else f"{fault.kind}:{fault.target}"
-            if fault.kind.startswith("server"):
-                key = "server"
+            key = {
+                "link_cut": "link",
+                "link_slow": "link",
+                "primary_restart": "primary",
+                "primary_power_loss": "primary",
+            }.get(fault.kind, "server")
+            if key != "server":
+                key += str(fault.target)
             if busy_until.get(key, -1.0) >= trio.current_time():
                 event(f"fault skipped (already under a fault): {fault.describe()}")
                 continue
@@ -250,11 +256,15 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
                 nursery.start_soon(heal, fault.target, fault.length)
             elif fault.kind == "link_slow":
                 primary = world.primaries[fault.target]
-                world.net.slow(primary.address, SERVER_ADDRESS, 0.25)
+                world.net.slow(primary.address, SERVER_ADDRESS, 0.05)
                 nursery.start_soon(heal, fault.target, fault.length)
-            elif fault.kind == "primary_restart":
-                await world.kill_primary(world.primaries[fault.target])
-                event(f"primary p{fault.target + 1} killed")
+            elif fault.kind in ("primary_restart", "primary_power_loss"):
+                what = await world.kill_primary(
+                    world.primaries[fault.target],
+                    power_loss=fault.kind == "primary_power_loss",
+                    rng=rng,
+                )
+                event(f"primary p{fault.target + 1} killed ({what})")
                 nursery.start_soon(restart_primary, fault.target, fault.length)
         await trio.sleep_until(FAULT_WINDOW)
         world.net.heal_all()

@@ -15,6 +15,7 @@ VM's disks at every capture.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import random
@@ -34,6 +35,7 @@ from frlink.certs import create_ca, issue_host_cert
 from frlink.tls import client_context, server_context
 from frtesting.powerloss import CrashStates, RecordingFileIO
 from node.config import RecoveryServerConfig, TLSFiles
+from node.primary import durable
 from node.primary.replicator import VMReplicator
 from node.primary.state import IRStage, PrimaryStateStore, VMReplicationState
 from node.recovery_server import RecoveryServer
@@ -41,6 +43,61 @@ from node.recovery_server import RecoveryServer
 from .network import SimNetwork
 
 log = logging.getLogger("frrep.sim")
+
+
+class HostFiles(RecordingFileIO):
+    """The file layer of one simulated host's life: records every change (so that a power
+    cut can drop what was not synced) and, once the host is :attr:`dead`, refuses every
+    change: a killed process makes no more system calls, though its Trio tasks still run
+    their cleanup when the simulation cancels them."""
+
+    dead = False
+
+
+def _refused_when_dead(name: str) -> Any:
+    def call(self: HostFiles, *args: Any, **kwargs: Any) -> Any:
+        if self.dead:
+            raise OSError(errno.EIO, f"{name}: the simulated host is dead")
+        return getattr(RecordingFileIO, name)(self, *args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+for _name in (
+    "open",
+    "mkdir",
+    "remove_tree",
+    "rename",
+    "unlink",
+    "pwrite",
+    "writev",
+    "write_zeros",
+    "copy_range",
+    "reserve",
+    "truncate",
+    "fsync",
+    "fdatasync",
+    "fsync_dir",
+):
+    setattr(HostFiles, _name, _refused_when_dead(_name))
+
+
+def power_cut(io: RecordingFileIO, point: int, rng: random.Random, root: Path, scratch: Path) -> str:
+    """Replace ``root`` by one disk state a power cut before operation ``point`` of
+    ``io`` may leave (drawn by ``rng``); what became of the unsynced operations."""
+    crashes = CrashStates(io)
+    states = list(crashes.states(point, exhaustive_up_to=0, samples=1, seed=rng.randrange(2**32)))
+    state = rng.choice(states)
+    crashes.materialize(state, scratch)
+    shutil.rmtree(root)
+    scratch.rename(root)
+    shutil.rmtree(io.snapshot, ignore_errors=True)
+    choices = state.choices
+    return (
+        f"{len(choices)} unsynced ops: {choices.count(0)} dropped, "
+        f"{choices.count(1)} kept, {choices.count(2)} torn"
+    )
 
 SERVER_ADDRESS = "10.77.0.1"
 SERVER_NAME = "server.sim"
@@ -138,7 +195,9 @@ class SimPrimary:
     state_dir: Path
     vms: list[SimVM]
     scope: trio.CancelScope | None = None
-    restarts: int = 0
+    done: trio.Event | None = None
+    io: HostFiles | None = None
+    generation: int = 0
 
     @property
     def address(self) -> str:
@@ -154,13 +213,17 @@ class World:
         self.certs = certs
         self.seed = seed
         self.trace = trace
-        self.net = SimNetwork()
         shape = random.Random(f"{seed}:shape")
+        #: Every send on every link takes this long (a batch then spans simulated time,
+        #: and a fault may fall in the middle of one).
+        self.latency = shape.choice([0.0005, 0.002, 0.01])
+        self.net = SimNetwork(self.latency)
         self.storage = root / "replicas"
         self.storage.mkdir(parents=True)
         self.server: RecoveryServer | None = None
         self.server_scope: trio.CancelScope | None = None
-        self.server_io: RecordingFileIO | None = None
+        self.server_io: HostFiles | None = None
+        self.server_done = trio.Event()
         self.server_generation = 0
         self.recovery_points = shape.choice([2, 3, 4])
         self.frequency = shape.choice([10.0, 20.0, 30.0])
@@ -218,9 +281,9 @@ class World:
             recovery_points=self.recovery_points,
         )
 
-    def _file_io(self, storage: Path) -> RecordingFileIO:
+    def _file_io(self, storage: Path) -> HostFiles:
         self.server_generation += 1
-        io = RecordingFileIO(storage, self.root / f"snapshot-{self.server_generation}")
+        io = HostFiles(storage, self.root / f"snapshot-{self.server_generation}")
         self.server_io = io
         return io
 
@@ -232,41 +295,39 @@ class World:
         # changes nothing the simulation looks at, and costs most of its time.
         server.gate.trim = lambda **_: None
         scope = trio.CancelScope()
+        done = self.server_done = trio.Event()
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope, network.using(self.net.host(SERVER_ADDRESS)):
-                await server.serve(task_status=task_status)
+            try:
+                with scope, network.using(self.net.host(SERVER_ADDRESS)):
+                    await server.serve(task_status=task_status)
+            finally:
+                done.set()
 
         self.server, self.server_scope = server, scope
         await nursery.start(run)
         return server
 
     async def kill_server(self, *, power_loss: bool, rng: random.Random) -> str:
-        """Kill the server (its connections break). With ``power_loss``, what its storage
-        engine wrote since the last sync may be dropped or torn (one state a power cut
-        may leave, drawn by ``rng``). What became of the unsynced writes."""
+        """Kill the server: its connections break, its files change no more. With
+        ``power_loss``, what its storage engine wrote since the last sync may be dropped
+        or torn (one state a power cut may leave, drawn by ``rng``). What became of the
+        unsynced writes."""
         assert self.server is not None and self.server_scope is not None
+        io = self.server_io
+        point = len(io.ops) if io is not None else 0
+        if io is not None:
+            io.dead = True
+        self.net.isolate(SERVER_ADDRESS)
         self.server_scope.cancel()
-        await trio.lowlevel.checkpoint()
+        await self.server_done.wait()
         self.server.close()
         self.server = None
-        if not power_loss or self.server_io is None:
-            return "page cache kept"
-        crashes = CrashStates(self.server_io)
-        point = len(crashes.ops)
-        states = list(crashes.states(point, exhaustive_up_to=0, samples=1, seed=rng.randrange(2**32)))
-        state = rng.choice(states)
-        target = self.root / f"crashed-{self.server_generation}"
-        crashes.materialize(state, target)
-        shutil.rmtree(self.storage)
-        target.rename(self.storage)
-        shutil.rmtree(self.server_io.snapshot, ignore_errors=True)
         self.server_io = None
-        choices = state.choices
-        return (
-            f"{len(choices)} unsynced ops: {choices.count(0)} dropped, "
-            f"{choices.count(1)} kept, {choices.count(2)} torn"
-        )
+        if not power_loss or io is None:
+            return "page cache kept"
+        scratch = self.root / f"crashed-{self.server_generation}"
+        return power_cut(io, point, rng, self.storage, scratch)
 
     # -- the primaries --------------------------------------------------------------------
 
@@ -286,25 +347,46 @@ class World:
 
     async def start_primary(self, nursery: trio.Nursery, primary: SimPrimary) -> None:
         scope = trio.CancelScope()
-        primary.scope = scope
-        replicators = [self._replicator(primary, vm) for vm in primary.vms]
+        done = trio.Event()
+        primary.scope, primary.done = scope, done
+        primary.generation += 1
+        snapshot = self.root / f"psnapshot-{primary.index}-{primary.generation}"
+        io = primary.io = HostFiles(primary.state_dir, snapshot)
+        with durable.using(io):
+            replicators = [self._replicator(primary, vm) for vm in primary.vms]
 
         async def run() -> None:
-            with scope, network.using(self.net.host(primary.address)):
-                async with trio.open_nursery() as inner:
-                    for replicator in replicators:
-                        inner.start_soon(replicator.run)
+            try:
+                with scope, network.using(self.net.host(primary.address)), durable.using(io):
+                    async with trio.open_nursery() as inner:
+                        for replicator in replicators:
+                            inner.start_soon(replicator.run)
+            finally:
+                done.set()
 
         nursery.start_soon(run)
         await trio.lowlevel.checkpoint()
 
-    async def kill_primary(self, primary: SimPrimary) -> None:
-        assert primary.scope is not None
+    async def kill_primary(
+        self, primary: SimPrimary, *, power_loss: bool, rng: random.Random
+    ) -> str:
+        """Kill a primary host, like :meth:`kill_server` (its VMs' disks are not part of
+        the power cut: the hypervisor's storage is not the primary's state)."""
+        assert primary.scope is not None and primary.done is not None and primary.io is not None
+        io = primary.io
+        point = len(io.ops)
+        io.dead = True
+        self.net.isolate(primary.address)
         primary.scope.cancel()
+        await primary.done.wait()
         for vm in primary.vms:
             vm.capturing = False
             vm.replicator = None
-        await trio.lowlevel.checkpoint()
+        primary.io = None
+        if not power_loss:
+            return "page cache kept"
+        scratch = self.root / f"pcrashed-{primary.index}-{primary.generation}"
+        return power_cut(io, point, rng, primary.state_dir, scratch)
 
     def observe(self) -> None:
         for vm in self.vms:
