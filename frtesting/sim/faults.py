@@ -18,6 +18,10 @@ KINDS = (
     "primary_restart",
     "primary_power_loss",
 )
+#: Kinds that kill a host (the others cut or slow a link).
+KILL_KINDS = frozenset({"server_kill", "server_power_loss", "primary_restart", "primary_power_loss"})
+#: How long an armed kill waits for its file change before striking anyway.
+ARMED_SECONDS = 30.0
 #: The kinds aimed at one primary (``Fault.target``); the others hit the server.
 PRIMARY_KINDS = frozenset({"link_cut", "link_slow", "primary_restart", "primary_power_loss"})
 
@@ -25,16 +29,20 @@ PRIMARY_KINDS = frozenset({"link_cut", "link_slow", "primary_restart", "primary_
 @dataclass(frozen=True, slots=True)
 class Fault:
     """One fault: at ``at`` seconds, of ``kind``, on primary ``target`` (links and
-    primary restarts), lasting ``length`` seconds (down, cut, slowed)."""
+    primary restarts), lasting ``length`` seconds (down, cut, slowed). A kill with
+    ``ops`` > 0 is armed at ``at`` and strikes at the host's ``ops``-th file change from
+    then (in the middle of whatever it was writing), or ``ARMED_SECONDS`` later."""
 
     at: float
     kind: str
     target: int
     length: float
+    ops: int = 0
 
     def describe(self) -> str:
         what = f"p{self.target + 1}" if self.kind in PRIMARY_KINDS else "server"
-        return f"{self.kind} {what} for {self.length:.1f}s"
+        armed = f" at its file change #{self.ops}" if self.ops else ""
+        return f"{self.kind} {what}{armed} for {self.length:.1f}s"
 
 
 def draw_schedule(seed: int, primaries: int, window: float, frequency: float) -> list[Fault]:
@@ -51,6 +59,7 @@ def draw_schedule(seed: int, primaries: int, window: float, frequency: float) ->
         else:
             at = round(rng.uniform(5.0, window - 20.0), 3)
         length = round(rng.choice([rng.uniform(0.0, 3.0), rng.uniform(3.0, 40.0)]), 3)
-        faults.append(Fault(at, kind, rng.randrange(primaries), length))
+        ops = rng.choice([0, 0, rng.randint(1, 8), rng.randint(1, 60)]) if kind in KILL_KINDS else 0
+        faults.append(Fault(at, kind, rng.randrange(primaries), length, ops))
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
     return faults

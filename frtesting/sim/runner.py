@@ -8,8 +8,9 @@ runs of one seed differ is pinned for the run's duration (:func:`_deterministic`
 
 * Trio's scheduler orders each batch of runnable tasks by creation, then shuffles it with
   its own generator, seeded from the run's seed (Trio's Hypothesis mode);
-* ``trio.to_thread.run_sync`` runs the function inline: a worker thread would let the
-  clock jump while it works, at a moment that depends on the machine;
+* ``trio.to_thread.run_sync`` runs the function inline, after a simulated wait drawn from
+  the seed: a worker thread would let the clock jump while it works, at a moment that
+  depends on the machine;
 * ``uuid.uuid4`` draws from a generator seeded from the run's seed (names of staging
   directories and writers' tokens end up in logs).
 
@@ -37,13 +38,17 @@ import trio
 import trio.testing
 
 from . import invariants
-from .faults import Fault, draw_schedule
-from .world import SERVER_ADDRESS, World, certificates
+from .faults import ARMED_SECONDS, PRIMARY_KINDS, Fault, draw_schedule
+from .world import SERVER_ADDRESS, HostFiles, World, certificates
 
 #: Faults happen in the first FAULT_WINDOW simulated seconds; then the links heal, every
 #: host runs, the disks stop changing, and after QUIET more seconds the run is checked.
 FAULT_WINDOW = 150.0
 QUIET = 150.0
+#: How long a call given to a worker thread takes, in simulated seconds (drawn per call).
+THREAD_SECONDS = (0.0, 0.0, 0.001, 0.01, 0.05, 0.2)
+#: The delay of every send on a slowed link.
+SLOW_SECONDS = 0.05
 #: The world's state is traced every so many simulated seconds.
 TICK = 10.0
 
@@ -82,9 +87,16 @@ def _deterministic(seed: int) -> Iterator[None]:
     def uuid4() -> uuid.UUID:
         return uuid.UUID(int=ids.getrandbits(128), version=4)
 
+    waits = random.Random(f"{seed}:threads")
+
     async def inline(fn: Any, *args: Any, **_options: Any) -> Any:
+        # A worker thread's call takes simulated time (a disk's), during which other
+        # tasks run and a fault may strike; like a thread, it is not cancelled meanwhile.
+        with trio.CancelScope(shield=True):
+            await trio.sleep(waits.choice(THREAD_SECONDS))
+        result = fn(*args)
         await trio.lowlevel.checkpoint()
-        return fn(*args)
+        return result
 
     run_module._ALLOW_DETERMINISTIC_SCHEDULING = True
     run_module._r.seed(seed)
@@ -135,10 +147,15 @@ def _default_base() -> Path | None:
 
 
 def run_seed(
-    seed: int, *, keep: Sequence[int] | None = None, base: Path | None = None
+    seed: int,
+    *,
+    keep: Sequence[int] | None = None,
+    base: Path | None = None,
+    server_files: type[HostFiles] = HostFiles,
 ) -> RunResult:
     """Run seed ``seed`` with every fault of its schedule, or only those at the indices
-    ``keep``; ``base``: where the run's directory is made (a temporary one by default)."""
+    ``keep``; ``base``: where the run's directory is made (a temporary one by default);
+    ``server_files``: the recovery server's file layer (tests give one with a bug)."""
     if not _CERTS:
         _CERTS.append(_certs_dir())
     root = Path(tempfile.mkdtemp(prefix=f"frrep-sim-{seed}-", dir=base or _default_base()))
@@ -150,7 +167,9 @@ def run_seed(
     logger.setLevel(logging.INFO)
     try:
         with _deterministic(seed):
-            world = World(root / "site", _CERTS[0], seed, lambda line: None)
+            world = World(
+                root / "site", _CERTS[0], seed, lambda line: None, server_files=server_files
+            )
             schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW, world.frequency)
             applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
             result = RunResult(seed, schedule, applied, trace)
@@ -204,71 +223,82 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
                 event(f"tick {states}")
 
         nursery.start_soon(ticks)
-        server_down = trio.Event()
-        server_down.set()  # "not down"
-        busy_until: dict[str, float] = {}
+        busy: set[str] = set()
 
-        async def restart_server(after: float) -> None:
-            await trio.sleep(after)
+        async def kill(fault: Fault, io: HostFiles | None) -> None:
+            """Wait for an armed kill's file change (or its time), then note the acks."""
+            if fault.ops and io is not None:
+                tripped = trio.Event()
+
+                def strike() -> None:
+                    world.observe()
+                    tripped.set()
+
+                io.trip(fault.ops, strike)
+                with trio.move_on_after(ARMED_SECONDS):
+                    await tripped.wait()
+                if not tripped.is_set():
+                    io.disarm()
+                    event(f"armed kill struck by time: {fault.describe()}")
+            world.observe()
+
+        async def server_fault(fault: Fault) -> None:
+            await kill(fault, world.server_io)
+            what = await world.kill_server(power_loss=fault.kind == "server_power_loss", rng=rng)
+            event(f"server killed ({what})")
+            await trio.sleep(fault.length)
             await world.start_server(nursery)
             event("server started")
             fail(await invariants.check_durable(world, digests))
-            server_down.set()
 
-        async def restart_primary(index: int, after: float) -> None:
-            await trio.sleep(after)
-            await world.start_primary(nursery, world.primaries[index])
-            event(f"primary p{index + 1} started")
+        async def primary_fault(fault: Fault) -> None:
+            primary = world.primaries[fault.target]
+            await kill(fault, primary.io)
+            what = await world.kill_primary(
+                primary, power_loss=fault.kind == "primary_power_loss", rng=rng
+            )
+            event(f"primary p{fault.target + 1} killed ({what})")
+            await trio.sleep(fault.length)
+            await world.start_primary(nursery, primary)
+            event(f"primary p{fault.target + 1} started")
 
-        async def heal(index: int, after: float) -> None:
-            await trio.sleep(after)
-            world.net.heal(world.primaries[index].address, SERVER_ADDRESS)
-            event(f"link p{index + 1} healed")
-
-        for fault in faults:
-            await trio.sleep_until(fault.at)
-            world.observe()
-            key = {
-                "link_cut": "link",
-                "link_slow": "link",
-                "primary_restart": "primary",
-                "primary_power_loss": "primary",
-            }.get(fault.kind, "server")
-            if key != "server":
-                key += str(fault.target)
-            if busy_until.get(key, -1.0) >= trio.current_time():
-                event(f"fault skipped (already under a fault): {fault.describe()}")
-                continue
-            busy_until[key] = trio.current_time() + fault.length + 0.001
-            result.faults[fault.kind] += 1
-            event(f"fault {fault.describe()}")
-            if fault.kind in ("server_kill", "server_power_loss"):
-                server_down = trio.Event()
-                what = await world.kill_server(
-                    power_loss=fault.kind == "server_power_loss", rng=rng
-                )
-                event(f"server killed ({what})")
-                nursery.start_soon(restart_server, fault.length)
-            elif fault.kind == "link_cut":
-                primary = world.primaries[fault.target]
-                broken = world.net.cut(primary.address, SERVER_ADDRESS)
+        async def link_fault(fault: Fault) -> None:
+            address = world.primaries[fault.target].address
+            if fault.kind == "link_cut":
+                broken = world.net.cut(address, SERVER_ADDRESS)
                 event(f"link p{fault.target + 1} cut ({broken} stream ends broken)")
-                nursery.start_soon(heal, fault.target, fault.length)
-            elif fault.kind == "link_slow":
-                primary = world.primaries[fault.target]
-                world.net.slow(primary.address, SERVER_ADDRESS, 0.05)
-                nursery.start_soon(heal, fault.target, fault.length)
-            elif fault.kind in ("primary_restart", "primary_power_loss"):
-                what = await world.kill_primary(
-                    world.primaries[fault.target],
-                    power_loss=fault.kind == "primary_power_loss",
-                    rng=rng,
-                )
-                event(f"primary p{fault.target + 1} killed ({what})")
-                nursery.start_soon(restart_primary, fault.target, fault.length)
-        await trio.sleep_until(FAULT_WINDOW)
-        world.net.heal_all()
-        await server_down.wait()
+            else:
+                world.net.slow(address, SERVER_ADDRESS, SLOW_SECONDS)
+            await trio.sleep(fault.length)
+            world.net.heal(address, SERVER_ADDRESS)
+            event(f"link p{fault.target + 1} healed")
+
+        async def run_fault(fault: Fault, key: str) -> None:
+            try:
+                if fault.kind in ("server_kill", "server_power_loss"):
+                    await server_fault(fault)
+                elif fault.kind in ("link_cut", "link_slow"):
+                    await link_fault(fault)
+                else:
+                    await primary_fault(fault)
+            finally:
+                busy.discard(key)
+
+        async with trio.open_nursery() as faulting:
+            for fault in faults:
+                await trio.sleep_until(fault.at)
+                key = "server"
+                if fault.kind in PRIMARY_KINDS:
+                    key = f"{'link' if fault.kind.startswith('link') else 'primary'}{fault.target}"
+                if key in busy:
+                    event(f"fault skipped (already under a fault): {fault.describe()}")
+                    continue
+                busy.add(key)
+                result.faults[fault.kind] += 1
+                event(f"fault {fault.describe()}")
+                faulting.start_soon(run_fault, fault, key)
+            await trio.sleep_until(FAULT_WINDOW)
+            world.net.heal_all()
         event("faults over: quiet from now on")
         await trio.sleep(QUIET)
         world.observe()
@@ -284,15 +314,15 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
         nursery.cancel_scope.cancel()
 
 
-def shrink(result: RunResult) -> RunResult:
+def shrink(result: RunResult, *, server_files: type[HostFiles] = HostFiles) -> RunResult:
     """A shorter schedule with the same failure (the first invariant's number): drop one
-    fault at a time and keep each drop that still fails."""
+    fault at a time and keep each drop that still fails (``server_files``: as the run's)."""
     assert result.failures
     want = result.failures[0].split()[0]
     best = result
     for index in list(result.applied):
         keep = [i for i in best.applied if i != index]
-        trial = run_seed(result.seed, keep=keep)
+        trial = run_seed(result.seed, keep=keep, server_files=server_files)
         if any(f.split()[0] == want for f in trial.failures):
             best = trial
     return best

@@ -45,19 +45,45 @@ from .network import SimNetwork
 log = logging.getLogger("frrep.sim")
 
 
+class HostDied(BaseException):
+    """The simulated host died at this system call (a ``BaseException``: no handler of
+    the production code takes it for an I/O error it could answer)."""
+
+
 class HostFiles(RecordingFileIO):
     """The file layer of one simulated host's life: records every change (so that a power
     cut can drop what was not synced) and, once the host is :attr:`dead`, refuses every
     change: a killed process makes no more system calls, though its Trio tasks still run
-    their cleanup when the simulation cancels them."""
+    their cleanup when the simulation cancels them.
+
+    :meth:`trip` arms a death at a system call: the ``count``-th change from now raises
+    :class:`HostDied` instead of happening (a crash in the middle of a commit or an
+    apply, which a fault at a random time would seldom hit)."""
 
     dead = False
+    trip_at = -1
+    on_trip: Callable[[], None] | None = None
+
+    def trip(self, count: int, on_trip: Callable[[], None]) -> None:
+        self.trip_at, self.on_trip = len(self.ops) + count, on_trip
+
+    def disarm(self) -> None:
+        self.trip_at, self.on_trip = -1, None
+
+    def _before(self, name: str) -> None:
+        if self.dead:
+            raise OSError(errno.EIO, f"{name}: the simulated host is dead")
+        if 0 <= self.trip_at <= len(self.ops):
+            self.dead = True
+            on_trip, self.on_trip = self.on_trip, None
+            if on_trip is not None:
+                on_trip()
+            raise HostDied(name)
 
 
 def _refused_when_dead(name: str) -> Any:
     def call(self: HostFiles, *args: Any, **kwargs: Any) -> Any:
-        if self.dead:
-            raise OSError(errno.EIO, f"{name}: the simulated host is dead")
+        self._before(name)
         return getattr(RecordingFileIO, name)(self, *args, **kwargs)
 
     call.__name__ = name
@@ -208,8 +234,18 @@ class World:
     """The site of one run. ``rng`` draws the world's shape; the workload of each VM has
     its own generator (removing a fault from the schedule leaves the writes alone)."""
 
-    def __init__(self, root: Path, certs: Path, seed: int, trace: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        certs: Path,
+        seed: int,
+        trace: Callable[[str], None],
+        *,
+        server_files: type[HostFiles] = HostFiles,
+    ) -> None:
         self.root = root
+        #: The server's file layer (a test gives one with a bug, to see a run fail).
+        self.server_files = server_files
         self.certs = certs
         self.seed = seed
         self.trace = trace
@@ -282,8 +318,10 @@ class World:
         )
 
     def _file_io(self, storage: Path) -> HostFiles:
+        if self.server_io is not None:
+            return self.server_io  # one location: one layer per life of the server
         self.server_generation += 1
-        io = HostFiles(storage, self.root / f"snapshot-{self.server_generation}")
+        io = self.server_files(storage, self.root / f"snapshot-{self.server_generation}")
         self.server_io = io
         return io
 
@@ -296,11 +334,17 @@ class World:
         server.gate.trim = lambda **_: None
         scope = trio.CancelScope()
         done = self.server_done = trio.Event()
+        # The layer is made before the server opens its storage, so that a death armed
+        # at once finds it.
+        io = self._file_io(self.storage)
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with scope, network.using(self.net.host(SERVER_ADDRESS)):
                     await server.serve(task_status=task_status)
+            except BaseException:
+                if not io.dead:
+                    raise
             finally:
                 done.set()
 
@@ -315,16 +359,16 @@ class World:
         unsynced writes."""
         assert self.server is not None and self.server_scope is not None
         io = self.server_io
-        point = len(io.ops) if io is not None else 0
-        if io is not None:
-            io.dead = True
+        assert io is not None
+        point = min(len(io.ops), io.trip_at) if io.trip_at >= 0 else len(io.ops)
+        io.dead = True
         self.net.isolate(SERVER_ADDRESS)
         self.server_scope.cancel()
         await self.server_done.wait()
         self.server.close()
         self.server = None
         self.server_io = None
-        if not power_loss or io is None:
+        if not power_loss:
             return "page cache kept"
         scratch = self.root / f"crashed-{self.server_generation}"
         return power_cut(io, point, rng, self.storage, scratch)
@@ -361,6 +405,10 @@ class World:
                     async with trio.open_nursery() as inner:
                         for replicator in replicators:
                             inner.start_soon(replicator.run)
+            except BaseException:
+                if not io.dead:
+                    raise
+                # What it raised once dead (HostDied, a refused write) died with it.
             finally:
                 done.set()
 
@@ -374,7 +422,7 @@ class World:
         the power cut: the hypervisor's storage is not the primary's state)."""
         assert primary.scope is not None and primary.done is not None and primary.io is not None
         io = primary.io
-        point = len(io.ops)
+        point = min(len(io.ops), io.trip_at) if io.trip_at >= 0 else len(io.ops)
         io.dead = True
         self.net.isolate(primary.address)
         primary.scope.cancel()
