@@ -223,7 +223,7 @@ class Gate:
     refused: Counter[str] = field(default_factory=Counter)
     #: Monotonic seconds: Trio's clock, the one ``_trim_later`` sleeps on (a simulation's
     #: MockClock drives both); a test may substitute its own.
-    clock: Callable[[], float] = field(default=lambda: _trio_clock())
+    clock: Callable[[], float] = _trio_clock
     #: Hands freed memory back to the system (a test may count the calls).
     trim: Callable[..., object] = memory.trim
     _refusals_unlogged: int = 0

@@ -15,7 +15,7 @@ simulated hosts, each with its own view of the network (its own source address).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -33,7 +33,9 @@ class Network(Protocol):
         """A stream to ``host:port`` (from ``local_address``, if given)."""
         ...
 
-    async def listen(self, port: int, *, host: str | None) -> Sequence[trio.abc.Listener[Any]]:
+    async def listen(
+        self, port: int, *, host: str | None
+    ) -> list[trio.abc.Listener[trio.abc.Stream]]:
         """Listeners on ``host:port`` (port 0: any free one), ready for
         :func:`trio.serve_listeners`."""
         ...
@@ -48,17 +50,20 @@ class TCPNetwork:
         """``trio.open_tcp_stream``."""
         return await trio.open_tcp_stream(host, port, local_address=local_address)
 
-    async def listen(self, port: int, *, host: str | None) -> Sequence[trio.abc.Listener[Any]]:
+    async def listen(
+        self, port: int, *, host: str | None
+    ) -> list[trio.abc.Listener[trio.abc.Stream]]:
         """``trio.open_tcp_listeners``."""
-        return await trio.open_tcp_listeners(port, host=host)
+        return list(await trio.open_tcp_listeners(port, host=host))
 
 
-_current: ContextVar[Network] = ContextVar("frrep_network", default=TCPNetwork())
+_TCP = TCPNetwork()
+_current: ContextVar[Network | None] = ContextVar("frrep_network", default=None)
 
 
 def current() -> Network:
     """The network in force for this task (TCP unless a simulation set another)."""
-    return _current.get()
+    return _current.get() or _TCP
 
 
 @contextlib.contextmanager

@@ -314,7 +314,8 @@ async def tls_connect(
     local_address: str | None = None,
     timeout: float = 10.0,
 ) -> BioTLSStream[trio.abc.Stream]:
-    """Connect to ``host:port`` over TCP (the network in force: ``frlink.network``) and run the TLS handshake as a client.
+    """Connect to ``host:port`` over TCP (the network in force: ``frlink.network``) and
+    run the TLS handshake as a client.
 
     ``server_name`` is sent as SNI and checked against the server certificate's subject
     alternative names (it may differ from ``host``, e.g. the CAP name while ``host`` is an

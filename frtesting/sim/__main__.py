@@ -29,10 +29,18 @@ def _parse_faults(text: str | None) -> list[int] | None:
 def _summary_of(seed: int) -> tuple[int, float, dict[str, int], list[str], str]:
     """One run, as the pool sends it back (no trace: it stays in the worker)."""
     result = run_seed(seed)
-    return seed, result.simulated_seconds, dict(result.faults), result.failures, result.replay_command()
+    return (
+        seed,
+        result.simulated_seconds,
+        dict(result.faults),
+        result.failures,
+        result.replay_command(),
+    )
 
 
-def _runs(first: int, count: int, jobs: int) -> Iterator[tuple[int, float, dict[str, int], list[str], str]]:
+def _runs(
+    first: int, count: int, jobs: int
+) -> Iterator[tuple[int, float, dict[str, int], list[str], str]]:
     seeds = range(first, first + count)
     if jobs <= 1:
         yield from map(_summary_of, seeds)
@@ -75,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         count = args.seeds or 100
         runs = []
-        for done, (seed, seconds, faults, failures, replay) in enumerate(
+        for done, (seed, seconds, kinds, failures, replay) in enumerate(
             _runs(args.start, count, args.jobs), 1
         ):
-            runs.append((seed, seconds, faults, failures))
+            runs.append((seed, seconds, kinds, failures))
             if failures:
                 print(f"seed {seed} FAILED: {'; '.join(failures)}\n  replay: {replay}", flush=True)
             if done % 100 == 0:
                 rate = done / (time.monotonic() - started)
                 print(f"{done}/{count} seeds ({rate:.2f} seeds/s)", file=sys.stderr, flush=True)
         if not args.no_shrink:
-            for seed, _, _, failures, *_ in [r for r in runs if r[3]][:3]:
+            for seed, *_ in [r for r in runs if r[3]][:3]:
                 _report_failure(run_seed(seed), do_shrink=True)
     elapsed = time.monotonic() - started
     faults: Counter[str] = Counter()

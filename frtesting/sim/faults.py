@@ -19,7 +19,9 @@ KINDS = (
     "primary_power_loss",
 )
 #: Kinds that kill a host (the others cut or slow a link).
-KILL_KINDS = frozenset({"server_kill", "server_power_loss", "primary_restart", "primary_power_loss"})
+KILL_KINDS = frozenset(
+    {"server_kill", "server_power_loss", "primary_restart", "primary_power_loss"}
+)
 #: How long an armed kill waits for its file change before striking anyway.
 ARMED_SECONDS = 30.0
 #: The kinds aimed at one primary (``Fault.target``); the others hit the server.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,6 +220,8 @@ class HostNetwork:
     ) -> trio.abc.Stream:
         return await self.network.connect(local_address or self.address, host, port)
 
-    async def listen(self, port: int, *, host: str | None) -> Sequence[trio.abc.Listener[Any]]:
+    async def listen(
+        self, port: int, *, host: str | None
+    ) -> list[trio.abc.Listener[trio.abc.Stream]]:
         await trio.lowlevel.checkpoint()
         return [self.network.listen(host or self.address, port)]

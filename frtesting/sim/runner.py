@@ -79,7 +79,7 @@ class RunResult:
 
 @contextlib.contextmanager
 def _deterministic(seed: int) -> Iterator[None]:
-    run_module: Any = trio._core._run  # noqa: SLF001 - the scheduler's own generator
+    run_module: Any = trio._core._run  # the scheduler's own generator
     saved = (run_module._ALLOW_DETERMINISTIC_SCHEDULING, run_module._r.getstate())
     saved_uuid4, saved_to_thread = uuid.uuid4, trio.to_thread.run_sync
     ids = random.Random(f"{seed}:uuid")
@@ -100,15 +100,16 @@ def _deterministic(seed: int) -> Iterator[None]:
 
     run_module._ALLOW_DETERMINISTIC_SCHEDULING = True
     run_module._r.seed(seed)
+    threads: Any = trio.to_thread
     uuid.uuid4 = uuid4
-    trio.to_thread.run_sync = inline
+    threads.run_sync = inline
     try:
         yield
     finally:
         run_module._ALLOW_DETERMINISTIC_SCHEDULING, state = saved
         run_module._r.setstate(state)
         uuid.uuid4 = saved_uuid4
-        trio.to_thread.run_sync = saved_to_thread
+        threads.run_sync = saved_to_thread
 
 
 _WALL_TIME = re.compile(r"\b1[0-9]{9}\.[0-9]+")

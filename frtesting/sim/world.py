@@ -109,7 +109,9 @@ for _name in (
     setattr(HostFiles, _name, _refused_when_dead(_name))
 
 
-def power_cut(io: RecordingFileIO, point: int, rng: random.Random, root: Path, scratch: Path) -> str:
+def power_cut(
+    io: RecordingFileIO, point: int, rng: random.Random, root: Path, scratch: Path
+) -> str:
     """Replace ``root`` by one disk state a power cut before operation ``point`` of
     ``io`` may leave (drawn by ``rng``); what became of the unsynced operations."""
     crashes = CrashStates(io)
@@ -124,6 +126,7 @@ def power_cut(io: RecordingFileIO, point: int, rng: random.Random, root: Path, s
         f"{len(choices)} unsynced ops: {choices.count(0)} dropped, "
         f"{choices.count(1)} kept, {choices.count(2)} torn"
     )
+
 
 SERVER_ADDRESS = "10.77.0.1"
 SERVER_NAME = "server.sim"
@@ -150,13 +153,17 @@ def certificates(directory: Path) -> Path:
         create_ca(directory)
         issue_host_cert(directory, directory, SERVER_NAME, ip_addresses=[SERVER_ADDRESS])
         for i in range(MAX_PRIMARIES):
-            issue_host_cert(directory, directory, primary_name(i), ip_addresses=[primary_address(i)])
+            issue_host_cert(
+                directory, directory, primary_name(i), ip_addresses=[primary_address(i)]
+            )
     return directory
 
 
 @functools.cache
 def _server_context(certs: Path) -> ssl.SSLContext:
-    return server_context(certs / f"{SERVER_NAME}.pem", certs / f"{SERVER_NAME}-key.pem", certs / "ca.pem")
+    return server_context(
+        certs / f"{SERVER_NAME}.pem", certs / f"{SERVER_NAME}-key.pem", certs / "ca.pem"
+    )
 
 
 @functools.cache
@@ -357,7 +364,8 @@ class World:
         ``power_loss``, what its storage engine wrote since the last sync may be dropped
         or torn (one state a power cut may leave, drawn by ``rng``). What became of the
         unsynced writes."""
-        assert self.server is not None and self.server_scope is not None
+        assert self.server is not None
+        assert self.server_scope is not None
         io = self.server_io
         assert io is not None
         point = min(len(io.ops), io.trip_at) if io.trip_at >= 0 else len(io.ops)
@@ -420,7 +428,9 @@ class World:
     ) -> str:
         """Kill a primary host, like :meth:`kill_server` (its VMs' disks are not part of
         the power cut: the hypervisor's storage is not the primary's state)."""
-        assert primary.scope is not None and primary.done is not None and primary.io is not None
+        assert primary.scope is not None
+        assert primary.done is not None
+        assert primary.io is not None
         io = primary.io
         point = min(len(io.ops), io.trip_at) if io.trip_at >= 0 else len(io.ops)
         io.dead = True

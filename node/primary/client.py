@@ -50,7 +50,7 @@ BatchChunk = tuple[int, int, bytes | bytearray | memoryview, bytes]
 SEND_LOWAT = 1024 * 1024
 
 
-def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
+def _raise_notsent_lowat(stream: BioTLSStream[Any]) -> None:
     """Performance only: raise TCP_NOTSENT_LOWAT on the connection's socket (if any)."""
     transport = stream.transport_stream
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
