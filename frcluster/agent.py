@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -60,6 +61,7 @@ from frlink.identity import PrimaryIdentity
 from frlink.tls import server_context, web_server_context
 from node.config import RecoveryServerConfig
 from node.recovery_server import RecoveryServer
+from node.storage.fileio import FileIO
 from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
@@ -83,6 +85,9 @@ class ClusterNode:
         ssl_context: overrides the server context built from ``config.tls`` (tests).
         rng: randomness for the broker's ``random`` placement (tests seed it).
         registry: where its metrics go (the process's registry; a private one if None).
+        store: a cluster store to use instead of opening ``config.store_url`` (the
+            simulation's: its leases on the simulated clock); the caller closes it.
+        file_io: makes the storage engine's file layer (see :class:`RecoveryServer`).
     """
 
     def __init__(
@@ -92,8 +97,15 @@ class ClusterNode:
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
+        store: ClusterStore | None = None,
+        file_io: Callable[[Path], FileIO] | None = None,
     ) -> None:
         self.config = config
+        #: The cluster store to use instead of opening ``config.store_url`` (the
+        #: simulation's, its leases on the simulated clock); closed by the caller.
+        self._given_store = store
+        #: The storage engine's file layer (see :class:`RecoveryServer`).
+        self._file_io = file_io
         self.registry = registry or CollectorRegistry()
         #: The cluster store answered the last request of the keepalive loop.
         self.store_reachable = False
@@ -145,7 +157,9 @@ class ClusterNode:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled; ``task_status.started(port)`` once it serves."""
-        async with open_store(self.config.store_url) as store:
+        given = self._given_store
+        opened = contextlib.nullcontext(given) if given is not None else None
+        async with opened or open_store(self.config.store_url) as store:
             self._store = store
             try:
                 settings = await read_settings(store, self.keys)
@@ -166,6 +180,7 @@ class ClusterNode:
                 on_deleted=self._vm_deleted,
                 on_renamed=self._vm_renamed,
                 registry=self.registry,
+                file_io=self._file_io,
             )
             NodeCollector(self, self.registry)
             async with trio.open_nursery() as nursery:

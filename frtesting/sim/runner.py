@@ -315,6 +315,42 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
         nursery.cancel_scope.cancel()
 
 
+def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResult:
+    """Run the cluster simulation (``frtesting/sim/cluster.py``) of seed ``seed``."""
+    from .cluster import ClusterWorld, draw_cluster_schedule, run_cluster
+
+    if not _CERTS:
+        _CERTS.append(_certs_dir())
+    root = Path(tempfile.mkdtemp(prefix=f"frrep-simc-{seed}-", dir=_default_base()))
+    trace: list[str] = []
+    handler = _TraceLogs(trace, root)
+    logger = logging.getLogger("frrep")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with _deterministic(seed):
+            world = ClusterWorld(root / "site", _CERTS[0], seed)
+            schedule = draw_cluster_schedule(seed, len(world.nodes), len(world.primaries))
+            applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
+            result = RunResult(seed, schedule, applied, trace)
+
+            def event(text: str) -> None:
+                trace.append(f"{trio.current_time():10.3f} {text}")
+
+            world.trace = event
+            clock = trio.testing.MockClock(autojump_threshold=0)
+            rng = random.Random(f"{seed}:powerloss")
+            trio.run(
+                run_cluster, world, result, [schedule[i] for i in applied], rng, clock=clock
+            )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def shrink(result: RunResult, *, server_files: type[HostFiles] = HostFiles) -> RunResult:
     """A shorter schedule with the same failure (the first invariant's number): drop one
     fault at a time and keep each drop that still fails (``server_files``: as the run's)."""

@@ -137,6 +137,21 @@ MAX_PRIMARIES = 4
 BLOCK = 4096
 
 
+#: The cluster (``frtesting/sim/cluster.py``): its nodes and its CAP.
+MAX_NODES = 5
+CAP_NAME = "cap.sim"
+CAP_ADDRESS = "10.77.0.10"
+CAP_PORT = 7100
+
+
+def node_name(index: int) -> str:
+    return f"n{index + 1}.sim"
+
+
+def node_address(index: int) -> str:
+    return f"10.77.0.{11 + index}"
+
+
 def primary_address(index: int) -> str:
     return f"10.77.1.{index + 1}"
 
@@ -155,6 +170,14 @@ def certificates(directory: Path) -> Path:
         for i in range(MAX_PRIMARIES):
             issue_host_cert(
                 directory, directory, primary_name(i), ip_addresses=[primary_address(i)]
+            )
+        for i in range(MAX_NODES):
+            issue_host_cert(
+                directory,
+                directory,
+                node_name(i),
+                extra_names=[CAP_NAME],
+                ip_addresses=[node_address(i), CAP_ADDRESS],
             )
     return directory
 
@@ -249,8 +272,13 @@ class World:
         trace: Callable[[str], None],
         *,
         server_files: type[HostFiles] = HostFiles,
+        target: tuple[str, int, str] = (SERVER_ADDRESS, SERVER_PORT, SERVER_NAME),
+        hosts: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        #: Where the primaries replicate to (address, port, TLS name), and their table of
+        #: host names (the cluster's nodes).
+        self.target, self.hosts = target, hosts or {}
         #: The server's file layer (a test gives one with a bug, to see a run fail).
         self.server_files = server_files
         self.certs = certs
@@ -300,9 +328,9 @@ class World:
                             for i, p in enumerate(vm.images)
                         ],
                         block_size=BLOCK,
-                        recovery_host=SERVER_ADDRESS,
-                        recovery_port=SERVER_PORT,
-                        server_name=SERVER_NAME,
+                        recovery_host=self.target[0],
+                        recovery_port=self.target[1],
+                        server_name=self.target[2],
                         frequency_s=self.frequency,
                     )
                 )
@@ -393,6 +421,7 @@ class World:
             local_address=primary.address,
             before_capture=vm.before_capture,
             after_capture=vm.after_capture,
+            hosts=self.hosts,
         )
         vm.replicator = replicator
         return replicator

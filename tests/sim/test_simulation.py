@@ -15,7 +15,7 @@ from frtesting.sim.world import HostFiles
 from node.storage.fileio import FileIO
 
 #: Seeds per test run (CI's slice; ``scripts/simulate --seeds N`` for long runs).
-SEEDS = int(os.environ.get("FRREP_SIM_SEEDS", "60"))
+SEEDS = int(os.environ.get("FRREP_SIM_SEEDS", "50"))
 
 
 def test_the_same_seed_gives_the_same_trace_byte_for_byte() -> None:
