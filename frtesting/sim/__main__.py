@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
+from .cluster import CLUSTER_KINDS
 from .faults import KINDS
-from .runner import RunResult, run_seed, shrink
+from .runner import RunResult, run_cluster_seed, run_seed, shrink
 
 
 def _parse_faults(text: str | None) -> list[int] | None:
@@ -26,9 +27,11 @@ def _parse_faults(text: str | None) -> list[int] | None:
     return [int(part) for part in text.split(",") if part]
 
 
-def _summary_of(seed: int) -> tuple[int, float, dict[str, int], list[str], str]:
+def _summary_of(
+    seed: int, cluster: bool = False
+) -> tuple[int, float, dict[str, int], list[str], str]:
     """One run, as the pool sends it back (no trace: it stays in the worker)."""
-    result = run_seed(seed)
+    result = run_cluster_seed(seed) if cluster else run_seed(seed)
     return (
         seed,
         result.simulated_seconds,
@@ -39,14 +42,15 @@ def _summary_of(seed: int) -> tuple[int, float, dict[str, int], list[str], str]:
 
 
 def _runs(
-    first: int, count: int, jobs: int
+    first: int, count: int, jobs: int, cluster: bool
 ) -> Iterator[tuple[int, float, dict[str, int], list[str], str]]:
     seeds = range(first, first + count)
+    flags = [cluster] * count
     if jobs <= 1:
-        yield from map(_summary_of, seeds)
+        yield from map(_summary_of, seeds, flags)
         return
     with ProcessPoolExecutor(jobs) as pool:
-        yield from pool.map(_summary_of, seeds, chunksize=4)
+        yield from pool.map(_summary_of, seeds, flags, chunksize=4)
 
 
 def _report_failure(result: RunResult, *, do_shrink: bool) -> None:
@@ -68,23 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="with --seed: print the trace")
     parser.add_argument("--no-shrink", action="store_true", help="do not shrink failures")
     parser.add_argument("--jobs", type=int, default=1, help="processes running seeds")
+    parser.add_argument(
+        "--cluster", action="store_true", help="simulate a cluster (3-5 nodes, broker, CAP)"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.seed is not None:
-        result = run_seed(args.seed, keep=_parse_faults(args.faults))
+        keep = _parse_faults(args.faults)
+        if args.cluster:
+            result = run_cluster_seed(args.seed, keep=keep)
+        else:
+            result = run_seed(args.seed, keep=keep)
         if args.trace:
             print("\n".join(result.trace))
         for i, fault in enumerate(result.schedule):
             mark = "*" if i in result.applied else " "
             print(f"{mark} fault {i}: at {fault.at:.3f}s {fault.describe()}")
         if not result.ok:
-            _report_failure(result, do_shrink=not args.no_shrink)
+            _report_failure(result, do_shrink=not args.no_shrink and not args.cluster)
         runs = [(result.seed, result.simulated_seconds, dict(result.faults), result.failures)]
     else:
         count = args.seeds or 100
         runs = []
         for done, (seed, seconds, kinds, failures, replay) in enumerate(
-            _runs(args.start, count, args.jobs), 1
+            _runs(args.start, count, args.jobs, args.cluster), 1
         ):
             runs.append((seed, seconds, kinds, failures))
             if failures:
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             if done % 100 == 0:
                 rate = done / (time.monotonic() - started)
                 print(f"{done}/{count} seeds ({rate:.2f} seeds/s)", file=sys.stderr, flush=True)
-        if not args.no_shrink:
+        if not args.no_shrink and not args.cluster:
             for seed, *_ in [r for r in runs if r[3]][:3]:
                 _report_failure(run_seed(seed), do_shrink=True)
     elapsed = time.monotonic() - started
@@ -104,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'seeds':<24}{len(runs):>10}")
     print(f"{'simulated hours':<24}{hours:>10.2f}")
-    for kind in KINDS:
+    kinds = CLUSTER_KINDS if args.cluster else KINDS
+    for kind in kinds:
         print(f"{'faults: ' + kind:<24}{faults[kind]:>10}")
     print(f"{'invariant failures':<24}{len(failed):>10}")
     print(f"{'real seconds':<24}{elapsed:>10.1f}  ({len(runs) / elapsed:.2f} seeds/s)")
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "seeds": len(runs),
                 "simulated_hours": round(hours, 3),
-                "faults": {kind: faults[kind] for kind in KINDS},
+                "faults": {kind: faults[kind] for kind in kinds},
                 "failures": len(failed),
                 "failed_seeds": failed,
             }

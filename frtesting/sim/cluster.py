@@ -13,7 +13,7 @@ it acknowledged is lost.
 from __future__ import annotations
 
 import random
-import shutil
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from broker.store.sqlite import SqliteStore
 from frcluster.agent import ClusterNode
 from frcluster.config import ClusterNodeConfig
 from frlink import network
+from frlink.tls import server_context
 from node.config import TLSFiles
 from node.storage import ReplicaStore
 
@@ -37,7 +38,6 @@ from .world import (
     PRIMARY_DOMAIN,
     HostFiles,
     World,
-    _server_context,
     node_address,
     node_name,
     power_cut,
@@ -79,7 +79,12 @@ class ClusterWorld(World):
         count = shape.randint(3, 5)
         hosts = {node_name(i): node_address(i) for i in range(count)}
         super().__init__(
-            root, certs, seed, lambda line: None, target=(CAP_ADDRESS, CAP_PORT, CAP_NAME), hosts=hosts
+            root,
+            certs,
+            seed,
+            lambda line: None,
+            target=(CAP_ADDRESS, CAP_PORT, CAP_NAME),
+            hosts=hosts,
         )
         self.db = root / "cluster.db"
         self.keys = Keys()
@@ -102,7 +107,9 @@ class ClusterWorld(World):
             cap_address=CAP_ADDRESS,
             cap_port=CAP_PORT,
             lease_ttl=LEASE_TTL,
-            tls=TLSFiles(certs / f"{node.name}.pem", certs / f"{node.name}-key.pem", certs / "ca.pem"),
+            tls=TLSFiles(
+                certs / f"{node.name}.pem", certs / f"{node.name}-key.pem", certs / "ca.pem"
+            ),
         )
 
     def _store(self) -> SqliteStore:
@@ -115,7 +122,11 @@ class ClusterWorld(World):
         try:
             settings = Settings(
                 authorization=[
-                    {"primary": f"*.{PRIMARY_DOMAIN}", "storage": "replicas", "trust_group": "site-a"}
+                    {
+                        "primary": f"*.{PRIMARY_DOMAIN}",
+                        "storage": "replicas",
+                        "trust_group": "site-a",
+                    }
                 ],
                 recovery_points=self.recovery_points,
             )
@@ -125,7 +136,9 @@ class ClusterWorld(World):
 
     async def start_node(self, nursery: trio.Nursery, node: SimNode) -> None:
         node.generation += 1
-        io = node.io = HostFiles(node.storage / "replicas", self.root / f"nsnap-{node.index}-{node.generation}")
+        io = node.io = HostFiles(
+            node.storage / "replicas", self.root / f"nsnap-{node.index}-{node.generation}"
+        )
         store = node.store = self._store()
         agent = node.agent = ClusterNode(
             self._config(node),
@@ -157,7 +170,8 @@ class ClusterWorld(World):
         point = min(len(io.ops), io.trip_at) if io.trip_at >= 0 else len(io.ops)
         io.dead = True
         self.net.isolate(node.address)
-        self.net.isolate(CAP_ADDRESS) if self._holds_cap(node) else None
+        if self._holds_cap(node):
+            self.net.isolate(CAP_ADDRESS)
         node.scope.cancel()
         await node.done.wait()
         if node.agent is not None and node.agent._server is not None:
@@ -180,7 +194,10 @@ class ClusterWorld(World):
             kvs, _ = await store.range(self.keys.vms)
         finally:
             await store.aclose()
-        return {uuid.UUID(kv.key.removeprefix(self.keys.vms)): VMRecord.from_json(kv.value) for kv in kvs}
+        return {
+            uuid.UUID(kv.key.removeprefix(self.keys.vms)): VMRecord.from_json(kv.value)
+            for kv in kvs
+        }
 
     def observe_owners(self, records: dict[uuid.UUID, VMRecord]) -> None:
         """Note each VM's acknowledged sequence against the node its record names."""
@@ -193,26 +210,29 @@ class ClusterWorld(World):
                 node.acked[vm.vmid] = max(node.acked.get(vm.vmid, -1), vm.acked)
 
 
-def _server_context_for(certs: Path, name: str) -> Any:
-    from frlink.tls import server_context
-
+def _server_context_for(certs: Path, name: str) -> ssl.SSLContext:
     return server_context(certs / f"{name}.pem", certs / f"{name}-key.pem", certs / "ca.pem")
 
 
 async def check_node(world: ClusterWorld, node: SimNode) -> list[str]:
     """#5 on a node just restarted: what it acknowledged while it owned a VM is there."""
     failures = []
+    records = await world.records()
     store = ReplicaStore(node.storage / "replicas")
     try:
         for vmid, acked in node.acked.items():
+            record = records.get(vmid)
+            if record is None or record.owner != node.name:
+                continue  # moved on (a migration, a re-homing): not this node's any more
             name = next(v.name for v in world.vms if v.vmid == vmid)
             if not store.exists(vmid):
-                failures.append(f"#5 {name}: gone from {node.name}, {acked} was acknowledged there")
+                failures.append(f"#5 {name}: gone from {node.name}, {acked} was acknowledged")
                 continue
             replica = store.open(vmid)
             if replica.applied_sequence < acked:
                 failures.append(
-                    f"#5 {name}: {node.name} at {replica.applied_sequence}, {acked} was acknowledged"
+                    f"#5 {name}: {node.name} at {replica.applied_sequence}, "
+                    f"{acked} was acknowledged"
                 )
     finally:
         store.close()
@@ -243,7 +263,9 @@ async def check_cluster(world: ClusterWorld) -> list[str]:
             failures.append(f"#3 {vm.name}: held by {[n.name for n in holders]}")
         owner = by_name.get(record.owner)
         if owner is None or owner not in holders:
-            failures.append(f"#3 {vm.name}: its record names {record.owner}, which does not hold it")
+            failures.append(
+                f"#3 {vm.name}: its record names {record.owner}, which does not hold it"
+            )
             continue
         store = ReplicaStore(owner.storage / "replicas")
         try:
@@ -260,7 +282,7 @@ async def check_cluster(world: ClusterWorld) -> list[str]:
     return failures
 
 
-__all__ = ["ClusterWorld", "SimNode", "check_cluster", "check_node", "shutil"]
+__all__ = ["ClusterWorld", "SimNode", "check_cluster", "check_node"]
 
 
 #: Cluster fault kinds, in the order of the summary table.
@@ -269,7 +291,9 @@ FAULT_WINDOW = 150.0
 QUIET = 200.0
 
 
-async def run_cluster(world: ClusterWorld, result: Any, faults: list[Any], rng: random.Random) -> None:
+async def run_cluster(
+    world: ClusterWorld, result: Any, faults: list[Any], rng: random.Random
+) -> None:
     """The cluster run: start everything, apply ``faults``, then check once quiet."""
     event = world.trace
 
@@ -308,7 +332,9 @@ async def run_cluster(world: ClusterWorld, result: Any, faults: list[Any], rng: 
                 node = world.nodes[fault.target % len(world.nodes)]
                 world.observe_owners(await world.records())
                 was_broker = world._holds_cap(node)
-                what = await world.kill_node(node, power_loss=fault.kind == "node_power_loss", rng=rng)
+                what = await world.kill_node(
+                    node, power_loss=fault.kind == "node_power_loss", rng=rng
+                )
                 event(f"node {node.name} killed{' (the broker)' if was_broker else ''} ({what})")
                 await trio.sleep(fault.length)
                 await world.start_node(nursery, node)

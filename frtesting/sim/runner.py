@@ -64,6 +64,7 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     simulated_seconds: float = 0.0
+    cluster: bool = False  #: a cluster run (``run_cluster_seed``)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +72,7 @@ class RunResult:
 
     def replay_command(self) -> str:
         """The command that replays this run."""
-        command = f"scripts/simulate --seed {self.seed}"
+        command = f"scripts/simulate {'--cluster ' if self.cluster else ''}--seed {self.seed}"
         if len(self.applied) != len(self.schedule):
             command += " --faults " + (",".join(map(str, self.applied)) or "none")
         return command
@@ -333,7 +334,7 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
             world = ClusterWorld(root / "site", _CERTS[0], seed)
             schedule = draw_cluster_schedule(seed, len(world.nodes), len(world.primaries))
             applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
-            result = RunResult(seed, schedule, applied, trace)
+            result = RunResult(seed, schedule, applied, trace, cluster=True)
 
             def event(text: str) -> None:
                 trace.append(f"{trio.current_time():10.3f} {text}")
@@ -341,9 +342,7 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
             world.trace = event
             clock = trio.testing.MockClock(autojump_threshold=0)
             rng = random.Random(f"{seed}:powerloss")
-            trio.run(
-                run_cluster, world, result, [schedule[i] for i in applied], rng, clock=clock
-            )
+            trio.run(run_cluster, world, result, [schedule[i] for i in applied], rng, clock=clock)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
