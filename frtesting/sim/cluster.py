@@ -31,6 +31,7 @@ from frlink.tls import server_context
 from node.config import TLSFiles
 from node.storage import ReplicaStore
 
+from .store import FencedWrites, NodeStore
 from .world import (
     CAP_ADDRESS,
     CAP_NAME,
@@ -54,7 +55,7 @@ class SimNode:
     index: int
     storage: Path
     agent: ClusterNode | None = None
-    store: SqliteStore | None = None
+    store: NodeStore | None = None
     io: HostFiles | None = None
     scope: trio.CancelScope | None = None
     done: trio.Event | None = None
@@ -88,6 +89,7 @@ class ClusterWorld(World):
         )
         self.db = root / "cluster.db"
         self.keys = Keys()
+        self.fenced = FencedWrites(self.keys.election)
         self.nodes = [SimNode(i, root / f"node{i + 1}") for i in range(count)]
         for node in self.nodes:
             (node.storage / "replicas").mkdir(parents=True)
@@ -139,7 +141,7 @@ class ClusterWorld(World):
         io = node.io = HostFiles(
             node.storage / "replicas", self.root / f"nsnap-{node.index}-{node.generation}"
         )
-        store = node.store = self._store()
+        store = node.store = NodeStore(self._store(), node.name, self.fenced)
         agent = node.agent = ClusterNode(
             self._config(node),
             ssl_context=_server_context_for(self.certs, node.name),
@@ -286,7 +288,7 @@ __all__ = ["ClusterWorld", "SimNode", "check_cluster", "check_node"]
 
 
 #: Cluster fault kinds, in the order of the summary table.
-CLUSTER_KINDS = ("node_kill", "node_power_loss", "primary_restart", "link_cut")
+CLUSTER_KINDS = ("node_kill", "node_power_loss", "store_partition", "primary_restart", "link_cut")
 FAULT_WINDOW = 150.0
 QUIET = 200.0
 
@@ -327,9 +329,35 @@ async def run_cluster(
         nursery.start_soon(ticks)
         busy: set[str] = set()
 
+        def target_node(fault: Any) -> SimNode:
+            if fault.target < 0:  # the broker's node, if any
+                for node in world.nodes:
+                    if world._holds_cap(node):
+                        return node
+            return world.nodes[fault.target % len(world.nodes)]
+
+        async def store_fault(fault: Any, key: str) -> None:
+            node = target_node(fault)
+            try:
+                if node.store is None:
+                    event(f"store partition of {node.name} skipped: it is down")
+                    return
+                store = node.store
+                store.cut = True
+                was_broker = world._holds_cap(node)
+                event(f"{node.name} cut off from the store{' (the broker)' if was_broker else ''}")
+                await trio.sleep(fault.length)
+                store.cut = False
+                event(f"{node.name} reaches the store again")
+            finally:
+                busy.discard(key)
+
         async def node_fault(fault: Any, key: str) -> None:
             try:
-                node = world.nodes[fault.target % len(world.nodes)]
+                node = target_node(fault)
+                if node.agent is None:
+                    event(f"{fault.kind} of {node.name} skipped: it is down")
+                    return
                 world.observe_owners(await world.records())
                 was_broker = world._holds_cap(node)
                 what = await world.kill_node(
@@ -369,14 +397,20 @@ async def run_cluster(
         async with trio.open_nursery() as faulting:
             for fault in faults:
                 await trio.sleep_until(fault.at)
-                key = f"{fault.kind.split('_')[0]}{fault.target}"
+                key = "node" if fault.kind.split("_")[0] in ("node", "store") else fault.kind
+                key += str(fault.target)
                 if key in busy:
                     event(f"fault skipped: {fault.kind}")
                     continue
                 busy.add(key)
                 result.faults[fault.kind] += 1
                 event(f"fault {fault.kind} #{fault.target} for {fault.length:.1f}s")
-                runner = {"node": node_fault, "primary": primary_fault, "link": link_fault}
+                runner = {
+                    "node": node_fault,
+                    "store": store_fault,
+                    "primary": primary_fault,
+                    "link": link_fault,
+                }
                 faulting.start_soon(runner[fault.kind.split("_")[0]], fault, key)
             await trio.sleep_until(FAULT_WINDOW)
             world.net.heal_all()
@@ -387,8 +421,8 @@ async def run_cluster(
             if primary.scope is not None:
                 primary.scope.cancel()
         await trio.lowlevel.checkpoint()
-        found = await check_cluster(world)
-        fail(found)
+        fail(world.fenced.violations())
+        fail(await check_cluster(world))
         result.simulated_seconds = trio.current_time()
         event(f"end: {len(result.failures)} invariant failures")
         nursery.cancel_scope.cancel()
@@ -403,6 +437,9 @@ def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Any]:
         kind = rng.choice(CLUSTER_KINDS)
         at = round(rng.uniform(10.0, FAULT_WINDOW - 20.0), 3)
         length = round(rng.uniform(1.0, 30.0), 3)
-        faults.append(Fault(at, kind, rng.randrange(max(nodes, primaries)), length))
+        target = rng.randrange(max(nodes, primaries))
+        if kind in ("node_kill", "node_power_loss", "store_partition") and rng.random() < 0.5:
+            target = -1  # the broker's node
+        faults.append(Fault(at, kind, target, length))
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
     return faults
