@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 import frproto as fp
+from broker import admin
 from broker.records import Keys, Settings, VMRecord
 from broker.store.sqlite import SqliteStore
 from frcluster.agent import ClusterNode
@@ -288,7 +289,16 @@ __all__ = ["ClusterWorld", "SimNode", "check_cluster", "check_node"]
 
 
 #: Cluster fault kinds, in the order of the summary table.
-CLUSTER_KINDS = ("node_kill", "node_power_loss", "store_partition", "primary_restart", "link_cut")
+CLUSTER_KINDS = (
+    "migrate",
+    "drain",
+    "settings",
+    "node_kill",
+    "node_power_loss",
+    "store_partition",
+    "primary_restart",
+    "link_cut",
+)
 FAULT_WINDOW = 150.0
 QUIET = 200.0
 
@@ -352,6 +362,36 @@ async def run_cluster(
             finally:
                 busy.discard(key)
 
+        async def admin_fault(fault: Any, key: str) -> None:
+            """What an administrator does (``frctl cluster ...``): migrate a VM, drain a
+            node for a while, change a setting."""
+            store = world._store()
+            try:
+                if fault.kind == "migrate":
+                    records = await world.records()
+                    vm = world.vms[fault.target % len(world.vms)]
+                    record = records.get(vm.vmid)
+                    others = [n for n in world.nodes if record is None or n.name != record.owner]
+                    node = others[fault.target % len(others)]
+                    await admin.request_migration(store, world.keys, vm.vmid, node.name)
+                    event(f"migration of {vm.name} to {node.name} requested")
+                elif fault.kind == "drain":
+                    node = target_node(fault)
+                    await admin.set_draining(store, world.keys, node.name, True)
+                    event(f"{node.name} draining")
+                    await trio.sleep(fault.length)
+                    await admin.set_draining(store, world.keys, node.name, False)
+                    event(f"{node.name} no longer draining")
+                else:
+                    points = 2 + fault.target % 3
+                    await admin.update_settings(store, world.keys, {"recovery_points": points})
+                    event(f"setting recovery_points = {points}")
+            except admin.AdminError as exc:
+                event(f"{fault.kind} refused: {exc}")
+            finally:
+                await store.aclose()
+                busy.discard(key)
+
         async def node_fault(fault: Any, key: str) -> None:
             try:
                 node = target_node(fault)
@@ -406,6 +446,9 @@ async def run_cluster(
                 result.faults[fault.kind] += 1
                 event(f"fault {fault.kind} #{fault.target} for {fault.length:.1f}s")
                 runner = {
+                    "migrate": admin_fault,
+                    "drain": admin_fault,
+                    "settings": admin_fault,
                     "node": node_fault,
                     "store": store_fault,
                     "primary": primary_fault,
@@ -433,12 +476,15 @@ def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Any]:
 
     rng = random.Random(f"{seed}:cluster-faults")
     faults = []
-    for _ in range(rng.randint(1, 5)):
+    for _ in range(rng.randint(2, 7)):
         kind = rng.choice(CLUSTER_KINDS)
         at = round(rng.uniform(10.0, FAULT_WINDOW - 20.0), 3)
         length = round(rng.uniform(1.0, 30.0), 3)
         target = rng.randrange(max(nodes, primaries))
-        if kind in ("node_kill", "node_power_loss", "store_partition") and rng.random() < 0.5:
+        if (
+            kind in ("node_kill", "node_power_loss", "store_partition", "drain")
+            and rng.random() < 0.5
+        ):
             target = -1  # the broker's node
         faults.append(Fault(at, kind, target, length))
     faults.sort(key=lambda f: (f.at, f.kind, f.target))
