@@ -4,10 +4,12 @@ them at the CAP, and the primaries of :mod:`frtesting.sim.world` replicating thr
 CAP. Faults: a node killed (the broker's too) and started again, with or without power
 loss; a primary killed; a primary's links cut.
 
-Checked once quiet (issue 19's numbers): #1 every VM's replica on the node its record
-names equals its primary's disks; #3 no VM held by two nodes, no record naming a node
-that does not hold it; #4 no primary halted; #5 after every restart of a node, no batch
-it acknowledged is lost.
+Administrators act too: a migration, a drain, a settings change, a failover. Checked
+(issue 19's numbers): #1 once quiet, every VM's replica on the node its record names
+equals its primary's disks; #2 no write fenced by a broker's term accepted after a later
+term's; #3 no VM held by two nodes, no record naming a node that does not hold it; #4 no
+primary halted; #5 after every restart of a node, no batch it acknowledged for a VM it
+still owns is lost; #7 a failed-over VM is acknowledged no batch from its former primary.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import trio
 
 import frproto as fp
 from broker import admin
-from broker.records import Keys, Settings, VMRecord
+from broker.records import FailoverState, Keys, Settings, VMRecord
+from broker.store import StoreError
 from broker.store.sqlite import SqliteStore
 from frcluster.agent import ClusterNode
 from frcluster.config import ClusterNodeConfig
@@ -91,6 +94,8 @@ class ClusterWorld(World):
         self.db = root / "cluster.db"
         self.keys = Keys()
         self.fenced = FencedWrites(self.keys.election)
+        #: VMs failed over (done), with the sequence their primary was acknowledged then.
+        self.failed_over: dict[uuid.UUID, int] = {}
         self.nodes = [SimNode(i, root / f"node{i + 1}") for i in range(count)]
         for node in self.nodes:
             (node.storage / "replicas").mkdir(parents=True)
@@ -249,6 +254,16 @@ async def check_cluster(world: ClusterWorld) -> list[str]:
     by_name = {n.name: n for n in world.nodes}
     for vm in world.vms:
         r = vm.replicator
+        if vm.vmid in world.failed_over:
+            # #7: once failed over, its former primary writes to it no more (#1 and #4 do
+            # not apply: it runs from its replica, its primary is told to stop).
+            vm.observe()
+            if vm.acked > world.failed_over[vm.vmid]:
+                failures.append(
+                    f"#7 {vm.name}: acknowledged {vm.acked} after its failover "
+                    f"(at {world.failed_over[vm.vmid]})"
+                )
+            continue
         if r is not None and r.state.halted is not None:
             failures.append(f"#4 {vm.name}: halted: {r.state.halted}")
         holders = []
@@ -290,6 +305,7 @@ __all__ = ["ClusterWorld", "SimNode", "check_cluster", "check_node"]
 
 #: Cluster fault kinds, in the order of the summary table.
 CLUSTER_KINDS = (
+    "failover",
     "migrate",
     "drain",
     "settings",
@@ -382,11 +398,20 @@ async def run_cluster(
                     await trio.sleep(fault.length)
                     await admin.set_draining(store, world.keys, node.name, False)
                     event(f"{node.name} no longer draining")
+                elif fault.kind == "failover":
+                    vm = world.vms[fault.target % len(world.vms)]
+                    await admin.request_failover(store, world.keys, vm.vmid)
+                    event(f"failover of {vm.name} requested")
+                    done = await admin.await_failover(store, world.keys, vm.vmid, timeout=60.0)
+                    world.observe_owners(await world.records())
+                    event(f"failover of {vm.name}: {done.failover} ({done.failover_note})")
+                    if done.failover is FailoverState.DONE:
+                        world.failed_over[vm.vmid] = vm.acked
                 else:
                     points = 2 + fault.target % 3
                     await admin.update_settings(store, world.keys, {"recovery_points": points})
                     event(f"setting recovery_points = {points}")
-            except admin.AdminError as exc:
+            except (admin.AdminError, StoreError) as exc:
                 event(f"{fault.kind} refused: {exc}")
             finally:
                 await store.aclose()
@@ -446,6 +471,7 @@ async def run_cluster(
                 result.faults[fault.kind] += 1
                 event(f"fault {fault.kind} #{fault.target} for {fault.length:.1f}s")
                 runner = {
+                    "failover": admin_fault,
                     "migrate": admin_fault,
                     "drain": admin_fault,
                     "settings": admin_fault,
