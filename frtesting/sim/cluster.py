@@ -462,8 +462,16 @@ async def run_cluster(
         async with trio.open_nursery() as faulting:
             for fault in faults:
                 await trio.sleep_until(fault.at)
-                key = "node" if fault.kind.split("_")[0] in ("node", "store") else fault.kind
-                key += str(fault.target)
+                group = fault.kind.split("_")[0]
+                if group in ("node", "store", "drain"):
+                    key = f"node:{target_node(fault).name}"  # one fault per node at a time
+                elif group == "primary":
+                    key = f"primary:{fault.target % len(world.primaries)}"
+                elif group == "link":
+                    key = f"link:{fault.target % len(world.primaries)}"
+                    key += f"-{fault.target % len(world.nodes)}"
+                else:
+                    key = "admin"  # one administrator, one command at a time
                 if key in busy:
                     event(f"fault skipped: {fault.kind}")
                     continue
