@@ -106,9 +106,7 @@ class Broker:
                 )
                 task_status.started([])
                 return
-            listeners = await network.current().listen(
-                self.cap.cap_port, host=self.cap.cap_address
-            )
+            listeners = await network.current().listen(self.cap.cap_port, host=self.cap.cap_address)
             log.info(
                 "broker (term %d) listening at the CAP %s (%s:%d)",
                 self.term.token,

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'seeds':<24}{len(runs):>10}")
     print(f"{'simulated hours':<24}{hours:>10.2f}")
-    kinds = CLUSTER_KINDS if args.cluster else KINDS
-    for kind in kinds:
+    table = CLUSTER_KINDS if args.cluster else KINDS
+    for kind in table:
         print(f"{'faults: ' + kind:<24}{faults[kind]:>10}")
     print(f"{'invariant failures':<24}{len(failed):>10}")
     print(f"{'real seconds':<24}{elapsed:>10.1f}  ({len(runs) / elapsed:.2f} seeds/s)")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "seeds": len(runs),
                 "simulated_hours": round(hours, 3),
-                "faults": {kind: faults[kind] for kind in kinds},
+                "faults": {kind: faults[kind] for kind in table},
                 "failures": len(failed),
                 "failed_seeds": failed,
             }

@@ -35,6 +35,7 @@ from frlink.tls import server_context
 from node.config import TLSFiles
 from node.storage import ReplicaStore
 
+from .faults import Fault
 from .store import FencedWrites, NodeStore
 from .world import (
     CAP_ADDRESS,
@@ -320,7 +321,7 @@ QUIET = 200.0
 
 
 async def run_cluster(
-    world: ClusterWorld, result: Any, faults: list[Any], rng: random.Random
+    world: ClusterWorld, result: Any, faults: list[Fault], rng: random.Random
 ) -> None:
     """The cluster run: start everything, apply ``faults``, then check once quiet."""
     event = world.trace
@@ -355,14 +356,14 @@ async def run_cluster(
         nursery.start_soon(ticks)
         busy: set[str] = set()
 
-        def target_node(fault: Any) -> SimNode:
+        def target_node(fault: Fault) -> SimNode:
             if fault.target < 0:  # the broker's node, if any
                 for node in world.nodes:
                     if world._holds_cap(node):
                         return node
             return world.nodes[fault.target % len(world.nodes)]
 
-        async def store_fault(fault: Any, key: str) -> None:
+        async def store_fault(fault: Fault, key: str) -> None:
             node = target_node(fault)
             try:
                 if node.store is None:
@@ -378,7 +379,7 @@ async def run_cluster(
             finally:
                 busy.discard(key)
 
-        async def admin_fault(fault: Any, key: str) -> None:
+        async def admin_fault(fault: Fault, key: str) -> None:
             """What an administrator does (``frctl cluster ...``): migrate a VM, drain a
             node for a while, change a setting."""
             store = world._store()
@@ -417,7 +418,7 @@ async def run_cluster(
                 await store.aclose()
                 busy.discard(key)
 
-        async def node_fault(fault: Any, key: str) -> None:
+        async def node_fault(fault: Fault, key: str) -> None:
             try:
                 node = target_node(fault)
                 if node.agent is None:
@@ -436,7 +437,7 @@ async def run_cluster(
             finally:
                 busy.discard(key)
 
-        async def primary_fault(fault: Any, key: str) -> None:
+        async def primary_fault(fault: Fault, key: str) -> None:
             try:
                 primary = world.primaries[fault.target % len(world.primaries)]
                 world.observe_owners(await world.records())
@@ -448,7 +449,7 @@ async def run_cluster(
             finally:
                 busy.discard(key)
 
-        async def link_fault(fault: Any, key: str) -> None:
+        async def link_fault(fault: Fault, key: str) -> None:
             try:
                 primary = world.primaries[fault.target % len(world.primaries)]
                 node = world.nodes[fault.target % len(world.nodes)]
@@ -505,9 +506,7 @@ async def run_cluster(
         nursery.cancel_scope.cancel()
 
 
-def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Any]:
-    from .faults import Fault
-
+def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Fault]:
     rng = random.Random(f"{seed}:cluster-faults")
     faults = []
     for _ in range(rng.randint(2, 7)):
