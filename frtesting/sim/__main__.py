@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             mark = "*" if i in result.applied else " "
             print(f"{mark} fault {i}: at {fault.at:.3f}s {fault.describe()}")
         if not result.ok:
-            _report_failure(result, do_shrink=not args.no_shrink and not args.cluster)
+            _report_failure(result, do_shrink=not args.no_shrink)
         runs = [(result.seed, result.simulated_seconds, dict(result.faults), result.failures)]
     else:
         count = args.seeds or 100
@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             if done % 100 == 0:
                 rate = done / (time.monotonic() - started)
                 print(f"{done}/{count} seeds ({rate:.2f} seeds/s)", file=sys.stderr, flush=True)
-        if not args.no_shrink and not args.cluster:
+        if not args.no_shrink:
             for seed, *_ in [r for r in runs if r[3]][:3]:
-                _report_failure(run_seed(seed), do_shrink=True)
+                again = run_cluster_seed(seed) if args.cluster else run_seed(seed)
+                _report_failure(again, do_shrink=True)
     elapsed = time.monotonic() - started
     faults: Counter[str] = Counter()
     for run in runs:

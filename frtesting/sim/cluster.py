@@ -474,11 +474,11 @@ async def run_cluster(
                 else:
                     key = "admin"  # one administrator, one command at a time
                 if key in busy:
-                    event(f"fault skipped: {fault.kind}")
+                    event(f"fault skipped (already under a fault): {fault.describe()}")
                     continue
                 busy.add(key)
                 result.faults[fault.kind] += 1
-                event(f"fault {fault.kind} #{fault.target} for {fault.length:.1f}s")
+                event(f"fault {fault.describe()}")
                 runner = {
                     "failover": admin_fault,
                     "migrate": admin_fault,

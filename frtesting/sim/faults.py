@@ -42,7 +42,12 @@ class Fault:
     ops: int = 0
 
     def describe(self) -> str:
-        what = f"p{self.target + 1}" if self.kind in PRIMARY_KINDS else "server"
+        if self.kind.startswith("server"):
+            what = "server"
+        elif self.kind in PRIMARY_KINDS:
+            what = f"p{self.target + 1}"
+        else:  # the cluster's faults (frtesting/sim/cluster.py)
+            what = "the broker's node" if self.target < 0 else f"#{self.target}"
         armed = f" at its file change #{self.ops}" if self.ops else ""
         return f"{self.kind} {what}{armed} for {self.length:.1f}s"
 

@@ -358,7 +358,10 @@ def shrink(result: RunResult, *, server_files: type[HostFiles] = HostFiles) -> R
     best = result
     for index in list(result.applied):
         keep = [i for i in best.applied if i != index]
-        trial = run_seed(result.seed, keep=keep, server_files=server_files)
+        if result.cluster:
+            trial = run_cluster_seed(result.seed, keep=keep)
+        else:
+            trial = run_seed(result.seed, keep=keep, server_files=server_files)
         if any(f.split()[0] == want for f in trial.failures):
             best = trial
     return best
