@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = [run[0] for run in runs if run[3]]
     hours = sum(run[1] for run in runs) / 3600
     print()
-    print(f"{'seeds':<24}{len(runs):>10}")
-    print(f"{'simulated hours':<24}{hours:>10.2f}")
+    print(f"{'seeds':<28}{len(runs):>10}")
+    print(f"{'simulated hours':<28}{hours:>10.2f}")
     table = CLUSTER_KINDS if args.cluster else KINDS
     for kind in table:
-        print(f"{'faults: ' + kind:<24}{faults[kind]:>10}")
-    print(f"{'invariant failures':<24}{len(failed):>10}")
-    print(f"{'real seconds':<24}{elapsed:>10.1f}  ({len(runs) / elapsed:.2f} seeds/s)")
+        print(f"{'faults: ' + kind:<28}{faults[kind]:>10}")
+    print(f"{'invariant failures':<28}{len(failed):>10}")
+    print(f"{'real seconds':<28}{elapsed:>10.1f}  ({len(runs) / elapsed:.2f} seeds/s)")
     print(
         json.dumps(
             {
