@@ -164,9 +164,10 @@ def run_seed(
     trace: list[str] = []
     handler = _TraceLogs(trace, root)
     logger = logging.getLogger("frrep")
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the trace has them; a test's log capture need not
     try:
         with _deterministic(seed):
             world = World(
@@ -185,6 +186,7 @@ def run_seed(
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
         shutil.rmtree(root, ignore_errors=True)
     return result
 
@@ -326,9 +328,10 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
     trace: list[str] = []
     handler = _TraceLogs(trace, root)
     logger = logging.getLogger("frrep")
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the trace has them; a test's log capture need not
     try:
         with _deterministic(seed):
             world = ClusterWorld(root / "site", _CERTS[0], seed)
@@ -346,6 +349,7 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+        logger.propagate = old_propagate
         shutil.rmtree(root, ignore_errors=True)
     return result
 
