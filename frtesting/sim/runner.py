@@ -277,9 +277,21 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
             world.net.heal(address, SERVER_ADDRESS)
             event(f"link p{fault.target + 1} healed")
 
+        async def disk_full(fault: Fault) -> None:
+            io = world.server_io
+            if io is None:
+                event("disk full skipped: the server is down")
+                return
+            io.full = True
+            await trio.sleep(fault.length)
+            io.full = False  # a restart meanwhile made another layer, with room
+            event("server disk has room again")
+
         async def run_fault(fault: Fault, key: str) -> None:
             try:
-                if fault.kind in ("server_kill", "server_power_loss"):
+                if fault.kind == "server_disk_full":
+                    await disk_full(fault)
+                elif fault.kind in ("server_kill", "server_power_loss"):
                     await server_fault(fault)
                 elif fault.kind in ("link_cut", "link_slow"):
                     await link_fault(fault)
@@ -291,7 +303,7 @@ async def _main(world: World, faults: list[Fault], result: RunResult) -> None:
         async with trio.open_nursery() as faulting:
             for fault in faults:
                 await trio.sleep_until(fault.at)
-                key = "server"
+                key = "disk" if fault.kind == "server_disk_full" else "server"
                 if fault.kind in PRIMARY_KINDS:
                     key = f"{'link' if fault.kind.startswith('link') else 'primary'}{fault.target}"
                 if key in busy:

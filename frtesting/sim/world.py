@@ -61,6 +61,8 @@ class HostFiles(RecordingFileIO):
     apply, which a fault at a random time would seldom hit)."""
 
     dead = False
+    #: The storage is full: every write fails with ENOSPC (the engine answers NO_SPACE).
+    full = False
     trip_at = -1
     on_trip: Callable[[], None] | None = None
 
@@ -73,12 +75,17 @@ class HostFiles(RecordingFileIO):
     def _before(self, name: str) -> None:
         if self.dead:
             raise OSError(errno.EIO, f"{name}: the simulated host is dead")
+        if self.full and name in _WRITES:
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
         if 0 <= self.trip_at <= len(self.ops):
             self.dead = True
             on_trip, self.on_trip = self.on_trip, None
             if on_trip is not None:
                 on_trip()
             raise HostDied(name)
+
+
+_WRITES = frozenset({"pwrite", "writev", "write_zeros", "copy_range", "reserve"})
 
 
 def _refused_when_dead(name: str) -> Any:
