@@ -581,10 +581,15 @@ class ClusterNode:
                             term.record.cap_port,
                             time.monotonic() - started,
                         )
-                except OSError as exc:
+                except* OSError as group:
                     # The address may still be held for a moment (the previous broker's
-                    # node, a hook that has not run yet): try again within the term.
-                    log.warning("binding the CAP: %s; retrying", exc)
+                    # node, a hook that has not run yet): try again within the term. The
+                    # bind fails inside Broker.serve's nursery, so it comes in a group: a
+                    # plain ``except OSError`` let it end the node agent.
+                    first: BaseException = group
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    log.warning("binding the CAP: %s; retrying", first)
                     await trio.sleep(0.1)
         finally:
             self.broker = None
