@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -148,6 +149,21 @@ def _default_base() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
+def _crash_is_a_failure(result: RunResult, run: Any, *args: Any, **kwargs: Any) -> None:
+    """Run the world; an exception out of it (the production code or the world crashed)
+    is a failure of the run, with its seed and replay command like any other."""
+    try:
+        run(*args, **kwargs)
+    except Exception as exc:
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        line = f"#crash {type(leaf).__name__}: {leaf}"
+        result.trace.append(f"{'':>10} {line}")
+        result.trace += traceback.format_exception(exc)
+        result.failures.append(line)
+
+
 def run_seed(
     seed: int,
     *,
@@ -182,7 +198,9 @@ def run_seed(
 
             world.trace = event
             clock = trio.testing.MockClock(autojump_threshold=0)
-            trio.run(_main, world, [schedule[i] for i in applied], result, clock=clock)
+            _crash_is_a_failure(
+                result, trio.run, _main, world, [schedule[i] for i in applied], result, clock=clock
+            )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -357,7 +375,10 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
             world.trace = event
             clock = trio.testing.MockClock(autojump_threshold=0)
             rng = random.Random(f"{seed}:powerloss")
-            trio.run(run_cluster, world, result, [schedule[i] for i in applied], rng, clock=clock)
+            faults = [schedule[i] for i in applied]
+            _crash_is_a_failure(
+                result, trio.run, run_cluster, world, result, faults, rng, clock=clock
+            )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
