@@ -80,10 +80,12 @@ __all__ = [
     "Refused",
     "Updated",
     "await_failover",
+    "await_failover_ending",
     "delete_vm",
     "find_vm",
     "parse_assignments",
     "request_failover",
+    "request_failover_ending",
     "request_migration",
     "set_console_password",
     "set_draining",
@@ -360,13 +362,43 @@ async def request_failover(
     def ask(vm: VMRecord) -> VMRecord:
         if vm.deleted:
             raise Refused(f"VM {vmid} was deleted")
-        if vm.failover in (FailoverState.REQUESTED, FailoverState.DONE):
+        if vm.failover is FailoverState.REQUESTED or vm.failover.in_force:
             raise Refused(f"VM {vmid}: a failover is already {vm.failover}")
         if vm.migrate_to:
             raise Refused(f"VM {vmid} is moving to {vm.migrate_to}; fail over after")
         return replace(vm, failover=FailoverState.REQUESTED, failover_point=point, failover_note="")
 
     return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "failover", vmid))
+
+
+async def request_reverse(
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str | uuid.UUID,
+    *,
+    to: str,
+    name: str,
+    by: str = "",
+) -> Updated[VMRecord]:
+    """Ask the node that VM ``vmid`` failed over to to replicate it back, to the recovery
+    server at ``to`` (``HOST:PORT``) named ``name`` in TLS: the former primary's, or any
+    recovery server holding the VM's replica at the failed-over generation
+    (``frctl failover adopt``). The owner starts it (``frcluster/reverse.py``), sending
+    only what differs first.
+
+    Raises:
+        Refused: the VM was deleted, or it was not failed over (nothing to reverse).
+    """
+    vmid = _vmid(vmid)
+
+    def ask(vm: VMRecord) -> VMRecord:
+        if vm.deleted:
+            raise Refused(f"VM {vmid} was deleted")
+        if vm.failover is not FailoverState.DONE:
+            raise Refused(f"VM {vmid} was not failed over: nothing to reverse (fail over first)")
+        return replace(vm, reverse_to=to, reverse_name=name)
+
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "reverse", vmid))
 
 
 async def await_failover(
@@ -386,14 +418,26 @@ async def await_failover(
         BadVMID: ``vmid`` is not a UUID.
         NoFailoverOutcome: none within ``timeout`` seconds (or the record went away).
     """
-    vmid = _vmid(vmid)
+    return await _await_vm(store, keys, _vmid(vmid), lambda vm: vm.failover.settled, timeout, poll)
+
+
+async def _await_vm(
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str,
+    done: Callable[[VMRecord], bool],
+    timeout: float,
+    poll: float,
+) -> VMRecord:
+    """VM ``vmid``'s record once ``done`` says so (:class:`NoFailoverOutcome` if not
+    within ``timeout`` seconds, or if the record went away)."""
     with trio.move_on_after(timeout):
         while True:
             kv = await store.get(keys.vm(vmid))
             if kv is None:
                 break
             vm = VMRecord.from_json(kv.value)
-            if vm.failover.settled:
+            if done(vm):
                 return vm
             # Polled rather than watched: one read a tenth of a second, on either backend,
             # and nothing to re-establish when the store hiccups.
@@ -603,4 +647,59 @@ async def set_console_password(
         lambda _old: account,
         contended="the console's account kept changing; try again",
         audit=audit,
+    )
+
+
+async def request_failover_ending(
+    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, cancel: bool, by: str = ""
+) -> Updated[VMRecord]:
+    """Ask VM ``vmid``'s owner to complete its failover (keep the point it runs from,
+    remove the others) or, with ``cancel``, to cancel it (stop the VM and bring the
+    replica back to where replication left it; its primary then carries on). The owner
+    carries it out (``frcluster/failover_endings.py``); :func:`await_failover_ending`
+    waits for the outcome. Asking again what is already asked is no error.
+
+    Raises:
+        BadVMID: ``vmid`` is not a UUID.
+        NoSuchVM: the cluster has no such VM.
+        Refused: the VM is not failed over, its failover was completed (a cancel), or
+            the other ending is asked.
+        Contended: the record kept changing.
+    """
+    vmid = _vmid(vmid)
+    want = FailoverState.CANCEL_REQUESTED if cancel else FailoverState.COMPLETE_REQUESTED
+
+    def ask(vm: VMRecord) -> VMRecord:
+        if vm.failover is want:
+            return vm
+        if vm.failover is FailoverState.COMPLETED:
+            if cancel:
+                raise Refused(f"VM {vmid}: its failover was completed; it cannot be cancelled")
+            return vm
+        if vm.failover is not FailoverState.DONE:
+            raise Refused(f"VM {vmid}: no failover to end (failover: {vm.failover or 'none'})")
+        return replace(vm, failover=want, failover_note="")
+
+    action = "failover-cancel" if cancel else "failover-complete"
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, action, vmid))
+
+
+async def await_failover_ending(
+    store: ClusterStore,
+    keys: Keys,
+    vmid: str | uuid.UUID,
+    *,
+    timeout: float,
+    poll: float = 0.1,
+) -> VMRecord:
+    """Wait until the owner carried out the complete or cancel asked of VM ``vmid``;
+    returns its record: ``failover`` is ``COMPLETED``, ``NONE`` (cancelled), or
+    ``DONE`` again with the reason in ``failover_note`` (the cancel was refused).
+
+    Raises:
+        BadVMID: ``vmid`` is not a UUID.
+        NoFailoverOutcome: none within ``timeout`` seconds (or the record went away).
+    """
+    return await _await_vm(
+        store, keys, _vmid(vmid), lambda vm: not vm.failover.ending, timeout, poll
     )

@@ -130,11 +130,34 @@ class FailoverState(enum.StrEnum):
     REQUESTED = "requested"  #: an administrator asked; the owner carries it out
     DONE = "done"  #: the VM runs from the replica: its former primary is refused from now on
     FAILED = "failed"  #: the owner could not (``VMRecord.failover_note`` says why)
+    #: Done, and an administrator asked to complete it (keep its point, remove the others)
+    COMPLETE_REQUESTED = "complete-requested"
+    #: Done and completed: it can no longer be cancelled
+    COMPLETED = "completed"
+    #: Done, and an administrator asked to cancel it: the owner stops the VM and brings
+    #: the replica back to where replication left it; the record then says ``NONE``
+    #: again (or ``DONE``, with the reason in the note, if the cancel was refused)
+    CANCEL_REQUESTED = "cancel-requested"
 
     @property
     def settled(self) -> bool:
         """The owner has recorded an outcome (done or failed)."""
         return self in (FailoverState.DONE, FailoverState.FAILED)
+
+    @property
+    def in_force(self) -> bool:
+        """The VM runs from its replica: its former primary is refused."""
+        return self in (
+            FailoverState.DONE,
+            FailoverState.COMPLETE_REQUESTED,
+            FailoverState.COMPLETED,
+            FailoverState.CANCEL_REQUESTED,
+        )
+
+    @property
+    def ending(self) -> bool:
+        """A complete or a cancel is asked and not carried out yet."""
+        return self in (FailoverState.COMPLETE_REQUESTED, FailoverState.CANCEL_REQUESTED)
 
 
 class PlacementPolicy(enum.StrEnum):
@@ -298,6 +321,11 @@ class VMRecord:
     failover_generation: int = 0
     #: Why a failover failed, or what the start hook said.
     failover_note: str = ""
+    #: Reverse replication after a failover (``frctl cluster reverse``): the owner
+    #: replicates the VM to this recovery server, ``HOST:PORT`` ("" for none), named
+    #: :attr:`reverse_name` in TLS (``frcluster/reverse.py``).
+    reverse_to: str = ""
+    reverse_name: str = ""
 
     def __post_init__(self) -> None:
         # Code that still says failover="done" gets the member, so ``is`` compares hold
@@ -305,8 +333,16 @@ class VMRecord:
         object.__setattr__(self, "failover", FailoverState(self.failover))
 
     def to_json(self) -> bytes:
-        """The record as stored."""
-        return _dump(self)
+        """The record as stored (without the reverse fields while they are empty: a record
+        written before they existed reads and writes back byte for byte)."""
+        if self.reverse_to or self.reverse_name:
+            return _dump(self)
+        data = {
+            name: getattr(self, name)
+            for name in _field_names(type(self))
+            if name not in ("reverse_to", "reverse_name")
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> VMRecord:
@@ -334,6 +370,8 @@ class VMRecord:
                     d.get("failover_generation", 0), int, "failover_generation"
                 ),
                 failover_note=_typed(d.get("failover_note", ""), str, "failover_note"),
+                reverse_to=_typed(d.get("reverse_to", ""), str, "reverse_to"),
+                reverse_name=_typed(d.get("reverse_name", ""), str, "reverse_name"),
             )
         except KeyError as exc:
             raise RecordError(f"VM record: missing {exc}") from None

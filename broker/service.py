@@ -33,7 +33,7 @@ from broker.cluster_cache import ClusterCache
 from broker.cluster_view import ClusterView
 from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
-from broker.records import ElectionRecord, FailoverState, Keys, RecordError, Settings, VMRecord
+from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
 from frlink import network
 from frlink.accept import accept
@@ -246,7 +246,7 @@ class Broker:
                 return fp.QueryRecoveryServerResponse(
                     query.vmid, self.cap.cap_name, self.cap.cap_port, fp.ExistingVM.DELETED
                 )
-            if vm.failover is FailoverState.DONE:
+            if vm.failover.in_force:
                 # The VM runs from its replica now: its former primary must not write
                 # to it (the node refuses it too, by the relationship's generation).
                 raise fp.NotAuthorized(

@@ -66,9 +66,11 @@ from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
 from .config import ClusterNodeConfig
-from .failover import FailoverRunner
+from .failover import FailoverRunner, record_planned_failover
+from .failover_endings import FailoverEndingRunner
 from .metrics import NodeCollector
 from .migration import Migrator
+from .reverse import ReverseRunner
 
 log = logging.getLogger("frrep.node")
 
@@ -179,6 +181,10 @@ class ClusterNode:
                 claim_storage=not self.config.shared_storage,
                 on_deleted=self._vm_deleted,
                 on_renamed=self._vm_renamed,
+                # A planned failover (FailoverRequest) is recorded in the VM's record.
+                on_failed_over=partial(
+                    record_planned_failover, self.store, self.keys, self.config.name
+                ),
                 registry=self.registry,
                 file_io=self._file_io,
             )
@@ -200,6 +206,8 @@ class ClusterNode:
                 nursery.start_soon(election.run, self._lead)
                 nursery.start_soon(Migrator(self, store, self.keys).run)
                 nursery.start_soon(FailoverRunner(self, store, self.keys).run)
+                nursery.start_soon(FailoverEndingRunner(self, store, self.keys).run)
+                nursery.start_soon(ReverseRunner(self, store, self.keys).run)
                 if self.config.console_port is not None:
                     await self._start_console(nursery)
                 log.info("node %s up at %s:%d", self.config.name, self.config.listen, self.port)

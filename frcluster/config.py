@@ -10,6 +10,7 @@ Example::
     shared_storage = false        # true: every node sees the same storage root
     capacity = "100G"             # bytes offered to replicas (0: not limited)
     # failover_start = "virsh create $FRREP_CONFIG"  # starts a VM failed over here
+    # failover_stop = "virsh destroy ..."   # stops it again (a cancelled failover)
 
     [cluster]
     store = "sqlite:///var/lib/frrep/cluster.db"   # or etcd://10.0.0.1:2379,10.0.0.2:2379
@@ -71,6 +72,7 @@ CLUSTER_NODE_SCHEMA: Schema = {
             "shared_storage": bool,
             "capacity": (str, int),
             "failover_start": str,
+            "failover_stop": str,
         }
     ),
     "cluster": Table(
@@ -114,6 +116,9 @@ class ClusterNodeConfig:
     #: Run after a failover to a replica here (``frctl cluster failover``): starts the VM
     #: from the replica's disks (environment: ``node/failover/test.py``'s CommandHook).
     failover_start: str = ""
+    #: Run before a failover here is cancelled (``frctl cluster failover-cancel``):
+    #: stops the VM (the same environment).
+    failover_stop: str = ""
     #: The operations listener (``[metrics]``); None: none.
     metrics: MetricsListen | None = None
     #: The web console's port (HTTPS); ``None``: no console on this node.
@@ -203,6 +208,7 @@ def load_cluster_node_config(path: Path) -> ClusterNodeConfig:
         cap_up=str(cluster.get("cap_up", "")),
         cap_down=str(cluster.get("cap_down", "")),
         failover_start=str(node.get("failover_start", "")),
+        failover_stop=str(node.get("failover_stop", "")),
         metrics=metrics_listen(data, path),
         console_port=console_port,
         console_listen=console_listen,

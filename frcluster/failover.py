@@ -29,10 +29,11 @@ import trio
 
 import frproto as fp
 from broker.records import FailoverState, Keys, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, Put
+from broker.store import ClusterStore, Compare, Put, StoreError
 from node.failover.test import CommandHook, HookFailed
 from node.failover.unplanned import in_place
 from node.storage.point_copy import PointCopy
+from node.takeover import TakenOver
 
 from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 
@@ -132,3 +133,52 @@ class FailoverRunner:
             # idempotent: the next scan records it (Replica.fail_over finishes the same).
             log.warning("failover of %s: its record changed meanwhile", vm.vmid)
         return result.succeeded
+
+
+async def record_planned_failover(
+    store: ClusterStore, keys: Keys, node_name: str, taken: TakenOver
+) -> None:
+    """A planned failover (protocol 1.1) took a VM over at this node: record it in the VM
+    record as a failover done, with the point and the new generation, so that the broker
+    and ``frctl cluster vms`` show it (and the broker refuses the former primary). A
+    request that named a ``reverse_port`` is recorded as the VM's reverse direction, to
+    the primary's address (``frcluster/reverse.py`` starts it, FOV-9). Best effort: the
+    failover itself is durable in the replica; a failure is logged."""
+    key = keys.vm(taken.vmid)
+    try:
+        for _ in range(10):
+            kv = await store.get(key)
+            if kv is None:
+                return
+            vm = VMRecord.from_json(kv.value)
+            if vm.owner != node_name:
+                return
+            new = replace(
+                vm,
+                failover=FailoverState.DONE,
+                failover_point=taken.sequence,
+                failover_generation=taken.generation,
+                failover_note=f"planned failover asked by its primary {taken.primary_name}",
+            )
+            if taken.reverse_port and taken.primary_address:
+                new = replace(
+                    new,
+                    reverse_to=f"{taken.primary_address}:{taken.reverse_port}",
+                    reverse_name=taken.primary_name,
+                )
+            result = await store.txn(
+                [Compare.mod_revision(key, "==", kv.mod_revision)], [Put(key, new.to_json())], []
+            )
+            if result.succeeded:
+                log.info(
+                    "VM %s: planned failover recorded (point %d, generation %d)",
+                    taken.vmid,
+                    taken.sequence,
+                    taken.generation,
+                )
+                return
+        log.warning(
+            "VM %s: its record kept changing; the planned failover is not recorded", taken.vmid
+        )
+    except (StoreError, RecordError) as exc:
+        log.warning("VM %s: the planned failover is not recorded: %s", taken.vmid, exc)

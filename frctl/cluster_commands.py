@@ -186,6 +186,10 @@ def _cmd_vms(args: argparse.Namespace) -> int:
             return 0
         for v in vms:
             extra = " DELETED" if v.deleted else (f" -> {v.migrate_to}" if v.migrate_to else "")
+            if v.failover:
+                extra += f" failover {v.failover} (generation {v.failover_generation})"
+            if v.reverse_to:
+                extra += f" reverse -> {v.reverse_to}"
             print(f"{v.vmid}  {v.name:<16} {v.owner:<28} {v.trust_group:<12}{extra}")
         return 0
 
@@ -245,6 +249,31 @@ def _cmd_failover(args: argparse.Namespace) -> int:
         else:
             print(f"frctl: failover refused at {vm.owner}: {vm.failover_note}", file=sys.stderr)
         return 0 if done else 1
+
+    return _run(args, job)
+
+
+def _cmd_reverse(args: argparse.Namespace) -> int:
+    from broker import admin
+    from broker.records import Keys
+    from broker.store import ClusterStore
+
+    host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        print(f"frctl: --to {args.to!r}: use HOST:PORT", file=sys.stderr)
+        return 2
+    name = args.to_name or host
+
+    async def job(store: ClusterStore, keys: Keys) -> int:
+        vmid = await admin.find_vm(store, keys, args.vmid)
+        await admin.request_reverse(store, keys, vmid, to=args.to, name=name, by=_who())
+        if args.json:
+            print(json.dumps({"action": "reverse", "vmid": vmid, "to": args.to, "name": name}))
+        else:
+            print(
+                f"VM {vmid}: its node replicates it back to {args.to} ({name}), differences first"
+            )
+        return 0
 
     return _run(args, job)
 
@@ -383,6 +412,8 @@ def register(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="administer a cluster through its store")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
 
+    from .cluster_failover_endings import register as register_failover_endings
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="any node's configuration (names the store)")
         p.add_argument("--store", help="the store URL (sqlite:///... or etcd://...)")
@@ -453,6 +484,17 @@ def register(sub: Any) -> None:
     failover.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it")
     failover.add_argument("--json", action="store_true")
     failover.set_defaults(func=_cmd_failover)
+    register_failover_endings(csub, common)
+
+    reverse = csub.add_parser(
+        "reverse", help="after a failover: the VM's node replicates it back to a server"
+    )
+    common(reverse)
+    reverse.add_argument("vmid", help="the VM's VMID, or its name")
+    reverse.add_argument("--to", required=True, metavar="HOST:PORT", help="the recovery server")
+    reverse.add_argument("--to-name", help="its TLS name (default: HOST)")
+    reverse.add_argument("--json", action="store_true", help="one JSON object: what was done")
+    reverse.set_defaults(func=_cmd_reverse)
 
     delete = csub.add_parser("delete", help="delete a replica VM (its primary stops)")
     common(delete)

@@ -7,11 +7,13 @@ import json
 import os
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .failover_ending_commands import register as register_endings
 from .server_commands import is_cluster_config, replica_places, replica_vmid
 
 
@@ -108,9 +110,9 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
             sequence=args.point,
             start=CommandHook(args.start_command) if args.start_command else None,
         )
-    except StorageBusy as exc:
-        print(f"frctl: unplanned failover: {exc}: stop the recovery server first", file=sys.stderr)
-        return 1
+    except StorageBusy:
+        # A running server: it does the failover itself (node/failover/control.py).
+        return _unplanned_at_running_server(args, vmid)
     except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
         print(f"frctl: unplanned failover: {exc}", file=sys.stderr)
         return 1
@@ -125,35 +127,99 @@ def _cmd_unplanned(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unplanned_at_running_server(args: argparse.Namespace, vmid: uuid.UUID) -> int:
+    from node.failover.control import ask_running_server, running_copy
+    from node.failover.test import CommandHook, HookFailed, find_replica
+
+    places = replica_places(args)
+    try:
+        reply = ask_running_server(places, vmid, args.point)
+    except OSError as exc:
+        print(
+            f"frctl: unplanned failover: the recovery server holds the storage and does not "
+            f"answer on its control socket ({exc}): stop it, or try again",
+            file=sys.stderr,
+        )
+        return 1
+    if not reply.get("ok"):
+        print(f"frctl: unplanned failover: {reply.get('error')}", file=sys.stderr)
+        return 1
+    copy = running_copy(find_replica(places, vmid), vmid, int(reply["sequence"]))
+    if args.start_command:
+        try:
+            CommandHook(args.start_command)(copy)
+        except HookFailed as exc:
+            print(f"frctl: unplanned failover: {exc}", file=sys.stderr)
+            return 1
+    result = {
+        "vmid": str(vmid),
+        "sequence": copy.sequence,
+        "generation": int(reply["generation"]),
+        "disks": [str(p) for p in copy.disks],
+        "server_running": True,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"VM {vmid} failed over at recovery point {copy.sequence} (generation "
+            f"{result['generation']}) by the running recovery server; its former primary is "
+            "refused from now on; disks: " + ", ".join(map(str, copy.disks))
+        )
+    return 0
+
+
 def _cmd_planned(args: argparse.Namespace) -> int:
-    """The primary's side: stop hook, last cycle, verification, stop replicating."""
-    import subprocess
+    """At the primary, one step: stop hook, last batch, the recovery side takes the VM
+    over (protocol 1.1); with --server-config this host becomes its recovery side and
+    the other side replicates back by itself (node/failover/planned.py)."""
+    import frproto as fp
+    from node.config import ConfigError, load_recovery_server_config
+    from node.failover.planned import planned_failover
+    from node.failover.test import HookFailed
 
     from .node_commands import replicator_from_args
 
     replicator = replicator_from_args(args)
-    if args.stop_command:
-        done = subprocess.run(args.stop_command, shell=True, check=False)
-        if done.returncode:
-            print(
-                f"frctl: the stop hook exited {done.returncode}: not failing over", file=sys.stderr
-            )
+    server = None
+    if args.server_config:
+        try:
+            server = load_recovery_server_config(Path(args.server_config))
+        except ConfigError as exc:
+            print(f"frctl: {exc}", file=sys.stderr)
             return 1
     try:
-        result = trio.run(replicator.prepare_failover)
-    except Exception as exc:  # the last cycle or the check failed: nothing was switched
+        result = trio.run(
+            partial(
+                planned_failover,
+                replicator,
+                stop_command=args.stop_command,
+                authorization=None if server is None else server.authorization,
+                reverse_port=0 if server is None else (args.reverse_port or server.port),
+            )
+        )
+    except HookFailed as exc:
+        print(f"frctl: planned failover: {exc}: not failing over", file=sys.stderr)
+        return 1
+    except (fp.FrprotoError, OSError, ValueError) as exc:
+        print(f"frctl: planned failover: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last cycle failed: nothing was switched
         print(f"frctl: planned failover: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result.to_json()))
-    else:
-        print(
-            f"{replicator.state.name}: the replica holds the final state (sequence "
-            f"{result.sequence}, {result.blocks} blocks verified); replication stopped. At the "
-            f"recovery server: frctl failover unplanned --config SERVER.toml "
-            f"{replicator.state.vmid} "
-            f"--point {result.sequence}"
-        )
+        return 0
+    reverse = (
+        f"; this host is its recovery side now ({result.reverse.storage}) and the other "
+        "side replicates back, differences first"
+        if result.reverse is not None
+        else ""
+    )
+    print(
+        f"{result.name}: failed over at sequence {result.sequence} (generation "
+        f"{result.generation}), nothing lost; this primary replicates it no more{reverse}"
+    )
     return 0
 
 
@@ -265,7 +331,7 @@ def register(sub: Any) -> None:
     test.add_argument("--json", action="store_true")
     test.set_defaults(func=_cmd_test)
     unplanned = fsub.add_parser(
-        "unplanned", help="the primary site is lost: run the VM from its replica (server stopped)"
+        "unplanned", help="the primary site is lost: run the VM from its replica"
     )
     unplanned.add_argument("--config", required=True, help="the recovery server's configuration")
     unplanned.add_argument("vmid", help="the VM's VMID, or its name")
@@ -276,11 +342,22 @@ def register(sub: Any) -> None:
     unplanned.add_argument("--json", action="store_true")
     unplanned.set_defaults(func=_cmd_unplanned)
     planned = fsub.add_parser(
-        "planned", help="at the primary: stop the VM, send the rest, verify, stop replicating"
+        "planned",
+        help="at the primary: stop the VM, send the rest, the recovery side takes it over",
     )
     planned.add_argument("--config", required=True, help="the primary's configuration")
     planned.add_argument("vmid", help="the VM's VMID, or its name")
     planned.add_argument("--stop-command", help="hook: a shell command that stops the VM")
+    planned.add_argument(
+        "--server-config",
+        help="this host's recovery server config: become the VM's recovery side (reverse)",
+    )
+    planned.add_argument(
+        "--reverse-port",
+        type=int,
+        default=None,
+        help="the port the other side replicates back to (default: the server config's)",
+    )
     planned.add_argument("--json", action="store_true")
     planned.set_defaults(func=_cmd_planned)
     adopt = fsub.add_parser(
@@ -304,6 +381,7 @@ def register(sub: Any) -> None:
     reverse.add_argument("--to-name", help="the TLS name of the other side (default: HOST)")
     reverse.add_argument("--json", action="store_true", help="one JSON object: what was done")
     reverse.set_defaults(func=_cmd_reverse)
+    register_endings(fsub)
     cleanup = fsub.add_parser("cleanup", help="stop and remove a test failover's VM")
     cleanup.add_argument("directory")
     cleanup.add_argument("--stop-command", help="hook: a shell command that stops the VM")

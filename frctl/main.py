@@ -21,6 +21,7 @@ from .conform_commands import register as register_conform_commands
 from .failover_commands import register as register_failover_commands
 from .node_commands import register as register_node_commands
 from .oob_commands import register as register_oob_commands
+from .plan_commands import register as register_plan_commands
 from .server_commands import register as register_server_commands
 
 
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_oob_commands(sub)
     register_cluster_commands(sub)
     register_failover_commands(sub)
+    register_plan_commands(sub)
     register_conform_commands(sub)
     register_config_commands(sub)
     return parser

@@ -440,7 +440,7 @@ def _status_table(report: Any, doc: dict[str, Any]) -> str:
     for vm in report.vms:
         lag = "-" if vm.lag_seconds is None else duration(vm.lag_seconds)
         ack = rfc3339(vm.last_acknowledged_at) or "-"
-        if vm.next_cycle_at is None or vm.state.value in ("paused", "halted"):
+        if vm.next_cycle_at is None or vm.state.value in ("paused", "halted", "failed over"):
             nxt = "-"
         else:
             ahead = vm.next_cycle_at - report.at
@@ -456,6 +456,11 @@ def _status_table(report: Any, doc: dict[str, Any]) -> str:
         )
         if vm.reasons:
             lines.append(f"{'':<16} " + _paint(vm.health.value, vm.health_text))
+        if vm.direction == "reverse":
+            lines.append(
+                f"{'':<16} reverse replication: the VM failed over to this host, which "
+                f"replicates it back (generation {vm.generation})"
+            )
         row = rows.get(vm.vmid, {})
         if row.get("change_source") == "qemu":
             bitmap = row.get("qemu_bitmap") or "not checked yet"

@@ -20,7 +20,10 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from node.config import ConfigError, load_recovery_server_config
+    from node.failover.control import serve_control
+    from node.failover.reverse_service import ReverseReplication, reverse_state_dir
     from node.recovery_server import RecoveryServer
+    from node.takeover import TakenOver
 
     from .daemon import run_daemon
 
@@ -32,7 +35,26 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
     registry = CollectorRegistry()
-    server = RecoveryServer(config, registry=registry)
+    # A VM taken over in a planned failover is replicated back by this server's own
+    # primary service (node/failover/reverse_service.py).
+    reverse = ReverseReplication(
+        name=config.name,
+        tls=config.tls,
+        listen=config.listen,
+        state_dir=reverse_state_dir(config.storages),
+        frequency_s=config.reverse_frequency_s,
+    )
+
+    async def taken_over(taken: TakenOver) -> None:
+        await reverse.taken_over(
+            taken.vmid,
+            storage=taken.storage,
+            primary_name=taken.primary_name,
+            primary_address=taken.primary_address,
+            reverse_port=taken.reverse_port,
+        )
+
+    server = RecoveryServer(config, registry=registry, on_failed_over=taken_over)
 
     async def serve(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The replication listener first; then, with a [console] table, the web console
@@ -40,6 +62,9 @@ def _cmd_server_run(args: argparse.Namespace) -> int:
         # (SIGHUP changes its authorization entries).
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            await nursery.start(reverse.run)
+            # frctl failover unplanned asks the running server on it.
+            await nursery.start(serve_control, server)
             if config.console is not None:
                 from frconsole.standalone import serve_console
 

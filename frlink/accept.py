@@ -46,6 +46,11 @@ class _Replay(trio.abc.Stream):
         self._inner_receive_into = transport_receive_into(inner)
         self._inner_wait_readable = transport_wait_readable(inner)
 
+    @property
+    def socket(self) -> Any:
+        """The inner stream's socket (its peer address names the peer), if it has one."""
+        return getattr(self._inner, "socket", None)
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._head:
             head, self._head = self._head, b""

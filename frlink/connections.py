@@ -53,6 +53,7 @@ ANSWERING_STATES = frozenset(
         fp.State.BATCH_ENDING,
         fp.State.DIGESTS,
         fp.State.DELETING,
+        fp.State.FAILING_OVER,
     }
 )
 

@@ -94,6 +94,7 @@ from ._errors import (
     VMNotHere,
     closes_connection,
 )
+from ._failover import FailoverDone, FailoverRequest
 from ._messages import (
     DiskInfo,
     Error,
@@ -193,6 +194,8 @@ __all__ = [
     "IREnd",
     "IRState",
     "InternalError",
+    "FailoverDone",
+    "FailoverRequest",
     "Keepalive",
     "LocalProtocolError",
     "MalformedMessage",

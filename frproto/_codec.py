@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Final
 
 from ._chunks import decode_chunk, encode_chunk_header
-from ._enums import IGNORABLE_TAG_BIT, MessageTag
+from ._enums import IGNORABLE_TAG_BIT, LEGACY_RELATIONSHIP_DELETE, MessageTag
 from ._errors import FrameTooLarge, ReservedNotZero, TrailingBytes, TruncatedFrame, UnknownTag
+from ._failover import FailoverDone, FailoverRequest
 from ._messages import (
     Error,
     Keepalive,
@@ -38,7 +39,9 @@ from ._replication import (
 from ._wire import ENVELOPE, Bytes
 from .limits import CHUNK_HEADER_SIZE, ENVELOPE_SIZE, MAX_CHUNK_DATA, MAX_CONTROL_BODY
 
-KNOWN_TAGS: Final = frozenset(int(t) for t in MessageTag)
+#: Every tag this version decodes: the MessageTag values and the tag RelationshipDelete
+#: had before 1.1 (a connection at 1.0 still carries it, NEG-15).
+KNOWN_TAGS: Final = frozenset(int(t) for t in MessageTag) | {LEGACY_RELATIONSHIP_DELETE}
 
 #: Every message class by tag.
 MESSAGE_CLASSES: Final[dict[MessageTag, type[Message]]] = {
@@ -62,8 +65,18 @@ MESSAGE_CLASSES: Final[dict[MessageTag, type[Message]]] = {
         Ack,
         DigestMapRequest,
         DigestMap,
+        FailoverRequest,
+        FailoverDone,
     )
 }
+
+
+def message_tag(tag: int) -> MessageTag:
+    """The MessageTag of a known wire tag (the legacy RelationshipDelete tag is
+    RelationshipDelete's)."""
+    if tag == LEGACY_RELATIONSHIP_DELETE:
+        return MessageTag.RELATIONSHIP_DELETE
+    return MessageTag(tag)
 
 
 def check_envelope(
@@ -140,4 +153,4 @@ def decode_frame(data: Bytes) -> Message | tuple[int, bytes]:
     body = view[ENVELOPE_SIZE:end]
     if tag not in KNOWN_TAGS:
         return (tag, bytes(body))
-    return decode_body(MessageTag(tag), body)
+    return decode_body(message_tag(tag), body)

@@ -25,8 +25,9 @@ from ._chunks import (
     encode_chunk_header,
     zero_digest,
 )
-from ._codec import KNOWN_TAGS, check_envelope, decode_body
+from ._codec import KNOWN_TAGS, check_envelope, decode_body, message_tag
 from ._enums import (
+    LEGACY_RELATIONSHIP_DELETE,
     ChunkFlags,
     Compression,
     MessageTag,
@@ -284,9 +285,9 @@ class Connection:
         body = buffer.take_bytes(total)[ENVELOPE_SIZE:]
         if tag not in KNOWN_TAGS:
             return UnknownMessage(tag, body)
-        message_tag = MessageTag(tag)
-        new_state = self._transition(self.their_role, message_tag)
-        message = decode_body(message_tag, body)
+        known = message_tag(tag)
+        new_state = self._transition(self.their_role, known, legacy=tag != known)
+        message = decode_body(known, body)
         if isinstance(message, Error):
             new_state = error_outcome(self._state, self.their_role, message.code)
         self._session.check(message)
@@ -300,9 +301,39 @@ class Connection:
         self._state = new_state
         return chunk
 
-    def _transition(self, sender: Role, tag: MessageTag, error_code: int | None = None) -> State:
+    @property
+    def version_minor(self) -> int | None:
+        """The negotiated minor version (None before a compatible negotiation)."""
+        answer = self._negotiated
+        return answer.version[1] if answer is not None and answer.ok else None
+
+    def _transition(
+        self,
+        sender: Role,
+        tag: MessageTag,
+        error_code: int | None = None,
+        *,
+        legacy: bool = False,
+    ) -> State:
+        minor = self.version_minor
         try:
-            return next_state(self._state, sender, tag, self.recovery_type, error_code=error_code)
+            if legacy:
+                # RelationshipDelete's tag before 1.1 (NEG-15): only on a connection at 1.0,
+                # where it stands for the 1.1 message.
+                if minor != 0:
+                    raise IllegalTransition(
+                        f"tag {LEGACY_RELATIONSHIP_DELETE:#06x} (RelationshipDelete before "
+                        f"1.1) on a connection at 1.{minor}"
+                    )
+                minor = None
+            return next_state(
+                self._state,
+                sender,
+                tag,
+                self.recovery_type,
+                error_code=error_code,
+                version_minor=minor,
+            )
         except IllegalTransition as exc:
             if sender is self.our_role:
                 raise LocalProtocolError(f"cannot send: {exc}") from None
@@ -344,7 +375,9 @@ class Connection:
         if self._state is State.ERROR and not isinstance(message, Error):
             raise LocalProtocolError("only an Error may be sent after a protocol violation")
         code = message.code if isinstance(message, Error) else None
-        new_state = self._transition(self.our_role, message.TAG, code)
+        # A RelationshipDelete on a connection at 1.0 goes with its tag of then (NEG-15).
+        legacy = message.TAG is MessageTag.RELATIONSHIP_DELETE and self.version_minor == 0
+        new_state = self._transition(self.our_role, message.TAG, code, legacy=legacy)
         try:
             self._session.check(message)
         except RemoteProtocolError as exc:
@@ -353,7 +386,8 @@ class Connection:
         if len(body) > MAX_CONTROL_BODY:
             raise LocalProtocolError(f"{type(message).__name__} body of {len(body)} bytes")
         self._commit(new_state, message)
-        return ENVELOPE.pack(0, message.TAG, len(body)) + body
+        tag = LEGACY_RELATIONSHIP_DELETE if legacy else message.TAG
+        return ENVELOPE.pack(0, tag, len(body)) + body
 
     def send_error(self, error: FrprotoError | Error) -> bytes:
         """Bytes of an Error message reporting ``error`` (allowed even in ERROR)."""

@@ -23,7 +23,8 @@ class MessageTag(enum.IntEnum):
     """The tag type of each message (envelope bytes 2-3).
 
     Bit 15 (``0x8000``) marks a tag a receiver may ignore if it does not know it; every
-    tag defined in version 1 is critical (bit clear).
+    tag of version 1.0 is critical (bit clear), every tag that 1.1 adds is ignorable
+    (NEG-9): :data:`TAG_MINOR` says which minor version brought each tag.
     """
 
     NEGOTIATE_REQUEST = 0x0001
@@ -35,7 +36,9 @@ class MessageTag(enum.IntEnum):
     RELATIONSHIP_CREATE = 0x0010
     RELATIONSHIP_OPEN = 0x0011
     RELATIONSHIP_ACCEPTED = 0x0012
-    RELATIONSHIP_DELETE = 0x0013
+    #: Version 1.1 (NEG-9). Releases before 1.1 sent it as critical ``0x0013``, which a
+    #: connection at 1.0 still carries (:data:`LEGACY_RELATIONSHIP_DELETE`).
+    RELATIONSHIP_DELETE = 0x8013
     IR_BEGIN = 0x0020
     IR_END = 0x0021
     BATCH_BEGIN = 0x0030
@@ -44,6 +47,21 @@ class MessageTag(enum.IntEnum):
     ACK = 0x0033
     DIGEST_MAP_REQUEST = 0x0040
     DIGEST_MAP = 0x0041
+    #: Version 1.1: planned failover (section 4.19, 4.20 of ``docs/protocol.md``).
+    FAILOVER_REQUEST = 0x8050
+    FAILOVER_DONE = 0x8051
+
+
+#: The tag RelationshipDelete had before 1.1 (critical): sent and accepted only on a
+#: connection whose negotiated version is 1.0 (NEG-15), so that 1.0 peers are still served.
+LEGACY_RELATIONSHIP_DELETE = 0x0013
+
+#: The minor version that brought each tag (1.0 for every tag not listed).
+TAG_MINOR: dict[MessageTag, int] = {
+    MessageTag.RELATIONSHIP_DELETE: 1,
+    MessageTag.FAILOVER_REQUEST: 1,
+    MessageTag.FAILOVER_DONE: 1,
+}
 
 
 #: Tag bit that lets a receiver skip a tag it does not know.

@@ -19,6 +19,7 @@ from typing import TypeVar
 from ._chunks import AggregateDigest
 from ._enums import COMPRESSION_OFFER_BIT, ENCRYPTION_OFFER_BIT, AckKind, Compression
 from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
+from ._failover import FailoverDone, FailoverRequest
 from ._messages import (
     DiskInfo,
     Error,
@@ -54,6 +55,7 @@ class SessionTracker:
         "_declared_chunks",
         "_deleting",
         "_digest_request",
+        "_failover",
         "_offer",
         "_pending_vmid",
         "_query",
@@ -76,6 +78,8 @@ class SessionTracker:
         self._query: QueryRecoveryServer | None = None
         #: A RelationshipDelete awaits its answer (the next Ack must be RELATIONSHIP_DELETED).
         self._deleting = False
+        #: The FailoverRequest that awaits its answer (FAILING_OVER), if any.
+        self._failover: FailoverRequest | None = None
 
     @property
     def aggregate_digest(self) -> bytes:
@@ -100,7 +104,9 @@ class SessionTracker:
 
     def check(self, message: Message) -> None:
         """Check ``message`` against what came before; raises without changing anything."""
-        if isinstance(message, (IRBegin, BatchBegin, DigestMapRequest, RelationshipDelete)):
+        if isinstance(
+            message, (IRBegin, BatchBegin, DigestMapRequest, RelationshipDelete, FailoverRequest)
+        ):
             self._require_vm(message.vmid, type(message).__name__)
         if isinstance(message, IRBegin):
             if message.start_disk > len(self.disks) or (
@@ -156,6 +162,14 @@ class SessionTracker:
             self._check_digest_request(message)
         elif isinstance(message, DigestMap):
             self._check_digest_map(message)
+        elif isinstance(message, FailoverDone):
+            asked = self._failover
+            assert asked is not None  # the state table allows it only after a request
+            if (message.vmid, message.sequence) != (asked.vmid, asked.sequence):
+                raise UnexpectedMessage(
+                    f"FailoverDone for {message.vmid} at {message.sequence}, asked for "
+                    f"{asked.vmid} at {asked.sequence} (FOV-3)"
+                )
 
     def accept_chunk(self, disk_index: int, offset: int, length: int, digest: bytes) -> None:
         """Check one chunk of the current IR or batch before it is used, then count it."""
@@ -193,6 +207,14 @@ class SessionTracker:
             self._digest_request = None
         elif isinstance(message, RelationshipDelete):
             self._deleting = True
+        elif isinstance(message, FailoverRequest):
+            self._failover = message
+        elif isinstance(message, FailoverDone):
+            # The VM is failed over: this relationship is over, nothing is open.
+            self._failover = None
+            self._pending_vmid = None
+            self.vmid = None
+            self.disks = ()
         elif isinstance(message, Ack) and self._deleting:
             # The relationship is closed: as after a refused open, nothing is open.
             self._deleting = False

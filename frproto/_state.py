@@ -23,17 +23,19 @@ The conversation::
         --Ack(R)--> SESSION
     SESSION --DigestMapRequest(P)--> DIGESTS --DigestMap(R)--> SESSION
     SESSION --RelationshipDelete(P)--> DELETING --Ack(R)--> READY
+    SESSION --FailoverRequest(P)--> FAILING_OVER --FailoverDone(R)--> READY   (1.1)
 
 An Error from the recovery side in a state that awaits its answer (QUERYING, OPENING,
-IR_ENDING, BATCH_ENDING, DIGESTS, DELETING) is a refusal, unless its code is one that
+IR_ENDING, BATCH_ENDING, DIGESTS, DELETING, FAILING_OVER) is a refusal, unless its code is one that
 closes the connection (a protocol violation, 100 and up, or PROTOCOL_MISMATCH): the
 connection goes back to READY (a refused query or open) or SESSION (a refused IR end,
-batch end, digest map or delete) and may carry on. Any other Error, from either side,
+batch end, digest map, delete or failover) and may carry on. Any other Error, from either side,
 leads to MUST_CLOSE. Keepalive may come from either side in any state between READY and
 the end of a session, and changes nothing.
 
 Guards, which depend on what the negotiation said: QueryRecoveryServer only to a
-clustering broker; relationship messages only to a stand-alone server or cluster node.
+clustering broker; relationship messages only to a stand-alone server or cluster node;
+a message of a minor version above the negotiated one never (NEG-13, NEG-14).
 
 ``docs/protocol.md`` draws the same diagrams; ``tests/frproto/test_state_table.py`` walks every
 (state, role, tag) triple against this table.
@@ -44,7 +46,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from ._enums import MessageTag, RecoveryType, Role
+from ._enums import TAG_MINOR, MessageTag, RecoveryType, Role
 from ._errors import closes_connection
 
 T = MessageTag
@@ -68,6 +70,8 @@ class State(enum.Enum):
     DIGESTS = "DIGESTS"
     #: RelationshipDelete sent; awaiting the Ack (RELATIONSHIP_DELETED) or a refusal.
     DELETING = "DELETING"
+    #: FailoverRequest sent (1.1); awaiting FailoverDone or a refusal.
+    FAILING_OVER = "FAILING_OVER"
     #: The conversation is over (a refused negotiation or a fatal Error); only close.
     MUST_CLOSE = "MUST_CLOSE"
     #: The peer closed its side (end of stream).
@@ -101,6 +105,8 @@ TRANSITIONS: Final[dict[tuple[State, Role, MessageTag], State]] = {
     (S.DIGESTS, R, T.DIGEST_MAP): S.SESSION,
     (S.SESSION, P, T.RELATIONSHIP_DELETE): S.DELETING,
     (S.DELETING, R, T.ACK): S.READY,
+    (S.SESSION, P, T.FAILOVER_REQUEST): S.FAILING_OVER,
+    (S.FAILING_OVER, R, T.FAILOVER_DONE): S.READY,
 }
 
 #: States in which an Error from the recovery side is a refusal, and where it leads.
@@ -111,6 +117,7 @@ REFUSAL_RETURNS: Final[dict[State, State]] = {
     S.BATCH_ENDING: S.SESSION,
     S.DIGESTS: S.SESSION,
     S.DELETING: S.SESSION,
+    S.FAILING_OVER: S.SESSION,
 }
 
 #: States in which either side may send a Keepalive.
@@ -126,6 +133,7 @@ KEEPALIVE_STATES: Final = frozenset(
         S.BATCH_ENDING,
         S.DIGESTS,
         S.DELETING,
+        S.FAILING_OVER,
     }
 )
 
@@ -154,11 +162,14 @@ def next_state(
     recovery_type: RecoveryType | None,
     *,
     error_code: int | None = None,
+    version_minor: int | None = None,
 ) -> State:
     """The state after ``sender`` sends a message with ``tag`` in ``state``.
 
     For an Error, ``error_code`` decides refusal or close (see :func:`error_outcome`);
     ``None`` (the code is not decoded yet) answers as for a refusal code.
+    ``version_minor`` is the negotiated minor version: a message that a later minor
+    version brought is illegal (NEG-13, NEG-14); ``None`` checks nothing of it.
 
     Raises:
         IllegalTransition: the table (or a guard) does not allow it.
@@ -178,4 +189,9 @@ def next_state(
         raise IllegalTransition(f"{tag.name} is only for a clustering broker")
     if tag in _REPLICA_ONLY and recovery_type is RecoveryType.CLUSTERING_BROKER:
         raise IllegalTransition(f"{tag.name} cannot go to a clustering broker")
+    minor = TAG_MINOR.get(tag, 0)
+    if version_minor is not None and minor > version_minor:
+        raise IllegalTransition(
+            f"{tag.name} is a version 1.{minor} message; the connection is at 1.{version_minor}"
+        )
     return found

@@ -8,6 +8,8 @@ benchmarks. A connection does all of this itself.
   every check a connection makes on a lone frame.
 * :func:`chunk_digest`, :func:`zero_digest`, :class:`AggregateDigest`: the XXH3-128
   digests a chunk, a ZERO chunk and the end of an IR or batch carry.
+* :func:`state_digest`: the digest of a VM's whole state a FailoverRequest carries.
+* :data:`LEGACY_RELATIONSHIP_DELETE`, :data:`TAG_MINOR`: which minor version brought a tag.
 * The two registries: :data:`MESSAGE_CLASSES` (tag to message class) and
   :data:`ERROR_CLASSES` / :func:`error_class_for` (wire error code to exception class).
 * The chunk fast path (:func:`encode_chunk_header`, :func:`compress`) and the
@@ -21,8 +23,9 @@ from __future__ import annotations
 
 from ._chunks import AggregateDigest, chunk_digest, compress, encode_chunk_header, zero_digest
 from ._codec import MESSAGE_CLASSES, decode_frame, encode_frame
-from ._enums import IGNORABLE_TAG_BIT
+from ._enums import IGNORABLE_TAG_BIT, LEGACY_RELATIONSHIP_DELETE, TAG_MINOR
 from ._errors import ERROR_CLASSES, error_class_for
+from ._failover import state_digest
 from ._wire import (
     CHUNK,
     CHUNK_FRAME_HEADER,
@@ -41,7 +44,9 @@ __all__ = [
     "ENVELOPE_SCHEMA",
     "ERROR_CLASSES",
     "IGNORABLE_TAG_BIT",
+    "LEGACY_RELATIONSHIP_DELETE",
     "MESSAGE_CLASSES",
+    "TAG_MINOR",
     "AggregateDigest",
     "chunk_digest",
     "compress",
@@ -49,5 +54,6 @@ __all__ = [
     "encode_chunk_header",
     "encode_frame",
     "error_class_for",
+    "state_digest",
     "zero_digest",
 ]

@@ -34,7 +34,7 @@ __all__ = [
 
 #: The protocol version this library speaks, as (major, minor). Peers with a different
 #: major version are incompatible; minor versions only add optional things.
-PROTOCOL_VERSION: Final = (1, 0)
+PROTOCOL_VERSION: Final = (1, 1)
 
 #: Bytes in the TLV envelope header: reserved (u16), tag type (u16), tag length (u32).
 ENVELOPE_SIZE: Final = 8

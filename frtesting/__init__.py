@@ -2,6 +2,8 @@
 ``trio.testing``: real processes on loopback, no source checkout needed.
 
 * :mod:`frtesting.server`: a real recovery server process (``frctl server run``).
+* :mod:`frtesting.fault_proxy`: a loopback TCP proxy that cuts, stalls, truncates, slows
+  and resets the connections it forwards, on a seeded schedule.
 * :mod:`frtesting.cluster`: a whole cluster on one machine: a CA, node certificates and
   configs, node agent processes on 127.0.0.11, .12, ..., the CAP's floating address
   127.0.0.10, and a primary's view of it (the demo runs on it).

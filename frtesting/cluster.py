@@ -105,6 +105,8 @@ class ClusterSite:
     dns_cap: bool = False
     #: Each node's ``failover_start`` hook (a shell command; "" for none).
     failover_start: str = ""
+    #: Each node's ``failover_stop`` hook (a cancelled failover's; "" for none).
+    failover_stop: str = ""
     #: Each node serves the web console (``[console]``, on a port of its own).
     console: bool = False
     #: The body of each node's ``[connections]`` table (deadlines and bounds); "": none.
@@ -155,6 +157,7 @@ port = 0
 storage = "{storage}"
 shared_storage = {"true" if self.shared_storage else "false"}
 failover_start = {json.dumps(self.failover_start)}
+failover_stop = {json.dumps(self.failover_stop)}
 
 [cluster]
 store = "{self.store_url}"

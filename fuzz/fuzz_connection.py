@@ -58,6 +58,8 @@ with _instrumentation():
         DigestMapRequest,
         DiskInfo,
         ExistingVM,
+        FailoverDone,
+        FailoverRequest,
         IRBegin,
         IREnd,
         Message,
@@ -180,6 +182,11 @@ SCENARIOS: tuple[tuple[str, Role, tuple[Step, ...]], ...] = (
         ),
     ),
     ("primary-deleting", Role.PRIMARY, (*_PRIMARY_SESSION, Send(RelationshipDelete(VMID)))),
+    (
+        "primary-failing-over",
+        Role.PRIMARY,
+        (*_PRIMARY_SESSION, Send(FailoverRequest(VMID, 8, 65536, bytes(16), reverse_port=7443))),
+    ),
 )
 SCENARIO_INDEX = {name: index for index, (name, _, _) in enumerate(SCENARIOS)}
 
@@ -223,6 +230,8 @@ def _answer(conn: Connection, event: Message) -> Message | None:
         return Ack(event.vmid, AckKind.BATCH_APPLIED, event.sequence)
     if isinstance(event, RelationshipDelete):
         return Ack(event.vmid, AckKind.RELATIONSHIP_DELETED, 0)
+    if isinstance(event, FailoverRequest):
+        return FailoverDone(event.vmid, 2, event.sequence)
     if isinstance(event, QueryRecoveryServer):
         return QueryRecoveryServerResponse(event.vmid, "node1.example", 7400, ExistingVM.NEW)
     if isinstance(event, DigestMapRequest):

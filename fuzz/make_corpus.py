@@ -46,6 +46,8 @@ from frproto import (
     Error,
     ErrorCode,
     ExistingVM,
+    FailoverDone,
+    FailoverRequest,
     IRBegin,
     IREnd,
     Keepalive,
@@ -158,6 +160,8 @@ def control_messages() -> list[Message]:
         Ack(VMID, AckKind.RELATIONSHIP_DELETED, 0),
         DigestMapRequest(VMID, 0, 65536, 0, 4),
         DigestMap(VMID, 0, 65536, 0, bytes(range(64))),
+        FailoverRequest(VMID, 8, 65536, bytes(range(16)), reverse_port=7443),
+        FailoverDone(VMID, 2, 8),
     ]
 
 
@@ -251,7 +255,22 @@ def connection_seeds() -> list[bytes]:
             split_seed=4,
             respond=True,
         ),
-        make_input("recovery-batch", _batch_stream(4), split_seed=5),
+        make_input(
+            "recovery-session",
+            encode_frame(FailoverRequest(VMID, 8, 65536, bytes(16))) + keep,
+            split_seed=15,
+            respond=True,
+        ),
+        make_input(
+            "primary-failing-over",
+            encode_frame(FailoverDone(VMID, 2, 8)) + keep,
+            split_seed=16,
+        ),
+        make_input(
+            "primary-failing-over",
+            encode_frame(Error(int(ErrorCode.OUT_OF_SEQUENCE), "differs")) + keep,
+            split_seed=17,
+        ),
         make_input("recovery-batch", _batch_stream(2), split_seed=0, eof=False),
         make_input("recovery-ir", _ir_stream(), split_seed=9, respond=True),
         make_input("recovery-broker", encode_frame(QueryRecoveryServer(VMID, VM_NAME))),

@@ -104,6 +104,9 @@ class RecoveryServerConfig:
     connections: ConnectionPolicy = field(default_factory=ConnectionPolicy)
     #: The web console (``[console]``); None: none.
     console: ServerConsole | None = None
+    #: Seconds between the cycles of the reverse replication that starts after a planned
+    #: failover (``[reverse] frequency``; ``node/failover/reverse_service.py``).
+    reverse_frequency_s: float = 60.0
 
     @property
     def storages(self) -> list[Path]:
@@ -123,6 +126,7 @@ RECOVERY_SERVER_SCHEMA: Schema = {
     "any_primary": Table({"storage": str, "trust_group": str}),
     "console": Table({"port": int, "listen": str, "database": str}),
     "connections": CONNECTIONS_TABLE,
+    "reverse": Table({"frequency": (int, float)}),
 }
 
 #: The console database's file name when ``[console] database`` is not given.
@@ -202,6 +206,11 @@ def load_recovery_server_config(path: Path) -> RecoveryServerConfig:
         metrics=metrics_listen(data, path),
         connections=connections,
     )
+    if "reverse" in data:
+        frequency = table(data, "reverse", path).get("frequency", 60.0)
+        if not 0 < frequency <= 86400:
+            raise ConfigError(f"{path}: [reverse] frequency must be 0-86400 seconds (not 0)")
+        config = replace(config, reverse_frequency_s=float(frequency))
     if "console" in data:
         console = table(data, "console", path)
         console_port = console.get("port", 8443)

@@ -48,7 +48,7 @@ from node.storage.lock import StorageBusy, claim
 
 from .config import ConfigError, RecoveryServerConfig, load_recovery_server_config
 from .metrics import ServerMetrics, failure_reason
-from .recovery_session import DeletedHook, RenamedHook, Session
+from .recovery_session import DeletedHook, FailedOverHook, RenamedHook, Session
 
 log = logging.getLogger("frrep.recovery")
 
@@ -93,6 +93,8 @@ class RecoveryServer:
             (a cluster node has the cluster forget the VM); may refuse the delete.
         on_renamed: awaited after a resent RelationshipCreate gave a replica another VM
             name (a cluster node records it in the VM's record); best effort.
+        on_failed_over: awaited after a FailoverRequest failed a VM over here, before
+            FailoverDone (reverse replication starts; ``node/failover/reverse_service.py``).
         registry: where its metrics are registered (the process's registry; a private
             one when None).
         file_io: makes the storage engine's file layer of a storage location (the
@@ -113,6 +115,7 @@ class RecoveryServer:
         claim_storage: bool = True,
         on_deleted: DeletedHook | None = None,
         on_renamed: RenamedHook | None = None,
+        on_failed_over: FailedOverHook | None = None,
         registry: CollectorRegistry | None = None,
         file_io: Callable[[Path], FileIO] | None = None,
     ) -> None:
@@ -123,6 +126,7 @@ class RecoveryServer:
         self.listening = False
         self.on_deleted = on_deleted
         self.on_renamed = on_renamed
+        self.on_failed_over = on_failed_over
         self._cap = cap
         self._claim_storage = claim_storage
         self._claims: list[int] = []  # lock descriptors, kept while the server runs

@@ -38,6 +38,10 @@ authorization, and hands it here; the session then runs the conversation of
   its choice. A cluster node then has the cluster forget the VM (``on_deleted``); only
   then is the VM let go and the Ack sent. A failure is refused (the relationship stays
   open; if only the cluster's part failed, asking again retries just that).
+* FailoverRequest (1.1, a planned failover): the replica is checked to hold the primary's
+  final state and failed over at a new generation (``node/takeover.py``); then
+  ``on_failed_over`` (reverse replication, the cluster's record) and FailoverDone. A
+  replica that differs is refused (OUT_OF_SEQUENCE), nothing changed.
 
 Every refusal and every failure of a handler goes to the peer as an Error built by
 :func:`frlink.wire_errors.wire_error`: no local path or other internal in its text
@@ -61,7 +65,7 @@ import trio
 
 import frproto as fp
 from frlink.authz import Grant
-from frlink.connections import ANSWERING_STATES
+from frlink.connections import ANSWERING_STATES, peer_address
 from frlink.wire_errors import wire_error
 from frproto.trio_io import FramedStream, keep_alive, linger_and_close
 from node.storage import AlreadyApplied, BatchWriter, Replica, ReplicaStore
@@ -70,6 +74,7 @@ from .config import RecoveryServerConfig
 from .ir_coverage import IRCoverage
 from .ir_writes import IRWriteQueue
 from .metrics import ServerMetrics, failure_reason
+from .takeover import TakenOver, take_over
 
 log = logging.getLogger("frrep.recovery")
 
@@ -77,6 +82,10 @@ log = logging.getLogger("frrep.recovery")
 #: before it is acknowledged (a cluster node removes the VM's record); raises a
 #: ReplicationError to refuse the delete.
 DeletedHook = Callable[[uuid.UUID], Awaitable[None]]
+#: ``await failed_over(taken)``: after a FailoverRequest failed the VM over here, before
+#: FailoverDone is sent (reverse replication starts; a cluster node records the new
+#: direction); best effort, never refuses (the failover is done).
+FailedOverHook = Callable[[TakenOver], Awaitable[None]]
 #: ``await renamed(vmid, name)``: after a resent RelationshipCreate gave the VM's replica
 #: another name (a cluster node updates the VM's record); best effort, never refuses.
 RenamedHook = Callable[[uuid.UUID, str], Awaitable[None]]
@@ -97,6 +106,7 @@ class SessionHost(Protocol):
     recovery_type: fp.RecoveryType
     on_deleted: DeletedHook | None
     on_renamed: RenamedHook | None
+    on_failed_over: FailedOverHook | None
 
     def hold(self, vmid: uuid.UUID) -> bool:
         """Take the VM for this session; False if another session (or task) has it."""
@@ -185,6 +195,7 @@ class Session:
             fp.BatchEnd: self.on_batch_end,
             fp.DigestMapRequest: self.on_digest_request,
             fp.RelationshipDelete: self.on_delete,
+            fp.FailoverRequest: self.on_failover,
         }
         failure: Exception | None = None
         pinging = trio.CancelScope()
@@ -404,6 +415,29 @@ class Session:
             await self.server.on_deleted(vmid)
         self._let_go()
         await self.conn.send(fp.Ack(vmid, fp.AckKind.RELATIONSHIP_DELETED, 0))
+
+    async def on_failover(self, msg: fp.FailoverRequest) -> None:
+        replica = self._current()
+        await self._check_owner(msg.vmid)  # a cluster node: still this node's VM
+        await self.ir_writes.drain()
+        generation = await trio.to_thread.run_sync(take_over, replica, msg)
+        taken = TakenOver(
+            msg.vmid,
+            generation,
+            msg.sequence,
+            self.store.root,
+            self.grant.identity.name,
+            peer_address(getattr(self.conn.stream, "transport_stream", self.conn.stream)) or None,
+            msg.reverse_port,
+        )
+        if self.server.on_failed_over is not None:
+            try:
+                await self.server.on_failed_over(taken)
+            except Exception:
+                # The failover is done and durable: say so; what follows is retried by hand.
+                log.exception("after the planned failover of %s", msg.vmid)
+        self._let_go()
+        await self.conn.send(fp.FailoverDone(msg.vmid, generation, msg.sequence))
 
     def _after_failed_delete(self, vmid: uuid.UUID) -> None:
         """A delete failed (it is refused): open the replica again so that the relationship

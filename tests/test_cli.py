@@ -36,7 +36,7 @@ def test_demo_runs_the_embedded_cluster() -> None:
 def test_version_json() -> None:
     result = frctl("version", "--json")
     assert result.returncode == 0
-    assert json.loads(result.stdout)["protocol"] == "1.0"
+    assert json.loads(result.stdout)["protocol"] == "1.1"
 
 
 def test_decode_prints_the_message() -> None:

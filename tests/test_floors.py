@@ -53,6 +53,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "node.primary": frozenset({"frproto", "frlink", "node.oob_file"}),
     _SERVER: frozenset({"frproto", "frlink", "node.storage", "node.oob_file"}),
     "node.failover": frozenset({"frproto", "frlink", "node.storage", "node.primary"}),
+    # Recovery plans run failovers of many VMs, at the recovery server (its
+    # configuration) and at the primary (a planned failover's prepare, group capture).
+    "node.recovery_plan": frozenset(
+        {"frproto", "frlink", "node.storage", "node.primary", "node.failover", _SERVER}
+    ),
     "frtesting.server": frozenset(
         {"frproto", "frlink", "node.storage", "node.primary", "node.oob_file", _SERVER}
     ),
@@ -86,7 +91,7 @@ ALLOWED["frtesting"] = frozenset(ALLOWED)
 #: frctl, on top, may import every room (its demo runs on frtesting's loopback cluster).
 ALLOWED["frctl"] = frozenset(ALLOWED) | {"frconform"}
 
-_NODE_ROOMS = ("storage", "primary", "failover", "oob_file")
+_NODE_ROOMS = ("storage", "primary", "failover", "recovery_plan", "oob_file")
 
 
 def room(module: str) -> str:

@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     broker,
     deadlines,
     errors,
+    failover,
     malformed,
     negotiation,
     relationship,

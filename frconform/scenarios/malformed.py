@@ -92,6 +92,10 @@ CASE_REQUIREMENT: Final[dict[str, str]] = {
     "UNEXPECTED_MESSAGE/ir_begin_other_vm": "SES-4",
     "UNEXPECTED_MESSAGE/batch_end_wrong_sequence": "SES-7",
     "UNEXPECTED_MESSAGE/relationship_delete_other_vm": "DEL-6",
+    "UNEXPECTED_MESSAGE/failover_request_other_vm": "FOV-1",
+    "UNEXPECTED_MESSAGE/failover_request_at_1_0": "NEG-14",
+    "UNEXPECTED_MESSAGE/delete_at_1_0": "SM-9",
+    "UNEXPECTED_MESSAGE/legacy_delete_at_1_1": "NEG-15",
     "UNKNOWN_TAG/after_ignorable_unknown": "ENV-7",
 }
 #: The endpoint must close the connection after a protocol violation's Error.
@@ -104,6 +108,7 @@ OFFER: Final = {
 #: Tags of messages that only a recovery server (not a broker) takes.
 _RELATIONSHIP_TAGS: Final = frozenset(
     {0x0010, 0x0011, 0x0012, 0x0013, 0x0020, 0x0021, 0x0030, 0x0031, 0x0032, 0x0033, 0x0040}
+    | {0x8013, 0x8050}  # RelationshipDelete and FailoverRequest of 1.1
 )
 
 

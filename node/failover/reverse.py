@@ -132,5 +132,6 @@ def reverse_state(
         state.sequence = 0
         state.generation = replica.generation
         state.needs_resync = True
+        state.reverse = True
     store.save(state)
     return state

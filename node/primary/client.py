@@ -38,6 +38,17 @@ CLOSE_SECONDS = 1.0
 #: A Keepalive goes out whenever nothing was sent for this long on a negotiated connection
 #: (TIM-8: the protocol's K, 30 s): a recovery side's idle deadline is at least 2K.
 KEEPALIVE_SECONDS = float(fp.limits.KEEPALIVE_INTERVAL)
+#: How long the primary waits for the next byte from the recovery side (between frames
+#: or inside one) before it gives the connection up as dead (``frproto.trio_io.PeerIdle``, a
+#: ``trio.TooSlowError``: the cycle fails as unreachable and is retried). The primary
+#: reads only while it awaits an answer, and the recovery side sends a Keepalive every K
+#: seconds meanwhile (TIM-9), so only a connection gone silent reaches this: a NAT or a
+#: firewall that forgot the flow, a middlebox that stalled. Without it the primary waited
+#: for the Ack forever (TCP gives up after many minutes, or never while something on the
+#: way keeps acknowledging). The send side has the same bound: the kernel gives the
+#: connection up when what it sends cannot go for this long (TCP_USER_TIMEOUT). Read when
+#: each connection is made (TIM-13).
+ANSWER_TIMEOUT = 4 * KEEPALIVE_SECONDS
 #: Bytes per IR chunk: large frames keep per-frame overhead small.
 IR_CHUNK = 1024 * 1024
 #: One chunk of a delta batch: (disk index, offset, data, XXH3-128 digest of data).
@@ -56,6 +67,19 @@ def _raise_notsent_lowat(stream: BioTLSStream[Any]) -> None:
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with contextlib.suppress(OSError):
             transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SEND_LOWAT)
+
+
+def _bound_unacknowledged(stream: BioTLSStream[trio.SocketStream], seconds: float) -> None:
+    """Have the kernel give the connection up (ETIMEDOUT) when what it sent stays
+    unacknowledged, or what it holds to send cannot go (the peer's window stays shut), for
+    ``seconds``: the send side of :data:`ANSWER_TIMEOUT`. A send into a connection gone
+    silent otherwise blocks until TCP's own retries end (many minutes), or for good while
+    something on the way keeps acknowledging. Linux only (TCP_USER_TIMEOUT)."""
+    transport = stream.transport_stream
+    if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_USER_TIMEOUT"):
+        with contextlib.suppress(OSError):
+            milliseconds = max(1, int(seconds * 1000))
+            transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
 
 class _ViewReader:
@@ -130,8 +154,10 @@ class RecoveryClient:
         local_address: str | None = None,
         compression: fp.CompressionSet = NO_COMPRESSION,
         timeout: float = 15.0,
+        version: tuple[int, int] = fp.limits.PROTOCOL_VERSION,
     ) -> RecoveryClient:
-        """Connect, handshake and negotiate.
+        """Connect, handshake and negotiate (at ``version``: tests stand for an older
+        primary with it).
 
         Raises:
             frlink.tls.TLSFailure, OSError: the server could not be reached or trusted.
@@ -146,10 +172,17 @@ class RecoveryClient:
             timeout=timeout,
         )
         _raise_notsent_lowat(stream)
-        conn = FramedStream(stream, fp.Connection(fp.Role.PRIMARY))
+        answer_timeout = ANSWER_TIMEOUT
+        _bound_unacknowledged(stream, answer_timeout)
+        conn = FramedStream(
+            stream,
+            fp.Connection(fp.Role.PRIMARY),
+            idle_timeout=lambda _state: answer_timeout,
+            frame_timeout=answer_timeout,
+        )
         try:
             with trio.fail_after(timeout):
-                await conn.send(fp.NegotiateRequest(compression=compression))
+                await conn.send(fp.NegotiateRequest(version, compression=compression))
                 # In TLS 1.3 a refused client certificate shows up here, at the first read.
                 answer = await conn.expect(fp.NegotiateResponse)
         except BaseException:
@@ -311,3 +344,21 @@ class RecoveryClient:
         """
         await self.conn.send(fp.RelationshipDelete(vmid))
         await self.conn.expect(fp.Ack)
+
+    async def fail_over(self, request: fp.FailoverRequest) -> fp.FailoverDone:
+        """Ask the recovery side to take the open relationship's VM over at the final
+        state ``request`` describes (protocol 1.1, FOV-2); its answer. A refusal raises
+        its frproto exception and leaves the relationship open, nothing changed.
+
+        Raises:
+            frproto.NotSupported: the recovery side speaks protocol 1.0 only (NEG-13).
+        """
+        if self.negotiated.version < (1, 1):
+            raise fp.NotSupported(
+                "the recovery side speaks protocol 1.0: a planned failover in one step needs "
+                "1.1 (take the VM over there with 'frctl failover unplanned --point SEQ')"
+            )
+        await self.conn.send(request)
+        done = await self.conn.expect(fp.FailoverDone)
+        assert isinstance(done, fp.FailoverDone)
+        return done

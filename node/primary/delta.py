@@ -61,6 +61,11 @@ class Deltas:
     #: QEMU's point in time of this cycle (``node/primary/qemu``): its frozen dirty
     #: bitmaps say what changed, and the images are read through its views.
     point: PointInTime | None = None
+    #: The capture time to stamp the cycle with (ms since the epoch), for a group
+    #: capture (``node/primary/group_capture.py``): every VM of the group carries the
+    #: same one, and a cycle is captured even when nothing changed, so that each VM has
+    #: a recovery point of that moment. None: now, and nothing captured when unchanged.
+    captured_at_ms: int | None = None
 
     def _note(self, phase: str) -> None:
         if self.phases is not None:
@@ -78,7 +83,7 @@ class Deltas:
             self.before_capture()
         try:
             changed, known = await trio.to_thread.run_sync(self._changed_blocks, source)
-            if not any(changed.values()):
+            if not any(changed.values()) and self.captured_at_ms is None:
                 return
             captured = await self._append(changed, known)
             if captured is None:
@@ -119,7 +124,10 @@ class Deltas:
             sequences = [c.sequence for c in self.pending.cycles()]
             sequence = next_capture_sequence(sequences, self.vm.state.sequence)
             await trio.to_thread.run_sync(
-                self.pending.append_cycle, sequence, int(time.time() * 1000), chunks()
+                self.pending.append_cycle,
+                sequence,
+                int(time.time() * 1000) if self.captured_at_ms is None else self.captured_at_ms,
+                chunks(),
             )
         except PendingLogFull:
             # The tracker must keep these blocks: with the log overflowed, the

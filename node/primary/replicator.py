@@ -41,6 +41,7 @@ primary resumes without a new IR.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import ssl
@@ -572,9 +573,14 @@ class VMReplicator:
             exported_maps=lambda: [self._load_map(i) for i in range(len(self.state.disks))],
         )
 
-    async def capture(self) -> None:
-        """Copy this cycle's changed blocks into the pending log (one consistent point)."""
-        await self._deltas().capture()
+    async def capture(self, *, captured_at_ms: int | None = None) -> None:
+        """Copy this cycle's changed blocks into the pending log (one consistent point).
+        ``captured_at_ms``: a group capture's moment (``node/primary/group_capture.py``):
+        the cycle carries it, and is captured even when nothing changed."""
+        deltas = self._deltas()
+        if captured_at_ms is not None:
+            deltas = dataclasses.replace(deltas, captured_at_ms=captured_at_ms)
+        await deltas.capture()
 
     # -- verification, resynchronization, failover, reseeding ----------------------------
 
@@ -658,6 +664,68 @@ class VMReplicator:
             self._save()
         log.info("%s: ready for failover at sequence %d", self.state.name, result.sequence)
         return result
+
+    async def hand_over(self, *, reverse_port: int = 0) -> fp.FailoverDone:
+        """The primary's side of a planned failover in one step (protocol 1.1), with the
+        VM's writes stopped (the caller's stop hook has run): a last cycle sends what is
+        still pending, the disks are read and their state digest computed, and the
+        recovery side is asked to take the VM over at that final state (FailoverRequest;
+        it checks and answers, ``node/takeover.py``). Then this primary
+        replicates the VM no more (``state.halted``).
+
+        Raises:
+            frproto.OutOfSequence: the recovery side's replica differs (nothing changed).
+            frproto.NotSupported: the recovery side speaks 1.0 only.
+        """
+        from .scan import digest_image
+
+        async with self.exclusive():
+            await self.cycle()
+            if self.pending.size_bytes:
+                raise ReplicationHalted(
+                    f"{self.state.name}: changes are still pending after the last cycle: "
+                    "not failing over"
+                )
+            block = self.state.block_size
+            async with self._disks_seen():
+                maps = [
+                    await digest_image(path, disk.size, block)
+                    for path, disk in zip(self.images, self.disks, strict=True)
+                ]
+            request = fp.FailoverRequest(
+                self.vmid,
+                self.state.sequence,
+                block,
+                fp.codec.state_digest(bytes(m.digests) for m in maps),
+                reverse_port=reverse_port,
+            )
+            client, _ = await self._route().open_existing()
+            try:
+                done = await client.fail_over(request)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # Asked, but the answer was lost: the recovery side may have taken the VM
+                # over (it is durable there before it answers, FOV-6), or not.
+                raise ReplicationHalted(
+                    f"{self.state.name}: the answer to the failover request was lost ({exc}): "
+                    "the recovery side may have taken the VM over; see its log or its "
+                    "replica's state before running the VM here again"
+                ) from exc
+            finally:
+                await client.aclose()
+            self.state.halted = (
+                f"planned failover: the recovery side took this VM over at sequence "
+                f"{done.sequence} (generation {done.generation}); this primary replicates "
+                "it no more"
+            )
+            self.state.failed_over_generation = done.generation
+            self._save()
+        log.info(
+            "%s: failed over at sequence %d, generation %d",
+            self.state.name,
+            done.sequence,
+            done.generation,
+        )
+        return done
 
     async def reseed(self) -> VMReplicationState:
         """Start this VM's replication over at its disks' current sizes: remove the

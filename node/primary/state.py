@@ -224,6 +224,12 @@ class VMReplicationState:
     #: The next cycle resynchronizes by digests instead of capturing (reverse
     #: replication after a failover starts so: the two sides' disks are compared).
     needs_resync: bool = False
+    #: A planned failover handed the VM over to its recovery side at this generation
+    #: (0: never): this primary replicates it no more (``node/failover/planned.py``).
+    failed_over_generation: int = 0
+    #: Reverse replication: the VM failed over to this host, which replicates it back
+    #: to its former primary (``node/failover/reverse.py``).
+    reverse: bool = False
     #: Why the last cycle failed (a disk that vanished, a server that cannot be
     #: reached), shown by status; None after a cycle that succeeded.
     last_error: str | None = None
@@ -388,6 +394,8 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "halted": (str, type(None)),
     "generation": (int,),
     "needs_resync": (bool,),
+    "failed_over_generation": (int,),
+    "reverse": (bool,),
     "last_error": (str, type(None)),
     "incarnation": (str,),
     "written_by": (str,),

@@ -62,12 +62,15 @@ class ReplicationState(StrEnum):
     REPLICATING = "replicating"
     PAUSED = "paused"
     HALTED = "halted"
+    #: A planned failover handed the VM over: it runs at the recovery side now.
+    FAILED_OVER = "failed over"
 
 
 class Why(StrEnum):
     """The stable code of a :class:`Reason` (for scripts; the text is for people)."""
 
     HALTED = "halted"
+    FAILED_OVER = "failed-over"
     PAUSED = "paused"
     SERVICE_NOT_RUNNING = "service-not-running"
     PENDING_OVERFLOW = "pending-overflow"
@@ -225,6 +228,13 @@ class VMStatus:
     unreachable_since: float | None
     halted: str | None
     counters: Counters
+    #: The relationship's generation as the recovery side last said (0: not known yet).
+    generation: int = 0
+    #: ``forward`` (the VM's primary replicates it), or ``reverse`` (the VM failed over
+    #: to this host, which replicates it back to its former primary).
+    direction: str = "forward"
+    #: The generation a planned failover handed the VM over at (None: not failed over).
+    failed_over_generation: int | None = None
 
     @property
     def health_text(self) -> str:
@@ -255,6 +265,11 @@ class VMStatus:
             "unreachable_since": rfc3339(self.unreachable_since),
             "halted": self.halted,
             "counters": self.counters.to_json(),
+            "generation": self.generation,
+            "direction": self.direction,
+            "failover": None
+            if self.failed_over_generation is None
+            else {"generation": self.failed_over_generation},
         }
 
 
@@ -289,7 +304,17 @@ def vm_status(
     """
     reasons: list[Reason] = []
     lag = lag_of(state, now)
-    if state.halted is not None:
+    if state.failed_over_generation:
+        # Not a fault: the operator handed the VM over (planned failover).
+        what = ReplicationState.FAILED_OVER
+        reasons.append(
+            Reason(
+                Why.FAILED_OVER,
+                Severity.NORMAL,
+                f"failed over to its recovery side at generation {state.failed_over_generation}",
+            )
+        )
+    elif state.halted is not None:
         what = ReplicationState.HALTED
         reasons.append(Reason(Why.HALTED, Severity.CRITICAL, f"halted: {state.halted}"))
     elif state.paused:
@@ -352,11 +377,16 @@ def vm_status(
         pending_bytes=state.pending_bytes,
         last_acknowledged_at=state.last_replicated_at,
         last_synced_at=state.last_synced_at,
-        next_cycle_at=state.next_cycle_at if what is not ReplicationState.HALTED else None,
+        next_cycle_at=state.next_cycle_at
+        if what not in (ReplicationState.HALTED, ReplicationState.FAILED_OVER)
+        else None,
         last_error=state.last_error,
         unreachable_since=state.unreachable_since,
         halted=state.halted,
         counters=Counters.of(state),
+        generation=state.generation,
+        direction="reverse" if state.reverse else "forward",
+        failed_over_generation=state.failed_over_generation or None,
     )
 
 

@@ -57,6 +57,13 @@ CRASH_POINTS: Final[tuple[str, ...]] = (
     "ir_images_synced",
     "ir_checkpoint_written",
     "ir_complete_written",
+    # Replica.fail_over / complete_failover / cancel_failover
+    "failover_redo_captured",
+    "complete_decided",
+    "complete_state_written",
+    "cancel_decided",
+    "cancel_images_restored",
+    "cancel_state_written",
 )
 
 _FALLOC_FL_KEEP_SIZE: Final = 0x01

@@ -37,10 +37,18 @@ from frproto import DiskInfo, IRState
 
 from . import layout as lay
 from .batch import AlreadyApplied, Batches, BatchWriter
+from .failover_record import (
+    CANCELLING,
+    COMPLETING,
+    FINGERPRINT_BLOCK,
+    FailoverFiles,
+    FailoverRecord,
+)
 from .fileio import Buffer, FileIO, mapped, open_flags, os_error
 from .images import ImageSet
 from .ir import InitialReplication
-from .points import RecoveryPoint
+from .journal import read_undo
+from .points import RecoveryPoint, needed_undo
 from .recover import JournalRecovery
 from .spares import SpareFiles
 from .state import ReplicaState, StateFile
@@ -77,6 +85,11 @@ class Replica:
         )
         self._batches.needs_recovery = leftover
         self._recovery = JournalRecovery(io, lo, self._state, self._images, self._undo)
+        self._failover = FailoverFiles(io, lo)
+        #: ``failover/`` may hold a complete or cancel to finish (checked at reads).
+        self._failover_unsettled = self._failover.exists()
+        #: The sequence a cancel finished since the open went back to (None: none).
+        self._cancelled_from: int | None = None
 
     # -- attributes -----------------------------------------------------------------
     @property
@@ -181,6 +194,8 @@ class Replica:
             # the images are part way between two points, so nothing may read them before
             # the revert is finished.
             self._finish_revert()
+        if self._failover_unsettled:
+            self._settle_failover()
 
     def apply_committed(self) -> None:
         """Apply the batch :meth:`BatchWriter.make_durable
@@ -289,14 +304,19 @@ class Replica:
             self._state.save(replace(self._state.current, generation=generation))
 
     def fail_over(self, sequence: int | None = None) -> int:
-        """Unplanned failover: bring the images to the kept point ``sequence`` (default:
-        the latest), drop the newer points, and move the relationship to a new
-        generation, marked failed over, so that the former primary is refused from now on
-        (no split brain). Returns the new generation.
+        """Failover: bring the images to the kept point ``sequence`` (default: the
+        latest) and move the relationship to a new generation, marked failed over, so
+        that the former primary is refused from now on (no split brain). Returns the new
+        generation. The points newer than ``sequence`` are no longer listed, but are
+        kept aside (``node/storage/failover_record.py``) until the failover is completed
+        (:meth:`complete_failover`) or cancelled (:meth:`cancel_failover`).
 
         Crash-safe: the decision (point, new generation, failed over) is written first;
-        the images are then brought back with the newer points' undo data, newest first
-        (idempotent: calling this again after a crash finishes the same revert)."""
+        then the newest point's bytes under every range the revert will write; the
+        images are then brought back with the newer points' undo data, newest first
+        (idempotent: calling this again after a crash finishes the same revert).
+        Calling it again once failed over, for the same point (or none), returns the
+        generation; another point is refused (cancel the failover first)."""
         with self._lock:
             self._check_open()
             # Not _ensure_recovered(): it would finish a decided revert, and this call
@@ -306,12 +326,23 @@ class Replica:
                 self._batches.apply_committed()
             if self._batches.needs_recovery:
                 self._recover_journals([])
+            if self._failover_unsettled and self._state.current.reverting_to < 0:
+                self._settle_failover()
             st = self._state.current
             if st.ir_state != IRState.COMPLETE:
                 raise frproto.OutOfSequence(f"replica {self.vmid}: no complete replica")
+            if st.failed_over and st.reverting_to < 0:
+                if sequence is not None and sequence != st.applied_sequence:
+                    raise frproto.OutOfSequence(
+                        f"replica {self.vmid} is failed over at {st.applied_sequence}: "
+                        f"cancel that failover before failing over to {sequence}"
+                    )
+                return st.generation
             if st.reverting_to < 0:
                 target = st.applied_sequence if sequence is None else sequence
-                if all(p.sequence != target for p in st.points):
+                # The applied sequence needs no kept point (nothing to revert): a replica
+                # with its IR only, or taken over at its latest state (a planned failover).
+                if target != st.applied_sequence and all(p.sequence != target for p in st.points):
                     raise frproto.OutOfSequence(
                         f"replica {self.vmid}: no recovery point {target} is kept"
                     )
@@ -324,16 +355,202 @@ class Replica:
 
     def _finish_revert(self) -> None:
         """Bring the images back to a decided failover's point (``reverting_to``): the
-        newer points' undo data, newest first, then the state. Idempotent."""
+        newest point's bytes kept first (once), then the newer points' undo data, newest
+        first, set aside as it is used, then the state. Idempotent."""
         st = self._state.current
         target = st.reverting_to
         newer = [p.sequence for p in st.points if p.sequence > target]
+        files = self._failover
+        record = files.read()
+        if record is None or record.generation != st.generation:
+            # Nothing touched the images yet: the record is written only once the redo
+            # data is whole, and the revert starts only after it.
+            files.prepare()
+            ranges = [
+                rec
+                for seq in newer
+                for rec in self._undo.records(seq, self._lay.checked(self._lay.undo(seq)))
+            ]
+            self._undo.capture_file(files.redo, ranges)
+            with mapped("sync failover", files.dir):
+                self._io.fsync_dir(files.dir)
+            files.write(
+                FailoverRecord(
+                    st.generation, st.generation - 1, st.applied_sequence, target, st.points
+                )
+            )
+            self._io.crash("failover_redo_captured")
         for seq in reversed(newer):
-            self._undo.revert(seq)
+            aside = files.set_aside(seq)
+            # Set aside before it is used: once the state lists only the points up to
+            # the target, recovery would remove it from undo/.
+            files.move(self._lay.undo(seq), aside)
+            self._undo.revert(seq, aside)
         self._images.sync_all()
+        if files.fingerprint() is None:
+            files.write_fingerprint(self._fingerprint())
         kept = tuple(p for p in st.points if p.sequence <= target)
         self._state.save(replace(st, applied_sequence=target, points=kept, reverting_to=-1))
-        self._undo.drop(set(newer))
+        for seq in newer:
+            self._undo.forget(seq)
+
+    def _fingerprint(self) -> bytes:
+        """XXH3-128 of every ``FINGERPRINT_BLOCK`` of every disk (holes are not read)."""
+        out = []
+        for i, disk in enumerate(self._state.current.disks):
+            count = -(-disk.size // FINGERPRINT_BLOCK)
+            out.append(self._images.digests(i, 0, FINGERPRINT_BLOCK, count))
+        return b"".join(out)
+
+    def _settle_failover(self) -> None:
+        """Finish a complete or cancel whose phase was written (a crash or an error cut
+        it short), or remove what a failover left without a record. A failover in
+        force (phase failed-over) stays as it is."""
+        files = self._failover
+        record = files.read() if files.exists() else None
+        st = self._state.current
+        if record is None:
+            if files.exists() and (not st.failed_over or st.reverting_to < 0):
+                files.remove()  # a complete or cancel cut short after its record went
+        elif not st.failed_over or record.phase == CANCELLING:
+            self._do_cancel(record)
+        elif record.phase == COMPLETING:
+            self._do_complete(record)
+        self._failover_unsettled = False
+
+    @property
+    def failover_record(self) -> FailoverRecord | None:
+        """The failover not completed nor cancelled yet (None: none)."""
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            return self._failover.read() if self._state.current.failed_over else None
+
+    def blocks_written_since_failover(self) -> int:
+        """How many 1 MiB blocks of the disks differ from the failover's fingerprint
+        (what the failed-over VM wrote); 0 when there is no fingerprint."""
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            before = self._failover.fingerprint()
+            if before is None:
+                return 0
+            now = self._fingerprint()
+            size = 16
+            return sum(
+                1
+                for at in range(0, max(len(now), len(before)), size)
+                if now[at : at + size] != before[at : at + size]
+            )
+
+    def complete_failover(self) -> int:
+        """Complete the failover (Hyper-V's ``Complete-VMFailover``): keep the point the
+        VM was failed over to, remove every other point and what the failover kept for
+        a cancel. Returns the point. Crash-safe: the phase is written first, and running
+        it again (or any read, or the store's recovery) finishes it; a failover already
+        completed returns its point.
+
+        Raises:
+            frproto.OutOfSequence: the replica is not failed over.
+        """
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            st = self._state.current
+            if not st.failed_over:
+                raise frproto.OutOfSequence(f"replica {self.vmid} is not failed over")
+            record = self._failover.read()
+            if record is not None:
+                record = self._failover.set_phase(record, COMPLETING)
+                self._failover_unsettled = True
+                self._io.crash("complete_decided")
+                self._do_complete(record)
+                self._failover_unsettled = False
+            return self._state.current.applied_sequence
+
+    def _do_complete(self, record: FailoverRecord) -> None:
+        st = self._state.current
+        chosen = tuple(p for p in st.points if p.sequence == st.applied_sequence)
+        if st.points != chosen:
+            self._state.save(replace(st, points=chosen))
+            self._io.crash("complete_state_written")
+        # Every undo file goes (the set-aside ones too, as spares): recovery would remove
+        # those a crash here left, as no kept point needs them.
+        files = self._failover
+        for seq in record.newer:
+            files.move(files.set_aside(seq), self._lay.undo(seq))
+        self._undo.drop(needed_undo(st.points) | set(record.newer))
+        self._failover.remove()
+
+    def cancel_failover(self, *, discard_writes: bool = False) -> int:
+        """Cancel a failover not completed (Hyper-V's ``Stop-VMFailover``): the replica
+        goes back to where replication left it (the sequence, the points and the
+        generation before the failover, not failed over), so its primary carries on.
+        The VM must be stopped. Returns that sequence. Crash-safe: the phase is written
+        first, and running it again (or any read, or the store's recovery) finishes it.
+
+        The VM ran from the replica's images, and what it wrote over is not kept: if the
+        disks differ from the failover's fingerprint, the cancel is refused, unless
+        ``discard_writes`` (the blocks the failover reverted are put back; any other
+        block the VM wrote stays as it wrote it, so verify or resynchronize after).
+
+        Raises:
+            frproto.OutOfSequence: no failover to cancel (none, or completed), or the
+                VM wrote to the disks.
+        """
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            st = self._state.current
+            record = self._failover.read()
+            if not st.failed_over:
+                if self._cancelled_from is not None:
+                    # A cancel a crash cut short, finished since this replica was opened
+                    # (by the store's recovery or a read): this call returns as it would.
+                    return self._cancelled_from
+                raise frproto.OutOfSequence(f"replica {self.vmid} is not failed over")
+            if record is None:
+                raise frproto.OutOfSequence(
+                    f"replica {self.vmid}: its failover was completed; it cannot be cancelled"
+                )
+            written = self.blocks_written_since_failover()
+            if written and not discard_writes:
+                raise frproto.OutOfSequence(
+                    f"replica {self.vmid}: the failed-over VM wrote {written} blocks (1 MiB) "
+                    "of its disks; a cancel cannot undo them (complete the failover, or "
+                    "cancel with discard_writes and resynchronize)"
+                )
+            record = self._failover.set_phase(record, CANCELLING)
+            self._failover_unsettled = True
+            self._io.crash("cancel_decided")
+            self._do_cancel(record)
+            self._failover_unsettled = False
+            return record.from_sequence
+
+    def _do_cancel(self, record: FailoverRecord) -> None:
+        files = self._failover
+        st = self._state.current
+        if st.failed_over:
+            # Idempotent: the newest point's bytes where the revert wrote.
+            self._undo.write_back(files.redo, read_undo(files.redo))
+            self._images.sync_all()
+            self._io.crash("cancel_images_restored")
+            self._state.save(
+                replace(
+                    st,
+                    applied_sequence=record.from_sequence,
+                    points=record.points,
+                    generation=record.from_generation,
+                    failed_over=False,
+                    reverting_to=-1,
+                )
+            )
+            self._io.crash("cancel_state_written")
+        for seq in record.newer:
+            files.move(files.set_aside(seq), self._lay.undo(seq))
+            self._undo.forget(seq)
+        files.remove()
+        self._cancelled_from = record.from_sequence
 
     # -- delta batches (node.storage.batch) -----------------------------------------------------
     def applied_digest(self, sequence: int) -> str:
@@ -380,6 +597,8 @@ class Replica:
             if target >= 0:
                 self._finish_revert()
                 log.append(f"replica {self.vmid}: finished the failover's revert to {target}")
+            if self._failover_unsettled:
+                self._settle_failover()
             st = self._state.current
             if st.ir_state == IRState.IN_PROGRESS:
                 log.append(

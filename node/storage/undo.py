@@ -59,6 +59,10 @@ class UndoFiles:
         """Batch ``seq``'s undo records as captured or read here (``KeyError`` if not)."""
         return self._index[seq]
 
+    def records(self, seq: int, path: Path) -> list[Record]:
+        """Batch ``seq``'s undo records, read from ``path`` if not known yet."""
+        return self._records(seq, path)
+
     def remember(self, seq: int, records: list[Record]) -> None:
         self._index[seq] = records
 
@@ -142,11 +146,32 @@ class UndoFiles:
             finally:
                 os.close(fd)
 
-    def revert(self, seq: int) -> None:
-        """Write back what batch ``seq`` overwrote (its undo data) into the images."""
-        path = self._lay.checked(self._lay.undo(seq))
+    def revert(self, seq: int, path: Path | None = None) -> None:
+        """Write back what batch ``seq`` overwrote (its undo data) into the images; from
+        ``path`` when given (an undo file a failover set aside), else ``undo/<seq>``."""
+        path = self._lay.checked(self._lay.undo(seq) if path is None else path)
         with mapped("read undo", path):
             records = self._records(seq, path)
+        self.write_back(path, records)
+
+    def capture_file(self, path: Path, records: list[Record]) -> None:
+        """Write what the images hold now under ``records`` into a new undo-format file
+        ``path`` (durable, with its END record; the directory is not synced). A
+        failover keeps the newest point's bytes so that it can be cancelled."""
+        with mapped("write redo", path):
+            out = FileWriter(self._io, path, UNDO_MAGIC, 0, 0, 0, buffered=True)
+            try:
+                self._read_ranges(out, records)
+                out.end()
+                out.sync()
+            finally:
+                out.close()
+
+    def write_back(self, path: Path, records: list[Record]) -> None:
+        """Write the data of ``records`` (of the undo-format file ``path``) into the
+        images. Idempotent; not synced."""
+        path = self._lay.checked(path)
+        with mapped("read undo", path):
             fd = os.open(path, open_flags(write=False))
         try:
             for rec in records:

@@ -239,6 +239,8 @@ class ConnectionPair:
             self.send(Role.PRIMARY, fp.DigestMapRequest(vmid, 0, 4096, 0, 4))
         elif target is State.DELETING:
             self.send(Role.PRIMARY, fp.RelationshipDelete(vmid))
+        elif target is State.FAILING_OVER:
+            self.send(Role.PRIMARY, fp.FailoverRequest(vmid, 0, 4096, bytes(16)))
         else:
             raise ValueError(f"walk_to cannot reach {target}")
         assert state_of(self) is target, (self.state, target)

@@ -378,6 +378,26 @@ def digest_maps(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.DigestMap
     )
 
 
+def failover_requests(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.FailoverRequest]:
+    return st.builds(
+        fp.FailoverRequest,
+        vmid=st.just(vmid) if vmid else vmids(),
+        sequence=u64s,
+        block_size=block_sizes,
+        state_digest=digests,
+        reverse_port=u16s,
+    )
+
+
+def failover_dones(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.FailoverDone]:
+    return st.builds(
+        fp.FailoverDone,
+        vmid=st.just(vmid) if vmid else vmids(),
+        generation=u32s,
+        sequence=u64s,
+    )
+
+
 # -- chunk data ----------------------------------------------------------------------------
 
 
@@ -438,6 +458,8 @@ MESSAGE_STRATEGIES: dict[type[fp.Message], st.SearchStrategy[fp.Message]] = {
     fp.Ack: acks(),
     fp.DigestMapRequest: digest_map_requests(),
     fp.DigestMap: digest_maps(),
+    fp.FailoverRequest: failover_requests(),
+    fp.FailoverDone: failover_dones(),
     fp.Chunk: chunks(),
 }
 

@@ -36,6 +36,7 @@ EXPECTED: dict[tuple[State, Role], dict[MessageTag, State]] = {
         T.BATCH_BEGIN: State.BATCH,
         T.DIGEST_MAP_REQUEST: State.DIGESTS,
         T.RELATIONSHIP_DELETE: State.DELETING,
+        T.FAILOVER_REQUEST: State.FAILING_OVER,
     },
     (State.IR, P): {T.CHUNK: State.IR, T.IR_END: State.IR_ENDING},
     (State.IR_ENDING, R): {T.ACK: State.SESSION},
@@ -43,6 +44,7 @@ EXPECTED: dict[tuple[State, Role], dict[MessageTag, State]] = {
     (State.BATCH_ENDING, R): {T.ACK: State.SESSION},
     (State.DIGESTS, R): {T.DIGEST_MAP: State.SESSION},
     (State.DELETING, R): {T.ACK: State.READY},
+    (State.FAILING_OVER, R): {T.FAILOVER_DONE: State.READY},
 }
 #: Where a refusal (an Error from the recovery side) returns.
 REFUSALS = {
@@ -52,6 +54,7 @@ REFUSALS = {
     State.BATCH_ENDING: State.SESSION,
     State.DIGESTS: State.SESSION,
     State.DELETING: State.SESSION,
+    State.FAILING_OVER: State.SESSION,
 }
 NO_KEEPALIVE = {
     State.IDLE,
@@ -113,9 +116,9 @@ def test_table_is_not_vacuous() -> None:
     legal = sum(
         expected_next(s, r, t, RecoveryType.STANDALONE) is not None for s, r, t in ALL_TRIPLES
     )
-    # 21 moves of the conversation minus the broker-only query, Error (13 states x 2 roles),
-    # Keepalive (10 states x 2 roles).
-    assert legal == 20 + 26 + 20
+    # 23 moves of the conversation minus the broker-only query, Error (14 states x 2 roles),
+    # Keepalive (11 states x 2 roles).
+    assert legal == 22 + 28 + 22
     assert next_state(State.ERROR, P, T.ERROR, None) is State.MUST_CLOSE
     assert next_state(State.IDLE, R, T.ERROR, None) is State.MUST_CLOSE
 
@@ -135,6 +138,7 @@ WALKABLE = [
     State.BATCH_ENDING,
     State.DIGESTS,
     State.DELETING,
+    State.FAILING_OVER,
     State.MUST_CLOSE,
 ]
 
@@ -164,6 +168,8 @@ def sample_message(tag: MessageTag) -> fp.Message:
         T.ACK: fp.Ack(vmid, fp.AckKind.IR_COMPLETE, 0),
         T.DIGEST_MAP_REQUEST: fp.DigestMapRequest(vmid, 0, 4096, 0, 1),
         T.DIGEST_MAP: fp.DigestMap(vmid, 0, 4096, 0, digest),
+        T.FAILOVER_REQUEST: fp.FailoverRequest(vmid, 0, 4096, digest),
+        T.FAILOVER_DONE: fp.FailoverDone(vmid, 2, 0),
     }
     return samples[tag]
 

@@ -423,12 +423,16 @@ def handshake(
     receiver: Role,
     recovery_type: RecoveryType = RecoveryType.STANDALONE,
     compression: frproto.Compression = frproto.Compression.NONE,
+    version: tuple[int, int] = frproto.limits.PROTOCOL_VERSION,
 ) -> list[PreludeStep]:
     """Negotiation, seen from ``receiver``: the connection ends up READY, with
-    ``compression`` chosen (the request offers both algorithms)."""
-    request = frproto.NegotiateRequest()
+    ``compression`` chosen (the request offers both algorithms), at ``version``."""
+    request = frproto.NegotiateRequest(version=version)
     response = frproto.NegotiateResponse(
-        recovery_type=recovery_type, compression=compression, server_name=CONTEXT_SERVER
+        recovery_type=recovery_type,
+        compression=compression,
+        server_name=CONTEXT_SERVER,
+        version=version,
     )
     if receiver is Role.RECOVERY:
         return [PreludeStep.of("recv", request), PreludeStep.of("send", response)]
@@ -440,15 +444,16 @@ def open_session(
     vmid: uuid.UUID = CONTEXT_VMID,
     disks: tuple[DiskInfo, ...] = CONTEXT_DISKS,
     compression: frproto.Compression = frproto.Compression.NONE,
+    version: tuple[int, int] = frproto.limits.PROTOCOL_VERSION,
 ) -> list[PreludeStep]:
-    """Negotiation (choosing ``compression``) and a RelationshipOpen accepted: the
-    connection ends up in SESSION."""
+    """Negotiation (choosing ``compression``, at ``version``) and a RelationshipOpen
+    accepted: the connection ends up in SESSION."""
     opening = frproto.RelationshipOpen(vmid, generation=1)
     accepted = frproto.RelationshipAccepted(vmid, disks, generation=1)
     primary_side: Direction = "send" if receiver is Role.PRIMARY else "recv"
     recovery_side: Direction = "recv" if receiver is Role.PRIMARY else "send"
     return [
-        *handshake(receiver, compression=compression),
+        *handshake(receiver, compression=compression, version=version),
         PreludeStep.of(primary_side, opening),
         PreludeStep.of(recovery_side, accepted),
     ]
@@ -492,7 +497,13 @@ def message_context(
         return primary, [*handshake(primary), PreludeStep.of("send", opening)]
     if isinstance(
         m,
-        (frproto.IRBegin, frproto.BatchBegin, frproto.DigestMapRequest, frproto.RelationshipDelete),
+        (
+            frproto.IRBegin,
+            frproto.BatchBegin,
+            frproto.DigestMapRequest,
+            frproto.RelationshipDelete,
+            frproto.FailoverRequest,
+        ),
     ):
         return recovery, open_session(recovery, m.vmid)
     if isinstance(m, frproto.Chunk):
@@ -532,4 +543,7 @@ def message_context(
             m.vmid, m.disk_index, m.block_size, m.offset, m.block_count
         )
         return primary, [*open_session(primary, m.vmid), PreludeStep.of("send", request)]
+    if isinstance(m, frproto.FailoverDone):
+        asked = frproto.FailoverRequest(m.vmid, m.sequence, 4096, bytes(16))
+        return primary, [*open_session(primary, m.vmid), PreludeStep.of("send", asked)]
     raise TypeError(f"no context for {type(m).__name__}")

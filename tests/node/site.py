@@ -111,9 +111,17 @@ ca = "certs/ca.pem"
         )
 
     def replicator(
-        self, vmid: uuid.UUID, name: str, images: list[Path], port: int, *, block_size: int = 65536
+        self,
+        vmid: uuid.UUID,
+        name: str,
+        images: list[Path],
+        port: int,
+        *,
+        block_size: int = 65536,
+        host: str = SERVER_HOST,
     ) -> VMReplicator:
-        """A replicator for a VM whose disks are ``images``, to the server at ``port``."""
+        """A replicator for a VM whose disks are ``images``, to the server at ``port``
+        (of ``host``: another address when a test puts a proxy in between)."""
         store = PrimaryStateStore(self.state_dir)
         state = VMReplicationState(
             vmid=str(vmid),
@@ -123,7 +131,7 @@ ca = "certs/ca.pem"
                 for i, p in enumerate(images)
             ],
             block_size=block_size,
-            recovery_host=SERVER_HOST,
+            recovery_host=host,
             recovery_port=port,
             server_name=SERVER_NAME,
             frequency_s=1.0,

@@ -46,6 +46,9 @@ class Operator:
         self.server = server
         self.config = str(site.write_primary_config())
         self.services: list[subprocess.Popen[bytes]] = []
+        #: Where VMs enabled from now on replicate to ("host:port"); None: the server
+        #: itself (a test puts a fault proxy in between).
+        self.server_address: str | None = None
 
     def enable(self, vmid: str, name: str, *disks: str, **options: str) -> Any:
         extra = [x for key, value in options.items() for x in (f"--{key}", value)]
@@ -60,7 +63,7 @@ class Operator:
             name,
             *[x for disk in disks for x in ("--disk", disk)],
             "--server",
-            f"127.0.0.2:{self.server.port}",
+            self.server_address or f"127.0.0.2:{self.server.port}",
             "--server-name",
             "r1.example.com",
             *extra,

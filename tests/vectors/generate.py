@@ -47,6 +47,8 @@ from frproto import (  # noqa: E402
     Error,
     ErrorCode,
     ExistingVM,
+    FailoverDone,
+    FailoverRequest,
     IRBegin,
     IREnd,
     IRState,
@@ -250,7 +252,7 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
     NegotiateRequest: [
         (
             "defaults",
-            "Version 1.0, offers zstd and LZ4, TLS 1.3, certificates.",
+            "Version 1.1, offers zstd and LZ4, TLS 1.3, certificates.",
             NegotiateRequest(),
         ),
         (
@@ -307,14 +309,14 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
         # both compressions: NONE in every one, whatever the server would have chosen.
         (
             "refusal_not_authorized_peer",
-            "TLS-4: a peer whose certificate is not authorized, for the default request (1.0, "
-            "ZSTD|LZ4, TLS13, CERTIFICATE): NOT_AUTHORIZED, COMPATIBLE, 1.0, compression NONE.",
+            "TLS-4: a peer whose certificate is not authorized, for the default request (1.1, "
+            "ZSTD|LZ4, TLS13, CERTIFICATE): NOT_AUTHORIZED, COMPATIBLE, 1.1, compression NONE.",
             frproto.refuse_negotiation(NegotiateRequest(), _NODE_POLICY, ErrorCode.NOT_AUTHORIZED),
         ),
         (
             "refusal_integrated_auth",
             "NEG-3: INTEGRATED auth not accepted: NOT_AUTHORIZED, auth_type INTEGRATED echoed, "
-            "the lower minor (1.0 for a 1.7 request), compression NONE.",
+            "the lower minor (1.1 for a 1.7 request), compression NONE.",
             frproto.refuse_negotiation(
                 NegotiateRequest(version=(1, 7), auth_type=AuthType.INTEGRATED),
                 _NODE_POLICY,
@@ -323,7 +325,7 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
         ),
         (
             "refusal_protocol_mismatch",
-            "NEG-2: a 2.0 request: PROTOCOL_MISMATCH, MISMATCH, the server's own 1.0, "
+            "NEG-2: a 2.0 request: PROTOCOL_MISMATCH, MISMATCH, the server's own 1.1, "
             "compression NONE.",
             frproto.refuse_negotiation(
                 NegotiateRequest(version=(2, 0)), _NODE_POLICY, ErrorCode.PROTOCOL_MISMATCH
@@ -476,6 +478,31 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
             RelationshipDelete(VMID_VERSION_0),
         ),
     ],
+    FailoverRequest: [
+        (
+            "no_reverse",
+            "Take the context VM over at sequence 7; its state digest over 64 KiB blocks; "
+            "no reverse replication.",
+            FailoverRequest(VMID, 7, 65536, digest(b"state")),
+        ),
+        (
+            "reverse",
+            "The same, then replicate the VM back to port 7443 of the primary's address.",
+            FailoverRequest(VMID_B, (1 << 64) - 1, 4 << 20, WRONG_DIGEST, reverse_port=7443),
+        ),
+    ],
+    FailoverDone: [
+        (
+            "generation_2",
+            "The VM runs at the recovery side from point 7, at generation 2.",
+            FailoverDone(VMID, 2, 7),
+        ),
+        (
+            "max",
+            "The largest generation and sequence.",
+            FailoverDone(VMID_B, (1 << 32) - 1, (1 << 64) - 1),
+        ),
+    ],
     IRBegin: [
         ("defaults", "An IR from the start.", IRBegin(VMID)),
         (
@@ -615,6 +642,11 @@ def p_ir_ending() -> list[PreludeStep]:
 def p_deleting() -> list[PreludeStep]:
     """A primary that sent a RelationshipDelete for VMID (waiting for the Ack)."""
     return [*p_session(), send(RelationshipDelete(VMID))]
+
+
+def p_failing_over() -> list[PreludeStep]:
+    """A primary that asked for the failover of VMID at sequence 7 (waiting for the answer)."""
+    return [*p_session(), send(FailoverRequest(VMID, 7, 4096, WRONG_DIGEST))]
 
 
 def p_digests() -> list[PreludeStep]:
@@ -829,14 +861,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
         ec(
             "negotiated_major_differs",
-            "A NegotiateResponse marking version 2.0 compatible with an offer of 1.0.",
+            "A NegotiateResponse marking version 2.0 compatible with an offer of 1.1.",
             P,
             [send(NegotiateRequest())],
             frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(2, 0))),
         ),
         ec(
             "negotiated_minor_above_offer",
-            "A NegotiateResponse choosing minor version 5 when 1.0 was offered.",
+            "A NegotiateResponse choosing minor version 5 when 1.1 was offered.",
             P,
             [send(NegotiateRequest())],
             frame(T.NEGOTIATE_RESPONSE, negotiate_response_body(version=(1, 5))),
@@ -1317,6 +1349,56 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             "A RelationshipDelete while a batch is in progress.",
             R,
             r_batch(),
+            frame(T.RELATIONSHIP_DELETE, VMID.bytes),
+        ),
+        ec(
+            "failover_request_other_vm",
+            "A FailoverRequest for a VM other than the one whose relationship is open (FOV-1).",
+            R,
+            r_session(),
+            frame(T.FAILOVER_REQUEST, VMID_B.bytes + u64(7) + u32(4096) + WRONG_DIGEST + u16(0)),
+        ),
+        ec(
+            "failover_request_without_relationship",
+            "A FailoverRequest when no relationship is open (READY).",
+            R,
+            r_ready(),
+            frame(T.FAILOVER_REQUEST, VMID.bytes + u64(7) + u32(4096) + WRONG_DIGEST + u16(0)),
+        ),
+        ec(
+            "failover_request_at_1_0",
+            "A FailoverRequest (a 1.1 message) on a connection negotiated at 1.0 (NEG-14).",
+            R,
+            open_session(R, version=(1, 0)),
+            frame(T.FAILOVER_REQUEST, VMID.bytes + u64(7) + u32(4096) + WRONG_DIGEST + u16(0)),
+        ),
+        ec(
+            "failover_done_other_sequence",
+            "A FailoverDone at sequence 8 to a primary that asked for sequence 7 (FOV-3).",
+            P,
+            p_failing_over(),
+            frame(T.FAILOVER_DONE, VMID.bytes + u32(2) + u64(8)),
+        ),
+        ec(
+            "failover_done_unasked",
+            "A FailoverDone to a primary that asked for no failover (SESSION).",
+            P,
+            p_session(),
+            frame(T.FAILOVER_DONE, VMID.bytes + u32(2) + u64(7)),
+        ),
+        ec(
+            "legacy_delete_at_1_1",
+            "RelationshipDelete with its tag of before 1.1 (0x0013) on a connection at 1.1 "
+            "(NEG-15).",
+            R,
+            r_session(),
+            frame(0x0013, VMID.bytes),
+        ),
+        ec(
+            "delete_at_1_0",
+            "RelationshipDelete with its 1.1 tag (0x8013) on a connection at 1.0 (NEG-14).",
+            R,
+            open_session(R, version=(1, 0)),
             frame(T.RELATIONSHIP_DELETE, VMID.bytes),
         ),
         ec(

@@ -26,7 +26,11 @@ are the invariants of ``docs/storage.md``, "What a power cut may leave"):
   acknowledged is still pending, whole (so no change is lost, and no acknowledged cycle
   is resent under a new sequence);
 * ``S8 a finished copy is whole``: a point copy that returned reads, after the power
-  cut, exactly as the primary's image at its point.
+  cut, exactly as the primary's image at its point;
+* ``S9 complete and cancel``: a failover's complete or cancel that returned is done; one
+  cut short is either not begun (the failover in force, at its point) or finishes when
+  run again; a cancel ends at the sequence, points and generation from before the
+  failover, a complete with only the failover's point, and neither leaves its files.
 
 ``python -m tests.node.storage.crash_states --states N`` (``scripts/crashes``) runs the
 workloads until ``N`` states were checked; its last line is one JSON object.
@@ -133,6 +137,8 @@ class Workload:
     copy_at: int | None = None
     #: The primary's files (state, pending log), not a replica's.
     primary: bool = False
+    #: A failover (at 3, from 4) ended: "cancel" or "complete".
+    ending: str | None = None
 
 
 def _nothing(root: Path, seed: int) -> None:
@@ -267,6 +273,24 @@ def _run_failover(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
     io.mark("failed_over", 3)
 
 
+def _setup_failed_over(root: Path, seed: int) -> None:
+    _setup_three_batches(root, seed)
+    with ReplicaStore(root, keep_points=KEEP + 1) as store:
+        store.open(wl.VMID).fail_over(3)
+
+
+def _run_cancel(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
+    io.mark("cancelling")
+    store.open(wl.VMID).cancel_failover()
+    io.mark("cancelled")
+
+
+def _run_complete(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
+    io.mark("completing")
+    store.open(wl.VMID).complete_failover()
+    io.mark("completed")
+
+
 WORKLOADS: dict[str, Workload] = {
     "one-batch": Workload("one-batch", _setup_ir, _run_one_batch, small_batch),
     "ir-3-batches": Workload("ir-3-batches", _nothing, _run_ir_and_batches, wl.batch),
@@ -276,6 +300,17 @@ WORKLOADS: dict[str, Workload] = {
     "primary-cycles": Workload("primary-cycles", _nothing, _run_primary, wl.batch, primary=True),
     "point-copy": Workload(
         "point-copy", _setup_three_batches, _run_point_copy, wl.batch, KEEP + 1, copy_at=3
+    ),
+    "failover-cancel": Workload(
+        "failover-cancel", _setup_failed_over, _run_cancel, wl.batch, KEEP + 1, ending="cancel"
+    ),
+    "failover-complete": Workload(
+        "failover-complete",
+        _setup_failed_over,
+        _run_complete,
+        wl.batch,
+        KEEP + 1,
+        ending="complete",
     ),
 }
 
@@ -322,6 +357,8 @@ def verify(
                 return "S4 created: the replica is gone after its create returned"
             return None
         r = store.open(wl.VMID)
+        if workload.ending is not None:
+            return _verify_ending(r, marks, expected, workload.ending)
         if workload.failover_to is not None:
             return _verify_failover(r, marks, expected, workload.failover_to, start_seq)
         if workload.copy_at is not None:
@@ -425,6 +462,56 @@ def _verify_failover(
             if r.read(i, 0, d.size, at_sequence=p) != expected.at(p)[i]:
                 return f"S2 kept points: point {p} disk {i} differs"
     return None
+
+
+def _verify_ending(
+    r: object, marks: list[tuple[object, ...]], expected: Expected, ending: str
+) -> str | None:
+    from node.storage import Replica
+
+    assert isinstance(r, Replica)
+    done = _last(marks, "cancelled" if ending == "cancel" else "completed") is not None
+    record = r.failover_record  # a read: settles a complete or cancel that was decided
+    if record is not None:
+        if done:
+            return f"S9 complete and cancel: the {ending} returned, the failover is in force"
+        if r.applied_sequence != 3 or images_of(r) != expected.at(3):
+            return "S9 complete and cancel: the failover in force is not at its point 3"
+        for p in r.recovery_points():
+            for i, d in enumerate(wl.DISKS):
+                if r.read(i, 0, d.size, at_sequence=p.sequence) != expected.at(p.sequence)[i]:
+                    return f"S2 kept points: point {p.sequence} disk {i} differs"
+        if ending == "cancel":
+            r.cancel_failover()
+        else:
+            r.complete_failover()
+    elif ending == "cancel" and r.failed_over:
+        return "S9 complete and cancel: failed over without its record (the points are lost)"
+    want = [2, 3, 4] if ending == "cancel" else [3]
+    seq = want[-1]
+    if r.failed_over != (ending == "complete"):
+        return f"S9 complete and cancel: failed_over={r.failed_over} after the {ending}"
+    if r.generation != (1 if ending == "cancel" else 2):
+        return f"S9 complete and cancel: generation {r.generation} after the {ending}"
+    if r.applied_sequence != seq or images_of(r) != expected.at(seq):
+        return f"S9 complete and cancel: not the image of {seq} after the {ending}"
+    got = [p.sequence for p in r.recovery_points()]
+    if got != want:
+        return f"S9 complete and cancel: points {got} after the {ending}, want {want}"
+    for kept in got:
+        for i, d in enumerate(wl.DISKS):
+            if r.read(i, 0, d.size, at_sequence=kept) != expected.at(kept)[i]:
+                return f"S2 kept points: point {kept} disk {i} differs after the {ending}"
+    if (r.layout.dir / "failover").exists():
+        return f"S9 complete and cancel: failover/ is left after the {ending}"
+    return None
+
+
+def images_of(r: object) -> tuple[bytes, ...]:
+    from node.storage import Replica
+
+    assert isinstance(r, Replica)
+    return tuple(r.image_path(i).read_bytes() for i in range(len(wl.DISKS)))
 
 
 # -- the runner -------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ Usage: ``python crash_worker.py ROOT SEED MODE [UPTO] [KEEP]``, with the reposit
   ``ir_cursor``, checkpoint every 3 chunks (``CKPT <disk> <offset>`` after it returns),
   then ``COMPLETING`` and, after ``complete_ir``, ``DONE``.
 
+* ``MODE=failover``: fail over to the point ``UPTO``; ``MODE=cancel`` / ``complete``:
+  cancel or complete the failover (``DONE <applied_sequence>`` once it returns).
+
 ``READY <applied_sequence>`` is printed after recovery. With ``FRREP_CRASH_POINT=<name>``
 (and ``FRREP_CRASH_HIT=<n>``, default 1) the process SIGKILLs itself at the n-th time the
 storage engine reaches that crash point. ``FRREP_SLOW=<seconds>`` sleeps after each IR
@@ -114,6 +117,16 @@ def main() -> None:
             _say(f"LOG {line}")
         if mode == "batches":
             run_batches(store, seed, upto)
+        elif mode in ("failover", "cancel", "complete"):
+            replica = store.open(wl.VMID)
+            _say(f"READY {replica.applied_sequence}")
+            if mode == "failover":
+                replica.fail_over(upto)
+            elif mode == "cancel":
+                replica.cancel_failover()
+            else:
+                replica.complete_failover()
+            _say(f"DONE {replica.applied_sequence}")
         else:
             run_ir(store, seed)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,3 +292,84 @@ def test_crash_point_names_are_reached(name: str) -> None:
         p.read_text() for p in (REPO / "node" / "storage").glob("*.py") if p.name != "fileio.py"
     )
     assert f'"{name}"' in src or name == "state_tmp_synced"
+
+
+def _failover_template(tmp_path: Path) -> Path:
+    """A replica at 6 (points 3-6), ready to be copied for each kill."""
+    template = tmp_path / "template"
+    setup_replica(template, SEED)
+    out = run_to_end(template, SEED, "batches", "6", str(KEEP))
+    assert out.returncode == 0, out.stderr
+    return template
+
+
+def _check_ending(root: Path, oracle: wl.Oracle, ending: str, ctx: str) -> None:
+    """The replica after a failover to 4 (from 6) that was cancelled or completed."""
+    with ReplicaStore(root, keep_points=KEEP) as store:
+        store.recover()
+        r = store.open(wl.VMID)
+        seq, points = (6, [3, 4, 5, 6]) if ending == "cancel" else (4, [4])
+        assert r.failed_over == (ending == "complete"), ctx
+        assert r.generation == (1 if ending == "cancel" else 2), ctx
+        assert r.applied_sequence == seq, ctx
+        for i in range(len(wl.DISKS)):
+            assert r.image_path(i).read_bytes() == oracle.at(seq)[i], f"{ctx}: disk {i}"
+        assert [p.sequence for p in r.recovery_points()] == points, ctx
+        for p in points:
+            for i, d in enumerate(wl.DISKS):
+                got = r.read(i, 0, d.size, at_sequence=p)
+                assert got == oracle.at(p)[i], f"{ctx}: point {p} disk {i} differs"
+        assert not (root / str(wl.VMID) / "failover").exists(), ctx
+        undo = sorted(os.listdir(root / str(wl.VMID) / "undo"))
+        assert undo == [f"{s:020d}.undo" for s in points[1:]], ctx
+
+
+FAILOVER_KILLS = {
+    # the decision, the redo data, its record, the revert's state
+    "failover": [("state_tmp_synced", 1), ("failover_redo_captured", 1), ("state_tmp_synced", 3)],
+    "cancel": [
+        ("state_tmp_synced", 1),  # the phase
+        ("cancel_decided", 1),
+        ("cancel_images_restored", 1),
+        ("state_tmp_synced", 2),  # the state from before the failover
+        ("cancel_state_written", 1),
+    ],
+    "complete": [
+        ("state_tmp_synced", 1),
+        ("complete_decided", 1),
+        ("state_tmp_synced", 2),
+        ("complete_state_written", 1),
+    ],
+}
+
+
+@pytest.mark.parametrize("ending", ["cancel", "complete"])
+def test_sigkill_at_every_step_of_a_failover_and_its_ending(tmp_path: Path, ending: str) -> None:
+    """A failover to 4 (from 6), then its cancel or complete, each killed with SIGKILL at
+    every step in turn; run again, each reaches the right end state: the failover at 4,
+    then the cancel back at 6 (every point, generation 1) or the complete at 4 alone."""
+    template = _failover_template(tmp_path)
+    oracle = wl.Oracle(SEED)
+    kills = 0
+    plan = [("failover", k) for k in FAILOVER_KILLS["failover"]]
+    plan += [(ending, k) for k in FAILOVER_KILLS[ending]]
+    for n, (step, (point, hit)) in enumerate(plan):
+        root = tmp_path / f"run-{n}"
+        shutil.copytree(template, root)
+        ctx = f"seed={SEED} {step} killed at {point}#{hit}"
+        env = {"FRREP_CRASH_POINT": point, "FRREP_CRASH_HIT": str(hit)}
+        if step != "failover":
+            assert run_to_end(root, SEED, "failover", "4", str(KEEP)).last("DONE") == 4
+        out = run_to_end(root, SEED, step, "4", str(KEEP), **env)
+        assert out.returncode == -signal.SIGKILL, f"{ctx}: not killed: {out.lines} {out.stderr}"
+        assert not out.has("DONE"), ctx
+        kills += 1
+        # run again: the step finishes (or is taken whole), then the ending
+        out = run_to_end(root, SEED, step, "4", str(KEEP))
+        assert out.returncode == 0, f"{ctx}: {out.stderr}"
+        assert out.last("DONE") == (4 if step == "failover" else 6 if step == "cancel" else 4)
+        if step == "failover":
+            out = run_to_end(root, SEED, ending, "4", str(KEEP))
+            assert out.returncode == 0, f"{ctx}: {out.stderr}"
+        _check_ending(root, oracle, ending, ctx)
+    assert kills == len(plan)

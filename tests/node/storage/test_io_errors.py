@@ -305,6 +305,37 @@ def workload(run: Run) -> None:
                 for i, d in enumerate(wl.DISKS):
                     got = again.read(i, 0, d.size, at_sequence=p.sequence)
                     assert _same(got, run.expected.at(p.sequence)[i])
+        # Cancelled: back to where replication left it (5), every point readable; then
+        # failed over again and completed: only the point 4 is left.
+        failover_dir = run.root / str(wl.VMID) / "failover"
+
+        def cancel() -> None:
+            r = store.open(wl.VMID)
+            r.read(0, 0, 1)  # settles what a failure left
+            if r.failed_over:
+                r.cancel_failover()
+
+        _guard(run, store, cancel)
+        r = store.open(wl.VMID)
+        assert not r.failed_over
+        assert not failover_dir.exists()
+        assert r.applied_sequence == 5
+        for p in r.recovery_points():
+            for i, d in enumerate(wl.DISKS):
+                got = r.read(i, 0, d.size, at_sequence=p.sequence)
+                assert _same(got, run.expected.at(p.sequence)[i])
+        _guard(run, store, failover)
+
+        def complete() -> None:
+            r = store.open(wl.VMID)
+            r.read(0, 0, 1)
+            r.complete_failover()
+
+        _guard(run, store, complete)
+        r = store.open(wl.VMID)
+        assert [p.sequence for p in r.recovery_points()] == [4]
+        assert not failover_dir.exists()
+        assert not list((run.root / str(wl.VMID) / "undo").glob("*.undo"))
         run.acked = 0  # what follows removes the replica on purpose
 
         def delete() -> None:

@@ -129,6 +129,16 @@ def test_crash_states_of_a_failover_revert() -> None:
     assert tally.states >= 300
 
 
+@pytest.mark.parametrize("name", ["failover-cancel", "failover-complete"])
+def test_crash_states_of_a_failover_cancelled_or_completed(name: str) -> None:
+    """Every power cut during a cancel or a complete: once it returned it is done; cut
+    short, it is not begun or it finishes when run again (S9)."""
+    tally = cs.Tally()
+    cs.run(cs.WORKLOADS[name], 1, tally, exhaustive_up_to=256, samples=SAMPLES * 4)
+    assert not tally.failures, _report(tally)
+    assert tally.states >= 60  # 74 for a complete, more for a cancel (seed 1)
+
+
 def test_crash_states_of_a_point_copy() -> None:
     """A test failover's copy that returned survives the power cut whole (it used to sync
     the images' data but no directory: the names could be lost, see _ForgetsCopyDirSyncs)."""

@@ -1,0 +1,102 @@
+"""The primary's half of a plan's planned failover: the groups last-first (the servers
+stop before the database they use), each VM stopped by the group's ``stop`` hook, its
+final state sent and verified (``VMReplicator.prepare_failover``, as ``frctl failover
+planned``); the sequences are recorded for the recovery server's half (``planned``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import trio
+
+from node.primary.config import load_primary_config
+from node.primary.operations import find_vm, replicator_for
+from node.primary.replicator import VMReplicator
+from node.primary.state import PrimaryStateStore, write_file_atomic
+
+from .hooks import StepFailed, run_hook
+from .plan import RecoveryPlan
+from .report import PlanReport, StepReport, StepStatus, VMStep
+from .state import RunState
+
+
+def prepare_plan(plan: RecoveryPlan, *, clock: Callable[[], float] = time.monotonic) -> PlanReport:
+    """Prepare every VM of ``plan`` for its planned failover (see the module docstring).
+    Never raises for a step that fails: the report says where it stopped."""
+    from .run import Mode, prepared_path, state_path
+
+    report = PlanReport(plan.name, str(Mode.PREPARE))
+    record = RunState.load(state_path(plan, Mode.PREPARE))
+    groups = list(reversed(plan.groups))
+    report.steps = [StepReport(g.name, vms=[VMStep(vm) for vm in reversed(g.vms)]) for g in groups]
+    if plan.primary_config is None:
+        report.steps[0].status = StepStatus.FAILED
+        report.steps[0].problems.append(f"{plan.path}: [plan] primary_config is needed")
+        return report
+    config = load_primary_config(plan.primary_config)
+    store = PrimaryStateStore(config.state_dir)
+    failed = False
+    for group, step in zip(groups, report.steps, strict=True):
+        if failed:
+            continue
+        started = clock()
+        try:
+            for vm_step in step.vms:
+                done = record.vm(vm_step.vm)
+                if done.get("stage") == "prepared":
+                    vm_step.vmid, vm_step.sequence = done["vmid"], done["sequence"]
+                    vm_step.status = StepStatus.DONE_BEFORE
+                    continue
+                state = find_vm(store, vm_step.vm)
+                vm_step.vmid = state.vmid
+                vm_step.status = StepStatus.FAILED
+                left = started + group.timeout - clock()
+                if group.stop:
+                    env = {
+                        "FRREP_PLAN": plan.name,
+                        "FRREP_GROUP": group.name,
+                        "FRREP_MODE": "planned",
+                        "FRREP_VMID": state.vmid,
+                    }
+                    run_hook(
+                        f"stop hook of {vm_step.vm}",
+                        group.stop,
+                        env,
+                        timeout=left,
+                        cwd=plan.path.parent,
+                    )
+                replicator = replicator_for(config, state.vmid)
+                left = started + group.timeout - clock()
+                if left <= 0:
+                    raise StepFailed(f"group {group.name}: past its timeout of {group.timeout:g} s")
+                result = trio.run(_prepare, replicator, left)
+                record.note(vm_step.vm, stage="prepared", vmid=state.vmid, sequence=result)
+                vm_step.sequence = result
+                vm_step.status = StepStatus.OK
+        except Exception as exc:  # a hook, the network, TLS, a replica that differs
+            step.status = StepStatus.FAILED
+            step.problems.append(f"{type(exc).__name__}: {exc}")
+            failed = True
+        else:
+            step.status = StepStatus.OK
+        step.seconds = clock() - started
+    if not failed:
+        doc = {"plan": plan.name, "vms": record.vms}
+        write_file_atomic(
+            prepared_path(plan), (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        )
+    return report
+
+
+async def _prepare(replicator: VMReplicator, timeout: float) -> int:
+    """The VM's last cycle and verification, within ``timeout``; its final sequence."""
+    try:
+        with trio.fail_after(timeout):
+            result = await replicator.prepare_failover()
+    except trio.TooSlowError:
+        raise StepFailed(
+            f"{replicator.state.name}: its last cycle ran past the step's timeout"
+        ) from None
+    return result.sequence

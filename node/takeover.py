@@ -1,0 +1,94 @@
+"""The recovery side of a planned failover (protocol 1.1, FailoverRequest).
+
+The primary has stopped the VM and sent its last batch; it asks to have the VM taken over
+at that final state. The replica is checked to hold exactly that state (FOV-4, FOV-5):
+the primary's last acknowledged sequence, and the state digest of its disks
+(``frproto.codec.state_digest``) computed here over the replica's images. Only then is
+the replica failed over (:meth:`node.storage.Replica.fail_over`, at its latest point: no
+revert) at the relationship's next generation, durably, before the answer (FOV-6).
+
+One of the recovery server's own modules (``docs/architecture.md``: the failover
+workflows above it may not be imported by it). Runs inside the recovery server, which
+holds the storage (no lock to take), in a worker thread: reading the whole replica to
+digest it is the long part, and the server goes on serving every other VM meanwhile
+(FOV-8).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import frproto as fp
+from node.storage import Replica
+
+log = logging.getLogger("frrep.failover")
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """A VM this recovery server took over in a planned failover.
+
+    Attributes:
+        vmid: the VM.
+        generation: the relationship's new generation.
+        sequence: the point the VM runs from.
+        storage: the storage location that holds its replica (the VM's disks now).
+        primary_name: the former primary's certificate name.
+        primary_address: the former primary's IP address (the connection's peer).
+        reverse_port: the port of the former primary's own recovery server (0: none).
+    """
+
+    vmid: uuid.UUID
+    generation: int
+    sequence: int
+    storage: Path
+    primary_name: str
+    primary_address: str | None
+    reverse_port: int
+
+
+def replica_state_digest(replica: Replica, block_size: int) -> bytes:
+    """The state digest of ``replica`` at ``block_size`` (section 4.19 of the spec)."""
+    maps = []
+    for index, disk in enumerate(replica.disks):
+        digests = bytearray()
+        blocks = -(-disk.size // block_size)
+        for first in range(0, blocks, fp.limits.MAX_DIGESTS):
+            count = min(fp.limits.MAX_DIGESTS, blocks - first)
+            digests += replica.digests(index, first * block_size, block_size, count)
+        maps.append(bytes(digests))
+    return fp.codec.state_digest(maps)
+
+
+def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
+    """Check that ``replica`` holds the primary's final state, then fail it over there;
+    the new generation.
+
+    Raises:
+        frproto.OutOfSequence: the replica is at another sequence, or its state digest
+            differs (nothing is changed: the primary may send what is missing and ask
+            again).
+    """
+    replica.apply_committed()  # an acknowledged batch is part of the state (REP-16)
+    if replica.applied_sequence != request.sequence:
+        raise fp.OutOfSequence(
+            f"replica {replica.vmid} holds sequence {replica.applied_sequence}, the primary's "
+            f"final state is {request.sequence}: not failing over"
+        )
+    ours = replica_state_digest(replica, request.block_size)
+    if ours != request.state_digest:
+        raise fp.OutOfSequence(
+            f"replica {replica.vmid} at sequence {request.sequence} differs from the "
+            "primary's final state (state digest): not failing over; resynchronize first"
+        )
+    generation = replica.fail_over(request.sequence)
+    log.info(
+        "planned failover of %s: taken over at sequence %d, generation %d",
+        replica.vmid,
+        request.sequence,
+        generation,
+    )
+    return generation
