@@ -9,7 +9,6 @@ the CAP's address on one machine)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import trio
@@ -41,6 +40,6 @@ def test_a_node_elected_while_the_caps_address_is_held_retries(tmp_path: Path) -
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
-    with tempfile.TemporaryDirectory(), _deterministic(1):
+    with _deterministic(1):
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert served == [True]
