@@ -30,7 +30,7 @@ import tempfile
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,41 @@ def _crash_is_a_failure(result: RunResult, run: Any, *args: Any, **kwargs: Any) 
         result.failures.append(line)
 
 
+@contextlib.contextmanager
+def _a_run(seed: int, prefix: str, base: Path | None) -> Iterator[tuple[Path, list[str]]]:
+    """The run's directory and trace, with the production log lines going to the trace and
+    everything that would differ between two runs of the seed pinned; cleaned up after."""
+    if not _CERTS:
+        _CERTS.append(_certs_dir())
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}-{seed}-", dir=base or _default_base()))
+    trace: list[str] = []
+    handler = _TraceLogs(trace, root)
+    logger = logging.getLogger("frrep")
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the trace has them; a test's log capture need not
+    try:
+        with _deterministic(seed):
+            yield root, trace
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tracer(trace: list[str]) -> Callable[[str], None]:
+    def event(text: str) -> None:
+        trace.append(f"{trio.current_time():10.3f} {text}")
+
+    return event
+
+
+def _applied(schedule: list[Fault], keep: Sequence[int] | None) -> list[int]:
+    return list(range(len(schedule))) if keep is None else sorted(set(keep))
+
+
 def run_seed(
     seed: int,
     *,
@@ -174,38 +209,14 @@ def run_seed(
     """Run seed ``seed`` with every fault of its schedule, or only those at the indices
     ``keep``; ``base``: where the run's directory is made (a temporary one by default);
     ``server_files``: the recovery server's file layer (tests give one with a bug)."""
-    if not _CERTS:
-        _CERTS.append(_certs_dir())
-    root = Path(tempfile.mkdtemp(prefix=f"frrep-sim-{seed}-", dir=base or _default_base()))
-    trace: list[str] = []
-    handler = _TraceLogs(trace, root)
-    logger = logging.getLogger("frrep")
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the trace has them; a test's log capture need not
-    try:
-        with _deterministic(seed):
-            world = World(
-                root / "site", _CERTS[0], seed, lambda line: None, server_files=server_files
-            )
-            schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW, world.frequency)
-            applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
-            result = RunResult(seed, schedule, applied, trace)
-
-            def event(text: str) -> None:
-                trace.append(f"{trio.current_time():10.3f} {text}")
-
-            world.trace = event
-            clock = trio.testing.MockClock(autojump_threshold=0)
-            _crash_is_a_failure(
-                result, trio.run, _main, world, [schedule[i] for i in applied], result, clock=clock
-            )
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
-        shutil.rmtree(root, ignore_errors=True)
+    with _a_run(seed, "frrep-sim", base) as (root, trace):
+        world = World(root / "site", _CERTS[0], seed, _tracer(trace), server_files=server_files)
+        schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW, world.frequency)
+        applied = _applied(schedule, keep)
+        result = RunResult(seed, schedule, applied, trace)
+        faults = [schedule[i] for i in applied]
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        _crash_is_a_failure(result, trio.run, _main, world, faults, result, clock=clock)
     return result
 
 
@@ -352,38 +363,16 @@ def run_cluster_seed(seed: int, *, keep: Sequence[int] | None = None) -> RunResu
     """Run the cluster simulation (``frtesting/sim/cluster.py``) of seed ``seed``."""
     from .cluster import ClusterWorld, draw_cluster_schedule, run_cluster
 
-    if not _CERTS:
-        _CERTS.append(_certs_dir())
-    root = Path(tempfile.mkdtemp(prefix=f"frrep-simc-{seed}-", dir=_default_base()))
-    trace: list[str] = []
-    handler = _TraceLogs(trace, root)
-    logger = logging.getLogger("frrep")
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the trace has them; a test's log capture need not
-    try:
-        with _deterministic(seed):
-            world = ClusterWorld(root / "site", _CERTS[0], seed)
-            schedule = draw_cluster_schedule(seed, len(world.nodes), len(world.primaries))
-            applied = list(range(len(schedule))) if keep is None else sorted(set(keep))
-            result = RunResult(seed, schedule, applied, trace, cluster=True)
-
-            def event(text: str) -> None:
-                trace.append(f"{trio.current_time():10.3f} {text}")
-
-            world.trace = event
-            clock = trio.testing.MockClock(autojump_threshold=0)
-            rng = random.Random(f"{seed}:powerloss")
-            faults = [schedule[i] for i in applied]
-            _crash_is_a_failure(
-                result, trio.run, run_cluster, world, result, faults, rng, clock=clock
-            )
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
-        shutil.rmtree(root, ignore_errors=True)
+    with _a_run(seed, "frrep-simc", None) as (root, trace):
+        world = ClusterWorld(root / "site", _CERTS[0], seed)
+        world.trace = _tracer(trace)
+        schedule = draw_cluster_schedule(seed, len(world.nodes), len(world.primaries))
+        applied = _applied(schedule, keep)
+        result = RunResult(seed, schedule, applied, trace, cluster=True)
+        faults = [schedule[i] for i in applied]
+        rng = random.Random(f"{seed}:powerloss")
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        _crash_is_a_failure(result, trio.run, run_cluster, world, result, faults, rng, clock=clock)
     return result
 
 
