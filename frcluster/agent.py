@@ -24,7 +24,6 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -556,7 +555,7 @@ class ClusterNode:
 
     async def _lead(self, term: Term) -> None:
         """Run the broker at the CAP for as long as this node holds the election."""
-        started = time.monotonic()
+        started = trio.current_time()  # the clock of its sleeps (a simulation's too)
         if self.config.cap_up:
             await self._hook("cap_up", self.config.cap_up)
         try:
@@ -587,7 +586,7 @@ class ClusterNode:
                             self.config.cap_name,
                             term.record.cap_address,
                             term.record.cap_port,
-                            time.monotonic() - started,
+                            trio.current_time() - started,
                         )
                 except* OSError as group:
                     # The address may still be held for a moment (the previous broker's
