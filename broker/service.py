@@ -35,6 +35,7 @@ from broker.election import Term, fenced_txn
 from broker.placement import NoCapacity, PlacementContext, PlacementError, PlacementRequest, place
 from broker.records import ElectionRecord, Keys, RecordError, Settings, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
+from frlink import network
 from frlink.accept import accept
 from frlink.authz import Grant
 from frlink.connections import ANSWERING_STATES, Admission, ConnectionPolicy, Gate
@@ -105,7 +106,7 @@ class Broker:
                 )
                 task_status.started([])
                 return
-            listeners = await trio.open_tcp_listeners(self.cap.cap_port, host=self.cap.cap_address)
+            listeners = await network.current().listen(self.cap.cap_port, host=self.cap.cap_address)
             log.info(
                 "broker (term %d) listening at the CAP %s (%s:%d)",
                 self.term.token,

@@ -24,11 +24,11 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -52,6 +52,7 @@ from broker.store import (
 )
 from frconsole import ReplicaReport
 from frconsole.standalone import report_of
+from frlink import network
 from frlink.accept import Accepted
 from frlink.authz import Grant
 from frlink.http import serve_asgi
@@ -59,6 +60,7 @@ from frlink.identity import PrimaryIdentity
 from frlink.tls import server_context, web_server_context
 from node.config import RecoveryServerConfig
 from node.recovery_server import RecoveryServer
+from node.storage.fileio import FileIO
 from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
@@ -84,6 +86,9 @@ class ClusterNode:
         ssl_context: overrides the server context built from ``config.tls`` (tests).
         rng: randomness for the broker's ``random`` placement (tests seed it).
         registry: where its metrics go (the process's registry; a private one if None).
+        store: a cluster store to use instead of opening ``config.store_url`` (the
+            simulation's: its leases on the simulated clock); the caller closes it.
+        file_io: makes the storage engine's file layer (see :class:`RecoveryServer`).
     """
 
     def __init__(
@@ -93,8 +98,15 @@ class ClusterNode:
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
+        store: ClusterStore | None = None,
+        file_io: Callable[[Path], FileIO] | None = None,
     ) -> None:
         self.config = config
+        #: The cluster store to use instead of opening ``config.store_url`` (the
+        #: simulation's, its leases on the simulated clock); closed by the caller.
+        self._given_store = store
+        #: The storage engine's file layer (see :class:`RecoveryServer`).
+        self._file_io = file_io
         self.registry = registry or CollectorRegistry()
         #: The cluster store answered the last request of the keepalive loop.
         self.store_reachable = False
@@ -146,7 +158,9 @@ class ClusterNode:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled; ``task_status.started(port)`` once it serves."""
-        async with open_store(self.config.store_url) as store:
+        given = self._given_store
+        opened = contextlib.nullcontext(given) if given is not None else None
+        async with opened or open_store(self.config.store_url) as store:
             self._store = store
             try:
                 settings = await read_settings(store, self.keys)
@@ -171,6 +185,7 @@ class ClusterNode:
                     record_planned_failover, self.store, self.keys, self.config.name
                 ),
                 registry=self.registry,
+                file_io=self._file_io,
             )
             NodeCollector(self, self.registry)
             async with trio.open_nursery() as nursery:
@@ -253,7 +268,7 @@ class ClusterNode:
             self._serve_scope = scope
             async with trio.open_nursery() as inner:
                 listeners = await inner.start(self.server.serve)
-                task_status.started(listeners[0].socket.getsockname()[1])
+                task_status.started(network.bound_port(listeners[0]))
 
     async def _rebind(self, port: int) -> None:
         """Move the replication listener to ``port`` (the setting changed) and announce
@@ -540,7 +555,7 @@ class ClusterNode:
 
     async def _lead(self, term: Term) -> None:
         """Run the broker at the CAP for as long as this node holds the election."""
-        started = time.monotonic()
+        started = trio.current_time()  # the clock of its sleeps (a simulation's too)
         if self.config.cap_up:
             await self._hook("cap_up", self.config.cap_up)
         try:
@@ -571,12 +586,17 @@ class ClusterNode:
                             self.config.cap_name,
                             term.record.cap_address,
                             term.record.cap_port,
-                            time.monotonic() - started,
+                            trio.current_time() - started,
                         )
-                except OSError as exc:
+                except* OSError as group:
                     # The address may still be held for a moment (the previous broker's
-                    # node, a hook that has not run yet): try again within the term.
-                    log.warning("binding the CAP: %s; retrying", exc)
+                    # node, a hook that has not run yet): try again within the term. The
+                    # bind fails inside Broker.serve's nursery, so it comes in a group: a
+                    # plain ``except OSError`` let it end the node agent.
+                    first: BaseException = group
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    log.warning("binding the CAP: %s; retrying", first)
                     await trio.sleep(0.1)
         finally:
             self.broker = None

@@ -194,6 +194,14 @@ class Admission:
             self.gate.negotiating -= 1
 
 
+def _trio_clock() -> float:
+    """Trio's clock inside Trio (the one its sleeps use), monotonic time outside it."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 @dataclass
 class Gate:
     """Counts a listener's connections against its :class:`ConnectionPolicy`'s bounds.
@@ -214,8 +222,9 @@ class Gate:
     #: Connections refused at a bound so far (by bound: total, address, negotiating,
     #: handshaking).
     refused: Counter[str] = field(default_factory=Counter)
-    #: Monotonic seconds (a test may substitute its own clock).
-    clock: Callable[[], float] = time.monotonic
+    #: Monotonic seconds: Trio's clock, the one ``_trim_later`` sleeps on (a simulation's
+    #: MockClock drives both); a test may substitute its own.
+    clock: Callable[[], float] = _trio_clock
     #: Hands freed memory back to the system (a test may count the calls).
     trim: Callable[..., object] = memory.trim
     _refusals_unlogged: int = 0

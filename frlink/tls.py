@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from . import network
 from .biotls import BioTLSStream
 
 __all__ = [
@@ -312,8 +313,9 @@ async def tls_connect(
     server_name: str,
     local_address: str | None = None,
     timeout: float = 10.0,
-) -> BioTLSStream[trio.SocketStream]:
-    """Connect to ``host:port`` over TCP and run the TLS handshake as a client.
+) -> BioTLSStream[trio.abc.Stream]:
+    """Connect to ``host:port`` over TCP (the network in force: ``frlink.network``) and
+    run the TLS handshake as a client.
 
     ``server_name`` is sent as SNI and checked against the server certificate's subject
     alternative names (it may differ from ``host``, e.g. the CAP name while ``host`` is an
@@ -333,7 +335,7 @@ async def tls_connect(
     target = f"{server_name} at {host}:{port}"
     try:
         with trio.fail_at(deadline):
-            tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
+            tcp = await network.current().connect(host, port, local_address=local_address)
     except trio.TooSlowError as exc:
         raise ConnectFailure(f"connecting to {target}: timed out after {timeout:g} s") from exc
     except OSError as exc:

@@ -37,11 +37,13 @@ import trio
 from prometheus_client import CollectorRegistry
 
 import frproto as fp
+from frlink import network
 from frlink.accept import Accepted, accept
 from frlink.authz import Grant
 from frlink.connections import Admission, Gate
 from frlink.tls import server_context
 from node.storage import ReplicaStore, StorageFaults
+from node.storage.fileio import FileIO
 from node.storage.lock import StorageBusy, claim
 
 from .config import ConfigError, RecoveryServerConfig, load_recovery_server_config
@@ -95,6 +97,9 @@ class RecoveryServer:
             FailoverDone (reverse replication starts; ``node/failover/reverse_service.py``).
         registry: where its metrics are registered (the process's registry; a private
             one when None).
+        file_io: makes the storage engine's file layer of a storage location (the
+            simulation's records every call, so that a power cut can drop what was not
+            synced: ``frtesting.powerloss``); the real system calls when None.
     """
 
     def __init__(
@@ -112,8 +117,10 @@ class RecoveryServer:
         on_renamed: RenamedHook | None = None,
         on_failed_over: FailedOverHook | None = None,
         registry: CollectorRegistry | None = None,
+        file_io: Callable[[Path], FileIO] | None = None,
     ) -> None:
         self.config = config
+        self._file_io = file_io
         self.metrics = ServerMetrics(registry or CollectorRegistry())
         #: True while the listener accepts connections (``/readyz``).
         self.listening = False
@@ -205,7 +212,10 @@ class RecoveryServer:
                     ) from None
             try:
                 store = ReplicaStore(
-                    storage, keep_points=self.config.recovery_points, faults=self._faults
+                    storage,
+                    keep_points=self.config.recovery_points,
+                    faults=self._faults,
+                    io=self._file_io(storage) if self._file_io is not None else None,
                 )
                 for line in await trio.to_thread.run_sync(store.recover):
                     log.info("recovery at %s: %s", storage, line)
@@ -217,6 +227,16 @@ class RecoveryServer:
                 self._claims.append(claimed)
             self._stores[storage] = store
         return store
+
+    def close(self) -> None:
+        """Close every store opened and let the storage locks go: what the exit of the
+        process does (a simulated server is killed and started again in one process)."""
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+        claims, self._claims = self._claims, []
+        for fd in claims:
+            os.close(fd)
 
     def locations(self) -> list[Path]:
         """Every storage location this server serves: its authorization's, and any opened
@@ -285,7 +305,7 @@ class RecoveryServer:
                 vmid,
             )
         try:
-            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.listen)
+            listeners = await network.current().listen(self.config.port, host=self.config.listen)
         except OSError as exc:
             # The system's words name no address ("Address already in use"): say which.
             where = f"{self.config.listen}:{self.config.port}"
@@ -294,7 +314,7 @@ class RecoveryServer:
             "recovery server %s listening on %s:%d",
             self.config.name,
             self.config.listen,
-            listeners[0].socket.getsockname()[1],
+            network.bound_port(listeners[0]),
         )
         task_status.started(listeners)
         self.listening = True

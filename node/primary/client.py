@@ -61,7 +61,7 @@ BatchChunk = tuple[int, int, bytes | bytearray | memoryview, bytes]
 SEND_LOWAT = 1024 * 1024
 
 
-def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
+def _raise_notsent_lowat(stream: BioTLSStream[Any]) -> None:
     """Performance only: raise TCP_NOTSENT_LOWAT on the connection's socket (if any)."""
     transport = stream.transport_stream
     if isinstance(transport, trio.SocketStream) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
@@ -69,7 +69,7 @@ def _raise_notsent_lowat(stream: BioTLSStream[trio.SocketStream]) -> None:
             transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SEND_LOWAT)
 
 
-def _bound_unacknowledged(stream: BioTLSStream[trio.SocketStream], seconds: float) -> None:
+def _bound_unacknowledged(stream: BioTLSStream[Any], seconds: float) -> None:
     """Have the kernel give the connection up (ETIMEDOUT) when what it sent stays
     unacknowledged, or what it holds to send cannot go (the peer's window stays shut), for
     ``seconds``: the send side of :data:`ANSWER_TIMEOUT`. A send into a connection gone

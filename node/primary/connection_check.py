@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 import frproto as fp
+from frlink import network
 from frlink.config import NO_COMPRESSION
 from frlink.tls import ConnectFailure, TLSFailure, describe_tls_error
 
@@ -86,7 +87,7 @@ async def _reach(
         return Step("reach", False, str(exc.strerror or exc)), None
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(address, port, local_address=local)
+            stream = await network.current().connect(address, port, local_address=local)
     except trio.TooSlowError:
         return Step("reach", False, f"{address}:{port}: no answer in {timeout:g} s"), None
     except OSError as exc:

@@ -309,13 +309,16 @@ class VMReplicator:
                 if self.state.paused:
                     delay = min(self.state.frequency_s, 1.0)
                 else:
-                    started = time.monotonic()
+                    # Trio's clock, the one the sleep below runs on (a simulation's
+                    # MockClock drives both; real time there would make the next cycle's
+                    # moment depend on the machine).
+                    started = trio.current_time()
                     outcome = await self._counted_cycle(backoff)
                     if outcome is _Outcome.HALTED:
                         return
                     if outcome is _Outcome.OK:
                         backoff = _BACKOFF_START
-                        elapsed = time.monotonic() - started
+                        elapsed = trio.current_time() - started
                         if self.metrics is not None:
                             self.metrics.cycle_done(elapsed)
                         delay = max(0.0, self.state.frequency_s - elapsed)
@@ -323,8 +326,18 @@ class VMReplicator:
                         delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
                     # Shown by status as the next cycle's time.
                     self.state.next_cycle_at = time.time() + delay
-                    self._save()
+                    self._save_after_cycle()
             await trio.sleep(delay)
+
+    def _save_after_cycle(self) -> None:
+        """Save the state after a cycle; a failure (a full or failing state disk) is
+        logged and the loop goes on: the next save tries again, and what matters for
+        correctness (an acknowledged sequence) was saved inside the cycle or made it fail.
+        Raising here ended the primary service, every VM with it."""
+        try:
+            self._save()
+        except OSError as exc:
+            log.error("%s: the replication state could not be saved: %s", self.state.name, exc)
 
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -355,7 +368,7 @@ class VMReplicator:
             s.cycles_failed += 1
             s.health = Health.CRITICAL
             s.halted = str(exc)  # shown by status; waits for a person
-            self._save()
+            self._save_after_cycle()
             return _Outcome.HALTED
         except DiskUnavailable as exc:
             self._count_failure(exc)

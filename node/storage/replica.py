@@ -205,10 +205,15 @@ class Replica:
         it itself (under the replica's lock), so none sees a batch half applied.
 
         A failure raises (``frproto.NoSpace``, ``frproto.InternalError``) and leaves the
-        committed journal for recovery, which the next batch or read runs."""
+        committed journal for recovery, which the next batch or read runs, and so does the
+        next call of this method: a RelationshipOpen asks it for the sequence it reports
+        (REP-12), and an acknowledged batch whose apply failed must be in it (or the open
+        fails), never reported missing."""
         with self._lock:
             self._check_open()
             self._batches.apply_committed()
+            if self._batches.needs_recovery:
+                self._recover_journals([])
 
     # -- configuration ------------------------------------------------------------------
     def config_blob(self) -> bytes:

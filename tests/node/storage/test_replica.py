@@ -696,6 +696,47 @@ def _durable_batch(replica: Replica, seed: int, seq: int) -> None:
     w.make_durable(b"\x01" * 16)
 
 
+def test_an_acknowledged_batch_whose_apply_failed_is_applied_when_asked_again(
+    tmp_path: Path,
+) -> None:
+    # Found by the simulation (scripts/simulate --seed 47, docs/simulation.md): the disk
+    # filled between a batch's Ack and its apply; the apply failed and left the journal
+    # for recovery. The next RelationshipOpen asks apply_committed for the sequence to
+    # report (REP-12): it did nothing (no batch "committed" any more), the replica said
+    # it was at the sequence before, and the primary, acknowledged further, halted for a
+    # resynchronization a person had to start.
+    full = [False]
+
+    def before_write(path: Path, nbytes: int) -> None:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    store = ReplicaStore(tmp_path, keep_points=4, faults=StorageFaults(before_write=before_write))
+    seed = 23
+    oracle = wl.Oracle(seed)
+    r = make(store)
+    do_ir(r, seed)
+    _durable_batch(r, seed, 2)  # acknowledged
+    full[0] = True
+    with pytest.raises(frproto.NoSpace):
+        r.apply_committed()  # the server's apply after the Ack
+    full[0] = False  # room again
+    r.apply_committed()  # what the next connection's RelationshipOpen asks
+    assert r.applied_sequence == 2
+    assert images(r) == oracle.at(2)
+    # Still full: the open is refused (NO_SPACE, the primary retries), never answered with
+    # the sequence before the acknowledged batch.
+    _durable_batch(r, seed, 3)
+    full[0] = True
+    with pytest.raises(frproto.NoSpace):
+        r.apply_committed()
+    with pytest.raises(frproto.NoSpace):
+        r.apply_committed()
+    full[0] = False
+    r.apply_committed()
+    assert r.applied_sequence == 3
+
+
 def test_a_batch_made_durable_is_not_applied_until_asked_or_read(store: ReplicaStore) -> None:
     seed = 21
     oracle = wl.Oracle(seed)
