@@ -41,9 +41,11 @@ def _summary_of(
     )
 
 
-def _runs(
+def run_summaries(
     first: int, count: int, jobs: int, cluster: bool
 ) -> Iterator[tuple[int, float, dict[str, int], list[str], str]]:
+    """Run ``count`` seeds from ``first`` in ``jobs`` processes: per seed, in seed order,
+    ``(seed, simulated seconds, faults by kind, failures, replay command)``."""
     seeds = range(first, first + count)
     flags = [cluster] * count
     if jobs <= 1:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         count = args.seeds or 100
         runs = []
         for done, (seed, seconds, kinds, failures, replay) in enumerate(
-            _runs(args.start, count, args.jobs, args.cluster), 1
+            run_summaries(args.start, count, args.jobs, args.cluster), 1
         ):
             runs.append((seed, seconds, kinds, failures))
             if failures:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from frtesting.sim.__main__ import main
+from frtesting.sim.__main__ import main, run_summaries
 from frtesting.sim.runner import run_seed, shrink
 from frtesting.sim.world import HostFiles
 from node.storage.fileio import FileIO
 
-#: Seeds per test run (CI's slice; ``scripts/simulate --seeds N`` for long runs).
-SEEDS = int(os.environ.get("FRREP_SIM_SEEDS", "50"))
+#: Seeds per test run (CI's slice, issue 19 asks >= 200; ``scripts/simulate --seeds N``
+#: for long runs), in two processes (this machine's cores).
+SEEDS = int(os.environ.get("FRREP_SIM_SEEDS", "200"))
+JOBS = int(os.environ.get("FRREP_SIM_JOBS", "2"))
 
 
 def test_the_same_seed_gives_the_same_trace_byte_for_byte() -> None:
@@ -34,10 +36,12 @@ def test_another_seed_gives_another_trace() -> None:
 
 def test_a_slice_of_seeds_holds_every_invariant() -> None:
     failed = {}
-    for seed in range(1, SEEDS + 1):
-        result = run_seed(seed)
-        if not result.ok:
-            failed[seed] = (result.failures, result.replay_command())
+    ran = 0
+    for seed, _hours, _faults, failures, replay in run_summaries(1, SEEDS, JOBS, cluster=False):
+        ran += 1
+        if failures:
+            failed[seed] = (failures, replay)
+    assert ran == SEEDS
     assert not failed, failed
 
 
