@@ -4,6 +4,7 @@ operations listener; the broker's role is 1 on exactly one of them."""
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,14 @@ def test_broker_role_store_and_replication_show_in_the_nodes_metrics(
         f.write(b"y" * 70_000)
     trio.run(cycle_until_done, replicator)  # a batch
 
-    scraped = {i: scrape(url) for i, url in urls.items()}
+    # The batch is applied after its Ack (the pipelined commit): scrape until it is.
+    deadline = time.monotonic() + 15
+    while True:
+        scraped = {i: scrape(url) for i, url in urls.items()}
+        counts = [s.get("frrep_batch_apply_duration_seconds_count") or 0 for s in scraped.values()]
+        if max(counts) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     roles = {i: s.get("frrep_broker_role") for i, s in scraped.items()}
     assert roles == {i: (1.0 if i == broker.index else 0.0) for i in (1, 2)}
     for i, samples in scraped.items():
