@@ -23,6 +23,7 @@ from pathlib import Path
 
 import frproto as fp
 from node.storage import Replica
+from node.storage.failover_record import FAILED_OVER
 
 log = logging.getLogger("frrep.failover")
 
@@ -70,9 +71,12 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
     Raises:
         frproto.OutOfSequence: the replica is at another sequence, or its state digest
             differs (nothing is changed: the primary may send what is missing and ask
-            again).
+            again), or it is failed over already other than by the takeover this
+            request repeats (see :func:`_check_repeat`).
     """
     replica.apply_committed()  # an acknowledged batch is part of the state (REP-16)
+    if replica.failed_over:
+        _check_repeat(replica, request)
     if replica.applied_sequence != request.sequence:
         raise fp.OutOfSequence(
             f"replica {replica.vmid} holds sequence {replica.applied_sequence}, the primary's "
@@ -84,6 +88,7 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
             f"replica {replica.vmid} at sequence {request.sequence} differs from the "
             "primary's final state (state digest): not failing over; resynchronize first"
         )
+    # Failed over already (a repeat, checked above): returns that failover's generation.
     generation = replica.fail_over(request.sequence)
     log.info(
         "planned failover of %s: taken over at sequence %d, generation %d",
@@ -92,3 +97,30 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
         generation,
     )
     return generation
+
+
+def _check_repeat(replica: Replica, request: fp.FailoverRequest) -> None:
+    """``replica`` is failed over already: the request may only repeat the one whose answer
+    was lost, which changes nothing when it is carried out again.
+
+    That is a failover at the replica's latest state (a planned one: its point is where
+    replication left it), not completed nor cancelled, at the request's sequence; the
+    state digest is checked after this as for any request, so a VM that wrote since it
+    was taken over is refused.
+
+    Raises:
+        frproto.OutOfSequence: another failover, or one at another point.
+    """
+    record = replica.failover_record
+    if (
+        record is None
+        or record.phase != FAILED_OVER
+        or record.generation != replica.generation
+        or record.point != record.from_sequence
+        or record.point != request.sequence
+    ):
+        raise fp.OutOfSequence(
+            f"replica {replica.vmid} is failed over already (generation "
+            f"{replica.generation}), not by a takeover at sequence {request.sequence}: "
+            "not failing over again"
+        )
