@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "--primaries",
         type=int,
         help="every world has this many primary hosts, N to 2N VMs (a big world; "
-        "without it 3%% of the seeds draw 2 to 12 hosts and up to 50 VMs)",
+        "without it 1.5%% of the seeds draw 2 to 12 hosts and up to 50 VMs)",
     )
     args = parser.parse_args(argv)
     started = time.monotonic()

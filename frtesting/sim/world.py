@@ -142,7 +142,7 @@ PRIMARY_DOMAIN = "primary.sim"
 BLOCK = 4096
 #: The share of seeds whose world is big: 2 to 12 primary hosts, up to 50 VMs in all
 #: (issue 19's "10 to 50 primaries"); the other seeds keep 1 or 2 hosts of 1 or 2 VMs.
-BIG_WORLDS = 0.03
+BIG_WORLDS = 0.015
 MAX_BIG_HOSTS = 12
 MAX_BIG_VMS = 50
 
@@ -330,6 +330,9 @@ class World:
             vm_budget = size.randint(count, MAX_BIG_VMS)
         else:
             count, vm_budget = shape.randint(1, 2), 4
+        if big:
+            # Many VMs at the longest cycle: a big run costs what a few small ones do.
+            self.frequency = 30.0
         for p in range(count):
             state_dir = root / f"primary{p + 1}"
             vms = []
