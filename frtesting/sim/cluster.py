@@ -36,6 +36,7 @@ from node.config import TLSFiles
 from node.storage import ReplicaStore
 
 from .faults import Fault
+from .invariants import check_points
 from .store import FencedWrites, NodeStore
 from .world import (
     CAP_ADDRESS,
@@ -97,6 +98,9 @@ class ClusterWorld(World):
         self.fenced = FencedWrites(self.keys.election)
         #: VMs failed over (done), with the sequence their primary was acknowledged then.
         self.failed_over: dict[uuid.UUID, int] = {}
+        #: The digest of each (VM, sequence) any recovery point recorded, on any node
+        #: (#8: a migration copies the points, a restart keeps them).
+        self.digests: dict[tuple[str, int], str] = {}
         self.nodes = [SimNode(i, root / f"node{i + 1}") for i in range(count)]
         for node in self.nodes:
             (node.storage / "replicas").mkdir(parents=True)
@@ -224,7 +228,8 @@ def _server_context_for(certs: Path, name: str) -> ssl.SSLContext:
 
 
 async def check_node(world: ClusterWorld, node: SimNode) -> list[str]:
-    """#5 on a node just restarted: what it acknowledged while it owned a VM is there."""
+    """#5 on a node just restarted: what it acknowledged while it owned a VM is there;
+    #6 and #8 on those replicas."""
     failures = []
     records = await world.records()
     store = ReplicaStore(node.storage / "replicas")
@@ -233,7 +238,8 @@ async def check_node(world: ClusterWorld, node: SimNode) -> list[str]:
             record = records.get(vmid)
             if record is None or record.owner != node.name:
                 continue  # moved on (a migration, a re-homing): not this node's any more
-            name = next(v.name for v in world.vms if v.vmid == vmid)
+            vm = next(v for v in world.vms if v.vmid == vmid)
+            name = vm.name
             if not store.exists(vmid):
                 failures.append(f"#5 {name}: gone from {node.name}, {acked} was acknowledged")
                 continue
@@ -243,13 +249,15 @@ async def check_node(world: ClusterWorld, node: SimNode) -> list[str]:
                     f"#5 {name}: {node.name} at {replica.applied_sequence}, "
                     f"{acked} was acknowledged"
                 )
+            if vmid not in world.failed_over:
+                failures += check_points(vm, replica, world.digests)
     finally:
         store.close()
     return failures
 
 
 async def check_cluster(world: ClusterWorld) -> list[str]:
-    """#1, #3 and #4 once quiet (the primaries stopped, every node running)."""
+    """#1, #3, #4, #6 and #8 once quiet (the primaries stopped, every node running)."""
     failures = []
     records = await world.records()
     by_name = {n.name: n for n in world.nodes}
@@ -296,6 +304,7 @@ async def check_cluster(world: ClusterWorld) -> list[str]:
                 size = path.stat().st_size
                 if replica.read(disk, 0, size) != path.read_bytes():
                     failures.append(f"#1 {vm.name}: disk {disk} on {owner.name} differs")
+            failures += check_points(vm, replica, world.digests)
         finally:
             store.close()
     return failures
@@ -315,7 +324,14 @@ CLUSTER_KINDS = (
     "store_partition",
     "primary_restart",
     "link_cut",
+    "link_slow",
+    "node_disk_full",
 )
+#: The kinds drawn from the schedule's first generator (a slowed link and a full disk
+#: come from one of their own: the seeds drawn before them keep their faults).
+_DRAWN = CLUSTER_KINDS[:-2]
+#: The delay of every send on a slowed link.
+SLOW_SECONDS = 0.05
 FAULT_WINDOW = 150.0
 QUIET = 200.0
 
@@ -453,10 +469,28 @@ async def run_cluster(
             try:
                 primary = world.primaries[fault.target % len(world.primaries)]
                 node = world.nodes[fault.target % len(world.nodes)]
-                world.net.cut(primary.address, node.address)
-                event(f"link p{primary.index + 1}-{node.name} cut")
+                if fault.kind == "link_cut":
+                    world.net.cut(primary.address, node.address)
+                    event(f"link p{primary.index + 1}-{node.name} cut")
+                else:
+                    world.net.slow(primary.address, node.address, SLOW_SECONDS)
+                    event(f"link p{primary.index + 1}-{node.name} slowed")
                 await trio.sleep(fault.length)
                 world.net.heal(primary.address, node.address)
+            finally:
+                busy.discard(key)
+
+        async def disk_full(fault: Fault, key: str) -> None:
+            try:
+                node = target_node(fault)
+                io = node.io
+                if io is None:
+                    event(f"disk full of {node.name} skipped: it is down")
+                    return
+                io.full = True
+                await trio.sleep(fault.length)
+                io.full = False  # a restart meanwhile made another layer, with room
+                event(f"{node.name} disk has room again")
             finally:
                 busy.discard(key)
 
@@ -464,7 +498,9 @@ async def run_cluster(
             for fault in faults:
                 await trio.sleep_until(fault.at)
                 group = fault.kind.split("_")[0]
-                if group in ("node", "store", "drain"):
+                if fault.kind == "node_disk_full":
+                    key = f"disk:{target_node(fault).name}"
+                elif group in ("node", "store", "drain"):
                     key = f"node:{target_node(fault).name}"  # one fault per node at a time
                 elif group == "primary":
                     key = f"primary:{fault.target % len(world.primaries)}"
@@ -489,7 +525,8 @@ async def run_cluster(
                     "primary": primary_fault,
                     "link": link_fault,
                 }
-                faulting.start_soon(runner[fault.kind.split("_")[0]], fault, key)
+                run = disk_full if fault.kind == "node_disk_full" else runner[group]
+                faulting.start_soon(run, fault, key)
             await trio.sleep_until(FAULT_WINDOW)
             world.net.heal_all()
         event("faults over: quiet from now on")
@@ -510,7 +547,7 @@ def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Fault]:
     rng = random.Random(f"{seed}:cluster-faults")
     faults = []
     for _ in range(rng.randint(2, 7)):
-        kind = rng.choice(CLUSTER_KINDS)
+        kind = rng.choice(_DRAWN)
         at = round(rng.uniform(10.0, FAULT_WINDOW - 20.0), 3)
         length = round(rng.uniform(1.0, 30.0), 3)
         target = rng.randrange(max(nodes, primaries))
@@ -518,6 +555,15 @@ def draw_cluster_schedule(seed: int, nodes: int, primaries: int) -> list[Fault]:
             kind in ("node_kill", "node_power_loss", "store_partition", "drain")
             and rng.random() < 0.5
         ):
+            target = -1  # the broker's node
+        faults.append(Fault(at, kind, target, length))
+    extra = random.Random(f"{seed}:cluster-slow-full")
+    for _ in range(extra.choice([0, 1, 1, 2])):
+        kind = extra.choice(["link_slow", "node_disk_full"])
+        at = round(extra.uniform(10.0, FAULT_WINDOW - 20.0), 3)
+        length = round(extra.uniform(1.0, 30.0), 3)
+        target = extra.randrange(max(nodes, primaries))
+        if kind == "node_disk_full" and extra.random() < 0.5:
             target = -1  # the broker's node
         faults.append(Fault(at, kind, target, length))
     faults.sort(key=lambda f: (f.at, f.kind, f.target))

@@ -65,6 +65,14 @@ async def _check_durable(
             f"#5 {vm.name}: replica at {replica.applied_sequence} "
             f"(IR {replica.ir_state.name}), {vm.acked} was acknowledged"
         )
+    return failures + check_points(vm, replica, digests)
+
+
+def check_points(vm: SimVM, replica: Replica, digests: dict[tuple[str, int], str]) -> list[str]:
+    """#6 and #8 on one replica: each kept recovery point is the primary's disks at the
+    capture of its sequence, and records the digest every earlier look saw for that
+    sequence (``digests``, kept across restarts, and across nodes in the cluster)."""
+    failures: list[str] = []
     for point in replica.recovery_points():
         key = (vm.name, point.sequence)
         if point.digest:

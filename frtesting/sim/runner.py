@@ -66,6 +66,7 @@ class RunResult:
     faults: Counter[str] = field(default_factory=Counter)
     simulated_seconds: float = 0.0
     cluster: bool = False  #: a cluster run (``run_cluster_seed``)
+    primaries: int | None = None  #: the primary hosts asked for (``--primaries``)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,8 @@ class RunResult:
         command = f"scripts/simulate {'--cluster ' if self.cluster else ''}--seed {self.seed}"
         if len(self.applied) != len(self.schedule):
             command += " --faults " + (",".join(map(str, self.applied)) or "none")
+        if self.primaries is not None:
+            command += f" --primaries {self.primaries}"
         return command
 
 
@@ -205,15 +208,24 @@ def run_seed(
     keep: Sequence[int] | None = None,
     base: Path | None = None,
     server_files: type[HostFiles] = HostFiles,
+    primaries: int | None = None,
 ) -> RunResult:
     """Run seed ``seed`` with every fault of its schedule, or only those at the indices
     ``keep``; ``base``: where the run's directory is made (a temporary one by default);
-    ``server_files``: the recovery server's file layer (tests give one with a bug)."""
+    ``server_files``: the recovery server's file layer (tests give one with a bug);
+    ``primaries``: this many primary hosts (a big world) instead of the seed's draw."""
     with _a_run(seed, "frrep-sim", base) as (root, trace):
-        world = World(root / "site", _CERTS[0], seed, _tracer(trace), server_files=server_files)
+        world = World(
+            root / "site",
+            _CERTS[0],
+            seed,
+            _tracer(trace),
+            server_files=server_files,
+            primaries=primaries,
+        )
         schedule = draw_schedule(seed, len(world.primaries), FAULT_WINDOW, world.frequency)
         applied = _applied(schedule, keep)
-        result = RunResult(seed, schedule, applied, trace)
+        result = RunResult(seed, schedule, applied, trace, primaries=primaries)
         faults = [schedule[i] for i in applied]
         clock = trio.testing.MockClock(autojump_threshold=0)
         _crash_is_a_failure(result, trio.run, _main, world, faults, result, clock=clock)
@@ -387,7 +399,9 @@ def shrink(result: RunResult, *, server_files: type[HostFiles] = HostFiles) -> R
         if result.cluster:
             trial = run_cluster_seed(result.seed, keep=keep)
         else:
-            trial = run_seed(result.seed, keep=keep, server_files=server_files)
+            trial = run_seed(
+                result.seed, keep=keep, server_files=server_files, primaries=result.primaries
+            )
         if any(f.split()[0] == want for f in trial.failures):
             best = trial
     return best

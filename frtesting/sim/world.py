@@ -139,9 +139,12 @@ SERVER_ADDRESS = "10.77.0.1"
 SERVER_NAME = "server.sim"
 SERVER_PORT = 7000
 PRIMARY_DOMAIN = "primary.sim"
-#: Enough primaries for any run (each has its own certificate, made once per process).
-MAX_PRIMARIES = 4
 BLOCK = 4096
+#: The share of seeds whose world is big: 2 to 12 primary hosts, up to 50 VMs in all
+#: (issue 19's "10 to 50 primaries"); the other seeds keep 1 or 2 hosts of 1 or 2 VMs.
+BIG_WORLDS = 0.015
+MAX_BIG_HOSTS = 12
+MAX_BIG_VMS = 50
 
 
 #: The cluster (``frtesting/sim/cluster.py``): its nodes and its CAP.
@@ -174,10 +177,8 @@ def certificates(directory: Path) -> Path:
     if not (directory / "ca.pem").exists():
         create_ca(directory)
         issue_host_cert(directory, directory, SERVER_NAME, ip_addresses=[SERVER_ADDRESS])
-        for i in range(MAX_PRIMARIES):
-            issue_host_cert(
-                directory, directory, primary_name(i), ip_addresses=[primary_address(i)]
-            )
+        # The primaries' certificates are issued when a run first needs them
+        # (``_client_context``): a big world has many.
         for i in range(MAX_NODES):
             issue_host_cert(
                 directory,
@@ -197,8 +198,19 @@ def _server_context(certs: Path) -> ssl.SSLContext:
 
 
 @functools.cache
-def _client_context(certs: Path, name: str) -> ssl.SSLContext:
+def _client_context(certs: Path, name: str, address: str | None = None) -> ssl.SSLContext:
+    if not (certs / f"{name}.pem").exists():
+        issue_host_cert(certs, certs, name, ip_addresses=[address] if address else [])
     return client_context(certs / f"{name}.pem", certs / f"{name}-key.pem", certs / "ca.pem")
+
+
+def _letters(index: int) -> str:
+    """``a``, ``b``, ... ``z``, ``ba``, ...: a VM's suffix on its host (``vm3a``)."""
+    text = chr(ord("a") + index % 26)
+    while index >= 26:
+        index //= 26
+        text = chr(ord("a") + index % 26) + text
+    return text
 
 
 @dataclass
@@ -281,6 +293,7 @@ class World:
         server_files: type[HostFiles] = HostFiles,
         target: tuple[str, int, str] = (SERVER_ADDRESS, SERVER_PORT, SERVER_NAME),
         hosts: dict[str, str] | None = None,
+        primaries: int | None = None,
     ) -> None:
         self.root = root
         #: Where the primaries replicate to (address, port, TLS name), and their table of
@@ -306,19 +319,41 @@ class World:
         self.recovery_points = shape.choice([2, 3, 4])
         self.frequency = shape.choice([10.0, 20.0, 30.0])
         self.primaries: list[SimPrimary] = []
-        count = shape.randint(1, 2)
+        # The size is drawn apart from the shape: a small world is the same as before
+        # big ones were drawn (seeds named in tests and reports keep their runs).
+        size = random.Random(f"{seed}:size")
+        big = primaries is not None or size.random() < BIG_WORLDS
+        if primaries is not None:
+            count, vm_budget = primaries, size.randint(primaries, 2 * primaries)
+        elif big:
+            count = size.randint(2, MAX_BIG_HOSTS)
+            vm_budget = size.randint(count, MAX_BIG_VMS)
+        else:
+            count, vm_budget = shape.randint(1, 2), 4
+        if big:
+            # Many VMs at the longest cycle: a big run costs what a few small ones do.
+            self.frequency = 30.0
         for p in range(count):
             state_dir = root / f"primary{p + 1}"
             vms = []
-            for v in range(shape.randint(1, 2)):
-                name = f"vm{p + 1}{chr(ord('a') + v)}"
+            if big:
+                # Spread the budget over the hosts left (each gets at least one VM).
+                share = vm_budget // (count - p)
+                per_host = max(1, min(share + size.randint(0, 1), vm_budget - (count - p - 1)))
+                vm_budget -= per_host
+            else:
+                per_host = shape.randint(1, 2)
+            for v in range(per_host):
+                name = f"vm{p + 1}{_letters(v)}"
                 vmid = uuid.UUID(bytes=shape.randbytes(16), version=4)
                 disks = []
-                for d in range(shape.choice([1, 1, 2])):
+                for d in range(1 if big else shape.choice([1, 1, 2])):
                     path = root / "disks" / f"{name}-{d}.img"
                     path.parent.mkdir(exist_ok=True)
-                    size = shape.choice([16, 32, 48]) * BLOCK + shape.choice([0, 0, 512])
-                    path.write_bytes(shape.randbytes(size))
+                    # A big world's disks are small: its cost is in the number of VMs.
+                    blocks = 16 if big else shape.choice([16, 32, 48])
+                    size_bytes = blocks * BLOCK + shape.choice([0, 0, 512])
+                    path.write_bytes(shape.randbytes(size_bytes))
                     disks.append(path)
                 vms.append(SimVM(vmid, name, disks, random.Random(f"{seed}:disk:{name}")))
             self.primaries.append(SimPrimary(p, state_dir, vms))
@@ -424,7 +459,7 @@ class World:
         replicator = VMReplicator(
             store.load(str(vm.vmid)),
             store,
-            _client_context(self.certs, name),
+            _client_context(self.certs, name, primary.address),
             local_address=primary.address,
             before_capture=vm.before_capture,
             after_capture=vm.after_capture,
