@@ -1,0 +1,219 @@
+"""A planned failover whose FailoverDone was lost is run again safely (FOV-11), with a real
+recovery server process and the loopback fault proxy between it and the primary.
+
+The proxy cuts the connection just after the server sent FailoverDone: the server failed
+the VM over durably (generation 2), the primary never read the answer. The primary then
+holds the request in doubt, says so in status, replicates no more, and the same command
+run again (``frctl failover planned``) re-sends only the request, in repeat-only mode:
+FailoverDone at the same generation, the replica unchanged. After the failed-over VM
+wrote at the recovery side, the repeat is refused and nothing changes there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import frproto as fp
+from frtesting.fault_proxy import Fault, FaultKind, FaultProxy
+from node.failover.planned import planned_failover
+from node.primary.client import RecoveryClient
+from node.primary.errors import FailoverInDoubt
+from node.primary.replicator import VMReplicator
+from node.storage.layout import ReplicaLayout
+
+from .site import SERVER_HOST, Site
+from .test_cli_replication import frctl
+from .test_replication_e2e import MIB
+
+#: The proxy's address: another loopback "host" between the primary and the server.
+PROXY_HOST = "127.0.0.4"
+BLOCK = 65536
+
+
+class _NoFault:
+    """The proxy's schedule: no fault of its own (the test arms the one it wants)."""
+
+    def next_fault(self, triggered: Any) -> Fault | None:
+        return None
+
+
+def _lose_the_answer(monkeypatch: pytest.MonkeyPatch, proxy: FaultProxy) -> list[int]:
+    """The next FailoverRequest's answer is lost: the proxy is armed, in-process, right
+    before the request goes out (its bytes are the primary's last before the answer)."""
+    armed: list[int] = []
+    original: Callable[..., Awaitable[fp.FailoverDone]] = RecoveryClient.fail_over
+
+    async def fail_over(self: RecoveryClient, request: fp.FailoverRequest) -> fp.FailoverDone:
+        if not armed:
+            armed.append(proxy.truncate_next_answer())
+        return await original(self, request)
+
+    monkeypatch.setattr(RecoveryClient, "fail_over", fail_over)
+    return armed
+
+
+def _replica_state(site: Site, vmid: uuid.UUID) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((site.storage / str(vmid) / "state.json").read_text())
+    return doc
+
+
+async def _frctl(*args: str) -> Any:
+    """frctl in its own process, while this test's trio loop goes on carrying the proxy."""
+    return await trio.to_thread.run_sync(lambda: frctl(*args))
+
+
+async def _status_row(site: Site) -> dict[str, Any]:
+    done = await _frctl(
+        "replication", "status", "--config", str(site.write_primary_config()), "--json"
+    )
+    row: dict[str, Any] = json.loads(done.stdout)["vms"][0]
+    return row
+
+
+async def _in_doubt(
+    site: Site, monkeypatch: pytest.MonkeyPatch, proxy: FaultProxy, vmid: uuid.UUID, image: Path
+) -> VMReplicator:
+    """Replicate the VM (IR, a batch), then fail it over with the answer lost."""
+    rng = random.Random(vmid.int)
+    replicator = site.replicator(vmid, "web01", [image], proxy.port, host=PROXY_HOST)
+    await replicator.cycle()  # the IR
+    with image.open("r+b") as f:
+        for block in (2, 9, 30):
+            f.seek(block * BLOCK)
+            f.write(rng.randbytes(BLOCK))
+    await replicator.cycle()  # batch 1
+    armed = _lose_the_answer(monkeypatch, proxy)
+    with pytest.raises(FailoverInDoubt, match="failover in doubt"):
+        await planned_failover(replicator)
+    assert armed == [1]
+    assert proxy.triggered[FaultKind.TRUNCATE] == 1
+    return replicator
+
+
+async def test_a_lost_failover_done_is_in_doubt_and_the_rerun_finishes_it(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(2011)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = site.root / "disk0.img"
+    image.write_bytes(rng.randbytes(4 * MIB))
+    server = site.start_server()
+    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, _NoFault())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            replicator = await _in_doubt(site, monkeypatch, proxy, vmid, image)
+            # The server failed over durably before it answered (FOV-6)...
+            b_state = _replica_state(site, vmid)
+            assert b_state["failed_over"] is True
+            assert b_state["generation"] == 2
+            # ... the primary knows only that it asked, and says so.
+            state = replicator.store.load(str(vmid))
+            assert state.failover_in_doubt is not None
+            assert state.failover_in_doubt["generation"] == 1
+            assert state.failover_in_doubt["sequence"] == 1
+            assert state.failed_over_generation == 0
+            row = await _status_row(site)
+            assert row["state"] == "failover in doubt"
+            assert row["health"] == "critical"
+            assert [r["code"] for r in row["reasons"]] == ["failover-in-doubt"]
+            # It replicates no more: a cycle is refused before anything is read or sent.
+            with image.open("r+b") as f:
+                f.seek(5 * BLOCK)
+                f.write(rng.randbytes(BLOCK))
+            with pytest.raises(FailoverInDoubt):
+                await site.restarted(replicator).cycle()
+            connections = proxy.counts()["connections"]
+            # The re-run refuses while the disks differ from the state handed over...
+            refused = await _frctl(
+                "failover", "planned", "--config", str(site.write_primary_config()), "web01"
+            )
+            assert refused.returncode == 3, refused.stderr
+            assert "disks changed" in refused.stderr
+            assert proxy.counts()["connections"] == connections  # nothing was asked
+            # ... and once they are as they were (the stray write undone), asks again,
+            # exactly: FailoverDone at the same generation, no stop hook run.
+            replica = ReplicaLayout(site.storage, vmid).image("disk0")
+            with image.open("r+b") as f:
+                f.seek(5 * BLOCK)
+                f.write(replica.read_bytes()[5 * BLOCK : 6 * BLOCK])
+            final = image.read_bytes()
+            assert replica.read_bytes() == final
+            done = await _frctl(
+                "failover", "planned", "--config", str(site.write_primary_config()), "web01",
+                "--stop-command", "exit 9", "--json",
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            result = json.loads(done.stdout)
+            assert (result["generation"], result["sequence"], result["asked_again"]) == (2, 1, True)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+    # Nothing changed at the recovery side: the same failover, the same disk.
+    b_state = _replica_state(site, vmid)
+    assert (b_state["failed_over"], b_state["generation"]) == (True, 2)
+    assert b_state["applied_sequence"] == 1
+    assert ReplicaLayout(site.storage, vmid).image("disk0").read_bytes() == final
+    assert f"planned failover of {vmid} repeated" in server.log.read_text()
+    # The primary finished as a planned failover: failed over, not in doubt, halted.
+    state = replicator.store.load(str(vmid))
+    assert state.failover_in_doubt is None
+    assert state.failed_over_generation == 2
+    assert state.halted is not None
+    row = await _status_row(site)
+    assert row["state"] == "failed over"
+    assert row["failover"] == {"generation": 2}
+
+
+async def test_a_rerun_after_the_failed_over_vm_wrote_is_refused(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(2012)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = site.root / "disk0.img"
+    image.write_bytes(rng.randbytes(4 * MIB))
+    server = site.start_server()
+    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, _NoFault())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            replicator = await _in_doubt(site, monkeypatch, proxy, vmid, image)
+            # The VM runs at the recovery side now and writes there.
+            b_disk = ReplicaLayout(site.storage, vmid).image("disk0")
+            with b_disk.open("r+b") as f:
+                f.seek(11 * BLOCK)
+                f.write(rng.randbytes(BLOCK))
+            written = b_disk.read_bytes()
+            refused = await _frctl(
+                "failover", "planned", "--config", str(site.write_primary_config()), "web01"
+            )
+            assert refused.returncode == 1
+            assert "refused" in refused.stderr
+            assert "the VM stays halted" in refused.stderr
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+    # Nothing changed at the recovery side.
+    assert b_disk.read_bytes() == written
+    b_state = _replica_state(site, vmid)
+    assert (b_state["failed_over"], b_state["generation"], b_state["applied_sequence"]) == (
+        True,
+        2,
+        1,
+    )
+    # The primary is not in doubt any more, and still replicates nothing: a person looks.
+    state = replicator.store.load(str(vmid))
+    assert state.failover_in_doubt is None
+    assert state.halted is not None
+    assert "refused" in state.halted
+    row = await _status_row(site)
+    assert row["state"] == "halted"
+    assert row["health"] == "critical"
