@@ -334,7 +334,10 @@ class VMReplicationState:
             digest = doubt["state_digest"]
             if not isinstance(digest, str) or len(digest) != 32:
                 raise ValueError("failover_in_doubt: state_digest is 16 bytes in hex")
-            bytes.fromhex(digest)
+            try:
+                bytes.fromhex(digest)
+            except ValueError:
+                raise ValueError("failover_in_doubt: state_digest is not hex") from None
         for port in (self.recovery_port, self.broker_port, self.node_port):
             if not 0 <= port <= 0xFFFF:
                 raise ValueError(f"port {port} is not 0-65535")
