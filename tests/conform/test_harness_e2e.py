@@ -328,6 +328,8 @@ def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path
         # Its RelationshipAccepted says generation 0 (REP-24): the FailoverDone of the
         # relationship's real next generation is not the one after what it said.
         "FOV-7",
+        # No repeat-only mode: the former primary is refused at the generation it knew.
+        "FOV-11",
     }
     assert not report.ok
     env4 = next(v for v in report.verdicts if v.requirement.id == "ENV-4")
