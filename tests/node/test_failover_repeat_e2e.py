@@ -217,3 +217,48 @@ async def test_a_rerun_after_the_failed_over_vm_wrote_is_refused(
     row = await _status_row(site)
     assert row["state"] == "halted"
     assert row["health"] == "critical"
+
+
+async def test_a_request_that_never_arrived_is_refused_for_good_when_the_replica_differs(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection broke before the request reached the server: it is not failed over,
+    and the request asked again is an ordinary one there. Its replica differs (a bit rot):
+    OUT_OF_SEQUENCE, a definite refusal, which ends the doubt; replication goes on."""
+    rng = random.Random(2013)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = site.root / "disk0.img"
+    image.write_bytes(rng.randbytes(2 * MIB))
+    server = site.start_server()
+    try:
+        replicator = site.replicator(vmid, "db01", [image], server.port)
+        await replicator.cycle()  # the IR
+
+        async def broken(self: RecoveryClient, request: fp.FailoverRequest) -> fp.FailoverDone:
+            raise OSError("the connection broke before the request went out")
+
+        monkeypatch.setattr(RecoveryClient, "fail_over", broken)
+        with pytest.raises(FailoverInDoubt):
+            await planned_failover(replicator)
+        monkeypatch.undo()
+        assert replicator.store.load(str(vmid)).failover_in_doubt is not None
+        assert _replica_state(site, vmid).get("failed_over") is not True
+        with site.replica_image(vmid, 0).open("r+b") as f:
+            f.seek(3 * BLOCK)
+            f.write(b"\xff" * 16)
+        refused = await _frctl(
+            "failover", "planned", "--config", str(site.write_primary_config()), "db01"
+        )
+        assert refused.returncode == 1
+        assert "differs" in refused.stderr
+        assert "replication goes on" in refused.stderr
+    finally:
+        server.stop()
+    state = replicator.store.load(str(vmid))
+    assert state.failover_in_doubt is None
+    assert state.halted is None
+    b_state = _replica_state(site, vmid)
+    assert not b_state.get("failed_over")
+    assert b_state["generation"] == 1
+    row = await _status_row(site)
+    assert row["state"] == "replicating"
