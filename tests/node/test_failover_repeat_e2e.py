@@ -262,3 +262,28 @@ async def test_a_request_that_never_arrived_is_refused_for_good_when_the_replica
     assert b_state["generation"] == 1
     row = await _status_row(site)
     assert row["state"] == "replicating"
+
+
+def test_resume_gives_up_a_failover_in_doubt_and_says_so(site: Site) -> None:
+    """The operator's way out, by frctl: status shows the doubt, resume ends it (saying
+    so) and status no longer shows it."""
+    image = site.root / "disk0.img"
+    image.write_bytes(b"\0" * MIB)
+    vmid = uuid.UUID(int=2014, version=4)
+    replicator = site.replicator(vmid, "app01", [image], 1)
+    doubt = {"sequence": 3, "state_digest": "11" * 16, "generation": 1, "reverse_port": 0}
+
+    def in_doubt(state: Any) -> None:
+        state.failover_in_doubt, state.halted = dict(doubt), "failover in doubt: no answer"
+
+    replicator.store.update(str(vmid), in_doubt)
+    config = str(site.write_primary_config())
+    status = frctl("replication", "status", "--config", config)
+    assert "failover in doubt" in status.stdout
+    resumed = frctl("replication", "resume", "--config", config, "app01")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "planned failover in doubt is given up" in resumed.stderr
+    assert replicator.store.load(str(vmid)).failover_in_doubt is None
+    row = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)["vms"][0]
+    assert row["state"] != "failover in doubt"
+    assert "failover-in-doubt" not in [r["code"] for r in row["reasons"]]
