@@ -293,7 +293,7 @@ class Session:
         identity: tuple[str, bytes] | None = None,
     ) -> None:
         if replica.failed_over:
-            if generation and repeat_admissible(replica, generation):
+            if generation and await trio.to_thread.run_sync(repeat_admissible, replica, generation):
                 # Its former primary lost our FailoverDone: it may only ask again (FOV-11).
                 self._take(replica)
                 self.repeat_only = True

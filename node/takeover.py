@@ -107,6 +107,10 @@ def repeat_admissible(replica: Replica, generation: int) -> bool:
 
     A primary that asked for that takeover and lost the answer presents the generation it
     knew; in repeat-only mode it may only repeat its request (:func:`check_exact_repeat`).
+    The storage does not tell a takeover from an unplanned failover at the latest state
+    (both fail over at where replication left the replica): such a one is admitted too,
+    which is as safe, since only a request naming exactly the state the VM was failed
+    over at is answered, and nothing is changed.
     """
     record = replica.failover_record
     return (
