@@ -293,7 +293,10 @@ class Session:
         identity: tuple[str, bytes] | None = None,
     ) -> None:
         if replica.failed_over:
-            if generation and await trio.to_thread.run_sync(repeat_admissible, replica, generation):
+            asking = self.grant.identity.name
+            if generation and await trio.to_thread.run_sync(
+                repeat_admissible, replica, generation, asking
+            ):
                 # Its former primary lost our FailoverDone: it may only ask again (FOV-11).
                 self._take(replica)
                 self.repeat_only = True

@@ -99,11 +99,13 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
     return generation
 
 
-def repeat_admissible(replica: Replica, generation: int) -> bool:
+def repeat_admissible(replica: Replica, generation: int, primary: str | None = None) -> bool:
     """Whether a RelationshipOpen presenting ``generation`` may open ``replica`` in
     repeat-only mode (FOV-11): the replica was failed over by a planned takeover from
     exactly that generation, to the next, and that failover is still in force (not
-    completed, not cancelled, no reverse replication set up from it).
+    completed, not cancelled, no reverse replication set up from it but the one to
+    ``primary``, the certificate name asking: a takeover with a reverse port sets that
+    one up before it answers, FOV-9).
 
     A primary that asked for that takeover and lost the answer presents the generation it
     knew; in repeat-only mode it may only repeat its request (:func:`check_exact_repeat`).
@@ -122,8 +124,16 @@ def repeat_admissible(replica: Replica, generation: int) -> bool:
         and record.from_generation == generation
         and generation + 1 == record.generation
         and record.point == record.from_sequence  # planned: at the latest state, no revert
-        and replica.reversed_to() is None
+        and _not_reversed_away(replica.reversed_to(), primary)
     )
+
+
+def _not_reversed_away(reversed_to: str | None, primary: str | None) -> bool:
+    """No reverse replication, or only back to ``primary`` (``reversed_to`` reads
+    ``NAME (HOST:PORT)``, :func:`node.failover.reverse.reverse_state`)."""
+    if reversed_to is None:
+        return True
+    return primary is not None and reversed_to.startswith(f"{primary} (")
 
 
 def check_exact_repeat(replica: Replica, request: fp.FailoverRequest) -> int:

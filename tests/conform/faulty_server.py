@@ -157,7 +157,7 @@ def _patch_relationships() -> None:
     # generation (the behaviour before FOV-11).
     import node.recovery_session
 
-    def never(replica: Replica, generation: int) -> bool:
+    def never(replica: Replica, generation: int, primary: str | None = None) -> bool:
         return False
 
     node.recovery_session.repeat_admissible = never  # type: ignore[attr-defined]

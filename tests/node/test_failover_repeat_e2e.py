@@ -23,6 +23,8 @@ import trio
 
 import frproto as fp
 from frtesting.fault_proxy import Fault, FaultKind, FaultProxy
+from frtesting.server import start_server_process
+from node.config import load_recovery_server_config
 from node.failover.planned import planned_failover
 from node.primary.client import RecoveryClient
 from node.primary.errors import FailoverInDoubt
@@ -31,6 +33,7 @@ from node.storage.layout import ReplicaLayout
 
 from .site import SERVER_HOST, Site
 from .test_cli_replication import frctl
+from .test_planned_failover_e2e import a_server_config
 from .test_replication_e2e import MIB
 
 #: The proxy's address: another loopback "host" between the primary and the server.
@@ -287,3 +290,54 @@ def test_resume_gives_up_a_failover_in_doubt_and_says_so(site: Site) -> None:
     row = json.loads(frctl("replication", "status", "--config", config, "--json").stdout)["vms"][0]
     assert row["state"] != "failover in doubt"
     assert "failover-in-doubt" not in [r["code"] for r in row["reasons"]]
+
+
+async def test_the_rerun_finishes_a_failover_with_reverse_replication(
+    site: Site, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With this host as the VM's recovery side afterwards (``--server-config``): the
+    takeover sets up the reverse replication toward this host before it answers (FOV-9),
+    which does not stop the repeat; the replica made of this host's disks is kept while in
+    doubt and takes the failover's generation when the re-run is answered."""
+    rng = random.Random(2015)
+    vmid = uuid.UUID(bytes=rng.randbytes(16), version=4)
+    image = site.root / "disk0.img"
+    image.write_bytes(rng.randbytes(2 * MIB))
+    site.server_config.write_text(site.server_config.read_text() + "\n[reverse]\nfrequency = 1\n")
+    server = site.start_server()
+    a_config = a_server_config(site, tmp_path)
+    a_server = start_server_process(a_config, tmp_path)
+    proxy = FaultProxy(PROXY_HOST, SERVER_HOST, server.port, _NoFault())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            replicator = site.replicator(vmid, "web02", [image], proxy.port, host=PROXY_HOST)
+            await replicator.cycle()  # the IR
+            final = image.read_bytes()
+            _lose_the_answer(monkeypatch, proxy)
+            authorization = load_recovery_server_config(a_config).authorization
+            with pytest.raises(FailoverInDoubt):
+                await planned_failover(
+                    replicator, authorization=authorization, reverse_port=a_server.port
+                )
+            # The recovery side took it over and set up the way back (to the address it
+            # saw, the proxy's, where nothing listens: the reverse cycles fail; no matter).
+            assert _replica_state(site, vmid)["generation"] == 2
+            assert (site.storage / str(vmid) / "failover" / "reversed").exists()
+            a_replica = tmp_path / "a-replicas" / str(vmid)
+            assert a_replica.is_dir()  # kept while in doubt
+            done = await _frctl(
+                "failover", "planned", "--config", str(site.write_primary_config()), "web02",
+                "--server-config", str(a_config), "--reverse-port", str(a_server.port), "--json",
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            result = json.loads(done.stdout)
+            assert (result["generation"], result["asked_again"]) == (2, True)
+            assert result["reverse"]["generation"] == 2
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+        a_server.stop()
+    assert json.loads((a_replica / "state.json").read_text())["generation"] == 2
+    assert ReplicaLayout(tmp_path / "a-replicas", vmid).image("disk0").read_bytes() == final
+    assert ReplicaLayout(site.storage, vmid).image("disk0").read_bytes() == final

@@ -114,7 +114,7 @@ def test_repeat_only_refuses_what_is_not_the_exact_repeat(tmp_path: Path) -> Non
     assert replica.generation == generation
 
 
-def test_no_repeat_only_after_an_unplanned_failover_a_complete_or_a_reverse(
+def test_no_repeat_only_after_an_unplanned_failover_a_complete_or_a_reverse_elsewhere(
     tmp_path: Path,
 ) -> None:
     unplanned = _replica(tmp_path / "unplanned")
@@ -133,3 +133,6 @@ def test_no_repeat_only_after_an_unplanned_failover_a_complete_or_a_reverse(
     reversed_.mark_reversed("a (127.0.0.1:1)")
     assert reversed_.reversed_to() == "a (127.0.0.1:1)"
     assert not repeat_admissible(reversed_, before)
+    assert not repeat_admissible(reversed_, before, "b")  # reversed to another
+    # Reversed back to the primary asking (its own takeover set that up, FOV-9): admitted.
+    assert repeat_admissible(reversed_, before, "a")
