@@ -150,7 +150,7 @@ async def end_held(
         sequence = end_replica(replica, action, discard_writes=discard_writes)
         points = [p.sequence for p in replica.recovery_points()]
         log.info(
-            "failover of %s %sd on the control socket: at sequence %d (generation %d)",
+            "failover of %s ended (%s) on the control socket: at sequence %d (generation %d)",
             vmid,
             action,
             sequence,
