@@ -17,6 +17,7 @@ import trio
 
 import frproto as fp
 from node.primary.replicator import VMReplicator
+from node.recovery_plan import Mode, load_plan, run_plan
 from node.storage.state import ReplicaState
 
 from .site import Site
@@ -166,5 +167,44 @@ def test_a_plan_fails_over_and_back_with_the_server_running(site: Site) -> None:
             image = site.replica_image(vmids[vm], 0, applied=False)
             assert image.read_bytes() == final[vm], vm
         _keeps_replicating(site, other, other_image, rng)
+    finally:
+        server.stop()
+
+
+def test_against_a_1_0_server_prepare_keeps_the_two_halves(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery server that speaks 1.0 only cannot take a VM over in one step (the
+    primary's hand-over is NotSupported before anything is asked: here the primary's
+    side is made to find that): prepare then sends the final state, verified, and
+    records the sequences; planned fails each VM over at them, by the running server."""
+    rng = random.Random(2022)
+    vmids = {vm: uuid.UUID(bytes=rng.randbytes(16), version=4) for vm in NAMES}
+    images = {vm: make_image(site.root / f"{vm}.img", 256 * KIB, rng) for vm in NAMES}
+    server = site.start_server()
+    try:
+        for vm in NAMES:
+            trio.run(site.replicator(vmids[vm], vm, [images[vm]], server.port).cycle)
+        log = site.root / "hooks.log"
+        plan = load_plan(_plan(site, log))
+
+        async def speaks_1_0(self: VMReplicator, *, reverse_port: int = 0) -> fp.FailoverDone:
+            raise fp.NotSupported("the recovery side speaks protocol 1.0")
+
+        monkeypatch.setattr(VMReplicator, "hand_over", speaks_1_0)
+        prepared = run_plan(plan, Mode.PREPARE)
+        assert prepared.ok, prepared.table()
+        record = json.loads((site.root / "shop.prepared.json").read_text())["vms"]
+        for vm in NAMES:
+            assert "taken_over" not in record[vm]
+            assert not _state(site, vmids[vm]).failed_over  # not taken over
+        done = _report(frctl("plan", "run", str(plan.path), "--mode", "planned", "--json"))
+        assert done["ok"], done
+        for vm in NAMES:
+            state = _state(site, vmids[vm])
+            assert state.failed_over
+            assert state.applied_sequence == record[vm]["sequence"]
+            image = site.replica_image(vmids[vm], 0, applied=False)
+            assert image.read_bytes() == images[vm].read_bytes(), vm
     finally:
         server.stop()
