@@ -22,7 +22,9 @@ Where things are:
   replication goes on, no lock) is built in ``test-failovers/`` beside the database,
   without a start hook: the console runs no command of the hypervisor's. Its audit entry
   is written once the copy is complete (``broker/admin.py`` ``record_action``). An
-  unplanned failover needs the server stopped, so the page gives its command instead.
+  unplanned failover, and its complete or cancel, run the hypervisor's hooks, so the
+  page gives their commands instead (the running server carries them out, asked on its
+  control socket: ``node/failover/control.py``).
 
 This is the one module of frconsole that uses the node's rooms (its configuration, the
 replicas' state files, the test failover): the floors allow it that
