@@ -24,6 +24,7 @@ from frconsole import console_app, sessions
 from frconsole.standalone import KEYS, StandaloneSource, open_console_store, read_replicas
 from node.config import RecoveryServerConfig, ServerConsole, load_recovery_server_config
 from node.recovery_server import RecoveryServer
+from node.storage import ReplicaStore
 from tests.node.site import Site
 
 PASSWORD = "correct horse battery"
@@ -170,6 +171,13 @@ async def test_the_vms_page_lists_a_replica_made_by_a_real_ir(
         assert "asked on its control socket" in one.text
         assert "recovery server stopped" not in one.text
         assert "Complete the failover" not in one.text  # not failed over
+        # Failed over: the page gives the complete and cancel commands instead.
+        with ReplicaStore(site.storage) as replicas:
+            replicas.open(vmid).fail_over()
+        over = await client.get(f"/vms/{vmid}")
+        assert f"frctl failover complete --config {site.server_config} {vmid}" in over.text
+        assert f"frctl failover cancel --config {site.server_config} {vmid}" in over.text
+        assert "Unplanned failover" not in over.text
         missing = await client.get(f"/vms/{uuid.UUID(int=5)}")
         assert missing.status_code == 404
 
