@@ -1,4 +1,4 @@
-"""Unplanned failover on a running stand-alone recovery server.
+"""Unplanned failover, and its complete or cancel, on a running stand-alone recovery server.
 
 A running server holds its storage (``node/storage/lock.py``), so an offline tool may not
 change a replica under it. Instead, ``frctl failover unplanned`` asks the server itself,
@@ -183,7 +183,10 @@ async def serve_control(
         await sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        log.warning("no control socket (%s): an unplanned failover needs the server stopped", exc)
+        log.warning(
+            "no control socket (%s): a failover, its complete or cancel need the server stopped",
+            exc,
+        )
         task_status.started(None)
         return
     finally:
