@@ -16,8 +16,10 @@ import pytest
 import trio
 
 import frproto as fp
+from frtesting.replicas import wait_applied
 from frtesting.server import ServerProcess, start_server_process
 from node.primary.replicator import VMReplicator
+from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
 from .patched_server import CRASH_AT
@@ -36,6 +38,8 @@ def _json(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
 
 def _state(site: Site, vmid: uuid.UUID) -> ReplicaState:
     """The replica's state file (the running server holds the replica: not opened)."""
+    # The server writes the state at the apply, after the Ack (the pipelined commit).
+    assert wait_applied(ReplicaLayout(site.storage, vmid))
     return ReplicaState.from_bytes((site.storage / str(vmid) / "state.json").read_bytes())
 
 

@@ -16,8 +16,10 @@ import pytest
 import trio
 
 import frproto as fp
+from frtesting.replicas import wait_applied
 from node.primary.replicator import VMReplicator
 from node.recovery_plan import Mode, load_plan, run_plan
+from node.storage.layout import ReplicaLayout
 from node.storage.state import ReplicaState
 
 from .site import Site
@@ -61,6 +63,9 @@ def _hooks(log: Path, mode: str, what: str) -> list[tuple[str, str]]:
 
 
 def _state(site: Site, vmid: uuid.UUID) -> ReplicaState:
+    """The replica's state file, once the last acknowledged batch is applied (the server
+    writes the state at the apply, after the Ack: the pipelined commit)."""
+    assert wait_applied(ReplicaLayout(site.storage, vmid))
     return ReplicaState.from_bytes((site.storage / str(vmid) / "state.json").read_bytes())
 
 
