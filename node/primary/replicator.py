@@ -587,8 +587,9 @@ class VMReplicator:
         VM over (HALTED: this primary replicates it no more). A failure is declined at
         the next ask, and replication goes on (FAILED: retried with backoff)."""
         assert self.failover_ask is not None  # handing_over is set only with a handler
-        self._ask.handing_over = False
         try:
+            # Still handing over meanwhile: the hand-over's own connections are asked
+            # again (the record says so until it is done), and must not stop it twice.
             await self.failover_ask.hand_over(self)
         except ReplicationHalted as exc:  # the answer was lost: a person must look
             log.error("planned failover of %s: %s", self.state.name, exc)
@@ -601,6 +602,8 @@ class VMReplicator:
             )
             self._ask.decline_next = f"the planned failover failed at the primary: {exc}"
             return _Outcome.FAILED
+        finally:
+            self._ask.handing_over = False
         return _Outcome.HALTED
 
     async def capture(self, *, captured_at_ms: int | None = None) -> None:
