@@ -140,7 +140,7 @@ def test_a_connection_at_1_0_refuses_to_send_or_take_them() -> None:
     with pytest.raises(fp.LocalProtocolError):
         pair.recovery.send(fp.FailoverAsk(DEFAULT_VMID))
     pair.primary.receive_data(encode_frame(fp.FailoverAsk(DEFAULT_VMID)))
-    with pytest.raises(fp.UnexpectedMessage, match="1.1"):
+    with pytest.raises(fp.UnexpectedMessage, match=r"1\.1"):
         pair.primary.next_event()
     pair = _pair_at_1_0()
     pair.send(Role.RECOVERY, fp.RelationshipAccepted(DEFAULT_VMID, DEFAULT_DISKS))
