@@ -95,6 +95,7 @@ CASE_REQUIREMENT: Final[dict[str, str]] = {
     "UNEXPECTED_MESSAGE/failover_request_other_vm": "FOV-1",
     "UNEXPECTED_MESSAGE/failover_request_at_1_0": "NEG-14",
     "UNEXPECTED_MESSAGE/failover_decline_unasked": "FOV-16",
+    "BAD_VALUE/failover_decline_long_reason": "FOV-17",
     "UNEXPECTED_MESSAGE/delete_at_1_0": "SM-9",
     "UNEXPECTED_MESSAGE/legacy_delete_at_1_1": "NEG-15",
     "UNKNOWN_TAG/after_ignorable_unknown": "ENV-7",

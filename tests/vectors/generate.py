@@ -897,9 +897,10 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
     frproto.BadValue: [
         ec(
             "failover_decline_long_reason",
-            "A FailoverDecline whose reason is 1025 bytes, over the limit (FOV-17).",
+            "A FailoverDecline whose reason is 1025 bytes, over the limit (FOV-17): refused "
+            "as it is decoded, before what it answers is looked at.",
             R,
-            r_asked(),
+            r_session(),
             frame(T.FAILOVER_DECLINE, VMID.bytes + u16(1025) + b"x" * 1025),
         ),
         ec(
