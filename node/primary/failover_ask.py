@@ -67,13 +67,17 @@ async def answer_ask(
     client: RecoveryClient,
     vmid: uuid.UUID,
     disks: list[Path],
+    *,
+    not_ready: str | None = None,
 ) -> None:
     """Answer the FailoverAsk of ``client``'s session for ``vmid``, if one came (in
     SESSION, nothing in flight). Nothing is sent when the stop hook ran: the hand-over
-    that follows answers it (a FailoverRequest)."""
+    that follows answers it (a FailoverRequest). ``not_ready``: why the VM cannot be
+    handed over now (its initial replication is not done): declined before it is
+    stopped."""
     if client.failover_asked != vmid or state.handing_over:
         return  # not asked, or asked again by the hand-over's own connections
-    reason, state.decline_next = state.decline_next, None
+    reason, state.decline_next = state.decline_next or not_ready, None
     if reason is None:
         reason = NO_STOP_HOOK if handler is None else await handler.stop(vmid, disks)
     if reason is not None:

@@ -580,7 +580,12 @@ class VMReplicator:
             exported_maps=lambda: [self._load_map(i) for i in range(len(self.state.disks))],
         )
         # Everything pending is sent: answer a planned failover asked at the recovery side.
-        await answer_ask(self.failover_ask, self._ask, client, self.vmid, self.images)
+        not_ready = None
+        if self.state.ir_state != IRStage.COMPLETE:
+            not_ready = "the VM's initial replication is not complete"
+        await answer_ask(
+            self.failover_ask, self._ask, client, self.vmid, self.images, not_ready=not_ready
+        )
 
     async def _hand_over_asked(self) -> _Outcome:
         """The stop hook ran for a planned failover asked at the recovery side: hand the

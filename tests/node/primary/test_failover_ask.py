@@ -83,6 +83,16 @@ async def test_a_failed_hand_over_is_declined_at_the_next_ask(tmp_path: Path) ->
     assert state.decline_next is None  # the next ask is carried out again
 
 
+async def test_a_vm_not_ready_is_declined_before_it_is_stopped(tmp_path: Path) -> None:
+    client = _Client(VMID)
+    handler = AskedFailover(f"touch {tmp_path / 'ran'}")
+    state = AskState()
+    await answer_ask(handler, state, client, VMID, [], not_ready="IR not done")  # type: ignore[arg-type]
+    assert client.declined == [(VMID, "IR not done")]
+    assert not (tmp_path / "ran").exists()
+    assert not state.handing_over
+
+
 def _primary_file(tmp_path: Path, failover: str) -> Path:
     path = tmp_path / "primary.toml"
     path.write_text(
