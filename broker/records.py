@@ -138,6 +138,11 @@ class FailoverState(enum.StrEnum):
     #: the replica back to where replication left it; the record then says ``NONE``
     #: again (or ``DONE``, with the reason in the note, if the cancel was refused)
     CANCEL_REQUESTED = "cancel-requested"
+    #: A planned failover asked at the cluster (``frctl cluster failover --planned``): the
+    #: owner asks the VM's primary on its next connection (FailoverAsk, protocol 1.1);
+    #: the primary carries it out (then ``DONE``) or declines (then ``FAILED``, with its
+    #: reason in the note)
+    PLANNED_REQUESTED = "planned-requested"
 
     @property
     def settled(self) -> bool:
