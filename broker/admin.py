@@ -330,7 +330,7 @@ async def request_migration(
             raise Refused(f"VM {vmid} is already on {node}")
         if vm.deleted:
             raise Refused(f"VM {vmid} was deleted: it does not move")
-        if vm.failover is not FailoverState.NONE:
+        if vm.failover.pins:
             # It runs (or is about to run) from its replica where it is.
             raise Refused(f"VM {vmid} was failed over ({vm.failover}): it does not move")
         return replace(vm, migrate_to=node)
@@ -382,7 +382,8 @@ async def request_planned_failover(
     primary, on the primary's next connection, to stop the VM and hand it over
     (FailoverAsk, protocol 1.1; ``frcluster/planned_ask.py``): the broker never connects
     to a primary. The primary carries it out (the record says ``DONE`` with the new
-    generation) or declines (``FAILED``, with its reason); a 1.0 primary is never asked.
+    generation) or declines (``PLANNED_DECLINED``, with its reason: the VM replicates
+    on as before); a 1.0 primary is never asked.
     :func:`await_failover` waits for the outcome; :func:`withdraw_planned_failover`
     gives up. An unplanned :func:`request_failover` overrides a pending ask.
 
@@ -415,7 +416,7 @@ async def withdraw_planned_failover(
     store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, note: str, by: str = ""
 ) -> Updated[VMRecord]:
     """Give up a pending planned failover of VM ``vmid`` (not answered in time): the
-    record says ``FAILED`` with ``note``, and the owner asks the primary no more. A record
+    record says ``PLANNED_DECLINED`` with ``note``, and the owner asks the primary no more. A record
     whose ask was answered meanwhile (done, declined) or overridden is left as it is.
 
     Raises:
@@ -426,7 +427,7 @@ async def withdraw_planned_failover(
     def withdraw(vm: VMRecord) -> VMRecord:
         if vm.failover is not FailoverState.PLANNED_REQUESTED:
             return vm
-        return replace(vm, failover=FailoverState.FAILED, failover_note=note)
+        return replace(vm, failover=FailoverState.PLANNED_DECLINED, failover_note=note)
 
     return await _update_vm(
         store, keys, vmid, withdraw, _audit(keys, by, "failover-planned-withdraw", vmid)

@@ -53,7 +53,7 @@ class PlannedAsks:
         return vmid in self._pending
 
     async def declined(self, vmid: uuid.UUID, primary: str, reason: str) -> None:
-        """The primary declined: the record says ``failed`` with its reason (if it still
+        """The primary declined: the record says ``planned-declined`` with its reason (if it still
         asks: an unplanned failover asked meanwhile, or a withdrawal, wins). Best effort:
         a failure is logged; the next open asks again."""
         self._pending.discard(vmid)
@@ -67,7 +67,7 @@ class PlannedAsks:
                 vm = VMRecord.from_json(kv.value)
                 if vm.failover is not FailoverState.PLANNED_REQUESTED or vm.owner != self.node_name:
                     return
-                new = replace(vm, failover=FailoverState.FAILED, failover_note=note)
+                new = replace(vm, failover=FailoverState.PLANNED_DECLINED, failover_note=note)
                 result = await self.store.txn(
                     [Compare.mod_revision(key, "==", kv.mod_revision)],
                     [Put(key, new.to_json())],

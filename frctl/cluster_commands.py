@@ -188,6 +188,8 @@ def _cmd_vms(args: argparse.Namespace) -> int:
             extra = " DELETED" if v.deleted else (f" -> {v.migrate_to}" if v.migrate_to else "")
             if v.failover is FailoverState.PLANNED_REQUESTED:
                 extra += " planned failover requested"
+            elif v.failover is FailoverState.PLANNED_DECLINED:
+                extra += f" planned failover declined ({v.failover_note})"
             elif v.failover:
                 extra += f" failover {v.failover} (generation {v.failover_generation})"
             if v.reverse_to:

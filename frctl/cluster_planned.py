@@ -5,8 +5,9 @@ The broker never connects to a primary, so the ask is recorded in the VM's recor
 primary's own next connection: the VM's node sends it a FailoverAsk (protocol 1.1,
 ``frcluster/planned_ask.py``). The primary carries the failover out (stop hook, last
 batch, FailoverRequest: the record says ``done`` at the new generation) or declines (the
-record says ``failed``, with its reason). The command waits for that; when ``--wait``
-runs out it withdraws the ask (``failed``, "not answered within N s") and exits 1.
+record says ``planned-declined``, with its reason; the VM replicates on as before). The
+command waits for that; when ``--wait`` runs out it withdraws the ask
+(``planned-declined``, "not answered within N s") and exits 1.
 """
 
 from __future__ import annotations

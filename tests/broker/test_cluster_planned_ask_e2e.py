@@ -76,7 +76,7 @@ def _declined_then_replicating(
     )
     assert status == 1
     record = owner(site, vmid)
-    assert record.failover == "failed"
+    assert record.failover == "planned-declined"
     assert vm.state.halted is None
     # Replication carries on, to the same replica, at the same generation.
     scribble(image, rng)
@@ -101,7 +101,7 @@ def test_a_primary_without_a_stop_hook_declines_and_goes_on_replicating(
         assert "no stop hook" in note
         assert "not done: declined" in capsys.readouterr().err
         line = _vm_line(capsys, site, vmid)
-        assert "failover failed" in line
+        assert "planned failover declined" in line
     finally:
         site.stop_all()
 
@@ -119,7 +119,7 @@ def test_a_failing_stop_hook_is_a_decline(tmp_path: Path) -> None:
         assert "exited 3" in note
         assert "cannot stop it" in note
         # Asked again, it is asked again (a new ask), and declined again.
-        assert owner(site, vmid).failover == "failed"
+        assert owner(site, vmid).failover == "planned-declined"
         _declined_then_replicating(site, rng, vm, vmid, image)
     finally:
         site.stop_all()
@@ -172,7 +172,7 @@ def test_a_1_0_primary_is_never_asked(
         assert status == 1
         assert "not answered within 2 s" in capsys.readouterr().err
         record = owner(site, vmid)
-        assert record.failover == "failed"
+        assert record.failover == "planned-declined"
         assert "not answered within 2 s" in record.failover_note
         assert vm.state.halted is None
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from broker import admin
 from broker.cluster_view import read_audit
-from broker.records import FailoverState, Keys, VMRecord
+from broker.records import FailoverState, Keys, NodeRecord, VMRecord
 from broker.store import ClusterStore
 from frcluster.planned_ask import PlannedAsks
 
@@ -51,7 +51,7 @@ async def test_asked_only_of_a_vm_that_may_fail_over(store: ClusterStore, keys: 
     with pytest.raises(admin.NoSuchVM):
         await admin.request_planned_failover(store, keys, uuid.uuid4())
     # Failed (a decline, a withdrawal): it may be asked again, the note cleared.
-    vmid = await _vm(store, keys, failover=FailoverState.FAILED, failover_note="declined")
+    vmid = await _vm(store, keys, failover=FailoverState.PLANNED_DECLINED, failover_note="declined")
     asked = await admin.request_planned_failover(store, keys, vmid, by="tester")
     assert (asked.new.failover, asked.new.failover_point, asked.new.failover_note) == (
         FailoverState.PLANNED_REQUESTED,
@@ -64,7 +64,7 @@ async def test_asked_only_of_a_vm_that_may_fail_over(store: ClusterStore, keys: 
         await admin.await_failover(store, keys, vmid, timeout=0.2)
     [entry] = await read_audit(store, keys)
     assert (entry.who, entry.what, entry.target) == ("tester", "failover-planned", vmid)
-    assert entry.changes["failover"] == ["failed", "planned-requested"]
+    assert entry.changes["failover"] == ["planned-declined", "planned-requested"]
 
 
 async def test_withdrawn_only_while_pending(store: ClusterStore, keys: Keys) -> None:
@@ -73,7 +73,7 @@ async def test_withdrawn_only_while_pending(store: ClusterStore, keys: Keys) -> 
     withdrawn = await admin.withdraw_planned_failover(
         store, keys, vmid, note="not answered within 2 s", by="tester"
     )
-    assert withdrawn.new.failover is FailoverState.FAILED
+    assert withdrawn.new.failover is FailoverState.PLANNED_DECLINED
     assert withdrawn.new.failover_note == "not answered within 2 s"
     assert (await admin.await_failover(store, keys, vmid, timeout=1)).failover_note == (
         "not answered within 2 s"
@@ -119,10 +119,31 @@ async def test_the_node_asks_while_pending_and_records_a_decline(
     await asks.declined(key, "p1.example.com", "the stop hook failed")
     assert not asks.asked(key)  # asked no more (FOV-18)
     record = await _read(store, keys, vmid)
-    assert record.failover is FailoverState.FAILED
+    assert record.failover is FailoverState.PLANNED_DECLINED
     assert record.failover_note == "declined by its primary p1.example.com: the stop hook failed"
     # Another node's record is not its to write.
     theirs = await _vm(store, keys, owner="n2.example.com")
     await admin.request_planned_failover(store, keys, theirs)
     await asks.declined(uuid.UUID(theirs), "p1.example.com", "no")
     assert (await _read(store, keys, theirs)).failover is FailoverState.PLANNED_REQUESTED
+
+
+async def test_a_declined_ask_leaves_the_vm_free_to_move(store: ClusterStore, keys: Keys) -> None:
+    """A declined or withdrawn ask changed nothing: the VM replicates from its primary as
+    before, so it may be migrated and re-homed; while the ask is pending it may not."""
+    other = "n2.example.com"
+    await store.put(keys.node(other), NodeRecord(other, "127.0.0.12", 7000).to_json())
+    vmid = await _vm(store, keys)
+    await admin.request_planned_failover(store, keys, vmid)
+    assert (await _read(store, keys, vmid)).failover.pins
+    with pytest.raises(admin.Refused, match="does not move"):
+        await admin.request_migration(store, keys, vmid, other)
+    await admin.withdraw_planned_failover(store, keys, vmid, note="not answered within 1 s")
+    declined = await _read(store, keys, vmid)
+    assert declined.failover is FailoverState.PLANNED_DECLINED
+    assert not declined.failover.pins
+    moved = await admin.request_migration(store, keys, vmid, other)
+    assert moved.new.migrate_to == other
+    # An unplanned failover that failed still pins the replica (unchanged behaviour).
+    assert FailoverState.FAILED.pins
+    assert not FailoverState.NONE.pins
