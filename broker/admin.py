@@ -9,6 +9,9 @@ call                                  record written (and who acts on it)
 :func:`request_migration`             ``VMRecord.migrate_to`` (the VM's owner moves it)
 :func:`request_failover`              ``VMRecord.failover`` = requested (the owner fails
                                       over; :func:`await_failover` waits for its outcome)
+:func:`request_planned_failover`      ``VMRecord.failover`` = planned-requested (the owner
+                                      asks the VM's primary on its next connection;
+                                      :func:`withdraw_planned_failover` gives up)
 :func:`delete_vm`                     ``VMRecord.deleted`` (its primary is told and stops)
 :func:`set_draining`                  ``NodeAdmin.draining`` (the broker moves the node's
                                       replicas away and places nothing on it)
@@ -327,7 +330,7 @@ async def request_migration(
             raise Refused(f"VM {vmid} is already on {node}")
         if vm.deleted:
             raise Refused(f"VM {vmid} was deleted: it does not move")
-        if vm.failover is not FailoverState.NONE:
+        if vm.failover.pins:
             # It runs (or is about to run) from its replica where it is.
             raise Refused(f"VM {vmid} was failed over ({vm.failover}): it does not move")
         return replace(vm, migrate_to=node)
@@ -348,7 +351,8 @@ async def request_failover(
 
     The owner carries it out (``frcluster/failover.py``) and records the outcome in the
     same record; :func:`await_failover` waits for it. A failover that failed may be asked
-    again.
+    again. It overrides a pending planned failover (:func:`request_planned_failover`):
+    the primary is asked no more.
 
     Raises:
         BadVMID: ``vmid`` is not a UUID.
@@ -369,6 +373,65 @@ async def request_failover(
         return replace(vm, failover=FailoverState.REQUESTED, failover_point=point, failover_note="")
 
     return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "failover", vmid))
+
+
+async def request_planned_failover(
+    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, by: str = ""
+) -> Updated[VMRecord]:
+    """Ask for a planned failover of VM ``vmid`` at the cluster: its owner asks the VM's
+    primary, on the primary's next connection, to stop the VM and hand it over
+    (FailoverAsk, protocol 1.1; ``frcluster/planned_ask.py``): the broker never connects
+    to a primary. The primary carries it out (the record says ``DONE`` with the new
+    generation) or declines (``PLANNED_DECLINED``, with its reason: the VM replicates
+    on as before); a 1.0 primary is never asked.
+    :func:`await_failover` waits for the outcome; :func:`withdraw_planned_failover`
+    gives up. An unplanned :func:`request_failover` overrides a pending ask.
+
+    Raises:
+        BadVMID: ``vmid`` is not a UUID.
+        NoSuchVM: the cluster has no such VM.
+        Refused: the VM was deleted, is failed over already, another failover is
+            pending, or the VM is moving.
+        Contended: the record kept changing.
+    """
+    vmid = _vmid(vmid)
+
+    def ask(vm: VMRecord) -> VMRecord:
+        if vm.deleted:
+            raise Refused(f"VM {vmid} was deleted")
+        if vm.failover.in_force:
+            raise Refused(f"VM {vmid} is failed over already ({vm.failover})")
+        if vm.failover in (FailoverState.REQUESTED, FailoverState.PLANNED_REQUESTED):
+            raise Refused(f"VM {vmid}: a failover is pending ({vm.failover})")
+        if vm.migrate_to:
+            raise Refused(f"VM {vmid} is moving to {vm.migrate_to}; fail over after")
+        return replace(
+            vm, failover=FailoverState.PLANNED_REQUESTED, failover_point=-1, failover_note=""
+        )
+
+    return await _update_vm(store, keys, vmid, ask, _audit(keys, by, "failover-planned", vmid))
+
+
+async def withdraw_planned_failover(
+    store: ClusterStore, keys: Keys, vmid: str | uuid.UUID, *, note: str, by: str = ""
+) -> Updated[VMRecord]:
+    """Give up a pending planned failover of VM ``vmid`` (not answered in time): the
+    record says ``PLANNED_DECLINED`` with ``note``, and the owner asks the primary no more. A record
+    whose ask was answered meanwhile (done, declined) or overridden is left as it is.
+
+    Raises:
+        BadVMID, NoSuchVM, Contended: as for :func:`request_planned_failover`.
+    """
+    vmid = _vmid(vmid)
+
+    def withdraw(vm: VMRecord) -> VMRecord:
+        if vm.failover is not FailoverState.PLANNED_REQUESTED:
+            return vm
+        return replace(vm, failover=FailoverState.PLANNED_DECLINED, failover_note=note)
+
+    return await _update_vm(
+        store, keys, vmid, withdraw, _audit(keys, by, "failover-planned-withdraw", vmid)
+    )
 
 
 async def request_reverse(

@@ -138,11 +138,26 @@ class FailoverState(enum.StrEnum):
     #: the replica back to where replication left it; the record then says ``NONE``
     #: again (or ``DONE``, with the reason in the note, if the cancel was refused)
     CANCEL_REQUESTED = "cancel-requested"
+    #: A planned failover asked at the cluster (``frctl cluster failover --planned``): the
+    #: owner asks the VM's primary on its next connection (FailoverAsk, protocol 1.1);
+    #: the primary carries it out (then ``DONE``) or declines (then ``PLANNED_DECLINED``)
+    PLANNED_REQUESTED = "planned-requested"
+    #: A planned failover asked at the cluster that did not happen: its primary declined
+    #: (the reason in the note) or did not answer in time (withdrawn). Nothing changed:
+    #: the VM goes on replicating from its primary, and may move like any other
+    PLANNED_DECLINED = "planned-declined"
 
     @property
     def settled(self) -> bool:
-        """The owner has recorded an outcome (done or failed)."""
-        return self in (FailoverState.DONE, FailoverState.FAILED)
+        """The owner has recorded an outcome (done, failed, or a planned ask declined)."""
+        return self in (FailoverState.DONE, FailoverState.FAILED, FailoverState.PLANNED_DECLINED)
+
+    @property
+    def pins(self) -> bool:
+        """The replica must stay on its node (no migration, no re-homing): the VM runs
+        from it, or a failover of it is asked or was tried. Not so for a planned failover
+        declined: the VM still runs at its primary and replicates as before."""
+        return self not in (FailoverState.NONE, FailoverState.PLANNED_DECLINED)
 
     @property
     def in_force(self) -> bool:

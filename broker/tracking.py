@@ -24,7 +24,7 @@ from broker.cluster_cache import ClusterCache
 from broker.cluster_view import ClusterView
 from broker.election import Term, fenced_txn
 from broker.placement import PlacementError
-from broker.records import FailoverState, Keys, PlacementCursor, VMRecord
+from broker.records import Keys, PlacementCursor, VMRecord
 from broker.store import ClusterStore, Compare, Put, StoreError
 
 log = logging.getLogger("frrep.broker")
@@ -92,7 +92,7 @@ class Tracker:
     async def rehome(self, view: ClusterView, vm: VMRecord) -> str | None:
         """Give a down node's shared-storage replica to another node (None: not shared,
         or no node can take it, or the record changed meanwhile)."""
-        if not vm.shared or vm.failover is not FailoverState.NONE:
+        if not vm.shared or vm.failover.pins:
             return None  # a failed-over VM runs where it is: never moved under it
         try:
             target = self.choose(view, vm, exclude=[vm.owner], shared_only=True)
@@ -133,4 +133,4 @@ class Tracker:
 def _settled(vm: VMRecord, fine: set[str]) -> bool:
     """Nothing to do for this replica: on a node that is up and not draining, deleted, or
     failed over (the VM runs from it at its node: it must not move under the VM)."""
-    return vm.owner in fine or vm.deleted or vm.failover is not FailoverState.NONE
+    return vm.owner in fine or vm.deleted or vm.failover.pins

@@ -69,6 +69,7 @@ from .failover import FailoverRunner, record_planned_failover
 from .failover_endings import FailoverEndingRunner
 from .metrics import NodeCollector
 from .migration import Migrator
+from .planned_ask import PlannedAsks
 from .reverse import ReverseRunner
 
 log = logging.getLogger("frrep.node")
@@ -127,6 +128,8 @@ class ClusterNode:
         self._peers: set[str] = set()
         #: The broker, while this node holds the election.
         self.broker: Broker | None = None
+        #: Planned failovers asked at the cluster (made by :meth:`run`).
+        self.planned_asks: PlannedAsks | None = None
         self._lease = 0
         self._nursery: trio.Nursery
         self._serve_scope: trio.CancelScope
@@ -187,6 +190,9 @@ class ClusterNode:
                 registry=self.registry,
                 file_io=self._file_io,
             )
+            # Planned failovers asked at the cluster travel on the primary's connection.
+            self.planned_asks = PlannedAsks(store, self.keys, self.config.name)
+            self._server.planned_asks = self.planned_asks
             NodeCollector(self, self.registry)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -433,10 +439,14 @@ class ClusterNode:
             if not (copying_in or vm.owner == me):
                 raise fp.NotAuthorized(f"node {grant.identity.name} may not write VM {vmid} here")
             identity = PrimaryIdentity(vm.primary, vm.trust_group)
+            if self.planned_asks is not None:
+                self.planned_asks.forget(vmid)  # a peer is never asked (FailoverAsk)
             return Grant(identity, self.config.storage / vm.storage)
         if vm.owner != me:
             self.forget(vmid)
             raise fp.VMNotHere(f"{me} does not hold VM {vmid} (it is on {vm.owner})")
+        if self.planned_asks is not None:
+            self.planned_asks.note(vmid, vm)  # read for its primary: ask it? (FailoverAsk)
         if vm.trust_group and vm.trust_group != grant.identity.trust_group:
             # The VM is bound to the group its record names, wherever its replica is (or
             # before it is created): another group's primary, come straight to this node

@@ -158,7 +158,12 @@ async def record_planned_failover(
                 failover=FailoverState.DONE,
                 failover_point=taken.sequence,
                 failover_generation=taken.generation,
-                failover_note=f"planned failover asked by its primary {taken.primary_name}",
+                failover_note=(
+                    f"planned failover asked at the cluster, handed over by its primary "
+                    f"{taken.primary_name}"
+                    if vm.failover is FailoverState.PLANNED_REQUESTED
+                    else f"planned failover asked by its primary {taken.primary_name}"
+                ),
             )
             if taken.reverse_port and taken.primary_address:
                 new = replace(

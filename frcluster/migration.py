@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import frproto as fp
-from broker.records import FailoverState, Keys, NodeRecord, RecordError, VMRecord
+from broker.records import Keys, NodeRecord, RecordError, VMRecord
 from broker.store import ClusterStore, Compare, Put
 from frlink.tls import TLSFailure
 
@@ -52,7 +52,7 @@ class Migrator:
         select = owned_requests(
             self.node.config.name,
             lambda raw: _NO_MOVE not in raw,
-            lambda vm: bool(vm.migrate_to) and not vm.deleted and vm.failover is FailoverState.NONE,
+            lambda vm: bool(vm.migrate_to) and not vm.deleted and not vm.failover.pins,
         )
         await follow_requests(self.store, self.keys, select, self._try_move)
 

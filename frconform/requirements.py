@@ -53,7 +53,8 @@ PREFIXES: Final = {
     "CHK": "Chunk checks and digests (section 4.13)",
     "BRK": "what a clustering broker answers (section 4.4)",
     "DEL": "RelationshipDelete (section 4.18)",
-    "FOV": "planned failover: FailoverRequest, FailoverDone (sections 4.19, 4.20)",
+    "FOV": "planned failover: FailoverRequest, FailoverDone, FailoverAsk, FailoverDecline "
+    "(sections 4.19-4.22)",
     "ERR": "error codes and closing behaviour (sections 6, 9.3)",
     "LIM": "limits (section 7)",
     "NEG": "negotiation and versioning (section 8)",

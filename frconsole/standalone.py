@@ -22,7 +22,9 @@ Where things are:
   replication goes on, no lock) is built in ``test-failovers/`` beside the database,
   without a start hook: the console runs no command of the hypervisor's. Its audit entry
   is written once the copy is complete (``broker/admin.py`` ``record_action``). An
-  unplanned failover needs the server stopped, so the page gives its command instead.
+  unplanned failover, and its complete or cancel, run the hypervisor's hooks, so the
+  page gives their commands instead (the running server carries them out, asked on its
+  control socket: ``node/failover/control.py``).
 
 This is the one module of frconsole that uses the node's rooms (its configuration, the
 replicas' state files, the test failover): the floors allow it that
@@ -255,6 +257,28 @@ def _commands(source: StandaloneSource, replica: HeldReplica) -> list[dict[str, 
                 ),
             }
         ]
+    if replica.report.failed_over:
+        return [
+            {
+                "what": "Complete the failover",
+                "command": f"frctl failover complete --config {config} {vmid}",
+                "why": (
+                    "Keeps the point the VM was failed over to and removes the others "
+                    "(no going back). The running server does it itself, asked on its "
+                    "control socket; it need not be stopped."
+                ),
+            },
+            {
+                "what": "Cancel the failover",
+                "command": (f"frctl failover cancel --config {config} {vmid} [--stop-command CMD]"),
+                "why": (
+                    "Stops the VM (your hypervisor's command) and takes the replica back to "
+                    "where replication left it, so its primary carries on. The running "
+                    "server does it, asked on its control socket; refused once the VM wrote "
+                    "to its disks or reverse replication started."
+                ),
+            },
+        ]
     return [
         {
             "what": "Test failover with your hypervisor's hooks",
@@ -273,9 +297,10 @@ def _commands(source: StandaloneSource, replica: HeldReplica) -> list[dict[str, 
             "what": "Unplanned failover",
             "command": f"frctl failover unplanned --config {config} {vmid} [--point SEQ]",
             "why": (
-                "Run it with the recovery server stopped (systemctl stop frrep-server): "
-                "the running server holds its storage's lock, and the replica is reverted "
-                "in place. So it cannot be done from this console, which the server serves."
+                "The running server does it itself, asked on its control socket (it "
+                "need not be stopped); then the start hook runs your hypervisor's command "
+                "on the replica's disks, in place, which this console does not run on "
+                "your behalf. Afterwards: frctl failover complete, or cancel."
             ),
         },
         {

@@ -175,7 +175,7 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
 def _cmd_vms(args: argparse.Namespace) -> int:
     from broker.cluster_view import read_cluster
-    from broker.records import Keys
+    from broker.records import FailoverState, Keys
     from broker.store import ClusterStore
 
     async def job(store: ClusterStore, keys: Keys) -> int:
@@ -186,7 +186,11 @@ def _cmd_vms(args: argparse.Namespace) -> int:
             return 0
         for v in vms:
             extra = " DELETED" if v.deleted else (f" -> {v.migrate_to}" if v.migrate_to else "")
-            if v.failover:
+            if v.failover is FailoverState.PLANNED_REQUESTED:
+                extra += " planned failover requested"
+            elif v.failover is FailoverState.PLANNED_DECLINED:
+                extra += f" planned failover declined ({v.failover_note})"
+            elif v.failover:
                 extra += f" failover {v.failover} (generation {v.failover_generation})"
             if v.reverse_to:
                 extra += f" reverse -> {v.reverse_to}"
@@ -217,6 +221,13 @@ def _cmd_failover(args: argparse.Namespace) -> int:
     from broker import admin
     from broker.records import FailoverState, Keys
     from broker.store import ClusterStore
+
+    if args.planned:
+        from .cluster_planned import cmd_planned_failover
+
+        return cmd_planned_failover(args)
+    if args.wait is None:
+        args.wait = 60.0
 
     async def job(store: ClusterStore, keys: Keys) -> int:
         vmid = await admin.find_vm(store, keys, args.vmid)
@@ -474,14 +485,28 @@ def register(sub: Any) -> None:
     imp.set_defaults(func=_cmd_import)
 
     failover = csub.add_parser(
-        "failover", help="unplanned failover: the VM's node starts it from its replica"
+        "failover",
+        help="failover: the VM's node starts it from its replica (unplanned), or its "
+        "primary hands it over (--planned)",
     )
     common(failover)
     failover.add_argument("vmid", help="the VM's VMID, or its name")
     failover.add_argument(
         "--point", type=int, default=-1, help="a kept recovery point (default: the latest)"
     )
-    failover.add_argument("--wait", type=float, default=60.0, help="seconds to wait for it")
+    failover.add_argument(
+        "--planned",
+        action="store_true",
+        help="planned: the VM's primary is asked on its next connection to stop the VM and "
+        "hand it over, nothing lost (protocol 1.1; see docs/failover.md)",
+    )
+    failover.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        help="seconds to wait for it (default 60; 120 with --planned, after which the ask "
+        "is withdrawn)",
+    )
     failover.add_argument("--json", action="store_true")
     failover.set_defaults(func=_cmd_failover)
     register_failover_endings(csub, common)

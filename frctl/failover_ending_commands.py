@@ -1,5 +1,6 @@
 """``frctl failover complete`` / ``cancel``: end a failover at a stand-alone recovery
-server (``node/failover/complete.py``)."""
+server (``node/failover/complete.py``): by the server itself when it runs (it answers
+on its control socket, ``node/failover/control.py``), else offline."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ def _refuse_cluster(args: argparse.Namespace, action: str) -> bool:
     return False
 
 
+def _server_running(args: argparse.Namespace) -> bool:
+    """Whether the recovery server of ``args.config`` runs and answers on its control
+    socket (a socket left by a server that was killed does not answer)."""
+    from node.failover.control import ping
+
+    try:
+        ping(replica_places(args))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _report(args: argparse.Namespace, ending: Any) -> None:
     if args.json:
         print(json.dumps(ending.to_json()))
@@ -43,18 +56,29 @@ def _report(args: argparse.Namespace, ending: Any) -> None:
 
 def _cmd_complete(args: argparse.Namespace) -> int:
     import frproto as fp
-    from node.failover.complete import complete_failover
+    from node.failover.complete import (
+        ServerRefused,
+        complete_failover,
+        end_at_running_server,
+    )
     from node.storage.lock import StorageBusy
 
     if _refuse_cluster(args, "complete"):
         return 1
     vmid = replica_vmid(args, args.vmid)
     try:
-        ending = complete_failover(replica_places(args), vmid)
+        if _server_running(args):
+            ending = end_at_running_server(replica_places(args), vmid, "complete")
+        else:
+            ending = complete_failover(replica_places(args), vmid)
     except StorageBusy as exc:
-        print(f"frctl: complete: {exc}: stop the recovery server first", file=sys.stderr)
+        print(
+            f"frctl: complete: {exc}, and it does not answer on its control socket: "
+            "stop it, or try again",
+            file=sys.stderr,
+        )
         return 1
-    except (fp.FrprotoError, OSError, ValueError) as exc:
+    except (fp.FrprotoError, ServerRefused, OSError, ValueError) as exc:
         print(f"frctl: complete: {exc}", file=sys.stderr)
         return 1
     _report(args, ending)
@@ -63,24 +87,35 @@ def _cmd_complete(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     import frproto as fp
-    from node.failover.complete import cancel_failover
+    from node.failover.complete import ServerRefused, cancel_failover, end_at_running_server
     from node.failover.test import CommandHook, HookFailed
     from node.storage.lock import StorageBusy
 
     if _refuse_cluster(args, "cancel"):
         return 1
     vmid = replica_vmid(args, args.vmid)
+    stop = CommandHook(args.stop_command) if args.stop_command else None
     try:
-        ending = cancel_failover(
-            replica_places(args),
-            vmid,
-            stop=CommandHook(args.stop_command) if args.stop_command else None,
-            discard_writes=args.discard_writes,
-        )
+        if _server_running(args):
+            ending = end_at_running_server(
+                replica_places(args),
+                vmid,
+                "cancel",
+                stop=stop,
+                discard_writes=args.discard_writes,
+            )
+        else:
+            ending = cancel_failover(
+                replica_places(args), vmid, stop=stop, discard_writes=args.discard_writes
+            )
     except StorageBusy as exc:
-        print(f"frctl: cancel: {exc}: stop the recovery server first", file=sys.stderr)
+        print(
+            f"frctl: cancel: {exc}, and it does not answer on its control socket: "
+            "stop it, or try again",
+            file=sys.stderr,
+        )
         return 1
-    except (fp.FrprotoError, HookFailed, OSError, ValueError) as exc:
+    except (fp.FrprotoError, HookFailed, ServerRefused, OSError, ValueError) as exc:
         print(f"frctl: cancel: {exc}", file=sys.stderr)
         return 1
     _report(args, ending)

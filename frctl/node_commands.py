@@ -72,7 +72,7 @@ def _cmd_primary_run(args: argparse.Namespace) -> int:
         trio.run(
             partial(
                 run_daemon,
-                partial(run_primary, config, metrics=metrics),
+                partial(run_primary, config, metrics=metrics, failover_ask=_failover_ask(config)),
                 registry=registry,
                 ready=metrics.ready,
                 metrics=config.metrics,
@@ -83,6 +83,28 @@ def _cmd_primary_run(args: argparse.Namespace) -> int:
         print(f"frctl: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _failover_ask(config: Any) -> Any:
+    """How the primary service carries out a planned failover asked at the recovery side
+    (``[failover]``; node/failover/asked.py); None without a stop hook (asks declined).
+
+    Raises:
+        ConfigError: ``[failover] server_config`` cannot be read.
+    """
+    from node.config import load_recovery_server_config
+    from node.failover.asked import AskedFailover
+
+    if not config.failover_stop_command:
+        return None
+    server = None
+    if config.failover_server_config is not None:
+        server = load_recovery_server_config(config.failover_server_config)
+    return AskedFailover(
+        config.failover_stop_command,
+        authorization=None if server is None else server.authorization,
+        reverse_port=0 if server is None else (config.failover_reverse_port or server.port),
+    )
 
 
 def _store(args: argparse.Namespace) -> Any:

@@ -162,18 +162,14 @@ def replica_vmid(args: argparse.Namespace, text: str) -> uuid.UUID:
             (frctl exits 4; the message lists their VMIDs).
     """
     import frproto as fp
-    from node.storage import ReplicaStore
+    from node.recovery_plan.targets import replicas
 
     try:
         return uuid.UUID(text)
     except ValueError:
         pass
-    found: list[uuid.UUID] = []
-    for place in replica_places(args):
-        if not place.is_dir():
-            continue
-        with ReplicaStore(place) as store:
-            found += [v for v in store.vmids() if store.open(v).name == text]
+    # Read from the state files, nothing opened: a running server may hold the replicas.
+    found = [v.state.vmid for v in replicas(replica_places(args)) if v.state.name == text]
     if len(found) == 1:
         return found[0]
     if found:

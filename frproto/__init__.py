@@ -94,7 +94,7 @@ from ._errors import (
     VMNotHere,
     closes_connection,
 )
-from ._failover import FailoverDone, FailoverRequest
+from ._failover import FailoverAsk, FailoverDecline, FailoverDone, FailoverRequest
 from ._messages import (
     DiskInfo,
     Error,
@@ -194,6 +194,8 @@ __all__ = [
     "IREnd",
     "IRState",
     "InternalError",
+    "FailoverAsk",
+    "FailoverDecline",
     "FailoverDone",
     "FailoverRequest",
     "Keepalive",

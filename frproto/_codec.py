@@ -12,7 +12,7 @@ from typing import Final
 from ._chunks import decode_chunk, encode_chunk_header
 from ._enums import IGNORABLE_TAG_BIT, LEGACY_RELATIONSHIP_DELETE, MessageTag
 from ._errors import FrameTooLarge, ReservedNotZero, TrailingBytes, TruncatedFrame, UnknownTag
-from ._failover import FailoverDone, FailoverRequest
+from ._failover import FailoverAsk, FailoverDecline, FailoverDone, FailoverRequest
 from ._messages import (
     Error,
     Keepalive,
@@ -67,6 +67,8 @@ MESSAGE_CLASSES: Final[dict[MessageTag, type[Message]]] = {
         DigestMap,
         FailoverRequest,
         FailoverDone,
+        FailoverAsk,
+        FailoverDecline,
     )
 }
 

@@ -50,6 +50,9 @@ class MessageTag(enum.IntEnum):
     #: Version 1.1: planned failover (section 4.19, 4.20 of ``docs/protocol.md``).
     FAILOVER_REQUEST = 0x8050
     FAILOVER_DONE = 0x8051
+    #: Version 1.1: a failover asked at the cluster (section 4.21, 4.22).
+    FAILOVER_ASK = 0x8052
+    FAILOVER_DECLINE = 0x8053
 
 
 #: The tag RelationshipDelete had before 1.1 (critical): sent and accepted only on a
@@ -61,6 +64,8 @@ TAG_MINOR: dict[MessageTag, int] = {
     MessageTag.RELATIONSHIP_DELETE: 1,
     MessageTag.FAILOVER_REQUEST: 1,
     MessageTag.FAILOVER_DONE: 1,
+    MessageTag.FAILOVER_ASK: 1,
+    MessageTag.FAILOVER_DECLINE: 1,
 }
 
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 from ._chunks import AggregateDigest
 from ._enums import COMPRESSION_OFFER_BIT, ENCRYPTION_OFFER_BIT, AckKind, Compression
 from ._errors import BadValue, ChunkOutOfRange, CountMismatch, DigestMismatch, UnexpectedMessage
-from ._failover import FailoverDone, FailoverRequest
+from ._failover import FailoverAsk, FailoverDecline, FailoverDone, FailoverRequest
 from ._messages import (
     DiskInfo,
     Error,
@@ -52,6 +52,7 @@ class SessionTracker:
 
     __slots__ = (
         "_aggregate",
+        "_asked",
         "_declared_chunks",
         "_deleting",
         "_digest_request",
@@ -80,6 +81,8 @@ class SessionTracker:
         self._deleting = False
         #: The FailoverRequest that awaits its answer (FAILING_OVER), if any.
         self._failover: FailoverRequest | None = None
+        #: The VM a FailoverAsk named in the open relationship, until it is declined.
+        self._asked: uuid.UUID | None = None
 
     @property
     def aggregate_digest(self) -> bytes:
@@ -105,7 +108,15 @@ class SessionTracker:
     def check(self, message: Message) -> None:
         """Check ``message`` against what came before; raises without changing anything."""
         if isinstance(
-            message, (IRBegin, BatchBegin, DigestMapRequest, RelationshipDelete, FailoverRequest)
+            message,
+            (
+                IRBegin,
+                BatchBegin,
+                DigestMapRequest,
+                RelationshipDelete,
+                FailoverRequest,
+                FailoverDecline,
+            ),
         ):
             self._require_vm(message.vmid, type(message).__name__)
         if isinstance(message, IRBegin):
@@ -121,6 +132,18 @@ class SessionTracker:
             if message.vmid != self._query.vmid:
                 raise UnexpectedMessage(
                     f"QueryRecoveryServerResponse for {message.vmid}, asked {self._query.vmid}"
+                )
+        elif isinstance(message, FailoverDecline):
+            if self._asked != message.vmid:
+                raise UnexpectedMessage(
+                    f"FailoverDecline for {message.vmid}, which no FailoverAsk on this "
+                    "connection asked (FOV-16)"
+                )
+        elif isinstance(message, FailoverAsk):
+            if message.vmid != self._pending_vmid:
+                raise UnexpectedMessage(
+                    f"FailoverAsk for {message.vmid}, the relationship being opened is "
+                    f"{self._pending_vmid} (FOV-13)"
                 )
         elif isinstance(message, RelationshipAccepted):
             if message.vmid != self._pending_vmid:
@@ -192,6 +215,7 @@ class SessionTracker:
             self._query = message
         elif isinstance(message, (RelationshipCreate, RelationshipOpen)):
             self._pending_vmid = message.vmid
+            self._asked = None
             self.vmid = None
             self.disks = ()
         elif isinstance(message, RelationshipAccepted):
@@ -209,6 +233,10 @@ class SessionTracker:
             self._deleting = True
         elif isinstance(message, FailoverRequest):
             self._failover = message
+        elif isinstance(message, FailoverAsk):
+            self._asked = message.vmid
+        elif isinstance(message, FailoverDecline):
+            self._asked = None
         elif isinstance(message, FailoverDone):
             # The VM is failed over: this relationship is over, nothing is open.
             self._failover = None

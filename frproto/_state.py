@@ -24,6 +24,8 @@ The conversation::
     SESSION --DigestMapRequest(P)--> DIGESTS --DigestMap(R)--> SESSION
     SESSION --RelationshipDelete(P)--> DELETING --Ack(R)--> READY
     SESSION --FailoverRequest(P)--> FAILING_OVER --FailoverDone(R)--> READY   (1.1)
+    OPENING --FailoverAsk(R)--> OPENING                                       (1.1)
+    SESSION --FailoverDecline(P)--> SESSION                                   (1.1)
 
 An Error from the recovery side in a state that awaits its answer (QUERYING, OPENING,
 IR_ENDING, BATCH_ENDING, DIGESTS, DELETING, FAILING_OVER) is a refusal, unless its code is one that
@@ -107,6 +109,8 @@ TRANSITIONS: Final[dict[tuple[State, Role, MessageTag], State]] = {
     (S.DELETING, R, T.ACK): S.READY,
     (S.SESSION, P, T.FAILOVER_REQUEST): S.FAILING_OVER,
     (S.FAILING_OVER, R, T.FAILOVER_DONE): S.READY,
+    (S.OPENING, R, T.FAILOVER_ASK): S.OPENING,
+    (S.SESSION, P, T.FAILOVER_DECLINE): S.SESSION,
 }
 
 #: States in which an Error from the recovery side is a refusal, and where it leads.

@@ -58,6 +58,7 @@ with _instrumentation():
         DigestMapRequest,
         DiskInfo,
         ExistingVM,
+        FailoverAsk,
         FailoverDone,
         FailoverRequest,
         IRBegin,
@@ -186,6 +187,19 @@ SCENARIOS: tuple[tuple[str, Role, tuple[Step, ...]], ...] = (
         "primary-failing-over",
         Role.PRIMARY,
         (*_PRIMARY_SESSION, Send(FailoverRequest(VMID, 8, 65536, bytes(16), reverse_port=7443))),
+    ),
+    (
+        # A recovery side that asked for a planned failover as it accepted the open (1.1):
+        # a FailoverDecline (or a FailoverRequest) may come.
+        "recovery-asked",
+        Role.RECOVERY,
+        (
+            Recv(_NEGOTIATE),
+            Send(_STANDALONE),
+            Recv(_frame(_CREATE)),
+            Send(FailoverAsk(VMID)),
+            Send(_ACCEPTED),
+        ),
     ),
 )
 SCENARIO_INDEX = {name: index for index, (name, _, _) in enumerate(SCENARIOS)}

@@ -46,6 +46,8 @@ from frproto import (
     Error,
     ErrorCode,
     ExistingVM,
+    FailoverAsk,
+    FailoverDecline,
     FailoverDone,
     FailoverRequest,
     IRBegin,
@@ -162,6 +164,8 @@ def control_messages() -> list[Message]:
         DigestMap(VMID, 0, 65536, 0, bytes(range(64))),
         FailoverRequest(VMID, 8, 65536, bytes(range(16)), reverse_port=7443),
         FailoverDone(VMID, 2, 8),
+        FailoverAsk(VMID),
+        FailoverDecline(VMID, "no stop hook is configured"),
     ]
 
 
@@ -270,6 +274,25 @@ def connection_seeds() -> list[bytes]:
             "primary-failing-over",
             encode_frame(Error(int(ErrorCode.OUT_OF_SEQUENCE), "differs")) + keep,
             split_seed=17,
+        ),
+        make_input(
+            "primary-opening",
+            encode_frame(FailoverAsk(VMID))
+            + encode_frame(RelationshipAccepted(VMID, DISKS))
+            + keep,
+            split_seed=18,
+        ),
+        make_input(
+            "recovery-asked",
+            encode_frame(FailoverDecline(VMID, "the stop hook failed")) + keep,
+            split_seed=19,
+            respond=True,
+        ),
+        make_input(
+            "recovery-asked",
+            encode_frame(FailoverRequest(VMID, 8, 65536, bytes(16))) + keep,
+            split_seed=20,
+            respond=True,
         ),
         make_input("recovery-batch", _batch_stream(2), split_seed=0, eof=False),
         make_input("recovery-ir", _ir_stream(), split_seed=9, respond=True),

@@ -48,7 +48,13 @@ from node.storage.lock import StorageBusy, claim
 
 from .config import ConfigError, RecoveryServerConfig, load_recovery_server_config
 from .metrics import ServerMetrics, failure_reason
-from .recovery_session import DeletedHook, FailedOverHook, RenamedHook, Session
+from .recovery_session import (
+    DeletedHook,
+    FailedOverHook,
+    PlannedAsks,
+    RenamedHook,
+    Session,
+)
 
 log = logging.getLogger("frrep.recovery")
 
@@ -127,6 +133,9 @@ class RecoveryServer:
         self.on_deleted = on_deleted
         self.on_renamed = on_renamed
         self.on_failed_over = on_failed_over
+        #: A cluster node's planned failovers asked at the cluster (FailoverAsk); set by
+        #: the node agent after construction (``frcluster/planned_ask.py``).
+        self.planned_asks: PlannedAsks | None = None
         self._cap = cap
         self._claim_storage = claim_storage
         self._claims: list[int] = []  # lock descriptors, kept while the server runs

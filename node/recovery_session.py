@@ -38,6 +38,9 @@ authorization, and hands it here; the session then runs the conversation of
   its choice. A cluster node then has the cluster forget the VM (``on_deleted``); only
   then is the VM let go and the Ack sent. A failure is refused (the relationship stays
   open; if only the cluster's part failed, asking again retries just that).
+* FailoverAsk (1.1): a cluster node whose VM has a planned failover asked at the cluster
+  (``planned_asks``) says so just before RelationshipAccepted, on a connection at 1.1;
+  the primary answers with a FailoverRequest or a FailoverDecline, which is recorded.
 * FailoverRequest (1.1, a planned failover): the replica is checked to hold the primary's
   final state and failed over at a new generation (``node/takeover.py``); then
   ``on_failed_over`` (reverse replication, the cluster's record) and FailoverDone. A
@@ -91,6 +94,22 @@ DeletedHook = Callable[[uuid.UUID], Awaitable[None]]
 #: FailoverDone is sent (reverse replication starts; a cluster node records the new
 #: direction); best effort, never refuses (the failover is done).
 FailedOverHook = Callable[[TakenOver], Awaitable[None]]
+
+
+class PlannedAsks(Protocol):
+    """A cluster node's planned failovers asked at the cluster (``frctl cluster failover
+    --planned``; ``frcluster/planned_ask.py``): which VMs' primaries to ask (FailoverAsk,
+    protocol 1.1) and where a primary's FailoverDecline goes."""
+
+    def asked(self, vmid: uuid.UUID) -> bool:
+        """A planned failover of ``vmid`` is pending: ask its primary."""
+        ...
+
+    async def declined(self, vmid: uuid.UUID, primary: str, reason: str) -> None:
+        """The primary declined (FOV-18): recorded, the VM is asked no more."""
+        ...
+
+
 #: ``await renamed(vmid, name)``: after a resent RelationshipCreate gave the VM's replica
 #: another name (a cluster node updates the VM's record); best effort, never refuses.
 RenamedHook = Callable[[uuid.UUID, str], Awaitable[None]]
@@ -112,6 +131,8 @@ class SessionHost(Protocol):
     on_deleted: DeletedHook | None
     on_renamed: RenamedHook | None
     on_failed_over: FailedOverHook | None
+    #: A cluster node's planned failovers asked at the cluster; None: never asks.
+    planned_asks: PlannedAsks | None
 
     def hold(self, vmid: uuid.UUID) -> bool:
         """Take the VM for this session; False if another session (or task) has it."""
@@ -205,6 +226,7 @@ class Session:
             fp.DigestMapRequest: self.on_digest_request,
             fp.RelationshipDelete: self.on_delete,
             fp.FailoverRequest: self.on_failover,
+            fp.FailoverDecline: self.on_decline,
         }
         failure: Exception | None = None
         pinging = trio.CancelScope()
@@ -329,6 +351,7 @@ class Session:
         # A batch acknowledged on an earlier connection may still be being applied: the
         # applied_sequence reported must include it (REP-12).
         await trio.to_thread.run_sync(replica.apply_committed)
+        await self._ask_failover(replica.vmid)  # not in repeat-only mode: failed over
         await self._send_accepted(replica, replica.generation)
 
     async def _send_accepted(self, replica: Replica, generation: int) -> None:
@@ -353,6 +376,28 @@ class Session:
             f"VM {self.claimed} was failed over to this site: its former primary may only "
             f"repeat its failover request, not send {what}"
         )
+
+    async def _ask_failover(self, vmid: uuid.UUID) -> None:
+        """Just before RelationshipAccepted: ask the primary for the VM's planned failover
+        if one is pending (FailoverAsk, FOV-12), never on a connection at 1.0 (FOV-19)."""
+        asks = self.server.planned_asks
+        if asks is None or not asks.asked(vmid):
+            return
+        if (self.conn.connection.version_minor or 0) < 1:
+            log.info("planned failover of %s pending: its primary speaks 1.0, not asked", vmid)
+            return
+        log.info("asking primary %s for the planned failover of %s", self.grant.identity.name, vmid)
+        await self.conn.send(fp.FailoverAsk(vmid))
+
+    async def on_decline(self, msg: fp.FailoverDecline) -> None:
+        """The primary will not carry out the asked planned failover (frproto checked that
+        it was asked on this connection, FOV-16): recorded; replication goes on."""
+        name = self.grant.identity.name
+        log.warning(
+            "primary %s declined the planned failover of %s: %s", name, msg.vmid, msg.reason
+        )
+        if self.server.planned_asks is not None:
+            await self.server.planned_asks.declined(msg.vmid, name, msg.reason)
 
     def _check_deleted(self, vmid: uuid.UUID) -> None:
         if self.store.is_deleted(vmid):

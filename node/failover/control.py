@@ -1,4 +1,4 @@
-"""Unplanned failover on a running stand-alone recovery server.
+"""Unplanned failover, and its complete or cancel, on a running stand-alone recovery server.
 
 A running server holds its storage (``node/storage/lock.py``), so an offline tool may not
 change a replica under it. Instead, ``frctl failover unplanned`` asks the server itself,
@@ -11,10 +11,20 @@ acknowledged batch is applied, fails the replica over at the chosen kept point
 then on its former primary is refused, as after any failover. The command then runs the
 start hook with the replica's images, as offline.
 
+The same socket completes or cancels a failover (``frctl failover complete`` /
+``cancel``, ``node/failover/complete.py``): the server holds the VM as for a failover,
+settles it, and runs the same crash-safe step the offline command runs; and it answers a
+``ping`` (a recovery plan's dry run: the target is reachable), with its version.
+
 One request per connection, a JSON line each way::
 
     -> {"action": "failover", "vmid": "...", "point": 12}        (point: null for the latest)
     <- {"ok": true, "sequence": 12, "generation": 3}
+    -> {"action": "complete", "vmid": "..."}
+    -> {"action": "cancel", "vmid": "...", "discard_writes": false}
+    <- {"ok": true, "sequence": 14, "generation": 2, "points": [11, 12, 13, 14]}
+    -> {"action": "ping"}
+    <- {"ok": true, "version": "0.1.0", "protocol": "1.1"}
     <- {"ok": false, "error": "...", "busy": false}
 """
 
@@ -27,13 +37,14 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import trio
 
 import frproto as fp
-from node.storage import ReplicaStore
+from node.storage import Replica, ReplicaStore
 from node.storage.layout import ReplicaLayout
 from node.storage.point_copy import PointCopy
 
@@ -43,6 +54,8 @@ log = logging.getLogger("frrep.failover")
 SOCKET_NAME: Final = ".frrep-control.sock"
 #: Largest request read (a JSON line).
 MAX_REQUEST: Final = 4096
+#: The actions the control socket answers.
+ACTIONS: Final = ("failover", "complete", "cancel", "ping")
 
 
 class ControlHost(Protocol):
@@ -64,8 +77,12 @@ def socket_path(storages: list[Path]) -> Path:
     return sorted(storages)[0] / SOCKET_NAME
 
 
-async def fail_over_held(server: ControlHost, vmid: uuid.UUID, point: int | None) -> dict[str, Any]:
-    """Fail ``vmid`` over inside the running server; the answer to send."""
+async def run_held(
+    server: ControlHost, vmid: uuid.UUID, work: Callable[[Replica], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run ``work`` (in a thread) on the replica of ``vmid`` with the VM held (a primary
+    that opens it meanwhile gets BUSY) and its last acknowledged batch applied; the
+    answer to send (``work``'s, or why it was not run or failed)."""
     found = await server.holders(vmid)
     if len(found) != 1:
         what = "no replica" if not found else "a replica in two storage locations"
@@ -79,19 +96,73 @@ async def fail_over_held(server: ControlHost, vmid: uuid.UUID, point: int | None
     try:
         await server.settle(vmid)
         replica = found[0].open(vmid)
-        generation = await trio.to_thread.run_sync(replica.fail_over, point)
-        sequence = replica.applied_sequence
+        return await trio.to_thread.run_sync(work, replica)
     except fp.FrprotoError as exc:
         return {"ok": False, "busy": False, "error": str(exc)}
     finally:
         server.release(vmid)
-    log.info(
-        "unplanned failover of %s at sequence %d (generation %d), asked on the control socket",
-        vmid,
-        sequence,
-        generation,
+
+
+async def fail_over_held(server: ControlHost, vmid: uuid.UUID, point: int | None) -> dict[str, Any]:
+    """Fail ``vmid`` over inside the running server; the answer to send."""
+
+    def work(replica: Replica) -> dict[str, Any]:
+        generation = replica.fail_over(point)
+        sequence = replica.applied_sequence
+        log.info(
+            "unplanned failover of %s at sequence %d (generation %d), asked on the control socket",
+            vmid,
+            sequence,
+            generation,
+        )
+        return {"ok": True, "sequence": sequence, "generation": generation}
+
+    return await run_held(server, vmid, work)
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """A request read from the socket, checked (its VMID a UUID, its point an integer
+    or null, its flags booleans).
+
+    Raises:
+        ValueError: not a request this socket answers.
+    """
+    request = json.loads(raw)
+    if not isinstance(request, dict):
+        raise ValueError("a request is a JSON object")
+    action = request.get("action")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    if action == "ping":
+        return {"action": action}
+    out: dict[str, Any] = {"action": action, "vmid": uuid.UUID(str(request["vmid"]))}
+    if action == "failover":
+        point = request.get("point")
+        if point is not None and not isinstance(point, int):
+            raise ValueError("point must be an integer or null")
+        out["point"] = point
+    elif action == "cancel":
+        discard = request.get("discard_writes", False)
+        if not isinstance(discard, bool):
+            raise ValueError("discard_writes must be true or false")
+        out["discard_writes"] = discard
+    return out
+
+
+async def answer_request(server: ControlHost, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a request :func:`parse_request` checked."""
+    action = request["action"]
+    if action == "ping":
+        major, minor = fp.limits.PROTOCOL_VERSION
+        return {"ok": True, "version": fp.__version__, "protocol": f"{major}.{minor}"}
+    if action == "failover":
+        return await fail_over_held(server, request["vmid"], request["point"])
+    # Imported here: complete.py uses this module's client side.
+    from .complete import end_held
+
+    return await end_held(
+        server, request["vmid"], action, discard_writes=request.get("discard_writes", False)
     )
-    return {"ok": True, "sequence": sequence, "generation": generation}
 
 
 async def serve_control(
@@ -112,7 +183,10 @@ async def serve_control(
         await sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        log.warning("no control socket (%s): an unplanned failover needs the server stopped", exc)
+        log.warning(
+            "no control socket (%s): a failover, its complete or cancel need the server stopped",
+            exc,
+        )
         task_status.started(None)
         return
     finally:
@@ -126,17 +200,11 @@ async def serve_control(
             try:
                 with trio.fail_after(30):
                     raw = await stream.receive_some(MAX_REQUEST)
-                    request = json.loads(raw)
-                    if request.get("action") != "failover":
-                        raise ValueError(f"unknown action {request.get('action')!r}")
-                    vmid = uuid.UUID(str(request["vmid"]))
-                    point = request.get("point")
-                    if point is not None and not isinstance(point, int):
-                        raise ValueError("point must be an integer or null")
+                    request = parse_request(raw)
             except (ValueError, KeyError, TypeError, trio.TooSlowError) as exc:
                 reply: dict[str, Any] = {"ok": False, "busy": False, "error": str(exc)}
             else:
-                reply = await fail_over_held(server, vmid, point)
+                reply = await answer_request(server, request)
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
     try:
@@ -154,6 +222,55 @@ def running_copy(storage: Path, vmid: uuid.UUID, sequence: int) -> PointCopy:
     return PointCopy(vmid, sequence, layout.dir, layout.config, disks, 0, 0.0)
 
 
+def ask(
+    storages: list[Path],
+    request: dict[str, Any],
+    *,
+    wait_s: float = 30.0,
+    answer_s: float = 300.0,
+) -> dict[str, Any]:
+    """Send ``request`` to the running server of ``storages`` (blocking); its answer. A
+    VM busy on a connection is asked again until ``wait_s`` has passed; each answer is
+    waited for ``answer_s`` (a complete or a cancel of a big replica takes a while).
+
+    Raises:
+        OSError: no server answers on the control socket (none runs, or it died before
+            it answered).
+    """
+    path = socket_path(storages)
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise OSError(f"{path} is not a control socket")
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(answer_s)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode())
+            data = b""
+            while not data.endswith(b"\n"):
+                piece = sock.recv(MAX_REQUEST)
+                if not piece:
+                    break
+                data += piece
+        if not data.endswith(b"\n"):
+            raise OSError(f"the server at {path} closed the connection without an answer")
+        reply: dict[str, Any] = json.loads(data)
+        if reply.get("ok") or not reply.get("busy") or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.2)
+
+
+def ping(storages: list[Path], *, timeout: float = 5.0) -> dict[str, Any]:
+    """Whether the server of ``storages`` runs and answers on its control socket: its
+    answer (``ok``, ``version``, ``protocol``; ``ok`` false from a server too old to
+    know ``ping``).
+
+    Raises:
+        OSError: no server answers.
+    """
+    return ask(storages, {"action": "ping"}, wait_s=timeout, answer_s=timeout)
+
+
 def ask_running_server(
     storages: list[Path], vmid: uuid.UUID, point: int | None, *, wait_s: float = 30.0
 ) -> dict[str, Any]:
@@ -163,24 +280,5 @@ def ask_running_server(
     Raises:
         OSError: no server answers on the control socket.
     """
-    path = socket_path(storages)
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise OSError(f"{path} is not a control socket")
-    deadline = time.monotonic() + wait_s
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(wait_s + 30)
-            sock.connect(str(path))
-            sock.sendall(
-                json.dumps({"action": "failover", "vmid": str(vmid), "point": point}).encode()
-            )
-            data = b""
-            while not data.endswith(b"\n"):
-                piece = sock.recv(MAX_REQUEST)
-                if not piece:
-                    break
-                data += piece
-        reply: dict[str, Any] = json.loads(data)
-        if reply.get("ok") or not reply.get("busy") or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.2)
+    request = {"action": "failover", "vmid": str(vmid), "point": point}
+    return ask(storages, request, wait_s=wait_s, answer_s=wait_s + 30)

@@ -1,7 +1,8 @@
 """Unplanned failover: the primary site is lost; the VM is brought up from its replica.
 
 Run at the recovery server, with that server stopped (the replica changes under it: the
-storage lock, ``node/storage/lock.py``, must be free). The replica is brought to the
+storage lock, ``node/storage/lock.py``, must be free); a running server does it itself
+when asked on its control socket (``control.py``). The replica is brought to the
 chosen kept recovery point (default: the latest), the newer points are dropped, and the
 relationship moves to a new generation marked failed over: from then on the recovery
 server refuses the former primary (no split brain), whatever generation it presents.

@@ -120,6 +120,9 @@ class RecoveryClient:
     def __init__(self, conn: FramedStream, negotiated: fp.NegotiateResponse) -> None:
         self.conn = conn
         self.negotiated = negotiated
+        #: The VM a FailoverAsk named in answer to this connection's last open (protocol
+        #: 1.1: a planned failover asked at the recovery side), if any.
+        self.failover_asked: uuid.UUID | None = None
         self._keepalive = trio.CancelScope()
 
     def _keep_alive(self, interval: float) -> None:
@@ -245,7 +248,13 @@ class RecoveryClient:
             await self.conn.send(fp.RelationshipCreate(vmid, name, disks, config))
         else:
             await self.conn.send(fp.RelationshipOpen(vmid, generation))
-        accepted = await self.conn.expect(fp.RelationshipAccepted)
+        self.failover_asked = None
+        accepted = await self.conn.expect(fp.RelationshipAccepted, fp.FailoverAsk)
+        if isinstance(accepted, fp.FailoverAsk):
+            # Just before RelationshipAccepted (FOV-12): answered in the session, by a
+            # FailoverRequest or a FailoverDecline (node/primary/failover_ask.py).
+            self.failover_asked = accepted.vmid
+            accepted = await self.conn.expect(fp.RelationshipAccepted)
         assert isinstance(accepted, fp.RelationshipAccepted)
         return accepted
 
@@ -344,6 +353,14 @@ class RecoveryClient:
         """
         await self.conn.send(fp.RelationshipDelete(vmid))
         await self.conn.expect(fp.Ack)
+
+    async def decline_failover(self, vmid: uuid.UUID, reason: str) -> None:
+        """Answer the FailoverAsk of the open relationship: this primary will not carry
+        the planned failover out, for ``reason`` (cut to the 1024 bytes allowed, FOV-17).
+        The relationship stays open (FOV-15)."""
+        text = reason.encode()[: fp.limits.MAX_ERROR_TEXT].decode(errors="ignore")
+        await self.conn.send(fp.FailoverDecline(vmid, text))
+        self.failover_asked = None
 
     async def fail_over(self, request: fp.FailoverRequest) -> fp.FailoverDone:
         """Ask the recovery side to take the open relationship's VM over at the final

@@ -76,6 +76,11 @@ class PrimaryConfig:
         "n1.example.com" = "10.0.0.11"
         "cap.example.com" = "10.0.0.10"
 
+        [failover]                   # optional: act on a planned failover asked at the
+        stop_command = "virsh shutdown --domain $FRREP_VMID"   # recovery side (FailoverAsk)
+        server_config = "server.toml"  # this host's recovery server: reverse replication
+        reverse_port = 7443            # its port (default: the server_config's)
+
     ``[hosts]`` maps host names to IP addresses for every name this primary connects to:
     the configured recovery server or CAP, and the recovery nodes a clustering broker
     names (``docs/primary-and-broker.md``). A name that is not in the table is resolved
@@ -105,6 +110,16 @@ class PrimaryConfig:
     #: and what it asks of the recovery side at once (each session holds a frame buffer
     #: there): a host of 500 VMs starting together must not open 500 connections.
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    #: ``[failover] stop_command``: the shell command that stops a VM's writes when a
+    #: planned failover is asked at the recovery side (``frctl cluster failover
+    #: --planned``); None: such an ask is declined (``node/primary/failover_ask.py``).
+    failover_stop_command: str | None = None
+    #: ``[failover] server_config``: this host's recovery server's configuration; with
+    #: it, this host becomes the VM's recovery side after such a failover (reverse
+    #: replication, as ``frctl failover planned --server-config``).
+    failover_server_config: Path | None = None
+    #: ``[failover] reverse_port``: that server's port (0: the one its file names).
+    failover_reverse_port: int = 0
 
 
 #: Every table and key of a primary's file (anything else is refused).
@@ -123,6 +138,7 @@ PRIMARY_SCHEMA: Schema = {
     "tls": TLS_TABLE,
     "metrics": METRICS_TABLE,
     "hosts": Table(values=str),
+    "failover": Table({"stop_command": str, "server_config": str, "reverse_port": int}),
 }
 
 
@@ -150,6 +166,15 @@ def load_primary_config(path: Path) -> PrimaryConfig:
     sessions = primary.get("max_sessions", DEFAULT_MAX_SESSIONS)
     if isinstance(sessions, bool) or not isinstance(sessions, int) or not 1 <= sessions <= 10000:
         raise ConfigError(f"{path}: [primary] max_sessions must be an integer 1-10000")
+    failover = data.get("failover", {})
+    if not isinstance(failover, dict):
+        raise ConfigError(f"{path}: [failover] must be a table")
+    reverse_port = failover.get("reverse_port", 0)
+    if isinstance(reverse_port, bool) or not isinstance(reverse_port, int):
+        raise ConfigError(f"{path}: [failover] reverse_port must be an integer")
+    if not 0 <= reverse_port < 65536:
+        raise ConfigError(f"{path}: [failover] reverse_port must be 0-65535")
+    server_config = failover.get("server_config")
     return PrimaryConfig(
         name=string(primary, "name", f"{path} [primary]"),
         state_dir=base / string(primary, "state_dir", f"{path} [primary]"),
@@ -162,6 +187,11 @@ def load_primary_config(path: Path) -> PrimaryConfig:
         resync_window=_window(primary.get("resync_window"), path),
         metrics=metrics_listen(data, path),
         max_sessions=sessions,
+        failover_stop_command=str(failover["stop_command"])
+        if failover.get("stop_command")
+        else None,
+        failover_server_config=base / str(server_config) if server_config else None,
+        failover_reverse_port=reverse_port,
     )
 
 

@@ -65,6 +65,7 @@ from .delta import Deltas
 from .digest_map import DigestMap
 from .disks import DiskResized, DiskUnavailable, check_disks, image_size
 from .errors import UNREACHABLE, FailoverInDoubt, ReplicationHalted
+from .failover_ask import AskState, FailoverAskHandler, answer_ask
 from .failover_doubt import (
     DEFINITE,
     doubt_record,
@@ -170,6 +171,9 @@ class VMReplicator:
     #: each turn, so at most so many cycles (connections) run at once (``[primary]
     #: max_sessions``). None: no bound.
     sessions: trio.CapacityLimiter | None = None
+    #: How a planned failover asked at the recovery side (FailoverAsk) is carried out;
+    #: None: every ask is declined (``node/primary/failover_ask.py``).
+    failover_ask: FailoverAskHandler | None = None
     #: When the last cycle passed each step (``time.time()``): ``start``, ``captured``,
     #: ``batch_begin``, ``acked``, ``end`` (those it reached). The recovery server logs
     #: its own side of each batch; bench/delta.py lines both up into phases.
@@ -200,6 +204,7 @@ class VMReplicator:
         self._seen_writer = self.state.written_by
         self._exclusive_depth = 0
         self._noted: RecoveryClient | None = None
+        self._ask = AskState()
 
     # -- persisted pieces --------------------------------------------------------------
 
@@ -321,6 +326,8 @@ class VMReplicator:
                     # moment depend on the machine).
                     started = trio.current_time()
                     outcome = await self._counted_cycle(backoff)
+                    if outcome is _Outcome.OK and self._ask.handing_over:
+                        outcome = await self._hand_over_asked()
                     if outcome is _Outcome.HALTED:
                         return
                     if outcome is _Outcome.OK:
@@ -583,6 +590,37 @@ class VMReplicator:
             exported=lambda: is_exported(self.dir),  # out-of-band IR (docs/oob-ir.md)
             exported_maps=lambda: [self._load_map(i) for i in range(len(self.state.disks))],
         )
+        # Everything pending is sent: answer a planned failover asked at the recovery side.
+        not_ready = None
+        if self.state.ir_state != IRStage.COMPLETE:
+            not_ready = "the VM's initial replication is not complete"
+        await answer_ask(
+            self.failover_ask, self._ask, client, self.vmid, self.images, not_ready=not_ready
+        )
+
+    async def _hand_over_asked(self) -> _Outcome:
+        """The stop hook ran for a planned failover asked at the recovery side: hand the
+        VM over (HALTED: this primary replicates it no more). A failure is declined at
+        the next ask, and replication goes on (FAILED: retried with backoff)."""
+        assert self.failover_ask is not None  # handing_over is set only with a handler
+        try:
+            # Still handing over meanwhile: the hand-over's own connections are asked
+            # again (the record says so until it is done), and must not stop it twice.
+            await self.failover_ask.hand_over(self)
+        except ReplicationHalted as exc:  # the answer was lost: a person must look
+            log.error("planned failover of %s: %s", self.state.name, exc)
+            self.state.halted = str(exc)
+            self._save_after_cycle()
+            return _Outcome.HALTED
+        except Exception as exc:
+            log.error(
+                "planned failover of %s asked by the recovery side failed: %s", self.state.name, exc
+            )
+            self._ask.decline_next = f"the planned failover failed at the primary: {exc}"
+            return _Outcome.FAILED
+        finally:
+            self._ask.handing_over = False
+        return _Outcome.HALTED
 
     async def capture(self, *, captured_at_ms: int | None = None) -> None:
         """Copy this cycle's changed blocks into the pending log (one consistent point).

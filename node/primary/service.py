@@ -23,6 +23,7 @@ from frlink.tls import client_context
 from node.primary.config import PrimaryConfig
 
 from .bandwidth import BandwidthLimiter, BandwidthSchedule
+from .failover_ask import FailoverAskHandler
 from .heartbeat import beat
 from .locks import service_lock
 from .metrics import PrimaryMetrics
@@ -40,10 +41,13 @@ async def run_primary(
     config: PrimaryConfig,
     *,
     metrics: PrimaryMetrics | None = None,
+    failover_ask: FailoverAskHandler | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Replicate every enabled VM until cancelled; ``metrics``, if given, is told of
-    every cycle and of each turn of the service loop (``/readyz``).
+    every cycle and of each turn of the service loop (``/readyz``); ``failover_ask``
+    carries out a planned failover asked at the recovery side (None: declined;
+    ``node/primary/failover_ask.py``).
 
     Raises:
         ServiceAlreadyRunning: another service runs on ``config.state_dir``.
@@ -51,7 +55,7 @@ async def run_primary(
     store = PrimaryStateStore(config.state_dir)
     lock = service_lock(config.state_dir)
     try:
-        await _serve(config, store, metrics, task_status)
+        await _serve(config, store, metrics, task_status, failover_ask)
     finally:
         lock.release()
 
@@ -61,6 +65,7 @@ async def _serve(
     store: PrimaryStateStore,
     metrics: PrimaryMetrics | None,
     task_status: Any,
+    failover_ask: FailoverAskHandler | None = None,
 ) -> None:
     ssl_context = client_context(config.tls.cert, config.tls.key, config.tls.ca)
     running: dict[str, trio.CancelScope] = {}
@@ -104,6 +109,7 @@ async def _serve(
                         else None,
                         metrics=metrics,
                         sessions=sessions,
+                        failover_ask=failover_ask,
                     )
                     nursery.start_soon(replicate, replicator, scope)
             for vmid in [v for v in running if v not in states]:

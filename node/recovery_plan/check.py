@@ -2,31 +2,37 @@
 
 For every VM: its replica is found (by name or VMID), its initial replication is
 complete, it is not failed over already (unless an earlier run of the plan did it), and
-its point is kept (the group point, the prepared sequence, or a latest point). For every
-hook: its program is found. For the targets: a test failover's directory does not exist
-yet and its parent can be made; a failover's storage is not held by a running recovery
-server (the lock, read without taking it); for ``prepare``, every VM is enabled at the
-primary and its recovery server answers (a connection test, as ``frctl primary
-test-connection``). Replica state files are read, never opened for writing.
+its point is kept (the group point, the prepared sequence, or a latest point; a VM the
+recovery side took over at the plan's prepare is failed over at exactly its prepared
+sequence and generation). For every hook: its program is found. For the targets: a test
+failover's directory does not exist yet and its parent can be made; for a failover, a
+recovery server that runs (it holds the storage's lock, read without taking it) answers
+on its control socket (a ``ping``: the target is reachable, it fails the VMs over
+itself); for ``prepare``, every VM is enabled at the primary and its recovery server
+answers (a connection test, as ``frctl primary test-connection``). Replica state files
+are read, never opened for writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from frproto import IRState
+from node.failover.control import ping
 from node.storage.lock import LOCK_NAME
 
 from .hooks import StepFailed, hook_found
 from .plan import RecoveryPlan
 from .points import NoGroupPoint
 from .report import PlanReport, StepReport, StepStatus, VMStep
-from .run import Mode, choose_points, recovery_storages, state_path
+from .run import Mode, choose_points, load_prepared, recovery_storages, state_path
 from .state import RunState
 from .targets import ReplicaView, replicas, resolve
 
@@ -85,22 +91,47 @@ def _check_recovery(
             first.problems.append(str(exc))
     if points:
         report.group_point = {str(views[vm].state.vmid): s for vm, s in points.items()}
+    taken: dict[str, dict[str, Any]] = {}
+    if mode is Mode.PLANNED:
+        with contextlib.suppress(StepFailed, OSError, ValueError):  # said above
+            taken = {
+                vm: done
+                for vm, done in load_prepared(plan, prepared).items()
+                if done.get("taken_over")
+            }
     for step in report.steps:
         for vm_step in step.vms:
             view = views.get(vm_step.vm)
             if view is None:
                 continue
             vm_step.vmid = str(view.state.vmid)
-            problem = _replica_problem(plan, mode, view, points.get(vm_step.vm), record, vm_step)
+            problem = _replica_problem(
+                plan, mode, view, points.get(vm_step.vm), record, vm_step, taken.get(vm_step.vm)
+            )
             if problem:
                 vm_step.status, vm_step.note = StepStatus.PROBLEM, problem
             else:
                 vm_step.status = StepStatus.CHECKED
-    if mode is not Mode.TEST:
-        for storage in sorted({v.storage for v in views.values()}):
-            if _held(storage):
+    if mode is not Mode.TEST and any(_held(s) for s in {v.storage for v in views.values()}):
+        # A running server fails the VMs over itself, asked on its control socket.
+        try:
+            pong = ping(storages)
+        except (OSError, ValueError) as exc:
+            first.problems.append(
+                f"a running recovery server holds the storage and does not answer on its "
+                f"control socket ({exc}): stop it, or try again"
+            )
+        else:
+            if pong.get("ok"):
+                report.notes.append(
+                    f"target reachable: the recovery server runs (version "
+                    f"{pong.get('version')}, protocol {pong.get('protocol')}) and answers "
+                    "on its control socket; it fails the VMs over itself"
+                )
+            else:
                 first.problems.append(
-                    f"{storage} is held by a running recovery server: stop it to fail over"
+                    f"the running recovery server does not fail VMs over when asked "
+                    f"({pong.get('error')}): stop it to fail over"
                 )
 
 
@@ -111,11 +142,23 @@ def _replica_problem(
     point: int | None,
     record: RunState,
     vm_step: VMStep,
+    taken_over: dict[str, Any] | None = None,
 ) -> str | None:
     st = view.state
     done = record.vm(vm_step.vm)
     if st.ir_state != IRState.COMPLETE:
         return "its initial replication is not complete"
+    if taken_over is not None and not done:
+        sequence, generation = int(taken_over["sequence"]), int(taken_over["generation"])
+        vm_step.sequence, vm_step.generation = sequence, generation
+        if not st.failed_over or (st.applied_sequence, st.generation) != (sequence, generation):
+            return (
+                f"taken over at sequence {sequence} (generation {generation}) by the "
+                f"prepare, but its replica is at {st.applied_sequence} (generation "
+                f"{st.generation}{'' if st.failed_over else ', not failed over'})"
+            )
+        vm_step.note = "taken over by the prepare: only started"
+        return None
     if mode is not Mode.TEST and st.failed_over and not done:
         return f"already failed over (generation {st.generation}), not by this plan"
     if done:

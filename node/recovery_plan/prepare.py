@@ -1,7 +1,16 @@
 """The primary's half of a plan's planned failover: the groups last-first (the servers
-stop before the database they use), each VM stopped by the group's ``stop`` hook, its
-final state sent and verified (``VMReplicator.prepare_failover``, as ``frctl failover
-planned``); the sequences are recorded for the recovery server's half (``planned``)."""
+stop before the database they use), each VM stopped by the group's ``stop`` hook, then:
+
+* where its recovery server speaks 1.1, handed over in one step
+  (:meth:`VMReplicator.hand_over`, the protocol's planned failover, as ``frctl failover
+  planned``): the server, running, checks that it holds exactly the final state and
+  takes the VM over at a new generation; ``planned`` then only starts it;
+* against a 1.0-only server (the hand-over is NotSupported, nothing asked), its final
+  state sent and verified (``VMReplicator.prepare_failover``); ``planned`` then fails it
+  over at that sequence.
+
+Each VM's sequence (and, taken over, its generation) is recorded for ``planned`` in
+``<plan>.prepared.json``."""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from collections.abc import Callable
 
 import trio
 
+import frproto
 from node.primary.config import load_primary_config
 from node.primary.operations import find_vm, replicator_for
 from node.primary.replicator import VMReplicator
@@ -47,6 +57,7 @@ def prepare_plan(plan: RecoveryPlan, *, clock: Callable[[], float] = time.monoto
                 done = record.vm(vm_step.vm)
                 if done.get("stage") == "prepared":
                     vm_step.vmid, vm_step.sequence = done["vmid"], done["sequence"]
+                    vm_step.generation = done.get("generation")
                     vm_step.status = StepStatus.DONE_BEFORE
                     continue
                 state = find_vm(store, vm_step.vm)
@@ -71,9 +82,19 @@ def prepare_plan(plan: RecoveryPlan, *, clock: Callable[[], float] = time.monoto
                 left = started + group.timeout - clock()
                 if left <= 0:
                     raise StepFailed(f"group {group.name}: past its timeout of {group.timeout:g} s")
-                result = trio.run(_prepare, replicator, left)
-                record.note(vm_step.vm, stage="prepared", vmid=state.vmid, sequence=result)
-                vm_step.sequence = result
+                sequence, generation = trio.run(_prepare, replicator, left)
+                if generation is None:
+                    record.note(vm_step.vm, stage="prepared", vmid=state.vmid, sequence=sequence)
+                else:
+                    record.note(
+                        vm_step.vm,
+                        stage="prepared",
+                        vmid=state.vmid,
+                        sequence=sequence,
+                        generation=generation,
+                        taken_over=True,
+                    )
+                vm_step.sequence, vm_step.generation = sequence, generation
                 vm_step.status = StepStatus.OK
         except Exception as exc:  # a hook, the network, TLS, a replica that differs
             step.status = StepStatus.FAILED
@@ -90,13 +111,20 @@ def prepare_plan(plan: RecoveryPlan, *, clock: Callable[[], float] = time.monoto
     return report
 
 
-async def _prepare(replicator: VMReplicator, timeout: float) -> int:
-    """The VM's last cycle and verification, within ``timeout``; its final sequence."""
+async def _prepare(replicator: VMReplicator, timeout: float) -> tuple[int, int | None]:
+    """The VM handed over (1.1), or its last cycle and verification (1.0), within
+    ``timeout``; its final sequence, and the generation it was taken over at (None: not
+    taken over, a 1.0-only server)."""
     try:
         with trio.fail_after(timeout):
-            result = await replicator.prepare_failover()
+            try:
+                done = await replicator.hand_over()
+            except frproto.NotSupported:
+                # A 1.0-only recovery server: the two halves (no request was sent).
+                result = await replicator.prepare_failover()
+                return result.sequence, None
     except trio.TooSlowError:
         raise StepFailed(
-            f"{replicator.state.name}: its last cycle ran past the step's timeout"
+            f"{replicator.state.name}: its hand-over ran past the step's timeout"
         ) from None
-    return result.sequence
+    return done.sequence, done.generation

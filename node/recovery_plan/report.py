@@ -69,6 +69,8 @@ class PlanReport:
     steps: list[StepReport] = field(default_factory=list)
     #: The group point (VMID -> sequence) when the plan is consistent.
     group_point: dict[str, int] | None = None
+    #: What a dry run found that is not a problem (the target is reachable...).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +93,7 @@ class PlanReport:
             "ok": self.ok,
             "stopped_at": self.stopped_at,
             "group_point": self.group_point,
+            "notes": list(self.notes),
             "steps": [s.to_json() for s in self.steps],
         }
 
@@ -122,4 +125,5 @@ class PlanReport:
         lines.append(f"plan {self.plan} ({self.mode} failover, {kind}): {verdict}")
         for step in self.steps:
             lines += [f"  {step.group}: {p}" for p in step.problems]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -12,11 +12,16 @@ Modes (``docs/recovery-plans.md``):
 
 * ``test``: each VM's test failover (a copy of its point in ``test_dir/<plan>/<vm>``;
   replication goes on); :func:`clean_up_test` removes them, last group first;
-* ``unplanned``: each VM failed over at the recovery server (stopped, as for one VM);
+* ``unplanned``: each VM failed over at the recovery server: offline when it is stopped,
+  else by the running server itself, asked on its control socket
+  (``node/failover/control.py``), as ``frctl failover unplanned``;
 * ``prepare`` (at the primary) then ``planned`` (at the recovery server): the first runs
-  the groups last-first, stopping each VM (``stop`` hook) and sending its final state,
-  verified (``frctl failover planned`` per VM), and records the sequences; the second
-  fails each VM over at exactly that sequence, in boot order.
+  the groups last-first, stopping each VM (``stop`` hook); where the recovery server
+  speaks 1.1 it hands the VM over in one step (the protocol's planned failover, as
+  ``frctl failover planned``: the server takes it over at its final state, running),
+  else it sends the final state, verified; it records each VM's sequence (and, taken
+  over, its generation). The second starts each VM in boot order: one taken over
+  already is only started; another is failed over at exactly its sequence.
 
 With ``consistent = true``, ``test`` and ``unplanned`` fail over to the plan's group
 point (``points.py``); otherwise each VM to its latest point.
@@ -36,6 +41,7 @@ from typing import Any
 
 import frproto
 from node.config import load_recovery_server_config
+from node.failover.control import ask_running_server, running_copy
 from node.failover.test import (
     TEST_MARKER,
     HookFailed,
@@ -116,24 +122,35 @@ def recovery_storages(plan: RecoveryPlan) -> list[Path]:
     return [s.resolve() for s in load_recovery_server_config(plan.recovery_config).storages]
 
 
+def load_prepared(plan: RecoveryPlan, prepared: Path | None) -> dict[str, dict[str, Any]]:
+    """What ``prepare`` recorded of each VM (``sequence``; ``taken_over`` and
+    ``generation`` when the recovery side took it over in one step).
+
+    Raises:
+        StepFailed: no such file, or a VM of the plan missing from it.
+    """
+    path = prepared or prepared_path(plan)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StepFailed(
+            f"no prepared sequences in {path}: run the plan's prepare at the primary first"
+        ) from None
+    vms = {str(k): dict(v) for k, v in doc.get("vms", {}).items()}
+    missing = [vm for vm in plan.vms if vm not in vms]
+    if missing:
+        raise StepFailed(f"{path}: no prepared sequence for {missing}")
+    return vms
+
+
 def choose_points(
     plan: RecoveryPlan, mode: Mode, views: dict[str, ReplicaView], prepared: Path | None
 ) -> dict[str, int]:
     """Each VM's point: the prepared sequence (planned), the group point (consistent),
     else none (each VM's latest, chosen when it fails over)."""
     if mode is Mode.PLANNED:
-        path = prepared or prepared_path(plan)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise StepFailed(
-                f"no prepared sequences in {path}: run the plan's prepare at the primary first"
-            ) from None
-        seqs = {str(k): int(v["sequence"]) for k, v in doc.get("vms", {}).items()}
-        missing = [vm for vm in plan.vms if vm not in seqs]
-        if missing:
-            raise StepFailed(f"{path}: no prepared sequence for {missing}")
-        return {vm: seqs[vm] for vm in plan.vms}
+        vms = load_prepared(plan, prepared)
+        return {vm: int(vms[vm]["sequence"]) for vm in plan.vms}
     if plan.consistent:
         by_vmid = group_point({v.state.vmid: v.state.points for v in views.values()})
         return {vm: by_vmid[views[vm].state.vmid] for vm in plan.vms}
@@ -170,6 +187,18 @@ def run_plan(
         return report
     if record.points:
         report.group_point = {str(views[vm].state.vmid): s for vm, s in record.points.items()}
+    taken: dict[str, dict[str, Any]] = {}
+    if mode is Mode.PLANNED:
+        try:
+            taken = {
+                vm: done
+                for vm, done in load_prepared(plan, prepared).items()
+                if done.get("taken_over")
+            }
+        except (StepFailed, OSError, ValueError) as exc:
+            steps[0].status = StepStatus.FAILED
+            steps[0].problems.append(str(exc))
+            return report
     failed = False
     for group, step in zip(plan.groups, steps, strict=True):
         if failed:
@@ -187,7 +216,16 @@ def run_plan(
         try:
             clock_.hook("before hook", group.before)
             for vm_step in step.vms:
-                _vm(plan, mode, clock_, storages, views[vm_step.vm], vm_step, record)
+                _vm(
+                    plan,
+                    mode,
+                    clock_,
+                    storages,
+                    views[vm_step.vm],
+                    vm_step,
+                    record,
+                    taken.get(vm_step.vm),
+                )
             clock_.in_time(f"group {group.name}")
             clock_.hook("after hook", group.after)
             clock_.in_time(f"group {group.name}")
@@ -218,8 +256,10 @@ def _vm(
     view: ReplicaView,
     vm_step: VMStep,
     record: RunState,
+    taken_over: dict[str, Any] | None = None,
 ) -> None:
-    """One VM of a step: failed over (or copied out), then started; recorded."""
+    """One VM of a step: failed over (or copied out; or, ``taken_over`` by the recovery
+    side at the plan's prepare, only checked), then started; recorded."""
     name, vmid = vm_step.vm, view.state.vmid
     done = record.vm(name)
     if done.get("stage") == "done":
@@ -231,23 +271,65 @@ def _vm(
     if mode is Mode.TEST:
         copy = _test_copy(plan, storages, vmid, name, point, done, record)
     else:
-        result = unplanned_failover(storages, vmid, sequence=point)
-        directory = view.storage / str(vmid)
-        copy = PointCopy(
-            vmid, result.sequence, directory, directory / "config.bin", result.disks, 0, 0.0
-        )
+        if done.get("stage") == "failed-over":
+            # Failed over by a run stopped since (its start hook failed): not again.
+            sequence, generation = int(done["sequence"]), int(done["generation"])
+        elif taken_over is not None:
+            sequence, generation = _taken_over(view, name, taken_over)
+        else:
+            sequence, generation = _fail_over(storages, vmid, point)
+        copy = running_copy(view.storage, vmid, sequence)
         record.note(
             name,
             stage="failed-over",
-            sequence=result.sequence,
-            generation=result.generation,
-            directory=str(directory),
+            sequence=sequence,
+            generation=generation,
+            directory=str(copy.directory),
         )
     vm_step.sequence, vm_step.directory = copy.sequence, str(copy.directory)
     vm_step.generation = record.vm(name).get("generation")
     step.hook(f"start hook of {name}", step.group.start, vm_env(copy))
     record.note(name, stage="done")
     vm_step.status = StepStatus.OK
+
+
+def _fail_over(storages: list[Path], vmid: uuid.UUID, point: int | None) -> tuple[int, int]:
+    """Fail ``vmid`` over at ``point``: offline, or by the running recovery server (it
+    holds the storage) asked on its control socket; the sequence and generation."""
+    try:
+        result = unplanned_failover(storages, vmid, sequence=point)
+    except StorageBusy:
+        try:
+            reply = ask_running_server(storages, vmid, point)
+        except OSError as exc:
+            raise StepFailed(
+                f"the recovery server holds the storage and does not answer on its control "
+                f"socket ({exc})"
+            ) from None
+        if not reply.get("ok"):
+            raise StepFailed(f"the recovery server refused: {reply.get('error')}") from None
+        return int(reply["sequence"]), int(reply["generation"])
+    return result.sequence, result.generation
+
+
+def _taken_over(view: ReplicaView, name: str, prepared: dict[str, Any]) -> tuple[int, int]:
+    """A VM the recovery side took over at the plan's prepare: its replica must be failed
+    over at the prepared sequence and generation (read from its state file: the server
+    may be running); the sequence and generation."""
+    from node.failover.complete import replica_state
+
+    state = replica_state(view.storage, view.state.vmid)
+    sequence, generation = int(prepared["sequence"]), int(prepared["generation"])
+    if not state.failed_over or (state.applied_sequence, state.generation) != (
+        sequence,
+        generation,
+    ):
+        raise StepFailed(
+            f"VM {name} was taken over at sequence {sequence} (generation {generation}), but "
+            f"its replica is at {state.applied_sequence} (generation {state.generation}"
+            f"{'' if state.failed_over else ', not failed over'})"
+        )
+    return sequence, generation
 
 
 def _test_copy(

@@ -24,6 +24,7 @@ from frconsole import console_app, sessions
 from frconsole.standalone import KEYS, StandaloneSource, open_console_store, read_replicas
 from node.config import RecoveryServerConfig, ServerConsole, load_recovery_server_config
 from node.recovery_server import RecoveryServer
+from node.storage import ReplicaStore
 from tests.node.site import Site
 
 PASSWORD = "correct horse battery"
@@ -166,7 +167,17 @@ async def test_the_vms_page_lists_a_replica_made_by_a_real_ir(
         assert points
         assert re.findall(r"<tr><td>(\d+)</td>", points.group(0)) == ["1", "0"]
         assert f"frctl failover test --config {site.server_config} {vmid}" in one.text
-        assert "with the recovery server stopped" in one.text
+        # The server need not be stopped: it fails over when asked on its control socket.
+        assert "asked on its control socket" in one.text
+        assert "recovery server stopped" not in one.text
+        assert "Complete the failover" not in one.text  # not failed over
+        # Failed over: the page gives the complete and cancel commands instead.
+        with ReplicaStore(site.storage) as replicas:
+            replicas.open(vmid).fail_over()
+        over = await client.get(f"/vms/{vmid}")
+        assert f"frctl failover complete --config {site.server_config} {vmid}" in over.text
+        assert f"frctl failover cancel --config {site.server_config} {vmid}" in over.text
+        assert "Unplanned failover" not in over.text
         missing = await client.get(f"/vms/{uuid.UUID(int=5)}")
         assert missing.status_code == 404
 

@@ -389,6 +389,19 @@ def failover_requests(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.Fai
     )
 
 
+def failover_asks(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.FailoverAsk]:
+    return st.builds(fp.FailoverAsk, vmid=st.just(vmid) if vmid else vmids())
+
+
+def failover_declines(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.FailoverDecline]:
+    # A reason of at most 1024 bytes of UTF-8: 256 characters of up to 4 bytes each.
+    return st.builds(
+        fp.FailoverDecline,
+        vmid=st.just(vmid) if vmid else vmids(),
+        reason=st.text(st.characters(exclude_categories=["Cs"]), max_size=256),
+    )
+
+
 def failover_dones(vmid: uuid.UUID | None = None) -> st.SearchStrategy[fp.FailoverDone]:
     return st.builds(
         fp.FailoverDone,
@@ -460,6 +473,8 @@ MESSAGE_STRATEGIES: dict[type[fp.Message], st.SearchStrategy[fp.Message]] = {
     fp.DigestMap: digest_maps(),
     fp.FailoverRequest: failover_requests(),
     fp.FailoverDone: failover_dones(),
+    fp.FailoverAsk: failover_asks(),
+    fp.FailoverDecline: failover_declines(),
     fp.Chunk: chunks(),
 }
 

@@ -28,8 +28,8 @@ NEW_HOMES = {"limits": limits, "codec": codec, "jsonable": jsonable}
 
 def test_the_top_level_is_small() -> None:
     assert (
-        len(frproto.__all__) == len(set(frproto.__all__)) == 79
-    )  # refuse_negotiation (NEG-12); FailoverRequest/Done (1.1)
+        len(frproto.__all__) == len(set(frproto.__all__)) == 81
+    )  # refuse_negotiation (NEG-12); FailoverRequest/Done/Ask/Decline (1.1)
     assert not set(frproto.__all__) & set(MOVED)
     for name in frproto.__all__:
         assert hasattr(frproto, name), name

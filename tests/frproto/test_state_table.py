@@ -28,7 +28,7 @@ EXPECTED: dict[tuple[State, Role], dict[MessageTag, State]] = {
         T.RELATIONSHIP_OPEN: State.OPENING,
     },
     (State.QUERYING, R): {T.QUERY_RECOVERY_SERVER_RESPONSE: State.READY},
-    (State.OPENING, R): {T.RELATIONSHIP_ACCEPTED: State.SESSION},
+    (State.OPENING, R): {T.RELATIONSHIP_ACCEPTED: State.SESSION, T.FAILOVER_ASK: State.OPENING},
     (State.SESSION, P): {
         T.RELATIONSHIP_CREATE: State.OPENING,
         T.RELATIONSHIP_OPEN: State.OPENING,
@@ -37,6 +37,7 @@ EXPECTED: dict[tuple[State, Role], dict[MessageTag, State]] = {
         T.DIGEST_MAP_REQUEST: State.DIGESTS,
         T.RELATIONSHIP_DELETE: State.DELETING,
         T.FAILOVER_REQUEST: State.FAILING_OVER,
+        T.FAILOVER_DECLINE: State.SESSION,
     },
     (State.IR, P): {T.CHUNK: State.IR, T.IR_END: State.IR_ENDING},
     (State.IR_ENDING, R): {T.ACK: State.SESSION},
@@ -116,9 +117,9 @@ def test_table_is_not_vacuous() -> None:
     legal = sum(
         expected_next(s, r, t, RecoveryType.STANDALONE) is not None for s, r, t in ALL_TRIPLES
     )
-    # 23 moves of the conversation minus the broker-only query, Error (14 states x 2 roles),
+    # 25 moves of the conversation minus the broker-only query, Error (14 states x 2 roles),
     # Keepalive (11 states x 2 roles).
-    assert legal == 22 + 28 + 22
+    assert legal == 24 + 28 + 22
     assert next_state(State.ERROR, P, T.ERROR, None) is State.MUST_CLOSE
     assert next_state(State.IDLE, R, T.ERROR, None) is State.MUST_CLOSE
 
@@ -170,6 +171,8 @@ def sample_message(tag: MessageTag) -> fp.Message:
         T.DIGEST_MAP: fp.DigestMap(vmid, 0, 4096, 0, digest),
         T.FAILOVER_REQUEST: fp.FailoverRequest(vmid, 0, 4096, digest),
         T.FAILOVER_DONE: fp.FailoverDone(vmid, 2, 0),
+        T.FAILOVER_ASK: fp.FailoverAsk(vmid),
+        T.FAILOVER_DECLINE: fp.FailoverDecline(vmid, "no stop hook"),
     }
     return samples[tag]
 

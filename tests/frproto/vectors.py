@@ -546,4 +546,17 @@ def message_context(
     if isinstance(m, frproto.FailoverDone):
         asked = frproto.FailoverRequest(m.vmid, m.sequence, 4096, bytes(16))
         return primary, [*open_session(primary, m.vmid), PreludeStep.of("send", asked)]
+    if isinstance(m, frproto.FailoverAsk):
+        # Answering the primary's RelationshipOpen, before its RelationshipAccepted.
+        opening = frproto.RelationshipOpen(m.vmid, generation=1)
+        return primary, [*handshake(primary), PreludeStep.of("send", opening)]
+    if isinstance(m, frproto.FailoverDecline):
+        opening = frproto.RelationshipOpen(m.vmid, generation=1)
+        accepted = frproto.RelationshipAccepted(m.vmid, CONTEXT_DISKS, generation=1)
+        return recovery, [
+            *handshake(recovery),
+            PreludeStep.of("recv", opening),
+            PreludeStep.of("send", frproto.FailoverAsk(m.vmid)),
+            PreludeStep.of("send", accepted),
+        ]
     raise TypeError(f"no context for {type(m).__name__}")

@@ -47,6 +47,8 @@ from frproto import (  # noqa: E402
     Error,
     ErrorCode,
     ExistingVM,
+    FailoverAsk,
+    FailoverDecline,
     FailoverDone,
     FailoverRequest,
     IRBegin,
@@ -503,6 +505,36 @@ MESSAGE_SPECS: dict[type[Message], list[MessageSpec]] = {
             FailoverDone(VMID_B, (1 << 32) - 1, (1 << 64) - 1),
         ),
     ],
+    FailoverAsk: [
+        (
+            "context",
+            "A planned failover of the context VM is asked at the recovery side (FOV-12).",
+            FailoverAsk(VMID),
+        ),
+        ("other_vm", "The same for a second VM.", FailoverAsk(VMID_B)),
+    ],
+    FailoverDecline: [
+        (
+            "no_stop_hook",
+            "The primary declines: it has no stop hook configured.",
+            FailoverDecline(VMID, "no stop hook is configured ([failover] stop_command)"),
+        ),
+        (
+            "empty_reason",
+            "A decline without a reason (the text may be empty).",
+            FailoverDecline(VMID_B),
+        ),
+        (
+            "utf8_reason",
+            "A reason in UTF-8 beyond ASCII.",
+            FailoverDecline(VMID, "le script d'arrêt a échoué"),
+        ),
+        (
+            "max_reason",
+            "A reason of 1024 bytes, the most a reason may have (FOV-17).",
+            FailoverDecline(VMID, "x" * 1024),
+        ),
+    ],
     IRBegin: [
         ("defaults", "An IR from the start.", IRBegin(VMID)),
         (
@@ -647,6 +679,17 @@ def p_deleting() -> list[PreludeStep]:
 def p_failing_over() -> list[PreludeStep]:
     """A primary that asked for the failover of VMID at sequence 7 (waiting for the answer)."""
     return [*p_session(), send(FailoverRequest(VMID, 7, 4096, WRONG_DIGEST))]
+
+
+def r_asked() -> list[PreludeStep]:
+    """A recovery side that asked for the planned failover of VMID while accepting its
+    open (SESSION)."""
+    return [
+        *handshake(R),
+        recv(RelationshipOpen(VMID, generation=1)),
+        send(FailoverAsk(VMID)),
+        send(RelationshipAccepted(VMID, CONTEXT_DISKS, generation=1)),
+    ]
 
 
 def p_digests() -> list[PreludeStep]:
@@ -852,6 +895,14 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
         ),
     ],
     frproto.BadValue: [
+        ec(
+            "failover_decline_long_reason",
+            "A FailoverDecline whose reason is 1025 bytes, over the limit (FOV-17): refused "
+            "as it is decoded, before what it answers is looked at.",
+            R,
+            r_session(),
+            frame(T.FAILOVER_DECLINE, VMID.bytes + u16(1025) + b"x" * 1025),
+        ),
         ec(
             "negotiated_compression_not_offered",
             "A compatible NegotiateResponse choosing LZ4 when the primary offered only ZSTD.",
@@ -1385,6 +1436,42 @@ ERROR_SPECS: dict[type[RemoteProtocolError], list[ErrorCase]] = {
             P,
             p_session(),
             frame(T.FAILOVER_DONE, VMID.bytes + u32(2) + u64(7)),
+        ),
+        ec(
+            "failover_ask_other_vm",
+            "A FailoverAsk for a VM other than the one the primary is opening (FOV-13).",
+            P,
+            [*handshake(P), send(RelationshipOpen(VMID, generation=1))],
+            frame(T.FAILOVER_ASK, VMID_B.bytes),
+        ),
+        ec(
+            "failover_ask_in_session",
+            "A FailoverAsk once the relationship is open (SESSION): only in OPENING (FOV-12).",
+            P,
+            p_session(),
+            frame(T.FAILOVER_ASK, VMID.bytes),
+        ),
+        ec(
+            "failover_ask_at_1_0",
+            "A FailoverAsk (a 1.1 message) on a connection negotiated at 1.0 (NEG-14).",
+            P,
+            [*handshake(P, version=(1, 0)), send(RelationshipOpen(VMID, generation=1))],
+            frame(T.FAILOVER_ASK, VMID.bytes),
+        ),
+        ec(
+            "failover_decline_unasked",
+            "A FailoverDecline in a session where no FailoverAsk came (FOV-16).",
+            R,
+            r_session(),
+            frame(T.FAILOVER_DECLINE, VMID.bytes + u16(0)),
+        ),
+        ec(
+            "failover_decline_other_vm",
+            "A FailoverDecline for a VM other than the asked one, whose relationship is open "
+            "(FOV-16).",
+            R,
+            r_asked(),
+            frame(T.FAILOVER_DECLINE, VMID_B.bytes + u16(0)),
         ),
         ec(
             "legacy_delete_at_1_1",
