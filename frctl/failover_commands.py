@@ -177,10 +177,13 @@ def _cmd_planned(args: argparse.Namespace) -> int:
     from node.config import ConfigError, load_recovery_server_config
     from node.failover.planned import planned_failover
     from node.failover.test import HookFailed
+    from node.primary.errors import FailoverInDoubt
 
     from .node_commands import replicator_from_args
 
     replicator = replicator_from_args(args)
+    # A request whose answer was lost is asked again, exactly (FOV-11): no stop hook.
+    again = replicator.state.failover_in_doubt is not None
     server = None
     if args.server_config:
         try:
@@ -201,14 +204,25 @@ def _cmd_planned(args: argparse.Namespace) -> int:
     except HookFailed as exc:
         print(f"frctl: planned failover: {exc}: not failing over", file=sys.stderr)
         return 1
+    except FailoverInDoubt as exc:
+        print(f"frctl: planned failover: {exc}", file=sys.stderr)
+        return 3
     except (fp.FrprotoError, OSError, ValueError) as exc:
         print(f"frctl: planned failover: {exc}", file=sys.stderr)
+        if again and isinstance(exc, fp.FrprotoError):
+            halted = replicator.state.halted
+            print(
+                "frctl: the failover request asked again was refused: it is not in doubt "
+                "any more; "
+                + (f"the VM stays halted: {halted}" if halted else "replication goes on"),
+                file=sys.stderr,
+            )
         return 1
     except Exception as exc:  # the last cycle failed: nothing was switched
         print(f"frctl: planned failover: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "asked_again": again}))
         return 0
     reverse = (
         f"; this host is its recovery side now ({result.reverse.storage}) and the other "
@@ -216,6 +230,8 @@ def _cmd_planned(args: argparse.Namespace) -> int:
         if result.reverse is not None
         else ""
     )
+    if again:
+        print(f"{result.name}: the failover request was asked again and answered")
     print(
         f"{result.name}: failed over at sequence {result.sequence} (generation "
         f"{result.generation}), nothing lost; this primary replicates it no more{reverse}"

@@ -187,9 +187,16 @@ def _set_paused(args: argparse.Namespace, paused: bool) -> int:
     state = _vm_or_say_why(store, args.vmid)
     if state is None:
         return 4
+    in_doubt = not paused and state.failover_in_doubt is not None
     state, halted = set_paused(store, state, paused)
     if halted:
         print(f"replication/{state.name} was halted: {halted}", file=sys.stderr)
+    if in_doubt:
+        print(
+            f"replication/{state.name}: the planned failover in doubt is given up by your "
+            "decision (the recovery side did not take the VM over); replication goes on",
+            file=sys.stderr,
+        )
     action = "pause" if paused else "resume"
     if paused and not _wait_for_cycle(store, state, args.timeout, "pause"):
         # The pause is recorded and no new cycle starts, but the disks may still be read.
@@ -462,7 +469,12 @@ def _status_table(report: Any, doc: dict[str, Any]) -> str:
     for vm in report.vms:
         lag = "-" if vm.lag_seconds is None else duration(vm.lag_seconds)
         ack = rfc3339(vm.last_acknowledged_at) or "-"
-        if vm.next_cycle_at is None or vm.state.value in ("paused", "halted", "failed over"):
+        if vm.next_cycle_at is None or vm.state.value in (
+            "paused",
+            "halted",
+            "failed over",
+            "failover in doubt",
+        ):
             nxt = "-"
         else:
             ahead = vm.next_cycle_at - report.at

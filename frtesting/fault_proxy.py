@@ -184,6 +184,11 @@ class _Connection:
         self.trickle_until = 0.0
         self.close: _Close | None = None
 
+    def arm_at_answer(self, fault: Fault) -> None:
+        """``fault`` starts at the server's next write (see
+        :meth:`FaultProxy.truncate_next_answer`)."""
+        self.fault, self.started, self.answer_armed = fault, True, True
+
     def _happened(self, detail: str) -> None:
         assert self.fault is not None
         self.proxy.triggered[self.fault.kind] += 1
@@ -323,6 +328,7 @@ class FaultProxy:
         self.triggered: collections.Counter[FaultKind] = collections.Counter()
         self.events: list[ProxyEvent] = []
         self._connections = 0
+        self._live: set[_Connection] = set()
 
     def record(self, connection: int, what: str, detail: str) -> None:
         self.events.append(ProxyEvent(connection, what, detail))
@@ -350,4 +356,19 @@ class FaultProxy:
         number = self._connections
         fault = self.schedule.next_fault(self.triggered)
         self.record(number, "accepted", str(fault) if fault else "no fault")
-        await _Connection(self, number, fault, downstream).run()
+        connection = _Connection(self, number, fault, downstream)
+        self._live.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._live.discard(connection)
+
+    def truncate_next_answer(self) -> int:
+        """Arm every connection carried now: the server's next write on it is forwarded
+        only in part and the connection closed (a ``truncate`` fault from here), so that
+        the answer to what the primary sends next is lost after the server sent it. For a
+        test that knows, in-process, when that moment comes (a schedule picks its fault
+        point in bytes, blind to the messages). Returns how many connections were armed."""
+        for connection in self._live:
+            connection.arm_at_answer(Fault(FaultKind.TRUNCATE, connection.up_bytes))
+        return len(self._live)

@@ -45,6 +45,11 @@ authorization, and hands it here; the session then runs the conversation of
   final state and failed over at a new generation (``node/takeover.py``); then
   ``on_failed_over`` (reverse replication, the cluster's record) and FailoverDone. A
   replica that differs is refused (OUT_OF_SEQUENCE), nothing changed.
+* A RelationshipOpen of a replica failed over by a planned takeover, presenting the
+  generation before it (the former primary lost the FailoverDone), opens it in
+  repeat-only mode (FOV-11, :func:`node.takeover.repeat_admissible`): the exact repeat
+  of the request is answered FailoverDone again, changing nothing; anything else is
+  refused NOT_AUTHORIZED.
 
 Every refusal and every failure of a handler goes to the peer as an Error built by
 :func:`frlink.wire_errors.wire_error`: no local path or other internal in its text
@@ -77,7 +82,7 @@ from .config import RecoveryServerConfig
 from .ir_coverage import IRCoverage
 from .ir_writes import IRWriteQueue
 from .metrics import ServerMetrics, failure_reason
-from .takeover import TakenOver, take_over
+from .takeover import TakenOver, check_exact_repeat, repeat_admissible, take_over
 
 log = logging.getLogger("frrep.recovery")
 
@@ -191,6 +196,9 @@ class Session:
         self.ir_refusal: fp.ReplicationError | None = None
         #: Between IRBegin and IREnd (a connection lost then lost part of an IR).
         self.ir_open = False
+        #: The open relationship is in repeat-only mode (FOV-11): only the exact repeat
+        #: of the planned failover request that failed the VM over is answered.
+        self.repeat_only = False
         self.ir_writes: IRWriteQueue  # made by run(), in the session's nursery
         self.nursery: trio.Nursery  # made by run(): the applies after an Ack run in it
 
@@ -205,6 +213,7 @@ class Session:
         if self.claimed is not None:
             self.server.release(self.claimed)
         self.replica, self.claimed, self.removed = None, None, False
+        self.repeat_only = False
 
     async def run(self) -> None:
         handlers: dict[type[Any], Callable[[Any], Any]] = {
@@ -306,6 +315,15 @@ class Session:
         identity: tuple[str, bytes] | None = None,
     ) -> None:
         if replica.failed_over:
+            asking = self.grant.identity.name
+            if generation and await trio.to_thread.run_sync(
+                repeat_admissible, replica, generation, asking
+            ):
+                # Its former primary lost our FailoverDone: it may only ask again (FOV-11).
+                self._take(replica)
+                self.repeat_only = True
+                await self._send_accepted(replica, generation)
+                return
             # After a failover the VM runs from this replica: its former primary must
             # never write to it again (no split brain).
             raise fp.NotAuthorized(
@@ -333,18 +351,30 @@ class Session:
         # A batch acknowledged on an earlier connection may still be being applied: the
         # applied_sequence reported must include it (REP-12).
         await trio.to_thread.run_sync(replica.apply_committed)
+        await self._ask_failover(replica.vmid)  # not in repeat-only mode: failed over
+        await self._send_accepted(replica, replica.generation)
+
+    async def _send_accepted(self, replica: Replica, generation: int) -> None:
         disk, offset = replica.ir_cursor
-        await self._ask_failover(replica.vmid)
         await self.conn.send(
             fp.RelationshipAccepted(
                 replica.vmid,
                 replica.disks,
-                generation=replica.generation,
+                generation=generation,
                 ir_state=replica.ir_state,
                 applied_sequence=replica.applied_sequence,
                 resume_disk=disk,
                 resume_offset=offset,
             )
+        )
+
+    def _repeat_only_refusal(self, what: str) -> fp.NotAuthorized | None:
+        """In repeat-only mode (FOV-11), the refusal of anything but the repeat."""
+        if not self.repeat_only:
+            return None
+        return fp.NotAuthorized(
+            f"VM {self.claimed} was failed over to this site: its former primary may only "
+            f"repeat its failover request, not send {what}"
         )
 
     async def _ask_failover(self, vmid: uuid.UUID) -> None:
@@ -441,6 +471,9 @@ class Session:
 
     async def on_delete(self, msg: fp.RelationshipDelete) -> None:
         vmid = msg.vmid  # frproto checked that it is the open relationship's
+        refusal = self._repeat_only_refusal("a RelationshipDelete")
+        if refusal is not None:
+            raise refusal
         if not self.removed:
             self._current()
             # Still this node's to remove (a cluster node: not moved or deleted meanwhile).
@@ -465,6 +498,12 @@ class Session:
         replica = self._current()
         await self._check_owner(msg.vmid)  # a cluster node: still this node's VM
         await self.ir_writes.drain()
+        if self.repeat_only:
+            # Done already: answered again, nothing changed, no hook run again (FOV-11).
+            generation = await trio.to_thread.run_sync(check_exact_repeat, replica, msg)
+            self._let_go()
+            await self.conn.send(fp.FailoverDone(msg.vmid, generation, msg.sequence))
+            return
         generation = await trio.to_thread.run_sync(take_over, replica, msg)
         taken = TakenOver(
             msg.vmid,
@@ -510,6 +549,9 @@ class Session:
         self.ir_open = True
         self.ir_unsynced = 0
         self.ir_coverage, self.ir_refusal = None, None
+        self.ir_refusal = self._repeat_only_refusal("an initial replication")
+        if self.ir_refusal is not None:
+            return
         # A refusal waits for the IREnd, where it leaves the connection usable (ERR-6).
         if replica.ir_state is fp.IRState.COMPLETE:
             self.ir_refusal = fp.AlreadyExists(
@@ -607,7 +649,9 @@ class Session:
 
     async def on_batch_begin(self, msg: fp.BatchBegin) -> None:
         replica = self._current()
-        self.batch_refusal = None
+        self.batch_refusal = self._repeat_only_refusal("a delta batch")
+        if self.batch_refusal is not None:
+            return  # told at BatchEnd (the connection goes on)
         self.batch_began = time.time()
         try:
             # The previous batch's apply first (in a thread: it may hold the lock a while);
@@ -675,6 +719,9 @@ class Session:
 
     async def on_digest_request(self, msg: fp.DigestMapRequest) -> None:
         replica = self._current()
+        refusal = self._repeat_only_refusal("a DigestMapRequest")
+        if refusal is not None:
+            raise refusal
         count = self.conn.connection.digest_map_size(msg)
         digests = await trio.to_thread.run_sync(
             replica.digests, msg.disk_index, msg.offset, msg.block_size, count

@@ -99,6 +99,73 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
     return generation
 
 
+def repeat_admissible(replica: Replica, generation: int, primary: str | None = None) -> bool:
+    """Whether a RelationshipOpen presenting ``generation`` may open ``replica`` in
+    repeat-only mode (FOV-11): the replica was failed over by a planned takeover from
+    exactly that generation, to the next, and that failover is still in force (not
+    completed, not cancelled, no reverse replication set up from it but the one to
+    ``primary``, the certificate name asking: a takeover with a reverse port sets that
+    one up before it answers, FOV-9).
+
+    A primary that asked for that takeover and lost the answer presents the generation it
+    knew; in repeat-only mode it may only repeat its request (:func:`check_exact_repeat`).
+    The storage does not tell a takeover from an unplanned failover at the latest state
+    (both fail over at where replication left the replica): such a one is admitted too,
+    which is as safe, since only a request naming exactly the state the VM was failed
+    over at is answered, and nothing is changed.
+    """
+    record = replica.failover_record
+    return (
+        replica.failed_over
+        and generation > 0
+        and record is not None
+        and record.phase == FAILED_OVER
+        and record.generation == replica.generation
+        and record.from_generation == generation
+        and generation + 1 == record.generation
+        and record.point == record.from_sequence  # planned: at the latest state, no revert
+        and _not_reversed_away(replica.reversed_to(), primary)
+    )
+
+
+def _not_reversed_away(reversed_to: str | None, primary: str | None) -> bool:
+    """No reverse replication, or only back to ``primary`` (``reversed_to`` reads
+    ``NAME (HOST:PORT)``, :func:`node.failover.reverse.reverse_state`)."""
+    if reversed_to is None:
+        return True
+    return primary is not None and reversed_to.startswith(f"{primary} (")
+
+
+def check_exact_repeat(replica: Replica, request: fp.FailoverRequest) -> int:
+    """In repeat-only mode (FOV-11): ``request`` must repeat the takeover exactly (its
+    sequence, and the state digest of the replica, which the failed-over VM has not
+    changed); the failover's generation, nothing changed.
+
+    Raises:
+        frproto.NotAuthorized: anything else (another sequence, or the replica differs:
+            the VM ran and wrote there since it was taken over).
+    """
+    replica.apply_committed()
+    record = replica.failover_record
+    if record is None or record.point != request.sequence:
+        raise fp.NotAuthorized(
+            f"VM {replica.vmid} was failed over here at another point: only the exact "
+            "repeat of the failover request is answered"
+        )
+    if replica_state_digest(replica, request.block_size) != request.state_digest:
+        raise fp.NotAuthorized(
+            f"VM {replica.vmid} was failed over here and its disks changed since (it runs "
+            "here): only the exact repeat of the failover request is answered"
+        )
+    log.info(
+        "planned failover of %s repeated: it was taken over at sequence %d, generation %d",
+        replica.vmid,
+        request.sequence,
+        record.generation,
+    )
+    return record.generation
+
+
 def _check_repeat(replica: Replica, request: fp.FailoverRequest) -> None:
     """``replica`` is failed over already: the request may only repeat the one whose answer
     was lost, which changes nothing when it is carried out again.

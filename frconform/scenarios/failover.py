@@ -14,8 +14,10 @@ from ..scenario import REPLICATING, Context, scenario
 from ..session import (
     DISKS,
     Session,
+    batch_frames,
     create,
     initial_replication,
+    send_frames,
     vm_name,
     where_to_replicate,
 )
@@ -64,6 +66,42 @@ async def planned_failover(ctx: Context) -> None:
     async with ctx.checking("FOV-6"):
         await wire.send(fp.RelationshipOpen(vmid))
         await ctx.expect_error(wire, fp.ErrorCode.NOT_AUTHORIZED, closes=False)
+
+
+@scenario("FOV-11", kinds=REPLICATING)
+async def failover_done_lost(ctx: Context) -> None:
+    """As if a FailoverDone had been lost: after a planned failover, the former primary
+    opens the relationship again at the generation before it and is admitted in
+    repeat-only mode (RelationshipAccepted at that generation); a batch is refused
+    NOT_AUTHORIZED and the connection goes on; the exact repeat of the request is answered
+    FailoverDone at the failover's generation again."""
+    session = await create(ctx)
+    await initial_replication(ctx, session)
+    wire, vmid = session.wire, session.vmid
+    digest = await state_digest(ctx, session)
+    request = fp.FailoverRequest(vmid, 0, STATE_BLOCK, digest)
+    done = await ctx.request(wire, request, fp.FailoverDone)  # a setup step
+    ctx.forget_vm(vmid)  # failed over: the harness may not remove it any more
+    async with ctx.checking("FOV-11"):
+        known = done.generation - 1
+        accepted = await ctx.request(
+            wire, fp.RelationshipOpen(vmid, known), fp.RelationshipAccepted
+        )
+        ctx.expect(
+            accepted.generation == known,
+            f"RelationshipAccepted at the generation presented, {known} (repeat-only)",
+            accepted,
+        )
+        frames, _ = batch_frames(session, 1, 0, [(0, 0)], round_=11)
+        await send_frames(wire, frames)
+        await ctx.expect_error(wire, fp.ErrorCode.NOT_AUTHORIZED, closes=False)
+        again = await ctx.request(wire, request, fp.FailoverDone)
+        want = (vmid, done.generation, 0)
+        ctx.expect(
+            (again.vmid, again.generation, again.sequence) == want,
+            f"FailoverDone {vmid} generation {want[1]} sequence 0 again",
+            again,
+        )
 
 
 @scenario("NEG-15", kinds=REPLICATING)

@@ -18,6 +18,12 @@
    by itself (``node/failover/reverse_service.py``), sending only what differs. If the
    failover is refused, that replica is removed again.
 
+4. **In doubt.** When the request's answer is lost (the connection broke or timed out),
+   the primary records it and raises :class:`node.primary.errors.FailoverInDoubt`; the
+   replica made of this host's disks is kept (the other side may replicate back to it).
+   The same command then re-runs only the hand-over (no stop hook, no last cycle):
+   :meth:`VMReplicator.hand_over_again`, FOV-11; see ``docs/failover.md``.
+
 Failing back is the same command at the other side (its reverse replication's primary
 configuration), see ``docs/failover.md``.
 """
@@ -107,10 +113,14 @@ async def planned_failover(
         HookFailed: the stop hook failed (nothing was asked).
         frproto.FrprotoError: the recovery side refused (nothing switched) or is 1.0 only.
     """
+    from node.primary.errors import FailoverInDoubt
+
     started = time.monotonic()
     state = replicator.state
     vmid = uuid.UUID(state.vmid)
     disks = [(str(d["disk_id"]), Path(d["path"])) for d in state.disks]
+    if state.failover_in_doubt is not None:
+        return await _again(replicator, authorization, started)
     if stop_command:
         await run_stop_hook(stop_command, vmid, [p for _, p in disks])
     adopted: Adopted | None = None
@@ -129,16 +139,66 @@ async def planned_failover(
     port = 0 if authorization is None else reverse_port
     try:
         done = await replicator.hand_over(reverse_port=port)
+    except FailoverInDoubt:
+        raise  # the other side may have taken the VM over: its reverse target stays
     except BaseException:
         if adopted is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_remove_adopted, adopted)
         raise
+    return await _finish(state, done, adopted, started)
+
+
+async def _again(
+    replicator: Any, authorization: Authorization | None, started: float
+) -> PlannedFailover:
+    """The request of an earlier run is in doubt: ask it again, exactly (FOV-11). The
+    replica made of this host's disks then is kept; a refusal that ends the doubt with
+    replication going on (the other side is not failed over) removes it."""
+    from node.primary.errors import FailoverInDoubt
+
+    state = replicator.state
+    adopted = None
+    if authorization is not None:
+        adopted = await trio.to_thread.run_sync(_adopted_before, authorization, state)
+    try:
+        done = await replicator.hand_over_again()
+    except FailoverInDoubt:
+        raise
+    except BaseException:
+        if adopted is not None and replicator.state.halted is None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove_adopted, adopted)
+        raise
+    log.info("%s: the planned failover asked again was answered", state.name)
+    return await _finish(replicator.state, done, adopted, started)
+
+
+def _adopted_before(authorization: Authorization, state: Any) -> Adopted | None:
+    """The replica an earlier run made of this host's disks, if it is there."""
+    vmid = uuid.UUID(state.vmid)
+    grant = authorization.authorize([state.server_name])
+    with ReplicaStore(grant.storage) as store:
+        if not store.exists(vmid):
+            return None
+        generation = store.open(vmid).generation
+    return Adopted(vmid, grant.storage, generation, 0)
+
+
+async def _finish(
+    state: Any, done: Any, adopted: Adopted | None, started: float
+) -> PlannedFailover:
+    """The request was answered FailoverDone: this host's replica takes its generation."""
     if adopted is not None and adopted.generation != done.generation:
         await trio.to_thread.run_sync(_set_generation, adopted, done.generation)
         adopted = Adopted(adopted.vmid, adopted.storage, done.generation, adopted.data_bytes)
     return PlannedFailover(
-        vmid, state.name, done.sequence, done.generation, adopted, time.monotonic() - started
+        uuid.UUID(state.vmid),
+        state.name,
+        done.sequence,
+        done.generation,
+        adopted,
+        time.monotonic() - started,
     )
 
 

@@ -14,3 +14,11 @@ class ReplicationHalted(Exception):
 
 #: A peer that cannot be reached (or stopped answering): retryable.
 UNREACHABLE = (OSError, TLSFailure, trio.BrokenResourceError, trio.TooSlowError)
+
+
+class FailoverInDoubt(ReplicationHalted):
+    """A planned failover's request was sent and its answer lost (the connection broke, or
+    timed out): the recovery side may have taken the VM over, or not. Recorded in the
+    VM's state (``failover_in_doubt``); the VM is replicated no more until the request
+    is run again (``frctl failover planned VMID``) and answered, or an operator decides
+    (``frctl replication resume VMID``). See ``docs/failover.md``."""

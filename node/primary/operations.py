@@ -272,8 +272,9 @@ def set_paused(
     store: PrimaryStateStore, state: VMReplicationState, paused: bool
 ) -> tuple[VMReplicationState, str | None]:
     """Pause or resume the VM's replication: (the new state, why it had halted, if it
-    had and this resumes it). A pause does not wait for a running cycle: call
-    :func:`wait_for_cycle` for that."""
+    had and this resumes it). A resume also ends a planned failover in doubt
+    (``failover_in_doubt``): the operator decided the recovery side did not take the VM
+    over. A pause does not wait for a running cycle: call :func:`wait_for_cycle` for that."""
     halted: list[str] = []
 
     def change(st: VMReplicationState) -> None:
@@ -283,6 +284,10 @@ def set_paused(
             # deleted in the cluster halts again (only disable + enable seeds a new one).
             halted.append(st.halted)
             st.halted = None
+        if not paused:
+            # A failover in doubt (node/primary/failover_doubt.py) ends here by the
+            # operator's decision: they know the recovery side did not take the VM over.
+            st.failover_in_doubt = None
 
     return store.update(state.vmid, change), (halted[0] if halted else None)
 

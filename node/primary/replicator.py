@@ -64,8 +64,15 @@ from .client import RecoveryClient
 from .delta import Deltas
 from .digest_map import DigestMap
 from .disks import DiskResized, DiskUnavailable, check_disks, image_size
-from .errors import UNREACHABLE, ReplicationHalted
+from .errors import UNREACHABLE, FailoverInDoubt, ReplicationHalted
 from .failover_ask import AskState, FailoverAskHandler, answer_ask
+from .failover_doubt import (
+    DEFINITE,
+    doubt_record,
+    in_doubt_text,
+    refused_text,
+    repeated_request,
+)
 from .image_view import viewing
 from .initial import IR_PROGRESS_SECONDS
 from .locks import cycle_lock
@@ -448,6 +455,10 @@ class VMReplicator:
                 a later one may succeed (nothing unacknowledged is dropped).
         """
         async with self.exclusive():
+            doubt = self.state.failover_in_doubt
+            if doubt is not None:
+                # The recovery side may run the VM: not a byte more until it is known.
+                raise FailoverInDoubt(in_doubt_text(self.state.name, doubt))
             await self._cycle()
 
     async def _cycle(self) -> None:
@@ -714,6 +725,7 @@ class VMReplicator:
         Raises:
             frproto.OutOfSequence: the recovery side's replica differs (nothing changed).
             frproto.NotSupported: the recovery side speaks 1.0 only.
+            FailoverInDoubt: the answer was lost (recorded; :meth:`hand_over_again`).
         """
         from .scan import digest_image
 
@@ -737,33 +749,108 @@ class VMReplicator:
                 fp.codec.state_digest(bytes(m.digests) for m in maps),
                 reverse_port=reverse_port,
             )
-            client, _ = await self._route().open_existing()
-            try:
-                done = await client.fail_over(request)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                # Asked, but the answer was lost: the recovery side may have taken the VM
-                # over (it is durable there before it answers, FOV-6), or not.
-                raise ReplicationHalted(
-                    f"{self.state.name}: the answer to the failover request was lost ({exc}): "
-                    "the recovery side may have taken the VM over; see its log or its "
-                    "replica's state before running the VM here again"
+            done = await self._request_failover(request, presented=0)
+        return done
+
+    async def hand_over_again(self) -> fp.FailoverDone:
+        """Run again only the hand-over of a planned failover whose answer was lost
+        (``state.failover_in_doubt``, ``node/primary/failover_doubt.py``): no last cycle
+        (the VM is stopped, everything was acknowledged); the disks must still have the
+        recorded state digest; the same request goes over a relationship opened at the
+        recorded generation (FOV-11).
+
+        Raises:
+            FailoverInDoubt: the disks changed since, or no answer again (still in doubt).
+            frproto.OutOfSequence, frproto.NotAuthorized: refused, the doubt is over
+                (see :meth:`_settle_refusal`).
+            ReplicationHalted: no failover of this VM is in doubt.
+        """
+        from .scan import digest_image
+
+        async with self.exclusive():
+            self._catch_up_with_file()
+            doubt = self.state.failover_in_doubt
+            if doubt is None:
+                raise ReplicationHalted(f"{self.state.name}: no planned failover is in doubt")
+            block = self.state.block_size
+            async with self._disks_seen():
+                maps = [
+                    await digest_image(path, disk.size, block)
+                    for path, disk in zip(self.images, self.disks, strict=True)
+                ]
+            digest = fp.codec.state_digest(bytes(m.digests) for m in maps)
+            if digest.hex() != doubt["state_digest"]:
+                raise FailoverInDoubt(
+                    f"{self.state.name}: its disks changed since the failover request "
+                    f"(sequence {doubt['sequence']}): not asking again. The recovery side may "
+                    "run the VM; find out there, then 'frctl replication resume' if it does not"
+                )
+            request = repeated_request(self.vmid, doubt, block)
+            return await self._request_failover(request, presented=int(doubt["generation"]))
+
+    async def _request_failover(
+        self, request: fp.FailoverRequest, *, presented: int
+    ) -> fp.FailoverDone:
+        """Send ``request`` over a relationship opened presenting generation ``presented``
+        (0: none: the first request), recording it in doubt until its answer comes."""
+        s, again = self.state, self.state.failover_in_doubt is not None
+        try:
+            client, _ = await self._route().open_existing(generation=presented or s.generation)
+        except DEFINITE as exc:
+            if again:
+                self._settle_refusal(exc, again=True)
+            raise
+        except Exception as exc:
+            if again:  # nothing learnt: still in doubt
+                raise FailoverInDoubt(
+                    f"{in_doubt_text(s.name, s.failover_in_doubt or {})} ({exc})"
                 ) from exc
-            finally:
-                await client.aclose()
-            self.state.halted = (
-                f"planned failover: the recovery side took this VM over at sequence "
-                f"{done.sequence} (generation {done.generation}); this primary replicates "
-                "it no more"
-            )
-            self.state.failed_over_generation = done.generation
+            raise
+        try:
+            # Written before it is sent: a primary that dies waiting knows it asked.
+            s.failover_in_doubt = doubt_record(request, presented or s.generation)
+            s.halted = in_doubt_text(s.name, s.failover_in_doubt)
             self._save()
+            done = await client.fail_over(request)
+        except DEFINITE as exc:
+            self._settle_refusal(exc, again=again)
+            raise
+        except Exception as exc:
+            # Asked, but the answer was lost: the recovery side may have taken the VM over
+            # (it is durable there before it answers, FOV-6), or not.
+            log.error("%s: %s (%s)", s.name, s.halted, exc)
+            raise FailoverInDoubt(f"{s.halted} ({type(exc).__name__}: {exc})") from exc
+        finally:
+            await client.aclose()
+        s.failover_in_doubt = None
+        s.halted = (
+            f"planned failover: the recovery side took this VM over at sequence "
+            f"{done.sequence} (generation {done.generation}); this primary replicates "
+            "it no more"
+        )
+        s.failed_over_generation = done.generation
+        self._save()
         log.info(
             "%s: failed over at sequence %d, generation %d",
-            self.state.name,
+            s.name,
             done.sequence,
             done.generation,
         )
         return done
+
+    def _settle_refusal(self, exc: fp.FrprotoError, *, again: bool) -> None:
+        """The failover request was refused for sure: nothing to doubt. A refusal of the
+        first request, or OUT_OF_SEQUENCE (the recovery side is not failed over), lets
+        replication go on; NOT_AUTHORIZED to a request asked again leaves the VM halted
+        (the recovery side is failed over all the same: a person looks)."""
+        s = self.state
+        s.failover_in_doubt = None
+        if again and isinstance(exc, fp.NotAuthorized):
+            s.halted = refused_text(s.name, exc)
+        else:
+            s.halted = None
+        self._save()
+        log.warning("%s: the failover request was refused (%s): not in doubt", s.name, exc)
 
     async def reseed(self) -> VMReplicationState:
         """Start this VM's replication over at its disks' current sizes: remove the

@@ -207,9 +207,11 @@ class Route:
             closing(client)
             await client.aclose()
 
-    async def open_existing(self) -> tuple[RecoveryClient, fp.RelationshipAccepted]:
+    async def open_existing(
+        self, *, generation: int = 0
+    ) -> tuple[RecoveryClient, fp.RelationshipAccepted]:
         """A connection to where the replica lives, its relationship opened (never
-        created).
+        created), presenting ``generation`` (0: none).
 
         Raises:
             frproto.OutOfSequence: the initial replication is not done.
@@ -221,7 +223,11 @@ class Route:
         try:
             try:
                 accepted = await client.open(
-                    self.vm.vmid, name=s.name, disks=self.vm.disks, create=False
+                    self.vm.vmid,
+                    name=s.name,
+                    disks=self.vm.disks,
+                    create=False,
+                    generation=generation,
                 )
             except fp.VMNotHere:
                 if s.broker is None:
@@ -229,7 +235,11 @@ class Route:
                 await client.aclose()
                 client = await self.discover()
                 accepted = await client.open(
-                    self.vm.vmid, name=s.name, disks=self.vm.disks, create=False
+                    self.vm.vmid,
+                    name=s.name,
+                    disks=self.vm.disks,
+                    create=False,
+                    generation=generation,
                 )
         except BaseException:
             await client.aclose()

@@ -227,6 +227,11 @@ class VMReplicationState:
     #: A planned failover handed the VM over to its recovery side at this generation
     #: (0: never): this primary replicates it no more (``node/failover/planned.py``).
     failed_over_generation: int = 0
+    #: A planned failover's request whose answer was lost (``node/primary/failover_doubt.py``):
+    #: ``{"sequence", "state_digest" (hex), "generation" (the one presented),
+    #: "reverse_port"}``; None: none. Written before the request is sent, cleared by its
+    #: answer: while set, this primary replicates the VM no more.
+    failover_in_doubt: dict[str, Any] | None = None
     #: Reverse replication: the VM failed over to this host, which replicates it back
     #: to its former primary (``node/failover/reverse.py``).
     reverse: bool = False
@@ -317,6 +322,22 @@ class VMReplicationState:
                 raise ValueError("qemu needs a string 'qmp' and a string or null 'nbd'")
             if not all(isinstance(d.get("qemu_node"), str) for d in self.disks):
                 raise ValueError("with qemu, every disk needs its block node as 'qemu_node'")
+        doubt = self.failover_in_doubt
+        if doubt is not None:
+            if set(doubt) != {"sequence", "state_digest", "generation", "reverse_port"}:
+                raise ValueError(
+                    "failover_in_doubt needs sequence, state_digest, generation, reverse_port"
+                )
+            numbers = (doubt["sequence"], doubt["generation"], doubt["reverse_port"])
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+                raise ValueError("failover_in_doubt: sequence, generation, reverse_port are counts")
+            digest = doubt["state_digest"]
+            if not isinstance(digest, str) or len(digest) != 32:
+                raise ValueError("failover_in_doubt: state_digest is 16 bytes in hex")
+            try:
+                bytes.fromhex(digest)
+            except ValueError:
+                raise ValueError("failover_in_doubt: state_digest is not hex") from None
         for port in (self.recovery_port, self.broker_port, self.node_port):
             if not 0 <= port <= 0xFFFF:
                 raise ValueError(f"port {port} is not 0-65535")
@@ -395,6 +416,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "generation": (int,),
     "needs_resync": (bool,),
     "failed_over_generation": (int,),
+    "failover_in_doubt": (dict, type(None)),
     "reverse": (bool,),
     "last_error": (str, type(None)),
     "incarnation": (str,),

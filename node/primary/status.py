@@ -64,6 +64,9 @@ class ReplicationState(StrEnum):
     HALTED = "halted"
     #: A planned failover handed the VM over: it runs at the recovery side now.
     FAILED_OVER = "failed over"
+    #: A planned failover's request got no answer: the VM may run at the recovery side
+    #: (``node/primary/failover_doubt.py``); not replicated until that is known.
+    FAILOVER_IN_DOUBT = "failover in doubt"
 
 
 class Why(StrEnum):
@@ -71,6 +74,7 @@ class Why(StrEnum):
 
     HALTED = "halted"
     FAILED_OVER = "failed-over"
+    FAILOVER_IN_DOUBT = "failover-in-doubt"
     PAUSED = "paused"
     SERVICE_NOT_RUNNING = "service-not-running"
     PENDING_OVERFLOW = "pending-overflow"
@@ -314,6 +318,18 @@ def vm_status(
                 f"failed over to its recovery side at generation {state.failed_over_generation}",
             )
         )
+    elif state.failover_in_doubt is not None:
+        # The worst there is: two sides could end up writing if the VM is started here.
+        what = ReplicationState.FAILOVER_IN_DOUBT
+        reasons.append(
+            Reason(
+                Why.FAILOVER_IN_DOUBT,
+                Severity.CRITICAL,
+                f"failover in doubt: the planned failover request (sequence "
+                f"{state.failover_in_doubt['sequence']}) got no answer; the VM may run at the "
+                "recovery side: run 'frctl failover planned' again",
+            )
+        )
     elif state.halted is not None:
         what = ReplicationState.HALTED
         reasons.append(Reason(Why.HALTED, Severity.CRITICAL, f"halted: {state.halted}"))
@@ -378,7 +394,12 @@ def vm_status(
         last_acknowledged_at=state.last_replicated_at,
         last_synced_at=state.last_synced_at,
         next_cycle_at=state.next_cycle_at
-        if what not in (ReplicationState.HALTED, ReplicationState.FAILED_OVER)
+        if what
+        not in (
+            ReplicationState.HALTED,
+            ReplicationState.FAILED_OVER,
+            ReplicationState.FAILOVER_IN_DOUBT,
+        )
         else None,
         last_error=state.last_error,
         unreachable_since=state.unreachable_since,

@@ -426,6 +426,16 @@ class Replica:
             self._ensure_recovered()
             return self._failover.read() if self._state.current.failed_over else None
 
+    def reversed_to(self) -> str | None:
+        """Where reverse replication from this failed-over replica goes, once it was set
+        up (:meth:`mark_reversed`); None: not set up, or not failed over."""
+        with self._lock:
+            self._check_open()
+            self._ensure_recovered()
+            if not self._state.current.failed_over:
+                return None
+            return self._failover.reversed_to()
+
     def mark_reversed(self, destination: str) -> None:
         """Record that reverse replication from this failed-over replica to
         ``destination`` is set up: a cancel of the failover is refused from then on (a

@@ -21,7 +21,11 @@ reference stand-alone server with three faults patched in:
 * **forgets IR progress**: a connection lost during an IR keeps only the last 256 MiB
   checkpoint, the behaviour before REP-27 (breaks REP-27);
 * **refuses renames**: a create resent with another VM name is refused with EXISTS
-  (breaks REP-28).
+  (breaks REP-28);
+* **no repeat-only mode**: the former primary of a VM failed over by its planned
+  failover is refused NOT_AUTHORIZED at the generation it knew too, so a request whose
+  FailoverDone was lost cannot be asked again (breaks FOV-11, as the sloppy
+  RelationshipAccepted also does: it would not carry the generation presented).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ FAULTS = (
     "ir-sequence-ignored",
     "forgets-ir-progress",
     "refuses-renames",
+    "no-repeat-only",
 )
 #: The SNI of the connection this task accepts (each connection is a task of its own).
 _SNI: contextvars.ContextVar[str | None] = contextvars.ContextVar("sni", default="")
@@ -147,6 +152,15 @@ def _patch_relationships() -> None:
         await real_create(self, msg)
 
     Session.on_create = strict  # type: ignore[method-assign]
+
+    # No repeat-only mode: a failed-over replica refuses its former primary at any
+    # generation (the behaviour before FOV-11).
+    import node.recovery_session
+
+    def never(replica: Replica, generation: int, primary: str | None = None) -> bool:
+        return False
+
+    node.recovery_session.repeat_admissible = never  # type: ignore[attr-defined]
 
 
 def _rest(request: fp.NegotiateRequest) -> tuple[Any, ...]:

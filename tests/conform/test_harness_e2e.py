@@ -157,7 +157,7 @@ def test_a_standalone_server_passes_every_applicable_requirement(tmp_path: Path)
     assert totals["passed"] >= 60  # every area: negotiation, session, malformed input
     statuses = {r["id"]: r["status"] for r in report["requirements"]}
     required = ("NEG-2", "NEG-7", "NEG-12", "TLS-4", "TLS-12", "REP-4", "REP-18", "REP-20")
-    for rid in (*required, "ENV-4", "SES-9", "DEL-3", "REP-9", "REP-33"):
+    for rid in (*required, "ENV-4", "SES-9", "DEL-3", "REP-9", "REP-33", "FOV-11"):
         assert statuses[rid] == "passed", rid
     # The other trust group's storage got nothing (REP-33).
     assert _replicas(tmp_path / "replicas-other") == []
@@ -259,7 +259,18 @@ def test_a_clusters_cap_passes_broker_and_node_requirements(tmp_path: Path) -> N
     assert report.errors == []
     assert report.ok
     passed = _passed(report)
-    for rid in ("BRK-1", "BRK-2", "BRK-3", "TLS-4", "TLS-5", "SM-4", "REP-5", "REP-18", "DEL-3"):
+    for rid in (
+        "BRK-1",
+        "BRK-2",
+        "BRK-3",
+        "TLS-4",
+        "TLS-5",
+        "SM-4",
+        "REP-5",
+        "REP-18",
+        "DEL-3",
+        "FOV-11",
+    ):
         assert rid in passed, rid
     # A primary of another trust group, at the broker and at the VM's node.
     for rid in ("BRK-4", "REP-9", "REP-33"):
@@ -328,6 +339,8 @@ def test_a_faulty_server_fails_exactly_the_requirements_it_breaks(tmp_path: Path
         # Its RelationshipAccepted says generation 0 (REP-24): the FailoverDone of the
         # relationship's real next generation is not the one after what it said.
         "FOV-7",
+        # No repeat-only mode: the former primary is refused at the generation it knew.
+        "FOV-11",
     }
     assert not report.ok
     env4 = next(v for v in report.verdicts if v.requirement.id == "ENV-4")

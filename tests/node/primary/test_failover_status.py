@@ -63,3 +63,26 @@ def test_a_vm_not_failed_over_shows_no_failover() -> None:
 def test_reverse_replication_is_shown_with_its_direction() -> None:
     assert judged(reverse=True, generation=2)["json"]["direction"] == "reverse"
     assert judged()["json"]["direction"] == "forward"
+
+
+DOUBT = {"sequence": 7, "state_digest": "ab" * 16, "generation": 1, "reverse_port": 0}
+
+
+def test_a_failover_in_doubt_is_critical_and_not_replicating() -> None:
+    doubt = judged(failover_in_doubt=dict(DOUBT), halted="failover in doubt: ...")
+    status = doubt["status"]
+    assert status.state is ReplicationState.FAILOVER_IN_DOUBT
+    assert status.health is Severity.CRITICAL
+    assert [r.code for r in status.reasons] == [Why.FAILOVER_IN_DOUBT]
+    assert "sequence 7" in status.reasons[0].text
+    assert status.next_cycle_at is None
+    assert doubt["json"]["state"] == "failover in doubt"
+    assert doubt["json"]["failover"] is None  # not failed over (as far as we know)
+
+
+def test_no_failover_in_doubt_once_answered_or_given_up() -> None:
+    answered = judged(generation=1, failed_over_generation=2, halted="planned failover: taken over")
+    assert answered["status"].state is ReplicationState.FAILED_OVER
+    given_up = judged()  # resumed by the operator: the record is gone
+    assert given_up["status"].state is ReplicationState.REPLICATING
+    assert Why.FAILOVER_IN_DOUBT not in [r.code for r in given_up["status"].reasons]

@@ -21,7 +21,7 @@ from node.primary.operations import (
     set_paused,
     wait_for_cycle,
 )
-from node.primary.state import Health, IRStage, PrimaryStateStore
+from node.primary.state import Health, IRStage, PrimaryStateStore, VMReplicationState
 
 
 @pytest.fixture
@@ -122,6 +122,23 @@ def test_resume_clears_a_halt_and_says_why_it_was(store: PrimaryStateStore, tmp_
     resumed, halted = set_paused(store, state, False)
     assert not resumed.paused
     assert halted == "disk d0 grew"
+    assert store.load(state.vmid).halted is None
+
+
+def test_resume_gives_up_a_failover_in_doubt(store: PrimaryStateStore, tmp_path: Path) -> None:
+    state = enable(store, _request(tmp_path))
+    doubt = {"sequence": 3, "state_digest": "00" * 16, "generation": 1, "reverse_port": 0}
+
+    def in_doubt(st: VMReplicationState) -> None:
+        st.failover_in_doubt, st.halted = dict(doubt), "failover in doubt: no answer"
+
+    store.update(state.vmid, in_doubt)
+    set_paused(store, state, True)  # a pause decides nothing
+    assert store.load(state.vmid).failover_in_doubt == doubt
+    resumed, halted = set_paused(store, state, False)
+    assert halted == "failover in doubt: no answer"
+    assert resumed.failover_in_doubt is None
+    assert store.load(state.vmid).failover_in_doubt is None
     assert store.load(state.vmid).halted is None
 
 

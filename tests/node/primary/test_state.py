@@ -145,3 +145,21 @@ def test_write_file_atomic_keeps_old_file_on_error(tmp_path: Path) -> None:
         write_file_atomic(path, [b"new", Boom()])  # type: ignore[list-item]
     assert path.read_bytes() == b"abcdef"
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_failover_in_doubt_round_trips_and_is_checked(tmp_path: Path) -> None:
+    store = PrimaryStateStore(tmp_path / "state")
+    doubt = {"sequence": 4, "state_digest": "0f" * 16, "generation": 2, "reverse_port": 7444}
+    state = _state(failover_in_doubt=doubt)
+    store.save(state)
+    assert store.load(state.vmid).failover_in_doubt == doubt
+    assert _state().failover_in_doubt is None
+    for bad in (
+        {"sequence": 4, "generation": 2, "reverse_port": 0},  # no digest
+        {**doubt, "state_digest": "0f"},
+        {**doubt, "state_digest": "zz" * 16},
+        {**doubt, "sequence": -1},
+        {**doubt, "generation": True},
+    ):
+        with pytest.raises(ValueError, match="failover_in_doubt"):
+            _state(failover_in_doubt=bad).validate()
