@@ -89,7 +89,7 @@ def take_over(replica: Replica, request: fp.FailoverRequest) -> int:
             "primary's final state (state digest): not failing over; resynchronize first"
         )
     # Failed over already (a repeat, checked above): returns that failover's generation.
-    generation = replica.fail_over(request.sequence)
+    generation = replica.fail_over(request.sequence, planned=True)
     log.info(
         "planned failover of %s: taken over at sequence %d, generation %d",
         replica.vmid,
@@ -109,10 +109,13 @@ def repeat_admissible(replica: Replica, generation: int, primary: str | None = N
 
     A primary that asked for that takeover and lost the answer presents the generation it
     knew; in repeat-only mode it may only repeat its request (:func:`check_exact_repeat`).
-    The storage does not tell a takeover from an unplanned failover at the latest state
-    (both fail over at where replication left the replica): such a one is admitted too,
-    which is as safe, since only a request naming exactly the state the VM was failed
-    over at is answered, and nothing is changed.
+    The failover record says whether the failover was such a takeover
+    (``FailoverRecord.planned``): after an unplanned failover, even one at the latest
+    state, the former primary is refused whatever generation it presents (REP-8), so that
+    it learns at once that its VM runs elsewhere. A takeover whose record was finished by
+    a restart's recovery rather than by the request (a crash between the decision and the
+    record) is not marked: its repeat is refused, and the primary in doubt stops for a
+    person (never two sides writing).
     """
     record = replica.failover_record
     return (
@@ -123,7 +126,8 @@ def repeat_admissible(replica: Replica, generation: int, primary: str | None = N
         and record.generation == replica.generation
         and record.from_generation == generation
         and generation + 1 == record.generation
-        and record.point == record.from_sequence  # planned: at the latest state, no revert
+        and record.planned  # a takeover, not an unplanned failover
+        and record.point == record.from_sequence  # at the latest state, no revert
         and _not_reversed_away(replica.reversed_to(), primary)
     )
 

@@ -69,6 +69,9 @@ class FailoverRecord:
     point: int  #: P: the point failed over to
     points: tuple[RecoveryPoint, ...]  #: the kept points before the failover
     phase: str = FAILED_OVER
+    #: A planned takeover (FailoverRequest, ``node/takeover.py``), not an unplanned
+    #: failover: only then may its former primary repeat the request (FOV-11)
+    planned: bool = False
 
     @property
     def newer(self) -> list[int]:
@@ -85,6 +88,8 @@ class FailoverRecord:
             "points": [p.to_json() for p in self.points],
             "phase": self.phase,
         }
+        if self.planned:  # absent in the records of unplanned failovers (and older ones)
+            doc["planned"] = True
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
     @classmethod
@@ -101,6 +106,9 @@ class FailoverRecord:
         points = doc.get("points")
         if not isinstance(points, list):
             raise ValueError("failover record points is not a list")
+        planned = doc.get("planned", False)
+        if not isinstance(planned, bool):
+            raise ValueError("failover record planned is not a boolean")
         return cls(
             int(doc["generation"]),
             int(doc["from_generation"]),
@@ -108,6 +116,7 @@ class FailoverRecord:
             int(doc["point"]),
             tuple(RecoveryPoint.from_json(p) for p in points),
             str(phase),
+            planned,
         )
 
 

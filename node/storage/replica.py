@@ -303,7 +303,7 @@ class Replica:
             self._check_open()
             self._state.save(replace(self._state.current, generation=generation))
 
-    def fail_over(self, sequence: int | None = None) -> int:
+    def fail_over(self, sequence: int | None = None, *, planned: bool = False) -> int:
         """Failover: bring the images to the kept point ``sequence`` (default: the
         latest) and move the relationship to a new generation, marked failed over, so
         that the former primary is refused from now on (no split brain). Returns the new
@@ -316,7 +316,11 @@ class Replica:
         images are then brought back with the newer points' undo data, newest first
         (idempotent: calling this again after a crash finishes the same revert).
         Calling it again once failed over, for the same point (or none), returns the
-        generation; another point is refused (cancel the failover first)."""
+        generation; another point is refused (cancel the failover first).
+
+        ``planned``: a planned takeover at the latest state (``node/takeover.py``), noted in
+        the failover record so that its former primary may repeat its request (FOV-11);
+        an unplanned failover's former primary is refused whatever it presents."""
         with self._lock:
             self._check_open()
             # Not _ensure_recovered(): it would finish a decided revert, and this call
@@ -350,10 +354,10 @@ class Replica:
                     st, failed_over=True, generation=st.generation + 1, reverting_to=target
                 )
                 self._state.save(st)
-            self._finish_revert()
+            self._finish_revert(planned=planned)
             return self._state.current.generation
 
-    def _finish_revert(self) -> None:
+    def _finish_revert(self, *, planned: bool = False) -> None:
         """Bring the images back to a decided failover's point (``reverting_to``): the
         newest point's bytes kept first (once), then the newer points' undo data, newest
         first, set aside as it is used, then the state. Idempotent."""
@@ -376,7 +380,12 @@ class Replica:
                 self._io.fsync_dir(files.dir)
             files.write(
                 FailoverRecord(
-                    st.generation, st.generation - 1, st.applied_sequence, target, st.points
+                    st.generation,
+                    st.generation - 1,
+                    st.applied_sequence,
+                    target,
+                    st.points,
+                    planned=planned and target == st.applied_sequence,
                 )
             )
             self._io.crash("failover_redo_captured")

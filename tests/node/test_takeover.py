@@ -92,6 +92,8 @@ def test_a_planned_takeover_admits_the_generation_before_it_in_repeat_only_mode(
     assert not repeat_admissible(replica, before)  # not failed over: an ordinary open
     request = _request(replica)
     generation = take_over(replica, request)
+    assert replica.failover_record is not None
+    assert replica.failover_record.planned  # recorded as a takeover
     assert repeat_admissible(replica, before)
     assert not repeat_admissible(replica, generation)  # only the generation before it
     assert not repeat_admissible(replica, 0)
@@ -122,6 +124,14 @@ def test_no_repeat_only_after_an_unplanned_failover_a_complete_or_a_reverse_else
     before = unplanned.generation
     unplanned.fail_over(2)  # to a kept point: not a takeover at the latest state
     assert not repeat_admissible(unplanned, before)
+    # An unplanned failover at the latest state: its former primary is refused all the
+    # same (REP-8), it learns at its next open that the VM runs elsewhere.
+    latest = _replica(tmp_path / "latest")
+    before = latest.generation
+    latest.fail_over()
+    assert latest.failover_record is not None
+    assert not latest.failover_record.planned
+    assert not repeat_admissible(latest, before)
     completed = _replica(tmp_path / "completed")
     before = completed.generation
     take_over(completed, _request(completed))
