@@ -39,7 +39,7 @@ import errno
 import mmap
 import operator
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import trio
@@ -388,6 +388,34 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
                 except ssl.SSLError as exc:
                     raise self._tls_failed(exc) from exc
                 await self._flush()
+        finally:
+            self._sending = False
+
+    async def send_all_pieces(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Encrypt ``pieces`` in order and send them with one transport write (more only
+        past ``SEND_PIECE`` of ciphertext): a chunk's small header and its payload go out
+        together, not as a tiny write of their own. Nothing is joined in plaintext: each
+        piece is handed to OpenSSL as it is (:meth:`send_all` semantics otherwise)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            await self._ensure_handshake()
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                for start in range(0, len(view), SEND_PIECE):
+                    try:
+                        self._ssl.write(view[start : start + SEND_PIECE])
+                    except ssl.SSLError as exc:
+                        raise self._tls_failed(exc) from exc
+                    if self._outgoing.pending >= SEND_PIECE:
+                        await self._flush()
+            if self._outgoing.pending:
+                await self._flush()
+            else:
+                await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
 

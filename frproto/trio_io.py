@@ -19,8 +19,10 @@ Memory: buffers of large frames (chunks, large control messages) come from
 connection waits for its next frame (or closes): a connection idle between frames holds
 no large buffer, whatever it received before.
 
-Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are written
-as two ``send_all`` calls so the payload buffer is never concatenated.
+Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are never
+concatenated. A stream that has a ``send_all_pieces(pieces)`` method (duck typed, e.g.
+frlink.biotls.BioTLSStream) gets both in one call and sends them in one transport write;
+any other stream gets two ``send_all`` calls.
 
 On a protocol violation by the peer, :meth:`FramedStream.next_event` sends the Error the
 violation calls for (best effort, bounded in time), closes the stream and re-raises.
@@ -239,6 +241,10 @@ class FramedStream:
         self._receive_into: Callable[[memoryview], Awaitable[int]] | None = getattr(
             stream, "receive_into", None
         )
+        # And a stream with ``send_all_pieces(pieces)`` sends a chunk's pieces at once.
+        self._send_pieces: Callable[[list[Bytes]], Awaitable[None]] | None = getattr(
+            stream, "send_all_pieces", None
+        )
 
     async def next_event(self) -> Event:
         """The next event from the peer (reading as much as needed).
@@ -410,9 +416,13 @@ class FramedStream:
             pieces = self.connection.send_chunk(
                 disk_index, offset, data, digest=digest, compress_data=compress_data
             )
-            for piece in pieces:
-                await self.stream.send_all(piece)
-                self.chunk_bytes_sent += len(piece)
+            if self._send_pieces is not None:
+                # Header and payload in one transport write (see the module's docstring).
+                await self._send_pieces(pieces)
+            else:
+                for piece in pieces:
+                    await self.stream.send_all(piece)
+            self.chunk_bytes_sent += sum(len(piece) for piece in pieces)
             self.last_sent = trio.current_time()
 
     async def send_keepalive(self, token: int = 0) -> bool:

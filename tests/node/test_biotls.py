@@ -11,7 +11,7 @@ import trio
 import trio.testing
 import trustme
 
-from frlink.biotls import HOLD_SECONDS, REFILL_POOL, BioTLSStream
+from frlink.biotls import HOLD_SECONDS, REFILL_POOL, SEND_PIECE, BioTLSStream
 
 SERVER_NAME = "r1.example.com"
 
@@ -212,3 +212,42 @@ async def test_a_broken_stream_keeps_no_traceback(
     with pytest.raises(trio.BrokenResourceError, match="broken"):
         await server.receive_some(100)
     await server.aclose()
+
+
+async def test_send_all_pieces_is_one_transport_write(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A chunk's header and payload go out in one transport write (not a tiny write for
+    the header), in order; more than ``SEND_PIECE`` of ciphertext is flushed as it goes."""
+    client, server = await _handshaken(contexts)
+    writes: list[int] = []
+    transport = client.transport_stream
+    plain_send = transport.send_all
+
+    async def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(len(data))
+        await plain_send(data)
+
+    transport.send_all = counted  # type: ignore[method-assign]
+    header, payload = os.urandom(60), os.urandom(64 * 1024)
+    got = bytearray()
+
+    async def read(size: int) -> None:
+        while len(got) < size:
+            got.extend(await server.receive_some(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, len(header) + len(payload))
+        await client.send_all_pieces([header, memoryview(payload)])
+    assert bytes(got) == header + payload
+    assert len(writes) == 1
+    big = os.urandom(3 * SEND_PIECE + 5)
+    writes.clear()
+    got.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, len(header) + len(big))
+        await client.send_all_pieces([header, big])
+    assert bytes(got) == header + big
+    assert 3 <= len(writes) <= 4
+    await client.send_all_pieces([])  # nothing to send: a checkpoint, no write
+    assert 3 <= len(writes) <= 4
