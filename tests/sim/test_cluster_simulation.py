@@ -20,9 +20,14 @@ def test_a_drain_a_failover_and_the_brokers_partition_hold_every_invariant() -> 
         "failover of vm1a: done",
         "replication from its former primary is refused",
         "cut off from the store (the broker)",
-        "n3.sim elected broker",
     ):
         assert what in text
+    # Another node is elected once the cut-off broker's lease runs out (which one depends
+    # on the seeded schedule of the whole run, not on what this test is about).
+    cut = next(line for line in result.trace if "cut off from the store (the broker)" in line)
+    deposed = cut.split()[1]
+    after = result.trace[result.trace.index(cut) :]
+    assert any("elected broker" in line and deposed not in line for line in after)
     assert result.replay_command() == "scripts/simulate --cluster --seed 25"
 
 
