@@ -35,6 +35,7 @@ from node.failover.unplanned import in_place
 from node.storage.point_copy import PointCopy
 from node.takeover import TakenOver
 
+from .owned_record import RecordKeptChanging, update_owned_record
 from .requests import RETRY_SECONDS, follow_requests, held, owned_requests
 
 if TYPE_CHECKING:
@@ -144,46 +145,35 @@ async def record_planned_failover(
     request that named a ``reverse_port`` is recorded as the VM's reverse direction, to
     the primary's address (``frcluster/reverse.py`` starts it, FOV-9). Best effort: the
     failover itself is durable in the replica; a failure is logged."""
-    key = keys.vm(taken.vmid)
-    try:
-        for _ in range(10):
-            kv = await store.get(key)
-            if kv is None:
-                return
-            vm = VMRecord.from_json(kv.value)
-            if vm.owner != node_name:
-                return
-            new = replace(
-                vm,
-                failover=FailoverState.DONE,
-                failover_point=taken.sequence,
-                failover_generation=taken.generation,
-                failover_note=(
-                    f"planned failover asked at the cluster, handed over by its primary "
-                    f"{taken.primary_name}"
-                    if vm.failover is FailoverState.PLANNED_REQUESTED
-                    else f"planned failover asked by its primary {taken.primary_name}"
-                ),
-            )
-            if taken.reverse_port and taken.primary_address:
-                new = replace(
-                    new,
-                    reverse_to=f"{taken.primary_address}:{taken.reverse_port}",
-                    reverse_name=taken.primary_name,
-                )
-            result = await store.txn(
-                [Compare.mod_revision(key, "==", kv.mod_revision)], [Put(key, new.to_json())], []
-            )
-            if result.succeeded:
-                log.info(
-                    "VM %s: planned failover recorded (point %d, generation %d)",
-                    taken.vmid,
-                    taken.sequence,
-                    taken.generation,
-                )
-                return
-        log.warning(
-            "VM %s: its record kept changing; the planned failover is not recorded", taken.vmid
+
+    def done(vm: VMRecord) -> VMRecord:
+        new = replace(
+            vm,
+            failover=FailoverState.DONE,
+            failover_point=taken.sequence,
+            failover_generation=taken.generation,
+            failover_note=(
+                f"planned failover asked at the cluster, handed over by its primary "
+                f"{taken.primary_name}"
+                if vm.failover is FailoverState.PLANNED_REQUESTED
+                else f"planned failover asked by its primary {taken.primary_name}"
+            ),
         )
-    except (StoreError, RecordError) as exc:
+        if taken.reverse_port and taken.primary_address:
+            new = replace(
+                new,
+                reverse_to=f"{taken.primary_address}:{taken.reverse_port}",
+                reverse_name=taken.primary_name,
+            )
+        return new
+
+    try:
+        if await update_owned_record(store, keys, taken.vmid, node_name, done) is not None:
+            log.info(
+                "VM %s: planned failover recorded (point %d, generation %d)",
+                taken.vmid,
+                taken.sequence,
+                taken.generation,
+            )
+    except (StoreError, RecordError, RecordKeptChanging) as exc:
         log.warning("VM %s: the planned failover is not recorded: %s", taken.vmid, exc)

@@ -9,8 +9,9 @@ RelationshipAccepted (``node/recovery_session.py``). Then:
 
 * the primary hands the VM over (FailoverRequest): the failover is recorded ``done`` with
   its generation by :func:`frcluster.failover.record_planned_failover`;
-* it declines (FailoverDecline): :meth:`PlannedAsks.declined` records ``failed`` with
-  the primary's reason as ``failover_note`` (FOV-18);
+* it declines (FailoverDecline): :meth:`PlannedAsks.declined` records
+  ``planned-declined`` with the primary's reason as ``failover_note`` (FOV-18); the VM
+  replicates on and may move as before;
 * a 1.0 primary is never asked: the ask stays pending until ``--wait`` withdraws it.
 """
 
@@ -21,7 +22,9 @@ import uuid
 from dataclasses import replace
 
 from broker.records import FailoverState, Keys, RecordError, VMRecord
-from broker.store import ClusterStore, Compare, Put, StoreError
+from broker.store import ClusterStore, StoreError
+
+from .owned_record import RecordKeptChanging, update_owned_record
 
 log = logging.getLogger("frrep.node")
 
@@ -53,29 +56,19 @@ class PlannedAsks:
         return vmid in self._pending
 
     async def declined(self, vmid: uuid.UUID, primary: str, reason: str) -> None:
-        """The primary declined: the record says ``planned-declined`` with its reason (if it still
-        asks: an unplanned failover asked meanwhile, or a withdrawal, wins). Best effort:
-        a failure is logged; the next open asks again."""
+        """The primary declined: the record says ``planned-declined`` with its reason (if
+        it still asks: an unplanned failover asked meanwhile, or a withdrawal, wins). Best
+        effort: a failure is logged; the next open asks again."""
         self._pending.discard(vmid)
         note = f"declined by its primary {primary}: {reason}"
-        key = self.keys.vm(vmid)
+
+        def decline(vm: VMRecord) -> VMRecord | None:
+            if vm.failover is not FailoverState.PLANNED_REQUESTED:
+                return None
+            return replace(vm, failover=FailoverState.PLANNED_DECLINED, failover_note=note)
+
         try:
-            for _ in range(10):
-                kv = await self.store.get(key)
-                if kv is None:
-                    return
-                vm = VMRecord.from_json(kv.value)
-                if vm.failover is not FailoverState.PLANNED_REQUESTED or vm.owner != self.node_name:
-                    return
-                new = replace(vm, failover=FailoverState.PLANNED_DECLINED, failover_note=note)
-                result = await self.store.txn(
-                    [Compare.mod_revision(key, "==", kv.mod_revision)],
-                    [Put(key, new.to_json())],
-                    [],
-                )
-                if result.succeeded:
-                    log.info("VM %s: planned failover %s", vmid, note)
-                    return
-            log.warning("VM %s: its record kept changing; the decline is not recorded", vmid)
-        except (StoreError, RecordError) as exc:
+            if await update_owned_record(self.store, self.keys, vmid, self.node_name, decline):
+                log.info("VM %s: planned failover %s", vmid, note)
+        except (StoreError, RecordError, RecordKeptChanging) as exc:
             log.warning("VM %s: the decline of its planned failover is not recorded: %s", vmid, exc)

@@ -371,25 +371,7 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` and send it (in pieces of at most ``SEND_PIECE``)."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLS stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            await self._ensure_handshake()
-            view = memoryview(data).cast("B")
-            if not view:
-                await trio.lowlevel.checkpoint()
-                return
-            for start in range(0, len(view), SEND_PIECE):
-                try:
-                    self._ssl.write(view[start : start + SEND_PIECE])
-                except ssl.SSLError as exc:
-                    raise self._tls_failed(exc) from exc
-                await self._flush()
-        finally:
-            self._sending = False
+        await self.send_all_pieces((data,))
 
     async def send_all_pieces(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
         """Encrypt ``pieces`` in order and send them with one transport write (more only
