@@ -8,7 +8,7 @@ What is timed (see bench/README.md for the conventions):
 
 * **IR** (``value``): ``await VMReplicator.cycle()`` on a fresh VM: TCP connect, TLS 1.3
   mutual handshake, negotiation, RelationshipCreate (the server makes the sparse replica),
-  the whole image in 1 MiB chunks (XXH3-128 per chunk, all-zero chunks sent as a flag,
+  the whole image in 4 MiB chunks (XXH3-128 per chunk, all-zero 1 MiB pieces as a flag,
   the primary's 64 KiB digest map built on the way), IREnd, the server's ``complete_ir``
   (fsync of the replica image, durable state) and its Ack. The recovery server is a
   separate process (``frctl server run`` on 127.0.0.2); the primary binds 127.0.0.3.
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"mixed   non-zero payload {payload / med(i.seconds for i in irs):.3f} GB/s; "
         f"chunk frames on the wire {wire:.3f} GB ({wire / gb:.0%} of the image; all-zero "
-        f"1 MiB chunks travel as a flag, compression as negotiated; the baseline sends "
+        f"1 MiB pieces travel as a flag, compression as negotiated; the baseline sends "
         f"every byte)"
     )
     floor = gb / med(f.seconds for f in floors)
