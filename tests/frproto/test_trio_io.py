@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import ssl
@@ -13,7 +14,7 @@ import trio.testing
 import trustme
 
 import frproto as fp
-from frproto.trio_io import FRAME_POOL, BufferPool, FramedStream
+from frproto.trio_io import FRAME_POOL, PAYLOAD_ALIGN, BufferPool, FramedStream
 
 VM = uuid.UUID("5b3a1f6e-2c4d-4e8f-9a0b-1c2d3e4f5a6b")
 DISK = fp.DiskInfo("disk0", 64 * 1024 * 1024)
@@ -322,6 +323,30 @@ async def test_chunk_data_held_across_frames_is_never_overwritten(into: bool) ->
     # dropped (chunks 3, 4, 5), one buffer served them all.
     assert len(set(addresses[:3])) == 3
     assert addresses[3] == addresses[4] == addresses[5]
+
+
+async def test_a_chunk_payload_in_a_pooled_frame_starts_on_a_page() -> None:
+    # The recovery server writes IR chunks with O_DIRECT straight from the frame buffer.
+    a, b = trio.testing.memory_stream_pair()
+    primary, recovery = _pair(a, IntoStream(b, 1 << 20))
+    await _open_session(primary, recovery)
+    block = os.urandom(1 << 20)
+
+    async def send() -> None:
+        await primary.send(fp.BatchBegin(VM, 1, 0, 1, len(block)))
+        await primary.send_chunk(0, 0, block)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        await recovery.expect(fp.BatchBegin)
+        chunk = await recovery.expect(fp.Chunk)
+    assert isinstance(chunk, fp.Chunk)
+    view = memoryview(chunk.data)
+    assert bytes(view) == block
+    assert not view.readonly
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    assert address % PAYLOAD_ALIGN == 0
+    assert PAYLOAD_ALIGN % 4096 == 0
 
 
 async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_close() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -65,6 +66,35 @@ async def test_aligned_chunks_go_through_o_direct(tmp_path: Path) -> None:
     assert replica.direct_io, "an aligned chunk should have opened the O_DIRECT descriptor"
     with replica.image_path(0).open("rb") as f:
         assert f.read(MiB) == data
+
+
+async def test_a_page_aligned_view_is_written_without_a_copy(tmp_path: Path) -> None:
+    # A chunk's payload lies page-aligned in its pooled frame buffer: the queue writes
+    # from it (keeping it viewed until written) instead of copying it.
+    replica = _ir_replica(tmp_path)
+    frame = mmap.mmap(-1, 2 * mmap.PAGESIZE + MiB)
+    payload = os.urandom(MiB)
+    frame[mmap.PAGESIZE : mmap.PAGESIZE + MiB] = payload
+    async with trio.open_nursery() as nursery:
+        queue = IRWriteQueue(nursery)
+        view = memoryview(frame)[mmap.PAGESIZE : mmap.PAGESIZE + MiB]
+        await queue.write(replica, 0, 0, view, length=MiB)
+        del view
+        await queue.drain()
+        assert queue.copy_buffers == 0  # no aligned buffer was needed
+        with replica.image_path(0).open("rb") as f:
+            assert f.read(MiB) == payload
+        # not page-aligned: copied into an aligned buffer of the queue
+        odd = memoryview(frame)[1 : 1 + MiB]
+        await queue.write(replica, 0, 0, odd, length=MiB)
+        expected = bytes(odd)
+        odd[:] = b"\x00" * MiB  # the queue copied it: reusing it is safe
+        del odd
+        await queue.drain()
+        assert queue.copy_buffers == 1
+    frame.resize(len(frame))  # no view of the frame is left
+    with replica.image_path(0).open("rb") as f:
+        assert f.read(MiB) == expected
 
 
 def _descriptors_of(path: Path) -> int:
