@@ -30,6 +30,8 @@ class FileOps(Protocol):
 
     def writev(self, fd: int, parts: list[Buffer], path: Path) -> None: ...
 
+    def truncate(self, fd: int, size: int, path: Path) -> None: ...
+
     def fsync(self, fd: int, path: Path) -> None: ...
 
     def fsync_dir(self, path: Path) -> None: ...
@@ -66,6 +68,9 @@ class OSFiles:
             views = rest
             total -= done
             done = os.writev(fd, views)
+
+    def truncate(self, fd: int, size: int, path: Path) -> None:
+        os.ftruncate(fd, size)
 
     def fsync(self, fd: int, path: Path) -> None:
         os.fsync(fd)

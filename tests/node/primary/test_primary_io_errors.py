@@ -47,6 +47,10 @@ class FaultyFiles(OSFiles):
         self._hit("writev", path)
         super().writev(fd, parts, path)
 
+    def truncate(self, fd: int, size: int, path: Path) -> None:
+        self._hit("truncate", path)
+        super().truncate(fd, size, path)
+
     def fsync(self, fd: int, path: Path) -> None:
         self._hit("fsync", path)
         super().fsync(fd, path)
@@ -69,7 +73,8 @@ class FaultyFiles(OSFiles):
 
 
 def _workload(root: Path, files: FaultyFiles) -> list[OSError]:
-    """Enable, three cycles captured and acknowledged; each step once more after a fault."""
+    """Enable, three cycles captured and acknowledged (the last two at once); each step
+    once more after a fault."""
     errors: list[OSError] = []
 
     def step(fn: object) -> None:
@@ -109,7 +114,10 @@ def _workload(root: Path, files: FaultyFiles) -> list[OSError]:
                 states.save(state)
                 log.drop_through(seq)
 
-            step(ack)
+            # Cycle 2 is acknowledged with 3: the one drop keeps a cycle's file as the
+            # spare (which cycle 2 wrote over) and unlinks the other.
+            if seq != 2:
+                step(ack)
     return errors
 
 
@@ -128,7 +136,16 @@ def test_a_fault_at_every_call_of_the_primary(tmp_path: Path) -> None:
     _workload(tmp_path / "clean", clean)
     _check(tmp_path / "clean")
     total = clean.calls
-    assert clean.kinds == {"open", "writev", "fsync", "fsync_dir", "rename", "unlink", "mkdir"}
+    assert clean.kinds == {
+        "open",
+        "writev",
+        "truncate",
+        "fsync",
+        "fsync_dir",
+        "rename",
+        "unlink",
+        "mkdir",
+    }
     assert total > 20
     for n in range(1, total + 1):
         files = FaultyFiles(fail_at=n, err=ERRNOS[n % 3])

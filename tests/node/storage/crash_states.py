@@ -211,7 +211,8 @@ def _primary_paths(storage: Path) -> tuple[PrimaryStateStore, Path]:
 
 def _run_primary(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
     """What a primary writes for three cycles: enable (state), capture (a cycle file),
-    the acknowledgement (state), the drop (unlink); the second and third cycles are both
+    the acknowledgement (state), the drop (the first file kept as the spare, which the
+    next capture writes over; the others unlinked); the second and third cycles are both
     captured before either is acknowledged (a send that failed once)."""
     with using(io):
         states, pending_dir = _primary_paths(store.root)
