@@ -474,6 +474,38 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         finally:
             self._receiving = False
 
+    def receive_buffered_into(self, buffer: memoryview) -> int:
+        """Decrypt into ``buffer`` what was already read from the transport, without
+        waiting and without a checkpoint; the bytes written, 0 when nothing can be had so
+        (nothing there, the handshake not done, a reply to send, the end of the stream or
+        an error: :meth:`receive_into` then does what is needed). For a caller that
+        awaits :meth:`receive_into` now and then (``frproto.trio_io.FramedStream``)."""
+        if (
+            self._receiving
+            or not self._handshake_done
+            or self._broken is not None
+            or self._closed
+            or self._eof
+            or self._outgoing.pending
+        ):
+            return 0
+        read = self._read_into
+        want = len(buffer)
+        filled = 0
+        while filled < want:
+            try:
+                got = read(want - filled, buffer[filled:])
+            except ssl.SSLWantReadError:
+                if self._feed():
+                    continue
+                break
+            except ssl.SSLError:
+                break  # receive_into meets it again and reports it
+            if not got:
+                break
+            filled += got
+        return filled
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Up to ``max_bytes`` (default 64 KiB) of plaintext; ``b""`` at end of stream."""
         if max_bytes is None:

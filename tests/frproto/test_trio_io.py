@@ -14,7 +14,13 @@ import trio.testing
 import trustme
 
 import frproto as fp
-from frproto.trio_io import FRAME_POOL, PAYLOAD_ALIGN, BufferPool, FramedStream
+from frproto.trio_io import (
+    BUFFERED_BUDGET,
+    FRAME_POOL,
+    PAYLOAD_ALIGN,
+    BufferPool,
+    FramedStream,
+)
 
 VM = uuid.UUID("5b3a1f6e-2c4d-4e8f-9a0b-1c2d3e4f5a6b")
 DISK = fp.DiskInfo("disk0", 64 * 1024 * 1024)
@@ -116,6 +122,33 @@ async def _transfer_batch(
     assert isinstance(ack, fp.Ack)
     assert ack.sequence == 1
     return received
+
+
+class BufferedIntoStream(IntoStream):
+    """An IntoStream that, like frlink.biotls.BioTLSStream, keeps what a read brought
+    beyond the first byte and hands it over through ``receive_buffered_into``, no await."""
+
+    def __init__(self, inner: trio.abc.Stream, size: int) -> None:
+        super().__init__(inner, size)
+        self.held = bytearray()
+        self.buffered_bytes = 0
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        self.into_calls += 1
+        if not self.held:
+            self.held += await self.inner.receive_some(self.size)
+        if not self.held:
+            return 0
+        buffer[0] = self.held[0]  # one byte now, the rest held
+        del self.held[0]
+        return 1
+
+    def receive_buffered_into(self, buffer: memoryview) -> int:
+        n = min(len(buffer), len(self.held))
+        buffer[:n] = self.held[:n]
+        del self.held[:n]
+        self.buffered_bytes += n
+        return n
 
 
 def _pair(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[FramedStream, FramedStream]:
@@ -347,6 +380,37 @@ async def test_a_chunk_payload_in_a_pooled_frame_starts_on_a_page() -> None:
     address = ctypes.addressof(ctypes.c_char.from_buffer(view))
     assert address % PAYLOAD_ALIGN == 0
     assert PAYLOAD_ALIGN % 4096 == 0
+
+
+async def test_buffered_bytes_are_taken_without_waiting_but_not_for_ever() -> None:
+    # What the stream already holds is read with no await; every BUFFERED_BUDGET bytes
+    # the awaited read runs all the same, so that other tasks get their turn.
+    a, b = trio.testing.memory_stream_pair()
+    stream = BufferedIntoStream(b, 64 << 20)  # one read takes all that was sent
+    primary, recovery = _pair(a, stream)
+    await _open_session(primary, recovery)
+    blocks = [os.urandom(256 * 1024) for _ in range(48)]  # 12 MiB
+    got: list[bytes] = []
+
+    async def send() -> None:
+        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
+        for i, block in enumerate(blocks):
+            await primary.send_chunk(0, i * len(block), block)
+
+    async def receive() -> None:
+        await recovery.expect(fp.BatchBegin)
+        for _ in blocks:
+            chunk = await recovery.expect(fp.Chunk)
+            assert isinstance(chunk, fp.Chunk)
+            got.append(bytes(chunk.data))
+
+    await send()  # all of it waits in the transport: one read brings it whole
+    calls_before = stream.into_calls
+    await receive()
+    assert got == blocks
+    total = sum(map(len, blocks))
+    assert stream.buffered_bytes > total // 2  # most came without an await
+    assert stream.into_calls - calls_before >= total // BUFFERED_BUDGET
 
 
 async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_close() -> None:

@@ -102,6 +102,31 @@ async def test_receive_into_drains_every_buffered_record(
     await server.aclose()
 
 
+async def test_receive_buffered_into_hands_over_only_what_is_already_there(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """The no-wait read: before the handshake nothing; then only bytes a receive_into
+    already read from the transport, never a read of its own, and never past EOF."""
+    client, server = _wrap(contexts)
+    assert server.receive_buffered_into(memoryview(bytearray(16))) == 0  # no handshake yet
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    await client.send_all(b"0123456789")
+    # Sent but not read from the transport: nothing without waiting.
+    assert server.receive_buffered_into(memoryview(bytearray(16))) == 0
+    first = bytearray(4)
+    assert await server.receive_into(memoryview(first)) == 4  # reads the record
+    rest = bytearray(16)
+    assert server.receive_buffered_into(memoryview(rest)) == 6  # the rest, no await
+    assert rest[:6] == b"456789"
+    assert server.receive_buffered_into(memoryview(rest)) == 0  # drained
+    await client.aclose()
+    assert await server.receive_into(memoryview(rest)) == 0  # close_notify: clean EOF
+    assert server.receive_buffered_into(memoryview(rest)) == 0
+    await server.aclose()
+
+
 async def test_transport_eof_without_close_notify_is_broken(
     contexts: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
