@@ -4,13 +4,15 @@ For one change set (the changed 64 KiB blocks of an image), a plain program that
 
 1. reads the changed blocks from the image (one ``pread`` each, into one buffer);
 2. writes them once to a log file with one data sync (the primary must keep what it
-   captured until the recovery side has it: a VM may run on meanwhile);
+   captured until the recovery side has it: a VM may run on meanwhile), starting the
+   write-back of each 8 MiB as it goes (``node/writeback.py``, as the product does);
 3. sends them (a header of their offsets, then the data) over TLS (the same certificates
    and cipher as the IR baseline of bench/ir.py) over loopback, from this process to a
    receiver process, PRIMARY_HOST to SERVER_HOST, the handshake included; the TLS is
    OpenSSL on memory BIOs with 1 MiB socket reads and writes (``bio_pipe.py``): the
    stdlib's TLS socket, one record per call, was slower than the cycle it bounds;
-4. in the receiver: writes them once to a journal as they arrive and syncs it once
+4. in the receiver: writes them once to a journal as they arrive (the write-back of each
+   8 MiB started likewise) and syncs it once
    (the recovery side must have them durably before it says so), then writes them once
    into the image at their offsets, and answers one byte.
 
@@ -37,6 +39,11 @@ from bio_pipe import BioPipe
 from ir import BLOCK, MIB, PRIMARY_HOST, PRIMARY_NAME, SERVER_HOST, SERVER_NAME, BenchSite
 
 from frlink.tls import client_context
+from node.writeback import start_writeback
+
+#: Bytes written between two starts of their write-back to disk (as the product does:
+#: node/writeback.py), so that each sync waits only for the tail.
+WRITEBACK = 8 << 20
 
 #: The receiver, run as ``python -c`` (the repository root on sys.path): listens, prints
 #: its port, serves one connection, prints its timestamps.
@@ -46,6 +53,8 @@ from pathlib import Path
 from frlink.tls import server_context
 sys.path.insert(0, "bench")
 from bio_pipe import BioPipe
+from node.writeback import start_writeback
+WRITEBACK = 8 << 20
 cert, key, ca, host, journal, image = sys.argv[1:7]
 block, capacity = int(sys.argv[7]), int(sys.argv[8])
 # The receive buffer is made and its pages touched before the clock starts: a design keeps
@@ -74,7 +83,7 @@ offsets = struct.unpack(f">{count}Q", exactly(8 * count))
 view = memoryview(buffer)[: count * block]
 data = view
 jfd = os.open(journal, os.O_WRONLY)
-got = written = 0
+got = written = kicked = 0
 while got < len(data):
     k = tls.recv_into(view[got:got + (1 << 20)])  # every record there, up to 1 MiB
     if not k:
@@ -83,6 +92,9 @@ while got < len(data):
     if got - written >= (1 << 20) or got == len(data):
         os.pwrite(jfd, view[written:got], written)  # journaled as it arrives, 1 MiB a write
         written = got
+        if written - kicked >= WRITEBACK or written == len(data):
+            start_writeback(jfd, kicked, written - kicked)  # to disk while the rest comes
+            kicked = written
 received = time.time()
 os.fdatasync(jfd)
 os.close(jfd)
@@ -174,7 +186,9 @@ class Floor:
             times["read"] = time.time()
             log = os.open(self.log, os.O_WRONLY)
             try:
-                os.pwrite(log, data, 0)
+                for lo in range(0, len(data), WRITEBACK):
+                    os.pwrite(log, data[lo : lo + WRITEBACK], lo)
+                    start_writeback(log, lo, min(WRITEBACK, len(data) - lo))
                 os.fdatasync(log)
             finally:
                 os.close(log)

@@ -19,6 +19,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol
 
+from node.writeback import start_writeback
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -31,6 +33,8 @@ class FileOps(Protocol):
     def writev(self, fd: int, parts: list[Buffer], path: Path) -> None: ...
 
     def truncate(self, fd: int, size: int, path: Path) -> None: ...
+
+    def start_writeback(self, fd: int, offset: int, length: int, path: Path) -> None: ...
 
     def fsync(self, fd: int, path: Path) -> None: ...
 
@@ -71,6 +75,10 @@ class OSFiles:
 
     def truncate(self, fd: int, size: int, path: Path) -> None:
         os.ftruncate(fd, size)
+
+    def start_writeback(self, fd: int, offset: int, length: int, path: Path) -> None:
+        """Start writing a range to disk, no wait (a hint; see node/writeback.py)."""
+        start_writeback(fd, offset, length)
 
     def fsync(self, fd: int, path: Path) -> None:
         os.fsync(fd)

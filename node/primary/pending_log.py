@@ -87,6 +87,8 @@ _OVERFLOW_MARK: Final = "OVERFLOWED"
 #: An acknowledged cycle's file kept for the next cycle to write over (see append_cycle).
 _SPARE: Final = "SPARE"
 _MAX_CHUNK: Final = 0xFFFFFFFF
+#: Bytes of a cycle written after which their write-back to disk is started.
+_WRITEBACK_BYTES: Final = 8 * 1024 * 1024
 
 #: Framing bytes of a cycle with no chunk (header and trailer).
 CYCLE_OVERHEAD: Final = _HEADER.size + _TRAILER.size
@@ -312,6 +314,7 @@ class PendingLog:
         header = head + seed.to_bytes(8, "big")
         first_seed = seed
         written = _write_all(fd, [header], path)
+        written_back = 0
         count = nbytes = 0
         for chunk in chunks:
             disk_index, offset, data = chunk[0], chunk[1], chunk[2]
@@ -332,6 +335,11 @@ class PendingLog:
             written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data], path)
             count += 1
             nbytes += length
+            if written - written_back >= _WRITEBACK_BYTES:
+                # On its way to disk while the capture reads on: the sync at the end
+                # waits for less (bench/delta.py's capture).
+                files().start_writeback(fd, written_back, written - written_back, path)
+                written_back = written
         if written + _TRAILER.size > budget:
             raise PendingLogFull(f"cycle {sequence} would pass the pending log's bound")
         body = _TRAILER.pack(_END_MAGIC, 0, count, nbytes, seed, 0)[:_TRAILER_FIELDS]

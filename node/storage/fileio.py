@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 import frproto
+from node.writeback import start_writeback
 
 Buffer = bytes | bytearray | memoryview
 
@@ -265,6 +266,10 @@ class FileIO:
     def fsync(self, fd: int, path: Path) -> None:
         self._before_sync(path)
         os.fsync(fd)
+
+    def start_writeback(self, fd: int, offset: int, length: int, path: Path) -> None:
+        """:func:`start_writeback` (changes nothing a power cut could see)."""
+        start_writeback(fd, offset, length)
 
     def fdatasync(self, fd: int, path: Path) -> None:
         """Make a file's data durable, and the metadata needed to read it back (size,
