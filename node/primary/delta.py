@@ -186,7 +186,7 @@ class Deltas:
             # Streamed from the pending log: a large cycle never sits in memory whole. The
             # digest is the capture's (digest once): the server's check is the only one.
             for disk_index, offset, data, digest in self.pending.read_chunks(sequence):
-                yield disk_index, offset, data if fault is None else fault(data), digest
+                yield disk_index, offset, data if fault is None else fault(bytes(data)), digest
 
         total = pending.nbytes
         self._note("batch_begin")

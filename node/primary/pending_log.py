@@ -61,11 +61,12 @@ for a resynchronization from a surviving dirty bitmap), checking what needs no d
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -373,16 +374,77 @@ class PendingLog:
         records = self._records(sequence, verify=True)  # KeyError here, not at the first next()
         return ((disk_index, offset, data) for disk_index, offset, data, _digest in records)
 
-    def read_chunks(self, sequence: int) -> Iterator[tuple[int, int, bytes, bytes]]:
+    def read_chunks(self, sequence: int) -> Generator[tuple[int, int, memoryview, bytes]]:
         """The chunks of one cycle with the digests the capture took, ``(disk_index,
         offset, data, digest)``, for sending: the framing and the chain are checked as by
         :meth:`read_cycle`, but the data is not digested (the receiver checks ``digest``).
+
+        ``data`` is a read-only view of the file mapped in memory, valid until the next
+        chunk is asked for: not to be kept (a read into a fresh buffer per chunk was a
+        fifth of the primary's time sending a batch, bench/delta.py).
 
         Raises:
             KeyError: no such cycle in the log.
             PendingLogCorrupt: torn or damaged framing.
         """
-        return self._records(sequence, verify=False)
+        with self._lock:
+            if sequence not in self._cycles:
+                raise KeyError(f"no cycle {sequence} in the pending log")
+        return self._read_mapped(self.path_of(sequence), sequence)
+
+    def _read_mapped(
+        self, path: Path, sequence: int
+    ) -> Generator[tuple[int, int, memoryview, bytes]]:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+        except FileNotFoundError as exc:
+            raise PendingLogCorrupt(f"{path.name}: the cycle file vanished") from exc
+        mapped: mmap.mmap | None = None
+        whole: memoryview | None = None
+        try:
+            file_size = os.fstat(f.fileno()).st_size
+            _seq, _at, seed = _check_header(f.read(_HEADER.size), path, sequence)
+            count, nbytes, last = _read_trailer(f, file_size, seed, path)
+            # Populated at once: one call, not a page fault per 4 KiB as it is sent.
+            mapped = mmap.mmap(
+                f.fileno(),
+                file_size,
+                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                prot=mmap.PROT_READ,
+            )
+            whole = memoryview(mapped)
+            end = file_size - _TRAILER.size
+            pos = _HEADER.size
+            total = 0
+            for index in range(count):
+                if pos + _RECORD.size > end:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
+                raw = bytes(whole[pos : pos + _RECORD.size])
+                disk_index, length, offset, digest, checksum = _RECORD.unpack(raw)
+                seed = xxhash.xxh3_64_intdigest(raw[:_RECORD_FIELDS], seed=seed)
+                start = pos + _RECORD.size
+                pos = start + length
+                if pos > end:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")
+                if seed != checksum:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} checksum mismatch")
+                total += length
+                data = whole[start:pos]
+                try:
+                    yield disk_index, offset, data, digest
+                finally:
+                    with contextlib.suppress(BufferError):  # still viewed: collected
+                        data.release()
+            if pos != end or seed != last or total != nbytes:
+                raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
+        finally:
+            if whole is not None:
+                with contextlib.suppress(BufferError):
+                    whole.release()
+            if mapped is not None:
+                with contextlib.suppress(BufferError):  # a view kept: the collector unmaps
+                    mapped.close()
+            f.close()
 
     def check_cycle(self, sequence: int) -> None:
         """Read one cycle whole and check every record's data against its digest

@@ -228,7 +228,8 @@ def test_the_capture_digest_travels_with_the_record(tmp_path: Path) -> None:
     a = _chunks(1)
     given = [(d, o, x, xxhash.xxh3_128_digest(x)) for d, o, x in a]
     log.append_cycle(1, 0, given)
-    assert list(log.read_chunks(1)) == given
+    # each chunk's data is a view valid until the next: copied as it comes
+    assert [(d, o, bytes(x), g) for d, o, x, g in log.read_chunks(1)] == given
     log.check_cycle(1)
     # A digest the capture got wrong (or data damaged after it) travels unnoticed by the
     # sender's read: the receiver's check is the one check of the data.
@@ -251,10 +252,26 @@ def test_a_damaged_data_byte_is_left_to_the_receiver(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[32 + RECORD_OVERHEAD + 100] ^= 1  # inside the first record's data
     path.write_bytes(raw)
-    (first, *_rest) = list(log.read_chunks(1))
+    reading = log.read_chunks(1)
+    first = next(reading)
     assert xxhash.xxh3_128_digest(first[2]) != first[3]  # the server will refuse it
+    reading.close()
     with pytest.raises(PendingLogCorrupt):
         log.check_cycle(1)
+
+
+def test_read_chunks_hands_out_views_valid_until_the_next_chunk(tmp_path: Path) -> None:
+    # Sending reads the cycle through a memory map, no copy: a view kept past its turn is
+    # released (an error to use, never another chunk's bytes).
+    log = PendingLog(tmp_path, max_bytes=1 << 20)
+    chunks = _chunks(1)
+    log.append_cycle(1, 0, chunks)
+    views = []
+    for (_d, _o, data, _g), (_, _, expected) in zip(log.read_chunks(1), chunks, strict=True):
+        assert bytes(data) == expected
+        views.append(data)
+    with pytest.raises(ValueError, match="released"):
+        bytes(views[0])
 
 
 def test_a_format_1_file_reads_as_not_intact(tmp_path: Path) -> None:
