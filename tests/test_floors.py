@@ -48,9 +48,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "frconform": frozenset({"frproto"}),
     "frlink": frozenset({"frproto"}),
     "broker": frozenset({"frproto", "frlink"}),
-    "node.storage": frozenset({"frproto"}),
+    # Starting a file's write-back early (sync_file_range): a leaf, under both the
+    # storage engine (a batch's journal) and the primary (a pending cycle).
+    "node.writeback": frozenset(),
+    "node.storage": frozenset({"frproto", "node.writeback"}),
     "node.oob_file": frozenset({"frproto"}),
-    "node.primary": frozenset({"frproto", "frlink", "node.oob_file"}),
+    "node.primary": frozenset({"frproto", "frlink", "node.oob_file", "node.writeback"}),
     _SERVER: frozenset({"frproto", "frlink", "node.storage", "node.oob_file"}),
     "node.failover": frozenset({"frproto", "frlink", "node.storage", "node.primary"}),
     # Recovery plans run failovers of many VMs, at the recovery server (its
@@ -91,7 +94,7 @@ ALLOWED["frtesting"] = frozenset(ALLOWED)
 #: frctl, on top, may import every room (its demo runs on frtesting's loopback cluster).
 ALLOWED["frctl"] = frozenset(ALLOWED) | {"frconform"}
 
-_NODE_ROOMS = ("storage", "primary", "failover", "recovery_plan", "oob_file")
+_NODE_ROOMS = ("storage", "primary", "failover", "recovery_plan", "oob_file", "writeback")
 
 
 def room(module: str) -> str:
