@@ -152,7 +152,10 @@ class BufferPool:
         for i in range(len(self.free) - 1, -1, -1):  # the last given first: warm in cache
             if len(self.free[i]) >= size:
                 return self.free.pop(i)
-        return mmap.mmap(-1, max(size, self.minimum, mmap.PAGESIZE))
+        # Private: an anonymous mmap is shared by default, and a process forked later (a
+        # ProcessPoolExecutor's worker) would write into the same pages as its parent and
+        # siblings (the simulation's workers corrupted each other's IR chunks so).
+        return mmap.mmap(-1, max(size, self.minimum, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE)
 
     def give(self, buffer: mmap.mmap) -> bool:
         """Take ``buffer`` back; False if it is still in use (it is then left to the

@@ -105,7 +105,8 @@ class IRWriteQueue:
                 return buf
             buf.close()
         self.copy_buffers += 1
-        return mmap.mmap(-1, max(size, mmap.PAGESIZE))
+        # Private, not shared with a process forked later (see frproto.trio_io.BufferPool).
+        return mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE)
 
     async def _write(
         self,

@@ -443,6 +443,22 @@ async def test_a_large_frames_buffer_goes_back_to_the_pool_when_idle_and_at_clos
     assert any(buffer is frame for buffer in FRAME_POOL.free)
 
 
+def test_a_pooled_buffer_is_not_shared_with_a_forked_process() -> None:
+    # A worker forked later (the simulation's ProcessPoolExecutor) must not write into the
+    # pages its parent or siblings read frames into: anonymous mmaps are shared by default.
+    pool = BufferPool()
+    buffer = pool.take(1 << 20)
+    buffer[:6] = b"parent"
+    pid = os.fork()
+    if pid == 0:  # the child: write, leave at once
+        buffer[:6] = b"child!"
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert buffer[:6] == b"parent"
+    pool.give(buffer)
+
+
 def test_the_pool_keeps_no_buffer_still_in_use_and_at_most_keep() -> None:
     pool = BufferPool(keep=1, minimum=2 * mmap.PAGESIZE)
     first, second = pool.take(10), pool.take(3 * mmap.PAGESIZE)
