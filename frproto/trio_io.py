@@ -12,7 +12,10 @@ chunk is copied once (out of Trio's receive bytes into the frame) and never agai
 Bytes read past the end of a frame stay in a view of the received object, consumed by
 moving an offset; the tail is never re-sliced into a new object. A stream that has a
 ``receive_into(memoryview) -> int`` method (duck typed, e.g. frlink.biotls.BioTLSStream)
-is read straight into the frame instead, with no intermediate object at all.
+is read straight into the frame instead, with no intermediate object at all; if it also
+has ``receive_buffered_into(memoryview) -> int``, what it already holds is taken without
+an await (at most :data:`BUFFERED_BUDGET` bytes between two awaited reads). A chunk's
+payload in a pooled frame starts on a page boundary (:data:`PAYLOAD_ALIGN`).
 
 Memory: buffers of large frames (chunks, large control messages) come from
 :data:`FRAME_POOL`, shared by every connection of the process, and go back to it when the

@@ -79,6 +79,17 @@ async def _open_session(primary: FramedStream, recovery: FramedStream) -> None:
     await primary.expect(fp.RelationshipAccepted)
 
 
+async def _send_blocks(
+    primary: FramedStream, blocks: list[bytes], *, compress: bool = False
+) -> None:
+    """BatchBegin, then ``blocks`` as chunks one after the other from offset 0 (no end)."""
+    await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
+    offset = 0
+    for block in blocks:
+        await primary.send_chunk(0, offset, block, compress_data=compress)
+        offset += len(block)
+
+
 async def _transfer_batch(
     primary: FramedStream, recovery: FramedStream, blocks: list[bytes], *, compress: bool = False
 ) -> list[fp.Chunk]:
@@ -86,11 +97,7 @@ async def _transfer_batch(
     received: list[fp.Chunk] = []
 
     async def send() -> None:
-        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
-        offset = 0
-        for block in blocks:
-            await primary.send_chunk(0, offset, block, compress_data=compress)
-            offset += len(block)
+        await _send_blocks(primary, blocks, compress=compress)
         conn = primary.connection
         expected = fp.BatchEnd(VM, 1, conn.chunk_count, conn.aggregate_digest)
         assert await primary.end_batch() == expected
@@ -331,11 +338,6 @@ async def test_chunk_data_held_across_frames_is_never_overwritten(into: bool) ->
     held: list[fp.Chunk] = []
     addresses: list[int] = []
 
-    async def send() -> None:
-        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
-        for i, block in enumerate(blocks):
-            await primary.send_chunk(0, i * len(block), block)
-
     async def receive() -> None:
         await recovery.expect(fp.BatchBegin)
         for i in range(len(blocks)):
@@ -349,7 +351,7 @@ async def test_chunk_data_held_across_frames_is_never_overwritten(into: bool) ->
             del chunk
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send)
+        nursery.start_soon(_send_blocks, primary, blocks)
         nursery.start_soon(receive)
     assert [bytes(c.data) for c in held] == blocks[:3]
     # The first three frames each got a buffer of their own; once the events were
@@ -365,12 +367,8 @@ async def test_a_chunk_payload_in_a_pooled_frame_starts_on_a_page() -> None:
     await _open_session(primary, recovery)
     block = os.urandom(1 << 20)
 
-    async def send() -> None:
-        await primary.send(fp.BatchBegin(VM, 1, 0, 1, len(block)))
-        await primary.send_chunk(0, 0, block)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send)
+        nursery.start_soon(_send_blocks, primary, [block])
         await recovery.expect(fp.BatchBegin)
         chunk = await recovery.expect(fp.Chunk)
     assert isinstance(chunk, fp.Chunk)
@@ -392,11 +390,6 @@ async def test_buffered_bytes_are_taken_without_waiting_but_not_for_ever() -> No
     blocks = [os.urandom(256 * 1024) for _ in range(48)]  # 12 MiB
     got: list[bytes] = []
 
-    async def send() -> None:
-        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), sum(map(len, blocks))))
-        for i, block in enumerate(blocks):
-            await primary.send_chunk(0, i * len(block), block)
-
     async def receive() -> None:
         await recovery.expect(fp.BatchBegin)
         for _ in blocks:
@@ -404,7 +397,7 @@ async def test_buffered_bytes_are_taken_without_waiting_but_not_for_ever() -> No
             assert isinstance(chunk, fp.Chunk)
             got.append(bytes(chunk.data))
 
-    await send()  # all of it waits in the transport: one read brings it whole
+    await _send_blocks(primary, blocks)  # all of it waits in the transport: one read brings it
     calls_before = stream.into_calls
     await receive()
     assert got == blocks
