@@ -372,7 +372,8 @@ class PendingLog:
             PendingLogCorrupt: torn or damaged file.
         """
         records = self._records(sequence, verify=True)  # KeyError here, not at the first next()
-        return ((disk_index, offset, data) for disk_index, offset, data, _digest in records)
+        # Copied: the callers keep the data (the views last until the next record).
+        return ((disk_index, offset, bytes(data)) for disk_index, offset, data, _digest in records)
 
     def read_chunks(self, sequence: int) -> Generator[tuple[int, int, memoryview, bytes]]:
         """The chunks of one cycle with the digests the capture took, ``(disk_index,
@@ -387,14 +388,12 @@ class PendingLog:
             KeyError: no such cycle in the log.
             PendingLogCorrupt: torn or damaged framing.
         """
-        with self._lock:
-            if sequence not in self._cycles:
-                raise KeyError(f"no cycle {sequence} in the pending log")
-        return self._read_mapped(self.path_of(sequence), sequence)
+        return self._records(sequence, verify=False)
 
-    def _read_mapped(
-        self, path: Path, sequence: int
+    def _read(
+        self, path: Path, sequence: int, verify: bool
     ) -> Generator[tuple[int, int, memoryview, bytes]]:
+        """Walk a cycle file through a memory map; each data view lasts until the next."""
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
         except FileNotFoundError as exc:
@@ -430,6 +429,8 @@ class PendingLog:
                     raise PendingLogCorrupt(f"{path.name}: record {index} checksum mismatch")
                 total += length
                 data = whole[start:pos]
+                if verify and xxhash.xxh3_128_digest(data) != digest:
+                    raise PendingLogCorrupt(f"{path.name}: record {index} data mismatch")
                 try:
                     yield disk_index, offset, data, digest
                 finally:
@@ -458,47 +459,13 @@ class PendingLog:
         for _ in self._records(sequence, verify=True):
             pass
 
-    def _records(self, sequence: int, *, verify: bool) -> Iterator[tuple[int, int, bytes, bytes]]:
+    def _records(
+        self, sequence: int, *, verify: bool
+    ) -> Generator[tuple[int, int, memoryview, bytes]]:
         with self._lock:
             if sequence not in self._cycles:
                 raise KeyError(f"no cycle {sequence} in the pending log")
         return self._read(self.path_of(sequence), sequence, verify)
-
-    def _read(
-        self, path: Path, sequence: int, verify: bool
-    ) -> Iterator[tuple[int, int, bytes, bytes]]:
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
-        except FileNotFoundError as exc:
-            raise PendingLogCorrupt(f"{path.name}: the cycle file vanished") from exc
-        try:
-            file_size = os.fstat(f.fileno()).st_size
-            _seq, _at, seed = _check_header(f.read(_HEADER.size), path, sequence)
-            count, nbytes, last = _read_trailer(f, file_size, seed, path)
-            f.seek(_HEADER.size)
-            end = file_size - _TRAILER.size
-            pos = _HEADER.size
-            total = 0
-            for index in range(count):
-                raw = f.read(_RECORD.size)
-                if len(raw) != _RECORD.size or pos + _RECORD.size > end:
-                    raise PendingLogCorrupt(f"{path.name}: record {index} is torn")
-                disk_index, length, offset, digest, checksum = _RECORD.unpack(raw)
-                pos += _RECORD.size + length
-                if pos > end:
-                    raise PendingLogCorrupt(f"{path.name}: record {index} runs past the end")
-                data = f.read(length)
-                seed = xxhash.xxh3_64_intdigest(raw[:_RECORD_FIELDS], seed=seed)
-                if len(data) != length or seed != checksum:
-                    raise PendingLogCorrupt(f"{path.name}: record {index} checksum mismatch")
-                if verify and xxhash.xxh3_128_digest(data) != digest:
-                    raise PendingLogCorrupt(f"{path.name}: record {index} data mismatch")
-                total += length
-                yield disk_index, offset, data, digest
-            if pos != end or seed != last or total != nbytes:
-                raise PendingLogCorrupt(f"{path.name}: records do not match the trailer")
-        finally:
-            f.close()
 
     def extents(self, sequence: int) -> Iterator[tuple[int, int, int]]:
         """Where the chunks of one cycle go, ``(disk_index, offset, length)`` in the order
