@@ -153,12 +153,16 @@ def test_a_sized_cycle_past_the_bound_is_refused_before_a_byte(tmp_path: Path) -
         def record(self, *args: object) -> None:
             began.append(args)
 
-    def untouched() -> Iterator[Chunk]:
-        raise AssertionError("a chunk was taken from a refused cycle")
-        yield  # pragma: no cover
+    taken: list[Chunk] = []
+
+    def watched() -> Iterator[Chunk]:
+        for chunk in chunks:
+            taken.append(chunk)
+            yield chunk
 
     with pytest.raises(PendingLogFull, match="would pass"):
-        log.append_cycle(1, 1, untouched(), expected=(count, nbytes), reader=Reader())
+        log.append_cycle(1, 1, watched(), expected=(count, nbytes), reader=Reader())
+    assert taken == []  # not a block read for a refused cycle
     assert began == []
     assert log.overflowed
     assert PendingLog(tmp_path, max_bytes=bound).overflowed  # durably
