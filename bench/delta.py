@@ -87,15 +87,11 @@ CHANGED = 0.10
 GOAL = 10.0
 SCAN_GOAL = 4.0
 FLOOR_GOAL = 1.5
-#: The phases of a tracker cycle; the last two run after the Ack. The capture and the
-#: session run at once (node/primary/live_cycle.py): ``connect`` and ``capture`` both
-#: count from the cycle's start, ``send`` from the BatchBegin, ``send_after_capture`` is
-#: what is left of the send once the capture is over.
+#: The phases of a tracker cycle, in order; the last two run after the Ack.
 PHASES = (
     "capture",
     "connect",
     "send",
-    "send_after_capture",
     "server_receive",
     "journal_durable",
     "ack",
@@ -289,9 +285,8 @@ def cycle_phases(primary: dict[str, float], server: dict[str, float]) -> dict[st
     """Seconds per phase of one tracker cycle (PHASES), from both sides' timestamps."""
     return {
         "capture": primary["captured"] - primary["start"],
-        "connect": primary["batch_begin"] - primary["start"],
+        "connect": primary["batch_begin"] - primary["captured"],
         "send": server["received"] - primary["batch_begin"],
-        "send_after_capture": server["received"] - primary["captured"],
         "server_receive": server["received"] - server["began"],
         "journal_durable": server["durable"] - server["received"],
         "ack": primary["acked"] - server["durable"],
@@ -511,16 +506,14 @@ def main(argv: list[str] | None = None) -> int:
             f"          {GOAL:g}x rsync is out of reach on this machine: the floor itself is "
             f"{floor_rsync:.2f}x rsync"
         )
-    # The capture runs beside the connect and the send; server_receive lies within send
-    # (the same bytes, seen from the other end).
-    on_path = sum(phase[k] for k in ("connect", "send", "journal_durable", "ack"))
+    # server_receive lies within send (the same bytes, seen from the other end).
+    on_path = sum(phase[k] for k in ("capture", "connect", "send", "journal_durable", "ack"))
     print(
         "phases    tracker cycle, medians (ms): "
-        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[:-2])
-        + f" (on the path: connect, send, journal_durable, ack: {on_path * 1000:.0f} of "
-        + f"{med(c.seconds for c in tracked) * 1000:.0f}; the capture runs beside them); "
-        + "after the Ack: "
-        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[-2:])
+        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[:6])
+        + f" (on the path, server_receive within send: {on_path * 1000:.0f} of "
+        + f"{med(c.seconds for c in tracked) * 1000:.0f}); after the Ack: "
+        + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[6:])
     )
     result: dict[str, Any] = {
         "name": "delta",

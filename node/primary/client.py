@@ -16,7 +16,7 @@ import mmap
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,37 +353,21 @@ class RecoveryClient:
         self,
         vmid: uuid.UUID,
         sequence: int,
-        chunks: Iterable[BatchChunk] | AsyncIterable[BatchChunk],
+        chunks: Iterable[BatchChunk],
         *,
         chunk_count: int,
         total_bytes: int,
         captured_at_ms: int,
         limiter: BandwidthLimiter | None = None,
-        before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Send one delta batch and wait until the recovery server has applied it.
-
-        ``chunks`` may be asynchronous (a cycle sent while it is captured); then
-        ``before_end`` is awaited before the BatchEnd (its error leaves the batch unended).
-        """
+        """Send one delta batch and wait until the recovery server has applied it."""
         await self.conn.send(
             fp.BatchBegin(vmid, sequence, sequence - 1, chunk_count, total_bytes, captured_at_ms)
         )
-
-        async def send(chunk: BatchChunk) -> None:
-            disk_index, offset, data, digest = chunk
+        for disk_index, offset, data, digest in chunks:
             if limiter is not None:  # per chunk, so the link sees a steady rate
                 await trio.sleep(limiter.reserve(len(data)))
             await self.conn.send_chunk(disk_index, offset, data, digest=digest)
-
-        if isinstance(chunks, AsyncIterable):
-            async for chunk in chunks:
-                await send(chunk)
-        else:
-            for chunk in chunks:
-                await send(chunk)
-        if before_end is not None:
-            await before_end()
         await self.conn.end_batch()
         ack = await self.conn.expect(fp.Ack)
         assert isinstance(ack, fp.Ack)

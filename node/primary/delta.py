@@ -13,7 +13,6 @@ server's ack is its sequence recorded and its data dropped from the log.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,6 @@ import xxhash
 import frproto as fp
 
 from .client import BatchChunk, RecoveryClient
-from .live_cycle import LiveCycle
 from .pending_log import LogChunk, PendingCycle, PendingLog, PendingLogFull
 from .plan import Capture, next_capture_sequence, plan_capture
 from .record import VMRecord, count_batch
@@ -68,9 +66,6 @@ class Deltas:
     #: same one, and a cycle is captured even when nothing changed, so that each VM has
     #: a recovery point of that moment. None: now, and nothing captured when unchanged.
     captured_at_ms: int | None = None
-    #: The cycle's capture as the session may send it meanwhile (node/primary/live_cycle.py):
-    #: the capture feeds it, :meth:`send_live` reads it. None: captured, then sent.
-    live: LiveCycle | None = None
 
     def _note(self, phase: str) -> None:
         if self.phases is not None:
@@ -82,20 +77,8 @@ class Deltas:
             overflowed=self.pending.overflowed,
             has_tracker=self.tracker is not None or self.point is not None,
         )
-        live = self.live
-        try:
-            if source is Capture.NOTHING:
-                return  # the cycle resynchronizes instead
-            await self._capture(source)
-        except BaseException as exc:
-            if live is not None:
-                live.fail(exc)
-            raise
-        finally:
-            if live is not None:
-                live.finish()  # the cycle durable and described, or none (a no-op after fail)
-
-    async def _capture(self, source: Capture) -> None:
+        if source is Capture.NOTHING:
+            return  # the cycle resynchronizes instead
         if self.before_capture is not None:
             self.before_capture()
         try:
@@ -141,15 +124,10 @@ class Deltas:
             sequences = [c.sequence for c in self.pending.cycles()]
             sequence = next_capture_sequence(sequences, self.vm.state.sequence)
             await trio.to_thread.run_sync(
-                functools.partial(
-                    self.pending.append_cycle,
-                    sequence,
-                    int(time.time() * 1000) if self.captured_at_ms is None else self.captured_at_ms,
-                    chunks(),
-                    # Known before a block is read: the batch may begin meanwhile.
-                    expected=_cycle_size(changed, block, [d.size for d in disks]),
-                    reader=self.live,
-                )
+                self.pending.append_cycle,
+                sequence,
+                int(time.time() * 1000) if self.captured_at_ms is None else self.captured_at_ms,
+                chunks(),
             )
         except PendingLogFull:
             # The tracker must keep these blocks: with the log overflowed, the
@@ -198,38 +176,6 @@ class Deltas:
                 known.update(((disk_index, b), d) for b, d in digests.items())
         return changed, known
 
-    async def send_live(self, client: RecoveryClient, live: LiveCycle) -> None:
-        """Send the cycle being captured as its delta batch, its chunks as they are
-        written to the pending log, its BatchEnd once the capture is over; then record
-        it as :meth:`send` does. Nothing when the capture has no cycle.
-
-        Raises:
-            CaptureFailed: the capture failed (the batch is left unended: close the
-                connection).
-        """
-        plan = await live.decided()
-        if plan is None or live.acknowledged:  # none, or sent on a connection before
-            return
-        self._note("batch_begin")
-        try:
-            await client.send_batch(
-                self.vm.vmid,
-                plan.sequence,
-                live.chunks(self.chunk_fault),
-                chunk_count=plan.chunk_count,
-                total_bytes=plan.nbytes,
-                captured_at_ms=plan.captured_at_ms,
-                limiter=self.vm.limiter(),
-                before_end=live.finished,
-            )
-        except fp.DigestMismatch:
-            await live.finished()
-            await trio.to_thread.run_sync(self.pending.check_cycle, plan.sequence)
-            raise
-        self._note("acked")
-        live.acknowledged = True
-        self._acknowledged(plan.sequence, plan.captured_at_ms, plan.nbytes, plan.chunk_count)
-
     async def send(self, client: RecoveryClient, pending: PendingCycle) -> None:
         """Send one pending cycle as its delta batch; once acknowledged, record it and
         drop it from the pending log."""
@@ -262,11 +208,6 @@ class Deltas:
             await trio.to_thread.run_sync(self.pending.check_cycle, sequence)
             raise
         self._note("acked")
-        self._acknowledged(sequence, pending.captured_at_ms, total, pending.chunk_count)
-
-    def _acknowledged(
-        self, sequence: int, captured_at_ms: int, total: int, chunk_count: int
-    ) -> None:
         # The acknowledged sequence is recorded *before* the cycle leaves the pending log:
         # killed in between, the primary finds a cycle it already had acknowledged (it is
         # dropped unsent, see plan_pending_cycle). The other order could let a restarted
@@ -275,7 +216,7 @@ class Deltas:
         s = self.vm.state
         s.sequence = sequence
         s.last_replicated_at = time.time()
-        s.last_captured_at = captured_at_ms / 1000
+        s.last_captured_at = pending.captured_at_ms / 1000
         count_batch(s, total)
         self.vm.save()
         self.pending.drop_through(sequence)
@@ -284,20 +225,6 @@ class Deltas:
             "%s: batch %d applied (%d chunks, %d bytes)",
             s.name,
             sequence,
-            chunk_count,
+            pending.chunk_count,
             total,
         )
-
-
-def _cycle_size(
-    changed: dict[int, list[int]], block_size: int, disk_sizes: list[int]
-) -> tuple[int, int]:
-    """``(chunk_count, nbytes)`` of a cycle of the ``changed`` blocks: one chunk per
-    block (as :func:`read_blocks` yields them), the last block of a disk cut at its end."""
-    count = nbytes = 0
-    for disk_index, blocks in changed.items():
-        size = disk_sizes[disk_index]
-        for b in set(blocks):
-            count += 1
-            nbytes += min(block_size, size - b * block_size)
-    return count, nbytes

@@ -69,7 +69,7 @@ import threading
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import BinaryIO, Final
 
 import xxhash
 
@@ -141,35 +141,6 @@ class PendingCycle:
     chunk_count: int
     intact: bool = True
     file_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CyclePlan:
-    """A cycle known before its first record is written (its batch's BatchBegin
-    announces the counts): what :meth:`PendingLog.append_cycle` is asked to write."""
-
-    sequence: int
-    captured_at_ms: int
-    chunk_count: int
-    nbytes: int
-
-    @property
-    def file_size(self) -> int:
-        """The size of the cycle's file, framing included."""
-        return CYCLE_OVERHEAD + self.chunk_count * RECORD_OVERHEAD + self.nbytes
-
-
-class CycleReader(Protocol):
-    """Follows a cycle while :meth:`PendingLog.append_cycle` writes it, from the
-    writing thread (``node/primary/live_cycle.py``: the cycle is sent meanwhile)."""
-
-    def begin(self, path: Path, plan: CyclePlan) -> None:
-        """The file is at ``path`` (until it is renamed when whole) with its final size."""
-
-    def record(
-        self, disk_index: int, offset: int, position: int, length: int, digest: bytes
-    ) -> None:
-        """A record's data is written at ``position`` of the file."""
 
 
 class PendingLog:
@@ -250,9 +221,6 @@ class PendingLog:
         sequence: int,
         captured_at_ms: int,
         chunks: Iterable[LogChunk],
-        *,
-        expected: tuple[int, int] | None = None,
-        reader: CycleReader | None = None,
     ) -> int:
         """Write one cycle, durably, as a whole.
 
@@ -294,14 +262,6 @@ class PendingLog:
             path = self.path_of(sequence)
             tmp = path.with_name(path.name + ".tmp")
             io = files()
-            plan = None if expected is None else CyclePlan(sequence, captured_at_ms, *expected)
-            if plan is not None and plan.file_size > budget:
-                with self._lock:
-                    self._mark_overflowed()
-                raise PendingLogFull(
-                    f"cycle {sequence} ({plan.file_size} bytes) would pass the pending "
-                    f"log's bound of {self.max_bytes} bytes: resynchronize"
-                )
             # Writing over the blocks of an acknowledged cycle's file (the spare) costs a
             # fraction of writing a new file, whose blocks the file system allocates as
             # it goes (bench/delta.py: the capture's log write). The file is a ".tmp"
@@ -315,21 +275,10 @@ class PendingLog:
             fd = io.open(tmp, flags, 0o600)
             try:
                 try:
-                    if plan is not None:
-                        # Its final size at once: a reader maps the whole file while
-                        # the records are written (and the spare's tail is cut now).
-                        io.truncate(fd, plan.file_size, tmp)
-                        if reader is not None:
-                            reader.begin(tmp, plan)
                     written, count, nbytes = self._write(
-                        fd, tmp, sequence, captured_at_ms, chunks, budget, reader
+                        fd, tmp, sequence, captured_at_ms, chunks, budget
                     )
-                    if plan is not None and (count, nbytes) != expected:
-                        raise ValueError(
-                            f"cycle {sequence}: {count} chunks of {nbytes} bytes written, "
-                            f"{plan.chunk_count} of {plan.nbytes} expected"
-                        )
-                    if reuse and plan is None:
+                    if reuse:
                         io.truncate(fd, written, tmp)
                     io.fsync(fd, tmp)
                 finally:
@@ -360,7 +309,6 @@ class PendingLog:
         captured_at_ms: int,
         chunks: Iterable[LogChunk],
         budget: int,
-        reader: CycleReader | None,
     ) -> tuple[int, int, int]:
         head = _HEADER.pack(_MAGIC, _VERSION, 0, sequence, captured_at_ms, 0)[:24]
         seed = xxhash.xxh3_64_intdigest(head)
@@ -386,8 +334,6 @@ class PendingLog:
             fields = _RECORD.pack(disk_index, length, offset, digest, 0)[:_RECORD_FIELDS]
             seed = xxhash.xxh3_64_intdigest(fields, seed=seed)
             written += _write_all(fd, [fields + seed.to_bytes(8, "big"), data], path)
-            if reader is not None:
-                reader.record(disk_index, offset, written - length, length, digest)
             count += 1
             nbytes += length
             if written - written_back >= _WRITEBACK_BYTES:

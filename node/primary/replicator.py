@@ -75,7 +75,6 @@ from .failover_doubt import (
 )
 from .image_view import viewing
 from .initial import IR_PROGRESS_SECONDS
-from .live_cycle import LiveCycle
 from .locks import cycle_lock
 from .metrics import PrimaryMetrics
 from .oob_export import is_exported, map_path
@@ -85,7 +84,7 @@ from .qemu import PointInTime, QemuSource
 from .record import VMRecord, disks_of, images_of
 from .resync import Progress, Resynchronization, ResyncResult, VerifyResult
 from .route import MAX_REQUERIES, Route
-from .session import ResyncFirst, replicate
+from .session import replicate
 from .state import (
     FailureKind,
     Health,
@@ -181,8 +180,6 @@ class VMReplicator:
     phases: dict[str, float] = field(default_factory=dict, init=False)
     _maps: list[DigestMap] = field(default_factory=list, init=False)
     _point: PointInTime | None = field(default=None, init=False)
-    #: The cycle being captured while the session sends it (``_capture_and_send``).
-    _live: LiveCycle | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.vmid = uuid.UUID(self.state.vmid)
@@ -286,7 +283,6 @@ class VMReplicator:
             self.chunk_fault,
             self.phases,
             self._point,
-            live=self._live,
         )
 
     def _verification(self) -> Verification:
@@ -538,14 +534,14 @@ class VMReplicator:
                 needs_resync=self.state.needs_resync,
                 tracker_lost=self.tracker is not None and self.tracker.lost,
             )
-            sent = False
             if start is CycleStart.CAPTURE:
-                if self.pending.overflowed:
-                    await self.capture()  # nothing: the cycle resynchronizes
-                    await self._captured(point)
-                else:
-                    sent = await self._capture_and_send(point)
+                await self.capture()
+                if point is not None:
+                    point.commit = point.captured
             resyncing = resync_due(start, overflowed=self.pending.overflowed)
+            if point is not None and start is CycleStart.CAPTURE and not resyncing:
+                # The send reads the pending log, not the disks: no fleecing meanwhile.
+                await self._close_point(point)
             if resyncing:
                 window = self.resync_window
                 if window is not None and not window.contains(self.wall_clock().time()):
@@ -562,8 +558,7 @@ class VMReplicator:
                 if point is not None:
                     point.commit = True  # every block was compared at the point
                     self.state.qemu_bitmap = "intact"
-            if not sent or resyncing:
-                await self._route().follow(self._session, self._note_session)
+            await self._route().follow(self._session, self._note_session)
         except (ReplicationHalted, DiskResized) as exc:
             self.state.halted = str(exc)
             self.state.health = Health.CRITICAL
@@ -579,61 +574,6 @@ class VMReplicator:
         self._update_health()
         self._save()
         self.phases["end"] = time.time()
-
-    async def _captured(self, point: PointInTime | None) -> None:
-        """After a cycle's capture: QEMU's point commits its bitmaps if the capture took
-        them, and closes unless the cycle resynchronizes through it (the send reads the
-        pending log, not the disks: no fleecing meanwhile)."""
-        if point is not None:
-            point.commit = point.captured
-            if not self.pending.overflowed:
-                await self._close_point(point)
-
-    async def _capture_and_send(self, point: PointInTime | None) -> bool:
-        """Capture the cycle while the session connects and sends it (LiveCycle): the
-        batch streams from the pending log as the capture writes it and ends once the
-        capture is over. True: the session ran; False: it has to run again after a
-        resynchronization (the capture overflowed the pending log).
-
-        The capture never waits for the session, and a session that fails does not cut
-        the capture short: its error is raised once the capture is over. A capture that
-        fails cancels the session (its batch unended) and raises its own error.
-        """
-        live = LiveCycle()
-        session_error: Exception | None = None
-        capture_error: Exception | None = None
-
-        async def session() -> None:
-            nonlocal session_error
-            try:
-                await self._route().follow(self._session, self._note_session)
-            except ResyncFirst:
-                pass  # the resynchronization's session follows
-            except Exception as exc:
-                session_error = exc
-
-        self._live = live
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(session)
-                try:
-                    await self.capture()
-                    await self._captured(point)
-                except Exception as exc:
-                    capture_error = exc
-                    nursery.cancel_scope.cancel()
-        finally:
-            self._live = None
-            live.close()
-        if capture_error is not None:
-            raise capture_error
-        if self.pending.overflowed:
-            if session_error is not None:
-                log.info("%s: %s (a resynchronization follows)", self.state.name, session_error)
-            return False
-        if session_error is not None:
-            raise session_error
-        return True
 
     def _note_session(self, client: RecoveryClient) -> None:
         self.last_compression = client.negotiated.compression

@@ -18,12 +18,6 @@ from .plan import DropAcknowledged, plan_pending_cycle, refusal
 from .state import IRStage
 
 
-class ResyncFirst(Exception):
-    """The pending log overflowed at the capture this session ran beside: its cycles are
-    moot, nothing more is sent (and no failover ask answered) before the cycle's
-    resynchronization, which opens a session of its own."""
-
-
 async def replicate(
     deltas: Deltas,
     client: RecoveryClient,
@@ -41,7 +35,6 @@ async def replicate(
 
     Raises:
         ReplicationHalted: the replica was deleted, or cannot take the batches.
-        ResyncFirst: the capture beside this session overflowed the pending log.
     """
     vm, s = deltas.vm, deltas.vm.state
     try:
@@ -77,18 +70,9 @@ async def replicate(
         await initial_replication(
             vm, client, accepted, exported=exported(), exported_maps=exported_maps
         )
-    live = deltas.live
-    # The cycle being captured goes last; the log holds it once it is durable.
-    plan = None if live is None else await live.decided()
-    if live is not None and deltas.pending.overflowed:
-        raise ResyncFirst(f"{s.name}: the pending log overflowed at this cycle's capture")
     for pending in deltas.pending.cycles():
-        if plan is not None and pending.sequence >= plan.sequence:
-            break
         if isinstance(plan_pending_cycle(pending.sequence, s.sequence), DropAcknowledged):
             # Acknowledged, then the primary stopped before dropping it.
             deltas.pending.drop_through(pending.sequence)
             continue
         await deltas.send(client, pending)
-    if live is not None:
-        await deltas.send_live(client, live)

@@ -331,7 +331,7 @@ async def test_failed_captures_and_resyncs_give_the_blocks_back(
         written = set(rng.sample(range(size // BLOCK), 6))
         write_blocks(image, rng, written, tracker)
 
-        def disk_full(*args: object, **kwargs: object) -> int:
+        def disk_full(*args: object) -> int:
             raise OSError("no space left on the device")
 
         with monkeypatch.context() as m:

@@ -17,12 +17,7 @@ import pytest
 from node.primary.durable import Buffer, OSFiles, using
 from node.primary.pending_log import PendingLog
 from node.primary.state import PrimaryStateStore
-from tests.node.storage.crash_states import (
-    PRIMARY_VMID,
-    _primary_state,
-    primary_chunks,
-    primary_expected,
-)
+from tests.node.storage.crash_states import PRIMARY_VMID, _primary_state, primary_chunks
 
 ERRNOS = (errno.EIO, errno.ENOSPC, errno.EDQUOT)
 
@@ -110,12 +105,7 @@ def _workload(root: Path, files: FaultyFiles) -> list[OSError]:
 
             def capture(seq: int = seq) -> None:
                 if seq not in {c.sequence for c in log.cycles()}:
-                    log.append_cycle(
-                        seq,
-                        1_700_000_000_000 + seq,
-                        primary_chunks(seq),
-                        expected=primary_expected(seq),
-                    )
+                    log.append_cycle(seq, 1_700_000_000_000 + seq, primary_chunks(seq))
 
             step(capture)
 

@@ -192,16 +192,6 @@ def primary_chunks(seq: int) -> list[tuple[int, int, bytes]]:
     return [(0, 65536 * rng.randrange(16), rng.randbytes(3000)), (0, 4096, rng.randbytes(700))]
 
 
-def primary_expected(seq: int) -> tuple[int, int] | None:
-    """The size cycle ``seq`` is captured with: cycles 2 and 3 as a replicator captures
-    them (known first, the file sized before its records: node/primary/live_cycle.py),
-    cycle 1 without (the file cut to size at the end when it reuses the spare)."""
-    if seq < 2:
-        return None
-    chunks = primary_chunks(seq)
-    return len(chunks), sum(len(c[2]) for c in chunks)
-
-
 def _primary_state() -> VMReplicationState:
     return VMReplicationState(
         vmid=PRIMARY_VMID,
@@ -223,8 +213,7 @@ def _run_primary(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
     """What a primary writes for three cycles: enable (state), capture (a cycle file),
     the acknowledgement (state), the drop (the first file kept as the spare, which the
     next capture writes over; the others unlinked); the second and third cycles are both
-    captured before either is acknowledged (a send that failed once), each sized before
-    its records are written (over the spare, and as a new file)."""
+    captured before either is acknowledged (a send that failed once)."""
     with using(io):
         states, pending_dir = _primary_paths(store.root)
         state = _primary_state()
@@ -233,9 +222,7 @@ def _run_primary(store: ReplicaStore, io: RecordingFileIO, seed: int) -> None:
         log = PendingLog(pending_dir, max_bytes=1 << 24)
 
         def capture(seq: int) -> None:
-            log.append_cycle(
-                seq, wl.captured_at(seq), primary_chunks(seq), expected=primary_expected(seq)
-            )
+            log.append_cycle(seq, wl.captured_at(seq), primary_chunks(seq))
             io.mark("captured", seq)
 
         def ack(seq: int) -> None:
