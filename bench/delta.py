@@ -292,6 +292,8 @@ def cycle_phases(primary: dict[str, float], server: dict[str, float]) -> dict[st
         "ack": primary["acked"] - server["durable"],
         "undo": server["undone"] - server["acked"],
         "apply": server["applied"] - server["undone"],
+        # Not a phase: CPU seconds of the server's Trio thread within server_receive.
+        "server_receive_cpu": server["receive_cpu"],
     }
 
 
@@ -431,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     phase = {k: med(p[k] for p in phases) for k in PHASES}
     floor_phase = {k: med(f.phases()[k] for f in floors) for k in floors[0].phases()}
+    receive_cpu = med(p["server_receive_cpu"] for p in phases)
+    floor_receive_cpu = med(f.receive_cpu for f in floors)
     base = gb / med(p.seconds for p in all_rsync)
     value = gb / med(c.seconds for c in tracked)
     scan_value = gb / med(c.seconds for c in scans)
@@ -515,6 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         + f"{med(c.seconds for c in tracked) * 1000:.0f}); after the Ack: "
         + ", ".join(f"{k} {phase[k] * 1000:.0f}" for k in PHASES[6:])
     )
+    # Why the send takes what it takes: the receiving thread's own CPU, beside the floor's
+    # receiver doing the same bytes in 1 MiB pieces (no per-chunk work).
+    print(
+        f"receiver  the server's Trio thread ran {receive_cpu * 1000:.0f} ms of CPU in its "
+        f"{phase['server_receive'] * 1000:.0f} ms receipt of the batch "
+        f"({receive_cpu / phase['server_receive']:.0%}); the floor's receiver "
+        f"{floor_receive_cpu * 1000:.0f} ms in its {floor_phase['send_receive'] * 1000:.0f} ms "
+        "(medians)"
+    )
     result: dict[str, Any] = {
         "name": "delta",
         "value": round(value, 3),
@@ -535,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "goal_floor_ratio": FLOOR_GOAL,
         "phases": {k: round(v, 4) for k, v in phase.items()},
         "floor_phases": {k: round(v, 4) for k, v in floor_phase.items()},
+        "server_receive_cpu": round(receive_cpu, 4),
+        "floor_receive_cpu": round(floor_receive_cpu, 4),
         "floor_ratio_min_round": round(floor_ratios[0], 2),
         "floor_ratio_max_round": round(floor_ratios[-1], 2),
         "ratio_min_round": round(ratios[0], 2),

@@ -66,6 +66,7 @@ print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
 tls = BioPipe(conn, ctx, server_side=True)
 began = time.time()
+began_cpu = time.thread_time()  # this receiver's one thread, as the server's Trio thread
 
 def exactly(n):
     buf = bytearray(n)
@@ -96,6 +97,7 @@ while got < len(data):
             start_writeback(jfd, kicked, written - kicked)  # to disk while the rest comes
             kicked = written
 received = time.time()
+receive_cpu = time.thread_time() - began_cpu
 os.fdatasync(jfd)
 os.close(jfd)
 durable = time.time()
@@ -106,7 +108,7 @@ os.close(ifd)
 applied = time.time()
 tls.sendall(b"A")
 conn.close()
-print(began, received, durable, applied, flush=True)
+print(began, received, durable, applied, receive_cpu, flush=True)
 """
 
 
@@ -116,6 +118,8 @@ class FloorResult:
 
     seconds: float
     times: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds of the receiver's thread from the connection to the last byte.
+    receive_cpu: float = 0.0
 
     def phases(self) -> dict[str, float]:
         """Seconds per step, in the order they run."""
@@ -206,9 +210,9 @@ class Floor:
                 times["answered"] = time.time()
                 seconds = time.perf_counter() - start
             report = receiver.stdout.readline().split()
-            began, received, durable, applied = map(float, report)
+            began, received, durable, applied, receive_cpu = map(float, report)
             times.update(began=began, received=received, durable=durable, applied=applied)
-            return FloorResult(seconds, times)
+            return FloorResult(seconds, times, receive_cpu)
         finally:
             receiver.wait(timeout=30)
 

@@ -188,6 +188,7 @@ class Session:
         self.batch: BatchWriter | None = None
         self.batch_refusal: fp.FrprotoError | None = None
         self.batch_began = 0.0  # when the BatchBegin of the batch being received came
+        self.batch_began_cpu = 0.0  # this (the Trio) thread's CPU time then
         self.ir_unsynced = 0
         #: What the IR in progress has covered (None while none is, or when it is refused).
         self.ir_coverage: IRCoverage | None = None
@@ -653,6 +654,7 @@ class Session:
         if self.batch_refusal is not None:
             return  # told at BatchEnd (the connection goes on)
         self.batch_began = time.time()
+        self.batch_began_cpu = time.thread_time()
         try:
             # The previous batch's apply first (in a thread: it may hold the lock a while);
             # its failure is the new batch's refusal, and recovery retries it then.
@@ -681,7 +683,12 @@ class Session:
             raise refusal
         else:
             assert batch is not None
-            timing = BatchTiming(msg.sequence, began=self.batch_began, received=time.time())
+            timing = BatchTiming(
+                msg.sequence,
+                began=self.batch_began,
+                received=time.time(),
+                receive_cpu=time.thread_time() - self.batch_began_cpu,
+            )
             started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(batch.make_durable, msg.aggregate_digest)
@@ -735,19 +742,34 @@ class BatchTiming:
     """When one batch passed each step on the recovery server (wall clock, ``time.time()``,
     so that bench/delta.py can line them up with the primary's): its BatchBegin and
     BatchEnd received, journal durable, Ack sent, undo data captured, applied. Logged as
-    one line per batch (:data:`TIMING_FIELDS`, in that order)."""
+    one line per batch (:data:`TIMING_FIELDS`, in that order), then ``receive_cpu``: the
+    seconds of CPU the session's (Trio) thread ran between the BatchBegin and the
+    BatchEnd, which says whether that thread bounds the batch's receipt."""
 
-    __slots__ = ("acked", "applied", "began", "durable", "received", "sequence", "undone")
+    __slots__ = (
+        "acked",
+        "applied",
+        "began",
+        "durable",
+        "receive_cpu",
+        "received",
+        "sequence",
+        "undone",
+    )
 
-    def __init__(self, sequence: int, *, began: float, received: float) -> None:
+    def __init__(self, sequence: int, *, began: float, received: float, receive_cpu: float) -> None:
         self.sequence = sequence
         self.began = began
         self.received = received
+        self.receive_cpu = receive_cpu
         self.durable = self.acked = self.undone = self.applied = 0.0
 
     def line(self, vmid: uuid.UUID) -> str:
         times = " ".join(f"{k}={getattr(self, k):.6f}" for k in TIMING_FIELDS)
-        return f"batch {self.sequence} of {vmid} applied: timings {times}"
+        return (
+            f"batch {self.sequence} of {vmid} applied: timings {times} "
+            f"receive_cpu={self.receive_cpu:.6f}"
+        )
 
 
 #: The fields of a batch's timings line, in the order they happen.

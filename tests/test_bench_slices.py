@@ -103,6 +103,10 @@ def test_delta_slice(tmp_path: Path) -> None:
         "capture", "connect", "send", "server_receive", "journal_durable", "ack", "undo", "apply"
     }  # fmt: skip
     assert all(v >= 0 for v in result["phases"].values())
+    # The receiving threads' own CPU: some, and no more than the receipt's wall time
+    # (with a little slack for the two clocks' resolutions).
+    assert 0 < result["server_receive_cpu"] <= result["phases"]["server_receive"] + 0.01
+    assert 0 < result["floor_receive_cpu"] <= result["floor_phases"]["send_receive"] + 0.05
 
 
 def test_broker_slice(tmp_path: Path) -> None:
