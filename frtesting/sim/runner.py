@@ -118,6 +118,8 @@ def _deterministic(seed: int) -> Iterator[None]:
 
 
 _WALL_TIME = re.compile(r"\b1[0-9]{9}\.[0-9]+")
+#: CPU seconds a thread ran (a batch's ``receive_cpu=``): the machine's too.
+_CPU_TIME = re.compile(r"\b(receive_cpu)=[0-9.]+")
 
 
 class _TraceLogs(logging.Handler):
@@ -134,6 +136,7 @@ class _TraceLogs(logging.Handler):
             return
         # Wall-clock times (a batch's timings) are the machine's, not the simulation's.
         text = _WALL_TIME.sub("T", record.getMessage().replace(self._root, "~"))
+        text = _CPU_TIME.sub(r"\1=C", text)
         self._trace.append(f"{now:10.3f} log {record.name}: {text}")
 
 
