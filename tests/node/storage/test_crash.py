@@ -137,6 +137,9 @@ def check(
     return seq
 
 
+# The suite's 120 s per test would stop the long run the README names (FRREP_KILLS=1000)
+# part-way: a kill costs a process start and a recovery check, about a second at most.
+@pytest.mark.timeout(120 + KILLS)
 def test_random_sigkill_during_batches(tmp_path: Path) -> None:
     root = tmp_path / "store"
     setup_replica(root, SEED)
