@@ -292,8 +292,6 @@ def cycle_phases(primary: dict[str, float], server: dict[str, float]) -> dict[st
         "ack": primary["acked"] - server["durable"],
         "undo": server["undone"] - server["acked"],
         "apply": server["applied"] - server["undone"],
-        # Not a phase: CPU seconds of the server's Trio thread within server_receive.
-        "server_receive_cpu": server["receive_cpu"],
     }
 
 
@@ -364,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         floor = Floor(site, root, image, int(size // BLOCK * CHANGED) * BLOCK)
         floors: list[FloorResult] = []  # paired with tracked
         phases: list[dict[str, float]] = []
+        #: CPU seconds of the server's Trio thread within each tracker batch's receipt.
+        receive_cpus: list[float] = []
         tracked: list[CycleResult] = []
         scans: list[CycleResult] = []
         rsyncs: list[RsyncResult] = []  # paired with tracked
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     seq = replicator.state.sequence
                     timings = server_timings(server, vmid, seq)
                     phases.append(cycle_phases(dict(replicator.phases), timings))
+                    receive_cpus.append(timings["receive_cpu"])
                     read_through(image)
                     settle_writeback()
                     floors.append(floor.run(image, blocks))
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     phase = {k: med(p[k] for p in phases) for k in PHASES}
     floor_phase = {k: med(f.phases()[k] for f in floors) for k in floors[0].phases()}
-    receive_cpu = med(p["server_receive_cpu"] for p in phases)
+    receive_cpu = med(receive_cpus)
     floor_receive_cpu = med(f.receive_cpu for f in floors)
     base = gb / med(p.seconds for p in all_rsync)
     value = gb / med(c.seconds for c in tracked)

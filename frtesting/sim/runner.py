@@ -118,8 +118,8 @@ def _deterministic(seed: int) -> Iterator[None]:
 
 
 _WALL_TIME = re.compile(r"\b1[0-9]{9}\.[0-9]+")
-#: CPU seconds a thread ran (a batch's ``receive_cpu=``): the machine's too.
-_CPU_TIME = re.compile(r"\b(receive_cpu)=[0-9.]+")
+#: CPU seconds a thread ran (``<name>_cpu=``, a batch's ``receive_cpu``): the machine's too.
+_CPU_TIME = re.compile(r"\b(\w+_cpu)=[0-9.]+")
 
 
 class _TraceLogs(logging.Handler):
