@@ -39,7 +39,7 @@ import errno
 import mmap
 import operator
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import trio
@@ -398,6 +398,45 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
                 await self._flush()
             else:
                 await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_grouped(
+        self, groups: Iterable[Sequence[bytes | bytearray | memoryview]], flush_bytes: int
+    ) -> int:
+        """Encrypt each group of pieces as :meth:`send_all_pieces` would, but send the
+        ciphertext only once at least ``flush_bytes`` of it waits (and at the end): many
+        small messages (a batch's 64 KiB chunk frames) cost one transport write and one
+        Trio round trip per ``flush_bytes``, not one each (the primary's send of a batch
+        spent more CPU in those round trips than in the encryption, bench/delta.py).
+
+        Each group is encrypted before the next is taken from ``groups``, so a group may
+        view a buffer the producer reuses. Returns the plaintext bytes sent."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            await self._ensure_handshake()
+            write = self._ssl.write
+            outgoing = self._outgoing
+            sent = 0
+            for pieces in groups:
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    for start in range(0, len(view), SEND_PIECE):
+                        try:
+                            sent += write(view[start : start + SEND_PIECE])
+                        except ssl.SSLError as exc:
+                            raise self._tls_failed(exc) from exc
+                if outgoing.pending >= flush_bytes:
+                    await self._flush()
+            if outgoing.pending:
+                await self._flush()
+            else:
+                await trio.lowlevel.checkpoint()
+            return sent
         finally:
             self._sending = False
 

@@ -364,10 +364,13 @@ class RecoveryClient:
         await self.conn.send(
             fp.BatchBegin(vmid, sequence, sequence - 1, chunk_count, total_bytes, captured_at_ms)
         )
-        for disk_index, offset, data, digest in chunks:
-            if limiter is not None:  # per chunk, so the link sees a steady rate
+        if limiter is None:
+            await self.conn.send_chunks(chunks)
+        else:
+            for disk_index, offset, data, digest in chunks:
+                # per chunk, so the link sees a steady rate
                 await trio.sleep(limiter.reserve(len(data)))
-            await self.conn.send_chunk(disk_index, offset, data, digest=digest)
+                await self.conn.send_chunk(disk_index, offset, data, digest=digest)
         await self.conn.end_batch()
         ack = await self.conn.expect(fp.Ack)
         assert isinstance(ack, fp.Ack)

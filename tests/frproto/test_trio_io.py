@@ -7,16 +7,19 @@ import mmap
 import os
 import ssl
 import uuid
+from collections.abc import Iterable, Iterator
 
 import pytest
 import trio
 import trio.testing
 import trustme
+import xxhash
 
 import frproto as fp
 from frproto.trio_io import (
     BUFFERED_BUDGET,
     FRAME_POOL,
+    GROUP_LOCK_BYTES,
     PAYLOAD_ALIGN,
     BufferPool,
     FramedStream,
@@ -177,6 +180,67 @@ async def test_batch_over_memory_streams(trickle: int | None) -> None:
     got = await _transfer_batch(primary, recovery, blocks)
     assert [bytes(c.data) if not c.is_zero else bytes(c.length) for c in got] == blocks
     assert [c.offset for c in got] == [sum(map(len, blocks[:i])) for i in range(len(blocks))]
+
+
+class GroupedStream(TrickleStream):
+    """A stream with ``send_grouped`` (like frlink.biotls.BioTLSStream): counts its calls
+    and the groups, and copies each group out before taking the next."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner, 1 << 20)
+        self.calls = 0
+        self.groups = 0
+
+    async def send_grouped(self, groups: Iterable[list[bytes]], flush_bytes: int) -> int:
+        self.calls += 1
+        out = bytearray()
+        for pieces in groups:
+            self.groups += 1
+            for piece in pieces:
+                out += piece
+        await self.inner.send_all(out)
+        return len(out)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+async def test_send_chunks_sends_what_send_chunk_would(grouped: bool) -> None:
+    """send_chunks: the chunks arrive as send_chunk would send them (zero chunks as zero
+    chunks, a reused producer buffer read before it is refilled), in groups of at most
+    GROUP_LOCK_BYTES on a stream that has send_grouped, one by one on any other."""
+    a, b = trio.testing.memory_stream_pair()
+    send_side: trio.abc.Stream = GroupedStream(a) if grouped else a
+    primary, recovery = _pair(send_side, b)
+    await _open_session(primary, recovery)
+    reused = bytearray(65536)
+    blocks = [os.urandom(65536) if i % 5 else bytes(65536) for i in range(100)]
+
+    def chunks() -> Iterator[tuple[int, int, bytes | bytearray | memoryview, bytes | None]]:
+        for i, block in enumerate(blocks):
+            reused[:] = block
+            yield 0, i * 65536, memoryview(reused), xxhash.xxh3_128_digest(block)
+
+    received: list[bytes] = []
+
+    async def receive() -> None:
+        await recovery.expect(fp.BatchBegin)
+        for _ in blocks:
+            chunk = await recovery.expect(fp.Chunk)
+            assert isinstance(chunk, fp.Chunk)
+            received.append(bytes(chunk.length) if chunk.is_zero else bytes(chunk.data))
+        await recovery.expect(fp.BatchEnd)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        await primary.send(fp.BatchBegin(VM, 1, 0, len(blocks), 65536 * len(blocks)))
+        await primary.send_chunks(chunks())
+        await primary.end_batch()
+    assert received == blocks
+    framed = 80 * (65536 + 40) + 20 * 40  # headers of 32 bytes after an 8-byte envelope
+    assert primary.chunk_bytes_sent == framed
+    if grouped:
+        assert isinstance(send_side, GroupedStream)
+        assert send_side.groups == len(blocks)
+        assert send_side.calls == -(-framed // GROUP_LOCK_BYTES)
 
 
 @pytest.mark.parametrize("size", [7, 4096, 1 << 20])

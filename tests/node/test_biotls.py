@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -276,3 +277,44 @@ async def test_send_all_pieces_is_one_transport_write(
     assert 3 <= len(writes) <= 4
     await client.send_all_pieces([])  # nothing to send: a checkpoint, no write
     assert 3 <= len(writes) <= 4
+
+
+async def test_send_grouped_writes_once_per_flush_size_in_order(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """Groups of pieces go out in order, one transport write per ``flush_bytes`` of
+    ciphertext (and one for the rest), each group encrypted before the next is taken."""
+    client, server = await _handshaken(contexts)
+    writes: list[int] = []
+    transport = client.transport_stream
+    plain_send = transport.send_all
+
+    async def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(len(data))
+        await plain_send(data)
+
+    transport.send_all = counted  # type: ignore[method-assign]
+    reused = bytearray(64 * 1024)  # the producer's one buffer, refilled for every group
+    expected = bytearray()
+
+    def groups() -> Iterator[list[bytes | bytearray | memoryview]]:
+        for i in range(20):
+            reused[:] = os.urandom(len(reused))
+            header = i.to_bytes(4, "big")
+            expected.extend(header + reused)
+            yield [header, memoryview(reused)]
+
+    got = bytearray()
+
+    async def read(size: int) -> None:
+        while len(got) < size:
+            got.extend(await server.receive_some(1 << 20))
+
+    total = 20 * (4 + len(reused))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, total)
+        assert await client.send_grouped(groups(), 256 * 1024) == total
+    assert bytes(got) == bytes(expected)
+    # ~1.3 MiB of ciphertext in writes of at least 256 KiB: 5 or 6 writes, not 20.
+    assert 5 <= len(writes) <= 6
+    assert all(n >= 256 * 1024 for n in writes[:-1])
