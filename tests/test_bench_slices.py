@@ -96,6 +96,8 @@ def test_delta_slice(tmp_path: Path) -> None:
     )
     assert result["changed_bytes"] > 0
     assert result["scan_value"] > 0
+    # The untimed warm-up cycles are reported, not hidden.
+    assert result["warmup_seconds"]["tracker"] > 0 and result["warmup_seconds"]["scan"] > 0
     # The in-run floor and the cycle's phases, from both sides' timestamps (issue 16).
     assert result["floor_seconds"] > 0
     assert result["floor_ratio"] > 0

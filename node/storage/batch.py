@@ -41,7 +41,7 @@ from pathlib import Path
 import frproto
 
 from . import layout as lay
-from .fileio import Buffer, FileIO, mapped, open_flags
+from .fileio import Buffer, FileIO, mapped, open_flags, os_error
 from .images import WINDOW, ImageSet
 from .journal import JOURNAL_MAGIC, KIND_DATA, FileWriter, Record
 from .spares import SpareFiles
@@ -364,16 +364,21 @@ class BatchWriter:
         with b.lock:
             self._check()
             try:
+                # (try/except rather than mapped(): this runs once per chunk received)
                 if data is None:
                     if length is None:
                         raise ValueError("a zero range (data=None) needs length=")
                     b.images.check_range(disk_index, offset, length)
-                    with mapped("append journal", self.journal.path):
+                    try:
                         self.journal.add_zero(disk_index, offset, length)
+                    except OSError as exc:
+                        raise os_error(exc, "append journal", self.journal.path) from exc
                 else:
                     b.images.check_range(disk_index, offset, len(data))
-                    with mapped("append journal", self.journal.path):
+                    try:
                         self.journal.add_data(disk_index, offset, data)
+                    except OSError as exc:
+                        raise os_error(exc, "append journal", self.journal.path) from exc
             except BaseException:
                 # a refused range or a failed append: the journal may end in a torn
                 # record, so the batch cannot go on

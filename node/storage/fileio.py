@@ -170,7 +170,7 @@ class FileIO:
 
     def writev(self, fd: int, parts: list[Buffer], path: Path) -> None:
         """Append ``parts`` at the file position (loops on short writes)."""
-        total = sum(len(p) for p in parts)
+        total = sum(map(len, parts))
         self._before_write(path, total)
         done = os.writev(fd, parts)
         if done < total:

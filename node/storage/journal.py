@@ -48,6 +48,8 @@ from .fileio import Buffer, FileIO
 
 FILE_HEADER: Final = struct.Struct(">4sHHQQQQ")
 RECORD: Final = struct.Struct(">BBHIQQ")
+#: A record header's first 16 bytes (what its checksum covers, with the payload).
+_RECORD_FIELDS: Final = struct.Struct(">BBHIQ")
 JOURNAL_MAGIC: Final = b"FRJ1"
 UNDO_MAGIC: Final = b"FRU1"
 VERSION: Final = 1
@@ -157,12 +159,12 @@ class FileWriter:
     def _append(
         self, kind: int, disk_index: int, offset: int, length: int, data: Buffer | None
     ) -> None:
-        head = RECORD.pack(kind, 0, disk_index, length, offset, 0)
-        h = xxhash.xxh3_64(head[:16], seed=self._chain)
+        head = _RECORD_FIELDS.pack(kind, 0, disk_index, length, offset)
+        h = xxhash.xxh3_64(head, seed=self._chain)
         if data is not None:
             h.update(data)
         checksum = h.intdigest()
-        header = head[:16] + checksum.to_bytes(8, "big")
+        header = head + checksum.to_bytes(8, "big")
         if self._buffered:
             self._pending.append(header)
             if data is not None:
