@@ -253,6 +253,8 @@ class FramedStream:
         self._send_lock = trio.Lock()
         self._eof = False
         self._spare_frame: mmap.mmap | None = None
+        #: A frame was handed to the connection and its event not returned yet.
+        self._fed = False
         #: Bytes of chunk frames sent so far (headers and payloads, after compression).
         self.chunk_bytes_sent = 0
         # Duck typing: a stream with ``receive_into(memoryview) -> int`` (frlink.biotls's
@@ -284,10 +286,17 @@ class FramedStream:
         """
         try:
             while True:
-                event = self.connection.next_event()
-                if event is not NEED_DATA:
-                    return event  # type: ignore[return-value]
+                # The connection holds nothing unparsed unless a frame was fed since its
+                # last event (one frame is fed at a time): no probe that would only say
+                # NEED_DATA, once per frame on the hot path. At the end of the stream or
+                # after a violation it is asked first, as it answers those itself.
+                if self._fed or self._eof or self.connection.state is State.ERROR:
+                    event = self.connection.next_event()
+                    if event is not NEED_DATA:
+                        self._fed = False
+                        return event  # type: ignore[return-value]
                 await self._read_frame()
+                self._fed = True
         except RemoteProtocolError as exc:
             await self._report_and_close(exc)
             raise
@@ -327,9 +336,9 @@ class FramedStream:
             FRAME_POOL.give(spare)
 
     async def _read_frame(self) -> None:
-        # The previous frame was handed over and its event consumed: while we wait for
-        # the next one (maybe for long), its buffer serves other connections.
-        self._return_frame_buffer()
+        # The previous frame was handed over and its event consumed. Its buffer serves
+        # the next frame when that comes at once (_frame_buffer); while we wait for it
+        # (maybe for long), other connections (_fill gives it back before waiting).
         envelope = bytearray(ENVELOPE_SIZE)
         self._in_frame = False
         got = await self._fill(memoryview(envelope))
@@ -362,7 +371,12 @@ class FramedStream:
         """
         if size < REUSE_FRAME_SIZE:
             return memoryview(bytearray(size))
-        self._spare_frame = spare = FRAME_POOL.take(_FRAME_LEAD + size)
+        spare = self._spare_frame
+        # The previous frame's buffer, kept while frames come back to back, unless a view
+        # of it is still alive (a Chunk event's data held on to) or it is too small.
+        if spare is None or len(spare) < _FRAME_LEAD + size or not _unexported(spare):
+            self._return_frame_buffer()
+            self._spare_frame = spare = FRAME_POOL.take(_FRAME_LEAD + size)
         return memoryview(spare)[_FRAME_LEAD : _FRAME_LEAD + size]
 
     def _read_deadline(self) -> tuple[float, float]:
@@ -407,6 +421,10 @@ class FramedStream:
                         filled += got
                         self._in_frame = True
                         continue
+                if not self._in_frame:
+                    # Waiting for the next frame (maybe for long): the last frame's
+                    # buffer serves other connections meanwhile.
+                    self._return_frame_buffer()
                 if self._receive_into is not None:
                     # Straight into the frame: no intermediate bytes object per read.
                     self._unyielded = 0

@@ -62,10 +62,16 @@ class AlreadyApplied(Exception):
 def reserve_records(images: ImageSet, records: list[Record]) -> None:
     """Allocate the image blocks of every DATA range (step 4 starts with this, so that
     ENOSPC shows while the images are untouched)."""
-    for rec in records:
-        if rec.kind == KIND_DATA and rec.length:
-            with mapped("reserve image space", images.path(rec.disk_index)):
-                images.reserve(rec.disk_index, rec.offset, rec.length)
+    # One error mapping around the loop, not one per range: this runs on the path to a
+    # batch's Ack, once per chunk (a thousand and more per batch).
+    disk = -1
+    try:
+        for rec in records:
+            if rec.kind == KIND_DATA and rec.length:
+                disk = rec.disk_index
+                images.reserve(disk, rec.offset, rec.length)
+    except OSError as exc:
+        raise os_error(exc, "reserve image space", images.path(disk)) from exc
 
 
 def apply_records(
