@@ -120,6 +120,8 @@ class FloorResult:
     times: dict[str, float] = field(default_factory=dict)
     #: CPU seconds of the receiver's thread from the connection to the last byte.
     receive_cpu: float = 0.0
+    #: CPU seconds of the sender's thread from the connection to the answer.
+    send_cpu: float = 0.0
 
     def phases(self) -> dict[str, float]:
         """Seconds per step, in the order they run."""
@@ -197,6 +199,7 @@ class Floor:
             finally:
                 os.close(log)
             times["logged"] = time.time()
+            send_cpu0 = time.thread_time()
             raw = socket.create_connection((SERVER_HOST, port), source_address=(PRIMARY_HOST, 0))
             with raw:
                 tls = BioPipe(raw, ctx, server_hostname=SERVER_NAME)
@@ -209,10 +212,11 @@ class Floor:
                     raise RuntimeError("the floor's receiver did not answer")
                 times["answered"] = time.time()
                 seconds = time.perf_counter() - start
+                send_cpu = time.thread_time() - send_cpu0
             report = receiver.stdout.readline().split()
             began, received, durable, applied, receive_cpu = map(float, report)
             times.update(began=began, received=received, durable=durable, applied=applied)
-            return FloorResult(seconds, times, receive_cpu)
+            return FloorResult(seconds, times, receive_cpu, send_cpu)
         finally:
             receiver.wait(timeout=30)
 

@@ -379,18 +379,24 @@ class CycleResult:
     server_cpu: float
     #: Chunk frame bytes the primary sent (headers included, after compression).
     wire_bytes: int = 0
+    #: CPU seconds of the primary's Trio thread (this process's main thread) in the
+    #: cycle: the connection, the negotiation and the send; not the capture, which runs
+    #: in worker threads.
+    trio_cpu: float = 0.0
 
 
 def timed_cycle(replicator: VMReplicator, server: ServerProcess) -> CycleResult:
     """``await replicator.cycle()`` in its own trio.run, timed, with CPU of both sides."""
     server_cpu0 = proc_cpu(server.proc.pid)
     cpu0 = self_cpu()
+    trio_cpu0 = time.thread_time()
     start = time.perf_counter()
     trio.run(replicator.cycle)
     seconds = time.perf_counter() - start
+    trio_cpu = time.thread_time() - trio_cpu0
     cpu = self_cpu() - cpu0
     server_cpu = proc_cpu(server.proc.pid) - server_cpu0
-    return CycleResult(seconds, cpu, server_cpu, replicator.last_chunk_bytes_sent)
+    return CycleResult(seconds, cpu, server_cpu, replicator.last_chunk_bytes_sent, trio_cpu)
 
 
 def ir_round(

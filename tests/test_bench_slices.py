@@ -97,7 +97,8 @@ def test_delta_slice(tmp_path: Path) -> None:
     assert result["changed_bytes"] > 0
     assert result["scan_value"] > 0
     # The untimed warm-up cycles are reported, not hidden.
-    assert result["warmup_seconds"]["tracker"] > 0 and result["warmup_seconds"]["scan"] > 0
+    assert result["warmup_seconds"]["tracker"] > 0
+    assert result["warmup_seconds"]["scan"] > 0
     # The in-run floor and the cycle's phases, from both sides' timestamps (issue 16).
     assert result["floor_seconds"] > 0
     assert result["floor_ratio"] > 0
@@ -109,6 +110,9 @@ def test_delta_slice(tmp_path: Path) -> None:
     # (with a little slack for the two clocks' resolutions).
     assert 0 < result["server_receive_cpu"] <= result["phases"]["server_receive"] + 0.01
     assert 0 < result["floor_receive_cpu"] <= result["floor_phases"]["send_receive"] + 0.05
+    # And the sending threads'.
+    assert result["primary_trio_cpu"] > 0
+    assert result["floor_send_cpu"] > 0
 
 
 def test_broker_slice(tmp_path: Path) -> None:
