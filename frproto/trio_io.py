@@ -25,7 +25,10 @@ no large buffer, whatever it received before.
 Writing: one writer at a time (a ``trio.Lock``); a chunk's header and payload are never
 concatenated. A stream that has a ``send_all_pieces(pieces)`` method (duck typed, e.g.
 frlink.biotls.BioTLSStream) gets both in one call and sends them in one transport write;
-any other stream gets two ``send_all`` calls.
+any other stream gets two ``send_all`` calls. :meth:`FramedStream.send_chunks` sends many
+chunks (a delta batch's) to a stream that has ``send_grouped(groups, flush_bytes)`` with
+one hold of the lock per :data:`GROUP_LOCK_BYTES` and one transport write per
+:data:`GROUP_FLUSH_BYTES` of ciphertext.
 
 On a protocol violation by the peer, :meth:`FramedStream.next_event` sends the Error the
 violation calls for (best effort, bounded in time), closes the stream and re-raises.
