@@ -378,34 +378,13 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
         past ``SEND_PIECE`` of ciphertext): a chunk's small header and its payload go out
         together, not as a tiny write of their own. Nothing is joined in plaintext: each
         piece is handed to OpenSSL as it is (:meth:`send_all` semantics otherwise)."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLS stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            await self._ensure_handshake()
-            for piece in pieces:
-                view = memoryview(piece).cast("B")
-                for start in range(0, len(view), SEND_PIECE):
-                    try:
-                        self._ssl.write(view[start : start + SEND_PIECE])
-                    except ssl.SSLError as exc:
-                        raise self._tls_failed(exc) from exc
-                    if self._outgoing.pending >= SEND_PIECE:
-                        await self._flush()
-            if self._outgoing.pending:
-                await self._flush()
-            else:
-                await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
+        await self.send_grouped((pieces,), SEND_PIECE)
 
     async def send_grouped(
         self, groups: Iterable[Sequence[bytes | bytearray | memoryview]], flush_bytes: int
     ) -> int:
-        """Encrypt each group of pieces as :meth:`send_all_pieces` would, but send the
-        ciphertext only once at least ``flush_bytes`` of it waits (and at the end): many
+        """Encrypt each group of pieces as :meth:`send_all_pieces` does, sending the
+        ciphertext whenever at least ``flush_bytes`` of it waits (and at the end): many
         small messages (a batch's 64 KiB chunk frames) cost one transport write and one
         Trio round trip per ``flush_bytes``, not one each (the primary's send of a batch
         spent more CPU in those round trips than in the encryption, bench/delta.py).
@@ -430,8 +409,8 @@ class BioTLSStream(trio.abc.Stream, Generic[T_Stream]):
                             sent += write(view[start : start + SEND_PIECE])
                         except ssl.SSLError as exc:
                             raise self._tls_failed(exc) from exc
-                if outgoing.pending >= flush_bytes:
-                    await self._flush()
+                        if outgoing.pending >= flush_bytes:
+                            await self._flush()
             if outgoing.pending:
                 await self._flush()
             else:

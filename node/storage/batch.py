@@ -41,7 +41,7 @@ from pathlib import Path
 import frproto
 
 from . import layout as lay
-from .fileio import Buffer, FileIO, mapped, open_flags, os_error
+from .fileio import Buffer, FileIO, mapped, open_flags
 from .images import WINDOW, ImageSet
 from .journal import JOURNAL_MAGIC, KIND_DATA, FileWriter, Record
 from .spares import SpareFiles
@@ -62,16 +62,10 @@ class AlreadyApplied(Exception):
 def reserve_records(images: ImageSet, records: list[Record]) -> None:
     """Allocate the image blocks of every DATA range (step 4 starts with this, so that
     ENOSPC shows while the images are untouched)."""
-    # One error mapping around the loop, not one per range: this runs on the path to a
-    # batch's Ack, once per chunk (a thousand and more per batch).
-    disk = -1
-    try:
-        for rec in records:
-            if rec.kind == KIND_DATA and rec.length:
-                disk = rec.disk_index
-                images.reserve(disk, rec.offset, rec.length)
-    except OSError as exc:
-        raise os_error(exc, "reserve image space", images.path(disk)) from exc
+    for rec in records:
+        if rec.kind == KIND_DATA and rec.length:
+            with mapped("reserve image space", images.path(rec.disk_index)):
+                images.reserve(rec.disk_index, rec.offset, rec.length)
 
 
 def apply_records(
@@ -370,21 +364,16 @@ class BatchWriter:
         with b.lock:
             self._check()
             try:
-                # (try/except rather than mapped(): this runs once per chunk received)
                 if data is None:
                     if length is None:
                         raise ValueError("a zero range (data=None) needs length=")
                     b.images.check_range(disk_index, offset, length)
-                    try:
+                    with mapped("append journal", self.journal.path):
                         self.journal.add_zero(disk_index, offset, length)
-                    except OSError as exc:
-                        raise os_error(exc, "append journal", self.journal.path) from exc
                 else:
                     b.images.check_range(disk_index, offset, len(data))
-                    try:
+                    with mapped("append journal", self.journal.path):
                         self.journal.add_data(disk_index, offset, data)
-                    except OSError as exc:
-                        raise os_error(exc, "append journal", self.journal.path) from exc
             except BaseException:
                 # a refused range or a failed append: the journal may end in a torn
                 # record, so the batch cannot go on

@@ -17,15 +17,15 @@ copies the payload.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Final
 
 import frproto
@@ -101,13 +101,30 @@ def os_error(exc: OSError, operation: str, path: Path | str) -> frproto.Replicat
     return frproto.InternalError(f"storage failure: {operation}", detail=text)
 
 
-@contextlib.contextmanager
-def mapped(operation: str, path: Path | str) -> Iterator[None]:
-    """Run a block, turning an ``OSError`` into :func:`os_error`'s frproto error."""
-    try:
-        yield
-    except OSError as exc:
-        raise os_error(exc, operation, path) from exc
+class mapped:
+    """Run a block, turning an ``OSError`` into :func:`os_error`'s frproto error.
+
+    A class, not a ``contextlib.contextmanager`` generator: it runs once per chunk of a
+    batch (the journal's appends), where a generator's set-up cost as much as the rest of
+    the bookkeeping."""
+
+    __slots__ = ("operation", "path")
+
+    def __init__(self, operation: str, path: Path | str) -> None:
+        self.operation = operation
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise os_error(exc, self.operation, self.path) from exc
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:

@@ -240,12 +240,8 @@ async def test_a_broken_stream_keeps_no_traceback(
     await server.aclose()
 
 
-async def test_send_all_pieces_is_one_transport_write(
-    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> None:
-    """A chunk's header and payload go out in one transport write (not a tiny write for
-    the header), in order; more than ``SEND_PIECE`` of ciphertext is flushed as it goes."""
-    client, server = await _handshaken(contexts)
+def _count_writes(client: BioTLSStream[trio.abc.Stream]) -> list[int]:
+    """The sizes of the client's transport writes from now on (the list fills as it goes)."""
     writes: list[int] = []
     transport = client.transport_stream
     plain_send = transport.send_all
@@ -255,6 +251,16 @@ async def test_send_all_pieces_is_one_transport_write(
         await plain_send(data)
 
     transport.send_all = counted  # type: ignore[method-assign]
+    return writes
+
+
+async def test_send_all_pieces_is_one_transport_write(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A chunk's header and payload go out in one transport write (not a tiny write for
+    the header), in order; more than ``SEND_PIECE`` of ciphertext is flushed as it goes."""
+    client, server = await _handshaken(contexts)
+    writes = _count_writes(client)
     header, payload = os.urandom(60), os.urandom(64 * 1024)
     got = bytearray()
 
@@ -285,15 +291,7 @@ async def test_send_grouped_writes_once_per_flush_size_in_order(
     """Groups of pieces go out in order, one transport write per ``flush_bytes`` of
     ciphertext (and one for the rest), each group encrypted before the next is taken."""
     client, server = await _handshaken(contexts)
-    writes: list[int] = []
-    transport = client.transport_stream
-    plain_send = transport.send_all
-
-    async def counted(data: bytes | bytearray | memoryview) -> None:
-        writes.append(len(data))
-        await plain_send(data)
-
-    transport.send_all = counted  # type: ignore[method-assign]
+    writes = _count_writes(client)
     reused = bytearray(64 * 1024)  # the producer's one buffer, refilled for every group
     expected = bytearray()
 
